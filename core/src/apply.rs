@@ -1,0 +1,430 @@
+//! Apply: merging one remote change set into the replica, all-or-nothing.
+//!
+//! Remote change sets arrive in `server_seq` order and the replica's own pending changes
+//! always sit after them in that order. The rules below are therefore written as "fold the
+//! incoming change onto the current state", and each is commutative with the replica's
+//! pending changes, which is what makes every replica converge:
+//!
+//! * a row's causal length (`cl`) only grows: a change for an older incarnation is stale;
+//! * a cell takes the value with the larger `(hlc, origin)` (HLCs advance on receive, so a
+//!   write made after seeing another always wins); counters add;
+//! * delete vs a concurrent update follows the table's delete rule, using the two-entry
+//!   version vector to decide concurrency (see `vv`).
+
+use crate::catalog::{Catalog, TableInfo};
+use crate::changeset::{Cell, RowChange, RowOp, Sequenced};
+use crate::conflict::{self, Conflict, ConflictKind, Side, Winner};
+use crate::error::{Error, Result};
+use crate::ids::ReplicaId;
+use crate::rowmeta::RowMeta;
+use crate::rows::{self, Origins, Stored};
+use crate::schema::Policy;
+use crate::value::Value;
+use crate::vv::{Version, happened_before};
+use rusqlite::{Connection, OptionalExtension};
+use std::collections::BTreeSet;
+
+/// A custom-policy conflict to hand to the app's resolver after the apply commits.
+#[derive(Debug, Clone)]
+pub struct Followup {
+    /// Table.
+    pub table: String,
+    /// Row key.
+    pub pk: Value,
+    /// Column.
+    pub column: String,
+    /// This device's pending value.
+    pub local: Value,
+    /// The incoming value.
+    pub remote: Value,
+    /// The logged conflict's id.
+    pub conflict_id: i64,
+}
+
+/// Everything the apply of one batch produced besides table writes.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Tables touched.
+    pub tables: BTreeSet<String>,
+    /// Conflicts logged.
+    pub conflicts: Vec<Conflict>,
+    /// Custom-policy conflicts on this device's pending writes.
+    pub followups: Vec<Followup>,
+}
+
+/// Merge context for one transaction.
+pub struct Ctx<'a> {
+    /// The connection (inside a transaction).
+    pub conn: &'a Connection,
+    /// Synced tables.
+    pub cat: &'a Catalog,
+    /// Interned origins.
+    pub origins: &'a mut Origins,
+    /// This replica's origin number.
+    pub me_num: u32,
+    /// What happened.
+    pub out: &'a mut Outcome,
+}
+
+impl Ctx<'_> {
+    /// The server_seq of a version, looking up this replica's own acknowledged changes
+    /// (following a change re-issued under a new replica id to its new identity).
+    fn seq_of(&self, v: &Version) -> Option<u64> {
+        if v.server_seq != 0 {
+            return Some(v.server_seq);
+        }
+        own_server_seq(self.conn, v.origin, v.origin_seq)
+    }
+
+    fn hb(&self, a: &Version, b: &Version) -> bool {
+        happened_before(a, b, |v| self.seq_of(v))
+    }
+
+    /// True when `v` is this replica's own write not yet acknowledged by the relay.
+    fn is_pending_local(&self, v: &Version) -> bool {
+        v.server_seq == 0 && self.seq_of(v).is_none() && is_own(self.conn, v.origin, v.origin_seq)
+    }
+
+    fn wins(&self, a: &Version, b: &Version) -> bool {
+        (a.hlc, self.origins.get(a.origin)) > (b.hlc, self.origins.get(b.origin))
+    }
+
+    fn side(&self, value: Value, v: &Version) -> Side {
+        Side {
+            value,
+            hlc: v.hlc,
+            origin: self.origins.get(v.origin),
+        }
+    }
+
+    /// Applies one sequenced remote change set (the caller holds the transaction).
+    pub fn apply(&mut self, s: &Sequenced) -> Result<()> {
+        let cs = &s.change_set;
+        let origin = self.origins.intern(self.conn, cs.origin)?;
+        let v = Version {
+            hlc: cs.hlc,
+            origin,
+            origin_seq: cs.origin_seq,
+            server_seq: s.server_seq,
+            base: cs.base,
+        };
+        for rc in &cs.rows {
+            let t = self.cat.table(&rc.table)?;
+            validate(t, rc)?;
+            self.apply_row(t, rc, &v)?;
+            self.out.tables.insert(t.name().to_owned());
+        }
+        Ok(())
+    }
+
+    fn apply_row(&mut self, t: &TableInfo, rc: &RowChange, v: &Version) -> Result<()> {
+        let stored = rows::load(self.conn, t, &rc.pk)?;
+        let cl_local = stored.as_ref().map_or(0, |s| s.meta.cl);
+        match &rc.op {
+            RowOp::Delete => {
+                if rc.cl <= cl_local {
+                    return Ok(()); // stale, or the same delete seen twice
+                }
+                let alive = cl_local % 2 == 1;
+                let mut s = stored.unwrap_or_default();
+                if alive && rc.cl == cl_local + 1 {
+                    // Writes to this incarnation the delete did not see are concurrent with it.
+                    let concurrent: Option<Version> = s
+                        .meta
+                        .versions()
+                        .copied()
+                        .filter(|w| !self.hb(w, v))
+                        .max_by_key(|w| w.hlc);
+                    if let Some(w) = concurrent {
+                        let update_wins = t.update_wins();
+                        self.log_row_conflict(t, &rc.pk, &w, v, update_wins)?;
+                        if update_wins {
+                            s.meta.cl = rc.cl + 1;
+                            rows::store(self.conn, t, &rc.pk, &s)?;
+                            return Ok(());
+                        }
+                    }
+                }
+                if alive && t.update_wins() {
+                    let vals = crate::capture::read_row(self.conn, t, &rc.pk)?;
+                    s.tomb = vals.map(|vals| {
+                        vals.into_iter()
+                            .enumerate()
+                            .filter(|(i, _)| *i != t.pk)
+                            .map(|(i, v)| (i as u32, v))
+                            .collect()
+                    });
+                    s.meta.freeze_cells(t.cols.len());
+                } else {
+                    s.meta.cells.clear();
+                    s.tomb = None;
+                }
+                s.meta.cl = rc.cl;
+                s.meta.row = Some(*v);
+                if alive {
+                    rows::delete_row(self.conn, t, &rc.pk)?;
+                }
+                rows::store(self.conn, t, &rc.pk, &s)
+            }
+            RowOp::Upsert(cells) => {
+                if rc.cl < cl_local {
+                    let Some(mut s) = stored else { return Ok(()) };
+                    let deleted = cl_local % 2 == 0;
+                    if deleted && rc.cl + 1 == cl_local {
+                        // An update of the incarnation that a delete (concurrent with it) removed.
+                        let d = s.meta.row.unwrap_or(*v);
+                        let update_wins = t.update_wins();
+                        self.log_row_conflict(t, &rc.pk, &d, v, !update_wins)?;
+                        if update_wins {
+                            let tomb = s.tomb.take().unwrap_or_default();
+                            let restore: Vec<(usize, Value)> =
+                                tomb.into_iter().map(|(c, val)| (c as usize, val)).collect();
+                            rows::insert_row(self.conn, t, &rc.pk, &restore)?;
+                            s.meta.cl = cl_local + 1;
+                            // Cells were pinned when the row was deleted; the delete itself is
+                            // no longer part of this incarnation's history.
+                            s.meta.row = None;
+                            self.merge_cells(t, &rc.pk, &mut s, cells, v)?;
+                            rows::store(self.conn, t, &rc.pk, &s)?;
+                        }
+                    }
+                    return Ok(());
+                }
+                if rc.cl == cl_local {
+                    let Some(mut s) = stored else { return Ok(()) };
+                    self.merge_cells(t, &rc.pk, &mut s, cells, v)?;
+                    return rows::store(self.conn, t, &rc.pk, &s);
+                }
+                // A newer incarnation: the row is (re)created with exactly these cells.
+                let mut vals = Vec::with_capacity(cells.len());
+                for c in cells {
+                    let i = t.col(c.column())?;
+                    vals.push(match c {
+                        Cell::Set(_, val) => (i, val.clone()),
+                        Cell::Add(_, d) => (i, Value::Integer(*d)),
+                    });
+                }
+                rows::insert_row(self.conn, t, &rc.pk, &vals)?;
+                let s = Stored {
+                    meta: RowMeta {
+                        cl: rc.cl,
+                        cells: Vec::new(),
+                        row: Some(*v),
+                    },
+                    tomb: None,
+                };
+                rows::store(self.conn, t, &rc.pk, &s)
+            }
+        }
+    }
+
+    fn merge_cells(
+        &mut self,
+        t: &TableInfo,
+        pk: &Value,
+        s: &mut Stored,
+        cells: &[Cell],
+        v: &Version,
+    ) -> Result<()> {
+        let mut sets = Vec::new();
+        let mut adds = Vec::new();
+        let mut current: Option<Option<Vec<Value>>> = None;
+        for c in cells {
+            let i = t.col(c.column())?;
+            match c {
+                Cell::Add(_, d) => adds.push((i, *d)),
+                Cell::Set(_, val) => {
+                    let Some(cv) = s.meta.cell(i as u32) else {
+                        sets.push((i, val.clone()));
+                        s.meta.set_cell(i as u32, *v);
+                        continue;
+                    };
+                    let incoming_wins = self.wins(v, &cv);
+                    if !self.hb(&cv, v) {
+                        // Concurrent writes to one cell: a conflict, decided by (hlc, origin).
+                        let cur = current.get_or_insert_with(|| {
+                            crate::capture::read_row(self.conn, t, pk).ok().flatten()
+                        });
+                        let local = cur
+                            .as_ref()
+                            .and_then(|r| r.get(i).cloned())
+                            .unwrap_or(Value::Null);
+                        if local != *val {
+                            let policy = t.cols[i].policy;
+                            let logged = conflict::record(
+                                self.conn,
+                                Conflict {
+                                    id: 0,
+                                    table: t.name().to_owned(),
+                                    pk: pk.clone(),
+                                    column: Some(t.cols[i].name.clone()),
+                                    kind: ConflictKind::Cell,
+                                    policy: policy.as_str().to_owned(),
+                                    local: self.side(local.clone(), &cv),
+                                    remote: self.side(val.clone(), v),
+                                    winner: if incoming_wins {
+                                        Winner::Remote
+                                    } else {
+                                        Winner::Local
+                                    },
+                                    resolution: None,
+                                },
+                            )?;
+                            if policy == Policy::Custom && self.is_pending_local(&cv) {
+                                self.out.followups.push(Followup {
+                                    table: t.name().to_owned(),
+                                    pk: pk.clone(),
+                                    column: t.cols[i].name.clone(),
+                                    local,
+                                    remote: val.clone(),
+                                    conflict_id: logged.id,
+                                });
+                            }
+                            self.out.conflicts.push(logged);
+                        }
+                    }
+                    if incoming_wins {
+                        sets.push((i, val.clone()));
+                        s.meta.set_cell(i as u32, *v);
+                    }
+                }
+            }
+        }
+        rows::update_row(self.conn, t, pk, &sets, &adds)
+    }
+
+    fn log_row_conflict(
+        &mut self,
+        t: &TableInfo,
+        pk: &Value,
+        existing: &Version,
+        incoming: &Version,
+        incoming_wins: bool,
+    ) -> Result<()> {
+        let logged = conflict::record(
+            self.conn,
+            Conflict {
+                id: 0,
+                table: t.name().to_owned(),
+                pk: pk.clone(),
+                column: None,
+                kind: ConflictKind::DeleteUpdate,
+                policy: if t.update_wins() {
+                    "update_wins"
+                } else {
+                    "delete_wins"
+                }
+                .to_owned(),
+                local: self.side(Value::Null, existing),
+                remote: self.side(Value::Null, incoming),
+                winner: if incoming_wins {
+                    Winner::Remote
+                } else {
+                    Winner::Local
+                },
+                resolution: None,
+            },
+        )?;
+        self.out.conflicts.push(logged);
+        Ok(())
+    }
+}
+
+/// Checks a remote row change against the catalog before touching anything.
+fn validate(t: &TableInfo, rc: &RowChange) -> Result<()> {
+    let bad = |m: String| {
+        Err(Error::InvalidChangeSet(format!(
+            "table `{}`: {m}",
+            t.name()
+        )))
+    };
+    match &rc.pk {
+        Value::Text(_) | Value::Blob(_) => {}
+        other => {
+            return bad(format!(
+                "primary key must be text or blob, got {}",
+                other.describe()
+            ));
+        }
+    }
+    match &rc.op {
+        RowOp::Delete if rc.cl == 0 || rc.cl % 2 != 0 => {
+            return bad(format!("delete with odd causal length {}", rc.cl));
+        }
+        RowOp::Upsert(_) if rc.cl % 2 != 1 => {
+            return bad(format!("upsert with even causal length {}", rc.cl));
+        }
+        _ => {}
+    }
+    if let RowOp::Upsert(cells) = &rc.op {
+        let mut seen = BTreeSet::new();
+        for c in cells {
+            let i = t.col(c.column())?;
+            if i == t.pk {
+                return bad(format!("cell writes the primary key `{}`", c.column()));
+            }
+            if !seen.insert(i) {
+                return bad(format!(
+                    "column `{}` written twice in one row change",
+                    c.column()
+                ));
+            }
+            match (c, t.cols[i].policy) {
+                (Cell::Add(..), Policy::Counter)
+                | (Cell::Set(..), Policy::Lww | Policy::Custom) => {}
+                (Cell::Add(..), _) => {
+                    return bad(format!(
+                        "counter add on non-counter column `{}`",
+                        c.column()
+                    ));
+                }
+                (Cell::Set(..), _) => {
+                    return bad(format!("plain set on counter column `{}`", c.column()));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads the replica id stored in `ferry_meta`.
+pub fn stored_replica_id(conn: &Connection) -> Result<ReplicaId> {
+    let b: Vec<u8> = crate::db::meta_get(conn, "replica_id")?;
+    ReplicaId::from_slice(&b).ok_or_else(|| Error::Corrupt("replica id is not 16 bytes".into()))
+}
+
+/// The relay position of one of this replica's own changes, if acknowledged.
+pub fn own_server_seq(conn: &Connection, origin: u32, origin_seq: u64) -> Option<u64> {
+    let row: Option<(Option<i64>, Option<i64>)> = conn
+        .prepare_cached(
+            "SELECT server_seq, reissued FROM ferry_log WHERE origin = ?1 AND origin_seq = ?2",
+        )
+        .and_then(|mut st| {
+            st.query_row(rusqlite::params![origin, origin_seq as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()
+        })
+        .ok()
+        .flatten();
+    match row {
+        Some((Some(s), _)) => Some(s as u64),
+        Some((None, Some(re))) => conn
+            .prepare_cached("SELECT server_seq FROM ferry_log WHERE seq = ?1")
+            .and_then(|mut st| {
+                st.query_row([re], |r| r.get::<_, Option<i64>>(0))
+                    .optional()
+            })
+            .ok()
+            .flatten()
+            .flatten()
+            .map(|s| s as u64),
+        _ => None,
+    }
+}
+
+fn is_own(conn: &Connection, origin: u32, origin_seq: u64) -> bool {
+    conn.prepare_cached("SELECT 1 FROM ferry_log WHERE origin = ?1 AND origin_seq = ?2")
+        .and_then(|mut st| st.exists(rusqlite::params![origin, origin_seq as i64]))
+        .unwrap_or(false)
+}

@@ -1,0 +1,102 @@
+//! Change sets: what one local transaction changed in synced tables, as it travels.
+//!
+//! A change set is the unit of atomicity everywhere: it is captured from one transaction,
+//! pushed, sequenced by the relay, and applied all-or-nothing on every replica. Rows carry
+//! their *causal length* (`cl`: odd = the row exists, even = it was deleted; every
+//! delete/re-insert increments it), which lets delete-vs-update merge without a tombstone
+//! per cell and in any order.
+
+use crate::hlc::Hlc;
+use crate::ids::ReplicaId;
+use crate::value::Value;
+use serde::{Deserialize, Serialize};
+
+/// One cell operation inside a row upsert.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Cell {
+    /// Set a column to a value (`lww` / `custom` columns).
+    Set(String, Value),
+    /// Add a delta to a counter column.
+    Add(String, i64),
+}
+
+impl Cell {
+    /// The column this cell writes.
+    pub fn column(&self) -> &str {
+        match self {
+            Cell::Set(c, _) | Cell::Add(c, _) => c,
+        }
+    }
+}
+
+/// What happened to one row.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RowOp {
+    /// The row was deleted (its `cl` is even).
+    Delete,
+    /// Cells of the row were written (its `cl` is odd). When `cl` is greater than the
+    /// receiver's, this creates a new incarnation of the row and carries every column.
+    Upsert(Vec<Cell>),
+}
+
+/// One row's change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RowChange {
+    /// Table name.
+    pub table: String,
+    /// Primary key value.
+    pub pk: Value,
+    /// Causal length of the row after this change.
+    pub cl: u64,
+    /// The operation.
+    pub op: RowOp,
+}
+
+/// Everything one local transaction changed, with its causal context.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChangeSet {
+    /// Unique id (ULID bytes).
+    pub id: [u8; 16],
+    /// The replica that made it.
+    pub origin: ReplicaId,
+    /// 1, 2, 3, … per origin, no gaps.
+    pub origin_seq: u64,
+    /// When it was made.
+    pub hlc: Hlc,
+    /// The relay cursor the origin had applied when it committed.
+    pub base: u64,
+    /// The app schema version the origin ran.
+    pub schema_version: u32,
+    /// Row changes, in the order they must be applied.
+    pub rows: Vec<RowChange>,
+}
+
+impl ChangeSet {
+    /// Number of cell-level operations (for batching and progress).
+    pub fn op_count(&self) -> usize {
+        self.rows
+            .iter()
+            .map(|r| match &r.op {
+                RowOp::Delete => 1,
+                RowOp::Upsert(c) => c.len().max(1),
+            })
+            .sum()
+    }
+
+    /// Tables this change set touches (sorted, unique).
+    pub fn tables(&self) -> Vec<String> {
+        let mut t: Vec<String> = self.rows.iter().map(|r| r.table.clone()).collect();
+        t.sort();
+        t.dedup();
+        t
+    }
+}
+
+/// A change set with the position the relay gave it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sequenced {
+    /// Gap-free, commit-ordered position at the relay.
+    pub server_seq: u64,
+    /// The change set (possibly filtered to the receiver's read scopes).
+    pub change_set: ChangeSet,
+}

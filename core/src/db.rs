@@ -1,0 +1,182 @@
+//! Opening the replica file: pragmas, Ferry's own tables, format upgrades, app migrations.
+//!
+//! One place sets every pragma (WAL so readers never block the writer, `synchronous=NORMAL`
+//! which in WAL mode survives an app crash, a busy timeout so a foreign writer waits instead
+//! of failing). Ferry's on-disk format is versioned with `PRAGMA user_version`, upgraded one
+//! IMMEDIATE transaction per step, and a file written by a newer Ferry is refused rather than
+//! misread.
+
+use crate::catalog::Catalog;
+use crate::error::{Error, Result};
+use crate::schema::Schema;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+/// The on-disk format this build writes.
+pub const FORMAT_VERSION: i64 = 1;
+
+const FORMAT_V1: &str = "
+CREATE TABLE ferry_meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE ferry_tables(id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, decl TEXT NOT NULL);
+CREATE TABLE ferry_origins(id INTEGER PRIMARY KEY, replica_id BLOB NOT NULL UNIQUE);
+CREATE TABLE ferry_log(
+    seq INTEGER PRIMARY KEY,
+    origin INTEGER NOT NULL,
+    origin_seq INTEGER NOT NULL,
+    id BLOB NOT NULL,
+    hlc INTEGER NOT NULL,
+    base INTEGER NOT NULL,
+    raw BLOB,
+    wire BLOB,
+    server_seq INTEGER,
+    reissued INTEGER,
+    UNIQUE (origin, origin_seq)
+);
+CREATE TABLE ferry_rows(
+    tbl INTEGER NOT NULL,
+    pk NOT NULL,
+    cl INTEGER NOT NULL,
+    meta BLOB NOT NULL,
+    tomb BLOB,
+    PRIMARY KEY (tbl, pk)
+) WITHOUT ROWID;
+CREATE TABLE ferry_foreign(
+    seq INTEGER PRIMARY KEY,
+    tbl INTEGER NOT NULL,
+    pk,
+    op INTEGER NOT NULL,
+    newpk,
+    cols TEXT,
+    deltas TEXT,
+    existed INTEGER
+);
+CREATE TABLE ferry_oldvals(seq INTEGER NOT NULL, cid INTEGER NOT NULL, val, PRIMARY KEY (seq, cid)) WITHOUT ROWID;
+CREATE TABLE ferry_stash(tbl INTEGER NOT NULL, pk NOT NULL, vals TEXT, PRIMARY KEY (tbl, pk)) WITHOUT ROWID;
+CREATE TABLE ferry_gate(id INTEGER PRIMARY KEY CHECK (id = 1), sdk INTEGER NOT NULL);
+INSERT INTO ferry_gate VALUES (1, 0);
+CREATE TABLE ferry_conflicts(
+    id INTEGER PRIMARY KEY,
+    tbl TEXT NOT NULL,
+    pk,
+    col TEXT,
+    kind TEXT NOT NULL,
+    policy TEXT NOT NULL,
+    local_value,
+    local_hlc INTEGER,
+    local_origin BLOB,
+    remote_value,
+    remote_hlc INTEGER,
+    remote_origin BLOB,
+    winner TEXT NOT NULL,
+    resolution TEXT
+);
+";
+
+/// Sets the connection-level pragmas Ferry relies on.
+pub fn configure(conn: &Connection) -> Result<()> {
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.set_prepared_statement_cache_capacity(256);
+    Ok(())
+}
+
+/// Creates or upgrades Ferry's own tables. Refuses files from a newer Ferry.
+pub fn upgrade_format(conn: &mut Connection) -> Result<()> {
+    let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if found > FORMAT_VERSION {
+        return Err(Error::SchemaTooNew {
+            found,
+            supported: FORMAT_VERSION,
+        });
+    }
+    if found == FORMAT_VERSION {
+        return Ok(());
+    }
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    // Re-read inside the write lock: another process may have upgraded meanwhile.
+    let found: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if found < 1 {
+        let has_ferry: bool = tx
+            .query_row(
+                "SELECT count(*) FROM sqlite_schema WHERE name LIKE 'ferry\\_%' ESCAPE '\\'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n > 0)?;
+        if has_ferry {
+            return Err(Error::Corrupt(
+                "the file has ferry_ tables but no format version".into(),
+            ));
+        }
+        tx.execute_batch(FORMAT_V1)?;
+        let id = crate::ids::ReplicaId::generate();
+        tx.execute(
+            "INSERT INTO ferry_meta(key, value) VALUES ('replica_id', ?1), ('cursor', 0), ('hlc', 0), ('app_version', 0)",
+            params![id.0.to_vec()],
+        )?;
+        tx.execute(
+            "INSERT INTO ferry_origins(replica_id) VALUES (?1)",
+            params![id.0.to_vec()],
+        )?;
+    }
+    // Future format steps go here, each guarded by `found < N`.
+    tx.pragma_update(None, "user_version", FORMAT_VERSION)?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Reads a value from `ferry_meta`.
+pub fn meta_get<T: rusqlite::types::FromSql>(conn: &Connection, key: &str) -> Result<T> {
+    conn.query_row("SELECT value FROM ferry_meta WHERE key = ?1", [key], |r| {
+        r.get(0)
+    })
+    .optional()?
+    .ok_or_else(|| Error::Corrupt(format!("ferry_meta has no `{key}`")))
+}
+
+/// Writes a value into `ferry_meta`.
+pub fn meta_set(conn: &Connection, key: &str, value: impl rusqlite::ToSql) -> Result<()> {
+    conn.prepare_cached("INSERT OR REPLACE INTO ferry_meta(key, value) VALUES (?1, ?2)")?
+        .execute(params![key, value])?;
+    Ok(())
+}
+
+/// Runs the app's migrations and reconciles synced tables with the declaration, in one
+/// IMMEDIATE transaction, then returns the catalog.
+pub fn apply_schema(conn: &mut Connection, schema: &Schema) -> Result<Catalog> {
+    schema.validate()?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let stored: u32 = meta_get::<i64>(&tx, "app_version").map(|v| v as u32)?;
+    if stored > schema.version {
+        return Err(Error::AppSchemaTooNew {
+            found: stored,
+            declared: schema.version,
+        });
+    }
+    // Migrations are not captured: every replica runs them itself.
+    tx.execute("UPDATE ferry_gate SET sdk = 1", [])?;
+    crate::catalog::drop_triggers(&tx)?;
+    // Synced tables first so migrations may backfill them.
+    let catalog = Catalog::reconcile(&tx, schema)?;
+    for m in &schema.migrations {
+        if m.version > stored {
+            tracing::info!(version = m.version, "running app migration");
+            tx.execute_batch(&m.sql).map_err(|e| {
+                Error::InvalidSchema(format!("migration to version {} failed: {e}", m.version))
+            })?;
+        }
+    }
+    // Migrations may have touched synced tables: check they still match the declaration.
+    let catalog = if schema.migrations.iter().any(|m| m.version > stored) {
+        Catalog::reconcile(&tx, schema)?
+    } else {
+        catalog
+    };
+    catalog.install_triggers(&tx)?;
+    tx.execute("UPDATE ferry_gate SET sdk = 0", [])?;
+    meta_set(&tx, "app_version", i64::from(schema.version))?;
+    tx.commit()?;
+    Ok(catalog)
+}

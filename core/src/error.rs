@@ -1,0 +1,99 @@
+//! The one error type of `ferry-core`.
+//!
+//! Every failure that input can cause (an API call, a schema declaration, SQL from the app,
+//! a frame from the relay) surfaces as a typed variant naming what was wrong, so that the FFI
+//! layer can map it to an actionable public error in one place.
+
+use thiserror::Error;
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong inside Ferry's core.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The declared schema is not acceptable (names the table/column and the reason).
+    #[error("invalid schema: {0}")]
+    InvalidSchema(String),
+    /// A merge policy, table mode or delete rule name that Ferry does not know.
+    #[error("unknown {kind} `{name}` (expected one of: {expected})")]
+    UnknownName {
+        /// What kind of name it was (policy, mode, delete rule).
+        kind: &'static str,
+        /// The name that was given.
+        name: String,
+        /// The accepted names.
+        expected: &'static str,
+    },
+    /// The file was written by a newer Ferry than this one.
+    #[error(
+        "database format version {found} is newer than this Ferry supports ({supported}); upgrade Ferry"
+    )]
+    SchemaTooNew {
+        /// Version found in the file.
+        found: i64,
+        /// Highest version this build understands.
+        supported: i64,
+    },
+    /// The app schema version in the file is newer than the one the app declared.
+    #[error("app schema version {found} in the file is newer than the declared version {declared}")]
+    AppSchemaTooNew {
+        /// Version stored in the file.
+        found: u32,
+        /// Version the app declared at open.
+        declared: u32,
+    },
+    /// A write to a `read_only` table through the SDK.
+    #[error("table `{0}` is read_only on this replica: only its primary writes it")]
+    ReadOnlyTable(String),
+    /// An API argument is invalid.
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// A counter column was given a value that is not an integer.
+    #[error("counter column `{table}.{column}` must hold integers, got {got}")]
+    InvalidCounter {
+        /// Table name.
+        table: String,
+        /// Column name.
+        column: String,
+        /// What the app wrote.
+        got: String,
+    },
+    /// A remote change set is not acceptable (malformed, out of order, unknown table...).
+    #[error("invalid change set: {0}")]
+    InvalidChangeSet(String),
+    /// A protocol frame could not be understood.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The replica was closed.
+    #[error("the replica is closed")]
+    Closed,
+    /// SQLite failed.
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// Encoding or decoding of a stored or wire record failed.
+    #[error("codec: {0}")]
+    Codec(String),
+    /// The file on disk is not a Ferry replica or is damaged.
+    #[error("corrupt replica: {0}")]
+    Corrupt(String),
+}
+
+impl From<rmp_serde::encode::Error> for Error {
+    fn from(e: rmp_serde::encode::Error) -> Self {
+        Error::Codec(e.to_string())
+    }
+}
+
+impl From<rmp_serde::decode::Error> for Error {
+    fn from(e: rmp_serde::decode::Error) -> Self {
+        Error::Codec(e.to_string())
+    }
+}
+
+impl From<serde_json::Error> for Error {
+    fn from(e: serde_json::Error) -> Self {
+        Error::Codec(e.to_string())
+    }
+}

@@ -1,0 +1,163 @@
+//! Materialize: turning stored local change records into wire change sets.
+//!
+//! The write path stores one compact record per transaction and nothing per row, which keeps
+//! local writes close to plain SQLite speed. Before anything needs causal metadata (pushing,
+//! applying remote changes) the pending records are materialized in order: each row gets its
+//! causal length from `ferry_rows`, its cells get versions, and the wire change set is stored
+//! next to the record. Because apply always materializes first, `ferry_rows` seen by a merge
+//! always includes every local write.
+
+use crate::capture::{LocalChange, LocalKind, read_row};
+use crate::catalog::Catalog;
+use crate::changeset::{Cell, ChangeSet, RowChange, RowOp};
+use crate::error::{Error, Result};
+use crate::hlc::Hlc;
+use crate::ids::ReplicaId;
+use crate::rowmeta::RowMeta;
+use crate::rows::{self, Stored};
+use crate::schema::Policy;
+use crate::value::Value;
+use crate::vv::Version;
+use rusqlite::{Connection, params};
+
+/// Materializes up to `limit` pending local records; returns how many.
+pub fn run(
+    conn: &Connection,
+    cat: &Catalog,
+    me: ReplicaId,
+    me_num: u32,
+    schema_version: u32,
+    limit: usize,
+) -> Result<usize> {
+    let todo: Vec<(i64, i64, Vec<u8>, i64, i64, Vec<u8>)> = conn
+        .prepare_cached(
+            "SELECT seq, origin_seq, id, hlc, base, raw FROM ferry_log WHERE wire IS NULL AND raw IS NOT NULL
+             AND reissued IS NULL ORDER BY seq LIMIT ?1",
+        )?
+        .query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let n = todo.len();
+    for (row, oseq, id, hlc, base, raw) in todo {
+        let local: LocalChange = rmp_serde::from_slice(&raw)?;
+        let v = Version {
+            hlc: Hlc(hlc as u64),
+            origin: me_num,
+            origin_seq: oseq as u64,
+            server_seq: 0,
+            base: base as u64,
+        };
+        let mut out = Vec::with_capacity(local.rows.len());
+        for lr in local.rows {
+            let t = cat.table(&lr.table)?;
+            let stored = rows::load(conn, t, &lr.pk)?;
+            let cl_local = stored.as_ref().map_or(0, |s| s.meta.cl);
+            let alive = cl_local % 2 == 1;
+            match lr.kind {
+                LocalKind::Insert | LocalKind::Update if alive => {
+                    let mut s = stored.unwrap_or_default();
+                    for c in &lr.cells {
+                        if let Cell::Set(name, _) = c {
+                            s.meta.set_cell(t.col(name)? as u32, v);
+                        }
+                    }
+                    rows::store(conn, t, &lr.pk, &s)?;
+                    out.push(RowChange {
+                        table: lr.table,
+                        pk: lr.pk,
+                        cl: cl_local,
+                        op: RowOp::Upsert(lr.cells),
+                    });
+                }
+                LocalKind::Insert | LocalKind::Update => {
+                    // A new incarnation. An update of a row Ferry never tracked (written during
+                    // a migration) ships the whole row so receivers get all of it.
+                    let cells = if lr.kind == LocalKind::Insert {
+                        lr.cells
+                    } else {
+                        match read_row(conn, t, &lr.pk)? {
+                            Some(vals) => full_row(t, vals),
+                            None => continue,
+                        }
+                    };
+                    let cl = cl_local + 1;
+                    let s = Stored {
+                        meta: RowMeta {
+                            cl,
+                            cells: Vec::new(),
+                            row: Some(v),
+                        },
+                        tomb: None,
+                    };
+                    rows::store(conn, t, &lr.pk, &s)?;
+                    out.push(RowChange {
+                        table: lr.table,
+                        pk: lr.pk,
+                        cl,
+                        op: RowOp::Upsert(cells),
+                    });
+                }
+                LocalKind::Delete if alive || stored.is_none() => {
+                    let cl = if stored.is_none() { 2 } else { cl_local + 1 };
+                    let mut s = stored.unwrap_or_default();
+                    if t.update_wins() {
+                        s.meta.freeze_cells(t.cols.len());
+                    }
+                    s.meta.cl = cl;
+                    s.meta.row = Some(v);
+                    if t.update_wins() {
+                        let mut tomb = Vec::new();
+                        for c in &lr.cells {
+                            if let Cell::Set(name, val) = c {
+                                tomb.push((t.col(name)? as u32, val.clone()));
+                            }
+                        }
+                        s.tomb = Some(tomb);
+                    } else {
+                        s.meta.cells.clear();
+                        s.tomb = None;
+                    }
+                    rows::store(conn, t, &lr.pk, &s)?;
+                    out.push(RowChange {
+                        table: lr.table,
+                        pk: lr.pk,
+                        cl,
+                        op: RowOp::Delete,
+                    });
+                }
+                LocalKind::Delete => {}
+            }
+        }
+        let id: [u8; 16] = id
+            .as_slice()
+            .try_into()
+            .map_err(|_| Error::Corrupt("change set id is not 16 bytes".into()))?;
+        let cs = ChangeSet {
+            id,
+            origin: me,
+            origin_seq: oseq as u64,
+            hlc: Hlc(hlc as u64),
+            base: base as u64,
+            schema_version,
+            rows: out,
+        };
+        conn.prepare_cached("UPDATE ferry_log SET wire = ?1, raw = NULL WHERE seq = ?2")?
+            .execute(params![rmp_serde::to_vec(&cs)?, row])?;
+    }
+    Ok(n)
+}
+
+/// Every non-key column of a row as cells (counters as additions from zero).
+pub fn full_row(t: &crate::catalog::TableInfo, vals: Vec<Value>) -> Vec<Cell> {
+    vals.into_iter()
+        .enumerate()
+        .filter(|(i, _)| *i != t.pk)
+        .map(|(i, v)| {
+            let name = t.cols[i].name.clone();
+            if t.cols[i].policy == Policy::Counter {
+                Cell::Add(name, v.as_i64().unwrap_or(0))
+            } else {
+                Cell::Set(name, v)
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,1110 @@
+//! The replica: one SQLite file the app reads and writes with plain SQL, offline.
+//!
+//! `Replica` owns one writer connection (all SDK reads and writes go through it under a
+//! mutex, which is SQLite's own one-writer rule made explicit). It wires together capture
+//! (pre-update hook for the SDK's writes, triggers for other connections'), the change log,
+//! materialization, remote apply, the conflict log and observers. It never holds a write
+//! transaction across anything but local SQLite work.
+
+use crate::apply::{self, Ctx, Followup, Outcome};
+use crate::capture::{self, Accumulator, HookState, LocalChange};
+use crate::catalog::Catalog;
+use crate::changeset::{ChangeSet, Sequenced};
+use crate::conflict::{self, Conflict};
+use crate::db;
+use crate::error::{Error, Result};
+use crate::hlc::{Hlc, HlcState, SystemClock, WallClock};
+use crate::ids::ReplicaId;
+use crate::materialize;
+use crate::observer::{
+    ChangeEvent, ChangeSource, Observer, Registry, Rows, Subscription, Watch, WatchCallback,
+};
+use crate::resolver::{ConflictInput, Resolution, Resolver};
+use crate::rows::Origins;
+use crate::schema::{Schema, TableMode, quote};
+use crate::value::Value;
+use parking_lot::Mutex;
+use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
+use rusqlite::{Connection, OptionalExtension, params};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Options for [`Replica::open_with`].
+#[derive(Clone)]
+pub struct OpenOptions {
+    /// Physical clock (tests use a fake one to simulate skew).
+    pub wall_clock: Arc<dyn WallClock>,
+    /// Upper bound of cell operations applied in one SQLite transaction (a change set is
+    /// never split; a larger one gets a transaction of its own).
+    pub apply_chunk_ops: usize,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            wall_clock: Arc::new(SystemClock),
+            apply_chunk_ops: 20_000,
+        }
+    }
+}
+
+impl std::fmt::Debug for OpenOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenOptions")
+            .field("apply_chunk_ops", &self.apply_chunk_ops)
+            .finish()
+    }
+}
+
+/// What the authorizer refused, so the error can name it.
+#[derive(Debug, Clone)]
+enum Denied {
+    ReadOnly(String),
+    Internal(String),
+    SyncedDdl(String),
+}
+
+#[derive(Debug, Default)]
+struct AuthState {
+    /// True while app SQL is being prepared (internal statements are always allowed).
+    app_sql: bool,
+    read_only: HashSet<String>,
+    synced: HashSet<String>,
+    denied: Option<Denied>,
+    /// When set, tables read by statements being prepared are recorded (for watch).
+    reads: Option<BTreeSet<String>>,
+}
+
+fn is_internal(name: &str) -> bool {
+    name.len() >= 6 && name[..6].eq_ignore_ascii_case("ferry_")
+}
+
+struct Db {
+    conn: Connection,
+    hook: Arc<Mutex<HookState>>,
+    auth: Arc<Mutex<AuthState>>,
+    cat: Arc<Catalog>,
+    schema_version: u32,
+    me: ReplicaId,
+    me_num: u32,
+    origins: Origins,
+    clock: HlcState,
+    cursor: u64,
+    next_oseq: u64,
+}
+
+/// Pending notifications gathered under the lock and delivered after it is released.
+#[derive(Default)]
+struct Notes {
+    events: Vec<ChangeEvent>,
+    conflicts: Vec<Conflict>,
+    watch_results: Vec<(Arc<Watch>, Rows)>,
+}
+
+/// Result of applying a batch of remote change sets.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Change sets merged.
+    pub applied: usize,
+    /// Change sets at or below the cursor (already applied), skipped.
+    pub duplicates: usize,
+    /// This replica's own change sets recognised in the stream (acknowledged).
+    pub own: usize,
+    /// Conflicts detected.
+    pub conflicts: usize,
+    /// Cursor after the batch.
+    pub cursor: u64,
+}
+
+/// A local replica.
+pub struct Replica {
+    db: Mutex<Option<Db>>,
+    registry: Arc<Mutex<Registry>>,
+    resolvers: Mutex<HashMap<String, Arc<dyn Resolver>>>,
+    wall: Arc<dyn WallClock>,
+    apply_chunk_ops: usize,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Replica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replica").field("path", &self.path).finish()
+    }
+}
+
+/// A write transaction handed to [`Replica::write`]: plain SQL, captured as one change set.
+pub struct WriteTx<'a> {
+    conn: &'a Connection,
+    auth: &'a Mutex<AuthState>,
+}
+
+impl WriteTx<'_> {
+    /// Runs one SQL statement with positional parameters; returns rows changed.
+    pub fn execute(&self, sql: &str, params: &[Value]) -> Result<usize> {
+        app_sql(self.auth, || {
+            let mut st = self.conn.prepare_cached(sql)?;
+            Ok(st.execute(rusqlite::params_from_iter(params.iter()))?)
+        })
+    }
+
+    /// Runs a query inside the transaction.
+    pub fn query(&self, sql: &str, params: &[Value]) -> Result<Rows> {
+        run_query(self.conn, self.auth, sql, params)
+    }
+}
+
+/// Runs app SQL with the authorizer in app mode, mapping refusals to typed errors.
+fn app_sql<T>(auth: &Mutex<AuthState>, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    auth.lock().app_sql = true;
+    let r = f();
+    let denied = {
+        let mut a = auth.lock();
+        a.app_sql = false;
+        a.denied.take()
+    };
+    match (r, denied) {
+        (Err(_), Some(Denied::ReadOnly(t))) => Err(Error::ReadOnlyTable(t)),
+        (Err(_), Some(Denied::Internal(t))) => Err(Error::InvalidInput(format!(
+            "`{t}` is Ferry's own table; apps must not write it"
+        ))),
+        (Err(_), Some(Denied::SyncedDdl(t))) => Err(Error::InvalidInput(format!(
+            "synced table `{t}` can only be changed by declaring a new schema version"
+        ))),
+        (Err(Error::Sqlite(e)), None) if e.to_string().contains("ferry: table") => {
+            Err(Error::InvalidInput(e.to_string()))
+        }
+        (r, _) => r,
+    }
+}
+
+fn run_query(
+    conn: &Connection,
+    auth: &Mutex<AuthState>,
+    sql: &str,
+    params: &[Value],
+) -> Result<Rows> {
+    app_sql(auth, || {
+        let mut st = conn.prepare_cached(sql)?;
+        if !st.readonly() {
+            return Err(Error::InvalidInput(
+                "query() only reads; use execute() or write() for statements that change data"
+                    .into(),
+            ));
+        }
+        let columns: Vec<String> = st.column_names().map(|s| s.to_owned()).collect();
+        let n = columns.len();
+        let rows = st
+            .query_map(rusqlite::params_from_iter(params.iter()), |r| {
+                (0..n)
+                    .map(|i| r.get::<_, Value>(i))
+                    .collect::<rusqlite::Result<Vec<Value>>>()
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(Rows { columns, rows })
+    })
+}
+
+impl Replica {
+    /// Opens (creating if needed) the replica at `path` with the app's declared schema.
+    pub fn open(path: impl AsRef<Path>, schema: &Schema) -> Result<Replica> {
+        Self::open_with(path, schema, OpenOptions::default())
+    }
+
+    /// Opens with explicit options.
+    pub fn open_with(
+        path: impl AsRef<Path>,
+        schema: &Schema,
+        opts: OpenOptions,
+    ) -> Result<Replica> {
+        let path = path.as_ref().to_path_buf();
+        let mut conn = Connection::open(&path)?;
+        db::configure(&conn)?;
+        db::upgrade_format(&mut conn)?;
+        let cat = Arc::new(db::apply_schema(&mut conn, schema)?);
+        let me = apply::stored_replica_id(&conn)?;
+        let origins = Origins::load(&conn)?;
+        let me_num = origin_num(&conn, me)?;
+        let cursor = db::meta_get::<i64>(&conn, "cursor")? as u64;
+        let stored_hlc = db::meta_get::<i64>(&conn, "hlc")? as u64;
+        let log_hlc: i64 =
+            conn.query_row("SELECT coalesce(max(hlc), 0) FROM ferry_log", [], |r| {
+                r.get(0)
+            })?;
+        let next_oseq: i64 = conn.query_row(
+            "SELECT coalesce(max(origin_seq), 0) + 1 FROM ferry_log WHERE origin = ?1",
+            [me_num],
+            |r| r.get(0),
+        )?;
+        let hook = Arc::new(Mutex::new(HookState {
+            enabled: false,
+            catalog: Arc::clone(&cat),
+            acc: Accumulator::default(),
+        }));
+        capture::install_hook(&mut conn, Arc::clone(&hook))?;
+        let auth = Arc::new(Mutex::new(AuthState {
+            read_only: cat
+                .tables
+                .values()
+                .filter(|t| t.mode() == TableMode::ReadOnly)
+                .map(|t| t.name().to_owned())
+                .collect(),
+            synced: cat.tables.keys().cloned().collect(),
+            ..AuthState::default()
+        }));
+        install_authorizer(&mut conn, Arc::clone(&auth))?;
+        let db = Db {
+            conn,
+            hook,
+            auth,
+            cat,
+            schema_version: schema.version,
+            me,
+            me_num,
+            origins,
+            clock: HlcState::resume(Hlc(stored_hlc.max(log_hlc as u64))),
+            cursor,
+            next_oseq: next_oseq as u64,
+        };
+        tracing::debug!(path = %path.display(), replica = %me, cursor, "replica opened");
+        Ok(Replica {
+            db: Mutex::new(Some(db)),
+            registry: Arc::new(Mutex::new(Registry::default())),
+            resolvers: Mutex::new(HashMap::new()),
+            wall: opts.wall_clock,
+            apply_chunk_ops: opts.apply_chunk_ops.max(1),
+            path,
+        })
+    }
+
+    /// Closes the replica; later calls fail with [`Error::Closed`].
+    pub fn close(&self) -> Result<()> {
+        let db = self.db.lock().take();
+        if let Some(db) = db {
+            db.conn.close().map_err(|(_, e)| Error::Sqlite(e))?;
+        }
+        Ok(())
+    }
+
+    /// The file this replica lives in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn with_db<T>(&self, f: impl FnOnce(&mut Db) -> Result<T>) -> Result<T> {
+        let mut g = self.db.lock();
+        let db = g.as_mut().ok_or(Error::Closed)?;
+        f(db)
+    }
+
+    /// This replica's id.
+    pub fn replica_id(&self) -> Result<ReplicaId> {
+        self.with_db(|db| Ok(db.me))
+    }
+
+    /// The highest relay position applied with everything before it.
+    pub fn cursor(&self) -> Result<u64> {
+        self.with_db(|db| Ok(db.cursor))
+    }
+
+    /// The app schema version this replica runs.
+    pub fn schema_version(&self) -> Result<u32> {
+        self.with_db(|db| Ok(db.schema_version))
+    }
+
+    /// The latest HLC issued or seen.
+    pub fn clock(&self) -> Result<Hlc> {
+        self.with_db(|db| Ok(db.clock.last()))
+    }
+
+    /// Folds a timestamp learned from outside (e.g. the relay's clock at hello).
+    pub fn observe_clock(&self, h: Hlc) -> Result<()> {
+        self.with_db(|db| {
+            db.clock.observe(h);
+            Ok(())
+        })
+    }
+
+    /// A new ULID, for primary keys.
+    pub fn new_id(&self) -> String {
+        crate::ids::new_id()
+    }
+
+    /// Runs a read-only query.
+    pub fn query(&self, sql: &str, params: &[Value]) -> Result<Rows> {
+        self.with_db(|db| run_query(&db.conn, &db.auth, sql, params))
+    }
+
+    /// Runs one statement as its own write transaction; returns rows changed.
+    pub fn execute(&self, sql: &str, params: &[Value]) -> Result<usize> {
+        self.write(|tx| tx.execute(sql, params))
+    }
+
+    /// Runs `f` in one write transaction. Everything it changes in synced tables becomes one
+    /// change set; if it returns an error nothing is kept.
+    pub fn write<T>(&self, f: impl FnOnce(&WriteTx<'_>) -> Result<T>) -> Result<T> {
+        let (out, notes) = {
+            let mut g = self.db.lock();
+            let db = g.as_mut().ok_or(Error::Closed)?;
+            let mut notes = Notes::default();
+            let out = db.write_txn(self.wall.as_ref(), &mut notes, f)?;
+            self.collect_watches(db, &mut notes);
+            (out, notes)
+        };
+        self.deliver(notes);
+        Ok(out)
+    }
+
+    /// Folds writes made by other connections on this file into change sets now.
+    /// (Ferry also does this before every write, push and apply.) Returns true if any.
+    pub fn capture_foreign(&self) -> Result<bool> {
+        let (any, notes) = {
+            let mut g = self.db.lock();
+            let db = g.as_mut().ok_or(Error::Closed)?;
+            let mut notes = Notes::default();
+            db.conn.execute_batch("BEGIN IMMEDIATE")?;
+            let r = db
+                .gate(true)
+                .and_then(|_| db.fold_foreign(self.wall.as_ref(), &mut notes))
+                .and_then(|any| {
+                    db.gate(false)?;
+                    Ok(any)
+                });
+            let any = db.finish_txn(r)?;
+            self.collect_watches(db, &mut notes);
+            (any, notes)
+        };
+        self.deliver(notes);
+        Ok(any)
+    }
+
+    /// Oldest unacknowledged change sets, at most `max_sets` and about `max_bytes` (always at
+    /// least one if any is pending). Folds foreign writes and materializes first.
+    pub fn pending(&self, max_sets: usize, max_bytes: usize) -> Result<Vec<ChangeSet>> {
+        self.capture_foreign()?;
+        self.with_db(|db| {
+            db.materialize_all()?;
+            let mut st = db.conn.prepare_cached(
+                "SELECT wire FROM ferry_log WHERE server_seq IS NULL AND reissued IS NULL AND wire IS NOT NULL
+                 ORDER BY seq LIMIT ?1",
+            )?;
+            let mut rows = st.query([max_sets.max(1) as i64])?;
+            let mut out = Vec::new();
+            let mut bytes = 0usize;
+            while let Some(r) = rows.next()? {
+                let b: Vec<u8> = r.get(0)?;
+                if !out.is_empty() && bytes + b.len() > max_bytes {
+                    break;
+                }
+                bytes += b.len();
+                out.push(rmp_serde::from_slice(&b)?);
+            }
+            Ok(out)
+        })
+    }
+
+    /// Number of change sets not yet acknowledged by the relay.
+    pub fn pending_count(&self) -> Result<u64> {
+        self.with_db(|db| {
+            let foreign: i64 =
+                db.conn
+                    .query_row("SELECT count(*) FROM ferry_foreign", [], |r| r.get(0))?;
+            let n: i64 = db.conn.query_row(
+                "SELECT count(*) FROM ferry_log WHERE server_seq IS NULL AND reissued IS NULL",
+                [],
+                |r| r.get(0),
+            )?;
+            Ok(n as u64 + u64::from(foreign > 0))
+        })
+    }
+
+    /// Highest origin_seq this replica has issued under its current id.
+    pub fn last_origin_seq(&self) -> Result<u64> {
+        self.with_db(|db| Ok(db.next_oseq - 1))
+    }
+
+    /// Records the relay's acknowledgements `(origin_seq, server_seq)` of this replica's change sets.
+    pub fn acknowledge(&self, acks: &[(u64, u64)]) -> Result<()> {
+        self.with_db(|db| {
+            db.conn.execute_batch("BEGIN IMMEDIATE")?;
+            let r = acks.iter().try_for_each(|(o, s)| db.ack(*o, *s));
+            db.finish_txn(r)
+        })
+    }
+
+    /// Applies remote change sets covering relay positions `(after, up_to]`, in order.
+    /// Each change set is all-or-nothing and the cursor moves in the same transaction;
+    /// sets at or below the cursor are skipped, so a repeated delivery changes nothing.
+    pub fn apply_remote(&self, after: u64, up_to: u64, sets: &[Sequenced]) -> Result<ApplyReport> {
+        let mut last = after;
+        for s in sets {
+            if s.server_seq <= last || s.server_seq > up_to {
+                return Err(Error::InvalidChangeSet(format!(
+                    "server_seq {} is out of order in a batch covering ({after}, {up_to}]",
+                    s.server_seq
+                )));
+            }
+            last = s.server_seq;
+        }
+        let mut report = ApplyReport::default();
+        let mut followups = Vec::new();
+        let mut start = 0;
+        let mut failure = None;
+        while start < sets.len() || (start == 0 && sets.is_empty()) {
+            let mut end = start;
+            let mut ops = 0;
+            while end < sets.len()
+                && (end == start || ops + sets[end].change_set.op_count() <= self.apply_chunk_ops)
+            {
+                ops += sets[end].change_set.op_count();
+                end += 1;
+            }
+            let chunk = &sets[start..end];
+            let is_last = end >= sets.len();
+            let notes = {
+                let mut g = self.db.lock();
+                let db = g.as_mut().ok_or(Error::Closed)?;
+                if after > db.cursor {
+                    return Err(Error::InvalidChangeSet(format!(
+                        "batch starts after relay position {after} but this replica has only applied up to {}",
+                        db.cursor
+                    )));
+                }
+                let mut notes = Notes::default();
+                let r = db.apply_chunk(
+                    self.wall.as_ref(),
+                    chunk,
+                    if is_last { Some(up_to) } else { None },
+                    &mut report,
+                    &mut notes,
+                );
+                match r {
+                    Ok(f) => followups.extend(f),
+                    Err(e) => failure = Some(e),
+                }
+                self.collect_watches(db, &mut notes);
+                notes
+            };
+            self.deliver(notes);
+            if failure.is_some() || is_last {
+                break;
+            }
+            start = end;
+        }
+        report.cursor = self.cursor()?;
+        self.resolve_followups(followups)?;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(report),
+        }
+    }
+
+    fn resolve_followups(&self, followups: Vec<Followup>) -> Result<()> {
+        for f in followups {
+            let resolver = self.resolvers.lock().get(&f.table).cloned();
+            let Some(resolver) = resolver else {
+                tracing::warn!(table = %f.table, column = %f.column, "custom conflict without a registered resolver; lww result kept");
+                self.with_db(|db| {
+                    set_resolution(
+                        &db.conn,
+                        f.conflict_id,
+                        "no resolver registered: lww result kept",
+                    )
+                })?;
+                continue;
+            };
+            let merged = self
+                .query(
+                    &format!(
+                        "SELECT {} FROM {} WHERE {} = ?1",
+                        quote(&f.column),
+                        quote(&f.table),
+                        quote(&self.pk_name(&f.table)?)
+                    ),
+                    std::slice::from_ref(&f.pk),
+                )?
+                .rows
+                .into_iter()
+                .next()
+                .and_then(|r| r.into_iter().next());
+            let Some(merged) = merged else { continue };
+            let input = ConflictInput {
+                table: f.table.clone(),
+                pk: f.pk.clone(),
+                column: f.column.clone(),
+                local: f.local.clone(),
+                remote: f.remote.clone(),
+                merged: merged.clone(),
+            };
+            let answer = match resolver.resolve(&input) {
+                Resolution::KeepLocal => f.local.clone(),
+                Resolution::TakeRemote => f.remote.clone(),
+                Resolution::Value(v) => v,
+            };
+            let note = format!("resolver answered {}", answer.describe());
+            self.with_db(|db| set_resolution(&db.conn, f.conflict_id, &note))?;
+            // Built-in merge already made every replica pick `merged`; only a different answer
+            // needs writing. It becomes a new local change, newer than both sides.
+            if answer != merged {
+                let pk_col = self.pk_name(&f.table)?;
+                self.write(|tx| {
+                    tx.execute(
+                        &format!(
+                            "UPDATE {} SET {} = ?1 WHERE {} = ?2",
+                            quote(&f.table),
+                            quote(&f.column),
+                            quote(&pk_col)
+                        ),
+                        &[answer.clone(), f.pk.clone()],
+                    )
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn pk_name(&self, table: &str) -> Result<String> {
+        self.with_db(|db| {
+            let t = db.cat.table(table)?;
+            Ok(t.cols[t.pk].name.clone())
+        })
+    }
+
+    /// Registers the resolver for `custom` columns of `table`.
+    pub fn set_resolver(&self, table: &str, resolver: Arc<dyn Resolver>) -> Result<()> {
+        self.with_db(|db| db.cat.table(table).map(|_| ()))?;
+        self.resolvers.lock().insert(table.to_owned(), resolver);
+        Ok(())
+    }
+
+    /// The conflict log, oldest first.
+    pub fn conflicts(&self) -> Result<Vec<Conflict>> {
+        self.with_db(|db| conflict::list(&db.conn))
+    }
+
+    /// Clears the conflict log up to and including `up_to_id` (everything when None).
+    pub fn clear_conflicts(&self, up_to_id: Option<i64>) -> Result<usize> {
+        self.with_db(|db| conflict::clear(&db.conn, up_to_id))
+    }
+
+    /// Subscribes to table changes and conflicts until the handle is dropped.
+    pub fn subscribe(&self, observer: Arc<dyn Observer>) -> Subscription {
+        let id = self.registry.lock().add_observer(observer);
+        Subscription::new(&self.registry, id)
+    }
+
+    /// Runs `sql` now and again after every commit that touches a table it reads, calling
+    /// `callback` with the results whenever they differ from the last ones.
+    pub fn watch(
+        &self,
+        sql: &str,
+        params: &[Value],
+        callback: WatchCallback,
+    ) -> Result<Subscription> {
+        let (rows, tables) = self.with_db(|db| {
+            db.auth.lock().reads = Some(BTreeSet::new());
+            // Prepare fresh (not cached) so the authorizer sees every table the query reads.
+            let prep = app_sql(&db.auth, || {
+                db.conn.prepare(sql)?;
+                Ok(())
+            });
+            let tables = db.auth.lock().reads.take().unwrap_or_default();
+            prep?;
+            Ok((run_query(&db.conn, &db.auth, sql, params)?, tables))
+        })?;
+        callback(&rows);
+        let w = Arc::new(Watch {
+            sql: sql.to_owned(),
+            params: params.to_vec(),
+            tables,
+            last: Mutex::new(Some(rows)),
+            callback,
+        });
+        let id = self.registry.lock().add_watch(w);
+        Ok(Subscription::new(&self.registry, id))
+    }
+
+    fn collect_watches(&self, db: &mut Db, notes: &mut Notes) {
+        if notes.events.is_empty() {
+            return;
+        }
+        let touched: BTreeSet<&String> =
+            notes.events.iter().flat_map(|e| e.tables.iter()).collect();
+        let watches: Vec<Arc<Watch>> = self.registry.lock().watches.values().cloned().collect();
+        for w in watches {
+            if !w.tables.iter().any(|t| touched.contains(t)) {
+                continue;
+            }
+            match run_query(&db.conn, &db.auth, &w.sql, &w.params) {
+                Ok(rows) => {
+                    let mut last = w.last.lock();
+                    if last.as_ref() != Some(&rows) {
+                        *last = Some(rows.clone());
+                        drop(last);
+                        notes.watch_results.push((Arc::clone(&w), rows));
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, sql = %w.sql, "watched query failed"),
+            }
+        }
+    }
+
+    fn deliver(&self, notes: Notes) {
+        if notes.events.is_empty() && notes.conflicts.is_empty() && notes.watch_results.is_empty() {
+            return;
+        }
+        let observers: Vec<Arc<dyn Observer>> =
+            self.registry.lock().observers.values().cloned().collect();
+        for o in &observers {
+            for e in &notes.events {
+                o.on_change(e);
+            }
+            for c in &notes.conflicts {
+                o.on_conflict(c);
+            }
+        }
+        for (w, rows) in notes.watch_results {
+            // A watch cancelled meanwhile is no longer in the registry: skip it.
+            if self
+                .registry
+                .lock()
+                .watches
+                .values()
+                .any(|x| Arc::ptr_eq(x, &w))
+            {
+                (w.callback)(&rows);
+            }
+        }
+    }
+
+    /// Every synced table's rows, sorted by key: what convergence tests compare.
+    pub fn dump(&self) -> Result<Vec<(String, Rows)>> {
+        self.with_db(|db| {
+            let mut names: Vec<&String> = db.cat.tables.keys().collect();
+            names.sort();
+            let mut out = Vec::new();
+            for n in names {
+                let t = db.cat.table(n)?;
+                let sql = format!(
+                    "SELECT {} FROM {} ORDER BY {}",
+                    t.select_list(),
+                    quote(n),
+                    quote(&t.cols[t.pk].name)
+                );
+                let mut st = db.conn.prepare(&sql)?;
+                let columns = t.cols.iter().map(|c| c.name.clone()).collect();
+                let k = t.cols.len();
+                let rows = st
+                    .query_map([], |r| {
+                        (0..k)
+                            .map(|i| r.get::<_, Value>(i))
+                            .collect::<rusqlite::Result<Vec<_>>>()
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                out.push((n.clone(), Rows { columns, rows }));
+            }
+            Ok(out)
+        })
+    }
+
+    /// Takes a new replica id and re-issues every unacknowledged change set under it, so
+    /// that none can be mistaken for a change the relay already holds from the old id (a
+    /// file restored from a backup, or copied to another device).
+    pub fn rotate_identity(&self) -> Result<ReplicaId> {
+        self.with_db(|db| db.rotate_identity())
+    }
+}
+
+fn set_resolution(conn: &Connection, id: i64, text: &str) -> Result<()> {
+    conn.execute(
+        "UPDATE ferry_conflicts SET resolution = ?1 WHERE id = ?2",
+        params![text, id],
+    )?;
+    Ok(())
+}
+
+fn origin_num(conn: &Connection, id: ReplicaId) -> Result<u32> {
+    conn.query_row(
+        "SELECT id FROM ferry_origins WHERE replica_id = ?1",
+        [id.0.to_vec()],
+        |r| r.get::<_, i64>(0),
+    )
+    .optional()?
+    .map(|n| n as u32)
+    .ok_or_else(|| Error::Corrupt("the replica's own id is not among its origins".into()))
+}
+
+fn install_authorizer(conn: &mut Connection, auth: Arc<Mutex<AuthState>>) -> Result<()> {
+    conn.authorizer(Some(move |ctx: AuthContext<'_>| {
+        let mut a = auth.lock();
+        if let (Some(reads), AuthAction::Read { table_name, .. }) = (&mut a.reads, &ctx.action) {
+            reads.insert((*table_name).to_owned());
+        }
+        if !a.app_sql || ctx.accessor.is_some_and(is_internal) {
+            return Authorization::Allow;
+        }
+        let denied = match ctx.action {
+            AuthAction::Insert { table_name }
+            | AuthAction::Delete { table_name }
+            | AuthAction::Update { table_name, .. } => {
+                if is_internal(table_name) {
+                    Some(Denied::Internal(table_name.to_owned()))
+                } else if a.read_only.contains(table_name) {
+                    Some(Denied::ReadOnly(table_name.to_owned()))
+                } else {
+                    None
+                }
+            }
+            AuthAction::DropTable { table_name }
+            | AuthAction::AlterTable { table_name, .. }
+            | AuthAction::CreateTrigger { table_name, .. }
+            | AuthAction::DropTrigger { table_name, .. } => {
+                if is_internal(table_name) {
+                    Some(Denied::Internal(table_name.to_owned()))
+                } else if a.synced.contains(table_name) {
+                    Some(Denied::SyncedDdl(table_name.to_owned()))
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        };
+        match denied {
+            Some(d) => {
+                a.denied = Some(d);
+                Authorization::Deny
+            }
+            None => Authorization::Allow,
+        }
+    }))?;
+    Ok(())
+}
+
+impl Db {
+    fn gate(&self, sdk: bool) -> Result<()> {
+        self.conn
+            .prepare_cached("UPDATE ferry_gate SET sdk = ?1 WHERE id = 1")?
+            .execute([i64::from(sdk)])?;
+        Ok(())
+    }
+
+    /// Commits on success, rolls back (and resets in-memory state) on failure.
+    fn finish_txn<T>(&mut self, r: Result<T>) -> Result<T> {
+        match r {
+            Ok(v) => match self.conn.execute_batch("COMMIT") {
+                Ok(()) => Ok(v),
+                Err(e) => {
+                    self.rollback();
+                    Err(e.into())
+                }
+            },
+            Err(e) => {
+                self.rollback();
+                Err(e)
+            }
+        }
+    }
+
+    fn rollback(&mut self) {
+        if !self.conn.is_autocommit()
+            && let Err(e) = self.conn.execute_batch("ROLLBACK")
+        {
+            tracing::error!(error = %e, "rollback failed");
+        }
+        {
+            let mut h = self.hook.lock();
+            h.enabled = false;
+            h.acc.clear();
+        }
+        // In-memory mirrors of what the transaction may have changed.
+        if let Ok(o) = Origins::load(&self.conn) {
+            self.origins = o;
+        }
+        if let Ok(c) = db::meta_get::<i64>(&self.conn, "cursor") {
+            self.cursor = c as u64;
+        }
+        if let Ok(n) = self.conn.query_row(
+            "SELECT coalesce(max(origin_seq), 0) + 1 FROM ferry_log WHERE origin = ?1",
+            [self.me_num],
+            |r| r.get::<_, i64>(0),
+        ) {
+            self.next_oseq = n as u64;
+        }
+    }
+
+    fn write_txn<T>(
+        &mut self,
+        wall: &dyn WallClock,
+        notes: &mut Notes,
+        f: impl FnOnce(&WriteTx<'_>) -> Result<T>,
+    ) -> Result<T> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        let r = (|| {
+            self.gate(true)?;
+            self.fold_foreign(wall, notes)?;
+            self.hook.lock().enabled = true;
+            let out = f(&WriteTx {
+                conn: &self.conn,
+                auth: &self.auth,
+            });
+            let change = {
+                let mut h = self.hook.lock();
+                h.enabled = false;
+                let cat = Arc::clone(&h.catalog);
+                match &out {
+                    Ok(_) => h.acc.finish(&cat),
+                    Err(_) => {
+                        h.acc.clear();
+                        Ok(LocalChange::default())
+                    }
+                }
+            };
+            let out = out?;
+            let change = change?;
+            if !change.rows.is_empty() {
+                notes.events.push(ChangeEvent {
+                    tables: change.rows.iter().map(|r| r.table.clone()).collect(),
+                    source: ChangeSource::Local,
+                });
+                self.append_local(&change, wall)?;
+            }
+            self.gate(false)?;
+            Ok(out)
+        })();
+        let r = self.finish_txn(r);
+        if r.is_err() {
+            notes.events.clear();
+        }
+        r
+    }
+
+    /// Folds foreign writes into one change set (inside the caller's transaction).
+    fn fold_foreign(&mut self, wall: &dyn WallClock, notes: &mut Notes) -> Result<bool> {
+        let mut acc = Accumulator::default();
+        if !capture::fold_foreign(&self.conn, &self.cat, &mut acc)? {
+            return Ok(false);
+        }
+        let change = acc.finish(&self.cat)?;
+        if change.rows.is_empty() {
+            return Ok(false);
+        }
+        notes.events.push(ChangeEvent {
+            tables: change.rows.iter().map(|r| r.table.clone()).collect(),
+            source: ChangeSource::Foreign,
+        });
+        self.append_local(&change, wall)?;
+        Ok(true)
+    }
+
+    fn append_local(&mut self, change: &LocalChange, wall: &dyn WallClock) -> Result<()> {
+        let hlc = self.clock.tick(wall.now_millis());
+        let oseq = self.next_oseq;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO ferry_log(origin, origin_seq, id, hlc, base, raw) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                self.me_num,
+                oseq as i64,
+                ulid::Ulid::generate().to_bytes().to_vec(),
+                hlc.0 as i64,
+                self.cursor as i64,
+                rmp_serde::to_vec(change)?
+            ])?;
+        self.next_oseq += 1;
+        Ok(())
+    }
+
+    fn materialize_all(&mut self) -> Result<()> {
+        let pending: i64 = self.conn.query_row(
+            "SELECT count(*) FROM ferry_log WHERE wire IS NULL AND raw IS NOT NULL AND reissued IS NULL",
+            [],
+            |r| r.get(0),
+        )?;
+        if pending == 0 {
+            return Ok(());
+        }
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        let r = materialize::run(
+            &self.conn,
+            &self.cat,
+            self.me,
+            self.me_num,
+            self.schema_version,
+            usize::MAX,
+        );
+        self.finish_txn(r).map(|_| ())
+    }
+
+    fn ack(&mut self, origin_seq: u64, server_seq: u64) -> Result<()> {
+        let known: Option<Option<i64>> = self
+            .conn
+            .prepare_cached(
+                "SELECT server_seq FROM ferry_log WHERE origin = ?1 AND origin_seq = ?2",
+            )?
+            .query_row(params![self.me_num, origin_seq as i64], |r| r.get(0))
+            .optional()?;
+        match known {
+            None => Err(Error::Protocol(format!(
+                "acknowledgement for origin_seq {origin_seq}, which this replica never issued"
+            ))),
+            Some(Some(s)) if s as u64 != server_seq => Err(Error::Protocol(format!(
+                "origin_seq {origin_seq} acknowledged at {server_seq} but earlier at {s}"
+            ))),
+            Some(Some(_)) => Ok(()),
+            Some(None) => {
+                self.conn
+                    .prepare_cached(
+                        "UPDATE ferry_log SET server_seq = ?1, wire = NULL, raw = NULL WHERE origin = ?2 AND origin_seq = ?3",
+                    )?
+                    .execute(params![server_seq as i64, self.me_num, origin_seq as i64])?;
+                Ok(())
+            }
+        }
+    }
+
+    fn apply_chunk(
+        &mut self,
+        wall: &dyn WallClock,
+        chunk: &[Sequenced],
+        up_to: Option<u64>,
+        report: &mut ApplyReport,
+        notes: &mut Notes,
+    ) -> Result<Vec<Followup>> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        let mut out = Outcome::default();
+        let mut failure = None;
+        let r = (|| {
+            self.gate(true)?;
+            self.fold_foreign(wall, notes)?;
+            materialize::run(
+                &self.conn,
+                &self.cat,
+                self.me,
+                self.me_num,
+                self.schema_version,
+                usize::MAX,
+            )?;
+            for s in chunk {
+                if s.server_seq <= self.cursor {
+                    report.duplicates += 1;
+                    continue;
+                }
+                let cs = &s.change_set;
+                if cs.origin == self.me && self.is_own_echo(cs)? {
+                    self.ack(cs.origin_seq, s.server_seq)?;
+                    report.own += 1;
+                } else {
+                    self.conn.execute_batch("SAVEPOINT ferry_cs")?;
+                    let before = out.conflicts.len();
+                    let mut ctx = Ctx {
+                        conn: &self.conn,
+                        cat: &self.cat,
+                        origins: &mut self.origins,
+                        me_num: self.me_num,
+                        out: &mut out,
+                    };
+                    match ctx.apply(s) {
+                        Ok(()) => {
+                            self.conn.execute_batch("RELEASE ferry_cs")?;
+                            report.applied += 1;
+                            report.conflicts += out.conflicts.len() - before;
+                        }
+                        Err(e) => {
+                            self.conn
+                                .execute_batch("ROLLBACK TO ferry_cs; RELEASE ferry_cs")?;
+                            out.conflicts.truncate(before);
+                            self.origins = Origins::load(&self.conn)?;
+                            tracing::warn!(server_seq = s.server_seq, error = %e, "remote change set refused");
+                            failure = Some(e);
+                            break;
+                        }
+                    }
+                    self.clock.observe(cs.hlc);
+                }
+                self.cursor = s.server_seq;
+            }
+            if failure.is_none()
+                && let Some(u) = up_to
+                && u > self.cursor
+            {
+                self.cursor = u;
+            }
+            db::meta_set(&self.conn, "cursor", self.cursor as i64)?;
+            db::meta_set(&self.conn, "hlc", self.clock.last().0 as i64)?;
+            self.gate(false)?;
+            Ok(())
+        })();
+        self.finish_txn(r)?;
+        if !out.tables.is_empty() {
+            notes.events.push(ChangeEvent {
+                tables: std::mem::take(&mut out.tables),
+                source: ChangeSource::Remote,
+            });
+        }
+        notes.conflicts.append(&mut out.conflicts);
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(out.followups),
+        }
+    }
+
+    fn is_own_echo(&self, cs: &ChangeSet) -> Result<bool> {
+        let id: Option<Vec<u8>> = self
+            .conn
+            .prepare_cached("SELECT id FROM ferry_log WHERE origin = ?1 AND origin_seq = ?2")?
+            .query_row(params![self.me_num, cs.origin_seq as i64], |r| r.get(0))
+            .optional()?;
+        Ok(id.is_some_and(|id| id == cs.id))
+    }
+
+    fn rotate_identity(&mut self) -> Result<ReplicaId> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        let r = (|| {
+            let new = ReplicaId::generate();
+            let num = self.origins.intern(&self.conn, new)?;
+            db::meta_set(&self.conn, "replica_id", new.0.to_vec())?;
+            let old: Vec<(i64, i64, i64, Option<Vec<u8>>, Option<Vec<u8>>)> = self
+                .conn
+                .prepare(
+                    "SELECT seq, hlc, base, raw, wire FROM ferry_log
+                     WHERE server_seq IS NULL AND reissued IS NULL ORDER BY seq",
+                )?
+                .query_map([], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut oseq = 1u64;
+            for (seq, hlc, base, raw, wire) in old {
+                let id = ulid::Ulid::generate().to_bytes();
+                let wire = match wire {
+                    Some(w) => {
+                        let mut cs: ChangeSet = rmp_serde::from_slice(&w)?;
+                        cs.origin = new;
+                        cs.origin_seq = oseq;
+                        cs.id = id;
+                        Some(rmp_serde::to_vec(&cs)?)
+                    }
+                    None => None,
+                };
+                self.conn.execute(
+                    "INSERT INTO ferry_log(origin, origin_seq, id, hlc, base, raw, wire) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![num, oseq as i64, id.to_vec(), hlc, base, raw, wire],
+                )?;
+                let new_seq = self.conn.last_insert_rowid();
+                self.conn.execute(
+                    "UPDATE ferry_log SET reissued = ?1, raw = NULL, wire = NULL WHERE seq = ?2",
+                    params![new_seq, seq],
+                )?;
+                oseq += 1;
+            }
+            Ok((new, num, oseq))
+        })();
+        let (new, num, next) = self.finish_txn(r)?;
+        tracing::warn!(old = %self.me, new = %new, "replica id rotated; unacknowledged changes re-issued");
+        self.me = new;
+        self.me_num = num;
+        self.next_oseq = next;
+        Ok(new)
+    }
+}

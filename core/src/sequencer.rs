@@ -1,0 +1,166 @@
+//! An in-memory sequencer: the relay's ordering rules without I/O, for tests and simulation.
+//!
+//! It assigns gap-free `server_seq` in arrival order, is idempotent on
+//! `(origin, origin_seq)`, refuses per-origin gaps and origin reuse, and answers the sync
+//! protocol so [`crate::sync::SyncClient`] can be driven against it.
+
+use crate::changeset::{ChangeSet, Sequenced};
+use crate::error::{Error, Result};
+use crate::ids::ReplicaId;
+use crate::protocol::{Ack, ClientMsg, ErrorCode, PROTOCOL_VERSION, ServerMsg};
+use std::collections::HashMap;
+
+/// Per-origin bookkeeping.
+#[derive(Debug, Default)]
+struct OriginLog {
+    /// server_seq and id of each origin_seq (index = origin_seq - 1).
+    seqs: Vec<(u64, [u8; 16])>,
+}
+
+/// The in-memory relay log.
+#[derive(Debug, Default)]
+pub struct Sequencer {
+    log: Vec<Sequenced>,
+    origins: HashMap<ReplicaId, OriginLog>,
+    /// Wall clock reported at hello.
+    pub now_ms: u64,
+}
+
+/// State of one in-memory connection.
+#[derive(Debug, Default)]
+pub struct Session {
+    replica: Option<ReplicaId>,
+    sent_up_to: u64,
+}
+
+impl Sequencer {
+    /// An empty log.
+    pub fn new() -> Self {
+        Sequencer::default()
+    }
+
+    /// Highest position assigned.
+    pub fn head(&self) -> u64 {
+        self.log.len() as u64
+    }
+
+    /// Sequences one change set; returns its position (the existing one for a retry).
+    pub fn push(&mut self, cs: ChangeSet) -> Result<u64> {
+        let next = self.log.len() as u64 + 1;
+        let o = self.origins.entry(cs.origin).or_default();
+        let oseq = cs.origin_seq;
+        if oseq == 0 {
+            return Err(Error::InvalidChangeSet("origin_seq starts at 1".into()));
+        }
+        if let Some((s, id)) = o.seqs.get(oseq as usize - 1) {
+            if *id != cs.id {
+                return Err(Error::InvalidChangeSet(format!(
+                    "origin {} reused origin_seq {oseq} for a different change set",
+                    cs.origin
+                )));
+            }
+            return Ok(*s);
+        }
+        if oseq != o.seqs.len() as u64 + 1 {
+            return Err(Error::InvalidChangeSet(format!(
+                "origin {} skipped from origin_seq {} to {oseq}",
+                cs.origin,
+                o.seqs.len()
+            )));
+        }
+        o.seqs.push((next, cs.id));
+        self.log.push(Sequenced {
+            server_seq: next,
+            change_set: cs,
+        });
+        Ok(next)
+    }
+
+    /// Change sets after `cursor`, at most `max`, and the position they cover up to.
+    pub fn changes_after(&self, cursor: u64, max: usize) -> (Vec<Sequenced>, u64) {
+        let start = (cursor as usize).min(self.log.len());
+        let end = start.saturating_add(max).min(self.log.len());
+        (self.log[start..end].to_vec(), end as u64)
+    }
+
+    /// Highest origin_seq held for an origin.
+    pub fn max_origin_seq(&self, origin: &ReplicaId) -> u64 {
+        self.origins.get(origin).map_or(0, |o| o.seqs.len() as u64)
+    }
+
+    /// A new connection.
+    pub fn session(&self) -> Session {
+        Session::default()
+    }
+
+    /// Answers one client frame (including every change the session has not yet been sent).
+    pub fn handle(&mut self, session: &mut Session, msg: ClientMsg) -> Vec<ServerMsg> {
+        let mut out = Vec::new();
+        match msg {
+            ClientMsg::Hello {
+                protocol,
+                replica_id,
+                cursor,
+                ..
+            } => {
+                if protocol != PROTOCOL_VERSION {
+                    return vec![ServerMsg::Error {
+                        code: ErrorCode::UnsupportedVersion,
+                        message: format!("protocol {protocol} is not supported"),
+                    }];
+                }
+                session.replica = Some(replica_id);
+                session.sent_up_to = cursor.min(self.head());
+                out.push(ServerMsg::Welcome {
+                    protocol: PROTOCOL_VERSION,
+                    head: self.head(),
+                    server_time_ms: self.now_ms,
+                    max_origin_seq: self.max_origin_seq(&replica_id),
+                });
+            }
+            ClientMsg::Push { change_sets } => {
+                let mut acks = Vec::new();
+                for cs in change_sets {
+                    if Some(cs.origin) != session.replica {
+                        out.push(ServerMsg::Error {
+                            code: ErrorCode::InvalidChangeSet,
+                            message: "change set origin is not this connection's replica".into(),
+                        });
+                        return out;
+                    }
+                    let oseq = cs.origin_seq;
+                    match self.push(cs) {
+                        Ok(s) => acks.push(Ack {
+                            origin_seq: oseq,
+                            server_seq: s,
+                        }),
+                        Err(e) => {
+                            out.push(ServerMsg::Error {
+                                code: if e.to_string().contains("reused") {
+                                    ErrorCode::OriginReused
+                                } else {
+                                    ErrorCode::InvalidChangeSet
+                                },
+                                message: e.to_string(),
+                            });
+                            return out;
+                        }
+                    }
+                }
+                out.push(ServerMsg::Acks { acks });
+            }
+            ClientMsg::Ping { nonce } => out.push(ServerMsg::Pong { nonce }),
+        }
+        if session.replica.is_some() && session.sent_up_to < self.head() {
+            let (sets, up_to) = self.changes_after(session.sent_up_to, usize::MAX);
+            out.push(ServerMsg::Changes {
+                after: session.sent_up_to,
+                up_to,
+                change_sets: sets,
+                head: self.head(),
+            });
+            session.sent_up_to = up_to;
+        }
+        out
+    }
+}

@@ -1,0 +1,265 @@
+//! The sans-I/O sync state machine: what to send and what to do with what arrives.
+//!
+//! It performs no I/O and owns no socket or timer, so the WebSocket transport, the tests'
+//! in-memory relay and a simulator can all drive the same logic. One connection is:
+//!
+//! ```text
+//!   client                         relay
+//!   Hello{cursor} ───────────────▶
+//!                 ◀─────────────── Welcome{head, max_origin_seq}
+//!   Push{pending…} ──────────────▶           (while pulling)
+//!                 ◀─────────────── Acks / Changes{after, up_to, sets} / live Changes
+//! ```
+//!
+//! A compiling example of the whole loop against the in-memory sequencer:
+//!
+//! ```
+//! use ferry_core::{Replica, Schema, TableDecl, sync::SyncClient, sequencer::Sequencer};
+//! # fn main() -> ferry_core::Result<()> {
+//! let dir = tempfile::tempdir().map_err(|e| ferry_core::Error::InvalidInput(e.to_string()))?;
+//! let schema = Schema::new(1).table(TableDecl::new("todo").text_key("id").text("title"));
+//! let a = Replica::open(dir.path().join("a.db"), &schema)?;
+//! let b = Replica::open(dir.path().join("b.db"), &schema)?;
+//! a.execute("INSERT INTO todo VALUES ('1', 'milk')", &[])?;
+//! let mut relay = Sequencer::new();
+//! for r in [&a, &b, &a, &b] {
+//!     let mut client = SyncClient::new();
+//!     let mut session = relay.session();
+//!     let mut outbox = vec![client.start(r, "token")?];
+//!     while let Some(msg) = outbox.pop() {
+//!         for reply in relay.handle(&mut session, msg) {
+//!             outbox.extend(client.handle(r, reply)?.send);
+//!         }
+//!     }
+//!     assert!(client.is_synced(r)?);
+//! }
+//! assert_eq!(a.dump()?, b.dump()?);
+//! # Ok(()) }
+//! ```
+
+use crate::error::{Error, Result};
+use crate::hlc::Hlc;
+use crate::protocol::{ClientMsg, ErrorCode, PROTOCOL_VERSION, ServerMsg};
+use crate::replica::Replica;
+use std::collections::BTreeSet;
+
+/// Connection phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Not connected.
+    Idle,
+    /// Hello sent.
+    Handshake,
+    /// Welcome received: pushing and pulling.
+    Streaming,
+}
+
+/// What the driver should do after a message.
+#[derive(Debug, Default)]
+pub struct Step {
+    /// Frames to send, in order.
+    pub send: Vec<ClientMsg>,
+    /// The replica id changed (restored backup): close and connect again.
+    pub reconnect: bool,
+    /// Remote change sets applied.
+    pub applied: usize,
+}
+
+/// Progress counters reported to status observers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Change sets pushed and not yet acknowledged.
+    pub uploading: usize,
+    /// Relay head minus cursor.
+    pub behind: u64,
+}
+
+/// Client side of one sync connection.
+#[derive(Debug)]
+pub struct SyncClient {
+    phase: Phase,
+    in_flight: BTreeSet<u64>,
+    head: u64,
+    max_sets: usize,
+    max_bytes: usize,
+    window: usize,
+}
+
+impl Default for SyncClient {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SyncClient {
+    /// A client with default batch bounds (256 change sets / 1 MiB per push, 4 pushes in flight).
+    pub fn new() -> Self {
+        SyncClient {
+            phase: Phase::Idle,
+            in_flight: BTreeSet::new(),
+            head: 0,
+            max_sets: 256,
+            max_bytes: 1 << 20,
+            window: 4 * 256,
+        }
+    }
+
+    /// Sets push batch bounds.
+    pub fn with_batch(mut self, max_sets: usize, max_bytes: usize) -> Self {
+        self.max_sets = max_sets.max(1);
+        self.max_bytes = max_bytes.max(1);
+        self.window = 4 * self.max_sets;
+        self
+    }
+
+    /// Current phase.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// Upload / download progress.
+    pub fn progress(&self, replica: &Replica) -> Result<Progress> {
+        Ok(Progress {
+            uploading: self.in_flight.len(),
+            behind: self.head.saturating_sub(replica.cursor()?),
+        })
+    }
+
+    /// Starts a connection: the hello frame.
+    pub fn start(&mut self, replica: &Replica, token: &str) -> Result<ClientMsg> {
+        self.phase = Phase::Handshake;
+        self.in_flight.clear();
+        Ok(ClientMsg::Hello {
+            protocol: PROTOCOL_VERSION,
+            replica_id: replica.replica_id()?,
+            token: token.to_owned(),
+            cursor: replica.cursor()?,
+            schema_version: replica.schema_version()?,
+        })
+    }
+
+    /// The connection dropped: everything in flight will be pushed again next time (the
+    /// relay deduplicates on `(origin, origin_seq)`).
+    pub fn disconnected(&mut self) {
+        self.phase = Phase::Idle;
+        self.in_flight.clear();
+    }
+
+    /// The next push frame, if there is pending work and room in the window.
+    pub fn poll_push(&mut self, replica: &Replica) -> Result<Option<ClientMsg>> {
+        if self.phase != Phase::Streaming || self.in_flight.len() >= self.window {
+            return Ok(None);
+        }
+        let pending = replica.pending(self.max_sets + self.in_flight.len(), usize::MAX)?;
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        for cs in pending {
+            if self.in_flight.contains(&cs.origin_seq) {
+                continue;
+            }
+            let size = cs.op_count() * 16 + 64;
+            if !batch.is_empty() && (batch.len() >= self.max_sets || bytes + size > self.max_bytes)
+            {
+                break;
+            }
+            bytes += size;
+            batch.push(cs);
+        }
+        if batch.is_empty() {
+            return Ok(None);
+        }
+        for cs in &batch {
+            self.in_flight.insert(cs.origin_seq);
+        }
+        Ok(Some(ClientMsg::Push { change_sets: batch }))
+    }
+
+    /// Handles one frame from the relay.
+    pub fn handle(&mut self, replica: &Replica, msg: ServerMsg) -> Result<Step> {
+        let mut step = Step::default();
+        match msg {
+            ServerMsg::Welcome {
+                protocol,
+                head,
+                server_time_ms,
+                max_origin_seq,
+            } => {
+                if self.phase != Phase::Handshake {
+                    return Err(Error::Protocol("welcome outside the handshake".into()));
+                }
+                if protocol != PROTOCOL_VERSION {
+                    return Err(Error::Protocol(format!("relay speaks protocol {protocol}")));
+                }
+                self.head = head;
+                replica.observe_clock(Hlc::new(server_time_ms, 0))?;
+                if max_origin_seq > replica.last_origin_seq()? {
+                    // The relay holds changes from this id that this file does not: it was
+                    // restored or copied. Continue under a new id so nothing is taken for a duplicate.
+                    replica.rotate_identity()?;
+                    self.phase = Phase::Idle;
+                    step.reconnect = true;
+                    return Ok(step);
+                }
+                self.phase = Phase::Streaming;
+            }
+            ServerMsg::Acks { acks } => {
+                self.expect_streaming()?;
+                let pairs: Vec<(u64, u64)> =
+                    acks.iter().map(|a| (a.origin_seq, a.server_seq)).collect();
+                replica.acknowledge(&pairs)?;
+                for a in acks {
+                    self.in_flight.remove(&a.origin_seq);
+                    self.head = self.head.max(a.server_seq);
+                }
+            }
+            ServerMsg::Changes {
+                after,
+                up_to,
+                change_sets,
+                head,
+            } => {
+                self.expect_streaming()?;
+                self.head = self.head.max(head).max(up_to);
+                let report = replica.apply_remote(after, up_to, &change_sets)?;
+                step.applied = report.applied;
+                for cs in &change_sets {
+                    if cs.change_set.origin == replica.replica_id()? {
+                        self.in_flight.remove(&cs.change_set.origin_seq);
+                    }
+                }
+            }
+            ServerMsg::Pong { .. } => {}
+            ServerMsg::Error { code, message } => {
+                self.disconnected();
+                if code == ErrorCode::OriginReused {
+                    replica.rotate_identity()?;
+                    step.reconnect = true;
+                    return Ok(step);
+                }
+                return Err(Error::Protocol(format!(
+                    "relay refused ({code:?}): {message}"
+                )));
+            }
+        }
+        if let Some(push) = self.poll_push(replica)? {
+            step.send.push(push);
+        }
+        Ok(step)
+    }
+
+    fn expect_streaming(&self) -> Result<()> {
+        if self.phase == Phase::Streaming {
+            Ok(())
+        } else {
+            Err(Error::Protocol("data frame before welcome".into()))
+        }
+    }
+
+    /// True when nothing is pending and the cursor has reached the relay's head.
+    pub fn is_synced(&self, replica: &Replica) -> Result<bool> {
+        Ok(self.phase == Phase::Streaming
+            && self.in_flight.is_empty()
+            && replica.pending_count()? == 0
+            && replica.cursor()? >= self.head)
+    }
+}
