@@ -16,7 +16,6 @@ use crate::changeset::{Cell, RowChange, RowOp, Sequenced};
 use crate::conflict::{self, Conflict, ConflictKind, Side, Winner};
 use crate::error::{Error, Result};
 use crate::ids::ReplicaId;
-use crate::rowmeta::RowMeta;
 use crate::rows::{self, Origins, Stored};
 use crate::schema::Policy;
 use crate::value::Value;
@@ -131,16 +130,16 @@ impl Ctx<'_> {
                     // Writes to this incarnation the delete did not see are concurrent with it.
                     let concurrent: Option<Version> = s
                         .meta
-                        .versions()
+                        .writes
+                        .iter()
                         .copied()
                         .filter(|w| !self.hb(w, v))
                         .max_by_key(|w| w.hlc);
                     if let Some(w) = concurrent {
                         let update_wins = t.update_wins();
-                        self.log_row_conflict(t, &rc.pk, &w, v, update_wins)?;
+                        self.log_row_conflict(t, &rc.pk, &w, v, !update_wins)?;
                         if update_wins {
-                            s.meta.cl = rc.cl + 1;
-                            rows::store(self.conn, t, &rc.pk, &s)?;
+                            // The delete is void: the row stays in this incarnation.
                             return Ok(());
                         }
                     }
@@ -157,6 +156,7 @@ impl Ctx<'_> {
                     s.meta.freeze_cells(t.cols.len());
                 } else {
                     s.meta.cells.clear();
+                    s.meta.writes.clear();
                     s.tomb = None;
                 }
                 s.meta.cl = rc.cl;
@@ -180,9 +180,9 @@ impl Ctx<'_> {
                             let restore: Vec<(usize, Value)> =
                                 tomb.into_iter().map(|(c, val)| (c as usize, val)).collect();
                             rows::insert_row(self.conn, t, &rc.pk, &restore)?;
-                            s.meta.cl = cl_local + 1;
-                            // Cells were pinned when the row was deleted; the delete itself is
-                            // no longer part of this incarnation's history.
+                            // The delete is void: back to the incarnation it removed. Cells
+                            // were pinned when it was deleted.
+                            s.meta.cl = rc.cl;
                             s.meta.row = None;
                             self.merge_cells(t, &rc.pk, &mut s, cells, v)?;
                             rows::store(self.conn, t, &rc.pk, &s)?;
@@ -205,14 +205,8 @@ impl Ctx<'_> {
                     });
                 }
                 rows::insert_row(self.conn, t, &rc.pk, &vals)?;
-                let s = Stored {
-                    meta: RowMeta {
-                        cl: rc.cl,
-                        cells: Vec::new(),
-                        row: Some(*v),
-                    },
-                    tomb: None,
-                };
+                let mut s = Stored::default();
+                s.meta.reincarnate(rc.cl, *v);
                 rows::store(self.conn, t, &rc.pk, &s)
             }
         }
@@ -290,6 +284,7 @@ impl Ctx<'_> {
                 }
             }
         }
+        s.meta.note_write(*v);
         rows::update_row(self.conn, t, pk, &sets, &adds)
     }
 

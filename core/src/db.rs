@@ -83,7 +83,7 @@ pub fn configure(conn: &Connection) -> Result<()> {
 }
 
 /// Creates or upgrades Ferry's own tables. Refuses files from a newer Ferry.
-pub fn upgrade_format(conn: &mut Connection) -> Result<()> {
+pub fn upgrade_format(conn: &mut Connection, new_id: Option<crate::ids::ReplicaId>) -> Result<()> {
     let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     if found > FORMAT_VERSION {
         return Err(Error::SchemaTooNew {
@@ -111,7 +111,7 @@ pub fn upgrade_format(conn: &mut Connection) -> Result<()> {
             ));
         }
         tx.execute_batch(FORMAT_V1)?;
-        let id = crate::ids::ReplicaId::generate();
+        let id = new_id.unwrap_or_else(crate::ids::ReplicaId::generate);
         tx.execute(
             "INSERT INTO ferry_meta(key, value) VALUES ('replica_id', ?1), ('cursor', 0), ('hlc', 0), ('app_version', 0)",
             params![id.0.to_vec()],

@@ -13,7 +13,6 @@ use crate::changeset::{Cell, ChangeSet, RowChange, RowOp};
 use crate::error::{Error, Result};
 use crate::hlc::Hlc;
 use crate::ids::ReplicaId;
-use crate::rowmeta::RowMeta;
 use crate::rows::{self, Stored};
 use crate::schema::Policy;
 use crate::value::Value;
@@ -60,6 +59,7 @@ pub fn run(
                             s.meta.set_cell(t.col(name)? as u32, v);
                         }
                     }
+                    s.meta.note_write(v);
                     rows::store(conn, t, &lr.pk, &s)?;
                     out.push(RowChange {
                         table: lr.table,
@@ -80,14 +80,8 @@ pub fn run(
                         }
                     };
                     let cl = cl_local + 1;
-                    let s = Stored {
-                        meta: RowMeta {
-                            cl,
-                            cells: Vec::new(),
-                            row: Some(v),
-                        },
-                        tomb: None,
-                    };
+                    let mut s = Stored::default();
+                    s.meta.reincarnate(cl, v);
                     rows::store(conn, t, &lr.pk, &s)?;
                     out.push(RowChange {
                         table: lr.table,
@@ -114,6 +108,7 @@ pub fn run(
                         s.tomb = Some(tomb);
                     } else {
                         s.meta.cells.clear();
+                        s.meta.writes.clear();
                         s.tomb = None;
                     }
                     rows::store(conn, t, &lr.pk, &s)?;

@@ -38,6 +38,9 @@ pub struct OpenOptions {
     /// Upper bound of cell operations applied in one SQLite transaction (a change set is
     /// never split; a larger one gets a transaction of its own).
     pub apply_chunk_ops: usize,
+    /// Id to give the replica if the file is new (default: a fresh ULID). Ignored for an
+    /// existing file. Deterministic simulations set it; apps normally leave it.
+    pub new_replica_id: Option<ReplicaId>,
 }
 
 impl Default for OpenOptions {
@@ -45,6 +48,7 @@ impl Default for OpenOptions {
         OpenOptions {
             wall_clock: Arc::new(SystemClock),
             apply_chunk_ops: 20_000,
+            new_replica_id: None,
         }
     }
 }
@@ -220,7 +224,7 @@ impl Replica {
         let path = path.as_ref().to_path_buf();
         let mut conn = Connection::open(&path)?;
         db::configure(&conn)?;
-        db::upgrade_format(&mut conn)?;
+        db::upgrade_format(&mut conn, opts.new_replica_id)?;
         let cat = Arc::new(db::apply_schema(&mut conn, schema)?);
         let me = apply::stored_replica_id(&conn)?;
         let origins = Origins::load(&conn)?;

@@ -20,6 +20,10 @@ pub struct RowMeta {
     pub cells: Vec<(u32, Version)>,
     /// Version of the write that began the current incarnation (insert) or deleted it.
     pub row: Option<Version>,
+    /// The latest write (set or counter add) to the current incarnation per origin. A delete
+    /// is concurrent with an update iff it did not see one of these; keeping one per origin
+    /// (not only the winning value's) makes that answer independent of arrival order.
+    pub writes: Vec<Version>,
 }
 
 impl RowMeta {
@@ -38,6 +42,26 @@ impl RowMeta {
             Some(slot) => slot.1 = v,
             None => self.cells.push((col, v)),
         }
+    }
+
+    /// Notes a write to the current incarnation.
+    pub fn note_write(&mut self, v: Version) {
+        match self.writes.iter_mut().find(|w| w.origin == v.origin) {
+            Some(w) => {
+                if v.origin_seq >= w.origin_seq {
+                    *w = v;
+                }
+            }
+            None => self.writes.push(v),
+        }
+    }
+
+    /// Starts a new incarnation begun by `v`.
+    pub fn reincarnate(&mut self, cl: u64, v: Version) {
+        self.cl = cl;
+        self.cells.clear();
+        self.row = Some(v);
+        self.writes = vec![v];
     }
 
     /// Pins every column's current version explicitly, so that the row version can be
@@ -75,6 +99,7 @@ impl RowMeta {
             .iter()
             .map(|(c, v)| (*c, idx(v, &mut uniq)))
             .collect();
+        let write_idx: Vec<u64> = self.writes.iter().map(|v| idx(v, &mut uniq)).collect();
         let mut out = Vec::with_capacity(8 + uniq.len() * 20 + cell_idx.len() * 3);
         out.push(1u8); // layout version
         put(&mut out, uniq.len() as u64);
@@ -89,6 +114,10 @@ impl RowMeta {
         put(&mut out, cell_idx.len() as u64);
         for (c, i) in cell_idx {
             put(&mut out, u64::from(c));
+            put(&mut out, i);
+        }
+        put(&mut out, write_idx.len() as u64);
+        for i in write_idx {
             put(&mut out, i);
         }
         out
@@ -130,10 +159,16 @@ impl RowMeta {
             let i = r.get()?;
             cells.push((c, pick(i, &uniq)?));
         }
+        let nw = r.len()?;
+        let mut writes = Vec::with_capacity(nw);
+        for _ in 0..nw {
+            let i = r.get()?;
+            writes.push(pick(i, &uniq)?);
+        }
         if r.pos != b.len() {
             return Err(Error::Corrupt("row metadata has trailing bytes".into()));
         }
-        Ok(RowMeta { cl, cells, row })
+        Ok(RowMeta { cl, cells, row, writes })
     }
 }
 
@@ -207,7 +242,12 @@ mod tests {
             cl: 3,
             cells: vec![],
             row: Some(v(100, 1, 1)),
+            writes: vec![],
         };
+        m.note_write(v(100, 1, 1));
+        m.note_write(v(200, 2, 7));
+        m.note_write(v(300, 1, 2));
+        assert_eq!(m.writes, vec![v(300, 1, 2), v(200, 2, 7)]);
         m.set_cell(0, v(100, 1, 1));
         m.set_cell(2, v(200, 2, 7));
         m.set_cell(0, v(300, 1, 2));
@@ -223,8 +263,9 @@ mod tests {
             cl: 1,
             cells: vec![(1, v(5, 1, 1))],
             row: Some(v(5, 1, 1)),
+            writes: vec![v(5, 1, 1)],
         };
-        assert_eq!(m.encode(), vec![1, 1, 5, 1, 1, 10, 3, 1, 1, 1, 0]);
+        assert_eq!(m.encode(), vec![1, 1, 5, 1, 1, 10, 3, 1, 1, 1, 0, 1, 0]);
     }
 
     #[test]
