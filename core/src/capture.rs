@@ -65,6 +65,12 @@ struct RowAcc {
     deltas: Vec<i64>,
     /// Values the row had when it was last deleted in this transaction.
     deleted_old: Option<Vec<Value>>,
+    /// Values the row had before the transaction (kept for `update_wins` tables only: a
+    /// delete's tomb must hold what other replicas know, not in-transaction edits the net
+    /// effect never ships).
+    original: Option<Vec<Value>>,
+    /// Events seen for this row so far.
+    events: u32,
 }
 
 impl RowAcc {
@@ -77,6 +83,8 @@ impl RowAcc {
             cells: vec![None; t.cols.len()],
             deltas: vec![0; t.cols.len()],
             deleted_old: None,
+            original: None,
+            events: 0,
         }
     }
 }
@@ -119,7 +127,9 @@ impl Accumulator {
                 self.rows.len() - 1
             }
         };
-        &mut self.rows[i]
+        let row = &mut self.rows[i];
+        row.events += 1;
+        row
     }
 
     fn fail(&mut self, e: Error) {
@@ -164,6 +174,9 @@ impl Accumulator {
     pub(crate) fn delete(&mut self, t: &TableInfo, old: Vec<Value>) {
         let pk = old[t.pk].clone();
         let acc = self.entry(t, pk, true);
+        if t.update_wins() && acc.events == 1 {
+            acc.original = Some(old.clone());
+        }
         acc.alive = false;
         for (i, v) in old.iter().enumerate() {
             if t.cols[i].policy == Policy::Counter {
@@ -174,8 +187,17 @@ impl Accumulator {
     }
 
     /// Columns `changed` of a row went from `old` to `new` values (same key).
-    pub(crate) fn update(&mut self, t: &TableInfo, pk: Value, changed: Vec<(usize, Value, Value)>) {
+    pub(crate) fn update(
+        &mut self,
+        t: &TableInfo,
+        pk: Value,
+        changed: Vec<(usize, Value, Value)>,
+        old_all: Option<Vec<Value>>,
+    ) {
         let acc = self.entry(t, pk, true);
+        if acc.events == 1 {
+            acc.original = old_all;
+        }
         let mut bad = None;
         for (i, old, new) in changed {
             if t.cols[i].policy == Policy::Counter {
@@ -243,7 +265,7 @@ impl Accumulator {
                 }
                 LocalKind::Delete => {
                     if t.update_wins()
-                        && let Some(old) = &acc.deleted_old
+                        && let Some(old) = acc.original.as_ref().or(acc.deleted_old.as_ref())
                     {
                         for (i, c) in t.cols.iter().enumerate() {
                             if i != t.pk {
@@ -353,7 +375,16 @@ pub fn install_hook(conn: &mut Connection, state: Arc<Mutex<HookState>>) -> Resu
                             }
                         }
                         if !changed.is_empty() {
-                            st.acc.update(t, pkv, changed);
+                            let old_all = t.update_wins().then(|| {
+                                (0..n)
+                                    .map(|i| {
+                                        old.get_old_column_value(i)
+                                            .map(Value::from_ref)
+                                            .unwrap_or(Value::Null)
+                                    })
+                                    .collect()
+                            });
+                            st.acc.update(t, pkv, changed, old_all);
                         }
                     } else {
                         // A key change is a delete of the old key and an insert of the new one.
@@ -458,6 +489,9 @@ pub fn fold_foreign(conn: &Connection, cat: &Catalog, acc: &mut Accumulator) -> 
             2 if pk != newpk => {
                 let old = old_values(conn, seq, t)?;
                 let e = acc.entry(t, pk.clone(), true);
+                if e.events == 1 {
+                    e.original = old.clone();
+                }
                 e.alive = false;
                 e.deleted_old = old;
                 let e = acc.entry(t, newpk.clone(), false);
@@ -486,7 +520,11 @@ pub fn fold_foreign(conn: &Connection, cat: &Catalog, acc: &mut Accumulator) -> 
                     .flatten()
                     .map(|c| t.col(c))
                     .collect::<Result<_>>()?;
+                let old = old_values(conn, seq, t)?;
                 let e = acc.entry(t, pk.clone(), true);
+                if e.events == 1 {
+                    e.original = old;
+                }
                 for (name, pair) in &counter_json {
                     let i = t.col(name)?;
                     let old = pair.get(0).and_then(serde_json::Value::as_i64).unwrap_or(0);
@@ -502,6 +540,9 @@ pub fn fold_foreign(conn: &Connection, cat: &Catalog, acc: &mut Accumulator) -> 
             3 => {
                 let old = old_values(conn, seq, t)?;
                 let e = acc.entry(t, pk.clone(), true);
+                if e.events == 1 {
+                    e.original = old.clone();
+                }
                 e.alive = false;
                 e.deleted_old = old;
                 for (name, d) in &counter_json {

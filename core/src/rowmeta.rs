@@ -168,7 +168,12 @@ impl RowMeta {
         if r.pos != b.len() {
             return Err(Error::Corrupt("row metadata has trailing bytes".into()));
         }
-        Ok(RowMeta { cl, cells, row, writes })
+        Ok(RowMeta {
+            cl,
+            cells,
+            row,
+            writes,
+        })
     }
 }
 

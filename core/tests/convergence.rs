@@ -10,17 +10,21 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use ferry_core::sequencer::Sequencer;
-use ferry_core::{Cell, DeleteRule, Hlc, ReplicaId, Replica, RowOp, Schema, TableDecl, Value};
+use ferry_core::{Cell, DeleteRule, Hlc, Replica, ReplicaId, RowOp, Schema, TableDecl, Value};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-
 fn schema() -> Schema {
     Schema::new(1)
-        .table(TableDecl::new("todo").text_key("id").text("title").counter("votes"))
+        .table(
+            TableDecl::new("todo")
+                .text_key("id")
+                .text("title")
+                .counter("votes"),
+        )
         .table(
             TableDecl::new("note")
                 .text_key("id")
@@ -29,7 +33,13 @@ fn schema() -> Schema {
                 .delete_rule(DeleteRule::UpdateWins),
         )
         // Never deleted: the oracle checks its cells and counters exactly.
-        .table(TableDecl::new("kv").text_key("id").text("a").text("b").counter("hits"))
+        .table(
+            TableDecl::new("kv")
+                .text_key("id")
+                .text("a")
+                .text("b")
+                .counter("hits"),
+        )
 }
 
 #[derive(Debug, Clone)]
@@ -44,10 +54,24 @@ enum Op {
 
 #[derive(Debug, Clone)]
 enum Action {
-    Write { r: usize, ops: Vec<Op>, foreign: bool },
-    Push { r: usize, lose_ack: bool, max: usize },
-    Pull { r: usize, max: usize, twice: bool },
-    Restart { r: usize },
+    Write {
+        r: usize,
+        ops: Vec<Op>,
+        foreign: bool,
+    },
+    Push {
+        r: usize,
+        lose_ack: bool,
+        max: usize,
+    },
+    Pull {
+        r: usize,
+        max: usize,
+        twice: bool,
+    },
+    Restart {
+        r: usize,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -142,10 +166,16 @@ impl World {
                 Op::Update { table, key } => {
                     let t = TABLES[*table as usize];
                     let c = TEXT[*table as usize];
-                    stmts.push((format!("UPDATE {t} SET {c} = ?2 WHERE id = ?1"), vec![key_of(*key), val]));
+                    stmts.push((
+                        format!("UPDATE {t} SET {c} = ?2 WHERE id = ?1"),
+                        vec![key_of(*key), val],
+                    ));
                 }
                 Op::Delete { table, key } => {
-                    stmts.push((format!("DELETE FROM {} WHERE id = ?1", TABLES[*table as usize]), vec![key_of(*key)]));
+                    stmts.push((
+                        format!("DELETE FROM {} WHERE id = ?1", TABLES[*table as usize]),
+                        vec![key_of(*key)],
+                    ));
                 }
                 Op::Add { table, key, delta } => {
                     let t = TABLES[*table as usize];
@@ -179,7 +209,8 @@ impl World {
             c.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
             c.execute_batch("BEGIN IMMEDIATE").unwrap();
             for (sql, p) in &stmts {
-                c.execute(sql, rusqlite::params_from_iter(p.iter())).unwrap();
+                c.execute(sql, rusqlite::params_from_iter(p.iter()))
+                    .unwrap();
             }
             c.execute_batch("COMMIT").unwrap();
         } else {
@@ -231,7 +262,11 @@ impl World {
             let before = rep.dump().unwrap();
             let again = rep.apply_remote(cursor, up_to, &sets).unwrap();
             assert_eq!(again.applied + again.own, 0);
-            assert_eq!(rep.dump().unwrap(), before, "a repeated delivery changed the replica");
+            assert_eq!(
+                rep.dump().unwrap(),
+                before,
+                "a repeated delivery changed the replica"
+            );
         }
         // A batch that skips ahead of the cursor is refused and changes nothing.
         let cursor = rep.cursor().unwrap();
@@ -269,7 +304,9 @@ fn key_of(k: u8) -> Value {
 fn run(n: usize, actions: &[Action]) {
     let dir = tempfile::tempdir().unwrap();
     let time = Arc::new(AtomicU64::new(1_000));
-    let replicas = (0..n).map(|r| Some(open_replica(dir.path(), r, &time))).collect();
+    let replicas = (0..n)
+        .map(|r| Some(open_replica(dir.path(), r, &time)))
+        .collect();
     let mut w = World {
         time,
         dir,
@@ -292,7 +329,11 @@ fn run(n: usize, actions: &[Action]) {
     w.settle();
     let first = w.r(0).dump().unwrap();
     for r in 1..n {
-        assert_eq!(w.r(r).dump().unwrap(), first, "replica {r} diverged from replica 0");
+        assert_eq!(
+            w.r(r).dump().unwrap(),
+            first,
+            "replica {r} diverged from replica 0"
+        );
         assert_eq!(w.r(r).pending_count().unwrap(), 0);
     }
     check_oracle(&w, &first);
@@ -307,7 +348,9 @@ fn check_oracle(w: &World, dump: &[(String, ferry_core::Rows)]) {
     for s in &log {
         let cs = &s.change_set;
         for rc in cs.rows.iter().filter(|rc| rc.table == "kv") {
-            let RowOp::Upsert(cells) = &rc.op else { panic!("kv rows are never deleted") };
+            let RowOp::Upsert(cells) = &rc.op else {
+                panic!("kv rows are never deleted")
+            };
             let Value::Text(k) = &rc.pk else { panic!() };
             for c in cells {
                 match c {
@@ -315,7 +358,11 @@ fn check_oracle(w: &World, dump: &[(String, ferry_core::Rows)]) {
                         if let Value::Text(t) = v {
                             seen_values.insert(t.clone());
                         }
-                        let e = best.entry((k.clone(), col.clone())).or_insert((cs.hlc, cs.origin, v.clone()));
+                        let e = best.entry((k.clone(), col.clone())).or_insert((
+                            cs.hlc,
+                            cs.origin,
+                            v.clone(),
+                        ));
                         if (cs.hlc, cs.origin) > (e.0, e.1) {
                             *e = (cs.hlc, cs.origin, v.clone());
                         }
@@ -326,17 +373,32 @@ fn check_oracle(w: &World, dump: &[(String, ferry_core::Rows)]) {
         }
     }
     for v in &w.kv_written {
-        assert!(seen_values.contains(v), "committed write {v} never reached the relay");
+        assert!(
+            seen_values.contains(v),
+            "committed write {v} never reached the relay"
+        );
     }
     let kv = &dump.iter().find(|(n, _)| n == "kv").unwrap().1;
     let col = |name: &str| kv.columns.iter().position(|c| c == name).unwrap();
     for row in &kv.rows {
-        let Value::Text(k) = &row[col("id")] else { panic!() };
+        let Value::Text(k) = &row[col("id")] else {
+            panic!()
+        };
         for c in ["a", "b"] {
-            let expected = best.get(&(k.clone(), c.to_owned())).map_or(Value::Null, |e| e.2.clone());
-            assert_eq!(row[col(c)], expected, "kv {k}.{c} is not the last writer's value");
+            let expected = best
+                .get(&(k.clone(), c.to_owned()))
+                .map_or(Value::Null, |e| e.2.clone());
+            assert_eq!(
+                row[col(c)],
+                expected,
+                "kv {k}.{c} is not the last writer's value"
+            );
         }
-        assert_eq!(row[col("hits")], Value::Integer(hits.get(k).copied().unwrap_or(0)), "kv {k}.hits");
+        assert_eq!(
+            row[col("hits")],
+            Value::Integer(hits.get(k).copied().unwrap_or(0)),
+            "kv {k}.hits"
+        );
         assert_eq!(
             hits.get(k).copied().unwrap_or(0),
             w.kv_hits.get(k).copied().unwrap_or(0),
@@ -346,7 +408,10 @@ fn check_oracle(w: &World, dump: &[(String, ferry_core::Rows)]) {
 }
 
 fn cases() -> u32 {
-    std::env::var("FERRY_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(500)
+    std::env::var("FERRY_PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500)
 }
 
 proptest! {
@@ -360,19 +425,70 @@ proptest! {
 #[test]
 fn hand_case_everything_conflicts() {
     use Action::*;
-    let ops = |t: u8| vec![Op::Upsert { table: t, key: 0 }, Op::Add { table: t, key: 0, delta: 3 }, Op::KvSet { key: 0, col: true }];
+    let ops = |t: u8| {
+        vec![
+            Op::Upsert { table: t, key: 0 },
+            Op::Add {
+                table: t,
+                key: 0,
+                delta: 3,
+            },
+            Op::KvSet { key: 0, col: true },
+        ]
+    };
     let actions = vec![
-        Write { r: 0, ops: ops(0), foreign: false },
-        Write { r: 1, ops: ops(0), foreign: true },
-        Write { r: 2, ops: vec![Op::Delete { table: 0, key: 0 }, Op::Delete { table: 1, key: 0 }], foreign: false },
-        Push { r: 1, lose_ack: true, max: 9 },
-        Write { r: 0, ops: ops(1), foreign: false },
-        Push { r: 0, lose_ack: false, max: 9 },
-        Pull { r: 2, max: 1, twice: true },
-        Write { r: 2, ops: vec![Op::Update { table: 1, key: 0 }, Op::KvAdd { key: 0, delta: -2 }], foreign: false },
+        Write {
+            r: 0,
+            ops: ops(0),
+            foreign: false,
+        },
+        Write {
+            r: 1,
+            ops: ops(0),
+            foreign: true,
+        },
+        Write {
+            r: 2,
+            ops: vec![
+                Op::Delete { table: 0, key: 0 },
+                Op::Delete { table: 1, key: 0 },
+            ],
+            foreign: false,
+        },
+        Push {
+            r: 1,
+            lose_ack: true,
+            max: 9,
+        },
+        Write {
+            r: 0,
+            ops: ops(1),
+            foreign: false,
+        },
+        Push {
+            r: 0,
+            lose_ack: false,
+            max: 9,
+        },
+        Pull {
+            r: 2,
+            max: 1,
+            twice: true,
+        },
+        Write {
+            r: 2,
+            ops: vec![
+                Op::Update { table: 1, key: 0 },
+                Op::KvAdd { key: 0, delta: -2 },
+            ],
+            foreign: false,
+        },
         Restart { r: 1 },
-        Push { r: 2, lose_ack: false, max: 9 },
+        Push {
+            r: 2,
+            lose_ack: false,
+            max: 9,
+        },
     ];
     run(3, &actions);
 }
-

@@ -5,7 +5,8 @@ mod common;
 use common::*;
 use ferry_core::sequencer::Sequencer;
 use ferry_core::{
-    ChangeSource, Conflict, ConflictKind, Observer, Replica, Resolution, Schema, TableDecl, Value, WallClock, Winner,
+    ChangeSource, Conflict, ConflictKind, Observer, Replica, Resolution, Schema, TableDecl, Value,
+    WallClock, Winner,
 };
 use parking_lot::Mutex;
 use std::sync::Arc;
@@ -25,7 +26,10 @@ fn open_at(dir: &std::path::Path, name: &str, schema: &Schema, ms: u64) -> (Repl
         wall_clock: clock.clone(),
         ..Default::default()
     };
-    (Replica::open_with(dir.join(name), schema, opts).unwrap(), clock)
+    (
+        Replica::open_with(dir.join(name), schema, opts).unwrap(),
+        clock,
+    )
 }
 
 #[test]
@@ -35,10 +39,13 @@ fn concurrent_cell_writes_resolve_by_hlc_and_are_logged_on_both_sides() {
     let (a, _) = open_at(d.path(), "a.db", &s, 1_000);
     let (b, _) = open_at(d.path(), "b.db", &s, 2_000); // b's clock is later: b wins
     let mut seq = Sequencer::new();
-    a.execute("INSERT INTO todo(id, title) VALUES ('x', 'orig')", &[]).unwrap();
+    a.execute("INSERT INTO todo(id, title) VALUES ('x', 'orig')", &[])
+        .unwrap();
     sync_all(&mut seq, &[&a, &b]);
-    a.execute("UPDATE todo SET title = 'from a' WHERE id = 'x'", &[]).unwrap();
-    b.execute("UPDATE todo SET title = 'from b' WHERE id = 'x'", &[]).unwrap();
+    a.execute("UPDATE todo SET title = 'from a' WHERE id = 'x'", &[])
+        .unwrap();
+    b.execute("UPDATE todo SET title = 'from b' WHERE id = 'x'", &[])
+        .unwrap();
     sync_all(&mut seq, &[&a, &b]);
     assert_eq!(a.dump().unwrap(), b.dump().unwrap());
     assert_eq!(rows(&a, "SELECT title FROM todo"), vec![vec![t("from b")]]);
@@ -60,12 +67,17 @@ fn a_write_made_after_seeing_another_wins_even_with_a_slow_clock() {
     let (a, _) = open_at(d.path(), "a.db", &s, 9_000_000);
     let (b, _) = open_at(d.path(), "b.db", &s, 1_000); // b's wall clock is far behind
     let mut seq = Sequencer::new();
-    a.execute("INSERT INTO todo(id, title) VALUES ('x', 'a')", &[]).unwrap();
+    a.execute("INSERT INTO todo(id, title) VALUES ('x', 'a')", &[])
+        .unwrap();
     sync_all(&mut seq, &[&a, &b]);
-    b.execute("UPDATE todo SET title = 'b saw a' WHERE id = 'x'", &[]).unwrap();
+    b.execute("UPDATE todo SET title = 'b saw a' WHERE id = 'x'", &[])
+        .unwrap();
     sync_all(&mut seq, &[&a, &b]);
     assert_eq!(rows(&a, "SELECT title FROM todo"), vec![vec![t("b saw a")]]);
-    assert!(a.conflicts().unwrap().is_empty(), "sequential writes are not conflicts");
+    assert!(
+        a.conflicts().unwrap().is_empty(),
+        "sequential writes are not conflicts"
+    );
     assert!(b.clock().unwrap() > ferry_core::Hlc::new(9_000_000, 0));
 }
 
@@ -76,31 +88,49 @@ fn concurrent_counter_increments_add_up() {
     let b = open(d.path(), "b.db");
     let c = open(d.path(), "c.db");
     let mut seq = Sequencer::new();
-    a.execute("INSERT INTO todo(id, votes) VALUES ('x', 1)", &[]).unwrap();
+    a.execute("INSERT INTO todo(id, votes) VALUES ('x', 1)", &[])
+        .unwrap();
     sync_all(&mut seq, &[&a, &b, &c]);
     for (r, n) in [(&a, 2), (&b, 3), (&c, 4)] {
         for _ in 0..n {
-            r.execute("UPDATE todo SET votes = votes + 1 WHERE id = 'x'", &[]).unwrap();
+            r.execute("UPDATE todo SET votes = votes + 1 WHERE id = 'x'", &[])
+                .unwrap();
         }
     }
-    b.execute("UPDATE todo SET votes = votes - 10 WHERE id = 'x'", &[]).unwrap();
+    b.execute("UPDATE todo SET votes = votes - 10 WHERE id = 'x'", &[])
+        .unwrap();
     sync_all(&mut seq, &[&a, &b, &c]);
     for r in [&a, &b, &c] {
-        assert_eq!(rows(r, "SELECT votes FROM todo"), vec![vec![i(1 + 2 + 3 + 4 - 10)]]);
+        assert_eq!(
+            rows(r, "SELECT votes FROM todo"),
+            vec![vec![i(1 + 2 + 3 + 4 - 10)]]
+        );
     }
 }
 
-fn delete_vs_update(rule_update_wins: bool, delete_first: bool) -> (Vec<Vec<Value>>, Vec<Conflict>) {
+fn delete_vs_update(
+    rule_update_wins: bool,
+    delete_first: bool,
+) -> (Vec<Vec<Value>>, Vec<Conflict>) {
     let d = tempfile::tempdir().unwrap();
     let a = open(d.path(), "a.db");
     let b = open(d.path(), "b.db");
     let mut seq = Sequencer::new();
     let table = if rule_update_wins { "note" } else { "todo" };
     let col = if rule_update_wins { "body" } else { "title" };
-    a.execute(&format!("INSERT INTO {table}(id, {col}) VALUES ('x', 'orig')"), &[]).unwrap();
+    a.execute(
+        &format!("INSERT INTO {table}(id, {col}) VALUES ('x', 'orig')"),
+        &[],
+    )
+    .unwrap();
     sync_all(&mut seq, &[&a, &b]);
-    a.execute(&format!("DELETE FROM {table} WHERE id = 'x'"), &[]).unwrap();
-    b.execute(&format!("UPDATE {table} SET {col} = 'edited' WHERE id = 'x'"), &[]).unwrap();
+    a.execute(&format!("DELETE FROM {table} WHERE id = 'x'"), &[])
+        .unwrap();
+    b.execute(
+        &format!("UPDATE {table} SET {col} = 'edited' WHERE id = 'x'"),
+        &[],
+    )
+    .unwrap();
     let (first, second) = if delete_first { (&a, &b) } else { (&b, &a) };
     push(&mut seq, first);
     push(&mut seq, second);
@@ -116,7 +146,10 @@ fn delete_wins_over_concurrent_update_in_either_order() {
     for delete_first in [true, false] {
         let (rows, log) = delete_vs_update(false, delete_first);
         assert!(rows.is_empty(), "delete_first={delete_first}: {rows:?}");
-        assert!(log.iter().any(|c| c.kind == ConflictKind::DeleteUpdate && c.policy == "delete_wins"));
+        assert!(
+            log.iter()
+                .any(|c| c.kind == ConflictKind::DeleteUpdate && c.policy == "delete_wins")
+        );
     }
 }
 
@@ -124,8 +157,15 @@ fn delete_wins_over_concurrent_update_in_either_order() {
 fn update_wins_over_concurrent_delete_in_either_order() {
     for delete_first in [true, false] {
         let (rows, log) = delete_vs_update(true, delete_first);
-        assert_eq!(rows, vec![vec![t("x"), t("edited")]], "delete_first={delete_first}");
-        assert!(log.iter().any(|c| c.kind == ConflictKind::DeleteUpdate && c.policy == "update_wins"));
+        assert_eq!(
+            rows,
+            vec![vec![t("x"), t("edited")]],
+            "delete_first={delete_first}"
+        );
+        assert!(
+            log.iter()
+                .any(|c| c.kind == ConflictKind::DeleteUpdate && c.policy == "update_wins")
+        );
     }
 }
 
@@ -135,11 +175,13 @@ fn reinsert_after_a_seen_delete_resurrects_the_row() {
     let a = open(d.path(), "a.db");
     let b = open(d.path(), "b.db");
     let mut seq = Sequencer::new();
-    a.execute("INSERT INTO todo(id, title) VALUES ('x', 'one')", &[]).unwrap();
+    a.execute("INSERT INTO todo(id, title) VALUES ('x', 'one')", &[])
+        .unwrap();
     sync_all(&mut seq, &[&a, &b]);
     b.execute("DELETE FROM todo WHERE id = 'x'", &[]).unwrap();
     sync_all(&mut seq, &[&a, &b]);
-    a.execute("INSERT INTO todo(id, title) VALUES ('x', 'two')", &[]).unwrap();
+    a.execute("INSERT INTO todo(id, title) VALUES ('x', 'two')", &[])
+        .unwrap();
     sync_all(&mut seq, &[&a, &b]);
     assert_eq!(rows(&b, "SELECT title FROM todo"), vec![vec![t("two")]]);
     assert!(a.conflicts().unwrap().is_empty() && b.conflicts().unwrap().is_empty());
@@ -151,8 +193,10 @@ fn applying_the_same_change_sets_twice_changes_nothing() {
     let a = open(d.path(), "a.db");
     let b = open(d.path(), "b.db");
     let mut seq = Sequencer::new();
-    a.execute("INSERT INTO todo(id, votes) VALUES ('x', 5)", &[]).unwrap();
-    a.execute("UPDATE todo SET votes = votes + 1 WHERE id = 'x'", &[]).unwrap();
+    a.execute("INSERT INTO todo(id, votes) VALUES ('x', 5)", &[])
+        .unwrap();
+    a.execute("UPDATE todo SET votes = votes + 1 WHERE id = 'x'", &[])
+        .unwrap();
     push(&mut seq, &a);
     let (sets, up_to) = seq.changes_after(0, usize::MAX);
     let r1 = b.apply_remote(0, up_to, &sets).unwrap();
@@ -177,7 +221,8 @@ fn out_of_order_batches_are_refused() {
     let b = open(d.path(), "b.db");
     let mut seq = Sequencer::new();
     for n in 0..3 {
-        a.execute("INSERT INTO todo(id) VALUES (?1)", &[t(&n.to_string())]).unwrap();
+        a.execute("INSERT INTO todo(id) VALUES (?1)", &[t(&n.to_string())])
+            .unwrap();
     }
     push(&mut seq, &a);
     let (sets, _) = seq.changes_after(1, usize::MAX);
@@ -195,7 +240,8 @@ fn a_bad_change_set_is_refused_whole_and_the_ones_before_it_stay() {
     let a = open(d.path(), "a.db");
     let b = open(d.path(), "b.db");
     let mut seq = Sequencer::new();
-    a.execute("INSERT INTO todo(id, title) VALUES ('ok', 'fine')", &[]).unwrap();
+    a.execute("INSERT INTO todo(id, title) VALUES ('ok', 'fine')", &[])
+        .unwrap();
     push(&mut seq, &a);
     let (mut sets, _) = seq.changes_after(0, 1);
     let mut bad = sets[0].clone();
@@ -207,13 +253,19 @@ fn a_bad_change_set_is_refused_whole_and_the_ones_before_it_stay() {
     let e = b.apply_remote(0, 2, &sets).unwrap_err();
     assert!(e.to_string().contains("no_such_table"), "{e}");
     assert_eq!(b.cursor().unwrap(), 1);
-    assert_eq!(rows(&b, "SELECT id FROM todo"), vec![vec![t("ok")]], "no part of the bad set is visible");
+    assert_eq!(
+        rows(&b, "SELECT id FROM todo"),
+        vec![vec![t("ok")]],
+        "no part of the bad set is visible"
+    );
 }
 
 struct Recorder(Mutex<Vec<(Vec<String>, ChangeSource)>>, Mutex<usize>);
 impl Observer for Recorder {
     fn on_change(&self, e: &ferry_core::ChangeEvent) {
-        self.0.lock().push((e.tables.iter().cloned().collect(), e.source));
+        self.0
+            .lock()
+            .push((e.tables.iter().cloned().collect(), e.source));
     }
     fn on_conflict(&self, _c: &Conflict) {
         *self.1.lock() += 1;
@@ -239,10 +291,12 @@ fn observers_and_watches_see_local_foreign_and_remote_commits_until_dropped() {
         .unwrap();
     assert_eq!(*seen.lock(), vec![0], "initial result");
     b.execute("INSERT INTO note(id) VALUES ('n')", &[]).unwrap(); // not watched
-    a.execute("INSERT INTO todo(id) VALUES ('1'), ('2')", &[]).unwrap();
+    a.execute("INSERT INTO todo(id) VALUES ('1'), ('2')", &[])
+        .unwrap();
     sync_all(&mut seq, &[&a, &b]);
     let orm = rusqlite::Connection::open(d.path().join("b.db")).unwrap();
-    orm.execute("INSERT INTO todo(id) VALUES ('3')", []).unwrap();
+    orm.execute("INSERT INTO todo(id) VALUES ('3')", [])
+        .unwrap();
     assert!(b.capture_foreign().unwrap());
     assert_eq!(*seen.lock(), vec![0, 2, 3]);
     let events = rec.0.lock().clone();
@@ -260,15 +314,16 @@ fn observers_and_watches_see_local_foreign_and_remote_commits_until_dropped() {
 #[test]
 fn custom_resolver_runs_on_the_device_with_the_pending_write_and_its_answer_wins() {
     let d = tempfile::tempdir().unwrap();
-    let s = Schema::new(1).table(
-        TableDecl::new("doc")
-            .text_key("id")
-            .column("tags", ferry_core::ColumnType::Text, ferry_core::Policy::Custom),
-    );
+    let s = Schema::new(1).table(TableDecl::new("doc").text_key("id").column(
+        "tags",
+        ferry_core::ColumnType::Text,
+        ferry_core::Policy::Custom,
+    ));
     let (a, _) = open_at(d.path(), "a.db", &s, 1_000);
     let (b, _) = open_at(d.path(), "b.db", &s, 2_000);
     let mut seq = Sequencer::new();
-    a.execute("INSERT INTO doc VALUES ('x', 'base')", &[]).unwrap();
+    a.execute("INSERT INTO doc VALUES ('x', 'base')", &[])
+        .unwrap();
     sync_all(&mut seq, &[&a, &b]);
     let calls = Arc::new(Mutex::new(Vec::new()));
     let calls2 = calls.clone();
@@ -283,9 +338,11 @@ fn custom_resolver_runs_on_the_device_with_the_pending_write_and_its_answer_wins
         }),
     )
     .unwrap();
-    b.execute("UPDATE doc SET tags = 'b' WHERE id = 'x'", &[]).unwrap();
+    b.execute("UPDATE doc SET tags = 'b' WHERE id = 'x'", &[])
+        .unwrap();
     push(&mut seq, &b);
-    a.execute("UPDATE doc SET tags = 'a' WHERE id = 'x'", &[]).unwrap(); // pending when b's arrives
+    a.execute("UPDATE doc SET tags = 'a' WHERE id = 'x'", &[])
+        .unwrap(); // pending when b's arrives
     pull(&seq, &a);
     assert_eq!(*calls.lock(), vec![(t("a"), t("b"))]);
     sync_all(&mut seq, &[&a, &b]);
@@ -303,23 +360,48 @@ fn migrations_add_columns_and_keep_rows_and_capture() {
     let v1 = Schema::new(1).table(TableDecl::new("item").text_key("id").text("name"));
     {
         let r = Replica::open(d.path().join("a.db"), &v1).unwrap();
-        r.execute("INSERT INTO item VALUES ('1', 'one')", &[]).unwrap();
+        r.execute("INSERT INTO item VALUES ('1', 'one')", &[])
+            .unwrap();
         r.close().unwrap();
     }
     let v2 = Schema::new(2)
-        .table(TableDecl::new("item").text_key("id").text("name").integer("qty"))
-        .migration(2, "CREATE TABLE settings(k TEXT PRIMARY KEY, v); UPDATE item SET qty = 1;");
+        .table(
+            TableDecl::new("item")
+                .text_key("id")
+                .text("name")
+                .integer("qty"),
+        )
+        .migration(
+            2,
+            "CREATE TABLE settings(k TEXT PRIMARY KEY, v); UPDATE item SET qty = 1;",
+        );
     let r = Replica::open(d.path().join("a.db"), &v2).unwrap();
-    assert_eq!(rows(&r, "SELECT id, name, qty FROM item"), vec![vec![t("1"), t("one"), i(1)]]);
-    r.execute("UPDATE item SET qty = 5 WHERE id = '1'", &[]).unwrap();
+    assert_eq!(
+        rows(&r, "SELECT id, name, qty FROM item"),
+        vec![vec![t("1"), t("one"), i(1)]]
+    );
+    r.execute("UPDATE item SET qty = 5 WHERE id = '1'", &[])
+        .unwrap();
     let p = r.pending(100, usize::MAX).unwrap();
     assert_eq!(p.len(), 2, "the backfill in the migration is not captured");
-    assert_eq!(p[1].rows[0].op, ferry_core::RowOp::Upsert(vec![ferry_core::Cell::Set("qty".into(), i(5))]));
+    assert_eq!(
+        p[1].rows[0].op,
+        ferry_core::RowOp::Upsert(vec![ferry_core::Cell::Set("qty".into(), i(5))])
+    );
     assert_eq!(p[1].schema_version, 2);
     r.close().unwrap();
     // Opening with the older declaration is refused.
     let e = Replica::open(d.path().join("a.db"), &v1).unwrap_err();
-    assert!(matches!(e, ferry_core::Error::AppSchemaTooNew { found: 2, declared: 1 }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            ferry_core::Error::AppSchemaTooNew {
+                found: 2,
+                declared: 1
+            }
+        ),
+        "{e:?}"
+    );
 }
 
 #[test]
@@ -331,11 +413,15 @@ fn refuses_a_file_from_a_newer_ferry_and_bad_tables() {
         c.pragma_update(None, "user_version", 99).unwrap();
     }
     let e = Replica::open(&p, &schema()).unwrap_err();
-    assert!(matches!(e, ferry_core::Error::SchemaTooNew { found: 99, .. }), "{e:?}");
+    assert!(
+        matches!(e, ferry_core::Error::SchemaTooNew { found: 99, .. }),
+        "{e:?}"
+    );
     let p2 = d.path().join("int.db");
     {
         let c = rusqlite::Connection::open(&p2).unwrap();
-        c.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, name TEXT)").unwrap();
+        c.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, name TEXT)")
+            .unwrap();
     }
     let mut decl = TableDecl::new("t").integer("id").text("name");
     decl.primary_key = Some("id".into());
@@ -350,7 +436,10 @@ fn closed_replica_says_so_and_reopens() {
     r.execute("INSERT INTO todo(id) VALUES ('a')", &[]).unwrap();
     let id = r.replica_id().unwrap();
     r.close().unwrap();
-    assert!(matches!(r.query("SELECT 1", &[]), Err(ferry_core::Error::Closed)));
+    assert!(matches!(
+        r.query("SELECT 1", &[]),
+        Err(ferry_core::Error::Closed)
+    ));
     let r = open(d.path(), "a.db");
     assert_eq!(r.replica_id().unwrap(), id);
     assert_eq!(r.pending(10, usize::MAX).unwrap().len(), 1);
@@ -362,23 +451,33 @@ fn restored_backup_takes_a_new_id_and_reissues_its_pending_changes() {
     let a = open(d.path(), "a.db");
     let b = open(d.path(), "b.db");
     let mut seq = Sequencer::new();
-    a.execute("INSERT INTO todo(id, title) VALUES ('1', 'one')", &[]).unwrap();
+    a.execute("INSERT INTO todo(id, title) VALUES ('1', 'one')", &[])
+        .unwrap();
     sync_all(&mut seq, &[&a, &b]);
     a.close().unwrap();
     std::fs::copy(d.path().join("a.db"), d.path().join("backup.db")).unwrap();
     let a = open(d.path(), "a.db");
-    a.execute("INSERT INTO todo(id, title) VALUES ('2', 'two')", &[]).unwrap();
+    a.execute("INSERT INTO todo(id, title) VALUES ('2', 'two')", &[])
+        .unwrap();
     sync_all(&mut seq, &[&a, &b]);
     a.close().unwrap();
     // The device is restored from the backup and writes something new.
     let restored = open(d.path(), "backup.db");
-    restored.execute("INSERT INTO todo(id, title) VALUES ('3', 'three')", &[]).unwrap();
+    restored
+        .execute("INSERT INTO todo(id, title) VALUES ('3', 'three')", &[])
+        .unwrap();
     let old_id = restored.replica_id().unwrap();
     // Same origin_seq count as the relay holds, so the relay catches the reuse by change-set id.
-    assert!(session_loop(&mut seq, &restored), "the client must ask to reconnect");
+    assert!(
+        session_loop(&mut seq, &restored),
+        "the client must ask to reconnect"
+    );
     assert_ne!(restored.replica_id().unwrap(), old_id);
     sync_all(&mut seq, &[&restored, &b]);
-    assert_eq!(rows(&b, "SELECT id FROM todo ORDER BY id"), vec![vec![t("1")], vec![t("2")], vec![t("3")]]);
+    assert_eq!(
+        rows(&b, "SELECT id FROM todo ORDER BY id"),
+        vec![vec![t("1")], vec![t("2")], vec![t("3")]]
+    );
     assert_eq!(restored.dump().unwrap(), b.dump().unwrap());
 }
 
@@ -412,7 +511,9 @@ fn backup_behind_the_relay_is_caught_at_hello() {
     a.execute("INSERT INTO todo(id) VALUES ('2')", &[]).unwrap();
     assert!(!session_loop(&mut seq, &a));
     let restored = open(d.path(), "backup.db");
-    restored.execute("INSERT INTO todo(id) VALUES ('3')", &[]).unwrap();
+    restored
+        .execute("INSERT INTO todo(id) VALUES ('3')", &[])
+        .unwrap();
     let old = restored.replica_id().unwrap();
     assert!(session_loop(&mut seq, &restored));
     assert_ne!(restored.replica_id().unwrap(), old);
