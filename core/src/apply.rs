@@ -59,8 +59,6 @@ pub struct Ctx<'a> {
     pub cat: &'a Catalog,
     /// Interned origins.
     pub origins: &'a mut Origins,
-    /// This replica's origin number.
-    pub me_num: u32,
     /// What happened.
     pub out: &'a mut Outcome,
 }
@@ -107,11 +105,18 @@ impl Ctx<'_> {
             server_seq: s.server_seq,
             base: cs.base,
         };
+        // Validate everything before touching anything.
+        for rc in &cs.rows {
+            validate(self.cat.table(&rc.table)?, rc)?;
+        }
+        let mut last_table: Option<&str> = None;
         for rc in &cs.rows {
             let t = self.cat.table(&rc.table)?;
-            validate(t, rc)?;
             self.apply_row(t, rc, &v)?;
-            self.out.tables.insert(t.name().to_owned());
+            if last_table != Some(rc.table.as_str()) && !self.out.tables.contains(&rc.table) {
+                self.out.tables.insert(rc.table.clone());
+            }
+            last_table = Some(rc.table.as_str());
         }
         Ok(())
     }
@@ -352,13 +357,13 @@ fn validate(t: &TableInfo, rc: &RowChange) -> Result<()> {
         _ => {}
     }
     if let RowOp::Upsert(cells) = &rc.op {
-        let mut seen = BTreeSet::new();
+        let mut seen = vec![false; t.cols.len()];
         for c in cells {
             let i = t.col(c.column())?;
             if i == t.pk {
                 return bad(format!("cell writes the primary key `{}`", c.column()));
             }
-            if !seen.insert(i) {
+            if std::mem::replace(&mut seen[i], true) {
                 return bad(format!(
                     "column `{}` written twice in one row change",
                     c.column()

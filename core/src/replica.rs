@@ -482,10 +482,8 @@ impl Replica {
                     &mut report,
                     &mut notes,
                 );
-                match r {
-                    Ok(f) => followups.extend(f),
-                    Err(e) => failure = Some(e),
-                }
+                followups.extend(r.0);
+                failure = r.1;
                 self.collect_watches(db, &mut notes);
                 notes
             };
@@ -967,6 +965,9 @@ impl Db {
         }
     }
 
+    /// Applies a chunk of sequenced change sets in one transaction. A change set that fails
+    /// rolls the transaction back; the ones before it are then applied again on their own, so
+    /// each change set stays all-or-nothing without paying for a savepoint per set.
     fn apply_chunk(
         &mut self,
         wall: &dyn WallClock,
@@ -974,62 +975,70 @@ impl Db {
         up_to: Option<u64>,
         report: &mut ApplyReport,
         notes: &mut Notes,
-    ) -> Result<Vec<Followup>> {
-        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+    ) -> (Vec<Followup>, Option<Error>) {
+        let snapshot = report.clone();
+        match self.apply_chunk_once(wall, chunk, up_to, report, notes) {
+            Ok(f) => (f, None),
+            Err((failed_at, e)) => {
+                *report = snapshot;
+                notes.events.retain(|ev| ev.source != ChangeSource::Remote);
+                notes.conflicts.clear();
+                tracing::warn!(error = %e, "remote change set refused");
+                if failed_at == 0 {
+                    return (Vec::new(), Some(e));
+                }
+                match self.apply_chunk_once(wall, &chunk[..failed_at], None, report, notes) {
+                    Ok(f) => (f, Some(e)),
+                    Err((_, again)) => (Vec::new(), Some(again)),
+                }
+            }
+        }
+    }
+
+    fn apply_chunk_once(
+        &mut self,
+        wall: &dyn WallClock,
+        chunk: &[Sequenced],
+        up_to: Option<u64>,
+        report: &mut ApplyReport,
+        notes: &mut Notes,
+    ) -> std::result::Result<Vec<Followup>, (usize, Error)> {
+        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| (0, e.into()))?;
         let mut out = Outcome::default();
-        let mut failure = None;
+        let mut local_report = report.clone();
+        let mut failed_at = 0;
+        let cursor_before = self.cursor;
+        let clock_before = self.clock;
         let r = (|| {
             self.gate(true)?;
             self.fold_foreign(wall, notes)?;
-            materialize::run(
-                &self.conn,
-                &self.cat,
-                self.me,
-                self.me_num,
-                self.schema_version,
-                usize::MAX,
-            )?;
-            for s in chunk {
+            materialize::run(&self.conn, &self.cat, self.me, self.me_num, self.schema_version, usize::MAX)?;
+            for (k, s) in chunk.iter().enumerate() {
+                failed_at = k;
                 if s.server_seq <= self.cursor {
-                    report.duplicates += 1;
+                    local_report.duplicates += 1;
                     continue;
                 }
                 let cs = &s.change_set;
                 if cs.origin == self.me && self.is_own_echo(cs)? {
                     self.ack(cs.origin_seq, s.server_seq)?;
-                    report.own += 1;
+                    local_report.own += 1;
                 } else {
-                    self.conn.execute_batch("SAVEPOINT ferry_cs")?;
                     let before = out.conflicts.len();
                     let mut ctx = Ctx {
                         conn: &self.conn,
                         cat: &self.cat,
                         origins: &mut self.origins,
-                        me_num: self.me_num,
                         out: &mut out,
                     };
-                    match ctx.apply(s) {
-                        Ok(()) => {
-                            self.conn.execute_batch("RELEASE ferry_cs")?;
-                            report.applied += 1;
-                            report.conflicts += out.conflicts.len() - before;
-                        }
-                        Err(e) => {
-                            self.conn
-                                .execute_batch("ROLLBACK TO ferry_cs; RELEASE ferry_cs")?;
-                            out.conflicts.truncate(before);
-                            self.origins = Origins::load(&self.conn)?;
-                            tracing::warn!(server_seq = s.server_seq, error = %e, "remote change set refused");
-                            failure = Some(e);
-                            break;
-                        }
-                    }
+                    ctx.apply(s)?;
+                    local_report.applied += 1;
+                    local_report.conflicts += out.conflicts.len() - before;
                     self.clock.observe(cs.hlc);
                 }
                 self.cursor = s.server_seq;
             }
-            if failure.is_none()
-                && let Some(u) = up_to
+            if let Some(u) = up_to
                 && u > self.cursor
             {
                 self.cursor = u;
@@ -1039,7 +1048,12 @@ impl Db {
             self.gate(false)?;
             Ok(())
         })();
-        self.finish_txn(r)?;
+        if let Err(e) = self.finish_txn(r) {
+            self.cursor = cursor_before;
+            self.clock = clock_before;
+            return Err((failed_at, e));
+        }
+        *report = local_report;
         if !out.tables.is_empty() {
             notes.events.push(ChangeEvent {
                 tables: std::mem::take(&mut out.tables),
@@ -1047,10 +1061,7 @@ impl Db {
             });
         }
         notes.conflicts.append(&mut out.conflicts);
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(out.followups),
-        }
+        Ok(out.followups)
     }
 
     fn is_own_echo(&self, cs: &ChangeSet) -> Result<bool> {

@@ -147,14 +147,16 @@ fn median(v: &[Duration]) -> Duration {
 fn main() {
     let mut n = 100_000usize;
     let mut repeat = 3usize;
+    let mut only: Option<String> = None;
     let args: Vec<String> = std::env::args().collect();
     let mut it = args.iter().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--rows" => n = it.next().and_then(|v| v.parse().ok()).unwrap_or(n),
             "--repeat" => repeat = it.next().and_then(|v| v.parse().ok()).unwrap_or(repeat),
+            "--only" => only = it.next().cloned(),
             _ => {
-                eprintln!("usage: ferry-bench [--rows N] [--repeat K]");
+                eprintln!("usage: ferry-bench [--rows N] [--repeat K] [--only local|apply]");
                 std::process::exit(2);
             }
         }
@@ -188,53 +190,58 @@ fn main() {
     ];
     for round in 0..repeat {
         let dir = tempfile_dir(round);
+        let local = only.as_deref() != Some("apply");
+        let apply = only.as_deref() != Some("local");
         // W1 + W2 + reads
-        let mut c = plain(&dir.join("plain.db"));
-        let (tp, _) = time(|| plain_insert(&mut c, n));
-        let r = Replica::open(dir.join("ferry.db"), &schema()).expect("open");
-        let (tf, _) = time(|| ferry_insert(&r, n));
-        results[0].plain.push(tp);
-        results[0].ferry.push(tf);
-        let (tm, _) = time(|| {
-            r.pending(usize::MAX, usize::MAX)
-                .expect("materialize")
-                .len()
-        });
-        results[1].plain.push(tp);
-        results[1].ferry.push(tf + tm);
+        if local {
+            let mut c = plain(&dir.join("plain.db"));
+            let (tp, _) = time(|| plain_insert(&mut c, n));
+            let r = Replica::open(dir.join("ferry.db"), &schema()).expect("open");
+            let (tf, _) = time(|| ferry_insert(&r, n));
+            results[0].plain.push(tp);
+            results[0].ferry.push(tf);
+            let (tm, _) = time(|| {
+                r.pending(usize::MAX, usize::MAX)
+                    .expect("materialize")
+                    .len()
+            });
+            results[1].plain.push(tp);
+            results[1].ferry.push(tf + tm);
 
-        let (tp, _) = time(|| plain_update(&mut c, n));
-        let (tf, _) = time(|| ferry_update(&r, n));
-        results[2].plain.push(tp);
-        results[2].ferry.push(tf);
+            let (tp, _) = time(|| plain_update(&mut c, n));
+            let (tf, _) = time(|| ferry_update(&r, n));
+            results[2].plain.push(tp);
+            results[2].ferry.push(tf);
 
-        let (tp, a) = time(|| plain_reads(&c, n));
-        let (tf, b) = time(|| ferry_reads(&r, n));
-        assert_eq!(a, b);
-        results[4].plain.push(tp);
-        results[4].ferry.push(tf);
-
-        // W3: the change sets replica A would push, applied into an empty replica.
-        let src = Replica::open(dir.join("src.db"), &schema()).expect("open");
-        ferry_insert(&src, n);
-        let mut seq = Sequencer::new();
-        for cs in src.pending(usize::MAX, usize::MAX).expect("pending") {
-            seq.push(cs).expect("push");
+            let (tp, a) = time(|| plain_reads(&c, n));
+            let (tf, b) = time(|| ferry_reads(&r, n));
+            assert_eq!(a, b);
+            results[4].plain.push(tp);
+            results[4].ferry.push(tf);
         }
-        let (log, up_to) = seq.changes_after(0, usize::MAX);
-        let dst = Replica::open(dir.join("dst.db"), &schema()).expect("open");
-        let (tf, _) = time(|| dst.apply_remote(0, up_to, &log).expect("apply"));
-        let mut c2 = plain(&dir.join("plain2.db"));
-        let (tp, _) = time(|| plain_insert(&mut c2, n));
-        assert_eq!(
-            dst.query("SELECT count(*) FROM t", &[])
-                .expect("count")
-                .rows[0][0],
-            Value::Integer(n as i64)
-        );
-        results[3].plain.push(tp);
-        results[3].ferry.push(tf);
-        drop((c, c2));
+        if apply {
+            // W3: the change sets replica A would push, applied into an empty replica.
+            let src = Replica::open(dir.join("src.db"), &schema()).expect("open");
+            ferry_insert(&src, n);
+            let mut seq = Sequencer::new();
+            for cs in src.pending(usize::MAX, usize::MAX).expect("pending") {
+                seq.push(cs).expect("push");
+            }
+            let (log, up_to) = seq.changes_after(0, usize::MAX);
+            let dst = Replica::open(dir.join("dst.db"), &schema()).expect("open");
+            let (tf, _) = time(|| dst.apply_remote(0, up_to, &log).expect("apply"));
+            let mut c2 = plain(&dir.join("plain2.db"));
+            let (tp, _) = time(|| plain_insert(&mut c2, n));
+            assert_eq!(
+                dst.query("SELECT count(*) FROM t", &[])
+                    .expect("count")
+                    .rows[0][0],
+                Value::Integer(n as i64)
+            );
+            results[3].plain.push(tp);
+            results[3].ferry.push(tf);
+            drop(c2);
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
     println!("rows: {n}, transactions of {TX}, rounds: {repeat} (median shown)");
@@ -242,7 +249,7 @@ fn main() {
         "{:<42} {:>12} {:>12} {:>8}",
         "workload", "plain ms", "ferry ms", "ratio"
     );
-    for r in &results {
+    for r in results.iter().filter(|r| !r.plain.is_empty()) {
         let p = median(&r.plain);
         let f = median(&r.ferry);
         println!(
