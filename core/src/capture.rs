@@ -9,7 +9,6 @@
 //! app's write path.
 
 use crate::catalog::{Catalog, TableInfo};
-use crate::changeset::Cell;
 use crate::error::{Error, Result};
 use crate::schema::{Policy, quote};
 use crate::value::{Value, ref_eq};
@@ -18,31 +17,41 @@ use rusqlite::hooks::{Action, PreUpdateCase};
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Net effect of a transaction on one row, before causal metadata is attached.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LocalKind {
     /// The row did not exist before and exists after; cells hold every column.
     Insert,
     /// The row existed before and after; cells hold what changed.
     Update,
-    /// The row existed before and not after; for `update_wins` tables cells hold its last values.
+    /// The row existed before and not after; for `update_wins` tables cells hold its values
+    /// from before the transaction.
     Delete,
+}
+
+/// A cell of a local change record, by column id (the record is local to this file, so it
+/// carries ids rather than names: smaller and cheaper on the write path).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RawCell {
+    /// Column set to a value.
+    Set(u16, Value),
+    /// Counter column changed by a delta.
+    Add(u16, i64),
 }
 
 /// One row of a local change record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LocalRow {
-    /// Table name.
-    pub table: String,
+    /// Local table id.
+    pub table: u32,
     /// Primary key.
     pub pk: Value,
     /// What happened.
     pub kind: LocalKind,
     /// Cells (see [`LocalKind`]).
-    pub cells: Vec<Cell>,
+    pub cells: Vec<RawCell>,
 }
 
 /// Everything one local transaction changed.
@@ -59,10 +68,10 @@ struct RowAcc {
     pk: Value,
     existed_before: bool,
     alive: bool,
-    /// Final values of touched non-counter columns (by column id).
-    cells: Vec<Option<Value>>,
-    /// Summed counter deltas (by column id).
-    deltas: Vec<i64>,
+    /// Final values of touched non-counter columns.
+    cells: Vec<(u16, Value)>,
+    /// Summed counter deltas.
+    deltas: Vec<(u16, i64)>,
     /// Values the row had when it was last deleted in this transaction.
     deleted_old: Option<Vec<Value>>,
     /// Values the row had before the transaction (kept for `update_wins` tables only: a
@@ -74,57 +83,93 @@ struct RowAcc {
 }
 
 impl RowAcc {
-    fn new(t: &TableInfo, pk: Value, existed_before: bool) -> Self {
-        RowAcc {
-            table: t.id,
-            pk,
-            existed_before,
-            alive: existed_before,
-            cells: vec![None; t.cols.len()],
-            deltas: vec![0; t.cols.len()],
-            deleted_old: None,
-            original: None,
-            events: 0,
+    fn set(&mut self, i: usize, v: Value) {
+        let i = i as u16;
+        match self.cells.iter_mut().find(|(c, _)| *c == i) {
+            Some(slot) => slot.1 = v,
+            None => self.cells.push((i, v)),
         }
+    }
+    fn touched(&self, i: usize) -> bool {
+        self.cells.iter().any(|(c, _)| *c == i as u16)
+    }
+    fn add(&mut self, i: usize, d: i64) {
+        let i = i as u16;
+        match self.deltas.iter_mut().find(|(c, _)| *c == i) {
+            Some(slot) => slot.1 = slot.1.wrapping_add(d),
+            None => self.deltas.push((i, d)),
+        }
+    }
+    fn delta(&self, i: usize) -> i64 {
+        self.deltas
+            .iter()
+            .find(|(c, _)| *c == i as u16)
+            .map_or(0, |(_, d)| *d)
     }
 }
 
 /// Per-transaction accumulator shared with the pre-update hook.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Accumulator {
     rows: Vec<RowAcc>,
-    index: HashMap<(u32, PkKey), usize>,
+    /// Row index by hash of (table, key); looked up with a borrowed key, so touching an
+    /// already-seen row allocates nothing.
+    index: hashbrown::HashTable<usize>,
     error: Option<Error>,
 }
 
-/// A hashable primary key.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum PkKey {
-    Text(String),
-    Blob(Vec<u8>),
-    Int(i64),
-    Other(Vec<u8>),
-}
-
-fn pk_key(v: &Value) -> PkKey {
-    match v {
-        Value::Text(s) => PkKey::Text(s.clone()),
-        Value::Blob(b) => PkKey::Blob(b.clone()),
-        Value::Integer(i) => PkKey::Int(*i),
-        Value::Real(f) => PkKey::Other(f.to_bits().to_le_bytes().to_vec()),
-        Value::Null => PkKey::Other(Vec::new()),
+impl std::fmt::Debug for Accumulator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Accumulator")
+            .field("rows", &self.rows.len())
+            .finish()
     }
 }
 
+fn key_hash(table: u32, pk: ValueRef<'_>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = rustc_hash::FxHasher::default();
+    table.hash(&mut h);
+    match pk {
+        ValueRef::Null => 0u8.hash(&mut h),
+        ValueRef::Integer(i) => (1u8, i).hash(&mut h),
+        ValueRef::Real(f) => (2u8, f.to_bits()).hash(&mut h),
+        ValueRef::Text(t) => (3u8, t).hash(&mut h),
+        ValueRef::Blob(b) => (4u8, b).hash(&mut h),
+    }
+    h.finish()
+}
+
 impl Accumulator {
-    fn entry(&mut self, t: &TableInfo, pk: Value, existed_before: bool) -> &mut RowAcc {
-        let key = (t.id, pk_key(&pk));
-        let i = match self.index.get(&key) {
-            Some(i) => *i,
+    /// The accumulator row for `(t, pk)`, created with `existed_before` if new.
+    fn entry(&mut self, t: &TableInfo, pk: ValueRef<'_>, existed_before: bool) -> &mut RowAcc {
+        let hash = key_hash(t.id, pk);
+        let rows = &self.rows;
+        let found = self
+            .index
+            .find(hash, |&i| {
+                rows[i].table == t.id && ref_eq(rows[i].pk.as_ref(), pk)
+            })
+            .copied();
+        let i = match found {
+            Some(i) => i,
             None => {
-                self.rows.push(RowAcc::new(t, pk, existed_before));
-                self.index.insert(key, self.rows.len() - 1);
-                self.rows.len() - 1
+                let i = self.rows.len();
+                self.rows.push(RowAcc {
+                    table: t.id,
+                    pk: Value::from_ref(pk),
+                    existed_before,
+                    alive: existed_before,
+                    cells: Vec::new(),
+                    deltas: Vec::new(),
+                    deleted_old: None,
+                    original: None,
+                    events: 0,
+                });
+                let rows = &self.rows;
+                self.index
+                    .insert_unique(hash, i, |&j| key_hash(rows[j].table, rows[j].pk.as_ref()));
+                i
             }
         };
         let row = &mut self.rows[i];
@@ -141,7 +186,7 @@ impl Accumulator {
     /// A row was inserted with `new` values.
     pub(crate) fn insert(&mut self, t: &TableInfo, new: Vec<Value>) {
         let pk = new[t.pk].clone();
-        let acc = self.entry(t, pk, false);
+        let acc = self.entry(t, pk.as_ref(), false);
         let reinsert_of = if acc.alive {
             None
         } else {
@@ -151,17 +196,17 @@ impl Accumulator {
         let mut bad = None;
         for (i, v) in new.into_iter().enumerate() {
             if t.cols[i].policy == Policy::Counter {
-                match counter_value(&v) {
-                    Some(n) => acc.deltas[i] = acc.deltas[i].wrapping_add(n),
+                match counter_value(v.as_ref()) {
+                    Some(n) => acc.add(i, n),
                     None => bad = Some((i, v.describe())),
                 }
-            } else {
+            } else if i != t.pk {
                 let changed = match &reinsert_of {
-                    Some(old) => acc.cells[i].is_some() || old[i] != v,
+                    Some(old) => acc.touched(i) || old[i] != v,
                     None => true,
                 };
-                if changed && i != t.pk {
-                    acc.cells[i] = Some(v);
+                if changed {
+                    acc.set(i, v);
                 }
             }
         }
@@ -173,47 +218,17 @@ impl Accumulator {
     /// A row with `old` values was deleted.
     pub(crate) fn delete(&mut self, t: &TableInfo, old: Vec<Value>) {
         let pk = old[t.pk].clone();
-        let acc = self.entry(t, pk, true);
+        let acc = self.entry(t, pk.as_ref(), true);
         if t.update_wins() && acc.events == 1 {
             acc.original = Some(old.clone());
         }
         acc.alive = false;
         for (i, v) in old.iter().enumerate() {
             if t.cols[i].policy == Policy::Counter {
-                acc.deltas[i] = acc.deltas[i].wrapping_sub(counter_value(v).unwrap_or(0));
+                acc.add(i, counter_value(v.as_ref()).unwrap_or(0).wrapping_neg());
             }
         }
         acc.deleted_old = Some(old);
-    }
-
-    /// Columns `changed` of a row went from `old` to `new` values (same key).
-    pub(crate) fn update(
-        &mut self,
-        t: &TableInfo,
-        pk: Value,
-        changed: Vec<(usize, Value, Value)>,
-        old_all: Option<Vec<Value>>,
-    ) {
-        let acc = self.entry(t, pk, true);
-        if acc.events == 1 {
-            acc.original = old_all;
-        }
-        let mut bad = None;
-        for (i, old, new) in changed {
-            if t.cols[i].policy == Policy::Counter {
-                match (counter_value(&old), counter_value(&new)) {
-                    (Some(a), Some(b)) => {
-                        acc.deltas[i] = acc.deltas[i].wrapping_add(b.wrapping_sub(a))
-                    }
-                    _ => bad = Some((i, new.describe())),
-                }
-            } else {
-                acc.cells[i] = Some(new);
-            }
-        }
-        if let Some((i, got)) = bad {
-            self.fail(invalid_counter(t, i, got));
-        }
     }
 
     /// True when nothing was captured.
@@ -223,11 +238,12 @@ impl Accumulator {
 
     /// Drops everything (rollback).
     pub fn clear(&mut self) {
-        *self = Accumulator::default();
+        self.rows.clear();
+        self.index.clear();
+        self.error = None;
     }
 
-    /// Turns the accumulated rows into a local change record. `tomb` supplies the values of
-    /// deleted rows for `update_wins` tables when the accumulator did not see them.
+    /// Turns the accumulated rows into a local change record.
     pub fn finish(&mut self, cat: &Catalog) -> Result<LocalChange> {
         if let Some(e) = self.error.take() {
             self.clear();
@@ -235,8 +251,10 @@ impl Accumulator {
         }
         let rows = std::mem::take(&mut self.rows);
         self.index.clear();
-        let mut out = LocalChange::default();
-        for acc in rows {
+        let mut out = LocalChange {
+            rows: Vec::with_capacity(rows.len()),
+        };
+        for mut acc in rows {
             let t = cat.by_id(acc.table)?;
             let kind = match (acc.existed_before, acc.alive) {
                 (false, true) => LocalKind::Insert,
@@ -247,16 +265,19 @@ impl Accumulator {
             let mut cells = Vec::new();
             match kind {
                 LocalKind::Insert | LocalKind::Update => {
+                    acc.cells.sort_by_key(|(c, _)| *c);
+                    cells.reserve(acc.cells.len() + acc.deltas.len());
+                    cells.extend(
+                        std::mem::take(&mut acc.cells)
+                            .into_iter()
+                            .map(|(c, v)| RawCell::Set(c, v)),
+                    );
                     for (i, c) in t.cols.iter().enumerate() {
-                        if i == t.pk {
-                            continue;
-                        }
                         if c.policy == Policy::Counter {
-                            if kind == LocalKind::Insert || acc.deltas[i] != 0 {
-                                cells.push(Cell::Add(c.name.clone(), acc.deltas[i]));
+                            let d = acc.delta(i);
+                            if kind == LocalKind::Insert || d != 0 {
+                                cells.push(RawCell::Add(i as u16, d));
                             }
-                        } else if let Some(v) = &acc.cells[i] {
-                            cells.push(Cell::Set(c.name.clone(), v.clone()));
                         }
                     }
                     if kind == LocalKind::Update && cells.is_empty() {
@@ -265,18 +286,19 @@ impl Accumulator {
                 }
                 LocalKind::Delete => {
                     if t.update_wins()
-                        && let Some(old) = acc.original.as_ref().or(acc.deleted_old.as_ref())
+                        && let Some(old) = acc.original.take().or(acc.deleted_old.take())
                     {
-                        for (i, c) in t.cols.iter().enumerate() {
-                            if i != t.pk {
-                                cells.push(Cell::Set(c.name.clone(), old[i].clone()));
-                            }
-                        }
+                        cells.extend(
+                            old.into_iter()
+                                .enumerate()
+                                .filter(|(i, _)| *i != t.pk)
+                                .map(|(i, v)| RawCell::Set(i as u16, v)),
+                        );
                     }
                 }
             }
             out.rows.push(LocalRow {
-                table: t.name().to_owned(),
+                table: t.id,
                 pk: acc.pk,
                 kind,
                 cells,
@@ -286,10 +308,10 @@ impl Accumulator {
     }
 }
 
-fn counter_value(v: &Value) -> Option<i64> {
+fn counter_value(v: ValueRef<'_>) -> Option<i64> {
     match v {
-        Value::Integer(i) => Some(*i),
-        Value::Null => Some(0),
+        ValueRef::Integer(i) => Some(i),
+        ValueRef::Null => Some(0),
         _ => None,
     }
 }
@@ -313,19 +335,24 @@ pub struct HookState {
     pub acc: Accumulator,
 }
 
-/// Installs the pre-update hook that feeds `state`.
+/// Installs the pre-update hook that feeds `state`. The hook runs for every row the SDK's
+/// connection writes, so it allocates only for what it must keep.
 pub fn install_hook(conn: &mut Connection, state: Arc<Mutex<HookState>>) -> Result<()> {
     conn.preupdate_hook(Some(
         move |_action: Action, db: &str, table: &str, case: &PreUpdateCase| {
             if db != "main" {
                 return;
             }
-            let mut st = state.lock();
-            if !st.enabled {
+            let mut guard = state.lock();
+            let HookState {
+                enabled,
+                catalog,
+                acc,
+            } = &mut *guard;
+            if !*enabled {
                 return;
             }
-            let cat = Arc::clone(&st.catalog);
-            let Some(t) = cat.get(table) else { return };
+            let Some(t) = catalog.get(table) else { return };
             let n = t.cols.len() as i32;
             match case {
                 PreUpdateCase::Insert(new) => {
@@ -336,7 +363,7 @@ pub fn install_hook(conn: &mut Connection, state: Arc<Mutex<HookState>>) -> Resu
                                 .unwrap_or(Value::Null)
                         })
                         .collect();
-                    st.acc.insert(t, vals);
+                    acc.insert(t, vals);
                 }
                 PreUpdateCase::Delete(old) => {
                     let vals = (0..n)
@@ -346,47 +373,22 @@ pub fn install_hook(conn: &mut Connection, state: Arc<Mutex<HookState>>) -> Resu
                                 .unwrap_or(Value::Null)
                         })
                         .collect();
-                    st.acc.delete(t, vals);
+                    acc.delete(t, vals);
                 }
                 PreUpdateCase::Update {
                     old_value_accessor: old,
                     new_value_accessor: new,
                 } => {
                     let pk = t.pk as i32;
-                    let same_key =
-                        match (old.get_old_column_value(pk), new.get_new_column_value(pk)) {
-                            (Ok(a), Ok(b)) => ref_eq(a, b),
-                            _ => false,
-                        };
-                    if same_key {
-                        let pkv = old
-                            .get_old_column_value(pk)
-                            .map(Value::from_ref)
-                            .unwrap_or(Value::Null);
-                        let mut changed = Vec::new();
-                        for i in 0..n {
-                            let (Ok(a), Ok(b)) =
-                                (old.get_old_column_value(i), new.get_new_column_value(i))
-                            else {
-                                continue;
-                            };
-                            if !ref_eq(a, b) {
-                                changed.push((i as usize, Value::from_ref(a), Value::from_ref(b)));
-                            }
-                        }
-                        if !changed.is_empty() {
-                            let old_all = t.update_wins().then(|| {
-                                (0..n)
-                                    .map(|i| {
-                                        old.get_old_column_value(i)
-                                            .map(Value::from_ref)
-                                            .unwrap_or(Value::Null)
-                                    })
-                                    .collect()
-                            });
-                            st.acc.update(t, pkv, changed, old_all);
-                        }
-                    } else {
+                    let (Ok(old_pk), Ok(new_pk)) =
+                        (old.get_old_column_value(pk), new.get_new_column_value(pk))
+                    else {
+                        acc.fail(Error::Corrupt(format!(
+                            "pre-update values of `{table}` unreadable"
+                        )));
+                        return;
+                    };
+                    if !ref_eq(old_pk, new_pk) {
                         // A key change is a delete of the old key and an insert of the new one.
                         let olds = (0..n)
                             .map(|i| {
@@ -402,12 +404,48 @@ pub fn install_hook(conn: &mut Connection, state: Arc<Mutex<HookState>>) -> Resu
                                     .unwrap_or(Value::Null)
                             })
                             .collect();
-                        st.acc.delete(t, olds);
-                        st.acc.insert(t, news);
+                        acc.delete(t, olds);
+                        acc.insert(t, news);
+                        return;
+                    }
+                    let mut bad = None;
+                    let row = acc.entry(t, old_pk, true);
+                    if row.events == 1 && t.update_wins() {
+                        row.original = Some(
+                            (0..n)
+                                .map(|i| {
+                                    old.get_old_column_value(i)
+                                        .map(Value::from_ref)
+                                        .unwrap_or(Value::Null)
+                                })
+                                .collect(),
+                        );
+                    }
+                    for i in 0..n {
+                        let (Ok(a), Ok(b)) =
+                            (old.get_old_column_value(i), new.get_new_column_value(i))
+                        else {
+                            continue;
+                        };
+                        if ref_eq(a, b) {
+                            continue;
+                        }
+                        let c = i as usize;
+                        if t.cols[c].policy == Policy::Counter {
+                            match (counter_value(a), counter_value(b)) {
+                                (Some(x), Some(y)) => row.add(c, y.wrapping_sub(x)),
+                                _ => bad = Some((c, Value::from_ref(b).describe())),
+                            }
+                        } else {
+                            row.set(c, Value::from_ref(b));
+                        }
+                    }
+                    if let Some((c, got)) = bad {
+                        acc.fail(invalid_counter(t, c, got));
                     }
                 }
                 PreUpdateCase::Unknown => {
-                    st.acc.fail(Error::Corrupt(format!(
+                    acc.fail(Error::Corrupt(format!(
                         "unknown pre-update event on `{table}`"
                     )));
                 }
@@ -478,35 +516,35 @@ pub fn fold_foreign(conn: &Connection, cat: &Catalog, acc: &mut Accumulator) -> 
         let all: Vec<usize> = (0..n).collect();
         match op {
             1 => {
-                let e = acc.entry(t, pk.clone(), existed == Some(1));
+                let e = acc.entry(t, pk.as_ref(), existed == Some(1));
                 e.alive = true;
                 for (name, d) in &counter_json {
                     let i = t.col(name)?;
-                    e.deltas[i] = e.deltas[i].wrapping_add(d.as_i64().unwrap_or(0));
+                    e.add(i, d.as_i64().unwrap_or(0));
                 }
                 touch(t.id, &pk, &all, n);
             }
             2 if pk != newpk => {
                 let old = old_values(conn, seq, t)?;
-                let e = acc.entry(t, pk.clone(), true);
+                let e = acc.entry(t, pk.as_ref(), true);
                 if e.events == 1 {
                     e.original = old.clone();
                 }
                 e.alive = false;
                 e.deleted_old = old;
-                let e = acc.entry(t, newpk.clone(), false);
+                let e = acc.entry(t, newpk.as_ref(), false);
                 e.alive = true;
                 for (name, pair) in &counter_json {
                     let i = t.col(name)?;
                     let new = pair.get(1).and_then(serde_json::Value::as_i64).unwrap_or(0);
-                    e.deltas[i] = e.deltas[i].wrapping_add(new);
+                    e.add(i, new);
                 }
                 // The old key's counters go away with it.
-                let e = acc.entry(t, pk.clone(), true);
+                let e = acc.entry(t, pk.as_ref(), true);
                 for (name, pair) in &counter_json {
                     let i = t.col(name)?;
                     let old = pair.get(0).and_then(serde_json::Value::as_i64).unwrap_or(0);
-                    e.deltas[i] = e.deltas[i].wrapping_sub(old);
+                    e.add(i, old.wrapping_neg());
                 }
                 touch(t.id, &newpk, &all, n);
             }
@@ -521,7 +559,7 @@ pub fn fold_foreign(conn: &Connection, cat: &Catalog, acc: &mut Accumulator) -> 
                     .map(|c| t.col(c))
                     .collect::<Result<_>>()?;
                 let old = old_values(conn, seq, t)?;
-                let e = acc.entry(t, pk.clone(), true);
+                let e = acc.entry(t, pk.as_ref(), true);
                 if e.events == 1 {
                     e.original = old;
                 }
@@ -529,7 +567,7 @@ pub fn fold_foreign(conn: &Connection, cat: &Catalog, acc: &mut Accumulator) -> 
                     let i = t.col(name)?;
                     let old = pair.get(0).and_then(serde_json::Value::as_i64).unwrap_or(0);
                     let new = pair.get(1).and_then(serde_json::Value::as_i64).unwrap_or(0);
-                    e.deltas[i] = e.deltas[i].wrapping_add(new.wrapping_sub(old));
+                    e.add(i, new.wrapping_sub(old));
                 }
                 let non_counter: Vec<usize> = idx
                     .into_iter()
@@ -539,7 +577,7 @@ pub fn fold_foreign(conn: &Connection, cat: &Catalog, acc: &mut Accumulator) -> 
             }
             3 => {
                 let old = old_values(conn, seq, t)?;
-                let e = acc.entry(t, pk.clone(), true);
+                let e = acc.entry(t, pk.as_ref(), true);
                 if e.events == 1 {
                     e.original = old.clone();
                 }
@@ -547,7 +585,7 @@ pub fn fold_foreign(conn: &Connection, cat: &Catalog, acc: &mut Accumulator) -> 
                 e.deleted_old = old;
                 for (name, d) in &counter_json {
                     let i = t.col(name)?;
-                    e.deltas[i] = e.deltas[i].wrapping_add(d.as_i64().unwrap_or(0));
+                    e.add(i, d.as_i64().unwrap_or(0));
                 }
             }
             _ => return Err(Error::Corrupt(format!("ferry_foreign has unknown op {op}"))),
@@ -568,13 +606,13 @@ pub fn fold_foreign(conn: &Connection, cat: &Catalog, acc: &mut Accumulator) -> 
                 (0..t.cols.len()).map(|i| r.get::<_, Value>(i)).collect()
             })
             .optional()?;
-        let e = acc.entry(t, pk.clone(), false);
+        let e = acc.entry(t, pk.as_ref(), false);
         match current {
             Some(vals) => {
                 e.alive = true;
                 for (i, v) in vals.into_iter().enumerate() {
                     if cols[i] && i != t.pk && t.cols[i].policy != Policy::Counter {
-                        e.cells[i] = Some(v);
+                        e.set(i, v);
                     }
                 }
             }
@@ -617,9 +655,4 @@ pub fn read_row(conn: &Connection, t: &TableInfo, pk: &Value) -> Result<Option<V
             (0..t.cols.len()).map(|i| r.get::<_, Value>(i)).collect()
         })
         .optional()?)
-}
-
-/// Borrowed-value equality, re-exported for the hook.
-pub fn same(a: ValueRef<'_>, b: ValueRef<'_>) -> bool {
-    ref_eq(a, b)
 }

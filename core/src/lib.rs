@@ -36,7 +36,7 @@ pub use error::{Error, Result};
 pub use hlc::{Hlc, WallClock};
 pub use ids::{ReplicaId, new_id};
 pub use observer::{ChangeEvent, ChangeSource, Observer, Rows, Subscription};
-pub use replica::{ApplyReport, OpenOptions, Replica, WriteTx};
+pub use replica::{ApplyReport, OpenOptions, Prepared, Replica, WriteTx};
 pub use resolver::{ConflictInput, Resolution, Resolver};
 pub use schema::{
     ColumnDecl, ColumnType, DeleteRule, Migration, Policy, Schema, TableDecl, TableMode,

@@ -7,7 +7,7 @@
 //! next to the record. Because apply always materializes first, `ferry_rows` seen by a merge
 //! always includes every local write.
 
-use crate::capture::{LocalChange, LocalKind, read_row};
+use crate::capture::{LocalChange, LocalKind, RawCell, read_row};
 use crate::catalog::Catalog;
 use crate::changeset::{Cell, ChangeSet, RowChange, RowOp};
 use crate::error::{Error, Result};
@@ -47,7 +47,8 @@ pub fn run(
         };
         let mut out = Vec::with_capacity(local.rows.len());
         for lr in local.rows {
-            let t = cat.table(&lr.table)?;
+            let t = cat.by_id(lr.table)?;
+            let table = t.name().to_owned();
             let stored = rows::load(conn, t, &lr.pk)?;
             let cl_local = stored.as_ref().map_or(0, |s| s.meta.cl);
             let alive = cl_local % 2 == 1;
@@ -55,24 +56,24 @@ pub fn run(
                 LocalKind::Insert | LocalKind::Update if alive => {
                     let mut s = stored.unwrap_or_default();
                     for c in &lr.cells {
-                        if let Cell::Set(name, _) = c {
-                            s.meta.set_cell(t.col(name)? as u32, v);
+                        if let RawCell::Set(i, _) = c {
+                            s.meta.set_cell(u32::from(*i), v);
                         }
                     }
                     s.meta.note_write(v);
                     rows::store(conn, t, &lr.pk, &s)?;
                     out.push(RowChange {
-                        table: lr.table,
+                        table,
                         pk: lr.pk,
                         cl: cl_local,
-                        op: RowOp::Upsert(lr.cells),
+                        op: RowOp::Upsert(named(t, lr.cells)?),
                     });
                 }
                 LocalKind::Insert | LocalKind::Update => {
                     // A new incarnation. An update of a row Ferry never tracked (written during
                     // a migration) ships the whole row so receivers get all of it.
                     let cells = if lr.kind == LocalKind::Insert {
-                        lr.cells
+                        named(t, lr.cells)?
                     } else {
                         match read_row(conn, t, &lr.pk)? {
                             Some(vals) => full_row(t, vals),
@@ -84,7 +85,7 @@ pub fn run(
                     s.meta.reincarnate(cl, v);
                     rows::store(conn, t, &lr.pk, &s)?;
                     out.push(RowChange {
-                        table: lr.table,
+                        table: table.clone(),
                         pk: lr.pk,
                         cl,
                         op: RowOp::Upsert(cells),
@@ -100,9 +101,9 @@ pub fn run(
                     s.meta.row = Some(v);
                     if t.update_wins() {
                         let mut tomb = Vec::new();
-                        for c in &lr.cells {
-                            if let Cell::Set(name, val) = c {
-                                tomb.push((t.col(name)? as u32, val.clone()));
+                        for c in lr.cells {
+                            if let RawCell::Set(i, val) = c {
+                                tomb.push((u32::from(i), val));
                             }
                         }
                         s.tomb = Some(tomb);
@@ -113,7 +114,7 @@ pub fn run(
                     }
                     rows::store(conn, t, &lr.pk, &s)?;
                     out.push(RowChange {
-                        table: lr.table,
+                        table: table.clone(),
                         pk: lr.pk,
                         cl,
                         op: RowOp::Delete,
@@ -153,6 +154,28 @@ pub fn full_row(t: &crate::catalog::TableInfo, vals: Vec<Value>) -> Vec<Cell> {
             } else {
                 Cell::Set(name, v)
             }
+        })
+        .collect()
+}
+
+/// Raw cells (column ids) to wire cells (column names).
+fn named(t: &crate::catalog::TableInfo, cells: Vec<RawCell>) -> Result<Vec<Cell>> {
+    cells
+        .into_iter()
+        .map(|c| {
+            let (RawCell::Set(i, _) | RawCell::Add(i, _)) = &c;
+            let name = t
+                .cols
+                .get(usize::from(*i))
+                .ok_or_else(|| {
+                    Error::Corrupt(format!("local change names column {i} of `{}`", t.name()))
+                })?
+                .name
+                .clone();
+            Ok(match c {
+                RawCell::Set(_, v) => Cell::Set(name, v),
+                RawCell::Add(_, d) => Cell::Add(name, d),
+            })
         })
         .collect()
 }

@@ -96,6 +96,10 @@ struct Db {
     clock: HlcState,
     cursor: u64,
     next_oseq: u64,
+    /// `PRAGMA schema_version` when the trigger mode was last decided.
+    schema_cookie: i64,
+    /// Whether SQLite runs triggers on this connection (see `sync_trigger_mode`).
+    triggers_on: bool,
 }
 
 /// Pending notifications gathered under the lock and delivered after it is released.
@@ -155,6 +159,32 @@ impl WriteTx<'_> {
     /// Runs a query inside the transaction.
     pub fn query(&self, sql: &str, params: &[Value]) -> Result<Rows> {
         run_query(self.conn, self.auth, sql, params)
+    }
+
+    /// Prepares a statement once for many executions (bulk writes), like
+    /// `rusqlite::Connection::prepare_cached`.
+    pub fn prepare(&self, sql: &str) -> Result<Prepared<'_>> {
+        let stmt = app_sql(self.auth, || Ok(self.conn.prepare_cached(sql)?))?;
+        Ok(Prepared {
+            stmt,
+            auth: self.auth,
+        })
+    }
+}
+
+/// A statement prepared inside a [`WriteTx`].
+pub struct Prepared<'a> {
+    stmt: rusqlite::CachedStatement<'a>,
+    auth: &'a Mutex<AuthState>,
+}
+
+impl Prepared<'_> {
+    /// Executes with positional parameters; returns rows changed.
+    pub fn execute(&mut self, params: &[Value]) -> Result<usize> {
+        let stmt = &mut self.stmt;
+        app_sql(self.auth, || {
+            Ok(stmt.execute(rusqlite::params_from_iter(params.iter()))?)
+        })
     }
 }
 
@@ -269,7 +299,11 @@ impl Replica {
             clock: HlcState::resume(Hlc(stored_hlc.max(log_hlc as u64))),
             cursor,
             next_oseq: next_oseq as u64,
+            schema_cookie: -1,
+            triggers_on: true,
         };
+        let mut db = db;
+        db.sync_trigger_mode()?;
         tracing::debug!(path = %path.display(), replica = %me, cursor, "replica opened");
         Ok(Replica {
             db: Mutex::new(Some(db)),
@@ -757,10 +791,12 @@ fn install_authorizer(conn: &mut Connection, auth: Arc<Mutex<AuthState>>) -> Res
                     None
                 }
             }
-            AuthAction::DropTable { table_name }
-            | AuthAction::AlterTable { table_name, .. }
-            | AuthAction::CreateTrigger { table_name, .. }
+            AuthAction::CreateTrigger { table_name, .. }
             | AuthAction::DropTrigger { table_name, .. } => {
+                // App triggers on synced tables are fine (their writes are captured).
+                is_internal(table_name).then(|| Denied::Internal(table_name.to_owned()))
+            }
+            AuthAction::DropTable { table_name } | AuthAction::AlterTable { table_name, .. } => {
                 if is_internal(table_name) {
                     Some(Denied::Internal(table_name.to_owned()))
                 } else if a.synced.contains(table_name) {
@@ -783,6 +819,39 @@ fn install_authorizer(conn: &mut Connection, auth: Arc<Mutex<AuthState>>) -> Res
 }
 
 impl Db {
+    /// Ferry's capture triggers exist for *other* connections; on its own connection they
+    /// would only cost time (SQLite still loads OLD/NEW and enters each trigger program per
+    /// row even when its WHEN is false). So while the app has no triggers of its own, the
+    /// SDK's connection runs with triggers disabled; as soon as the app defines one (through
+    /// Ferry or another connection), they are enabled again so the app's triggers fire.
+    /// Checked when the schema cookie changes, inside the write transaction.
+    fn sync_trigger_mode(&mut self) -> Result<()> {
+        let cookie: i64 = self
+            .conn
+            .pragma_query_value(None, "schema_version", |r| r.get(0))?;
+        if cookie == self.schema_cookie {
+            return Ok(());
+        }
+        let app_triggers: i64 = self.conn.query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE type = 'trigger' AND name NOT LIKE 'ferry\\_%' ESCAPE '\\'",
+            [],
+            |r| r.get(0),
+        )?;
+        let want = app_triggers > 0;
+        if want != self.triggers_on {
+            self.conn.set_db_config(
+                rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_TRIGGER,
+                want,
+            )?;
+            // Statements compiled under the other mode must be recompiled.
+            self.conn.flush_prepared_statement_cache();
+            self.triggers_on = want;
+            tracing::debug!(enabled = want, "trigger mode of the SDK connection changed");
+        }
+        self.schema_cookie = cookie;
+        Ok(())
+    }
+
     fn gate(&self, sdk: bool) -> Result<()> {
         self.conn
             .prepare_cached("UPDATE ferry_gate SET sdk = ?1 WHERE id = 1")?
@@ -842,6 +911,7 @@ impl Db {
     ) -> Result<T> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         let r = (|| {
+            self.sync_trigger_mode()?;
             self.gate(true)?;
             self.fold_foreign(wall, notes)?;
             self.hook.lock().enabled = true;
@@ -865,7 +935,7 @@ impl Db {
             let change = change?;
             if !change.rows.is_empty() {
                 notes.events.push(ChangeEvent {
-                    tables: change.rows.iter().map(|r| r.table.clone()).collect(),
+                    tables: self.table_names(&change),
                     source: ChangeSource::Local,
                 });
                 self.append_local(&change, wall)?;
@@ -891,11 +961,20 @@ impl Db {
             return Ok(false);
         }
         notes.events.push(ChangeEvent {
-            tables: change.rows.iter().map(|r| r.table.clone()).collect(),
+            tables: self.table_names(&change),
             source: ChangeSource::Foreign,
         });
         self.append_local(&change, wall)?;
         Ok(true)
+    }
+
+    fn table_names(&self, change: &LocalChange) -> BTreeSet<String> {
+        let mut ids: Vec<u32> = change.rows.iter().map(|r| r.table).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.into_iter()
+            .filter_map(|id| self.cat.names.get(&id).cloned())
+            .collect()
     }
 
     fn append_local(&mut self, change: &LocalChange, wall: &dyn WallClock) -> Result<()> {
@@ -1003,16 +1082,26 @@ impl Db {
         report: &mut ApplyReport,
         notes: &mut Notes,
     ) -> std::result::Result<Vec<Followup>, (usize, Error)> {
-        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| (0, e.into()))?;
+        self.conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(|e| (0, e.into()))?;
         let mut out = Outcome::default();
         let mut local_report = report.clone();
         let mut failed_at = 0;
         let cursor_before = self.cursor;
         let clock_before = self.clock;
         let r = (|| {
+            self.sync_trigger_mode()?;
             self.gate(true)?;
             self.fold_foreign(wall, notes)?;
-            materialize::run(&self.conn, &self.cat, self.me, self.me_num, self.schema_version, usize::MAX)?;
+            materialize::run(
+                &self.conn,
+                &self.cat,
+                self.me,
+                self.me_num,
+                self.schema_version,
+                usize::MAX,
+            )?;
             for (k, s) in chunk.iter().enumerate() {
                 failed_at = k;
                 if s.server_seq <= self.cursor {

@@ -34,6 +34,17 @@ impl Value {
         }
     }
 
+    /// Borrows as a SQLite value.
+    pub fn as_ref(&self) -> ValueRef<'_> {
+        match self {
+            Value::Null => ValueRef::Null,
+            Value::Integer(i) => ValueRef::Integer(*i),
+            Value::Real(f) => ValueRef::Real(*f),
+            Value::Text(s) => ValueRef::Text(s.as_bytes()),
+            Value::Blob(b) => ValueRef::Blob(b),
+        }
+    }
+
     /// The integer inside, if it is one.
     pub fn as_i64(&self) -> Option<i64> {
         match self {

@@ -337,3 +337,42 @@ fn counter_columns_refuse_non_integers() {
     );
     assert!(rows(&r, "SELECT * FROM todo").is_empty());
 }
+
+#[test]
+fn app_triggers_still_fire_for_sdk_writes_and_their_writes_are_captured() {
+    let d = tempfile::tempdir().unwrap();
+    let r = open(d.path(), "a.db");
+    r.execute("INSERT INTO todo(id, title) VALUES ('before', 'x')", &[])
+        .unwrap();
+    r.execute("CREATE TABLE audit(id INTEGER PRIMARY KEY, what TEXT)", &[])
+        .unwrap();
+    r.execute(
+        "CREATE TRIGGER app_audit AFTER INSERT ON todo BEGIN \
+         INSERT INTO audit(what) VALUES (NEW.id); \
+         UPDATE todo SET votes = votes + 1 WHERE id = NEW.id; END",
+        &[],
+    )
+    .unwrap();
+    r.execute("INSERT INTO todo(id, title) VALUES ('after', 'y')", &[])
+        .unwrap();
+    assert_eq!(rows(&r, "SELECT what FROM audit"), vec![vec![t("after")]]);
+    assert_eq!(
+        rows(&r, "SELECT votes FROM todo WHERE id = 'after'"),
+        vec![vec![i(1)]]
+    );
+    let p = r.pending(100, usize::MAX).unwrap();
+    let last = p.last().unwrap();
+    match &last.rows[0].op {
+        RowOp::Upsert(c) => assert!(c.contains(&Cell::Add("votes".into(), 1)), "{c:?}"),
+        RowOp::Delete => panic!(),
+    }
+    // Dropping the app's trigger goes back to the fast mode; foreign capture keeps working.
+    r.execute("DROP TRIGGER app_audit", &[]).unwrap();
+    r.execute("INSERT INTO todo(id) VALUES ('third')", &[])
+        .unwrap();
+    assert_eq!(rows(&r, "SELECT count(*) FROM audit"), vec![vec![i(1)]]);
+    let orm = rusqlite::Connection::open(d.path().join("a.db")).unwrap();
+    orm.execute("UPDATE todo SET title = 'orm' WHERE id = 'third'", [])
+        .unwrap();
+    assert!(r.capture_foreign().unwrap());
+}

@@ -67,8 +67,9 @@ fn plain_insert(c: &mut Connection, n: usize) {
 fn ferry_insert(r: &Replica, n: usize) {
     for chunk in (0..n).collect::<Vec<_>>().chunks(TX) {
         r.write(|tx| {
+            let mut st = tx.prepare(INSERT)?;
             for i in chunk {
-                tx.execute(INSERT, &row(*i))?;
+                st.execute(&row(*i))?;
             }
             Ok(())
         })
@@ -93,8 +94,9 @@ fn plain_update(c: &mut Connection, n: usize) {
 fn ferry_update(r: &Replica, n: usize) {
     for chunk in (0..n).collect::<Vec<_>>().chunks(TX) {
         r.write(|tx| {
+            let mut st = tx.prepare(UPDATE)?;
             for i in chunk {
-                tx.execute(UPDATE, &[Value::Integer(-(*i as i64)), row(*i)[0].clone()])?;
+                st.execute(&[Value::Integer(-(*i as i64)), row(*i)[0].clone()])?;
             }
             Ok(())
         })
