@@ -179,7 +179,7 @@ impl Ctx<'_> {
                         // An update of the incarnation that a delete (concurrent with it) removed.
                         let d = s.meta.row.unwrap_or(*v);
                         let update_wins = t.update_wins();
-                        self.log_row_conflict(t, &rc.pk, &d, v, !update_wins)?;
+                        self.log_row_conflict(t, &rc.pk, &d, v, update_wins)?;
                         if update_wins {
                             let tomb = s.tomb.take().unwrap_or_default();
                             let restore: Vec<(usize, Value)> =
@@ -348,10 +348,10 @@ fn validate(t: &TableInfo, rc: &RowChange) -> Result<()> {
         }
     }
     match &rc.op {
-        RowOp::Delete if rc.cl == 0 || rc.cl % 2 != 0 => {
+        RowOp::Delete if rc.cl == 0 || !rc.cl.is_multiple_of(2) => {
             return bad(format!("delete with odd causal length {}", rc.cl));
         }
-        RowOp::Upsert(_) if rc.cl % 2 != 1 => {
+        RowOp::Upsert(_) if rc.cl.is_multiple_of(2) => {
             return bad(format!("upsert with even causal length {}", rc.cl));
         }
         _ => {}

@@ -19,6 +19,9 @@ use crate::value::Value;
 use crate::vv::Version;
 use rusqlite::{Connection, params};
 
+/// `(seq, origin_seq, id, hlc, base, raw)` of a stored local record.
+type RawRecord = (i64, i64, Vec<u8>, i64, i64, Vec<u8>);
+
 /// Materializes up to `limit` pending local records; returns how many.
 pub fn run(
     conn: &Connection,
@@ -28,7 +31,7 @@ pub fn run(
     schema_version: u32,
     limit: usize,
 ) -> Result<usize> {
-    let todo: Vec<(i64, i64, Vec<u8>, i64, i64, Vec<u8>)> = conn
+    let todo: Vec<RawRecord> = conn
         .prepare_cached(
             "SELECT seq, origin_seq, id, hlc, base, raw FROM ferry_log WHERE wire IS NULL AND raw IS NOT NULL
              AND reissued IS NULL ORDER BY seq LIMIT ?1",

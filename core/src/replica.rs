@@ -751,6 +751,9 @@ impl Replica {
     }
 }
 
+/// `(seq, hlc, base, raw, wire)` of an unacknowledged log row.
+type Unacked = (i64, i64, i64, Option<Vec<u8>>, Option<Vec<u8>>);
+
 fn set_resolution(conn: &Connection, id: i64, text: &str) -> Result<()> {
     conn.execute(
         "UPDATE ferry_conflicts SET resolution = ?1 WHERE id = ?2",
@@ -1168,7 +1171,7 @@ impl Db {
             let new = ReplicaId::generate();
             let num = self.origins.intern(&self.conn, new)?;
             db::meta_set(&self.conn, "replica_id", new.0.to_vec())?;
-            let old: Vec<(i64, i64, i64, Option<Vec<u8>>, Option<Vec<u8>>)> = self
+            let old: Vec<Unacked> = self
                 .conn
                 .prepare(
                     "SELECT seq, hlc, base, raw, wire FROM ferry_log

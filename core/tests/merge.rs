@@ -108,10 +108,11 @@ fn concurrent_counter_increments_add_up() {
     }
 }
 
+/// Returns the surviving rows and the conflict logs of (the deleter, the updater).
 fn delete_vs_update(
     rule_update_wins: bool,
     delete_first: bool,
-) -> (Vec<Vec<Value>>, Vec<Conflict>) {
+) -> (Vec<Vec<Value>>, Vec<Conflict>, Vec<Conflict>) {
     let d = tempfile::tempdir().unwrap();
     let a = open(d.path(), "a.db");
     let b = open(d.path(), "b.db");
@@ -136,19 +137,35 @@ fn delete_vs_update(
     push(&mut seq, second);
     sync_all(&mut seq, &[&a, &b]);
     assert_eq!(a.dump().unwrap(), b.dump().unwrap());
-    let mut log = a.conflicts().unwrap();
-    log.extend(b.conflicts().unwrap());
-    (rows(&a, &format!("SELECT id, {col} FROM {table}")), log)
+    (
+        rows(&a, &format!("SELECT id, {col} FROM {table}")),
+        a.conflicts().unwrap(),
+        b.conflicts().unwrap(),
+    )
 }
 
 #[test]
 fn delete_wins_over_concurrent_update_in_either_order() {
     for delete_first in [true, false] {
-        let (rows, log) = delete_vs_update(false, delete_first);
+        let (rows, deleter, updater) = delete_vs_update(false, delete_first);
         assert!(rows.is_empty(), "delete_first={delete_first}: {rows:?}");
+        // Each side logs the conflict; the delete wins on both.
+        let row_conflict =
+            |c: &&Conflict| c.kind == ConflictKind::DeleteUpdate && c.policy == "delete_wins";
         assert!(
-            log.iter()
-                .any(|c| c.kind == ConflictKind::DeleteUpdate && c.policy == "delete_wins")
+            deleter
+                .iter()
+                .filter(row_conflict)
+                .all(|c| c.winner == Winner::Local)
+        );
+        assert!(
+            updater
+                .iter()
+                .filter(row_conflict)
+                .all(|c| c.winner == Winner::Remote)
+        );
+        assert!(
+            deleter.iter().any(|c| row_conflict(&c)) && updater.iter().any(|c| row_conflict(&c))
         );
     }
 }
@@ -156,15 +173,28 @@ fn delete_wins_over_concurrent_update_in_either_order() {
 #[test]
 fn update_wins_over_concurrent_delete_in_either_order() {
     for delete_first in [true, false] {
-        let (rows, log) = delete_vs_update(true, delete_first);
+        let (rows, deleter, updater) = delete_vs_update(true, delete_first);
         assert_eq!(
             rows,
             vec![vec![t("x"), t("edited")]],
             "delete_first={delete_first}"
         );
+        let row_conflict =
+            |c: &&Conflict| c.kind == ConflictKind::DeleteUpdate && c.policy == "update_wins";
         assert!(
-            log.iter()
-                .any(|c| c.kind == ConflictKind::DeleteUpdate && c.policy == "update_wins")
+            deleter
+                .iter()
+                .filter(row_conflict)
+                .all(|c| c.winner == Winner::Remote)
+        );
+        assert!(
+            updater
+                .iter()
+                .filter(row_conflict)
+                .all(|c| c.winner == Winner::Local)
+        );
+        assert!(
+            deleter.iter().any(|c| row_conflict(&c)) && updater.iter().any(|c| row_conflict(&c))
         );
     }
 }

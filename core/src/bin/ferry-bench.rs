@@ -163,7 +163,7 @@ fn main() {
             }
         }
     }
-    let mut results = vec![
+    let mut results = [
         Result {
             name: "W1 insert (txn of 1000)",
             plain: vec![],
