@@ -25,8 +25,8 @@
 //! for r in [&a, &b, &a, &b] {
 //!     let mut client = SyncClient::new();
 //!     let mut session = relay.session();
-//!     let mut outbox = vec![client.start(r, "token")?];
-//!     while let Some(msg) = outbox.pop() {
+//!     let mut outbox = std::collections::VecDeque::from([client.start(r, "token")?]);
+//!     while let Some(msg) = outbox.pop_front() {
 //!         for reply in relay.handle(&mut session, msg) {
 //!             outbox.extend(client.handle(r, reply)?.send);
 //!         }

@@ -515,8 +515,8 @@ fn restored_backup_takes_a_new_id_and_reissues_its_pending_changes() {
 fn session_loop(seq: &mut Sequencer, r: &Replica) -> bool {
     let mut client = ferry_core::sync::SyncClient::new();
     let mut session = seq.session();
-    let mut outbox = vec![client.start(r, "t").unwrap()];
-    while let Some(msg) = outbox.pop() {
+    let mut outbox = std::collections::VecDeque::from([client.start(r, "t").unwrap()]);
+    while let Some(msg) = outbox.pop_front() {
         for reply in seq.handle(&mut session, msg) {
             let step = client.handle(r, reply).unwrap();
             if step.reconnect {

@@ -46,9 +46,9 @@ fn show(name: &str, r: &Replica) -> ferry_core::Result<()> {
 fn sync(relay: &mut Sequencer, r: &Replica) -> ferry_core::Result<usize> {
     let mut client = SyncClient::new();
     let mut session = relay.session();
-    let mut outbox = vec![client.start(r, "demo-token")?];
+    let mut outbox = std::collections::VecDeque::from([client.start(r, "demo-token")?]);
     let mut applied = 0;
-    while let Some(msg) = outbox.pop() {
+    while let Some(msg) = outbox.pop_front() {
         for reply in relay.handle(&mut session, msg) {
             let step = client.handle(r, reply)?;
             applied += step.applied;
