@@ -25,7 +25,9 @@ fn frames_round_trip() {
     let msgs = vec![
         hello(),
         ClientMsg::Ping { nonce: 9 },
-        ClientMsg::Push { change_sets: vec![] },
+        ClientMsg::Push {
+            change_sets: vec![],
+        },
     ];
     for m in msgs {
         assert_eq!(ClientMsg::decode(&m.encode().unwrap()).unwrap(), m);
@@ -47,7 +49,12 @@ fn frames_round_trip() {
 /// Changing the wire format must be a visible decision: this frame is frozen.
 #[test]
 fn golden_hello_frame() {
-    let hex: String = hello().encode().unwrap().iter().map(|b| format!("{b:02x}")).collect();
+    let hex: String = hello()
+        .encode()
+        .unwrap()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     assert_eq!(
         hex,
         "46590100\
@@ -70,8 +77,17 @@ fn bad_frames_are_clear_errors() {
         (good[..good.len() - 3].to_vec(), "undecodable"),
         (wrong_version, "version 99"),
         (flags, "flags"),
-        ([&good[..4], &[0xc1, 0xff, 0x00][..]].concat(), "undecodable"),
-        (vec![b'F', b'Y', 1, 0].into_iter().chain(std::iter::repeat_n(0x91, 64)).collect(), "undecodable"),
+        (
+            [&good[..4], &[0xc1, 0xff, 0x00][..]].concat(),
+            "undecodable",
+        ),
+        (
+            vec![b'F', b'Y', 1, 0]
+                .into_iter()
+                .chain(std::iter::repeat_n(0x91, 64))
+                .collect(),
+            "undecodable",
+        ),
     ];
     for (bytes, want) in cases {
         match ClientMsg::decode(&bytes) {
@@ -89,7 +105,11 @@ fn client_resumes_after_a_dropped_connection_without_duplicates() {
     let a = open(d.path(), "a.db");
     let b = open(d.path(), "b.db");
     for n in 0..10 {
-        a.execute("INSERT INTO todo(id, votes) VALUES (?1, 1)", &[t(&format!("r{n}"))]).unwrap();
+        a.execute(
+            "INSERT INTO todo(id, votes) VALUES (?1, 1)",
+            &[t(&format!("r{n}"))],
+        )
+        .unwrap();
     }
     let mut relay = Sequencer::new();
     // First connection: the push reaches the relay but the acks are lost with the link.

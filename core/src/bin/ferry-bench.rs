@@ -185,7 +185,12 @@ fn main() {
             ferry: vec![],
         },
         Result {
-            name: "R point reads by key",
+            name: "R point reads by key (Replica::query)",
+            plain: vec![],
+            ferry: vec![],
+        },
+        Result {
+            name: "R2 point reads, own connection on the file",
             plain: vec![],
             ferry: vec![],
         },
@@ -220,6 +225,14 @@ fn main() {
             assert_eq!(a, b);
             results[4].plain.push(tp);
             results[4].ferry.push(tf);
+            // The app's own connection (e.g. its ORM) reading a Ferry replica file.
+            let own = Connection::open(dir.join("ferry.db")).expect("open own");
+            ferry_core::db::configure(&own).expect("pragmas");
+            let (tp, a) = time(|| plain_reads(&c, n));
+            let (tf, b) = time(|| plain_reads(&own, n));
+            assert_eq!(a, b);
+            results[5].plain.push(tp);
+            results[5].ferry.push(tf);
         }
         if apply {
             // W3: the change sets replica A would push, applied into an empty replica.
