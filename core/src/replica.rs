@@ -1063,7 +1063,8 @@ impl Db {
             Ok(f) => (f, None),
             Err((failed_at, e)) => {
                 *report = snapshot;
-                notes.events.retain(|ev| ev.source != ChangeSource::Remote);
+                // The failed transaction (its foreign fold included) was rolled back.
+                notes.events.clear();
                 notes.conflicts.clear();
                 tracing::warn!(error = %e, "remote change set refused");
                 if failed_at == 0 {
