@@ -80,6 +80,9 @@ struct RowAcc {
     original: Option<Vec<Value>>,
     /// Events seen for this row so far.
     events: u32,
+    /// Foreign fold only: columns whose final value must be read back from the table
+    /// (`None` when the row needs no read).
+    reread: Option<Vec<bool>>,
 }
 
 impl RowAcc {
@@ -98,6 +101,13 @@ impl RowAcc {
         match self.deltas.iter_mut().find(|(c, _)| *c == i) {
             Some(slot) => slot.1 = slot.1.wrapping_add(d),
             None => self.deltas.push((i, d)),
+        }
+    }
+    /// Foreign fold: the row's final values of `cols` are read back from the table.
+    fn reread(&mut self, cols: impl IntoIterator<Item = usize>, ncols: usize) {
+        let flags = self.reread.get_or_insert_with(|| vec![false; ncols]);
+        for c in cols {
+            flags[c] = true;
         }
     }
     fn delta(&self, i: usize) -> i64 {
@@ -165,6 +175,7 @@ impl Accumulator {
                     deleted_old: None,
                     original: None,
                     events: 0,
+                    reread: None,
                 });
                 let rows = &self.rows;
                 self.index
@@ -486,26 +497,11 @@ pub fn fold_foreign(conn: &Connection, cat: &Catalog, acc: &mut Accumulator) -> 
         })?
         .collect::<rusqlite::Result<_>>()?;
     if entries.is_empty() {
-        conn.execute("DELETE FROM ferry_stash", [])?;
+        // Stash rows left by a foreign INSERT OR IGNORE / upsert that inserted nothing.
+        conn.prepare_cached("DELETE FROM ferry_stash")?
+            .execute([])?;
         return Ok(false);
     }
-    // Per touched row: which columns changed (final values are read from the table).
-    let mut touched: Vec<(u32, Value, Vec<bool>)> = Vec::new();
-    let mut touch = |tid: u32, pk: &Value, cols: &[usize], ncols: usize| {
-        let slot = match touched
-            .iter_mut()
-            .position(|(t, p, _)| *t == tid && p == pk)
-        {
-            Some(i) => i,
-            None => {
-                touched.push((tid, pk.clone(), vec![false; ncols]));
-                touched.len() - 1
-            }
-        };
-        for c in cols {
-            touched[slot].2[*c] = true;
-        }
-    };
     for (seq, tbl, pk, op, newpk, cols, deltas, existed) in entries {
         let t = cat.by_id(tbl as u32)?;
         let n = t.cols.len();
@@ -513,7 +509,6 @@ pub fn fold_foreign(conn: &Connection, cat: &Catalog, acc: &mut Accumulator) -> 
             Some(d) => serde_json::from_str(d)?,
             None => serde_json::Map::new(),
         };
-        let all: Vec<usize> = (0..n).collect();
         match op {
             1 => {
                 let e = acc.entry(t, pk.as_ref(), existed == Some(1));
@@ -522,7 +517,7 @@ pub fn fold_foreign(conn: &Connection, cat: &Catalog, acc: &mut Accumulator) -> 
                     let i = t.col(name)?;
                     e.add(i, d.as_i64().unwrap_or(0));
                 }
-                touch(t.id, &pk, &all, n);
+                e.reread(0..n, n);
             }
             2 if pk != newpk => {
                 let old = old_values(conn, seq, t)?;
@@ -539,6 +534,7 @@ pub fn fold_foreign(conn: &Connection, cat: &Catalog, acc: &mut Accumulator) -> 
                     let new = pair.get(1).and_then(serde_json::Value::as_i64).unwrap_or(0);
                     e.add(i, new);
                 }
+                e.reread(0..n, n);
                 // The old key's counters go away with it.
                 let e = acc.entry(t, pk.as_ref(), true);
                 for (name, pair) in &counter_json {
@@ -546,7 +542,6 @@ pub fn fold_foreign(conn: &Connection, cat: &Catalog, acc: &mut Accumulator) -> 
                     let old = pair.get(0).and_then(serde_json::Value::as_i64).unwrap_or(0);
                     e.add(i, old.wrapping_neg());
                 }
-                touch(t.id, &newpk, &all, n);
             }
             2 => {
                 let names: Vec<Option<String>> = match &cols {
@@ -569,11 +564,11 @@ pub fn fold_foreign(conn: &Connection, cat: &Catalog, acc: &mut Accumulator) -> 
                     let new = pair.get(1).and_then(serde_json::Value::as_i64).unwrap_or(0);
                     e.add(i, new.wrapping_sub(old));
                 }
-                let non_counter: Vec<usize> = idx
-                    .into_iter()
-                    .filter(|i| t.cols[*i].policy != Policy::Counter)
-                    .collect();
-                touch(t.id, &pk, &non_counter, n);
+                e.reread(
+                    idx.into_iter()
+                        .filter(|i| t.cols[*i].policy != Policy::Counter),
+                    n,
+                );
             }
             3 => {
                 let old = old_values(conn, seq, t)?;
@@ -592,22 +587,12 @@ pub fn fold_foreign(conn: &Connection, cat: &Catalog, acc: &mut Accumulator) -> 
         }
     }
     // Final values come from the table itself: it is the truth after the foreign commits.
-    for (tid, pk, cols) in touched {
-        let t = cat.by_id(tid)?;
-        let sql = format!(
-            "SELECT {} FROM {} WHERE {} = ?1",
-            t.select_list(),
-            quote(t.name()),
-            quote(&t.cols[t.pk].name)
-        );
-        let current: Option<Vec<Value>> = conn
-            .prepare_cached(&sql)?
-            .query_row([&pk], |r| {
-                (0..t.cols.len()).map(|i| r.get::<_, Value>(i)).collect()
-            })
-            .optional()?;
-        let e = acc.entry(t, pk.as_ref(), false);
-        match current {
+    for e in acc.rows.iter_mut() {
+        let Some(cols) = e.reread.take() else {
+            continue;
+        };
+        let t = cat.by_id(e.table)?;
+        match read_row(conn, t, &e.pk)? {
             Some(vals) => {
                 e.alive = true;
                 for (i, v) in vals.into_iter().enumerate() {

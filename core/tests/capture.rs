@@ -376,3 +376,44 @@ fn app_triggers_still_fire_for_sdk_writes_and_their_writes_are_captured() {
         .unwrap();
     assert!(r.capture_foreign().unwrap());
 }
+
+#[test]
+fn a_large_foreign_transaction_folds_into_one_change_set() {
+    let d = tempfile::tempdir().unwrap();
+    let r = open(d.path(), "a.db");
+    let mut orm = rusqlite::Connection::open(d.path().join("a.db")).unwrap();
+    let tx = orm.transaction().unwrap();
+    for n in 0..5_000 {
+        tx.execute(
+            "INSERT INTO todo(id, title, votes) VALUES (?1, 'x', 1)",
+            [format!("k{n}")],
+        )
+        .unwrap();
+    }
+    tx.execute(
+        "UPDATE todo SET title = 'y', votes = votes + 1 WHERE id < 'k2'",
+        [],
+    )
+    .unwrap();
+    tx.execute("DELETE FROM todo WHERE id LIKE 'k4%'", [])
+        .unwrap();
+    tx.commit().unwrap();
+    let p = pending(&r);
+    assert_eq!(p.len(), 1);
+    let deleted = (0..5_000)
+        .filter(|n| n.to_string().starts_with('4'))
+        .count();
+    assert_eq!(
+        p[0].rows.len(),
+        5_000 - deleted,
+        "inserted-then-deleted rows vanish"
+    );
+    let k1 = p[0].rows.iter().find(|x| x.pk == t("k1")).unwrap();
+    match &k1.op {
+        RowOp::Upsert(c) => {
+            assert!(c.contains(&Cell::Set("title".into(), t("y"))));
+            assert!(c.contains(&Cell::Add("votes".into(), 2)), "{c:?}");
+        }
+        RowOp::Delete => panic!(),
+    }
+}
