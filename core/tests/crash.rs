@@ -77,7 +77,12 @@ fn crash_child() {
         return;
     };
     let dir = PathBuf::from(std::env::var("FERRY_CRASH_DIR").unwrap());
-    let r = open(&dir, "victim.db");
+    // One change set per transaction, so the parent can see progress and kill mid-way.
+    let opts = ferry_core::OpenOptions {
+        apply_chunk_ops: 1,
+        ..Default::default()
+    };
+    let r = Replica::open_with(dir.join("victim.db"), &schema(), opts).unwrap();
     std::fs::write(dir.join("ready"), b"").unwrap();
     match mode.as_str() {
         "apply" => {
@@ -145,9 +150,28 @@ fn killed_mid_apply_reopens_consistent_and_finishes() {
     for round in 0..6 {
         let mut child = spawn("apply", d.path());
         wait_ready(d.path());
-        let delay = rand::RngExt::random_range(&mut rng, 5..120u64);
-        std::thread::sleep(Duration::from_millis(delay));
-        child.kill().unwrap(); // SIGKILL
+        // Kill once the child's committed cursor passes a random point (read through a
+        // connection of our own), so the kill lands while it is applying.
+        let target = rand::RngExt::random_range(&mut rng, 1..SETS - 20);
+        let watcher = rusqlite::Connection::open(d.path().join("victim.db")).unwrap();
+        let started = Instant::now();
+        loop {
+            let c: i64 = watcher
+                .query_row(
+                    "SELECT value FROM ferry_meta WHERE key = 'cursor'",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap_or(0);
+            if c as u64 >= target || started.elapsed() > Duration::from_secs(30) {
+                break;
+            }
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+        }
+        child.kill().ok(); // SIGKILL
+        drop(watcher);
         child.wait().unwrap();
         let r = open(d.path(), "victim.db");
         let c = check_apply_consistent(&r);
