@@ -344,7 +344,14 @@ pub struct HookState {
     pub catalog: Arc<Catalog>,
     /// What the current transaction has changed.
     pub acc: Accumulator,
+    /// Columns the running top-level statement can change, per table id, as SQLite's
+    /// authorizer reported them when the statement was prepared. Lets the hook compare only
+    /// those columns of an UPDATE instead of reading every new value.
+    pub stmt_cols: Option<Arc<StmtCols>>,
 }
+
+/// Columns a statement's `SET` list names, per synced table id.
+pub type StmtCols = Vec<(u32, Vec<usize>)>;
 
 /// Installs the pre-update hook that feeds `state`. The hook runs for every row the SDK's
 /// connection writes, so it allocates only for what it must keep.
@@ -359,6 +366,7 @@ pub fn install_hook(conn: &mut Connection, state: Arc<Mutex<HookState>>) -> Resu
                 enabled,
                 catalog,
                 acc,
+                stmt_cols,
             } = &mut *guard;
             if !*enabled {
                 return;
@@ -432,7 +440,23 @@ pub fn install_hook(conn: &mut Connection, state: Arc<Mutex<HookState>>) -> Resu
                                 .collect(),
                         );
                     }
-                    for i in 0..n {
+                    // At depth 0 the statement's own SET list bounds what can change;
+                    // trigger-driven updates (depth > 0) and unknown statements compare
+                    // every column.
+                    let all: Vec<usize>;
+                    let known = match (old.get_query_depth(), stmt_cols.as_deref()) {
+                        (0, Some(sc)) => sc.iter().find(|(id, _)| *id == t.id).map(|(_, c)| c),
+                        _ => None,
+                    };
+                    let cols: &[usize] = match known {
+                        Some(c) => c,
+                        None => {
+                            all = (0..t.cols.len()).collect();
+                            &all
+                        }
+                    };
+                    for &c in cols {
+                        let i = c as i32;
                         let (Ok(a), Ok(b)) =
                             (old.get_old_column_value(i), new.get_new_column_value(i))
                         else {
@@ -441,7 +465,6 @@ pub fn install_hook(conn: &mut Connection, state: Arc<Mutex<HookState>>) -> Resu
                         if ref_eq(a, b) {
                             continue;
                         }
-                        let c = i as usize;
                         if t.cols[c].policy == Policy::Counter {
                             match (counter_value(a), counter_value(b)) {
                                 (Some(x), Some(y)) => row.add(c, y.wrapping_sub(x)),

@@ -7,7 +7,7 @@
 //! transaction across anything but local SQLite work.
 
 use crate::apply::{self, Ctx, Followup, Outcome};
-use crate::capture::{self, Accumulator, HookState, LocalChange};
+use crate::capture::{self, Accumulator, HookState, LocalChange, StmtCols};
 use crate::catalog::Catalog;
 use crate::changeset::{ChangeSet, Sequenced};
 use crate::conflict::{self, Conflict};
@@ -78,6 +78,8 @@ struct AuthState {
     denied: Option<Denied>,
     /// When set, tables read by statements being prepared are recorded (for watch).
     reads: Option<BTreeSet<String>>,
+    /// When set, `(table, column)` pairs a top-level statement updates are recorded.
+    updates: Option<Vec<(String, String)>>,
 }
 
 fn is_internal(name: &str) -> bool {
@@ -100,6 +102,8 @@ struct Db {
     schema_cookie: i64,
     /// Whether SQLite runs triggers on this connection (see `sync_trigger_mode`).
     triggers_on: bool,
+    /// Columns each app statement (by SQL text) updates, learnt once from the authorizer.
+    stmt_cols: Mutex<HashMap<String, Arc<StmtCols>>>,
 }
 
 /// Pending notifications gathered under the lock and delivered after it is released.
@@ -145,15 +149,60 @@ impl std::fmt::Debug for Replica {
 pub struct WriteTx<'a> {
     conn: &'a Connection,
     auth: &'a Mutex<AuthState>,
+    hook: &'a Mutex<HookState>,
+    cat: &'a Catalog,
+    stmt_cols: &'a Mutex<HashMap<String, Arc<StmtCols>>>,
 }
 
 impl WriteTx<'_> {
     /// Runs one SQL statement with positional parameters; returns rows changed.
     pub fn execute(&self, sql: &str, params: &[Value]) -> Result<usize> {
+        let cols = self.statement_cols(sql)?;
+        let _scope = StmtScope::new(self.hook, cols);
         app_sql(self.auth, || {
             let mut st = self.conn.prepare_cached(sql)?;
             Ok(st.execute(rusqlite::params_from_iter(params.iter()))?)
         })
+    }
+
+    /// The columns `sql` updates per synced table, learnt once per SQL text by preparing it
+    /// with the authorizer recording (bounded cache).
+    fn statement_cols(&self, sql: &str) -> Result<Arc<StmtCols>> {
+        if let Some(c) = self.stmt_cols.lock().get(sql) {
+            return Ok(Arc::clone(c));
+        }
+        self.auth.lock().updates = Some(Vec::new());
+        let prepared = app_sql(self.auth, || {
+            self.conn.prepare(sql)?;
+            Ok(())
+        });
+        let updates = self.auth.lock().updates.take().unwrap_or_default();
+        prepared?;
+        let mut cols: StmtCols = Vec::new();
+        let mut unknown: BTreeSet<u32> = BTreeSet::new();
+        for (table, column) in updates {
+            let Some(t) = self.cat.get(&table) else {
+                continue;
+            };
+            match t.by_name.get(&column) {
+                Some(i) => match cols.iter_mut().find(|(id, _)| *id == t.id) {
+                    Some((_, v)) => v.push(*i),
+                    None => cols.push((t.id, vec![*i])),
+                },
+                // A name we cannot map: compare every column of that table.
+                None => {
+                    unknown.insert(t.id);
+                }
+            }
+        }
+        cols.retain(|(id, _)| !unknown.contains(id));
+        let cols = Arc::new(cols);
+        let mut cache = self.stmt_cols.lock();
+        if cache.len() >= 512 {
+            cache.clear();
+        }
+        cache.insert(sql.to_owned(), Arc::clone(&cols));
+        Ok(cols)
     }
 
     /// Runs a query inside the transaction.
@@ -164,11 +213,30 @@ impl WriteTx<'_> {
     /// Prepares a statement once for many executions (bulk writes), like
     /// `rusqlite::Connection::prepare_cached`.
     pub fn prepare(&self, sql: &str) -> Result<Prepared<'_>> {
+        let cols = self.statement_cols(sql)?;
         let stmt = app_sql(self.auth, || Ok(self.conn.prepare_cached(sql)?))?;
         Ok(Prepared {
             stmt,
             auth: self.auth,
+            hook: self.hook,
+            cols,
         })
+    }
+}
+
+/// Tells the hook which columns the running statement updates, until dropped.
+struct StmtScope<'a>(&'a Mutex<HookState>);
+
+impl<'a> StmtScope<'a> {
+    fn new(hook: &'a Mutex<HookState>, cols: Arc<StmtCols>) -> Self {
+        hook.lock().stmt_cols = Some(cols);
+        StmtScope(hook)
+    }
+}
+
+impl Drop for StmtScope<'_> {
+    fn drop(&mut self) {
+        self.0.lock().stmt_cols = None;
     }
 }
 
@@ -176,11 +244,14 @@ impl WriteTx<'_> {
 pub struct Prepared<'a> {
     stmt: rusqlite::CachedStatement<'a>,
     auth: &'a Mutex<AuthState>,
+    hook: &'a Mutex<HookState>,
+    cols: Arc<StmtCols>,
 }
 
 impl Prepared<'_> {
     /// Executes with positional parameters; returns rows changed.
     pub fn execute(&mut self, params: &[Value]) -> Result<usize> {
+        let _scope = StmtScope::new(self.hook, Arc::clone(&self.cols));
         let stmt = &mut self.stmt;
         app_sql(self.auth, || {
             Ok(stmt.execute(rusqlite::params_from_iter(params.iter()))?)
@@ -274,6 +345,7 @@ impl Replica {
             enabled: false,
             catalog: Arc::clone(&cat),
             acc: Accumulator::default(),
+            stmt_cols: None,
         }));
         capture::install_hook(&mut conn, Arc::clone(&hook))?;
         let auth = Arc::new(Mutex::new(AuthState {
@@ -301,6 +373,7 @@ impl Replica {
             next_oseq: next_oseq as u64,
             schema_cookie: -1,
             triggers_on: true,
+            stmt_cols: Mutex::new(HashMap::new()),
         };
         let mut db = db;
         db.sync_trigger_mode()?;
@@ -779,6 +852,17 @@ fn install_authorizer(conn: &mut Connection, auth: Arc<Mutex<AuthState>>) -> Res
         if let (Some(reads), AuthAction::Read { table_name, .. }) = (&mut a.reads, &ctx.action) {
             reads.insert((*table_name).to_owned());
         }
+        if let (
+            Some(updates),
+            AuthAction::Update {
+                table_name,
+                column_name,
+            },
+            None,
+        ) = (&mut a.updates, &ctx.action, ctx.accessor)
+        {
+            updates.push(((*table_name).to_owned(), (*column_name).to_owned()));
+        }
         if !a.app_sql || ctx.accessor.is_some_and(is_internal) {
             return Authorization::Allow;
         }
@@ -921,6 +1005,9 @@ impl Db {
             let out = f(&WriteTx {
                 conn: &self.conn,
                 auth: &self.auth,
+                hook: &self.hook,
+                cat: &self.cat,
+                stmt_cols: &self.stmt_cols,
             });
             let change = {
                 let mut h = self.hook.lock();

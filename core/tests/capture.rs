@@ -417,3 +417,39 @@ fn a_large_foreign_transaction_folds_into_one_change_set() {
         RowOp::Delete => panic!(),
     }
 }
+
+#[test]
+fn columns_changed_by_an_app_trigger_are_captured_beyond_the_statements_set_list() {
+    let d = tempfile::tempdir().unwrap();
+    let r = open(d.path(), "a.db");
+    r.execute(
+        "INSERT INTO todo(id, title, done) VALUES ('a', 'x', 0)",
+        &[],
+    )
+    .unwrap();
+    r.execute(
+        "CREATE TRIGGER mark_done AFTER UPDATE OF title ON todo BEGIN \
+         UPDATE todo SET done = 1, list = 'edited' WHERE id = NEW.id; END",
+        &[],
+    )
+    .unwrap();
+    let p0 = r.pending(100, usize::MAX).unwrap().len();
+    r.write(|tx| {
+        let mut st = tx.prepare("UPDATE todo SET title = ?1 WHERE id = ?2")?;
+        st.execute(&[t("renamed"), t("a")])
+    })
+    .unwrap();
+    let p = r.pending(100, usize::MAX).unwrap();
+    assert_eq!(p.len(), p0 + 1);
+    match &p.last().unwrap().rows[0].op {
+        RowOp::Upsert(c) => {
+            assert!(
+                c.contains(&Cell::Set("title".into(), t("renamed"))),
+                "{c:?}"
+            );
+            assert!(c.contains(&Cell::Set("done".into(), i(1))), "{c:?}");
+            assert!(c.contains(&Cell::Set("list".into(), t("edited"))), "{c:?}");
+        }
+        RowOp::Delete => panic!(),
+    }
+}
