@@ -13,7 +13,9 @@ use crate::error::{Error, Result};
 use crate::schema::{Policy, quote};
 use crate::value::{Value, ref_eq};
 use parking_lot::Mutex;
-use rusqlite::hooks::{Action, PreUpdateCase};
+use rusqlite::hooks::{
+    Action, PreUpdateCase, PreUpdateNewValueAccessor, PreUpdateOldValueAccessor,
+};
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
@@ -353,6 +355,28 @@ pub struct HookState {
 /// Columns a statement's `SET` list names, per synced table id.
 pub type StmtCols = Vec<(u32, Vec<usize>)>;
 
+/// Every old value of the row being deleted or updated.
+fn old_row(old: &PreUpdateOldValueAccessor, n: i32) -> Vec<Value> {
+    (0..n)
+        .map(|i| {
+            old.get_old_column_value(i)
+                .map(Value::from_ref)
+                .unwrap_or(Value::Null)
+        })
+        .collect()
+}
+
+/// Every new value of the row being inserted or updated.
+fn new_row(new: &PreUpdateNewValueAccessor, n: i32) -> Vec<Value> {
+    (0..n)
+        .map(|i| {
+            new.get_new_column_value(i)
+                .map(Value::from_ref)
+                .unwrap_or(Value::Null)
+        })
+        .collect()
+}
+
 /// Installs the pre-update hook that feeds `state`. The hook runs for every row the SDK's
 /// connection writes, so it allocates only for what it must keep.
 pub fn install_hook(conn: &mut Connection, state: Arc<Mutex<HookState>>) -> Result<()> {
@@ -375,24 +399,10 @@ pub fn install_hook(conn: &mut Connection, state: Arc<Mutex<HookState>>) -> Resu
             let n = t.cols.len() as i32;
             match case {
                 PreUpdateCase::Insert(new) => {
-                    let vals = (0..n)
-                        .map(|i| {
-                            new.get_new_column_value(i)
-                                .map(Value::from_ref)
-                                .unwrap_or(Value::Null)
-                        })
-                        .collect();
-                    acc.insert(t, vals);
+                    acc.insert(t, new_row(new, n));
                 }
                 PreUpdateCase::Delete(old) => {
-                    let vals = (0..n)
-                        .map(|i| {
-                            old.get_old_column_value(i)
-                                .map(Value::from_ref)
-                                .unwrap_or(Value::Null)
-                        })
-                        .collect();
-                    acc.delete(t, vals);
+                    acc.delete(t, old_row(old, n));
                 }
                 PreUpdateCase::Update {
                     old_value_accessor: old,
@@ -409,36 +419,14 @@ pub fn install_hook(conn: &mut Connection, state: Arc<Mutex<HookState>>) -> Resu
                     };
                     if !ref_eq(old_pk, new_pk) {
                         // A key change is a delete of the old key and an insert of the new one.
-                        let olds = (0..n)
-                            .map(|i| {
-                                old.get_old_column_value(i)
-                                    .map(Value::from_ref)
-                                    .unwrap_or(Value::Null)
-                            })
-                            .collect();
-                        let news = (0..n)
-                            .map(|i| {
-                                new.get_new_column_value(i)
-                                    .map(Value::from_ref)
-                                    .unwrap_or(Value::Null)
-                            })
-                            .collect();
-                        acc.delete(t, olds);
-                        acc.insert(t, news);
+                        acc.delete(t, old_row(old, n));
+                        acc.insert(t, new_row(new, n));
                         return;
                     }
                     let mut bad = None;
                     let row = acc.entry(t, old_pk, true);
                     if row.events == 1 && t.update_wins() {
-                        row.original = Some(
-                            (0..n)
-                                .map(|i| {
-                                    old.get_old_column_value(i)
-                                        .map(Value::from_ref)
-                                        .unwrap_or(Value::Null)
-                                })
-                                .collect(),
-                        );
+                        row.original = Some(old_row(old, n));
                     }
                     // At depth 0 the statement's own SET list bounds what can change;
                     // trigger-driven updates (depth > 0) and unknown statements compare

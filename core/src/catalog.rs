@@ -120,17 +120,16 @@ impl Catalog {
                             decl.name, c.name
                         )));
                     }
-                    let mut col_sql = decl.column_sql(c);
                     if c.not_null && c.default.is_none() && c.policy != Policy::Counter {
                         return Err(Error::InvalidSchema(format!(
                             "new column `{}.{}` is NOT NULL without a default: existing rows could not keep it",
                             decl.name, c.name
                         )));
                     }
-                    col_sql = col_sql.replace(" NOT NULL NOT NULL", " NOT NULL");
                     conn.execute_batch(&format!(
-                        "ALTER TABLE {} ADD COLUMN {col_sql}",
-                        quote(&decl.name)
+                        "ALTER TABLE {} ADD COLUMN {}",
+                        quote(&decl.name),
+                        decl.column_sql(c)
                     ))?;
                     tracing::info!(table = %decl.name, column = %c.name, "added declared column");
                 }

@@ -336,11 +336,7 @@ impl Replica {
             conn.query_row("SELECT coalesce(max(hlc), 0) FROM ferry_log", [], |r| {
                 r.get(0)
             })?;
-        let next_oseq: i64 = conn.query_row(
-            "SELECT coalesce(max(origin_seq), 0) + 1 FROM ferry_log WHERE origin = ?1",
-            [me_num],
-            |r| r.get(0),
-        )?;
+        let next_oseq = next_origin_seq(&conn, me_num)?;
         let hook = Arc::new(Mutex::new(HookState {
             enabled: false,
             catalog: Arc::clone(&cat),
@@ -370,7 +366,7 @@ impl Replica {
             origins,
             clock: HlcState::resume(Hlc(stored_hlc.max(log_hlc as u64))),
             cursor,
-            next_oseq: next_oseq as u64,
+            next_oseq,
             schema_cookie: -1,
             triggers_on: true,
             stmt_cols: Mutex::new(HashMap::new()),
@@ -472,6 +468,14 @@ impl Replica {
         let (any, notes) = {
             let mut g = self.db.lock();
             let db = g.as_mut().ok_or(Error::Closed)?;
+            // Only take the write lock when another connection left something to fold.
+            let waiting: bool = db
+                .conn
+                .prepare_cached("SELECT EXISTS (SELECT 1 FROM ferry_foreign)")?
+                .query_row([], |r| r.get(0))?;
+            if !waiting {
+                return Ok(false);
+            }
             let mut notes = Notes::default();
             db.conn.execute_batch("BEGIN IMMEDIATE")?;
             let r = db
@@ -622,20 +626,12 @@ impl Replica {
                 })?;
                 continue;
             };
-            let merged = self
-                .query(
-                    &format!(
-                        "SELECT {} FROM {} WHERE {} = ?1",
-                        quote(&f.column),
-                        quote(&f.table),
-                        quote(&self.pk_name(&f.table)?)
-                    ),
-                    std::slice::from_ref(&f.pk),
-                )?
-                .rows
-                .into_iter()
-                .next()
-                .and_then(|r| r.into_iter().next());
+            let (merged, pk_col) = self.with_db(|db| {
+                let t = db.cat.table(&f.table)?;
+                let i = t.col(&f.column)?;
+                let row = capture::read_row(&db.conn, t, &f.pk)?;
+                Ok((row.map(|mut v| v.swap_remove(i)), t.cols[t.pk].name.clone()))
+            })?;
             let Some(merged) = merged else { continue };
             let input = ConflictInput {
                 table: f.table.clone(),
@@ -655,7 +651,6 @@ impl Replica {
             // Built-in merge already made every replica pick `merged`; only a different answer
             // needs writing. It becomes a new local change, newer than both sides.
             if answer != merged {
-                let pk_col = self.pk_name(&f.table)?;
                 self.write(|tx| {
                     tx.execute(
                         &format!(
@@ -670,13 +665,6 @@ impl Replica {
             }
         }
         Ok(())
-    }
-
-    fn pk_name(&self, table: &str) -> Result<String> {
-        self.with_db(|db| {
-            let t = db.cat.table(table)?;
-            Ok(t.cols[t.pk].name.clone())
-        })
     }
 
     /// Registers the resolver for `custom` columns of `table`.
@@ -835,6 +823,17 @@ fn set_resolution(conn: &Connection, id: i64, text: &str) -> Result<()> {
     Ok(())
 }
 
+/// The origin_seq the next local change set of origin `num` gets (stored, so it survives
+/// restarts and is rolled back with a failed transaction).
+fn next_origin_seq(conn: &Connection, num: u32) -> Result<u64> {
+    let n: i64 = conn.query_row(
+        "SELECT coalesce(max(origin_seq), 0) + 1 FROM ferry_log WHERE origin = ?1",
+        [num],
+        |r| r.get(0),
+    )?;
+    Ok(n as u64)
+}
+
 fn origin_num(conn: &Connection, id: ReplicaId) -> Result<u32> {
     conn.query_row(
         "SELECT id FROM ferry_origins WHERE replica_id = ?1",
@@ -981,12 +980,8 @@ impl Db {
         if let Ok(c) = db::meta_get::<i64>(&self.conn, "cursor") {
             self.cursor = c as u64;
         }
-        if let Ok(n) = self.conn.query_row(
-            "SELECT coalesce(max(origin_seq), 0) + 1 FROM ferry_log WHERE origin = ?1",
-            [self.me_num],
-            |r| r.get::<_, i64>(0),
-        ) {
-            self.next_oseq = n as u64;
+        if let Ok(n) = next_origin_seq(&self.conn, self.me_num) {
+            self.next_oseq = n;
         }
     }
 
