@@ -121,6 +121,17 @@ impl Ctx<'_> {
         Ok(())
     }
 
+    /// Forgets a row that left this replica's read scopes: its values and its merge
+    /// metadata go, so that if it comes back its history is replayed from scratch. Not a
+    /// user delete: nothing is logged or pushed.
+    pub fn evict(&mut self, table: &str, pk: &Value) -> Result<()> {
+        let t = self.cat.table(table)?;
+        rows::delete_row(self.conn, t, pk)?;
+        rows::forget(self.conn, t, pk)?;
+        self.out.tables.insert(table.to_owned());
+        Ok(())
+    }
+
     fn apply_row(&mut self, t: &TableInfo, rc: &RowChange, v: &Version) -> Result<()> {
         let stored = rows::load(self.conn, t, &rc.pk)?;
         let cl_local = stored.as_ref().map_or(0, |s| s.meta.cl);

@@ -66,6 +66,17 @@ pub enum Error {
     /// A protocol frame could not be understood.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The network or the relay connection failed (the sync loop retries on its own).
+    #[error("sync transport: {0}")]
+    Transport(String),
+    /// The relay refused a pushed change set.
+    #[error("the relay refused a change set ({code}): {message}")]
+    Refused {
+        /// The relay's error code (`forbidden`, `clock_skew`, ...).
+        code: &'static str,
+        /// The relay's explanation.
+        message: String,
+    },
     /// The replica was closed.
     #[error("the replica is closed")]
     Closed,

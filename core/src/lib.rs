@@ -12,6 +12,7 @@ pub mod apply;
 pub mod capture;
 pub mod catalog;
 pub mod changeset;
+pub mod checksum;
 pub mod conflict;
 pub mod db;
 pub mod error;
@@ -25,8 +26,10 @@ pub mod resolver;
 pub mod rowmeta;
 pub mod rows;
 pub mod schema;
+pub mod scope;
 pub mod sequencer;
 pub mod sync;
+pub mod transport;
 pub mod value;
 pub mod vv;
 
@@ -40,5 +43,9 @@ pub use replica::{ApplyReport, OpenOptions, Prepared, Replica, WriteTx};
 pub use resolver::{ConflictInput, Resolution, Resolver};
 pub use schema::{
     ColumnDecl, ColumnType, DeleteRule, Migration, Policy, Schema, TableDecl, TableMode,
+};
+pub use transport::{
+    ConnState, StatusObserver, SyncError, SyncHandle, SyncOptions, SyncStatus, TokenProvider,
+    Verification,
 };
 pub use value::Value;

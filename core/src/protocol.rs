@@ -1,19 +1,34 @@
 //! Wire protocol types shared by the client and the relay.
 //!
-//! Frames are binary: a 4-byte header (`b'F'`, `b'Y'`, protocol version, flags) followed by a
-//! MessagePack body (serde, named enum variants). The header lets either side refuse a frame
-//! from another protocol version with a clear error before decoding anything; the flags byte
-//! is reserved for compression and must be zero in version 1.
+//! Frames are WebSocket binary messages: a 4-byte header (`b'F'`, `b'Y'`, protocol version,
+//! flags) followed by a MessagePack body (serde, named fields, so a field added later with a
+//! default is still readable by an older peer). The header lets either side refuse a frame
+//! from another protocol version with a clear error before decoding anything.
+//!
+//! Flags: bit 0 ([`FLAG_LZ4`]) marks a body compressed with LZ4 (block format, the
+//! uncompressed length prepended as 4 little-endian bytes). Other bits are reserved and must be
+//! zero. A compressed body whose announced size is above the receiver's limit is refused
+//! before anything is decompressed, so a small frame cannot expand into a huge allocation.
+//!
+//! The full exchange is documented in `docs/protocol.md`; golden frames in
+//! `core/tests/protocol.rs` freeze the encoding.
 
 use crate::changeset::{ChangeSet, Sequenced};
 use crate::error::{Error, Result};
 use crate::ids::ReplicaId;
+use crate::value::Value;
 use serde::{Deserialize, Serialize};
 
 /// Current protocol version.
 pub const PROTOCOL_VERSION: u8 = 1;
 
 const MAGIC: [u8; 2] = *b"FY";
+
+/// Header flag: the body is LZ4-compressed.
+pub const FLAG_LZ4: u8 = 0x01;
+
+/// Bodies at least this large are offered to the compressor.
+pub const COMPRESS_MIN_BYTES: usize = 1024;
 
 /// A frame larger than this is refused before decoding (the relay may configure less).
 pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
@@ -44,6 +59,11 @@ pub enum ClientMsg {
         /// Echoed in the pong.
         nonce: u64,
     },
+    /// Asks for the checksum of everything this connection may read (see [`ServerMsg::Checksum`]).
+    Checksum {
+        /// Echoed in the answer.
+        nonce: u64,
+    },
 }
 
 /// One acknowledgement.
@@ -56,27 +76,97 @@ pub struct Ack {
 }
 
 /// Machine-readable error codes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// The frame could not be decoded.
     BadFrame,
     /// Protocol version not supported.
     UnsupportedVersion,
-    /// Token missing, invalid or expired.
+    /// Token missing, invalid, forged or expired.
     Unauthorized,
     /// Write outside the token's write scopes or to a read-only table.
     Forbidden,
     /// Frame or change set too large.
     TooLarge,
-    /// Too many frames.
+    /// Too many frames or connections.
     RateLimited,
-    /// A change set is invalid (origin, sequence, clock skew, content).
+    /// A change set is invalid (origin, sequence, content, unknown table).
     InvalidChangeSet,
+    /// A change set's clock is further ahead of the relay's than it allows.
+    ClockSkew,
     /// The origin id is already used by different changes (restored backup).
     OriginReused,
+    /// The relay is shutting down; connect again (to it or another node).
+    ShuttingDown,
     /// Something failed on the relay.
     Internal,
+}
+
+impl ErrorCode {
+    /// The code's wire name (as in `docs/protocol.md`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadFrame => "bad_frame",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::InvalidChangeSet => "invalid_change_set",
+            ErrorCode::ClockSkew => "clock_skew",
+            ErrorCode::OriginReused => "origin_reused",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// Limits the relay enforces, announced at welcome so the client batches within them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Largest frame (after decompression) the relay accepts.
+    pub max_frame_bytes: u64,
+    /// Largest change set, in cell operations.
+    pub max_change_set_ops: u64,
+    /// Most change sets in one push frame.
+    pub max_push_sets: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame_bytes: 8 << 20,
+            max_change_set_ops: 100_000,
+            max_push_sets: 1024,
+        }
+    }
+}
+
+/// A primary key of a synced table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RowKey {
+    /// Table.
+    pub table: String,
+    /// Primary key value.
+    pub pk: Value,
+}
+
+/// Rows that change visibility for the receiver at one position, because the change set
+/// sequenced there moved them between scopes. Applied atomically with that position: the
+/// backfill before the change set's own parts, the evictions after.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Move {
+    /// The change set that moved the rows.
+    pub server_seq: u64,
+    /// Rows that left the receiver's read scopes: deleted locally, not a user delete, never
+    /// pushed back.
+    #[serde(default)]
+    pub evict: Vec<RowKey>,
+    /// Earlier history of rows that entered the receiver's read scopes: the parts of change
+    /// sets before `server_seq` that touch them, in order.
+    #[serde(default)]
+    pub backfill: Vec<Sequenced>,
 }
 
 /// Relay → client.
@@ -92,11 +182,27 @@ pub enum ServerMsg {
         server_time_ms: u64,
         /// Highest origin_seq the relay holds from this replica id.
         max_origin_seq: u64,
+        /// The relay's limits.
+        #[serde(default)]
+        limits: Limits,
+        /// History at or below this position is compacted (see `docs/protocol.md`).
+        #[serde(default)]
+        horizon: u64,
     },
     /// Pushed change sets are durable.
     Acks {
         /// One per change set.
         acks: Vec<Ack>,
+    },
+    /// A pushed change set was refused; the connection stays open. Change sets after it
+    /// from the same origin cannot be sequenced until the origin withdraws it.
+    Refused {
+        /// The refused change set's origin_seq.
+        origin_seq: u64,
+        /// Why.
+        code: ErrorCode,
+        /// Human-readable detail (names the table, scope or limit).
+        message: String,
     },
     /// Every position in `(after, up_to]` is covered: these are the parts the client may see.
     Changes {
@@ -108,11 +214,30 @@ pub enum ServerMsg {
         change_sets: Vec<Sequenced>,
         /// Relay head when sent.
         head: u64,
+        /// Rows entering or leaving the receiver's read scopes in this range, by position.
+        #[serde(default)]
+        moves: Vec<Move>,
     },
     /// Keep-alive answer.
     Pong {
         /// From the ping.
         nonce: u64,
+        /// Relay head when the ping was answered: a client whose cursor reaches it has seen
+        /// everything sequenced before its ping.
+        #[serde(default)]
+        head: u64,
+    },
+    /// Checksum of the rows this connection may read, as of relay position `position`.
+    Checksum {
+        /// From the request.
+        nonce: u64,
+        /// The state's position: a replica whose cursor equals it and that has nothing
+        /// pending must compute the same digest.
+        position: u64,
+        /// SHA-256 over the rows (see [`crate::checksum`]).
+        digest: [u8; 32],
+        /// Number of rows covered.
+        rows: u64,
     },
     /// The relay refuses something; the connection closes after it.
     Error {
@@ -126,15 +251,29 @@ pub enum ServerMsg {
 fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>> {
     let mut out = vec![MAGIC[0], MAGIC[1], PROTOCOL_VERSION, 0];
     rmp_serde::encode::write_named(&mut out, msg)?;
+    if out.len() - 4 >= COMPRESS_MIN_BYTES {
+        let packed = lz4_flex::compress_prepend_size(&out[4..]);
+        if packed.len() + 64 < out.len() - 4 {
+            let mut c = Vec::with_capacity(packed.len() + 4);
+            c.extend_from_slice(&[MAGIC[0], MAGIC[1], PROTOCOL_VERSION, FLAG_LZ4]);
+            c.extend_from_slice(&packed);
+            return Ok(c);
+        }
+    }
     Ok(out)
 }
 
-fn decode<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Result<T> {
-    if b.len() > MAX_FRAME_BYTES {
+fn encode_plain<T: Serialize>(msg: &T) -> Result<Vec<u8>> {
+    let mut out = vec![MAGIC[0], MAGIC[1], PROTOCOL_VERSION, 0];
+    rmp_serde::encode::write_named(&mut out, msg)?;
+    Ok(out)
+}
+
+fn decode<T: for<'a> Deserialize<'a>>(b: &[u8], max: usize) -> Result<T> {
+    if b.len() > max {
         return Err(Error::Protocol(format!(
-            "frame of {} bytes exceeds the {} byte limit",
-            b.len(),
-            MAX_FRAME_BYTES
+            "frame of {} bytes exceeds the {max} byte limit",
+            b.len()
         )));
     }
     if b.len() < 4 || b[..2] != MAGIC {
@@ -146,34 +285,72 @@ fn decode<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Result<T> {
             b[2]
         )));
     }
-    if b[3] != 0 {
-        return Err(Error::Protocol(format!(
-            "unknown frame flags {:#04x}",
-            b[3]
-        )));
+    let body = &b[4..];
+    match b[3] {
+        0 => rmp_serde::from_slice(body)
+            .map_err(|e| Error::Protocol(format!("undecodable frame body: {e}"))),
+        FLAG_LZ4 => {
+            if body.len() < 4 {
+                return Err(Error::Protocol("compressed frame without a size".into()));
+            }
+            let size = u32::from_le_bytes([body[0], body[1], body[2], body[3]]) as usize;
+            if size > max {
+                return Err(Error::Protocol(format!(
+                    "compressed frame announces {size} bytes, over the {max} byte limit"
+                )));
+            }
+            let plain = lz4_flex::decompress_size_prepended(body)
+                .map_err(|e| Error::Protocol(format!("undecodable compressed frame: {e}")))?;
+            rmp_serde::from_slice(&plain)
+                .map_err(|e| Error::Protocol(format!("undecodable frame body: {e}")))
+        }
+        f => Err(Error::Protocol(format!("unknown frame flags {f:#04x}"))),
     }
-    rmp_serde::from_slice(&b[4..])
-        .map_err(|e| Error::Protocol(format!("undecodable frame body: {e}")))
 }
 
 impl ClientMsg {
-    /// Encodes to a binary frame.
+    /// Encodes to a binary frame (compressed when that pays).
     pub fn encode(&self) -> Result<Vec<u8>> {
         encode(self)
     }
-    /// Decodes a binary frame.
+    /// Encodes without compression (golden files, tests).
+    pub fn encode_plain(&self) -> Result<Vec<u8>> {
+        encode_plain(self)
+    }
+    /// Decodes a binary frame of at most [`MAX_FRAME_BYTES`].
     pub fn decode(b: &[u8]) -> Result<Self> {
-        decode(b)
+        decode(b, MAX_FRAME_BYTES)
+    }
+    /// Decodes a binary frame of at most `max` bytes (after decompression too).
+    pub fn decode_limited(b: &[u8], max: usize) -> Result<Self> {
+        decode(b, max)
+    }
+    /// Short name of the message kind (logs, metrics).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientMsg::Hello { .. } => "hello",
+            ClientMsg::Push { .. } => "push",
+            ClientMsg::Ping { .. } => "ping",
+            ClientMsg::Checksum { .. } => "checksum",
+        }
     }
 }
 
 impl ServerMsg {
-    /// Encodes to a binary frame.
+    /// Encodes to a binary frame (compressed when that pays).
     pub fn encode(&self) -> Result<Vec<u8>> {
         encode(self)
     }
-    /// Decodes a binary frame.
+    /// Encodes without compression (golden files, tests).
+    pub fn encode_plain(&self) -> Result<Vec<u8>> {
+        encode_plain(self)
+    }
+    /// Decodes a binary frame of at most [`MAX_FRAME_BYTES`].
     pub fn decode(b: &[u8]) -> Result<Self> {
-        decode(b)
+        decode(b, MAX_FRAME_BYTES)
+    }
+    /// Decodes a binary frame of at most `max` bytes (after decompression too).
+    pub fn decode_limited(b: &[u8], max: usize) -> Result<Self> {
+        decode(b, max)
     }
 }

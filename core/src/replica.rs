@@ -10,12 +10,14 @@ use crate::apply::{self, Ctx, Followup, Outcome};
 use crate::capture::{self, Accumulator, HookState, LocalChange, StmtCols};
 use crate::catalog::Catalog;
 use crate::changeset::{ChangeSet, Sequenced};
+use crate::checksum::{self, StateChecksum};
 use crate::conflict::{self, Conflict};
 use crate::db;
 use crate::error::{Error, Result};
 use crate::hlc::{Hlc, HlcState, SystemClock, WallClock};
 use crate::ids::ReplicaId;
 use crate::materialize;
+use crate::protocol::Move;
 use crate::observer::{
     ChangeEvent, ChangeSource, Observer, Registry, Rows, Subscription, Watch, WatchCallback,
 };
@@ -551,6 +553,38 @@ impl Replica {
     /// Each change set is all-or-nothing and the cursor moves in the same transaction;
     /// sets at or below the cursor are skipped, so a repeated delivery changes nothing.
     pub fn apply_remote(&self, after: u64, up_to: u64, sets: &[Sequenced]) -> Result<ApplyReport> {
+        self.apply_changes(after, up_to, sets, &[])
+    }
+
+    /// [`Replica::apply_remote`] plus rows entering or leaving this replica's read scopes
+    /// (`moves`, each applied atomically with its position; see [`Move`]).
+    pub fn apply_changes(
+        &self,
+        after: u64,
+        up_to: u64,
+        sets: &[Sequenced],
+        moves: &[Move],
+    ) -> Result<ApplyReport> {
+        let mut prev = after;
+        for m in moves {
+            if m.server_seq <= prev || m.server_seq > up_to {
+                return Err(Error::InvalidChangeSet(format!(
+                    "scope move at {} is out of order in a batch covering ({after}, {up_to}]",
+                    m.server_seq
+                )));
+            }
+            prev = m.server_seq;
+            let mut last_bf = 0;
+            for b in &m.backfill {
+                if b.server_seq >= m.server_seq || b.server_seq <= last_bf {
+                    return Err(Error::InvalidChangeSet(format!(
+                        "backfill position {} is not before its move at {} or out of order",
+                        b.server_seq, m.server_seq
+                    )));
+                }
+                last_bf = b.server_seq;
+            }
+        }
         let mut last = after;
         for s in sets {
             if s.server_seq <= last || s.server_seq > up_to {
@@ -564,6 +598,7 @@ impl Replica {
         let mut report = ApplyReport::default();
         let mut followups = Vec::new();
         let mut start = 0;
+        let mut moves_done = 0;
         let mut failure = None;
         while start < sets.len() || (start == 0 && sets.is_empty()) {
             let mut end = start;
@@ -576,6 +611,14 @@ impl Replica {
             }
             let chunk = &sets[start..end];
             let is_last = end >= sets.len();
+            let moves_end = if is_last {
+                moves.len()
+            } else {
+                let last_seq = chunk.last().map_or(0, |s| s.server_seq);
+                moves_done + moves[moves_done..].partition_point(|m| m.server_seq <= last_seq)
+            };
+            let chunk_moves = &moves[moves_done..moves_end];
+            moves_done = moves_end;
             let notes = {
                 let mut g = self.db.lock();
                 let db = g.as_mut().ok_or(Error::Closed)?;
@@ -589,6 +632,7 @@ impl Replica {
                 let r = db.apply_chunk(
                     self.wall.as_ref(),
                     chunk,
+                    chunk_moves,
                     if is_last { Some(up_to) } else { None },
                     &mut report,
                     &mut notes,
@@ -802,6 +846,18 @@ impl Replica {
             }
             Ok(out)
         })
+    }
+
+    /// Checksum of every synced row this replica holds (see [`crate::checksum`]). Compare
+    /// it with the relay's only when nothing is pending and the cursor equals the relay's
+    /// position.
+    pub fn checksum(&self) -> Result<StateChecksum> {
+        self.checksum_where(&|_, _| true)
+    }
+
+    /// Checksum of the rows whose scope passes `keep(table, scope)`.
+    pub fn checksum_where(&self, keep: &dyn Fn(&str, &str) -> bool) -> Result<StateChecksum> {
+        self.with_db(|db| checksum::compute(&db.conn, &db.cat, keep))
     }
 
     /// Takes a new replica id and re-issues every unacknowledged change set under it, so
@@ -1136,12 +1192,13 @@ impl Db {
         &mut self,
         wall: &dyn WallClock,
         chunk: &[Sequenced],
+        moves: &[Move],
         up_to: Option<u64>,
         report: &mut ApplyReport,
         notes: &mut Notes,
     ) -> (Vec<Followup>, Option<Error>) {
         let snapshot = report.clone();
-        match self.apply_chunk_once(wall, chunk, up_to, report, notes) {
+        match self.apply_chunk_once(wall, chunk, moves, up_to, report, notes) {
             Ok(f) => (f, None),
             Err((failed_at, e)) => {
                 *report = snapshot;
@@ -1152,7 +1209,10 @@ impl Db {
                 if failed_at == 0 {
                     return (Vec::new(), Some(e));
                 }
-                match self.apply_chunk_once(wall, &chunk[..failed_at], None, report, notes) {
+                let before = chunk[failed_at].server_seq;
+                let moves = &moves[..moves.partition_point(|m| m.server_seq < before)];
+                match self.apply_chunk_once(wall, &chunk[..failed_at], moves, None, report, notes)
+                {
                     Ok(f) => (f, Some(e)),
                     Err((_, again)) => (Vec::new(), Some(again)),
                 }
@@ -1164,6 +1224,7 @@ impl Db {
         &mut self,
         wall: &dyn WallClock,
         chunk: &[Sequenced],
+        moves: &[Move],
         up_to: Option<u64>,
         report: &mut ApplyReport,
         notes: &mut Notes,
@@ -1188,11 +1249,21 @@ impl Db {
                 self.schema_version,
                 usize::MAX,
             )?;
+            let mut mv = 0;
             for (k, s) in chunk.iter().enumerate() {
                 failed_at = k;
                 if s.server_seq <= self.cursor {
                     local_report.duplicates += 1;
                     continue;
+                }
+                while mv < moves.len() && moves[mv].server_seq < s.server_seq {
+                    self.apply_move(&moves[mv], true, true, &mut out)?;
+                    mv += 1;
+                }
+                let moving = (mv < moves.len() && moves[mv].server_seq == s.server_seq)
+                    .then(|| &moves[mv]);
+                if let Some(m) = moving {
+                    self.apply_move(m, true, false, &mut out)?;
                 }
                 let cs = &s.change_set;
                 if cs.origin == self.me && self.is_own_echo(cs)? {
@@ -1211,7 +1282,16 @@ impl Db {
                     local_report.conflicts += out.conflicts.len() - before;
                     self.clock.observe(cs.hlc);
                 }
+                if let Some(m) = moving {
+                    self.apply_move(m, false, true, &mut out)?;
+                    mv += 1;
+                }
                 self.cursor = s.server_seq;
+            }
+            for m in &moves[mv..] {
+                if m.server_seq > self.cursor {
+                    self.apply_move(m, true, true, &mut out)?;
+                }
             }
             if let Some(u) = up_to
                 && u > self.cursor
@@ -1237,6 +1317,37 @@ impl Db {
         }
         notes.conflicts.append(&mut out.conflicts);
         Ok(out.followups)
+    }
+
+    /// Applies the backfill and/or evictions of one scope move (inside the chunk's transaction).
+    fn apply_move(
+        &mut self,
+        m: &Move,
+        backfill: bool,
+        evict: bool,
+        out: &mut Outcome,
+    ) -> Result<()> {
+        if m.server_seq <= self.cursor {
+            return Ok(()); // delivered before
+        }
+        let mut ctx = Ctx {
+            conn: &self.conn,
+            cat: &self.cat,
+            origins: &mut self.origins,
+            out,
+        };
+        if backfill {
+            for b in &m.backfill {
+                ctx.apply(b)?;
+                self.clock.observe(b.change_set.hlc);
+            }
+        }
+        if evict {
+            for k in &m.evict {
+                ctx.evict(&k.table, &k.pk)?;
+            }
+        }
+        Ok(())
     }
 
     fn is_own_echo(&self, cs: &ChangeSet) -> Result<bool> {

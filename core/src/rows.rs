@@ -49,6 +49,13 @@ pub fn store(conn: &Connection, t: &TableInfo, pk: &Value, s: &Stored) -> Result
     Ok(())
 }
 
+/// Removes a row's metadata (the row left this replica's scopes).
+pub fn forget(conn: &Connection, t: &TableInfo, pk: &Value) -> Result<()> {
+    conn.prepare_cached("DELETE FROM ferry_rows WHERE tbl = ?1 AND pk = ?2")?
+        .execute(params![t.id, pk])?;
+    Ok(())
+}
+
 /// Inserts (or replaces) a whole row with the given column values; others take defaults.
 pub fn insert_row(
     conn: &Connection,

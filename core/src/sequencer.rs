@@ -7,7 +7,7 @@
 use crate::changeset::{ChangeSet, Sequenced};
 use crate::error::{Error, Result};
 use crate::ids::ReplicaId;
-use crate::protocol::{Ack, ClientMsg, ErrorCode, PROTOCOL_VERSION, ServerMsg};
+use crate::protocol::{Ack, ClientMsg, ErrorCode, Limits, PROTOCOL_VERSION, ServerMsg};
 use std::collections::HashMap;
 
 /// Per-origin bookkeeping.
@@ -116,6 +116,8 @@ impl Sequencer {
                     head: self.head(),
                     server_time_ms: self.now_ms,
                     max_origin_seq: self.max_origin_seq(&replica_id),
+                    limits: Limits::default(),
+                    horizon: 0,
                 });
             }
             ClientMsg::Push { change_sets } => {
@@ -149,7 +151,14 @@ impl Sequencer {
                 }
                 out.push(ServerMsg::Acks { acks });
             }
-            ClientMsg::Ping { nonce } => out.push(ServerMsg::Pong { nonce }),
+            ClientMsg::Ping { nonce } => out.push(ServerMsg::Pong {
+                nonce,
+                head: self.head(),
+            }),
+            ClientMsg::Checksum { .. } => out.push(ServerMsg::Error {
+                code: ErrorCode::Internal,
+                message: "the in-memory sequencer keeps no state to checksum".into(),
+            }),
         }
         if session.replica.is_some() && session.sent_up_to < self.head() {
             let (sets, up_to) = self.changes_after(session.sent_up_to, usize::MAX);
@@ -158,6 +167,7 @@ impl Sequencer {
                 up_to,
                 change_sets: sets,
                 head: self.head(),
+                moves: Vec::new(),
             });
             session.sent_up_to = up_to;
         }

@@ -54,6 +54,31 @@ pub enum Phase {
     Streaming,
 }
 
+/// A push the relay refused (the connection stays open; pushing stops until the origin
+/// withdraws the change set).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The refused change set.
+    pub origin_seq: u64,
+    /// Why.
+    pub code: ErrorCode,
+    /// The relay's explanation.
+    pub message: String,
+}
+
+/// The relay's checksum of what this replica should hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteChecksum {
+    /// The request's nonce.
+    pub nonce: u64,
+    /// Relay position of the state that was summed.
+    pub position: u64,
+    /// The digest.
+    pub digest: [u8; 32],
+    /// Rows covered.
+    pub rows: u64,
+}
+
 /// What the driver should do after a message.
 #[derive(Debug, Default)]
 pub struct Step {
@@ -63,6 +88,10 @@ pub struct Step {
     pub reconnect: bool,
     /// Remote change sets applied.
     pub applied: usize,
+    /// A push was refused.
+    pub refused: Option<Refusal>,
+    /// A checksum answer arrived.
+    pub checksum: Option<RemoteChecksum>,
 }
 
 /// Progress counters reported to status observers.
@@ -83,6 +112,7 @@ pub struct SyncClient {
     max_sets: usize,
     max_bytes: usize,
     window: usize,
+    refused: Option<Refusal>,
 }
 
 impl Default for SyncClient {
@@ -101,6 +131,7 @@ impl SyncClient {
             max_sets: 256,
             max_bytes: 1 << 20,
             window: 4 * 256,
+            refused: None,
         }
     }
 
@@ -125,10 +156,21 @@ impl SyncClient {
         })
     }
 
+    /// The relay position known to this client (from welcome, acks and changes).
+    pub fn head(&self) -> u64 {
+        self.head
+    }
+
+    /// The push refusal that stopped uploads on this connection, if any.
+    pub fn refused(&self) -> Option<&Refusal> {
+        self.refused.as_ref()
+    }
+
     /// Starts a connection: the hello frame.
     pub fn start(&mut self, replica: &Replica, token: &str) -> Result<ClientMsg> {
         self.phase = Phase::Handshake;
         self.in_flight.clear();
+        self.refused = None;
         Ok(ClientMsg::Hello {
             protocol: PROTOCOL_VERSION,
             replica_id: replica.replica_id()?,
@@ -147,7 +189,10 @@ impl SyncClient {
 
     /// The next push frame, if there is pending work and room in the window.
     pub fn poll_push(&mut self, replica: &Replica) -> Result<Option<ClientMsg>> {
-        if self.phase != Phase::Streaming || self.in_flight.len() >= self.window {
+        if self.phase != Phase::Streaming
+            || self.refused.is_some()
+            || self.in_flight.len() >= self.window
+        {
             return Ok(None);
         }
         let pending = replica.pending(self.max_sets + self.in_flight.len(), usize::MAX)?;
@@ -183,6 +228,8 @@ impl SyncClient {
                 head,
                 server_time_ms,
                 max_origin_seq,
+                limits,
+                horizon: _,
             } => {
                 if self.phase != Phase::Handshake {
                     return Err(Error::Protocol("welcome outside the handshake".into()));
@@ -191,6 +238,11 @@ impl SyncClient {
                     return Err(Error::Protocol(format!("relay speaks protocol {protocol}")));
                 }
                 self.head = head;
+                self.max_sets = self.max_sets.min(limits.max_push_sets.max(1) as usize);
+                self.max_bytes = self
+                    .max_bytes
+                    .min((limits.max_frame_bytes / 2).max(1024) as usize);
+                self.window = self.window.min(4 * self.max_sets);
                 replica.observe_clock(Hlc::new(server_time_ms, 0))?;
                 if max_origin_seq > replica.last_origin_seq()? {
                     // The relay holds changes from this id that this file does not: it was
@@ -217,10 +269,11 @@ impl SyncClient {
                 up_to,
                 change_sets,
                 head,
+                moves,
             } => {
                 self.expect_streaming()?;
                 self.head = self.head.max(head).max(up_to);
-                let report = replica.apply_remote(after, up_to, &change_sets)?;
+                let report = replica.apply_changes(after, up_to, &change_sets, &moves)?;
                 step.applied = report.applied;
                 for cs in &change_sets {
                     if cs.change_set.origin == replica.replica_id()? {
@@ -228,7 +281,47 @@ impl SyncClient {
                     }
                 }
             }
-            ServerMsg::Pong { .. } => {}
+            ServerMsg::Pong { head, .. } => {
+                self.head = self.head.max(head);
+            }
+            ServerMsg::Refused {
+                origin_seq,
+                code,
+                message,
+            } => {
+                self.expect_streaming()?;
+                if code == ErrorCode::OriginReused {
+                    self.disconnected();
+                    replica.rotate_identity()?;
+                    step.reconnect = true;
+                    return Ok(step);
+                }
+                // Everything from the refused change set on was not sequenced.
+                self.in_flight.retain(|o| *o < origin_seq);
+                let refusal = Refusal {
+                    origin_seq,
+                    code,
+                    message,
+                };
+                tracing::warn!(origin_seq, code = code.as_str(), message = %refusal.message, "push refused by the relay");
+                self.refused = Some(refusal.clone());
+                step.refused = Some(refusal);
+                return Ok(step);
+            }
+            ServerMsg::Checksum {
+                nonce,
+                position,
+                digest,
+                rows,
+            } => {
+                self.expect_streaming()?;
+                step.checksum = Some(RemoteChecksum {
+                    nonce,
+                    position,
+                    digest,
+                    rows,
+                });
+            }
             ServerMsg::Error { code, message } => {
                 self.disconnected();
                 if code == ErrorCode::OriginReused {

@@ -1,0 +1,820 @@
+//! The client transport: a replica's sync loop over WebSocket, on Ferry's own tokio runtime.
+//!
+//! [`Replica::connect`] starts one task that drives the sans-I/O [`SyncClient`] over a real
+//! connection: it pushes while it pulls, reconnects with exponential backoff and jitter,
+//! asks the app's [`TokenProvider`] for a token at every connect (so an expired token is
+//! replaced by a fresh one), and reports [`SyncStatus`] to observers. Every replica call it
+//! makes is a short local transaction; nothing is held open across network I/O.
+//!
+//! The runtime is Ferry's own (two worker threads, created on first use), so apps that have
+//! no async runtime of their own (Kotlin, Swift, a CLI) can use it, and apps that have one
+//! are not disturbed by SQLite work on their executor.
+//!
+//! ```no_run
+//! # fn main() -> ferry_core::Result<()> {
+//! use ferry_core::{Replica, Schema, TableDecl};
+//! use std::{sync::Arc, time::Duration};
+//! let schema = Schema::new(1).table(TableDecl::new("todo").text_key("id").text("title"));
+//! let replica = Arc::new(Replica::open("todo.db", &schema)?);
+//! let sync = replica.connect("ws://127.0.0.1:7070/sync", Arc::new(|| Ok("<jwt>".to_string())))?;
+//! replica.execute("INSERT INTO todo VALUES (?1, 'milk')", &[replica.new_id().into()])?;
+//! sync.sync_now_blocking(Duration::from_secs(10))?; // pushed and caught up
+//! # Ok(()) }
+//! ```
+
+use crate::error::{Error, Result};
+use crate::observer::{ChangeEvent, ChangeSource, Observer};
+use crate::protocol::{ClientMsg, ErrorCode, MAX_FRAME_BYTES, ServerMsg};
+use crate::replica::Replica;
+use crate::sync::{Phase, Refusal, RemoteChecksum, SyncClient};
+use futures_util::{SinkExt, StreamExt};
+use parking_lot::Mutex;
+use rand::RngExt;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+/// Supplies the bearer token for each connection. Called (on a blocking thread) before every
+/// connect, so returning a fresh token is how an expired one gets replaced.
+pub trait TokenProvider: Send + Sync {
+    /// The token to present, or a message explaining why there is none.
+    fn token(&self) -> std::result::Result<String, String>;
+}
+
+impl<F> TokenProvider for F
+where
+    F: Fn() -> std::result::Result<String, String> + Send + Sync,
+{
+    fn token(&self) -> std::result::Result<String, String> {
+        self()
+    }
+}
+
+/// Connection state as observers see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnState {
+    /// Not connected; will retry after a backoff.
+    Offline,
+    /// Opening a connection.
+    Connecting,
+    /// Connected and streaming.
+    Online,
+    /// Paused by the app.
+    Paused,
+    /// Disconnected for good (the handle was dropped or `disconnect` called).
+    Stopped,
+}
+
+/// `done` of `total` items.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Progress {
+    /// Items finished.
+    pub done: u64,
+    /// Items known.
+    pub total: u64,
+}
+
+/// The last error the sync loop met.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncError {
+    /// The relay's code, when the relay sent one.
+    pub code: Option<ErrorCode>,
+    /// What happened.
+    pub message: String,
+}
+
+/// What the sync loop is doing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncStatus {
+    /// Connection state.
+    pub state: ConnState,
+    /// Change sets acknowledged this session, of those pending.
+    pub uploading: Progress,
+    /// Relay positions applied this session, of those known.
+    pub downloading: Progress,
+    /// Relay position applied.
+    pub cursor: u64,
+    /// Relay head as last heard.
+    pub head: u64,
+    /// Local change sets not yet acknowledged.
+    pub pending: u64,
+    /// The last error (cleared when a connection comes up).
+    pub last_error: Option<SyncError>,
+    /// A push refusal that stops uploads until the change set is withdrawn.
+    pub refused: Option<Refusal>,
+    /// Connections opened so far.
+    pub connects: u64,
+}
+
+impl SyncStatus {
+    fn initial() -> Self {
+        SyncStatus {
+            state: ConnState::Connecting,
+            uploading: Progress::default(),
+            downloading: Progress::default(),
+            cursor: 0,
+            head: 0,
+            pending: 0,
+            last_error: None,
+            refused: None,
+            connects: 0,
+        }
+    }
+}
+
+/// Receives status updates (on Ferry's sync thread; keep it short).
+pub trait StatusObserver: Send + Sync {
+    /// Called whenever the status changes.
+    fn on_status(&self, status: &SyncStatus);
+}
+
+impl<F: Fn(&SyncStatus) + Send + Sync> StatusObserver for F {
+    fn on_status(&self, status: &SyncStatus) {
+        self(status)
+    }
+}
+
+/// Tuning of the sync loop.
+#[derive(Debug, Clone)]
+pub struct SyncOptions {
+    /// First reconnect delay.
+    pub backoff_min: Duration,
+    /// Largest reconnect delay.
+    pub backoff_max: Duration,
+    /// Keep-alive interval; a connection silent for three intervals is dropped.
+    pub ping_interval: Duration,
+    /// Limit for opening a connection (TCP + WebSocket handshake + welcome).
+    pub connect_timeout: Duration,
+    /// Change sets per push frame.
+    pub push_batch_sets: usize,
+    /// Approximate bytes per push frame.
+    pub push_batch_bytes: usize,
+    /// Largest frame accepted from the relay.
+    pub max_frame_bytes: usize,
+    /// How often local writes made by other connections are looked for while online.
+    pub foreign_poll: Duration,
+}
+
+impl Default for SyncOptions {
+    fn default() -> Self {
+        SyncOptions {
+            backoff_min: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(30),
+            ping_interval: Duration::from_secs(15),
+            connect_timeout: Duration::from_secs(10),
+            push_batch_sets: 256,
+            push_batch_bytes: 1 << 20,
+            max_frame_bytes: MAX_FRAME_BYTES,
+            foreign_poll: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The outcome of [`SyncHandle::verify`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verification {
+    /// Relay position both digests describe.
+    pub position: u64,
+    /// The relay's digest of what this replica may read.
+    pub relay: [u8; 32],
+    /// This replica's digest.
+    pub local: [u8; 32],
+    /// Rows the relay summed.
+    pub relay_rows: u64,
+    /// Rows this replica summed.
+    pub local_rows: u64,
+}
+
+impl Verification {
+    /// True when the replica holds exactly what the relay says it should.
+    pub fn matches(&self) -> bool {
+        self.relay == self.local && self.relay_rows == self.local_rows
+    }
+}
+
+enum Command {
+    Pause,
+    Resume,
+    Wake,
+    Checksum(oneshot::Sender<RemoteChecksum>),
+    Stop,
+}
+
+/// Ferry's runtime for sync loops.
+pub fn runtime() -> Result<&'static tokio::runtime::Runtime> {
+    static RT: OnceLock<std::result::Result<tokio::runtime::Runtime, String>> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("ferry-sync")
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+    })
+    .as_ref()
+    .map_err(|e| Error::Transport(format!("cannot start Ferry's runtime: {e}")))
+}
+
+/// A running sync loop. Dropping it disconnects.
+pub struct SyncHandle {
+    cmd: mpsc::UnboundedSender<Command>,
+    status: watch::Receiver<SyncStatus>,
+    observers: Arc<Mutex<Vec<(u64, Arc<dyn StatusObserver>)>>>,
+    next_observer: Mutex<u64>,
+}
+
+/// Cancels a status subscription when dropped.
+#[must_use = "the subscription ends when this handle is dropped"]
+pub struct StatusSubscription {
+    observers: std::sync::Weak<Mutex<Vec<(u64, Arc<dyn StatusObserver>)>>>,
+    id: u64,
+}
+
+impl Drop for StatusSubscription {
+    fn drop(&mut self) {
+        if let Some(o) = self.observers.upgrade() {
+            o.lock().retain(|(id, _)| *id != self.id);
+        }
+    }
+}
+
+impl std::fmt::Debug for SyncHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncHandle")
+            .field("status", &*self.status.borrow())
+            .finish()
+    }
+}
+
+impl Replica {
+    /// Starts syncing with the relay at `url` (`ws://` or `wss://`) with default options.
+    pub fn connect(
+        self: &Arc<Self>,
+        url: &str,
+        tokens: Arc<dyn TokenProvider>,
+    ) -> Result<SyncHandle> {
+        self.connect_with(url, tokens, SyncOptions::default())
+    }
+
+    /// Starts syncing with explicit options.
+    pub fn connect_with(
+        self: &Arc<Self>,
+        url: &str,
+        tokens: Arc<dyn TokenProvider>,
+        opts: SyncOptions,
+    ) -> Result<SyncHandle> {
+        let parsed = url.parse::<tokio_tungstenite::tungstenite::http::Uri>();
+        match parsed.as_ref().map(|u| u.scheme_str()) {
+            Ok(Some("ws")) | Ok(Some("wss")) => {}
+            _ => {
+                return Err(Error::InvalidInput(format!(
+                    "relay url `{url}` must start with ws:// or wss://"
+                )));
+            }
+        }
+        let rt = runtime()?;
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let mut initial = SyncStatus::initial();
+        initial.cursor = self.cursor()?;
+        initial.pending = self.pending_count()?;
+        let (status_tx, status_rx) = watch::channel(initial);
+        let observers: Arc<Mutex<Vec<(u64, Arc<dyn StatusObserver>)>>> =
+            Arc::new(Mutex::new(Vec::new()));
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let sub = self.subscribe(Arc::new(LocalWrites(Arc::clone(&wake))));
+        let lp = Loop {
+            replica: Arc::clone(self),
+            url: url.to_owned(),
+            tokens,
+            opts,
+            cmd: cmd_rx,
+            status: status_tx,
+            observers: Arc::clone(&observers),
+            wake,
+            paused: false,
+            checksum_waiters: Vec::new(),
+        };
+        rt.spawn(async move {
+            let _sub = sub;
+            lp.run().await;
+        });
+        Ok(SyncHandle {
+            cmd: cmd_tx,
+            status: status_rx,
+            observers,
+            next_observer: Mutex::new(0),
+        })
+    }
+}
+
+struct LocalWrites(Arc<tokio::sync::Notify>);
+
+impl Observer for LocalWrites {
+    fn on_change(&self, event: &ChangeEvent) {
+        if event.source != ChangeSource::Remote {
+            self.0.notify_one();
+        }
+    }
+}
+
+impl SyncHandle {
+    /// The current status.
+    pub fn status(&self) -> SyncStatus {
+        self.status.borrow().clone()
+    }
+
+    /// Calls `observer` with the current status now and on every change until the returned
+    /// handle is dropped.
+    pub fn observe(&self, observer: Arc<dyn StatusObserver>) -> StatusSubscription {
+        observer.on_status(&self.status.borrow());
+        let id = {
+            let mut n = self.next_observer.lock();
+            *n += 1;
+            *n
+        };
+        self.observers.lock().push((id, observer));
+        StatusSubscription {
+            observers: Arc::downgrade(&self.observers),
+            id,
+        }
+    }
+
+    /// Stops syncing until [`SyncHandle::resume`] (closes the connection).
+    pub fn pause(&self) {
+        let _ = self.cmd.send(Command::Pause);
+    }
+
+    /// Resumes after [`SyncHandle::pause`], connecting at once.
+    pub fn resume(&self) {
+        let _ = self.cmd.send(Command::Resume);
+    }
+
+    /// Disconnects for good (also done on drop).
+    pub fn disconnect(&self) {
+        let _ = self.cmd.send(Command::Stop);
+    }
+
+    /// Completes when nothing is pending and the cursor has reached the relay's head as of
+    /// this call (a ping's answer), or fails when a push was refused or the loop stopped.
+    /// While offline it waits for the connection: wrap it in a timeout if that matters.
+    pub async fn sync_now(&self) -> Result<()> {
+        let _ = self.cmd.send(Command::Wake);
+        let mut rx = self.status.clone();
+        // The head must be one learnt after this call: wait for a fresh connection report or
+        // a pong, which the loop sends on Wake.
+        let target_connects = rx.borrow().connects;
+        let mut seen_fresh = false;
+        loop {
+            {
+                let s = rx.borrow_and_update();
+                if s.state == ConnState::Stopped {
+                    return Err(Error::Transport("sync stopped".into()));
+                }
+                if let Some(r) = &s.refused {
+                    return Err(Error::Refused {
+                        code: r.code.as_str(),
+                        message: r.message.clone(),
+                    });
+                }
+                if s.connects > target_connects {
+                    seen_fresh = true;
+                }
+                if seen_fresh && s.state == ConnState::Online && s.pending == 0 && s.cursor >= s.head
+                {
+                    return Ok(());
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(Error::Transport("sync stopped".into()));
+            }
+            if !seen_fresh {
+                // A status published after our Wake was handled carries a fresh head.
+                seen_fresh = rx.borrow().state == ConnState::Online;
+            }
+        }
+    }
+
+    /// [`SyncHandle::sync_now`] for callers without an async runtime.
+    pub fn sync_now_blocking(&self, timeout: Duration) -> Result<()> {
+        let rt = runtime()?;
+        rt.block_on(async {
+            tokio::time::timeout(timeout, self.sync_now())
+                .await
+                .map_err(|_| Error::Transport(format!("not synced within {timeout:?}")))?
+        })
+    }
+
+    /// Syncs, then compares this replica's checksum with the relay's for everything this
+    /// connection may read. Retries a few times when new changes keep arriving.
+    pub async fn verify(&self, replica: &Replica) -> Result<Verification> {
+        let mut last = None;
+        for _ in 0..5 {
+            self.sync_now().await?;
+            let (tx, rx) = oneshot::channel();
+            let _ = self.cmd.send(Command::Checksum(tx));
+            let remote = rx
+                .await
+                .map_err(|_| Error::Transport("connection closed before the checksum".into()))?;
+            let local = replica.checksum()?;
+            if replica.cursor()? == remote.position && replica.pending_count()? == 0 {
+                return Ok(Verification {
+                    position: remote.position,
+                    relay: remote.digest,
+                    local: local.digest,
+                    relay_rows: remote.rows,
+                    local_rows: local.rows,
+                });
+            }
+            last = Some(remote.position);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(Error::Transport(format!(
+            "could not compare checksums: the relay's state (position {last:?}) kept moving"
+        )))
+    }
+
+    /// [`SyncHandle::verify`] for callers without an async runtime.
+    pub fn verify_blocking(&self, replica: &Replica, timeout: Duration) -> Result<Verification> {
+        let rt = runtime()?;
+        rt.block_on(async {
+            tokio::time::timeout(timeout, self.verify(replica))
+                .await
+                .map_err(|_| Error::Transport(format!("not verified within {timeout:?}")))?
+        })
+    }
+}
+
+impl Drop for SyncHandle {
+    fn drop(&mut self) {
+        let _ = self.cmd.send(Command::Stop);
+    }
+}
+
+struct Loop {
+    replica: Arc<Replica>,
+    url: String,
+    tokens: Arc<dyn TokenProvider>,
+    opts: SyncOptions,
+    cmd: mpsc::UnboundedReceiver<Command>,
+    status: watch::Sender<SyncStatus>,
+    observers: Arc<Mutex<Vec<(u64, Arc<dyn StatusObserver>)>>>,
+    wake: Arc<tokio::sync::Notify>,
+    paused: bool,
+    checksum_waiters: Vec<(u64, oneshot::Sender<RemoteChecksum>)>,
+}
+
+/// Why a session ended.
+enum End {
+    /// Stop for good.
+    Stop,
+    /// Paused by the app.
+    Paused,
+    /// Connect again at once (identity rotated, or the app asked).
+    Now,
+    /// Failed: back off, then retry.
+    Failed(SyncError),
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<
+    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+>;
+
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+impl Loop {
+    fn publish(&self, f: impl FnOnce(&mut SyncStatus)) {
+        let mut changed = false;
+        self.status.send_if_modified(|s| {
+            let before = s.clone();
+            f(s);
+            changed = *s != before;
+            changed
+        });
+        if changed {
+            let s = self.status.borrow().clone();
+            let obs: Vec<Arc<dyn StatusObserver>> =
+                self.observers.lock().iter().map(|(_, o)| Arc::clone(o)).collect();
+            for o in obs {
+                o.on_status(&s);
+            }
+        }
+    }
+
+    async fn run(mut self) {
+        let mut failures: u32 = 0;
+        loop {
+            if self.paused {
+                self.publish(|s| s.state = ConnState::Paused);
+                match self.cmd.recv().await {
+                    None | Some(Command::Stop) => break,
+                    Some(Command::Resume) => self.paused = false,
+                    Some(Command::Checksum(_)) | Some(Command::Pause) | Some(Command::Wake) => {}
+                }
+                continue;
+            }
+            self.publish(|s| s.state = ConnState::Connecting);
+            let end = self.session().await;
+            self.checksum_waiters.clear();
+            match end {
+                End::Stop => break,
+                End::Paused => {
+                    self.paused = true;
+                    failures = 0;
+                }
+                End::Now => failures = 0,
+                End::Failed(err) => {
+                    failures = failures.saturating_add(1);
+                    tracing::info!(error = %err.message, failures, "sync connection failed");
+                    self.publish(|s| {
+                        s.state = ConnState::Offline;
+                        s.last_error = Some(err);
+                    });
+                    let delay = backoff(&self.opts, failures);
+                    let sleep = tokio::time::sleep(delay);
+                    tokio::pin!(sleep);
+                    loop {
+                        tokio::select! {
+                            _ = &mut sleep => break,
+                            c = self.cmd.recv() => match c {
+                                None | Some(Command::Stop) => {
+                                    self.publish(|s| s.state = ConnState::Stopped);
+                                    return;
+                                }
+                                Some(Command::Pause) => { self.paused = true; break; }
+                                Some(Command::Resume) | Some(Command::Wake) => break,
+                                Some(Command::Checksum(_)) => {}
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.publish(|s| s.state = ConnState::Stopped);
+    }
+
+    async fn open(&self) -> std::result::Result<Ws, SyncError> {
+        let cfg = WebSocketConfig::default()
+            .max_message_size(Some(self.opts.max_frame_bytes))
+            .max_frame_size(Some(self.opts.max_frame_bytes));
+        let (ws, _) = tokio::time::timeout(
+            self.opts.connect_timeout,
+            tokio_tungstenite::connect_async_with_config(&self.url, Some(cfg), true),
+        )
+        .await
+        .map_err(|_| transport_err(format!("connecting to {} timed out", self.url)))?
+        .map_err(|e| transport_err(format!("cannot connect to {}: {e}", self.url)))?;
+        Ok(ws)
+    }
+
+    async fn session(&mut self) -> End {
+        let tokens = Arc::clone(&self.tokens);
+        let token = match tokio::task::spawn_blocking(move || tokens.token()).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => return End::Failed(transport_err(format!("token provider failed: {e}"))),
+            Err(e) => return End::Failed(transport_err(format!("token provider panicked: {e}"))),
+        };
+        let mut ws = match self.open().await {
+            Ok(ws) => ws,
+            Err(e) => return End::Failed(e),
+        };
+        let mut client = SyncClient::new().with_batch(self.opts.push_batch_sets, self.opts.push_batch_bytes);
+        let replica = Arc::clone(&self.replica);
+        let hello = match blocking(|| client.start(&replica, &token)) {
+            Ok(h) => h,
+            Err(e) => return End::Failed(local_err(&e)),
+        };
+        if let Err(e) = send(&mut ws, &hello).await {
+            return End::Failed(e);
+        }
+        let start_cursor = self.replica.cursor().unwrap_or(0);
+        let mut acked_this_session = 0u64;
+        let mut ping = tokio::time::interval(self.opts.ping_interval);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ping.tick().await;
+        let mut poll = tokio::time::interval(self.opts.foreign_poll);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_heard = Instant::now();
+        let mut nonce = 0u64;
+        let welcome_deadline = Instant::now() + self.opts.connect_timeout;
+        loop {
+            if client.phase() == Phase::Handshake && Instant::now() > welcome_deadline {
+                return End::Failed(transport_err("no welcome from the relay in time".into()));
+            }
+            tokio::select! {
+                frame = ws.next() => {
+                    let msg = match frame {
+                        None => return End::Failed(transport_err("the relay closed the connection".into())),
+                        Some(Err(e)) => return End::Failed(transport_err(format!("connection lost: {e}"))),
+                        Some(Ok(Message::Binary(b))) => {
+                            match ServerMsg::decode_limited(&b, self.opts.max_frame_bytes) {
+                                Ok(m) => m,
+                                Err(e) => return End::Failed(local_err(&e)),
+                            }
+                        }
+                        Some(Ok(Message::Close(_))) => return End::Failed(transport_err("the relay closed the connection".into())),
+                        Some(Ok(_)) => continue,
+                    };
+                    last_heard = Instant::now();
+                    if let ServerMsg::Error { code, message } = &msg {
+                        let _ = ws.close(None).await;
+                        return End::Failed(SyncError { code: Some(*code), message: message.clone() });
+                    }
+                    let was_handshake = client.phase() == Phase::Handshake;
+                    let acks = match &msg { ServerMsg::Acks { acks } => acks.len() as u64, _ => 0 };
+                    let step = match blocking(|| client.handle(&replica, msg)) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            let _ = ws.close(None).await;
+                            return End::Failed(local_err(&e));
+                        }
+                    };
+                    acked_this_session += acks;
+                    if step.reconnect {
+                        let _ = ws.close(None).await;
+                        return End::Now;
+                    }
+                    if let Some(c) = step.checksum {
+                        if let Some(i) = self.checksum_waiters.iter().position(|(n, _)| *n == c.nonce) {
+                            let (_, tx) = self.checksum_waiters.swap_remove(i);
+                            let _ = tx.send(c);
+                        }
+                    }
+                    for m in &step.send {
+                        if let Err(e) = send(&mut ws, m).await {
+                            return End::Failed(e);
+                        }
+                    }
+                    if was_handshake && client.phase() == Phase::Streaming {
+                        self.publish(|s| {
+                            s.connects += 1;
+                            s.last_error = None;
+                        });
+                    }
+                    self.report(&client, start_cursor, acked_this_session);
+                }
+                _ = self.wake.notified() => {
+                    if let Err(e) = self.push_more(&mut ws, &mut client).await {
+                        return e;
+                    }
+                    self.report(&client, start_cursor, acked_this_session);
+                }
+                _ = poll.tick() => {
+                    if client.phase() == Phase::Streaming {
+                        if let Err(e) = self.push_more(&mut ws, &mut client).await {
+                            return e;
+                        }
+                        self.report(&client, start_cursor, acked_this_session);
+                    }
+                }
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > self.opts.ping_interval * 3 {
+                        return End::Failed(transport_err("the relay stopped answering".into()));
+                    }
+                    nonce += 1;
+                    if let Err(e) = send(&mut ws, &ClientMsg::Ping { nonce }).await {
+                        return End::Failed(e);
+                    }
+                }
+                c = self.cmd.recv() => match c {
+                    None | Some(Command::Stop) => {
+                        let _ = ws.close(None).await;
+                        return End::Stop;
+                    }
+                    Some(Command::Pause) => {
+                        let _ = ws.close(None).await;
+                        return End::Paused;
+                    }
+                    Some(Command::Resume) => {}
+                    Some(Command::Wake) => {
+                        if client.phase() == Phase::Streaming {
+                            // A pong carries the relay's head as of now: sync_now waits for it.
+                            nonce += 1;
+                            if let Err(e) = send(&mut ws, &ClientMsg::Ping { nonce }).await {
+                                return End::Failed(e);
+                            }
+                            if let Err(e) = self.push_more(&mut ws, &mut client).await {
+                                return e;
+                            }
+                        }
+                    }
+                    Some(Command::Checksum(tx)) => {
+                        nonce += 1;
+                        self.checksum_waiters.push((nonce, tx));
+                        if let Err(e) = send(&mut ws, &ClientMsg::Checksum { nonce }).await {
+                            return End::Failed(e);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn push_more(&self, ws: &mut Ws, client: &mut SyncClient) -> std::result::Result<(), End> {
+        let replica = Arc::clone(&self.replica);
+        loop {
+            let next = blocking(|| client.poll_push(&replica));
+            match next {
+                Ok(Some(m)) => send(ws, &m).await.map_err(End::Failed)?,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(End::Failed(local_err(&e))),
+            }
+        }
+    }
+
+    fn report(&self, client: &SyncClient, start_cursor: u64, acked: u64) {
+        let replica = &self.replica;
+        let (cursor, pending) = blocking(|| {
+            (
+                replica.cursor().unwrap_or(0),
+                replica.pending_count().unwrap_or(0),
+            )
+        });
+        let head = client.head();
+        let online = client.phase() == Phase::Streaming;
+        let refused = client.refused().cloned();
+        self.publish(|s| {
+            if online {
+                s.state = ConnState::Online;
+            }
+            s.cursor = cursor;
+            s.head = head.max(cursor);
+            s.pending = pending;
+            s.uploading = Progress {
+                done: acked,
+                total: acked + pending,
+            };
+            s.downloading = Progress {
+                done: cursor.saturating_sub(start_cursor),
+                total: head.max(cursor).saturating_sub(start_cursor),
+            };
+            if let Some(r) = &refused {
+                s.last_error = Some(SyncError {
+                    code: Some(r.code),
+                    message: format!("push of change set {} refused: {}", r.origin_seq, r.message),
+                });
+            }
+            s.refused = refused;
+        });
+    }
+}
+
+async fn send(ws: &mut Ws, msg: &ClientMsg) -> std::result::Result<(), SyncError> {
+    let bytes = msg
+        .encode()
+        .map_err(|e| transport_err(format!("cannot encode a frame: {e}")))?;
+    ws.send(Message::Binary(bytes.into()))
+        .await
+        .map_err(|e| transport_err(format!("connection lost: {e}")))
+}
+
+fn transport_err(message: String) -> SyncError {
+    SyncError {
+        code: None,
+        message,
+    }
+}
+
+fn local_err(e: &Error) -> SyncError {
+    SyncError {
+        code: None,
+        message: e.to_string(),
+    }
+}
+
+/// Exponential backoff with full jitter: a random delay in `[min, min·2^(n-1)]`, capped.
+fn backoff(opts: &SyncOptions, failures: u32) -> Duration {
+    let exp = opts
+        .backoff_min
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+    let cap = exp.min(opts.backoff_max).max(opts.backoff_min);
+    let lo = opts.backoff_min.as_millis() as u64;
+    let hi = cap.as_millis() as u64;
+    Duration::from_millis(rand::rng().random_range(lo..=hi.max(lo)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let o = SyncOptions {
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(2),
+            ..SyncOptions::default()
+        };
+        for n in 1..40 {
+            let d = backoff(&o, n);
+            assert!(d >= o.backoff_min && d <= o.backoff_max, "{n}: {d:?}");
+        }
+        let first = (0..50).map(|_| backoff(&o, 1)).max();
+        assert_eq!(first, Some(Duration::from_millis(100)));
+        let late: Vec<Duration> = (0..200).map(|_| backoff(&o, 10)).collect();
+        assert!(late.iter().any(|d| *d > Duration::from_millis(1000)), "jitter reaches the cap");
+        assert!(late.iter().any(|d| *d < Duration::from_millis(1000)), "jitter spreads");
+    }
+}
