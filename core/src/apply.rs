@@ -343,59 +343,7 @@ impl Ctx<'_> {
 
 /// Checks a remote row change against the catalog before touching anything.
 fn validate(t: &TableInfo, rc: &RowChange) -> Result<()> {
-    let bad = |m: String| {
-        Err(Error::InvalidChangeSet(format!(
-            "table `{}`: {m}",
-            t.name()
-        )))
-    };
-    match &rc.pk {
-        Value::Text(_) | Value::Blob(_) => {}
-        other => {
-            return bad(format!(
-                "primary key must be text or blob, got {}",
-                other.describe()
-            ));
-        }
-    }
-    match &rc.op {
-        RowOp::Delete if rc.cl == 0 || !rc.cl.is_multiple_of(2) => {
-            return bad(format!("delete with odd causal length {}", rc.cl));
-        }
-        RowOp::Upsert(_) if rc.cl.is_multiple_of(2) => {
-            return bad(format!("upsert with even causal length {}", rc.cl));
-        }
-        _ => {}
-    }
-    if let RowOp::Upsert(cells) = &rc.op {
-        let mut seen = vec![false; t.cols.len()];
-        for c in cells {
-            let i = t.col(c.column())?;
-            if i == t.pk {
-                return bad(format!("cell writes the primary key `{}`", c.column()));
-            }
-            if std::mem::replace(&mut seen[i], true) {
-                return bad(format!(
-                    "column `{}` written twice in one row change",
-                    c.column()
-                ));
-            }
-            match (c, t.cols[i].policy) {
-                (Cell::Add(..), Policy::Counter)
-                | (Cell::Set(..), Policy::Lww | Policy::Custom) => {}
-                (Cell::Add(..), _) => {
-                    return bad(format!(
-                        "counter add on non-counter column `{}`",
-                        c.column()
-                    ));
-                }
-                (Cell::Set(..), _) => {
-                    return bad(format!("plain set on counter column `{}`", c.column()));
-                }
-            }
-        }
-    }
-    Ok(())
+    crate::changeset::check_row_change(&t.decl, rc)
 }
 
 /// Reads the replica id stored in `ferry_meta`.

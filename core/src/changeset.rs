@@ -6,8 +6,10 @@
 //! delete/re-insert increments it), which lets delete-vs-update merge without a tombstone
 //! per cell and in any order.
 
+use crate::error::{Error, Result};
 use crate::hlc::Hlc;
 use crate::ids::ReplicaId;
+use crate::schema::{Policy, TableDecl};
 use crate::value::Value;
 use serde::{Deserialize, Serialize};
 
@@ -99,4 +101,61 @@ pub struct Sequenced {
     pub server_seq: u64,
     /// The change set (possibly filtered to the receiver's read scopes).
     pub change_set: ChangeSet,
+}
+
+/// Checks one row change against its table's declaration: key type, causal-length parity,
+/// known columns written at most once, set vs add matching the column's policy, no NULL in a
+/// NOT NULL column. The relay runs it before sequencing and every replica before applying, so
+/// a change set one side accepts is one the other can apply.
+pub fn check_row_change(t: &TableDecl, rc: &RowChange) -> Result<()> {
+    let bad = |m: String| Err(Error::InvalidChangeSet(format!("table `{}`: {m}", t.name)));
+    match &rc.pk {
+        Value::Text(_) | Value::Blob(_) => {}
+        other => {
+            return bad(format!(
+                "primary key must be text or blob, got {}",
+                other.describe()
+            ));
+        }
+    }
+    match &rc.op {
+        RowOp::Delete if rc.cl == 0 || !rc.cl.is_multiple_of(2) => {
+            return bad(format!("delete with odd causal length {}", rc.cl));
+        }
+        RowOp::Upsert(_) if rc.cl.is_multiple_of(2) => {
+            return bad(format!("upsert with even causal length {}", rc.cl));
+        }
+        _ => {}
+    }
+    if let RowOp::Upsert(cells) = &rc.op {
+        let mut seen: Vec<&str> = Vec::with_capacity(cells.len());
+        for c in cells {
+            let name = c.column();
+            let Some(col) = t.columns.iter().find(|d| d.name == name) else {
+                return bad(format!("no column `{name}`"));
+            };
+            if name == t.pk() {
+                return bad(format!("cell writes the primary key `{name}`"));
+            }
+            if seen.contains(&name) {
+                return bad(format!("column `{name}` written twice in one row change"));
+            }
+            seen.push(name);
+            match (c, col.policy) {
+                (Cell::Add(..), Policy::Counter) => {}
+                (Cell::Set(_, v), Policy::Lww | Policy::Custom) => {
+                    if col.not_null && *v == Value::Null {
+                        return bad(format!("NULL written to NOT NULL column `{name}`"));
+                    }
+                }
+                (Cell::Add(..), _) => {
+                    return bad(format!("counter add on non-counter column `{name}`"));
+                }
+                (Cell::Set(..), _) => {
+                    return bad(format!("plain set on counter column `{name}`"));
+                }
+            }
+        }
+    }
+    Ok(())
 }

@@ -53,7 +53,11 @@ pub fn compute(
             .map(|(i, c)| (i, c.name.as_str()))
             .collect();
         cols.sort_by(|a, b| a.1.cmp(b.1));
-        let scope_col = t.decl.scope_column.as_deref().and_then(|c| t.by_name.get(c));
+        let scope_col = t
+            .decl
+            .scope_column
+            .as_deref()
+            .and_then(|c| t.by_name.get(c));
         let sql = format!(
             "SELECT {} FROM {} ORDER BY {}",
             t.select_list(),

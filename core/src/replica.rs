@@ -17,10 +17,10 @@ use crate::error::{Error, Result};
 use crate::hlc::{Hlc, HlcState, SystemClock, WallClock};
 use crate::ids::ReplicaId;
 use crate::materialize;
-use crate::protocol::Move;
 use crate::observer::{
     ChangeEvent, ChangeSource, Observer, Registry, Rows, Subscription, Watch, WatchCallback,
 };
+use crate::protocol::Move;
 use crate::resolver::{ConflictInput, Resolution, Resolver};
 use crate::rows::Origins;
 use crate::schema::{Schema, TableMode, quote};
@@ -1211,8 +1211,7 @@ impl Db {
                 }
                 let before = chunk[failed_at].server_seq;
                 let moves = &moves[..moves.partition_point(|m| m.server_seq < before)];
-                match self.apply_chunk_once(wall, &chunk[..failed_at], moves, None, report, notes)
-                {
+                match self.apply_chunk_once(wall, &chunk[..failed_at], moves, None, report, notes) {
                     Ok(f) => (f, Some(e)),
                     Err((_, again)) => (Vec::new(), Some(again)),
                 }
@@ -1260,8 +1259,8 @@ impl Db {
                     self.apply_move(&moves[mv], true, true, &mut out)?;
                     mv += 1;
                 }
-                let moving = (mv < moves.len() && moves[mv].server_seq == s.server_seq)
-                    .then(|| &moves[mv]);
+                let moving =
+                    (mv < moves.len() && moves[mv].server_seq == s.server_seq).then(|| &moves[mv]);
                 if let Some(m) = moving {
                     self.apply_move(m, true, false, &mut out)?;
                 }

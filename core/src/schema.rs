@@ -239,7 +239,7 @@ impl TableDecl {
     }
 
     /// The primary key column's name (validated: present).
-    pub(crate) fn pk(&self) -> &str {
+    pub fn pk(&self) -> &str {
         self.primary_key.as_deref().unwrap_or("")
     }
 

@@ -106,6 +106,8 @@ pub struct SyncStatus {
     pub refused: Option<Refusal>,
     /// Connections opened so far.
     pub connects: u64,
+    /// Keep-alive answers received so far (each carries a fresh relay head).
+    pub pongs: u64,
 }
 
 impl SyncStatus {
@@ -120,6 +122,7 @@ impl SyncStatus {
             last_error: None,
             refused: None,
             connects: 0,
+            pongs: 0,
         }
     }
 }
@@ -360,12 +363,14 @@ impl SyncHandle {
     /// this call (a ping's answer), or fails when a push was refused or the loop stopped.
     /// While offline it waits for the connection: wrap it in a timeout if that matters.
     pub async fn sync_now(&self) -> Result<()> {
-        let _ = self.cmd.send(Command::Wake);
         let mut rx = self.status.clone();
-        // The head must be one learnt after this call: wait for a fresh connection report or
-        // a pong, which the loop sends on Wake.
-        let target_connects = rx.borrow().connects;
-        let mut seen_fresh = false;
+        let (connects, pongs) = {
+            let s = rx.borrow_and_update();
+            (s.connects, s.pongs)
+        };
+        // The loop answers Wake with a ping; its pong (or a new connection's welcome)
+        // carries a head learnt after this call.
+        let _ = self.cmd.send(Command::Wake);
         loop {
             {
                 let s = rx.borrow_and_update();
@@ -378,20 +383,13 @@ impl SyncHandle {
                         message: r.message.clone(),
                     });
                 }
-                if s.connects > target_connects {
-                    seen_fresh = true;
-                }
-                if seen_fresh && s.state == ConnState::Online && s.pending == 0 && s.cursor >= s.head
-                {
+                let fresh = s.connects > connects || s.pongs > pongs;
+                if fresh && s.state == ConnState::Online && s.pending == 0 && s.cursor >= s.head {
                     return Ok(());
                 }
             }
             if rx.changed().await.is_err() {
                 return Err(Error::Transport("sync stopped".into()));
-            }
-            if !seen_fresh {
-                // A status published after our Wake was handled carries a fresh head.
-                seen_fresh = rx.borrow().state == ConnState::Online;
             }
         }
     }
@@ -477,9 +475,8 @@ enum End {
     Failed(SyncError),
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<
-    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
->;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
@@ -496,8 +493,12 @@ impl Loop {
         });
         if changed {
             let s = self.status.borrow().clone();
-            let obs: Vec<Arc<dyn StatusObserver>> =
-                self.observers.lock().iter().map(|(_, o)| Arc::clone(o)).collect();
+            let obs: Vec<Arc<dyn StatusObserver>> = self
+                .observers
+                .lock()
+                .iter()
+                .map(|(_, o)| Arc::clone(o))
+                .collect();
             for o in obs {
                 o.on_status(&s);
             }
@@ -581,7 +582,8 @@ impl Loop {
             Ok(ws) => ws,
             Err(e) => return End::Failed(e),
         };
-        let mut client = SyncClient::new().with_batch(self.opts.push_batch_sets, self.opts.push_batch_bytes);
+        let mut client =
+            SyncClient::new().with_batch(self.opts.push_batch_sets, self.opts.push_batch_bytes);
         let replica = Arc::clone(&self.replica);
         let hello = match blocking(|| client.start(&replica, &token)) {
             Ok(h) => h,
@@ -625,6 +627,7 @@ impl Loop {
                     }
                     let was_handshake = client.phase() == Phase::Handshake;
                     let acks = match &msg { ServerMsg::Acks { acks } => acks.len() as u64, _ => 0 };
+                    let pong = matches!(msg, ServerMsg::Pong { .. });
                     let step = match blocking(|| client.handle(&replica, msg)) {
                         Ok(s) => s,
                         Err(e) => {
@@ -655,6 +658,9 @@ impl Loop {
                         });
                     }
                     self.report(&client, start_cursor, acked_this_session);
+                    if pong {
+                        self.publish(|s| s.pongs += 1);
+                    }
                 }
                 _ = self.wake.notified() => {
                     if let Err(e) = self.push_more(&mut ws, &mut client).await {
@@ -713,7 +719,11 @@ impl Loop {
         }
     }
 
-    async fn push_more(&self, ws: &mut Ws, client: &mut SyncClient) -> std::result::Result<(), End> {
+    async fn push_more(
+        &self,
+        ws: &mut Ws,
+        client: &mut SyncClient,
+    ) -> std::result::Result<(), End> {
         let replica = Arc::clone(&self.replica);
         loop {
             let next = blocking(|| client.poll_push(&replica));
@@ -814,7 +824,13 @@ mod tests {
         let first = (0..50).map(|_| backoff(&o, 1)).max();
         assert_eq!(first, Some(Duration::from_millis(100)));
         let late: Vec<Duration> = (0..200).map(|_| backoff(&o, 10)).collect();
-        assert!(late.iter().any(|d| *d > Duration::from_millis(1000)), "jitter reaches the cap");
-        assert!(late.iter().any(|d| *d < Duration::from_millis(1000)), "jitter spreads");
+        assert!(
+            late.iter().any(|d| *d > Duration::from_millis(1000)),
+            "jitter reaches the cap"
+        );
+        assert!(
+            late.iter().any(|d| *d < Duration::from_millis(1000)),
+            "jitter spreads"
+        );
     }
 }

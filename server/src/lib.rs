@@ -1,0 +1,25 @@
+//! # ferry-relay
+//!
+//! The relay of Ferry, an offline-first sync SDK: it authenticates replicas, sequences their
+//! change sets into one gap-free, commit-ordered log, stores them durably, and fans them out
+//! to every replica that may read them, live. It is stateless over a [`store::Store`]
+//! (embedded SQLite by default).
+//!
+//! The binary `ferry-relay` wraps [`server::run`]; `docs/operations.md` covers running it and
+//! `docs/protocol.md` the wire protocol.
+
+pub mod auth;
+pub mod catalog;
+pub mod compact;
+pub mod config;
+pub mod error;
+pub mod feed;
+pub mod metrics;
+pub mod scoping;
+pub mod server;
+pub mod session;
+pub mod shadow;
+pub mod store;
+
+pub use config::Config;
+pub use error::{RelayError, Result};

@@ -1,0 +1,416 @@
+//! Tokens and grants: who may read and write which scopes.
+//!
+//! A token is a JWT with `sub`, `exp`, and three Ferry claims:
+//!
+//! * `read`: scope patterns the bearer may read;
+//! * `write`: scope patterns the bearer may write (a write must also be readable, so write
+//!   scopes are effectively a subset of read scopes and a replica's cursor covers every
+//!   change it could conflict with);
+//! * `primary`: `read_only` tables the bearer may write (a backend or a primary device),
+//!   `*` for all.
+//!
+//! A pattern is a scope name in which `*` matches any run of characters and `{sub}` stands
+//! for the token's subject, taken literally (a subject containing `*` matches only itself).
+//! Rows of tables without a scope column are in the scope `global`.
+//!
+//! Development tokens are HS256 with a shared secret; production tokens are RS256 or ES256
+//! verified against a JWKS file. Anything else (including `alg: none`) is refused.
+
+use crate::config::AuthConfig;
+use crate::error::{RelayError, Result};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, jwk::JwkSet};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+/// The claims Ferry reads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    /// Subject (user or device).
+    pub sub: String,
+    /// Expiry (seconds since the epoch).
+    pub exp: u64,
+    /// Readable scope patterns.
+    #[serde(default)]
+    pub read: Vec<String>,
+    /// Writable scope patterns.
+    #[serde(default)]
+    pub write: Vec<String>,
+    /// `read_only` tables this token may write.
+    #[serde(default)]
+    pub primary: Vec<String>,
+    /// Issuer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    /// Audience.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seg {
+    Lit(String),
+    Star,
+}
+
+/// A compiled scope pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pattern(Vec<Seg>);
+
+impl Pattern {
+    /// Compiles `text`, substituting `{sub}` with `sub` literally.
+    pub fn compile(text: &str, sub: &str) -> Result<Pattern> {
+        if text.is_empty() {
+            return Err(RelayError::Unauthorized("empty scope pattern".into()));
+        }
+        let mut segs = Vec::new();
+        let mut lit = String::new();
+        let mut rest = text;
+        while let Some(c) = rest.chars().next() {
+            if let Some(after) = rest.strip_prefix("{sub}") {
+                lit.push_str(sub);
+                rest = after;
+                continue;
+            }
+            if c == '{' || c == '}' {
+                return Err(RelayError::Unauthorized(format!(
+                    "scope pattern `{text}` has a placeholder other than {{sub}}"
+                )));
+            }
+            if c == '*' {
+                if !lit.is_empty() {
+                    segs.push(Seg::Lit(std::mem::take(&mut lit)));
+                }
+                if segs.last() != Some(&Seg::Star) {
+                    segs.push(Seg::Star);
+                }
+            } else {
+                lit.push(c);
+            }
+            rest = &rest[c.len_utf8()..];
+        }
+        if !lit.is_empty() {
+            segs.push(Seg::Lit(lit));
+        }
+        Ok(Pattern(segs))
+    }
+
+    /// True when `scope` matches.
+    pub fn matches(&self, scope: &str) -> bool {
+        fn go(segs: &[Seg], s: &str) -> bool {
+            match segs.split_first() {
+                None => s.is_empty(),
+                Some((Seg::Lit(l), rest)) => {
+                    s.strip_prefix(l.as_str()).is_some_and(|t| go(rest, t))
+                }
+                Some((Seg::Star, rest)) => {
+                    if rest.is_empty() {
+                        return true;
+                    }
+                    s.char_indices()
+                        .map(|(i, _)| i)
+                        .chain(std::iter::once(s.len()))
+                        .any(|i| go(rest, &s[i..]))
+                }
+            }
+        }
+        go(&self.0, scope)
+    }
+}
+
+/// What a verified token allows.
+#[derive(Debug, Clone)]
+pub struct Grants {
+    /// Subject.
+    pub sub: String,
+    /// Expiry (seconds since the epoch).
+    pub exp: u64,
+    read: Vec<Pattern>,
+    write: Vec<Pattern>,
+    primary: Vec<String>,
+}
+
+impl Grants {
+    /// Compiles a token's claims.
+    pub fn from_claims(c: &Claims) -> Result<Grants> {
+        if c.sub.is_empty() {
+            return Err(RelayError::Unauthorized("token has an empty `sub`".into()));
+        }
+        let compile = |v: &[String]| -> Result<Vec<Pattern>> {
+            v.iter().map(|p| Pattern::compile(p, &c.sub)).collect()
+        };
+        Ok(Grants {
+            sub: c.sub.clone(),
+            exp: c.exp,
+            read: compile(&c.read)?,
+            write: compile(&c.write)?,
+            primary: c.primary.clone(),
+        })
+    }
+
+    /// May the bearer read `scope`?
+    pub fn can_read(&self, scope: &str) -> bool {
+        self.read.iter().any(|p| p.matches(scope))
+    }
+
+    /// May the bearer write `scope`? (It must be readable too.)
+    pub fn can_write(&self, scope: &str) -> bool {
+        self.can_read(scope) && self.write.iter().any(|p| p.matches(scope))
+    }
+
+    /// May the bearer write the `read_only` table `table`?
+    pub fn is_primary_for(&self, table: &str) -> bool {
+        self.primary.iter().any(|t| t == "*" || t == table)
+    }
+}
+
+/// Verifies tokens with the configured keys.
+#[derive(Clone)]
+pub struct Verifier {
+    hs256: Option<DecodingKey>,
+    jwks: HashMap<String, (DecodingKey, Algorithm)>,
+    jwks_single: Option<(DecodingKey, Algorithm)>,
+    issuer: Option<String>,
+    audience: Option<String>,
+    leeway: u64,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("hs256", &self.hs256.is_some())
+            .field("jwks_keys", &self.jwks.len())
+            .finish()
+    }
+}
+
+fn install_crypto() {
+    // Err means a provider is installed already, which is what we want.
+    let _ = jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER.install_default();
+}
+
+/// Reads the HS256 secret from the configuration (inline or file).
+pub fn hs256_secret(cfg: &AuthConfig) -> Result<Option<Vec<u8>>> {
+    let secret = match (&cfg.hs256_secret, &cfg.hs256_secret_file) {
+        (Some(_), Some(_)) => {
+            return Err(RelayError::Config(
+                "auth: set hs256_secret or hs256_secret_file, not both".into(),
+            ));
+        }
+        (Some(s), None) => Some(s.as_bytes().to_vec()),
+        (None, Some(p)) => {
+            let s = std::fs::read_to_string(p).map_err(|e| {
+                RelayError::Config(format!("auth.hs256_secret_file {}: {e}", p.display()))
+            })?;
+            Some(s.trim_end().as_bytes().to_vec())
+        }
+        (None, None) => None,
+    };
+    if let Some(s) = &secret
+        && s.len() < 32
+    {
+        return Err(RelayError::Config(format!(
+            "auth: the HS256 secret has {} bytes; use at least 32",
+            s.len()
+        )));
+    }
+    Ok(secret)
+}
+
+impl Verifier {
+    /// Builds from the configuration; at least one key source must be set.
+    pub fn from_config(cfg: &AuthConfig) -> Result<Verifier> {
+        install_crypto();
+        let hs256 = hs256_secret(cfg)?.map(|s| DecodingKey::from_secret(&s));
+        let mut jwks = HashMap::new();
+        let mut jwks_single = None;
+        if let Some(path) = &cfg.jwks_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                RelayError::Config(format!("auth.jwks_file {}: {e}", path.display()))
+            })?;
+            let set: JwkSet = serde_json::from_str(&text).map_err(|e| {
+                RelayError::Config(format!(
+                    "auth.jwks_file {} is not a JWKS: {e}",
+                    path.display()
+                ))
+            })?;
+            for k in &set.keys {
+                let alg = match k.common.key_algorithm.map(|a| a.to_string()).as_deref() {
+                    Some("RS256") => Algorithm::RS256,
+                    Some("ES256") => Algorithm::ES256,
+                    None => match &k.algorithm {
+                        jsonwebtoken::jwk::AlgorithmParameters::RSA(_) => Algorithm::RS256,
+                        jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_) => {
+                            Algorithm::ES256
+                        }
+                        _ => {
+                            return Err(RelayError::Config(format!(
+                                "auth.jwks_file {}: only RSA (RS256) and EC P-256 (ES256) keys are supported",
+                                path.display()
+                            )));
+                        }
+                    },
+                    Some(other) => {
+                        return Err(RelayError::Config(format!(
+                            "auth.jwks_file {}: key algorithm {other} is not supported (RS256, ES256)",
+                            path.display()
+                        )));
+                    }
+                };
+                let key = DecodingKey::from_jwk(k).map_err(|e| {
+                    RelayError::Config(format!("auth.jwks_file {}: bad key: {e}", path.display()))
+                })?;
+                match &k.common.key_id {
+                    Some(kid) => {
+                        jwks.insert(kid.clone(), (key.clone(), alg));
+                    }
+                    None => {}
+                }
+                if set.keys.len() == 1 {
+                    jwks_single = Some((key, alg));
+                }
+            }
+            if set.keys.is_empty() {
+                return Err(RelayError::Config(format!(
+                    "auth.jwks_file {} holds no keys",
+                    path.display()
+                )));
+            }
+        }
+        if hs256.is_none() && jwks.is_empty() && jwks_single.is_none() {
+            return Err(RelayError::Config(
+                "auth: no key configured; set auth.hs256_secret (development) or auth.jwks_file"
+                    .into(),
+            ));
+        }
+        Ok(Verifier {
+            hs256,
+            jwks,
+            jwks_single,
+            issuer: cfg.issuer.clone(),
+            audience: cfg.audience.clone(),
+            leeway: cfg.leeway.as_secs(),
+        })
+    }
+
+    /// Verifies a token and compiles its grants.
+    pub fn verify(&self, token: &str) -> Result<Grants> {
+        let header = jsonwebtoken::decode_header(token).map_err(|e| {
+            RelayError::Unauthorized(format!(
+                "token is not a valid JWT ({e}); `alg: none` and unknown algorithms are refused"
+            ))
+        })?;
+        let (key, alg) = match header.alg {
+            Algorithm::HS256 => (
+                self.hs256.as_ref().ok_or_else(|| {
+                    RelayError::Unauthorized("HS256 tokens are not accepted by this relay".into())
+                })?,
+                Algorithm::HS256,
+            ),
+            Algorithm::RS256 | Algorithm::ES256 => {
+                let (k, a) = match &header.kid {
+                    Some(kid) => self.jwks.get(kid).ok_or_else(|| {
+                        RelayError::Unauthorized(format!("token key id `{kid}` is not in the JWKS"))
+                    })?,
+                    None => self.jwks_single.as_ref().ok_or_else(|| {
+                        RelayError::Unauthorized(
+                            "token has no key id (kid) and the JWKS holds several keys".into(),
+                        )
+                    })?,
+                };
+                if *a != header.alg {
+                    return Err(RelayError::Unauthorized(format!(
+                        "token algorithm {:?} does not match its key ({a:?})",
+                        header.alg
+                    )));
+                }
+                (k, *a)
+            }
+            other => {
+                return Err(RelayError::Unauthorized(format!(
+                    "token algorithm {other:?} is not accepted (HS256, RS256, ES256)"
+                )));
+            }
+        };
+        let mut v = Validation::new(alg);
+        v.leeway = self.leeway;
+        v.set_required_spec_claims(&["exp", "sub"]);
+        if let Some(i) = &self.issuer {
+            v.set_issuer(&[i]);
+        }
+        match &self.audience {
+            Some(a) => v.set_audience(&[a]),
+            None => v.validate_aud = false,
+        }
+        let data = jsonwebtoken::decode::<Claims>(token, key, &v).map_err(|e| {
+            RelayError::Unauthorized(match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => "token expired".to_owned(),
+                jsonwebtoken::errors::ErrorKind::InvalidSignature => {
+                    "token signature is invalid (forged or signed with another key)".to_owned()
+                }
+                _ => format!("token refused: {e}"),
+            })
+        })?;
+        Grants::from_claims(&data.claims)
+    }
+}
+
+/// Signs a development HS256 token.
+pub fn mint_hs256(secret: &[u8], claims: &Claims) -> Result<String> {
+    install_crypto();
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(secret),
+    )
+    .map_err(|e| RelayError::Config(format!("cannot sign a token: {e}")))
+}
+
+/// Seconds since the epoch.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn grants(read: &[&str], write: &[&str]) -> Grants {
+        Grants::from_claims(&Claims {
+            sub: "al*ce".into(),
+            exp: u64::MAX,
+            read: read.iter().map(|s| s.to_string()).collect(),
+            write: write.iter().map(|s| s.to_string()).collect(),
+            primary: vec!["prices".into()],
+            iss: None,
+            aud: None,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn patterns() {
+        let g = grants(
+            &["user:{sub}", "team:*", "global"],
+            &["user:{sub}", "other"],
+        );
+        assert!(g.can_read("user:al*ce"));
+        assert!(
+            !g.can_read("user:alice"),
+            "{{sub}} is literal, its * is no wildcard"
+        );
+        assert!(g.can_read("team:x") && g.can_read("team:"));
+        assert!(!g.can_read("teams:x"));
+        assert!(g.can_write("user:al*ce"));
+        assert!(!g.can_write("other"), "write needs read too");
+        assert!(!g.can_write("team:x"));
+        assert!(g.is_primary_for("prices") && !g.is_primary_for("todo"));
+        let p = Pattern::compile("a*b*c", "s").unwrap();
+        assert!(p.matches("abc") && p.matches("aXbYc") && !p.matches("acb"));
+        assert!(Pattern::compile("{user}", "s").is_err());
+        assert!(Pattern::compile("", "s").is_err());
+    }
+}

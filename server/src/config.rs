@@ -1,0 +1,423 @@
+//! Relay configuration: a TOML file, then environment variables, then command-line flags.
+//!
+//! Every field has a default so an empty file is valid except for what cannot be guessed
+//! (the app schema and a token key). `server/config.example.toml` documents every field;
+//! [`Config::validate`] turns each mistake into an error naming the field.
+
+use crate::error::{RelayError, Result};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where the relay stores change sets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    /// One embedded SQLite file under the data directory.
+    Sqlite,
+    /// A PostgreSQL database (connection string).
+    Postgres(String),
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on (`127.0.0.1:0` picks a free port).
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Data directory (the SQLite store and the checksum state live here).
+    #[serde(default = "default_data")]
+    pub data: PathBuf,
+    /// `sqlite` (default) or a `postgres://` URL.
+    #[serde(default = "default_store")]
+    pub store: String,
+    /// The app schema as JSON (`ferry_core::Schema`): which tables sync, their scope column,
+    /// write mode and delete rule.
+    #[serde(default)]
+    pub schema: Option<PathBuf>,
+    /// Token verification.
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// Limits.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// History retention.
+    #[serde(default)]
+    pub retention: RetentionConfig,
+    /// Checksums of what replicas should hold.
+    #[serde(default)]
+    pub checksums: ChecksumConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// Token verification.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// HS256 shared secret (development; at least 32 bytes).
+    #[serde(default)]
+    pub hs256_secret: Option<String>,
+    /// File holding the HS256 secret.
+    #[serde(default)]
+    pub hs256_secret_file: Option<PathBuf>,
+    /// JWKS file with RS256/ES256 public keys (production).
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// Required `iss`, if set.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// Required `aud`, if set.
+    #[serde(default)]
+    pub audience: Option<String>,
+    /// Clock leeway for `exp`/`nbf`.
+    #[serde(default = "default_leeway", with = "humantime_serde")]
+    pub leeway: Duration,
+}
+
+/// Limits protecting the relay and other clients.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest frame accepted (bytes, after decompression).
+    #[serde(default = "default_max_frame")]
+    pub max_frame_bytes: usize,
+    /// Largest change set (cell operations).
+    #[serde(default = "default_max_ops")]
+    pub max_change_set_ops: usize,
+    /// Most change sets in one push frame.
+    #[serde(default = "default_max_push_sets")]
+    pub max_push_sets: usize,
+    /// Most concurrent connections.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Sustained frames per second per connection (above it the relay stops reading).
+    #[serde(default = "default_fps")]
+    pub frames_per_second: u32,
+    /// Burst of frames allowed above the sustained rate.
+    #[serde(default = "default_burst")]
+    pub frame_burst: u32,
+    /// How far ahead of the relay's clock a change set's HLC may be.
+    #[serde(default = "default_skew", with = "humantime_serde")]
+    pub max_clock_skew: Duration,
+    /// A connection that sends nothing (not even a ping) for this long is closed.
+    #[serde(default = "default_idle", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Time allowed between connect and a valid hello.
+    #[serde(default = "default_hello", with = "humantime_serde")]
+    pub hello_timeout: Duration,
+}
+
+/// History retention.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Change sets kept uncompacted behind the head (0: never compact).
+    #[serde(default)]
+    pub keep_change_sets: u64,
+    /// How often compaction runs.
+    #[serde(default = "default_compact_every", with = "humantime_serde")]
+    pub compact_every: Duration,
+}
+
+/// Checksums.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChecksumConfig {
+    /// Keep a materialized copy of the state so replicas can verify what they hold.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    #[serde(default = "default_log_format")]
+    pub format: String,
+    /// A `tracing` filter (`info`, `ferry_relay=debug`, ...).
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:7070".into()
+}
+fn default_data() -> PathBuf {
+    PathBuf::from("ferry-data")
+}
+fn default_store() -> String {
+    "sqlite".into()
+}
+fn default_leeway() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_max_frame() -> usize {
+    8 << 20
+}
+fn default_max_ops() -> usize {
+    100_000
+}
+fn default_max_push_sets() -> usize {
+    1024
+}
+fn default_max_connections() -> usize {
+    20_000
+}
+fn default_fps() -> u32 {
+    500
+}
+fn default_burst() -> u32 {
+    1000
+}
+fn default_skew() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_idle() -> Duration {
+    Duration::from_secs(90)
+}
+fn default_hello() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_compact_every() -> Duration {
+    Duration::from_secs(600)
+}
+fn yes() -> bool {
+    true
+}
+fn default_log_format() -> String {
+    "text".into()
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            hs256_secret: None,
+            hs256_secret_file: None,
+            jwks_file: None,
+            issuer: None,
+            audience: None,
+            leeway: default_leeway(),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_frame_bytes: default_max_frame(),
+            max_change_set_ops: default_max_ops(),
+            max_push_sets: default_max_push_sets(),
+            max_connections: default_max_connections(),
+            frames_per_second: default_fps(),
+            frame_burst: default_burst(),
+            max_clock_skew: default_skew(),
+            idle_timeout: default_idle(),
+            hello_timeout: default_hello(),
+        }
+    }
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            keep_change_sets: 0,
+            compact_every: default_compact_every(),
+        }
+    }
+}
+
+impl Default for ChecksumConfig {
+    fn default() -> Self {
+        ChecksumConfig { enabled: true }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: default_log_format(),
+            level: default_log_level(),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: default_listen(),
+            data: default_data(),
+            store: default_store(),
+            schema: None,
+            auth: AuthConfig::default(),
+            limits: LimitsConfig::default(),
+            retention: RetentionConfig::default(),
+            checksums: ChecksumConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+/// Environment variables that override the file (the flags of `ferry-relay serve` override
+/// both).
+pub const ENV_VARS: &[(&str, &str)] = &[
+    ("FERRY_LISTEN", "listen"),
+    ("FERRY_DATA", "data"),
+    ("FERRY_STORE", "store"),
+    ("FERRY_SCHEMA", "schema"),
+    ("FERRY_JWT_SECRET", "auth.hs256_secret"),
+    ("FERRY_JWKS_FILE", "auth.jwks_file"),
+    ("FERRY_LOG", "log.level"),
+    ("FERRY_LOG_FORMAT", "log.format"),
+];
+
+impl Config {
+    /// Reads a TOML file (missing file: an error naming it).
+    pub fn from_file(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            RelayError::Config(format!("cannot read config file {}: {e}", path.display()))
+        })?;
+        Self::from_toml(&text).map_err(|e| match e {
+            RelayError::Config(m) => RelayError::Config(format!("{}: {m}", path.display())),
+            other => other,
+        })
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> Result<Config> {
+        toml::from_str(text).map_err(|e| RelayError::Config(e.to_string()))
+    }
+
+    /// Applies `FERRY_*` environment overrides from `get` (the process environment in the
+    /// binary; a map in tests).
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) {
+        if let Some(v) = get("FERRY_LISTEN") {
+            self.listen = v;
+        }
+        if let Some(v) = get("FERRY_DATA") {
+            self.data = v.into();
+        }
+        if let Some(v) = get("FERRY_STORE") {
+            self.store = v;
+        }
+        if let Some(v) = get("FERRY_SCHEMA") {
+            self.schema = Some(v.into());
+        }
+        if let Some(v) = get("FERRY_JWT_SECRET") {
+            self.auth.hs256_secret = Some(v);
+        }
+        if let Some(v) = get("FERRY_JWKS_FILE") {
+            self.auth.jwks_file = Some(v.into());
+        }
+        if let Some(v) = get("FERRY_LOG") {
+            self.log.level = v;
+        }
+        if let Some(v) = get("FERRY_LOG_FORMAT") {
+            self.log.format = v;
+        }
+    }
+
+    /// The store to use.
+    pub fn store_kind(&self) -> Result<StoreKind> {
+        let s = self.store.trim();
+        if s.eq_ignore_ascii_case("sqlite") {
+            Ok(StoreKind::Sqlite)
+        } else if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            Ok(StoreKind::Postgres(s.to_owned()))
+        } else {
+            Err(RelayError::Config(format!(
+                "store = `{s}`: expected `sqlite` or a postgres:// URL"
+            )))
+        }
+    }
+
+    /// The listen address.
+    pub fn listen_addr(&self) -> Result<SocketAddr> {
+        self.listen.parse().map_err(|e| {
+            RelayError::Config(format!(
+                "listen = `{}` is not an address like 127.0.0.1:7070: {e}",
+                self.listen
+            ))
+        })
+    }
+
+    /// Checks everything that can be checked without starting (files exist and parse).
+    pub fn validate(&self) -> Result<()> {
+        self.listen_addr()?;
+        match self.store_kind()? {
+            StoreKind::Sqlite => {}
+            StoreKind::Postgres(_) => {
+                return Err(RelayError::Config(
+                    "store = postgres://…: the PostgreSQL store is not available in this build yet; use `sqlite`".into(),
+                ));
+            }
+        }
+        if self.schema.is_none() {
+            return Err(RelayError::Config(
+                "schema is not set: point it at the app's schema JSON (see `ferry-relay --help`)"
+                    .into(),
+            ));
+        }
+        crate::catalog::RelayCatalog::load(self)?;
+        crate::auth::Verifier::from_config(&self.auth)?;
+        if !["text", "json"].contains(&self.log.format.as_str()) {
+            return Err(RelayError::Config(format!(
+                "log.format = `{}`: expected `text` or `json`",
+                self.log.format
+            )));
+        }
+        let l = &self.limits;
+        if l.max_frame_bytes < 4096 {
+            return Err(RelayError::Config(
+                "limits.max_frame_bytes must be at least 4096".into(),
+            ));
+        }
+        if l.max_change_set_ops == 0 || l.max_push_sets == 0 || l.max_connections == 0 {
+            return Err(RelayError::Config(
+                "limits.max_change_set_ops, max_push_sets and max_connections must be positive"
+                    .into(),
+            ));
+        }
+        if l.frames_per_second == 0 || l.frame_burst == 0 {
+            return Err(RelayError::Config(
+                "limits.frames_per_second and frame_burst must be positive".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn empty_file_takes_defaults_and_env_overrides() {
+        let mut c = Config::from_toml("").unwrap();
+        assert_eq!(c.listen, "127.0.0.1:7070");
+        assert_eq!(c.limits.max_clock_skew, Duration::from_secs(300));
+        c.apply_env(|k| (k == "FERRY_LISTEN").then(|| "0.0.0.0:9".to_string()));
+        assert_eq!(c.listen, "0.0.0.0:9");
+    }
+
+    #[test]
+    fn mistakes_name_the_field() {
+        let e = Config::from_toml("listn = 1").unwrap_err().to_string();
+        assert!(e.contains("listn"), "{e}");
+        let e = Config::from_toml("[limits]\nmax_clock_skew = \"5 parsecs\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_clock_skew") || e.contains("parsecs"), "{e}");
+        let c = Config::from_toml("store = \"mysql://x\"").unwrap();
+        assert!(c.store_kind().unwrap_err().to_string().contains("store"));
+        let c = Config::from_toml("listen = \"nowhere\"").unwrap();
+        assert!(c.listen_addr().unwrap_err().to_string().contains("listen"));
+    }
+}

@@ -1,0 +1,94 @@
+//! The relay's error type.
+//!
+//! Errors that a client caused map to a protocol [`ErrorCode`] (sent in an error or refusal
+//! frame); errors of the relay itself (storage, configuration) are logged and reported as
+//! `internal` without details a client should not see.
+
+use ferry_core::protocol::ErrorCode;
+use thiserror::Error;
+
+/// Result alias of the relay.
+pub type Result<T, E = RelayError> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the relay.
+#[derive(Debug, Error)]
+pub enum RelayError {
+    /// The configuration is not acceptable.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// A token was missing, malformed, forged or expired.
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
+    /// A write outside the token's grants.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// A change set the relay will not sequence.
+    #[error("invalid change set: {0}")]
+    InvalidChangeSet(String),
+    /// A change set stamped too far ahead of the relay's clock.
+    #[error("clock skew: {0}")]
+    ClockSkew(String),
+    /// The `(origin, origin_seq)` pair names a different change set.
+    #[error("origin reused: {0}")]
+    OriginReused(String),
+    /// Too large.
+    #[error("too large: {0}")]
+    TooLarge(String),
+    /// Storage failed.
+    #[error("store: {0}")]
+    Store(String),
+    /// Ferry core failed.
+    #[error(transparent)]
+    Core(#[from] ferry_core::Error),
+    /// I/O failed.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// The relay is shutting down.
+    #[error("the relay is shutting down")]
+    ShuttingDown,
+}
+
+impl From<rusqlite::Error> for RelayError {
+    fn from(e: rusqlite::Error) -> Self {
+        RelayError::Store(e.to_string())
+    }
+}
+
+impl From<rmp_serde::encode::Error> for RelayError {
+    fn from(e: rmp_serde::encode::Error) -> Self {
+        RelayError::Store(format!("encode: {e}"))
+    }
+}
+
+impl From<rmp_serde::decode::Error> for RelayError {
+    fn from(e: rmp_serde::decode::Error) -> Self {
+        RelayError::Store(format!("decode: {e}"))
+    }
+}
+
+impl RelayError {
+    /// The protocol code a client sees.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            RelayError::Unauthorized(_) => ErrorCode::Unauthorized,
+            RelayError::Forbidden(_) => ErrorCode::Forbidden,
+            RelayError::InvalidChangeSet(_) => ErrorCode::InvalidChangeSet,
+            RelayError::ClockSkew(_) => ErrorCode::ClockSkew,
+            RelayError::OriginReused(_) => ErrorCode::OriginReused,
+            RelayError::TooLarge(_) => ErrorCode::TooLarge,
+            RelayError::ShuttingDown => ErrorCode::ShuttingDown,
+            RelayError::Config(_)
+            | RelayError::Store(_)
+            | RelayError::Core(_)
+            | RelayError::Io(_) => ErrorCode::Internal,
+        }
+    }
+
+    /// The message a client sees (internal details stay in the relay's log).
+    pub fn client_message(&self) -> String {
+        match self.code() {
+            ErrorCode::Internal => "the relay failed; try again later".to_owned(),
+            _ => self.to_string(),
+        }
+    }
+}

@@ -1,0 +1,282 @@
+//! The relay process: HTTP routes, WebSocket upgrades, background tasks, graceful shutdown.
+//!
+//! Routes: `/sync` (the WebSocket protocol), `/healthz` (the process answers), `/readyz` (the
+//! store answers and the relay is not shutting down), `/metrics` (Prometheus text).
+//!
+//! Shutdown (SIGTERM, SIGINT, or [`Relay::shutdown`]): stop accepting connections; every
+//! connection finishes the frame it is handling (a push in flight is stored and acknowledged)
+//! and then gets a `shutting_down` error frame; the store drains its queue and closes.
+
+use crate::auth::Verifier;
+use crate::catalog::RelayCatalog;
+use crate::config::{Config, StoreKind};
+use crate::error::{RelayError, Result};
+use crate::metrics as m;
+use crate::session::{self, Shared};
+use crate::shadow::Shadow;
+use crate::store::Store;
+use crate::store::sqlite::SqliteStore;
+use axum::extract::State;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Change sets kept in memory for live fan-out.
+const FEED_WINDOW: usize = 4096;
+
+/// A running relay.
+pub struct Relay {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    background: TaskTracker,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay").field("addr", &self.addr).finish()
+    }
+}
+
+impl Relay {
+    /// Validates the configuration, opens the store, binds and starts serving.
+    pub async fn start(cfg: Config) -> Result<Relay> {
+        cfg.validate()?;
+        let cat = Arc::new(RelayCatalog::load(&cfg)?);
+        let verifier = Verifier::from_config(&cfg.auth)?;
+        let store: Arc<dyn Store> = match cfg.store_kind()? {
+            StoreKind::Sqlite => {
+                let dir = cfg.data.clone();
+                let c = Arc::clone(&cat);
+                tokio::task::spawn_blocking(move || SqliteStore::open(&dir, c, FEED_WINDOW))
+                    .await
+                    .map_err(|e| RelayError::Store(format!("opening the store failed: {e}")))??
+            }
+            StoreKind::Postgres(_) => {
+                return Err(RelayError::Config(
+                    "the PostgreSQL store is not available in this build yet".into(),
+                ));
+            }
+        };
+        let handle = m::handle();
+        let shutdown = CancellationToken::new();
+        let background = TaskTracker::new();
+        let shadow = if cfg.checksums.enabled {
+            let dir = cfg.data.clone();
+            let schema = cat.schema.clone();
+            let head = store.feed().head();
+            let sh = tokio::task::spawn_blocking(move || Shadow::open(&dir, &schema, head))
+                .await
+                .map_err(|e| {
+                    RelayError::Store(format!("opening the checksum state failed: {e}"))
+                })??;
+            let sh = Arc::new(sh);
+            background.spawn(Arc::clone(&sh).follow(Arc::clone(&store), shutdown.clone()));
+            Some(sh)
+        } else {
+            None
+        };
+        if cfg.retention.keep_change_sets > 0 {
+            background.spawn(compactor(
+                Arc::clone(&store),
+                cfg.retention.keep_change_sets,
+                cfg.retention.compact_every,
+                shutdown.clone(),
+            ));
+        }
+        let addr = cfg.listen_addr()?;
+        let cfg = Arc::new(cfg);
+        let shared = Arc::new(Shared {
+            cfg: Arc::clone(&cfg),
+            cat,
+            verifier,
+            store,
+            shadow,
+            shutdown: shutdown.clone(),
+            connections: AtomicUsize::new(0),
+            tasks: TaskTracker::new(),
+        });
+        let app = axum::Router::new()
+            .route("/sync", get(upgrade))
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route("/readyz", get(ready))
+            .route("/metrics", get(move || async move { handle.render() }))
+            .with_state(Arc::clone(&shared));
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| RelayError::Config(format!("cannot listen on {addr}: {e}")))?;
+        let addr = listener.local_addr()?;
+        let stop = shutdown.clone();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        });
+        metrics::gauge!(m::HEAD).set(shared.store.feed().head() as f64);
+        tracing::info!(%addr, "relay listening");
+        Ok(Relay {
+            addr,
+            shared,
+            server,
+            background,
+        })
+    }
+
+    /// The store (tests inspect it).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.shared.store
+    }
+
+    /// Open connections.
+    pub fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::Relaxed)
+    }
+
+    /// A token that shuts the relay down when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shared.shutdown.clone()
+    }
+
+    /// Graceful shutdown: stop accepting, let connections finish their frame, close the store.
+    pub async fn shutdown(self) -> Result<()> {
+        self.shared.shutdown.cancel();
+        self.wait().await
+    }
+
+    /// Waits until shut down (by [`Relay::shutdown_token`] or a signal handler).
+    pub async fn wait(self) -> Result<()> {
+        self.shared.shutdown.cancelled().await;
+        let _ = self.server.await;
+        self.shared.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(10), self.shared.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("connections did not close within 10 s");
+        }
+        self.background.close();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.background.wait()).await;
+        self.shared.store.shutdown().await;
+        tracing::info!("relay stopped");
+        Ok(())
+    }
+}
+
+async fn upgrade(State(shared): State<Arc<Shared>>, ws: WebSocketUpgrade) -> impl IntoResponse {
+    let max = shared.cfg.limits.max_frame_bytes;
+    ws.max_message_size(max)
+        .max_frame_size(max)
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_write_buffer_size(max.saturating_mul(2))
+        .on_upgrade(move |socket| {
+            let s = Arc::clone(&shared);
+            let tasks = shared.tasks.clone();
+            async move {
+                if s.connections.load(Ordering::Relaxed) >= s.cfg.limits.max_connections {
+                    reject_busy(socket, s.cfg.limits.max_connections).await;
+                    return;
+                }
+                tasks.track_future(session::serve(s, socket)).await;
+            }
+        })
+}
+
+async fn reject_busy(mut socket: axum::extract::ws::WebSocket, max: usize) {
+    use axum::extract::ws::Message;
+    let frame = ferry_core::protocol::ServerMsg::Error {
+        code: ferry_core::protocol::ErrorCode::RateLimited,
+        message: format!("the relay is at its limit of {max} connections; try again later"),
+    };
+    if let Ok(b) = frame.encode() {
+        let _ = socket.send(Message::Binary(b.into())).await;
+    }
+    let _ = socket.send(Message::Close(None)).await;
+}
+
+async fn ready(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    if shared.shutdown.is_cancelled() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting down\n".to_owned(),
+        );
+    }
+    match tokio::time::timeout(Duration::from_secs(2), shared.store.stats()).await {
+        Ok(Ok(s)) => {
+            metrics::gauge!(m::HEAD).set(s.head as f64);
+            (
+                StatusCode::OK,
+                format!("ready head={} horizon={}\n", s.head, s.horizon),
+            )
+        }
+        Ok(Err(e)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("store error: {e}\n"),
+        ),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store did not answer\n".to_owned(),
+        ),
+    }
+}
+
+async fn compactor(store: Arc<dyn Store>, keep: u64, every: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(every.max(Duration::from_secs(1)));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let head = store.feed().head();
+        if head <= keep {
+            continue;
+        }
+        if let Err(e) = store.compact(head - keep).await {
+            tracing::warn!(error = %e, "compaction failed");
+        }
+    }
+}
+
+/// Runs a relay until SIGTERM or SIGINT, then shuts it down gracefully.
+pub async fn run(cfg: Config, on_listening: impl FnOnce(SocketAddr)) -> Result<()> {
+    let relay = Relay::start(cfg).await?;
+    on_listening(relay.addr);
+    let token = relay.shutdown_token();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received; shutting down");
+        token.cancel();
+    });
+    relay.wait().await
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,597 @@
+//! The embedded SQLite store: one file, one writer thread, a pool of readers.
+//!
+//! Sequencing is done by a single writer thread, so `server_seq = head + 1` is gap-free and in
+//! commit order by construction. The writer drains every push waiting in its queue into one
+//! transaction (group commit): under load many connections share one fsync, and a push is
+//! answered only after that transaction commits with `synchronous = FULL` in WAL mode, so an
+//! acknowledged change set survives a crash of the process or the machine. Readers use their
+//! own connections and never block the writer (WAL).
+
+use crate::auth::Grants;
+use crate::catalog::RelayCatalog;
+use crate::compact::Pruner;
+use crate::error::{RelayError, Result};
+use crate::feed::Feed;
+use crate::scoping::{self, RowScope, RowScopes, RowTag};
+use crate::store::{CompactReport, PushOutcome, Store, StoreStats, StoredSet};
+use async_trait::async_trait;
+use ferry_core::hlc::Hlc;
+use ferry_core::{ChangeSet, ReplicaId, Value};
+use parking_lot::Mutex;
+use rusqlite::{Connection, OptionalExtension, params};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc;
+use tokio::sync::oneshot;
+
+/// Format version of the relay's SQLite file (`PRAGMA user_version`).
+const FORMAT: i64 = 1;
+
+const SCHEMA_V1: &str = "
+CREATE TABLE sets(
+    server_seq INTEGER PRIMARY KEY,
+    origin BLOB NOT NULL,
+    origin_seq INTEGER NOT NULL,
+    id BLOB NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE UNIQUE INDEX sets_origin ON sets(origin, origin_seq);
+CREATE TABLE origins(origin BLOB PRIMARY KEY, max_seq INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE row_scopes(
+    tbl TEXT NOT NULL, pk BLOB NOT NULL, cl INTEGER NOT NULL, scope TEXT NOT NULL,
+    hlc INTEGER NOT NULL, origin BLOB NOT NULL, PRIMARY KEY (tbl, pk)
+) WITHOUT ROWID;
+CREATE TABLE row_hist(
+    tbl TEXT NOT NULL, pk BLOB NOT NULL, server_seq INTEGER NOT NULL,
+    PRIMARY KEY (tbl, pk, server_seq)
+) WITHOUT ROWID;
+CREATE TABLE meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT INTO meta VALUES ('horizon', 0);
+";
+
+enum Job {
+    Push {
+        grants: Arc<Grants>,
+        sets: Vec<ChangeSet>,
+        reply: oneshot::Sender<Result<Vec<PushOutcome>>>,
+    },
+    Rewrite {
+        sets: Vec<(StoredSet, Vec<(String, Value)>)>,
+        horizon: u64,
+        reply: oneshot::Sender<Result<()>>,
+    },
+}
+
+/// The SQLite store.
+pub struct SqliteStore {
+    path: PathBuf,
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    readers: Mutex<Vec<Connection>>,
+    feed: Arc<Feed>,
+    cat: Arc<RelayCatalog>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+fn configure(conn: &Connection) -> Result<()> {
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    Ok(())
+}
+
+fn open_file(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path)?;
+    configure(&conn)?;
+    Ok(conn)
+}
+
+fn upgrade(conn: &mut Connection) -> Result<()> {
+    let v: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if v > FORMAT {
+        return Err(RelayError::Store(format!(
+            "store format {v} is newer than this relay understands ({FORMAT}); upgrade the relay"
+        )));
+    }
+    if v < 1 {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute_batch(SCHEMA_V1)?;
+        tx.pragma_update(None, "user_version", FORMAT)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+fn head_of(conn: &Connection) -> Result<u64> {
+    let h: i64 = conn.query_row("SELECT coalesce(max(server_seq), 0) FROM sets", [], |r| {
+        r.get(0)
+    })?;
+    Ok(h as u64)
+}
+
+fn decode_set(seq: i64, body: &[u8]) -> Result<StoredSet> {
+    let (change_set, tags): (ChangeSet, Vec<RowTag>) = rmp_serde::from_slice(body)?;
+    Ok(StoredSet {
+        server_seq: seq as u64,
+        change_set,
+        tags,
+    })
+}
+
+fn encode_set(s: &StoredSet) -> Result<Vec<u8>> {
+    Ok(rmp_serde::to_vec(&(&s.change_set, &s.tags))?)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store in `dir/relay.db`.
+    pub fn open(dir: &Path, cat: Arc<RelayCatalog>, window: usize) -> Result<Arc<SqliteStore>> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            RelayError::Store(format!(
+                "cannot create data directory {}: {e}",
+                dir.display()
+            ))
+        })?;
+        let path = dir.join("relay.db");
+        let mut conn = open_file(&path)?;
+        upgrade(&mut conn)?;
+        let head = head_of(&conn)?;
+        let feed = Arc::new(Feed::new(head, window));
+        let (tx, rx) = mpsc::channel();
+        let writer = Writer {
+            conn,
+            feed: Arc::clone(&feed),
+            cat: Arc::clone(&cat),
+            head,
+        };
+        let handle = std::thread::Builder::new()
+            .name("ferry-store-writer".into())
+            .spawn(move || writer.run(rx))?;
+        tracing::info!(path = %path.display(), head, "sqlite store opened");
+        Ok(Arc::new(SqliteStore {
+            path,
+            jobs: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(handle)),
+            readers: Mutex::new(Vec::new()),
+            feed,
+            cat,
+        }))
+    }
+
+    fn send(&self, job: Job) -> Result<()> {
+        let g = self.jobs.lock();
+        let tx = g.as_ref().ok_or(RelayError::ShuttingDown)?;
+        tx.send(job).map_err(|_| RelayError::ShuttingDown)
+    }
+
+    async fn with_reader<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let conn = match self.readers.lock().pop() {
+            Some(c) => c,
+            None => open_file(&self.path)?,
+        };
+        let (conn, r) = tokio::task::spawn_blocking(move || {
+            let r = f(&conn);
+            (conn, r)
+        })
+        .await
+        .map_err(|e| RelayError::Store(format!("reader task failed: {e}")))?;
+        let mut pool = self.readers.lock();
+        if pool.len() < 8 {
+            pool.push(conn);
+        }
+        r
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn push(&self, grants: Arc<Grants>, sets: Vec<ChangeSet>) -> Result<Vec<PushOutcome>> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Job::Push {
+            grants,
+            sets,
+            reply,
+        })?;
+        rx.await.map_err(|_| RelayError::ShuttingDown)?
+    }
+
+    async fn read(
+        &self,
+        after: u64,
+        max_sets: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Arc<StoredSet>>> {
+        self.with_reader(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT server_seq, body FROM sets WHERE server_seq > ?1 ORDER BY server_seq LIMIT ?2",
+            )?;
+            let mut rows = st.query(params![after as i64, max_sets.max(1) as i64])?;
+            let mut out = Vec::new();
+            let mut bytes = 0usize;
+            while let Some(r) = rows.next()? {
+                let body: Vec<u8> = r.get(1)?;
+                if !out.is_empty() && bytes + body.len() > max_bytes {
+                    break;
+                }
+                bytes += body.len();
+                out.push(Arc::new(decode_set(r.get(0)?, &body)?));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn row_history(
+        &self,
+        table: &str,
+        pk: &Value,
+        before: u64,
+    ) -> Result<Vec<Arc<StoredSet>>> {
+        let table = table.to_owned();
+        let pk = scoping::pk_key(pk)?;
+        self.with_reader(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT s.server_seq, s.body FROM row_hist h JOIN sets s ON s.server_seq = h.server_seq
+                 WHERE h.tbl = ?1 AND h.pk = ?2 AND h.server_seq < ?3 ORDER BY h.server_seq",
+            )?;
+            let mut rows = st.query(params![table, pk, before as i64])?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next()? {
+                let body: Vec<u8> = r.get(1)?;
+                out.push(Arc::new(decode_set(r.get(0)?, &body)?));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn max_origin_seq(&self, origin: ReplicaId) -> Result<u64> {
+        self.with_reader(move |c| {
+            let n: Option<i64> = c
+                .prepare_cached("SELECT max_seq FROM origins WHERE origin = ?1")?
+                .query_row([origin.0.to_vec()], |r| r.get(0))
+                .optional()?;
+            Ok(n.unwrap_or(0) as u64)
+        })
+        .await
+    }
+
+    async fn compact(&self, horizon: u64) -> Result<CompactReport> {
+        let cat = Arc::clone(&self.cat);
+        // Compute on a reader snapshot; bodies at or below the horizon only change here.
+        let (rewrites, report) = self
+            .with_reader(move |c| {
+                let old: i64 =
+                    c.query_row("SELECT value FROM meta WHERE key = 'horizon'", [], |r| {
+                        r.get(0)
+                    })?;
+                let mut report = CompactReport {
+                    horizon: horizon.max(old as u64),
+                    ..CompactReport::default()
+                };
+                let mut pruner = Pruner::new(&cat);
+                let mut st =
+                    c.prepare("SELECT server_seq, body FROM sets ORDER BY server_seq DESC")?;
+                let mut rows = st.query([])?;
+                let mut rewrites = Vec::new();
+                while let Some(r) = rows.next()? {
+                    let seq: i64 = r.get(0)?;
+                    let body: Vec<u8> = r.get(1)?;
+                    report.bytes_before += body.len() as u64;
+                    let s = decode_set(seq, &body)?;
+                    match pruner.visit(&s, seq as u64 <= horizon) {
+                        Some(p) => {
+                            report.rewritten += 1;
+                            report.cells_dropped += p.cells_dropped;
+                            report.bytes_after += encode_set(&p.set)?.len() as u64;
+                            rewrites.push((p.set, p.rows_dropped));
+                        }
+                        None => report.bytes_after += body.len() as u64,
+                    }
+                }
+                Ok((rewrites, report))
+            })
+            .await?;
+        let (reply, rx) = oneshot::channel();
+        self.send(Job::Rewrite {
+            sets: rewrites,
+            horizon: report.horizon,
+            reply,
+        })?;
+        rx.await.map_err(|_| RelayError::ShuttingDown)??;
+        self.feed.clear_window();
+        tracing::info!(?report, "history compacted");
+        Ok(report)
+    }
+
+    async fn stats(&self) -> Result<StoreStats> {
+        self.with_reader(|c| {
+            let horizon: i64 =
+                c.query_row("SELECT value FROM meta WHERE key = 'horizon'", [], |r| {
+                    r.get(0)
+                })?;
+            let pages: i64 = c.pragma_query_value(None, "page_count", |r| r.get(0))?;
+            let size: i64 = c.pragma_query_value(None, "page_size", |r| r.get(0))?;
+            Ok(StoreStats {
+                head: head_of(c)?,
+                horizon: horizon as u64,
+                bytes: (pages * size) as u64,
+            })
+        })
+        .await
+    }
+
+    fn feed(&self) -> &Arc<Feed> {
+        &self.feed
+    }
+
+    async fn shutdown(&self) {
+        drop(self.jobs.lock().take());
+        let handle = self.writer.lock().take();
+        if let Some(h) = handle {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+    }
+}
+
+struct Writer {
+    conn: Connection,
+    feed: Arc<Feed>,
+    cat: Arc<RelayCatalog>,
+    head: u64,
+}
+
+struct SqlRows<'a>(&'a Connection);
+
+impl RowScopes for SqlRows<'_> {
+    fn get(&mut self, table: &str, pk: &Value) -> Result<Option<RowScope>> {
+        let key = scoping::pk_key(pk)?;
+        let row: Option<(i64, String, i64, Vec<u8>)> = self
+            .0
+            .prepare_cached(
+                "SELECT cl, scope, hlc, origin FROM row_scopes WHERE tbl = ?1 AND pk = ?2",
+            )?
+            .query_row(params![table, key], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .optional()?;
+        Ok(row.map(|(cl, scope, hlc, origin)| RowScope {
+            cl: cl as u64,
+            scope,
+            hlc: Hlc(hlc as u64),
+            origin: ReplicaId::from_slice(&origin).unwrap_or(ReplicaId([0; 16])),
+        }))
+    }
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Job>) {
+        while let Ok(first) = rx.recv() {
+            let mut pushes = Vec::new();
+            let mut job = Some(first);
+            loop {
+                match job.take() {
+                    Some(Job::Push {
+                        grants,
+                        sets,
+                        reply,
+                    }) => pushes.push((grants, sets, reply)),
+                    Some(Job::Rewrite {
+                        sets,
+                        horizon,
+                        reply,
+                    }) => {
+                        self.flush(std::mem::take(&mut pushes));
+                        let _ = reply.send(self.rewrite(sets, horizon));
+                    }
+                    None => break,
+                }
+                if pushes.len() >= 256 {
+                    break;
+                }
+                job = rx.try_recv().ok();
+            }
+            self.flush(pushes);
+        }
+        tracing::debug!("store writer stopped");
+    }
+
+    fn flush(&mut self, pushes: Vec<PushJob>) {
+        if pushes.is_empty() {
+            return;
+        }
+        let head_before = self.head;
+        match self.sequence(&pushes) {
+            Ok((outcomes, stored)) => {
+                self.feed.publish(stored);
+                for ((_, _, reply), out) in pushes.into_iter().zip(outcomes) {
+                    let _ = reply.send(Ok(out));
+                }
+            }
+            Err(e) => {
+                self.head = head_before;
+                tracing::error!(error = %e, "push transaction failed");
+                let msg = e.to_string();
+                for (_, _, reply) in pushes {
+                    let _ = reply.send(Err(RelayError::Store(msg.clone())));
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn sequence(
+        &mut self,
+        pushes: &[PushJob],
+    ) -> Result<(Vec<Vec<PushOutcome>>, Vec<Arc<StoredSet>>)> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut all = Vec::with_capacity(pushes.len());
+        let mut stored = Vec::new();
+        let mut head = self.head;
+        for (grants, sets, _) in pushes {
+            let mut outcomes = Vec::with_capacity(sets.len());
+            for cs in sets {
+                match sequence_one(&tx, &self.cat, grants, cs, head + 1)? {
+                    One::Existing(seq) => outcomes.push(PushOutcome::Acked(seq)),
+                    One::New(s) => {
+                        head += 1;
+                        outcomes.push(PushOutcome::Acked(head));
+                        stored.push(Arc::new(s));
+                    }
+                    One::Refused(e) => {
+                        outcomes.push(PushOutcome::Refused(e));
+                        break;
+                    }
+                }
+            }
+            all.push(outcomes);
+        }
+        tx.commit()?;
+        self.head = head;
+        Ok((all, stored))
+    }
+
+    fn rewrite(
+        &mut self,
+        sets: Vec<(StoredSet, Vec<(String, Value)>)>,
+        horizon: u64,
+    ) -> Result<()> {
+        for chunk in sets.chunks(500) {
+            let tx = self
+                .conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            for (s, dropped) in chunk {
+                tx.prepare_cached("UPDATE sets SET body = ?1 WHERE server_seq = ?2")?
+                    .execute(params![encode_set(s)?, s.server_seq as i64])?;
+                for (t, pk) in dropped {
+                    tx.prepare_cached(
+                        "DELETE FROM row_hist WHERE tbl = ?1 AND pk = ?2 AND server_seq = ?3",
+                    )?
+                    .execute(params![
+                        t,
+                        scoping::pk_key(pk)?,
+                        s.server_seq as i64
+                    ])?;
+                }
+            }
+            tx.commit()?;
+        }
+        self.conn.execute(
+            "UPDATE meta SET value = max(value, ?1) WHERE key = 'horizon'",
+            [horizon as i64],
+        )?;
+        Ok(())
+    }
+}
+
+type PushJob = (
+    Arc<Grants>,
+    Vec<ChangeSet>,
+    oneshot::Sender<Result<Vec<PushOutcome>>>,
+);
+
+enum One {
+    Existing(u64),
+    New(StoredSet),
+    Refused(RelayError),
+}
+
+/// Sequences one change set inside the writer's transaction. SQL failures are errors (the
+/// whole group fails); refusals are outcomes (nothing stored for this change set).
+fn sequence_one(
+    tx: &rusqlite::Transaction<'_>,
+    cat: &RelayCatalog,
+    grants: &Grants,
+    cs: &ChangeSet,
+    next: u64,
+) -> Result<One> {
+    let origin = cs.origin.0.to_vec();
+    let existing: Option<(i64, Vec<u8>)> = tx
+        .prepare_cached("SELECT server_seq, id FROM sets WHERE origin = ?1 AND origin_seq = ?2")?
+        .query_row(params![origin, cs.origin_seq as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    if let Some((seq, id)) = existing {
+        if id == cs.id {
+            return Ok(One::Existing(seq as u64));
+        }
+        return Ok(One::Refused(RelayError::OriginReused(format!(
+            "origin {} already used origin_seq {} for a different change set (a restored or copied replica must take a new id)",
+            cs.origin, cs.origin_seq
+        ))));
+    }
+    let max: i64 = tx
+        .prepare_cached("SELECT max_seq FROM origins WHERE origin = ?1")?
+        .query_row([&origin], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0);
+    if cs.origin_seq != max as u64 + 1 {
+        return Ok(One::Refused(RelayError::InvalidChangeSet(format!(
+            "origin {} sent origin_seq {} but the relay holds up to {max}: change sets must arrive in order without gaps",
+            cs.origin, cs.origin_seq
+        ))));
+    }
+    let tagged = match scoping::tag(cat, grants, cs, &mut SqlRows(tx)) {
+        Ok(t) => t,
+        Err(e @ (RelayError::Store(_) | RelayError::Io(_) | RelayError::Core(_))) => {
+            return Err(e);
+        }
+        Err(e) => return Ok(One::Refused(e)),
+    };
+    let stored = StoredSet {
+        server_seq: next,
+        change_set: cs.clone(),
+        tags: tagged.tags,
+    };
+    tx.prepare_cached(
+        "INSERT INTO sets(server_seq, origin, origin_seq, id, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![
+        next as i64,
+        origin,
+        cs.origin_seq as i64,
+        cs.id.to_vec(),
+        encode_set(&stored)?
+    ])?;
+    tx.prepare_cached("INSERT OR REPLACE INTO origins(origin, max_seq) VALUES (?1, ?2)")?
+        .execute(params![origin, cs.origin_seq as i64])?;
+    for (table, pk, s) in &tagged.updates {
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO row_scopes(tbl, pk, cl, scope, hlc, origin) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?
+        .execute(params![
+            table,
+            scoping::pk_key(pk)?,
+            s.cl as i64,
+            s.scope,
+            s.hlc.0 as i64,
+            s.origin.0.to_vec()
+        ])?;
+    }
+    for rc in &cs.rows {
+        let scoped = cat
+            .tables
+            .get(&rc.table)
+            .is_some_and(|t| t.scope_column.is_some());
+        if scoped {
+            tx.prepare_cached(
+                "INSERT OR IGNORE INTO row_hist(tbl, pk, server_seq) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![rc.table, scoping::pk_key(&rc.pk)?, next as i64])?;
+        }
+    }
+    Ok(One::New(stored))
+}

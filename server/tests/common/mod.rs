@@ -1,0 +1,201 @@
+//! Test harness: a real relay process on 127.0.0.1, replicas, tokens.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use ferry_core::{Replica, Schema, SyncHandle, SyncOptions, TableDecl};
+use ferry_relay::auth::{Claims, mint_hs256, now_secs};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const SECRET: &str = "test-secret-test-secret-test-secret!";
+
+/// Tables used across the relay tests: a scoped lww/counter table, a global table, a
+/// read-only table.
+pub fn schema() -> Schema {
+    Schema::new(1)
+        .table(
+            TableDecl::new("todo")
+                .text_key("id")
+                .text("list")
+                .text("title")
+                .integer("done")
+                .counter("votes")
+                .scope("list"),
+        )
+        .table(TableDecl::new("tag").text_key("id").text("name"))
+        .table(
+            TableDecl::new("price")
+                .text_key("id")
+                .integer("cents")
+                .mode(ferry_core::TableMode::ReadOnly),
+        )
+}
+
+pub struct RelayProc {
+    pub dir: PathBuf,
+    pub addr: SocketAddr,
+    pub child: Option<Child>,
+    extra: String,
+}
+
+impl RelayProc {
+    pub fn start(dir: &Path) -> RelayProc {
+        Self::start_with(dir, "")
+    }
+
+    /// `extra` is appended to the generated config (TOML).
+    pub fn start_with(dir: &Path, extra: &str) -> RelayProc {
+        std::fs::create_dir_all(dir).unwrap();
+        let schema_path = dir.join("schema.json");
+        std::fs::write(
+            &schema_path,
+            serde_json::to_string_pretty(&schema()).unwrap(),
+        )
+        .unwrap();
+        let mut r = RelayProc {
+            dir: dir.to_path_buf(),
+            addr: "127.0.0.1:0".parse().unwrap(),
+            child: None,
+            extra: extra.to_owned(),
+        };
+        r.spawn();
+        r
+    }
+
+    fn config(&self) -> PathBuf {
+        let p = self.dir.join("relay.toml");
+        let text = format!(
+            "listen = \"{}\"\ndata = \"{}\"\nschema = \"{}\"\n[auth]\nhs256_secret = \"{SECRET}\"\n[log]\nlevel = \"warn\"\n{}",
+            self.addr,
+            self.dir.join("data").display(),
+            self.dir.join("schema.json").display(),
+            self.extra
+        );
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn spawn(&mut self) {
+        let cfg = self.config();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry-relay"))
+            .arg("--config")
+            .arg(&cfg)
+            .arg("serve")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn relay");
+        let out = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(out).read_line(&mut line).unwrap();
+        let addr = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("relay did not report its address: {line:?}"));
+        self.addr = addr;
+        self.child = Some(child);
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}/sync", self.addr)
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait (graceful).
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let c = self.child.take().expect("running");
+        let pid = c.id();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status();
+        let mut c = c;
+        c.wait().unwrap()
+    }
+
+    /// Starts again on the same port and data.
+    pub fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let cfg_addr = self.addr;
+            let free = std::net::TcpListener::bind(cfg_addr).is_ok();
+            if free || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.spawn();
+    }
+}
+
+impl Drop for RelayProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn token_for(sub: &str, read: &[&str], write: &[&str], ttl: Duration) -> String {
+    let claims = Claims {
+        sub: sub.into(),
+        exp: now_secs() + ttl.as_secs(),
+        read: read.iter().map(|s| s.to_string()).collect(),
+        write: write.iter().map(|s| s.to_string()).collect(),
+        primary: vec![],
+        iss: None,
+        aud: None,
+    };
+    mint_hs256(SECRET.as_bytes(), &claims).unwrap()
+}
+
+/// A token that reads and writes everything.
+pub fn admin_token(sub: &str) -> String {
+    token_for(sub, &["*"], &["*"], Duration::from_secs(3600))
+}
+
+pub fn fast_opts() -> SyncOptions {
+    SyncOptions {
+        backoff_min: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(500),
+        ping_interval: Duration::from_secs(2),
+        ..SyncOptions::default()
+    }
+}
+
+pub fn open(dir: &Path, name: &str) -> Arc<Replica> {
+    Arc::new(Replica::open(dir.join(name), &schema()).unwrap())
+}
+
+pub fn connect(r: &Arc<Replica>, url: &str, token: String) -> SyncHandle {
+    r.connect_with(url, Arc::new(move || Ok(token.clone())), fast_opts())
+        .unwrap()
+}
+
+pub fn wait_synced(h: &SyncHandle) {
+    h.sync_now_blocking(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("not synced: {e}; status {:?}", h.status()));
+}
+
+/// Waits until `f` holds (polling), or panics with `what`.
+pub fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("timed out waiting for {what}");
+}
