@@ -199,3 +199,90 @@ pub fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
     panic!("timed out waiting for {what}");
 }
+
+/// A bare protocol client for hostile-input and fan-out tests.
+pub mod raw {
+    use ferry_core::ReplicaId;
+    use ferry_core::protocol::{ClientMsg, PROTOCOL_VERSION, ServerMsg};
+    use futures_util::{SinkExt, StreamExt};
+    use std::time::Duration;
+    use tokio_tungstenite::tungstenite::Message;
+
+    pub type Ws = tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >;
+
+    pub async fn connect(url: &str) -> Ws {
+        tokio_tungstenite::connect_async(url)
+            .await
+            .expect("ws connect")
+            .0
+    }
+
+    pub fn hello(replica: ReplicaId, token: &str, cursor: u64) -> ClientMsg {
+        ClientMsg::Hello {
+            protocol: PROTOCOL_VERSION,
+            replica_id: replica,
+            token: token.to_owned(),
+            cursor,
+            schema_version: 1,
+        }
+    }
+
+    pub async fn send(ws: &mut Ws, m: &ClientMsg) {
+        ws.send(Message::Binary(m.encode().unwrap().into()))
+            .await
+            .unwrap();
+    }
+
+    pub async fn send_bytes(ws: &mut Ws, b: Vec<u8>) {
+        let _ = ws.send(Message::Binary(b.into())).await;
+    }
+
+    /// Next server frame (None when the connection closed or nothing came in 10 s).
+    pub async fn recv(ws: &mut Ws) -> Option<ServerMsg> {
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(10), ws.next())
+                .await
+                .ok()??;
+            match next {
+                Ok(Message::Binary(b)) => {
+                    return Some(ServerMsg::decode(&b).expect("server frame"));
+                }
+                Ok(Message::Close(_)) | Err(_) => return None,
+                Ok(_) => continue,
+            }
+        }
+    }
+
+    /// Reads frames until an error frame (returned) or the end.
+    pub async fn recv_error(ws: &mut Ws) -> Option<(ferry_core::protocol::ErrorCode, String)> {
+        while let Some(m) = recv(ws).await {
+            if let ServerMsg::Error { code, message } = m {
+                return Some((code, message));
+            }
+        }
+        None
+    }
+
+    /// True when the server closed the connection (no further frames).
+    pub async fn closed(ws: &mut Ws) -> bool {
+        recv(ws).await.is_none()
+    }
+}
+
+/// Every stored change set of the relay's SQLite file, for before/after comparisons.
+pub fn store_dump(relay_dir: &Path) -> Vec<(i64, Vec<u8>, i64, Vec<u8>)> {
+    let c = rusqlite::Connection::open_with_flags(
+        relay_dir.join("data").join("relay.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let mut st = c
+        .prepare("SELECT server_seq, origin, origin_seq, body FROM sets ORDER BY server_seq")
+        .unwrap();
+    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap()
+}
