@@ -298,8 +298,15 @@ enum Turn {
 impl Conn {
     async fn run(&mut self) -> Result<(), Close> {
         let mut head = self.shared.store.feed().subscribe();
-        let exp = self.grants.exp;
-        let until_exp = Duration::from_secs(exp.saturating_sub(now_secs()));
+        // The same leeway as verification, so a token is never refused at hello and then
+        // honoured, or the other way round.
+        let leeway = self.shared.cfg.auth.leeway.as_secs();
+        let until_exp = Duration::from_secs(
+            self.grants
+                .exp
+                .saturating_add(leeway)
+                .saturating_sub(now_secs()),
+        );
         let expiry = tokio::time::sleep(until_exp);
         tokio::pin!(expiry);
         let mut tick = tokio::time::interval(Duration::from_secs(1));

@@ -19,7 +19,10 @@ fn check_log(relay: &RelayProc) -> usize {
     let mut per_origin: std::collections::HashMap<Vec<u8>, i64> = Default::default();
     for (i, (seq, origin, oseq, _)) in log.iter().enumerate() {
         assert_eq!(*seq, i as i64 + 1, "gap in server_seq");
-        assert!(seen.insert((origin.clone(), *oseq)), "duplicate (origin, origin_seq)");
+        assert!(
+            seen.insert((origin.clone(), *oseq)),
+            "duplicate (origin, origin_seq)"
+        );
         let last = per_origin.entry(origin.clone()).or_insert(0);
         assert_eq!(*oseq, *last + 1, "gap in an origin's sequence");
         *last = *oseq;
@@ -33,14 +36,19 @@ fn relay_killed_repeatedly_while_clients_push_loses_nothing() {
     let mut relay = RelayProc::start(&d.path().join("relay"));
     let url = relay.url();
     let writers = 4;
-    let rs: Vec<Arc<Replica>> = (0..writers).map(|i| open(d.path(), &format!("w{i}.db"))).collect();
+    let rs: Vec<Arc<Replica>> = (0..writers)
+        .map(|i| open(d.path(), &format!("w{i}.db")))
+        .collect();
     let hs: Vec<_> = rs
         .iter()
         .enumerate()
         .map(|(i, r)| connect(r, &url, admin_token(&format!("w{i}"))))
         .collect();
     rs[0]
-        .execute("INSERT INTO todo(id, list, title) VALUES ('hits', 'l', 'counter')", &[])
+        .execute(
+            "INSERT INTO todo(id, list, title) VALUES ('hits', 'l', 'counter')",
+            &[],
+        )
         .unwrap();
     wait_synced(&hs[0]);
     for h in &hs {
@@ -92,20 +100,39 @@ fn relay_killed_repeatedly_while_clients_push_loses_nothing() {
     let total: u64 = written.iter().sum();
     let issued: u64 = rs.iter().map(|r| r.last_origin_seq().unwrap()).sum();
     let logged = check_log(&relay) as u64;
-    assert_eq!(logged, issued, "every local change set is in the relay's log exactly once");
+    assert_eq!(
+        logged, issued,
+        "every local change set is in the relay's log exactly once"
+    );
     for (i, r) in rs.iter().enumerate() {
         assert_eq!(r.pending_count().unwrap(), 0);
-        let rows = r.query("SELECT count(*) FROM todo WHERE id != 'hits'", &[]).unwrap();
-        assert_eq!(rows.rows[0][0], Value::Integer(total as i64), "replica {i} misses rows");
-        let hits = r.query("SELECT votes FROM todo WHERE id = 'hits'", &[]).unwrap();
-        assert_eq!(hits.rows[0][0], Value::Integer(total as i64), "replica {i}: counter");
+        let rows = r
+            .query("SELECT count(*) FROM todo WHERE id != 'hits'", &[])
+            .unwrap();
+        assert_eq!(
+            rows.rows[0][0],
+            Value::Integer(total as i64),
+            "replica {i} misses rows"
+        );
+        let hits = r
+            .query("SELECT votes FROM todo WHERE id = 'hits'", &[])
+            .unwrap();
+        assert_eq!(
+            hits.rows[0][0],
+            Value::Integer(total as i64),
+            "replica {i}: counter"
+        );
     }
     let d0 = rs[0].dump().unwrap();
     for r in &rs[1..] {
         assert_eq!(d0, r.dump().unwrap());
     }
     for (h, r) in hs.iter().zip(&rs) {
-        assert!(h.verify_blocking(r, Duration::from_secs(30)).unwrap().matches());
+        assert!(
+            h.verify_blocking(r, Duration::from_secs(30))
+                .unwrap()
+                .matches()
+        );
     }
     eprintln!("{kills} kills, {total} transactions, {logged} change sets");
 }
@@ -129,7 +156,9 @@ fn child_download() {
     let r = Arc::new(Replica::open(&path, &schema()).unwrap());
     let mut opts = fast_opts();
     opts.ping_interval = Duration::from_secs(30);
-    let h = r.connect_with(&url, Arc::new(move || Ok(token.clone())), opts).unwrap();
+    let h = r
+        .connect_with(&url, Arc::new(move || Ok(token.clone())), opts)
+        .unwrap();
     h.sync_now_blocking(Duration::from_secs(300)).unwrap();
     std::thread::sleep(Duration::from_secs(300));
 }
@@ -142,7 +171,11 @@ fn batches_whole(r: &Replica) {
         )
         .unwrap();
     for row in rows.rows {
-        assert_eq!(row[1], Value::Integer(BATCH), "a change set was applied in part: {row:?}");
+        assert_eq!(
+            row[1],
+            Value::Integer(BATCH),
+            "a change set was applied in part: {row:?}"
+        );
     }
 }
 
@@ -158,7 +191,10 @@ fn client_killed_mid_download_reopens_consistent() {
         src.write(|tx| {
             let mut st = tx.prepare("INSERT INTO todo(id, list, title) VALUES (?1, 'bulk', ?2)")?;
             for i in 0..BATCH {
-                st.execute(&[Value::Text(format!("b{b}-{i}")), Value::Text(format!("batch{b}"))])?;
+                st.execute(&[
+                    Value::Text(format!("b{b}-{i}")),
+                    Value::Text(format!("batch{b}")),
+                ])?;
             }
             Ok(())
         })
@@ -171,7 +207,10 @@ fn client_killed_mid_download_reopens_consistent() {
     for attempt in 0..3 {
         let mut child = std::process::Command::new(std::env::current_exe().unwrap())
             .args(["--ignored", "--exact", "child_download", "--nocapture"])
-            .env(CHILD_ENV, format!("{}|{url}|{}", path.display(), admin_token("victim")))
+            .env(
+                CHILD_ENV,
+                format!("{}|{url}|{}", path.display(), admin_token("victim")),
+            )
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap();
@@ -202,20 +241,25 @@ fn client_killed_mid_download_reopens_consistent() {
     wait_synced(&hv);
     batches_whole(&victim);
     assert_eq!(victim.dump().unwrap(), src.dump().unwrap());
-    assert!(hv.verify_blocking(&victim, Duration::from_secs(30)).unwrap().matches());
+    assert!(
+        hv.verify_blocking(&victim, Duration::from_secs(30))
+            .unwrap()
+            .matches()
+    );
     eprintln!("killed at cursors {killed_at:?} of {sets}");
 }
 
 fn read_cursor(path: &std::path::Path) -> u64 {
-    let Ok(c) = rusqlite::Connection::open_with_flags(
-        path,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    ) else {
+    let Ok(c) =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+    else {
         return 0;
     };
-    c.query_row("SELECT value FROM ferry_meta WHERE key = 'cursor'", [], |r| {
-        r.get::<_, i64>(0)
-    })
+    c.query_row(
+        "SELECT value FROM ferry_meta WHERE key = 'cursor'",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
     .map(|v| v as u64)
     .unwrap_or(0)
 }

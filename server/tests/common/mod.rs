@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 pub const SECRET: &str = "test-secret-test-secret-test-secret!";
 
-/// Tables used across the relay tests: a scoped lww/counter table, a global table, a
-/// read-only table.
+/// Tables used across the relay tests: a scoped lww/counter table, a global table, an
+/// `update_wins` table, a read-only table.
 pub fn schema() -> Schema {
     Schema::new(1)
         .table(
@@ -26,6 +26,13 @@ pub fn schema() -> Schema {
                 .scope("list"),
         )
         .table(TableDecl::new("tag").text_key("id").text("name"))
+        .table(
+            TableDecl::new("note")
+                .text_key("id")
+                .text("body")
+                .counter("n")
+                .delete_rule(ferry_core::DeleteRule::UpdateWins),
+        )
         .table(
             TableDecl::new("price")
                 .text_key("id")
