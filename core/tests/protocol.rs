@@ -64,13 +64,115 @@ fn golden_hello_frame() {
     );
 }
 
+/// One frame of every message kind, frozen in `core/tests/golden/<name>.hex`. Set
+/// `FERRY_BLESS=1` to rewrite the files after a deliberate format change (and bump
+/// `PROTOCOL_VERSION` when an existing field changes meaning).
+#[test]
+fn golden_frames_of_every_message() {
+    use ferry_core::changeset::{Cell, ChangeSet, RowChange, RowOp, Sequenced};
+    use ferry_core::protocol::{Limits, Move, RowKey};
+    use ferry_core::{Hlc, Value};
+    let cs = ChangeSet {
+        id: [2; 16],
+        origin: ReplicaId([1; 16]),
+        origin_seq: 3,
+        hlc: Hlc::new(1_700_000_000_000, 5),
+        base: 41,
+        schema_version: 1,
+        rows: vec![
+            RowChange {
+                table: "todo".into(),
+                pk: Value::Text("k1".into()),
+                cl: 1,
+                op: RowOp::Upsert(vec![
+                    Cell::Set("title".into(), Value::Text("milk".into())),
+                    Cell::Set("done".into(), Value::Integer(0)),
+                    Cell::Set("price".into(), Value::Real(1.5)),
+                    Cell::Set("photo".into(), Value::Blob(vec![0xde, 0xad])),
+                    Cell::Set("note".into(), Value::Null),
+                    Cell::Add("votes".into(), -2),
+                ]),
+            },
+            RowChange {
+                table: "todo".into(),
+                pk: Value::Blob(vec![9, 9]),
+                cl: 2,
+                op: RowOp::Delete,
+            },
+        ],
+    };
+    let seq = Sequenced { server_seq: 42, change_set: cs.clone() };
+    let client: Vec<(&str, ClientMsg)> = vec![
+        ("hello", hello()),
+        ("push", ClientMsg::Push { change_sets: vec![cs.clone()] }),
+        ("ping", ClientMsg::Ping { nonce: 7 }),
+        ("checksum_request", ClientMsg::Checksum { nonce: 8 }),
+    ];
+    let server: Vec<(&str, ServerMsg)> = vec![
+        ("welcome", ServerMsg::Welcome { protocol: 1, head: 42, server_time_ms: 1_700_000_000_123, max_origin_seq: 2, limits: Limits::default(), horizon: 10 }),
+        ("acks", ServerMsg::Acks { acks: vec![Ack { origin_seq: 3, server_seq: 42 }] }),
+        ("refused", ServerMsg::Refused { origin_seq: 4, code: ErrorCode::Forbidden, message: "scope `list:b`".into() }),
+        ("changes", ServerMsg::Changes { after: 41, up_to: 43, change_sets: vec![seq.clone()], head: 43, moves: vec![Move { server_seq: 43, evict: vec![RowKey { table: "todo".into(), pk: Value::Text("k2".into()) }], backfill: vec![seq] }] }),
+        ("pong", ServerMsg::Pong { nonce: 7, head: 43 }),
+        ("checksum", ServerMsg::Checksum { nonce: 8, position: 43, digest: [0xab; 32], rows: 12 }),
+        ("error", ServerMsg::Error { code: ErrorCode::Unauthorized, message: "token expired".into() }),
+    ];
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    let bless = std::env::var("FERRY_BLESS").is_ok();
+    let mut check = |name: &str, bytes: Vec<u8>| {
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let path = dir.join(format!("{name}.hex"));
+        if bless {
+            std::fs::write(&path, format!("{hex}\n")).unwrap();
+        }
+        let want = std::fs::read_to_string(&path).unwrap_or_else(|_| panic!("missing golden file {}", path.display()));
+        assert_eq!(hex, want.trim(), "frame `{name}` changed: the wire format is frozen");
+    };
+    for (name, m) in client {
+        let b = m.encode_plain().unwrap();
+        assert_eq!(ClientMsg::decode(&b).unwrap(), m);
+        check(name, b);
+    }
+    for (name, m) in server {
+        let b = m.encode_plain().unwrap();
+        assert_eq!(ServerMsg::decode(&b).unwrap(), m);
+        check(name, b);
+    }
+}
+
+/// Large frames are compressed; the compressed form decodes to the same message.
+#[test]
+fn large_frames_are_compressed_and_round_trip() {
+    use ferry_core::changeset::{Cell, ChangeSet, RowChange, RowOp};
+    use ferry_core::{Hlc, Value};
+    let rows = (0..500)
+        .map(|i| RowChange {
+            table: "todo".into(),
+            pk: Value::Text(format!("row-{i:05}")),
+            cl: 1,
+            op: RowOp::Upsert(vec![Cell::Set("title".into(), Value::Text("the same title again".into()))]),
+        })
+        .collect();
+    let m = ClientMsg::Push {
+        change_sets: vec![ChangeSet { id: [0; 16], origin: ReplicaId([1; 16]), origin_seq: 1, hlc: Hlc::new(1, 0), base: 0, schema_version: 1, rows }],
+    };
+    let plain = m.encode_plain().unwrap();
+    let packed = m.encode().unwrap();
+    assert_eq!(packed[3], ferry_core::protocol::FLAG_LZ4);
+    assert!(packed.len() * 3 < plain.len(), "{} vs {}", packed.len(), plain.len());
+    assert_eq!(ClientMsg::decode(&packed).unwrap(), m);
+    // A compressed frame announcing more than the limit is refused before decompression.
+    let small_limit = ClientMsg::decode_limited(&packed, plain.len() / 2);
+    assert!(matches!(small_limit, Err(Error::Protocol(e)) if e.contains("limit")));
+}
+
 #[test]
 fn bad_frames_are_clear_errors() {
     let good = hello().encode().unwrap();
     let mut wrong_version = good.clone();
     wrong_version[2] = 99;
     let mut flags = good.clone();
-    flags[3] = 1;
+    flags[3] = 0x80;
     let cases: Vec<(Vec<u8>, &str)> = vec![
         (vec![], "header"),
         (b"GET / HTTP/1.1".to_vec(), "header"),
