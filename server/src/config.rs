@@ -283,10 +283,29 @@ impl Config {
         let text = std::fs::read_to_string(path).map_err(|e| {
             RelayError::Config(format!("cannot read config file {}: {e}", path.display()))
         })?;
-        Self::from_toml(&text).map_err(|e| match e {
+        let mut c = Self::from_toml(&text).map_err(|e| match e {
             RelayError::Config(m) => RelayError::Config(format!("{}: {m}", path.display())),
             other => other,
-        })
+        })?;
+        // Relative paths in a file are relative to the file, not to wherever the relay runs.
+        if let Some(base) = path.parent() {
+            let fix = |p: &mut PathBuf| {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            };
+            fix(&mut c.data);
+            if let Some(p) = c.schema.as_mut() {
+                fix(p);
+            }
+            if let Some(p) = c.auth.jwks_file.as_mut() {
+                fix(p);
+            }
+            if let Some(p) = c.auth.hs256_secret_file.as_mut() {
+                fix(p);
+            }
+        }
+        Ok(c)
     }
 
     /// Parses TOML text.
