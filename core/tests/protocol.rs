@@ -101,21 +101,84 @@ fn golden_frames_of_every_message() {
             },
         ],
     };
-    let seq = Sequenced { server_seq: 42, change_set: cs.clone() };
+    let seq = Sequenced {
+        server_seq: 42,
+        change_set: cs.clone(),
+    };
     let client: Vec<(&str, ClientMsg)> = vec![
         ("hello", hello()),
-        ("push", ClientMsg::Push { change_sets: vec![cs.clone()] }),
+        (
+            "push",
+            ClientMsg::Push {
+                change_sets: vec![cs.clone()],
+            },
+        ),
         ("ping", ClientMsg::Ping { nonce: 7 }),
         ("checksum_request", ClientMsg::Checksum { nonce: 8 }),
     ];
     let server: Vec<(&str, ServerMsg)> = vec![
-        ("welcome", ServerMsg::Welcome { protocol: 1, head: 42, server_time_ms: 1_700_000_000_123, max_origin_seq: 2, limits: Limits::default(), horizon: 10 }),
-        ("acks", ServerMsg::Acks { acks: vec![Ack { origin_seq: 3, server_seq: 42 }] }),
-        ("refused", ServerMsg::Refused { origin_seq: 4, code: ErrorCode::Forbidden, message: "scope `list:b`".into() }),
-        ("changes", ServerMsg::Changes { after: 41, up_to: 43, change_sets: vec![seq.clone()], head: 43, moves: vec![Move { server_seq: 43, evict: vec![RowKey { table: "todo".into(), pk: Value::Text("k2".into()) }], backfill: vec![seq] }] }),
+        (
+            "welcome",
+            ServerMsg::Welcome {
+                protocol: 1,
+                head: 42,
+                server_time_ms: 1_700_000_000_123,
+                max_origin_seq: 2,
+                limits: Limits::default(),
+                horizon: 10,
+            },
+        ),
+        (
+            "acks",
+            ServerMsg::Acks {
+                acks: vec![Ack {
+                    origin_seq: 3,
+                    server_seq: 42,
+                }],
+            },
+        ),
+        (
+            "refused",
+            ServerMsg::Refused {
+                origin_seq: 4,
+                code: ErrorCode::Forbidden,
+                message: "scope `list:b`".into(),
+            },
+        ),
+        (
+            "changes",
+            ServerMsg::Changes {
+                after: 41,
+                up_to: 43,
+                change_sets: vec![seq.clone()],
+                head: 43,
+                moves: vec![Move {
+                    server_seq: 43,
+                    evict: vec![RowKey {
+                        table: "todo".into(),
+                        pk: Value::Text("k2".into()),
+                    }],
+                    backfill: vec![seq],
+                }],
+            },
+        ),
         ("pong", ServerMsg::Pong { nonce: 7, head: 43 }),
-        ("checksum", ServerMsg::Checksum { nonce: 8, position: 43, digest: [0xab; 32], rows: 12 }),
-        ("error", ServerMsg::Error { code: ErrorCode::Unauthorized, message: "token expired".into() }),
+        (
+            "checksum",
+            ServerMsg::Checksum {
+                nonce: 8,
+                position: 43,
+                digest: [0xab; 32],
+                rows: 12,
+            },
+        ),
+        (
+            "error",
+            ServerMsg::Error {
+                code: ErrorCode::Unauthorized,
+                message: "token expired".into(),
+            },
+        ),
     ];
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
     let bless = std::env::var("FERRY_BLESS").is_ok();
@@ -125,8 +188,13 @@ fn golden_frames_of_every_message() {
         if bless {
             std::fs::write(&path, format!("{hex}\n")).unwrap();
         }
-        let want = std::fs::read_to_string(&path).unwrap_or_else(|_| panic!("missing golden file {}", path.display()));
-        assert_eq!(hex, want.trim(), "frame `{name}` changed: the wire format is frozen");
+        let want = std::fs::read_to_string(&path)
+            .unwrap_or_else(|_| panic!("missing golden file {}", path.display()));
+        assert_eq!(
+            hex,
+            want.trim(),
+            "frame `{name}` changed: the wire format is frozen"
+        );
     };
     for (name, m) in client {
         let b = m.encode_plain().unwrap();
@@ -150,16 +218,32 @@ fn large_frames_are_compressed_and_round_trip() {
             table: "todo".into(),
             pk: Value::Text(format!("row-{i:05}")),
             cl: 1,
-            op: RowOp::Upsert(vec![Cell::Set("title".into(), Value::Text("the same title again".into()))]),
+            op: RowOp::Upsert(vec![Cell::Set(
+                "title".into(),
+                Value::Text("the same title again".into()),
+            )]),
         })
         .collect();
     let m = ClientMsg::Push {
-        change_sets: vec![ChangeSet { id: [0; 16], origin: ReplicaId([1; 16]), origin_seq: 1, hlc: Hlc::new(1, 0), base: 0, schema_version: 1, rows }],
+        change_sets: vec![ChangeSet {
+            id: [0; 16],
+            origin: ReplicaId([1; 16]),
+            origin_seq: 1,
+            hlc: Hlc::new(1, 0),
+            base: 0,
+            schema_version: 1,
+            rows,
+        }],
     };
     let plain = m.encode_plain().unwrap();
     let packed = m.encode().unwrap();
     assert_eq!(packed[3], ferry_core::protocol::FLAG_LZ4);
-    assert!(packed.len() * 3 < plain.len(), "{} vs {}", packed.len(), plain.len());
+    assert!(
+        packed.len() * 3 < plain.len(),
+        "{} vs {}",
+        packed.len(),
+        plain.len()
+    );
     assert_eq!(ClientMsg::decode(&packed).unwrap(), m);
     // A compressed frame announcing more than the limit is refused before decompression.
     let small_limit = ClientMsg::decode_limited(&packed, plain.len() / 2);

@@ -126,6 +126,11 @@ fn run(cli: Cli) -> Result<(), RelayError> {
         Command::Serve(args) => {
             let cfg = load(&cli.config, &args)?;
             init_logs(&cfg);
+            // One socket per connection: allow as many as the hard limit permits.
+            match rlimit::increase_nofile_limit(u64::MAX) {
+                Ok(n) => tracing::debug!(limit = n, "open file limit"),
+                Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
+            }
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .thread_name("ferry-relay")

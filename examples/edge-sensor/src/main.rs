@@ -23,7 +23,10 @@ use std::time::{Duration, Instant};
 const SCHEMA: &str = include_str!("../schema.json");
 
 #[derive(Parser, Debug)]
-#[command(name = "edge-sensor", about = "Appends readings offline-first and syncs when the link is up")]
+#[command(
+    name = "edge-sensor",
+    about = "Appends readings offline-first and syncs when the link is up"
+)]
 struct Cli {
     /// Local replica file.
     #[arg(long, default_value = "sensor.db")]
@@ -71,7 +74,10 @@ fn run(cli: Cli) -> ferry_core::Result<()> {
     }));
     let scope = format!("device:{}", cli.device);
     let start_seq: i64 = match replica
-        .query("SELECT coalesce(max(seq), 0) FROM reading WHERE device = ?1", &[scope.clone().into()])?
+        .query(
+            "SELECT coalesce(max(seq), 0) FROM reading WHERE device = ?1",
+            &[scope.clone().into()],
+        )?
         .rows
         .first()
         .and_then(|r| r.first())
@@ -82,7 +88,8 @@ fn run(cli: Cli) -> ferry_core::Result<()> {
     let mut rng = rand::rng();
     let mut link_up = true;
     let mut flips = 0u32;
-    let mut next_flip = Instant::now() + Duration::from_millis(rng.random_range(1..=2 * cli.flap_ms.max(1)));
+    let mut next_flip =
+        Instant::now() + Duration::from_millis(rng.random_range(1..=2 * cli.flap_ms.max(1)));
     let t0 = Instant::now();
     for i in 1..=cli.readings {
         let seq = start_seq + i as i64;
@@ -100,8 +107,13 @@ fn run(cli: Cli) -> ferry_core::Result<()> {
         if Instant::now() >= next_flip {
             link_up = !link_up;
             flips += 1;
-            if link_up { sync.resume() } else { sync.pause() }
-            next_flip = Instant::now() + Duration::from_millis(rng.random_range(1..=2 * cli.flap_ms.max(1)));
+            if link_up {
+                sync.resume()
+            } else {
+                sync.pause()
+            }
+            next_flip = Instant::now()
+                + Duration::from_millis(rng.random_range(1..=2 * cli.flap_ms.max(1)));
         }
         std::thread::sleep(Duration::from_millis(cli.every_ms));
     }
@@ -118,11 +130,17 @@ fn run(cli: Cli) -> ferry_core::Result<()> {
         max_pending.load(Ordering::Relaxed),
         s.connects,
         s.cursor,
-        if v.matches() { "matches the relay" } else { "DIFFERS from the relay" },
+        if v.matches() {
+            "matches the relay"
+        } else {
+            "DIFFERS from the relay"
+        },
         v.local_rows,
     );
     if !v.matches() {
-        return Err(ferry_core::Error::Corrupt("replica differs from the relay".into()));
+        return Err(ferry_core::Error::Corrupt(
+            "replica differs from the relay".into(),
+        ));
     }
     Ok(())
 }

@@ -24,7 +24,10 @@ use std::time::Duration;
 const SCHEMA: &str = include_str!("../schema.json");
 
 #[derive(Parser, Debug)]
-#[command(name = "todo-cli", about = "A todo list that works offline and syncs with a Ferry relay")]
+#[command(
+    name = "todo-cli",
+    about = "A todo list that works offline and syncs with a Ferry relay"
+)]
 struct Cli {
     /// The local replica file.
     #[arg(long, default_value = "todo.db", env = "TODO_DB")]
@@ -109,7 +112,9 @@ fn resolve(r: &Replica, list: &str, prefix: &str) -> ferry_core::Result<String> 
             Value::Text(id) => Ok(id.clone()),
             other => Err(ferry_core::Error::InvalidInput(format!("odd id {other:?}"))),
         },
-        [] => Err(ferry_core::Error::InvalidInput(format!("no item `{prefix}` in {list}"))),
+        [] => Err(ferry_core::Error::InvalidInput(format!(
+            "no item `{prefix}` in {list}"
+        ))),
         _ => Err(ferry_core::Error::InvalidInput(format!(
             "`{prefix}` matches several items; type more of the id"
         ))),
@@ -137,16 +142,27 @@ fn run(cli: Cli) -> ferry_core::Result<()> {
                 "SELECT id, done, stars, title FROM todo WHERE list = ?1 ORDER BY id",
                 &[list.into()],
             )?;
-            println!("{list} ({} items, {} changes not yet synced)", rows.rows.len(), replica.pending_count()?);
+            println!(
+                "{list} ({} items, {} changes not yet synced)",
+                rows.rows.len(),
+                replica.pending_count()?
+            );
             for r in rows.rows {
-                let (Value::Text(id), Value::Integer(done), Value::Integer(stars), Value::Text(title)) =
-                    (&r[0], &r[1], &r[2], &r[3])
+                let (
+                    Value::Text(id),
+                    Value::Integer(done),
+                    Value::Integer(stars),
+                    Value::Text(title),
+                ) = (&r[0], &r[1], &r[2], &r[3])
                 else {
                     continue;
                 };
                 let mark = if *done != 0 { "x" } else { " " };
                 let stars = "*".repeat((*stars).clamp(0, 10) as usize);
-                println!("[{mark}] {} {title} {stars}", &id[id.len().saturating_sub(6)..]);
+                println!(
+                    "[{mark}] {} {title} {stars}",
+                    &id[id.len().saturating_sub(6)..]
+                );
             }
         }
         Cmd::Done { id } => {
@@ -155,17 +171,27 @@ fn run(cli: Cli) -> ferry_core::Result<()> {
         }
         Cmd::Rename { id, title } => {
             let id = resolve(&replica, list, &id)?;
-            replica.execute("UPDATE todo SET title = ?2 WHERE id = ?1", &[id.into(), title.into()])?;
+            replica.execute(
+                "UPDATE todo SET title = ?2 WHERE id = ?1",
+                &[id.into(), title.into()],
+            )?;
         }
         Cmd::Star { id } => {
             let id = resolve(&replica, list, &id)?;
-            replica.execute("UPDATE todo SET stars = stars + 1 WHERE id = ?1", &[id.into()])?;
+            replica.execute(
+                "UPDATE todo SET stars = stars + 1 WHERE id = ?1",
+                &[id.into()],
+            )?;
         }
         Cmd::Rm { id } => {
             let id = resolve(&replica, list, &id)?;
             replica.execute("DELETE FROM todo WHERE id = ?1", &[id.into()])?;
         }
-        Cmd::Sync { relay, token, timeout } => {
+        Cmd::Sync {
+            relay,
+            token,
+            timeout,
+        } => {
             let pending = replica.pending_count()?;
             let handle = replica.connect(&relay, Arc::new(move || Ok(token.clone())))?;
             let _progress = handle.observe(Arc::new(|s: &SyncStatus| {

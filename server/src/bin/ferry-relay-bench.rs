@@ -1,0 +1,464 @@
+//! Relay benchmarks on loopback, against a real `ferry-relay` process.
+//!
+//! * `w4`: replica A commits N rows in T transactions; replica B receives all of them through
+//!   the relay. Reported as rows/s and as a ratio to plain rusqlite inserting the same rows in
+//!   the same transactions on both sides (same pragmas), measured in the same run.
+//! * `w5`: C lightweight protocol clients subscribed to one scope; one write; time until every
+//!   client has it (p50/p99 over several writes), and the relay's resident memory per idle
+//!   connection.
+//! * `wire`: bytes on the wire per changed cell against the raw value bytes.
+//!
+//! `cargo run --release -p ferry-relay --bin ferry-relay-bench -- all`
+#![allow(clippy::print_stdout)]
+
+use ferry_core::protocol::{ClientMsg, PROTOCOL_VERSION, ServerMsg};
+use ferry_core::{Replica, ReplicaId, Schema, TableDecl, Value};
+use ferry_relay::auth::{Claims, mint_hs256, now_secs};
+use futures_util::{SinkExt, StreamExt};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::Message;
+
+const SECRET: &str = "bench-secret-bench-secret-bench-secret";
+
+type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+fn schema() -> Schema {
+    Schema::new(1).table(
+        TableDecl::new("t")
+            .text_key("id")
+            .text("a")
+            .integer("b")
+            .real("c")
+            .text("d")
+            .integer("e"),
+    )
+}
+
+const INSERT: &str = "INSERT INTO t (id, a, b, c, d, e) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+
+fn row(i: usize) -> [Value; 6] {
+    [
+        Value::Text(format!("{:026}", i * 7919 % 1_000_003)),
+        Value::Text(format!("title number {i}")),
+        Value::Integer(i as i64),
+        Value::Real(i as f64 * 0.5),
+        Value::Text("lorem ipsum dolor".into()),
+        Value::Integer((i % 7) as i64),
+    ]
+}
+
+fn raw_value_bytes(i: usize) -> usize {
+    row(i)
+        .iter()
+        .skip(1)
+        .map(|v| match v {
+            Value::Text(s) => s.len(),
+            Value::Blob(b) => b.len(),
+            Value::Null => 0,
+            _ => 8,
+        })
+        .sum()
+}
+
+struct RelayProc {
+    child: Child,
+    addr: String,
+}
+
+impl RelayProc {
+    fn start(dir: &Path) -> Res<RelayProc> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("schema.json"), serde_json::to_string(&schema())?)?;
+        let cfg = dir.join("relay.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "listen = \"127.0.0.1:0\"\ndata = \"data\"\nschema = \"schema.json\"\n[auth]\nhs256_secret = \"{SECRET}\"\n[log]\nlevel = \"warn\"\n[limits]\nmax_connections = 100000\nframes_per_second = 100000\nframe_burst = 100000\n"
+            ),
+        )?;
+        let exe = std::env::current_exe()?
+            .parent()
+            .map(|p| p.join("ferry-relay"))
+            .ok_or("no exe dir")?;
+        let mut child = Command::new(exe)
+            .arg("--config")
+            .arg(&cfg)
+            .arg("serve")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().ok_or("stdout")?).read_line(&mut line)?;
+        let addr = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .ok_or("no address")?
+            .to_owned();
+        Ok(RelayProc { child, addr })
+    }
+
+    fn url(&self) -> String {
+        format!("ws://{}/sync", self.addr)
+    }
+
+    fn rss_kib(&self) -> Res<u64> {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let line = s
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .ok_or("no VmRSS")?;
+        Ok(line.split_whitespace().nth(1).ok_or("bad VmRSS")?.parse()?)
+    }
+
+    fn metric(&self, name: &str) -> Res<f64> {
+        let mut s = std::net::TcpStream::connect(&self.addr)?;
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        let v = out
+            .lines()
+            .find(|l| l.starts_with(name) && !l.starts_with('#'))
+            .and_then(|l| l.split_whitespace().last())
+            .ok_or_else(|| format!("metric {name} missing"))?;
+        Ok(v.parse()?)
+    }
+}
+
+impl Drop for RelayProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn token(sub: &str) -> Res<String> {
+    Ok(mint_hs256(
+        SECRET.as_bytes(),
+        &Claims {
+            sub: sub.into(),
+            exp: now_secs() + 3600,
+            read: vec!["*".into()],
+            write: vec!["*".into()],
+            primary: vec![],
+            iss: None,
+            aud: None,
+        },
+    )?)
+}
+
+fn plain_insert(path: &Path, rows: usize, txns: usize) -> Res<Duration> {
+    let mut c = rusqlite::Connection::open(path)?;
+    ferry_core::db::configure(&c)?;
+    c.execute_batch(
+        "CREATE TABLE t (id TEXT NOT NULL, a TEXT, b INTEGER, c REAL, d TEXT, e INTEGER, PRIMARY KEY (id))",
+    )?;
+    let per = rows / txns;
+    let t0 = Instant::now();
+    for k in 0..txns {
+        let tx = c.transaction()?;
+        {
+            let mut st = tx.prepare_cached(INSERT)?;
+            for i in k * per..(k + 1) * per {
+                st.execute(rusqlite::params_from_iter(row(i).iter()))?;
+            }
+        }
+        tx.commit()?;
+    }
+    Ok(t0.elapsed())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn w4(dir: &Path, rows: usize, txns: usize, repeat: usize) -> Res<()> {
+    let mut plain_ms = Vec::new();
+    let mut ferry_ms = Vec::new();
+    let mut bytes = (0.0, 0.0);
+    for round in 0..repeat {
+        let d = dir.join(format!("w4-{round}"));
+        std::fs::create_dir_all(&d)?;
+        let p = plain_insert(&d.join("plain-a.db"), rows, txns)?
+            + plain_insert(&d.join("plain-b.db"), rows, txns)?;
+        let relay = RelayProc::start(&d.join("relay"))?;
+        let a = Arc::new(Replica::open(d.join("a.db"), &schema())?);
+        let b = Arc::new(Replica::open(d.join("b.db"), &schema())?);
+        let ta = token("a")?;
+        let tb = token("b")?;
+        let ha = a.connect(&relay.url(), Arc::new(move || Ok(ta.clone())))?;
+        let hb = b.connect(&relay.url(), Arc::new(move || Ok(tb.clone())))?;
+        ha.sync_now_blocking(Duration::from_secs(30))?;
+        hb.sync_now_blocking(Duration::from_secs(30))?;
+        let per = rows / txns;
+        let t0 = Instant::now();
+        for k in 0..txns {
+            a.write(|tx| {
+                let mut st = tx.prepare(INSERT)?;
+                for i in k * per..(k + 1) * per {
+                    st.execute(&row(i))?;
+                }
+                Ok(())
+            })?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while hb.status().cursor < txns as u64 {
+            if Instant::now() > deadline {
+                return Err("w4: B did not receive everything in 10 minutes".into());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let f = t0.elapsed();
+        let n: i64 = match &b.query("SELECT count(*) FROM t", &[])?.rows[0][0] {
+            Value::Integer(n) => *n,
+            _ => 0,
+        };
+        if n != rows as i64 {
+            return Err(format!("w4: B holds {n} rows, expected {rows}").into());
+        }
+        let cells = rows as f64 * 5.0;
+        bytes = (
+            relay.metric("ferry_bytes_in_total")? / cells,
+            relay.metric("ferry_bytes_out_total")? / cells / 2.0,
+        );
+        plain_ms.push(p.as_secs_f64() * 1e3);
+        ferry_ms.push(f.as_secs_f64() * 1e3);
+        println!(
+            "w4 round {round}: plain (both sides) {:.0} ms, Ferry end to end {:.0} ms",
+            p.as_secs_f64() * 1e3,
+            f.as_secs_f64() * 1e3
+        );
+        drop((ha, hb));
+    }
+    let (p, f) = (median(plain_ms), median(ferry_ms));
+    println!(
+        "W4 {rows} rows in {txns} transactions, A -> relay -> B: plain {p:.0} ms, Ferry {f:.0} ms, {:.0} rows/s end to end, ratio {:.2}x",
+        rows as f64 / (f / 1e3),
+        f / p
+    );
+    let raw: f64 = (0..1000).map(raw_value_bytes).sum::<usize>() as f64 / 5000.0;
+    println!(
+        "W4 wire: {:.1} B in and {:.1} B out per changed cell (raw value bytes {raw:.1} per cell, compressed frames)",
+        bytes.0, bytes.1
+    );
+    Ok(())
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn subscriber(url: &str, tok: &str, head: u64) -> Res<Ws> {
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+    let hello = ClientMsg::Hello {
+        protocol: PROTOCOL_VERSION,
+        replica_id: ReplicaId::generate(),
+        token: tok.to_owned(),
+        cursor: head,
+        schema_version: 1,
+    };
+    ws.send(Message::Binary(hello.encode()?.into())).await?;
+    match ws.next().await {
+        Some(Ok(Message::Binary(b))) => match ServerMsg::decode(&b)? {
+            ServerMsg::Welcome { .. } => Ok(ws),
+            other => Err(format!("expected welcome, got {other:?}").into()),
+        },
+        other => Err(format!("no welcome: {other:?}").into()),
+    }
+}
+
+fn w5(dir: &Path, clients: usize, writes: usize) -> Res<()> {
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let relay = RelayProc::start(&dir.join("w5"))?;
+    let url = relay.url();
+    let tok = token("sub")?;
+    let writer = Arc::new(Replica::open(dir.join("w5-writer.db"), &schema())?);
+    let tw = token("writer")?;
+    let hw = writer.connect(&url, Arc::new(move || Ok(tw.clone())))?;
+    hw.sync_now_blocking(Duration::from_secs(30))?;
+    std::thread::sleep(Duration::from_millis(300));
+    let rss0 = relay.rss_kib()?;
+    let head = hw.status().head;
+    let mut socks = rt.block_on(async {
+        let mut v = Vec::with_capacity(clients);
+        for _ in 0..clients {
+            v.push(subscriber(&url, &tok, head).await?);
+        }
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(v)
+    })?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let rss1 = relay.rss_kib()?;
+    let per_conn = (rss1.saturating_sub(rss0)) as f64 * 1024.0 / clients as f64;
+    // Each subscriber reads on its own task and reports when it sees each write's position.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
+    let mut tasks = Vec::new();
+    for mut ws in socks.drain(..) {
+        let tx = tx.clone();
+        tasks.push(rt.spawn(async move {
+            while let Some(Ok(m)) = ws.next().await {
+                if let Message::Binary(b) = m
+                    && let Ok(ServerMsg::Changes {
+                        up_to, change_sets, ..
+                    }) = ServerMsg::decode(&b)
+                    && !change_sets.is_empty()
+                {
+                    let _ = tx.send((up_to, Instant::now()));
+                }
+            }
+        }));
+    }
+    drop(tx);
+    let mut lat = Vec::new();
+    for w in 0..writes {
+        let t0 = Instant::now();
+        writer.execute(INSERT, &row(1_000_000 + w))?;
+        let target = head + w as u64 + 1;
+        let mut got = 0;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while got < clients {
+            let r = rt.block_on(async {
+                tokio::time::timeout(
+                    deadline.saturating_duration_since(Instant::now()),
+                    rx.recv(),
+                )
+                .await
+            });
+            match r {
+                Ok(Some((up_to, at))) if up_to >= target => {
+                    got += 1;
+                    lat.push(at.duration_since(t0).as_secs_f64() * 1e3);
+                }
+                Ok(Some(_)) => {}
+                _ => {
+                    return Err(format!("w5: only {got} of {clients} clients got write {w}").into());
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    lat.sort_by(f64::total_cmp);
+    let p = |q: f64| lat[((lat.len() as f64 - 1.0) * q) as usize];
+    println!(
+        "W5 fan-out to {clients} clients, {writes} writes: commit -> every client p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        p(0.5),
+        p(0.99),
+        p(1.0)
+    );
+    println!(
+        "W5 relay memory: {rss0} KiB before, {rss1} KiB with {clients} idle connections: {:.1} KiB per connection",
+        per_conn / 1024.0
+    );
+    for t in tasks {
+        t.abort();
+    }
+    drop(hw);
+    Ok(())
+}
+
+fn wire() -> Res<()> {
+    let dir = tempdir()?;
+    let a = Replica::open(dir.join("wire.db"), &schema())?;
+    let n = 1000;
+    for i in 0..n {
+        a.execute(INSERT, &row(i))?;
+    }
+    let inserts = a.pending(n, usize::MAX)?;
+    let one_frame = |sets: &[ferry_core::ChangeSet]| -> Res<usize> {
+        Ok(ClientMsg::Push {
+            change_sets: sets.to_vec(),
+        }
+        .encode()?
+        .len()
+            + 4)
+    };
+    let raw: usize = (0..n).map(raw_value_bytes).sum();
+    let single: usize = inserts
+        .iter()
+        .map(|c| one_frame(std::slice::from_ref(c)))
+        .sum::<Res<usize>>()?;
+    let batched = one_frame(&inserts)?;
+    let cells = (n * 5) as f64;
+    println!(
+        "wire, inserts of 5 cells: raw values {:.1} B/cell; one change set per frame {:.1} B/cell; 1000 per frame {:.1} B/cell (ratio to raw {:.2}x / {:.2}x)",
+        raw as f64 / cells,
+        single as f64 / cells,
+        batched as f64 / cells,
+        single as f64 / raw as f64,
+        batched as f64 / raw as f64
+    );
+    let acks: Vec<(u64, u64)> = inserts
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.origin_seq, i as u64 + 1))
+        .collect();
+    a.acknowledge(&acks)?;
+    for i in 0..n {
+        a.execute(
+            "UPDATE t SET b = ?1 WHERE id = ?2",
+            &[Value::Integer(i as i64 * 3), row(i)[0].clone()],
+        )?;
+    }
+    let updates = a.pending(n, usize::MAX)?;
+    let single: usize = updates
+        .iter()
+        .map(|c| one_frame(std::slice::from_ref(c)))
+        .sum::<Res<usize>>()?;
+    let batched = one_frame(&updates)?;
+    println!(
+        "wire, one INTEGER cell updated per transaction: raw 8 B/cell; one change set per frame {single_b:.1} B/cell; 1000 per frame {batched_b:.1} B/cell",
+        single_b = single as f64 / n as f64,
+        batched_b = batched as f64 / n as f64
+    );
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+fn tempdir() -> Res<PathBuf> {
+    let d = std::env::temp_dir().join(format!("ferry-relay-bench-{}", ulid::Ulid::generate()));
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
+
+fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() -> Res<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let what = args.first().cloned().unwrap_or_else(|| "all".into());
+    let rows = arg(&args, "--rows", 100_000usize);
+    let txns = arg(&args, "--txns", 100usize);
+    let repeat = arg(&args, "--repeat", 3usize);
+    let clients = arg(&args, "--clients", 1000usize);
+    let writes = arg(&args, "--writes", 20usize);
+    let dir = tempdir()?;
+    let r = (|| -> Res<()> {
+        if what == "w4" || what == "all" {
+            w4(&dir, rows, txns, repeat)?;
+        }
+        if what == "w5" || what == "all" {
+            w5(&dir, clients, writes)?;
+        }
+        if what == "wire" || what == "all" {
+            wire()?;
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    r
+}
