@@ -220,18 +220,21 @@ pub fn runtime() -> Result<&'static tokio::runtime::Runtime> {
     .map_err(|e| Error::Transport(format!("cannot start Ferry's runtime: {e}")))
 }
 
+type ObserverList = Vec<(u64, Arc<dyn StatusObserver>)>;
+type Observers = Arc<Mutex<ObserverList>>;
+
 /// A running sync loop. Dropping it disconnects.
 pub struct SyncHandle {
     cmd: mpsc::UnboundedSender<Command>,
     status: watch::Receiver<SyncStatus>,
-    observers: Arc<Mutex<Vec<(u64, Arc<dyn StatusObserver>)>>>,
+    observers: Observers,
     next_observer: Mutex<u64>,
 }
 
 /// Cancels a status subscription when dropped.
 #[must_use = "the subscription ends when this handle is dropped"]
 pub struct StatusSubscription {
-    observers: std::sync::Weak<Mutex<Vec<(u64, Arc<dyn StatusObserver>)>>>,
+    observers: std::sync::Weak<Mutex<ObserverList>>,
     id: u64,
 }
 
@@ -283,7 +286,7 @@ impl Replica {
         initial.cursor = self.cursor()?;
         initial.pending = self.pending_count()?;
         let (status_tx, status_rx) = watch::channel(initial);
-        let observers: Arc<Mutex<Vec<(u64, Arc<dyn StatusObserver>)>>> =
+        let observers: Observers =
             Arc::new(Mutex::new(Vec::new()));
         let wake = Arc::new(tokio::sync::Notify::new());
         let sub = self.subscribe(Arc::new(LocalWrites(Arc::clone(&wake))));
@@ -457,7 +460,7 @@ struct Loop {
     opts: SyncOptions,
     cmd: mpsc::UnboundedReceiver<Command>,
     status: watch::Sender<SyncStatus>,
-    observers: Arc<Mutex<Vec<(u64, Arc<dyn StatusObserver>)>>>,
+    observers: Observers,
     wake: Arc<tokio::sync::Notify>,
     paused: bool,
     checksum_waiters: Vec<(u64, oneshot::Sender<RemoteChecksum>)>,
@@ -640,11 +643,11 @@ impl Loop {
                         let _ = ws.close(None).await;
                         return End::Now;
                     }
-                    if let Some(c) = step.checksum {
-                        if let Some(i) = self.checksum_waiters.iter().position(|(n, _)| *n == c.nonce) {
-                            let (_, tx) = self.checksum_waiters.swap_remove(i);
-                            let _ = tx.send(c);
-                        }
+                    if let Some(c) = step.checksum
+                        && let Some(i) = self.checksum_waiters.iter().position(|(n, _)| *n == c.nonce)
+                    {
+                        let (_, tx) = self.checksum_waiters.swap_remove(i);
+                        let _ = tx.send(c);
                     }
                     for m in &step.send {
                         if let Err(e) = send(&mut ws, m).await {

@@ -182,7 +182,7 @@ fn golden_frames_of_every_message() {
     ];
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
     let bless = std::env::var("FERRY_BLESS").is_ok();
-    let mut check = |name: &str, bytes: Vec<u8>| {
+    let check = |name: &str, bytes: Vec<u8>| {
         let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
         let path = dir.join(format!("{name}.hex"));
         if bless {

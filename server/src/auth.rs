@@ -259,11 +259,8 @@ impl Verifier {
                 let key = DecodingKey::from_jwk(k).map_err(|e| {
                     RelayError::Config(format!("auth.jwks_file {}: bad key: {e}", path.display()))
                 })?;
-                match &k.common.key_id {
-                    Some(kid) => {
-                        jwks.insert(kid.clone(), (key.clone(), alg));
-                    }
-                    None => {}
+                if let Some(kid) = &k.common.key_id {
+                    jwks.insert(kid.clone(), (key.clone(), alg));
                 }
                 if set.keys.len() == 1 {
                     jwks_single = Some((key, alg));

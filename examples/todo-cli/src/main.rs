@@ -195,10 +195,10 @@ fn run(cli: Cli) -> ferry_core::Result<()> {
             let pending = replica.pending_count()?;
             let handle = replica.connect(&relay, Arc::new(move || Ok(token.clone())))?;
             let _progress = handle.observe(Arc::new(|s: &SyncStatus| {
-                if s.state == ConnState::Offline {
-                    if let Some(e) = &s.last_error {
-                        eprintln!("  offline: {}", e.message);
-                    }
+                if s.state == ConnState::Offline
+                    && let Some(e) = &s.last_error
+                {
+                    eprintln!("  offline: {}", e.message);
                 }
             }));
             handle.sync_now_blocking(Duration::from_secs(timeout))?;
