@@ -286,8 +286,7 @@ impl Replica {
         initial.cursor = self.cursor()?;
         initial.pending = self.pending_count()?;
         let (status_tx, status_rx) = watch::channel(initial);
-        let observers: Observers =
-            Arc::new(Mutex::new(Vec::new()));
+        let observers: Observers = Arc::new(Mutex::new(Vec::new()));
         let wake = Arc::new(tokio::sync::Notify::new());
         let sub = self.subscribe(Arc::new(LocalWrites(Arc::clone(&wake))));
         let lp = Loop {

@@ -427,6 +427,19 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_parses_to_the_defaults() {
+        let c = Config::from_toml(include_str!("../config.example.toml")).unwrap();
+        let d = Config::default();
+        assert_eq!(c.listen, d.listen);
+        assert_eq!(c.limits.max_frame_bytes, d.limits.max_frame_bytes);
+        assert_eq!(c.limits.max_clock_skew, d.limits.max_clock_skew);
+        assert_eq!(c.limits.idle_timeout, d.limits.idle_timeout);
+        assert_eq!(c.auth.leeway, d.auth.leeway);
+        assert_eq!(c.retention.compact_every, d.retention.compact_every);
+        assert!(c.checksums.enabled);
+    }
+
+    #[test]
     fn mistakes_name_the_field() {
         let e = Config::from_toml("listn = 1").unwrap_err().to_string();
         assert!(e.contains("listn"), "{e}");

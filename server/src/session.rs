@@ -403,6 +403,9 @@ impl Conn {
                         "checksums are disabled on this relay (checksums.enabled = false)",
                     ));
                 };
+                // Everything this connection was told about is in the state summed.
+                self.send_changes(true).await?;
+                shadow.catch_up(&self.shared.store, Some(self.told)).await?;
                 let grants = Arc::clone(&self.grants);
                 let (position, sum) = tokio::task::spawn_blocking(move || shadow.checksum(&grants))
                     .await

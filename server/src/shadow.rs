@@ -2,10 +2,11 @@
 //! replica can prove it holds exactly what it should.
 //!
 //! It is an ordinary Ferry replica (the same merge code every device runs) that never writes
-//! and applies the whole log, unfiltered, in order, off the push path. Asked for a checksum,
-//! the relay sums the rows of this state that the asking token may read, at the position the
-//! state has reached; a replica at that cursor with nothing pending computes the same digest
-//! over what it holds (`ferry_core::checksum`).
+//! and applies the whole log, unfiltered, in order, off the push path: in the background once
+//! the log has been quiet for a moment, and on demand when a checksum is asked for (up to the
+//! asker's position). Asked for a checksum, the relay sums the rows of this state that the
+//! asking token may read, at the position the state has reached; a replica at that cursor with
+//! nothing pending computes the same digest over what it holds (`ferry_core::checksum`).
 
 use crate::auth::Grants;
 use crate::error::{RelayError, Result};
@@ -21,7 +22,13 @@ use tokio_util::sync::CancellationToken;
 /// The materialized state.
 pub struct Shadow {
     replica: Mutex<Replica>,
+    catching_up: tokio::sync::Mutex<()>,
 }
+
+/// Quiet time before the background catch-up.
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(1500);
+/// Longest the background catch-up waits for quiet.
+const SETTLE_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl std::fmt::Debug for Shadow {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -54,6 +61,7 @@ impl Shadow {
         };
         Ok(Shadow {
             replica: Mutex::new(replica),
+            catching_up: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -62,35 +70,52 @@ impl Shadow {
         Ok(self.replica.lock().cursor()?)
     }
 
-    /// Applies the log as it grows until cancelled.
+    /// Keeps the state close to the head without competing with pushes: after the head moves
+    /// it waits until the log has been quiet for a moment (at most `SETTLE_MAX`), then
+    /// catches up. Checksum requests catch up on demand ([`Shadow::catch_up`]).
     pub async fn follow(self: Arc<Self>, store: Arc<dyn Store>, cancel: CancellationToken) {
         let mut head = store.feed().subscribe();
         loop {
-            let pos = match self.position() {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::error!(error = %e, "checksum state unreadable; checksums disabled");
-                    return;
-                }
-            };
-            metrics::gauge!(m::SHADOW_POSITION).set(pos as f64);
-            if *head.borrow_and_update() <= pos {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = head.changed() => if r.is_err() { return },
+            }
+            let first = tokio::time::Instant::now();
+            loop {
+                let quiet = tokio::time::sleep(SETTLE);
                 tokio::select! {
                     _ = cancel.cancelled() => return,
+                    _ = quiet => break,
                     r = head.changed() => if r.is_err() { return },
                 }
-                continue;
-            }
-            let sets = match store.read(pos, 2000, 8 << 20).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "checksum state: read failed; retrying");
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                    continue;
+                if first.elapsed() > SETTLE_MAX {
+                    break;
                 }
-            };
+            }
+            if let Err(e) = self.catch_up(&store, None).await {
+                tracing::error!(error = %e, "checksum state cannot follow the log; checksums stop here");
+                return;
+            }
+        }
+    }
+
+    /// Applies the log up to at least `target` (or the head). Returns the position reached.
+    pub async fn catch_up(
+        self: &Arc<Self>,
+        store: &Arc<dyn Store>,
+        target: Option<u64>,
+    ) -> Result<u64> {
+        let _one = self.catching_up.lock().await;
+        loop {
+            let pos = self.position()?;
+            metrics::gauge!(m::SHADOW_POSITION).set(pos as f64);
+            let goal = target.unwrap_or_else(|| store.feed().head());
+            if pos >= goal {
+                return Ok(pos);
+            }
+            let sets = store.read(pos, 2000, 8 << 20).await?;
             let Some(up_to) = sets.last().map(|s| s.server_seq) else {
-                continue;
+                return Ok(pos);
             };
             let batch: Vec<Sequenced> = sets
                 .iter()
@@ -99,22 +124,10 @@ impl Shadow {
                     change_set: s.change_set.clone(),
                 })
                 .collect();
-            let me = Arc::clone(&self);
-            let r = tokio::task::spawn_blocking(move || {
-                me.replica.lock().apply_remote(pos, up_to, &batch)
-            })
-            .await;
-            match r {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    tracing::error!(error = %e, position = pos, "checksum state cannot apply the log; checksums stop here");
-                    return;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "checksum task failed");
-                    return;
-                }
-            }
+            let me = Arc::clone(self);
+            tokio::task::spawn_blocking(move || me.replica.lock().apply_remote(pos, up_to, &batch))
+                .await
+                .map_err(|e| RelayError::Store(format!("checksum task failed: {e}")))??;
         }
     }
 
