@@ -53,7 +53,8 @@ impl RelayProc {
         Self::start_with(dir, "")
     }
 
-    /// `extra` is appended to the generated config (TOML).
+    /// `extra` is appended to the generated config (TOML), right after the `[auth]` table:
+    /// bare keys extend `[auth]`, tables add sections.
     pub fn start_with(dir: &Path, extra: &str) -> RelayProc {
         std::fs::create_dir_all(dir).unwrap();
         let schema_path = dir.join("schema.json");
@@ -75,7 +76,7 @@ impl RelayProc {
     fn config(&self) -> PathBuf {
         let p = self.dir.join("relay.toml");
         let text = format!(
-            "listen = \"{}\"\ndata = \"{}\"\nschema = \"{}\"\n[auth]\nhs256_secret = \"{SECRET}\"\n[log]\nlevel = \"warn\"\n{}",
+            "listen = \"{}\"\ndata = \"{}\"\nschema = \"{}\"\n[log]\nlevel = \"warn\"\n[auth]\nhs256_secret = \"{SECRET}\"\n{}",
             self.addr,
             self.dir.join("data").display(),
             self.dir.join("schema.json").display(),
