@@ -12,7 +12,7 @@ use crate::schema::Schema;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 /// The on-disk format this build writes.
-pub const FORMAT_VERSION: i64 = 1;
+pub const FORMAT_VERSION: i64 = 2;
 
 const FORMAT_V1: &str = "
 CREATE TABLE ferry_meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -71,6 +71,10 @@ CREATE TABLE ferry_conflicts(
 );
 ";
 
+const FORMAT_V2: &str = "
+CREATE INDEX ferry_log_unacked ON ferry_log(seq) WHERE server_seq IS NULL AND reissued IS NULL;
+";
+
 /// Sets the connection-level pragmas Ferry relies on.
 pub fn configure(conn: &Connection) -> Result<()> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -120,6 +124,11 @@ pub fn upgrade_format(conn: &mut Connection, new_id: Option<crate::ids::ReplicaI
             "INSERT INTO ferry_origins(replica_id) VALUES (?1)",
             params![id.0.to_vec()],
         )?;
+    }
+    if found < 2 {
+        // Every sync round asks for the unacknowledged change sets; without this index that
+        // is a scan of the whole local log, which only grows.
+        tx.execute_batch(FORMAT_V2)?;
     }
     // Future format steps go here, each guarded by `found < N`.
     tx.pragma_update(None, "user_version", FORMAT_VERSION)?;

@@ -33,7 +33,7 @@ pub fn run(
 ) -> Result<usize> {
     let todo: Vec<RawRecord> = conn
         .prepare_cached(
-            "SELECT seq, origin_seq, id, hlc, base, raw FROM ferry_log WHERE wire IS NULL AND raw IS NOT NULL
+            "SELECT seq, origin_seq, id, hlc, base, raw FROM ferry_log WHERE server_seq IS NULL AND wire IS NULL AND raw IS NOT NULL
              AND reissued IS NULL ORDER BY seq LIMIT ?1",
         )?
         .query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))?

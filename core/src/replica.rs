@@ -1139,7 +1139,7 @@ impl Db {
 
     fn materialize_all(&mut self) -> Result<()> {
         let pending: i64 = self.conn.query_row(
-            "SELECT count(*) FROM ferry_log WHERE wire IS NULL AND raw IS NOT NULL AND reissued IS NULL",
+            "SELECT count(*) FROM ferry_log WHERE server_seq IS NULL AND wire IS NULL AND raw IS NOT NULL AND reissued IS NULL",
             [],
             |r| r.get(0),
         )?;

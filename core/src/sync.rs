@@ -298,6 +298,11 @@ impl SyncClient {
                 }
                 // Everything from the refused change set on was not sequenced.
                 self.in_flight.retain(|o| *o < origin_seq);
+                if self.refused.as_ref().is_some_and(|r| r.origin_seq <= origin_seq) {
+                    // A later push already in flight was refused because of the first
+                    // refusal (a gap); the first one is the cause worth reporting.
+                    return Ok(step);
+                }
                 let refusal = Refusal {
                     origin_seq,
                     code,

@@ -339,3 +339,40 @@ fn data_before_welcome_and_relay_errors_are_reported() {
     let e = client.handle(&a, refused).unwrap_err();
     assert!(e.to_string().contains("token expired"), "{e}");
 }
+
+/// When several pushes are in flight and the first is refused, the later refusals (gaps
+/// caused by the first) do not hide the cause.
+#[test]
+fn the_first_refusal_is_the_one_reported() {
+    use ferry_core::protocol::Limits;
+    let d = tempfile::tempdir().unwrap();
+    let a = open(d.path(), "a.db");
+    for n in 0..3 {
+        a.execute("INSERT INTO todo(id, votes) VALUES (?1, 1)", &[t(&format!("r{n}"))])
+            .unwrap();
+    }
+    let mut client = SyncClient::new().with_batch(1, 1 << 20);
+    client.start(&a, "t").unwrap();
+    let welcome = ServerMsg::Welcome {
+        protocol: PROTOCOL_VERSION,
+        head: 0,
+        server_time_ms: 0,
+        max_origin_seq: 0,
+        limits: Limits::default(),
+        horizon: 0,
+    };
+    let step = client.handle(&a, welcome).unwrap();
+    assert_eq!(step.send.len(), 1);
+    while client.poll_push(&a).unwrap().is_some() {}
+    let refused = |o: u64, code: ErrorCode, m: &str| ServerMsg::Refused {
+        origin_seq: o,
+        code,
+        message: m.into(),
+    };
+    let first = client.handle(&a, refused(1, ErrorCode::Forbidden, "scope `x`")).unwrap();
+    assert_eq!(first.refused.map(|r| r.code), Some(ErrorCode::Forbidden));
+    let later = client.handle(&a, refused(2, ErrorCode::InvalidChangeSet, "gap")).unwrap();
+    assert!(later.refused.is_none());
+    assert_eq!(client.refused().map(|r| r.code), Some(ErrorCode::Forbidden));
+    assert!(client.poll_push(&a).unwrap().is_none(), "uploads stop after a refusal");
+}

@@ -1,0 +1,64 @@
+//! On-disk format upgrades: an upgraded file equals a fresh one, and the queries every sync
+//! round runs use the index that keeps them independent of the log's length.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+use common::*;
+
+fn schema_sql(path: &std::path::Path) -> Vec<(String, String, Option<String>)> {
+    let c = rusqlite::Connection::open(path).unwrap();
+    let mut st = c
+        .prepare("SELECT type, name, sql FROM sqlite_schema ORDER BY type, name")
+        .unwrap();
+    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap()
+}
+
+#[test]
+fn a_version_1_file_upgrades_to_the_fresh_layout() {
+    let d = tempfile::tempdir().unwrap();
+    let fresh = open(d.path(), "fresh.db");
+    fresh.close().unwrap();
+    let old = open(d.path(), "old.db");
+    old.execute("INSERT INTO todo(id, title) VALUES ('1', 'kept')", &[]).unwrap();
+    old.close().unwrap();
+    {
+        // What a version 1 file looked like: no unacked-log index.
+        let c = rusqlite::Connection::open(d.path().join("old.db")).unwrap();
+        c.execute_batch("DROP INDEX ferry_log_unacked; PRAGMA user_version = 1;").unwrap();
+    }
+    let old = open(d.path(), "old.db");
+    assert_eq!(old.pending_count().unwrap(), 1, "the pending change survived the upgrade");
+    old.close().unwrap();
+    assert_eq!(schema_sql(&d.path().join("old.db")), schema_sql(&d.path().join("fresh.db")));
+    let c = rusqlite::Connection::open(d.path().join("old.db")).unwrap();
+    let v: i64 = c.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+    assert_eq!(v, ferry_core::db::FORMAT_VERSION);
+}
+
+#[test]
+fn sync_queries_use_the_unacked_index() {
+    let d = tempfile::tempdir().unwrap();
+    let r = open(d.path(), "r.db");
+    r.execute("INSERT INTO todo(id, title) VALUES ('1', 'x')", &[]).unwrap();
+    let c = rusqlite::Connection::open(d.path().join("r.db")).unwrap();
+    for q in [
+        "SELECT wire FROM ferry_log WHERE server_seq IS NULL AND reissued IS NULL AND wire IS NOT NULL ORDER BY seq LIMIT 10",
+        "SELECT count(*) FROM ferry_log WHERE server_seq IS NULL AND reissued IS NULL",
+        "SELECT seq FROM ferry_log WHERE server_seq IS NULL AND wire IS NULL AND raw IS NOT NULL AND reissued IS NULL ORDER BY seq LIMIT 10",
+    ] {
+        let plan: Vec<String> = c
+            .prepare(&format!("EXPLAIN QUERY PLAN {q}"))
+            .unwrap()
+            .query_map([], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert!(
+            plan.iter().any(|p| p.contains("ferry_log_unacked")),
+            "{q}\nplan: {plan:?}"
+        );
+    }
+}
