@@ -51,6 +51,44 @@ impl WallClock for SystemClock {
     }
 }
 
+/// A replica's physical clock, corrected by what it learnt of the relay's clock: when the
+/// device's clock runs ahead of the relay's by more than a second, new timestamps follow the
+/// relay's instead, so the relay (which refuses change sets stamped too far in its future)
+/// accepts them. A clock that runs behind needs no correction: receiving advances the HLC.
+pub struct CorrectedClock {
+    inner: std::sync::Arc<dyn WallClock>,
+    ahead_ms: std::sync::atomic::AtomicU64,
+}
+
+impl CorrectedClock {
+    /// Wraps a physical clock with no correction.
+    pub fn new(inner: std::sync::Arc<dyn WallClock>) -> Self {
+        CorrectedClock {
+            inner,
+            ahead_ms: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Learns the relay's clock (`relay_ms` read just now); returns how far ahead of it the
+    /// local clock is taken to be (0 when it is not ahead by more than a second).
+    pub fn learn(&self, relay_ms: u64) -> u64 {
+        let local = self.inner.now_millis();
+        let ahead = local.saturating_sub(relay_ms);
+        let ahead = if ahead > 1000 { ahead } else { 0 };
+        self.ahead_ms
+            .store(ahead, std::sync::atomic::Ordering::Relaxed);
+        ahead
+    }
+}
+
+impl WallClock for CorrectedClock {
+    fn now_millis(&self) -> u64 {
+        self.inner
+            .now_millis()
+            .saturating_sub(self.ahead_ms.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
 /// The clock state of one replica.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct HlcState {

@@ -14,7 +14,7 @@ use crate::checksum::{self, StateChecksum};
 use crate::conflict::{self, Conflict};
 use crate::db;
 use crate::error::{Error, Result};
-use crate::hlc::{Hlc, HlcState, SystemClock, WallClock};
+use crate::hlc::{CorrectedClock, Hlc, HlcState, SystemClock, WallClock};
 use crate::ids::ReplicaId;
 use crate::materialize;
 use crate::observer::{
@@ -136,7 +136,7 @@ pub struct Replica {
     db: Mutex<Option<Db>>,
     registry: Arc<Mutex<Registry>>,
     resolvers: Mutex<HashMap<String, Arc<dyn Resolver>>>,
-    wall: Arc<dyn WallClock>,
+    wall: CorrectedClock,
     apply_chunk_ops: usize,
     path: PathBuf,
 }
@@ -380,7 +380,7 @@ impl Replica {
             db: Mutex::new(Some(db)),
             registry: Arc::new(Mutex::new(Registry::default())),
             resolvers: Mutex::new(HashMap::new()),
-            wall: opts.wall_clock,
+            wall: CorrectedClock::new(opts.wall_clock),
             apply_chunk_ops: opts.apply_chunk_ops.max(1),
             path,
         })
@@ -426,6 +426,21 @@ impl Replica {
         self.with_db(|db| Ok(db.clock.last()))
     }
 
+    /// Learns the relay's wall clock (at hello): new change sets are stamped no further ahead
+    /// of it than a second, and the HLC moves past it. Returns how far ahead of the relay the
+    /// device clock runs (0 if it does not).
+    pub fn learn_relay_clock(&self, relay_ms: u64) -> Result<u64> {
+        let ahead = self.wall.learn(relay_ms);
+        if ahead > 0 {
+            tracing::warn!(
+                ahead_ms = ahead,
+                "device clock is ahead of the relay's; stamping with the relay's time"
+            );
+        }
+        self.observe_clock(Hlc::new(relay_ms, 0))?;
+        Ok(ahead)
+    }
+
     /// Folds a timestamp learned from outside (e.g. the relay's clock at hello).
     pub fn observe_clock(&self, h: Hlc) -> Result<()> {
         self.with_db(|db| {
@@ -456,7 +471,7 @@ impl Replica {
             let mut g = self.db.lock();
             let db = g.as_mut().ok_or(Error::Closed)?;
             let mut notes = Notes::default();
-            let out = db.write_txn(self.wall.as_ref(), &mut notes, f)?;
+            let out = db.write_txn(&self.wall, &mut notes, f)?;
             self.collect_watches(db, &mut notes);
             (out, notes)
         };
@@ -482,7 +497,7 @@ impl Replica {
             db.conn.execute_batch("BEGIN IMMEDIATE")?;
             let r = db
                 .gate(true)
-                .and_then(|_| db.fold_foreign(self.wall.as_ref(), &mut notes))
+                .and_then(|_| db.fold_foreign(&self.wall, &mut notes))
                 .and_then(|any| {
                     db.gate(false)?;
                     Ok(any)
@@ -630,7 +645,7 @@ impl Replica {
                 }
                 let mut notes = Notes::default();
                 let r = db.apply_chunk(
-                    self.wall.as_ref(),
+                    &self.wall,
                     chunk,
                     chunk_moves,
                     if is_last { Some(up_to) } else { None },

@@ -38,7 +38,6 @@
 //! ```
 
 use crate::error::{Error, Result};
-use crate::hlc::Hlc;
 use crate::protocol::{ClientMsg, ErrorCode, PROTOCOL_VERSION, ServerMsg};
 use crate::replica::Replica;
 use std::collections::BTreeSet;
@@ -243,7 +242,7 @@ impl SyncClient {
                     .max_bytes
                     .min((limits.max_frame_bytes / 2).max(1024) as usize);
                 self.window = self.window.min(4 * self.max_sets);
-                replica.observe_clock(Hlc::new(server_time_ms, 0))?;
+                replica.learn_relay_clock(server_time_ms)?;
                 if max_origin_seq > replica.last_origin_seq()? {
                     // The relay holds changes from this id that this file does not: it was
                     // restored or copied. Continue under a new id so nothing is taken for a duplicate.
@@ -298,7 +297,11 @@ impl SyncClient {
                 }
                 // Everything from the refused change set on was not sequenced.
                 self.in_flight.retain(|o| *o < origin_seq);
-                if self.refused.as_ref().is_some_and(|r| r.origin_seq <= origin_seq) {
+                if self
+                    .refused
+                    .as_ref()
+                    .is_some_and(|r| r.origin_seq <= origin_seq)
+                {
                     // A later push already in flight was refused because of the first
                     // refusal (a gap); the first one is the cause worth reporting.
                     return Ok(step);

@@ -22,19 +22,30 @@ fn a_version_1_file_upgrades_to_the_fresh_layout() {
     let fresh = open(d.path(), "fresh.db");
     fresh.close().unwrap();
     let old = open(d.path(), "old.db");
-    old.execute("INSERT INTO todo(id, title) VALUES ('1', 'kept')", &[]).unwrap();
+    old.execute("INSERT INTO todo(id, title) VALUES ('1', 'kept')", &[])
+        .unwrap();
     old.close().unwrap();
     {
         // What a version 1 file looked like: no unacked-log index.
         let c = rusqlite::Connection::open(d.path().join("old.db")).unwrap();
-        c.execute_batch("DROP INDEX ferry_log_unacked; PRAGMA user_version = 1;").unwrap();
+        c.execute_batch("DROP INDEX ferry_log_unacked; PRAGMA user_version = 1;")
+            .unwrap();
     }
     let old = open(d.path(), "old.db");
-    assert_eq!(old.pending_count().unwrap(), 1, "the pending change survived the upgrade");
+    assert_eq!(
+        old.pending_count().unwrap(),
+        1,
+        "the pending change survived the upgrade"
+    );
     old.close().unwrap();
-    assert_eq!(schema_sql(&d.path().join("old.db")), schema_sql(&d.path().join("fresh.db")));
+    assert_eq!(
+        schema_sql(&d.path().join("old.db")),
+        schema_sql(&d.path().join("fresh.db"))
+    );
     let c = rusqlite::Connection::open(d.path().join("old.db")).unwrap();
-    let v: i64 = c.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+    let v: i64 = c
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
     assert_eq!(v, ferry_core::db::FORMAT_VERSION);
 }
 
@@ -42,7 +53,8 @@ fn a_version_1_file_upgrades_to_the_fresh_layout() {
 fn sync_queries_use_the_unacked_index() {
     let d = tempfile::tempdir().unwrap();
     let r = open(d.path(), "r.db");
-    r.execute("INSERT INTO todo(id, title) VALUES ('1', 'x')", &[]).unwrap();
+    r.execute("INSERT INTO todo(id, title) VALUES ('1', 'x')", &[])
+        .unwrap();
     let c = rusqlite::Connection::open(d.path().join("r.db")).unwrap();
     for q in [
         "SELECT wire FROM ferry_log WHERE server_seq IS NULL AND reissued IS NULL AND wire IS NOT NULL ORDER BY seq LIMIT 10",

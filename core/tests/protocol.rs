@@ -348,8 +348,11 @@ fn the_first_refusal_is_the_one_reported() {
     let d = tempfile::tempdir().unwrap();
     let a = open(d.path(), "a.db");
     for n in 0..3 {
-        a.execute("INSERT INTO todo(id, votes) VALUES (?1, 1)", &[t(&format!("r{n}"))])
-            .unwrap();
+        a.execute(
+            "INSERT INTO todo(id, votes) VALUES (?1, 1)",
+            &[t(&format!("r{n}"))],
+        )
+        .unwrap();
     }
     let mut client = SyncClient::new().with_batch(1, 1 << 20);
     client.start(&a, "t").unwrap();
@@ -369,10 +372,17 @@ fn the_first_refusal_is_the_one_reported() {
         code,
         message: m.into(),
     };
-    let first = client.handle(&a, refused(1, ErrorCode::Forbidden, "scope `x`")).unwrap();
+    let first = client
+        .handle(&a, refused(1, ErrorCode::Forbidden, "scope `x`"))
+        .unwrap();
     assert_eq!(first.refused.map(|r| r.code), Some(ErrorCode::Forbidden));
-    let later = client.handle(&a, refused(2, ErrorCode::InvalidChangeSet, "gap")).unwrap();
+    let later = client
+        .handle(&a, refused(2, ErrorCode::InvalidChangeSet, "gap"))
+        .unwrap();
     assert!(later.refused.is_none());
     assert_eq!(client.refused().map(|r| r.code), Some(ErrorCode::Forbidden));
-    assert!(client.poll_push(&a).unwrap().is_none(), "uploads stop after a refusal");
+    assert!(
+        client.poll_push(&a).unwrap().is_none(),
+        "uploads stop after a refusal"
+    );
 }

@@ -238,3 +238,52 @@ fn cli_token_and_check_config() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("at least 32"));
 }
+
+struct Ahead(u64);
+impl ferry_core::WallClock for Ahead {
+    fn now_millis(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+            + self.0
+    }
+}
+
+#[test]
+fn a_device_clock_hours_ahead_is_corrected_after_hello() {
+    let d = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(&d.path().join("relay"));
+    let opts = ferry_core::OpenOptions {
+        wall_clock: Arc::new(Ahead(2 * 3600 * 1000)),
+        ..Default::default()
+    };
+    let fast = Arc::new(
+        ferry_core::Replica::open_with(d.path().join("fast.db"), &schema(), opts).unwrap(),
+    );
+    let h = connect(&fast, &relay.url(), admin_token("fast"));
+    wait_synced(&h);
+    fast.execute(
+        "INSERT INTO todo(id, list, title) VALUES ('x', 'l', 'stamped right')",
+        &[],
+    )
+    .unwrap();
+    wait_synced(&h);
+    let other = open(d.path(), "other.db");
+    let ho = connect(&other, &relay.url(), admin_token("other"));
+    wait_synced(&ho);
+    assert_eq!(
+        other.query("SELECT title FROM todo", &[]).unwrap().rows[0][0],
+        Value::Text("stamped right".into())
+    );
+    // A later write elsewhere still wins over it: the fast clock did not poison LWW.
+    other
+        .execute("UPDATE todo SET title = 'later' WHERE id = 'x'", &[])
+        .unwrap();
+    wait_synced(&ho);
+    wait_synced(&h);
+    assert_eq!(
+        fast.query("SELECT title FROM todo", &[]).unwrap().rows[0][0],
+        Value::Text("later".into())
+    );
+}
