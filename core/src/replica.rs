@@ -580,36 +580,26 @@ impl Replica {
         sets: &[Sequenced],
         moves: &[Move],
     ) -> Result<ApplyReport> {
-        let mut prev = after;
+        in_order(
+            moves.iter().map(|m| m.server_seq),
+            after,
+            up_to,
+            "scope move",
+        )?;
         for m in moves {
-            if m.server_seq <= prev || m.server_seq > up_to {
-                return Err(Error::InvalidChangeSet(format!(
-                    "scope move at {} is out of order in a batch covering ({after}, {up_to}]",
-                    m.server_seq
-                )));
-            }
-            prev = m.server_seq;
-            let mut last_bf = 0;
-            for b in &m.backfill {
-                if b.server_seq >= m.server_seq || b.server_seq <= last_bf {
-                    return Err(Error::InvalidChangeSet(format!(
-                        "backfill position {} is not before its move at {} or out of order",
-                        b.server_seq, m.server_seq
-                    )));
-                }
-                last_bf = b.server_seq;
-            }
+            in_order(
+                m.backfill.iter().map(|b| b.server_seq),
+                0,
+                m.server_seq.saturating_sub(1),
+                "backfill",
+            )?;
         }
-        let mut last = after;
-        for s in sets {
-            if s.server_seq <= last || s.server_seq > up_to {
-                return Err(Error::InvalidChangeSet(format!(
-                    "server_seq {} is out of order in a batch covering ({after}, {up_to}]",
-                    s.server_seq
-                )));
-            }
-            last = s.server_seq;
-        }
+        in_order(
+            sets.iter().map(|s| s.server_seq),
+            after,
+            up_to,
+            "server_seq",
+        )?;
         let mut report = ApplyReport::default();
         let mut followups = Vec::new();
         let mut start = 0;
@@ -881,6 +871,20 @@ impl Replica {
     pub fn rotate_identity(&self) -> Result<ReplicaId> {
         self.with_db(|db| db.rotate_identity())
     }
+}
+
+/// Checks that relay positions are strictly increasing within `(after, up_to]`.
+fn in_order(seqs: impl Iterator<Item = u64>, after: u64, up_to: u64, what: &str) -> Result<()> {
+    let mut last = after;
+    for s in seqs {
+        if s <= last || s > up_to {
+            return Err(Error::InvalidChangeSet(format!(
+                "{what} position {s} is out of order in a batch covering ({after}, {up_to}]"
+            )));
+        }
+        last = s;
+    }
+    Ok(())
 }
 
 /// `(seq, hlc, base, raw, wire)` of an unacknowledged log row.
