@@ -311,8 +311,7 @@ impl Conn {
         tokio::pin!(expiry);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Catch up at once.
-        self.send_changes(false).await?;
+        let mut behind = true;
         loop {
             let turn = tokio::select! {
                 biased;
@@ -327,14 +326,20 @@ impl Conn {
                     if r.is_err() {
                         return Err(Close::new(ErrorCode::ShuttingDown, "the relay is shutting down"));
                     }
-                    self.send_changes(false).await?;
+                    behind = true;
+                    Turn::Continue
+                }
+                // Catch-up goes a few frames at a time, so frames from the client (pushes,
+                // pings) are handled in between: a replica pushes while it pulls.
+                _ = std::future::ready(()), if behind => {
+                    behind = self.send_changes(false, CATCH_UP_FRAMES).await?;
                     Turn::Continue
                 }
                 _ = tick.tick() => {
                     if self.last_frame.elapsed() > self.shared.cfg.limits.idle_timeout {
                         return Err(Close::new(ErrorCode::BadFrame, "idle timeout: no frame (not even a ping) received"));
                     }
-                    self.send_changes(true).await?;
+                    behind = self.send_changes(true, CATCH_UP_FRAMES).await?;
                     Turn::Continue
                 }
             };
@@ -390,9 +395,11 @@ impl Conn {
                 Ok(Turn::Continue)
             }
             ClientMsg::Ping { nonce } => {
-                // Everything sequenced before this ping reaches the client before the pong.
-                self.send_changes(true).await?;
-                let head = self.told;
+                // The pong carries the head as of now; what the client has not been sent yet
+                // follows (empty progress is flushed first, so a caught-up client's cursor
+                // reaches the head at once).
+                self.send_changes(true, 1).await?;
+                let head = self.shared.store.feed().head();
                 self.send(&ServerMsg::Pong { nonce, head }).await?;
                 Ok(Turn::Continue)
             }
@@ -404,7 +411,7 @@ impl Conn {
                     ));
                 };
                 // Everything this connection was told about is in the state summed.
-                self.send_changes(true).await?;
+                self.send_changes(true, 1).await?;
                 shadow.catch_up(&self.shared.store, Some(self.told)).await?;
                 let grants = Arc::clone(&self.grants);
                 let (position, sum) = tokio::task::spawn_blocking(move || shadow.checksum(&grants))
@@ -527,14 +534,19 @@ impl Conn {
         v
     }
 
-    /// Sends what was sequenced since the client was last told. With `flush`, also tells it
-    /// about positions with nothing visible (so its cursor catches up).
-    async fn send_changes(&mut self, flush: bool) -> Result<(), Close> {
+    /// Sends what was sequenced since the client was last told, at most `frames` frames.
+    /// With `flush`, once caught up, also tells it about positions with nothing visible (so
+    /// its cursor catches up). Returns true while more remains to send.
+    async fn send_changes(&mut self, flush: bool, frames: usize) -> Result<bool, Close> {
         let store = Arc::clone(&self.shared.store);
+        let mut sent = 0;
         loop {
             let head = store.feed().head();
             if self.scanned >= head {
                 break;
+            }
+            if sent >= frames {
+                return Ok(true);
             }
             let batch = match store.feed().window_after(self.scanned, 512) {
                 Some(b) if !b.is_empty() => b,
@@ -562,6 +574,7 @@ impl Conn {
             .await?;
             metrics::counter!(m::SETS_OUT).increment(n as u64);
             self.told = up_to;
+            sent += 1;
         }
         if flush && self.told < self.scanned {
             let up_to = self.scanned;
@@ -577,7 +590,7 @@ impl Conn {
         }
         let lag = store.feed().head().saturating_sub(self.told);
         metrics::gauge!(m::REPLICA_LAG, "replica" => self.label.clone()).set(lag as f64);
-        Ok(())
+        Ok(false)
     }
 
     /// The parts of `batch` this connection may see, and the scope moves it must apply.
@@ -673,6 +686,9 @@ impl Conn {
         Ok((sets, moves, consumed))
     }
 }
+
+/// Frames sent per turn of a connection's loop while it catches up.
+const CATCH_UP_FRAMES: usize = 4;
 
 /// Target size of one changes frame (a single change set may exceed it).
 const FRAME_BUDGET: usize = 2 << 20;
