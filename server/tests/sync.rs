@@ -29,3 +29,64 @@ fn two_replicas_sync_through_the_relay() {
         .unwrap();
     assert!(v.matches(), "{v:?}");
 }
+
+/// A replica with a long download ahead of it pushes at once: the relay reads its push after
+/// a few catch-up frames, not after the whole download.
+#[test]
+fn a_replica_pushes_while_it_pulls() {
+    use ferry_core::changeset::{Cell, ChangeSet, RowChange, RowOp};
+    use ferry_core::protocol::{ClientMsg, ServerMsg};
+    let d = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(&d.path().join("relay"));
+    let src = open(d.path(), "src.db");
+    let hs = connect(&src, &relay.url(), admin_token("src"));
+    let sets = 8000; // 16 frames of 512
+    for n in 0..sets {
+        src.execute(
+            "INSERT INTO tag(id, name) VALUES (?1, 'backlog')",
+            &[Value::Text(format!("b{n}"))],
+        )
+        .unwrap();
+    }
+    wait_synced(&hs);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let frames_before_ack = rt.block_on(async {
+        let me = ferry_core::ReplicaId::generate();
+        let mut ws = raw::connect(&relay.url()).await;
+        raw::send(&mut ws, &raw::hello(me, &admin_token("late"), 0)).await;
+        let push = ChangeSet {
+            id: [7; 16],
+            origin: me,
+            origin_seq: 1,
+            hlc: ferry_core::Hlc::new(ferry_relay::auth::now_secs() * 1000, 0),
+            base: 0,
+            schema_version: 1,
+            rows: vec![RowChange {
+                table: "tag".into(),
+                pk: "mine".into(),
+                cl: 1,
+                op: RowOp::Upsert(vec![Cell::Set("name".into(), "urgent".into())]),
+            }],
+        };
+        raw::send(
+            &mut ws,
+            &ClientMsg::Push {
+                change_sets: vec![push],
+            },
+        )
+        .await;
+        let mut changes = 0;
+        loop {
+            match raw::recv(&mut ws).await {
+                Some(ServerMsg::Acks { .. }) => return changes,
+                Some(ServerMsg::Changes { .. }) => changes += 1,
+                Some(_) => {}
+                None => panic!("closed before the ack"),
+            }
+        }
+    });
+    assert!(
+        frames_before_ack <= 5,
+        "the push waited behind {frames_before_ack} catch-up frames"
+    );
+}
