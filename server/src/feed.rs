@@ -15,17 +15,26 @@ use tokio::sync::watch;
 #[derive(Debug)]
 pub struct Feed {
     head: watch::Sender<u64>,
-    recent: RwLock<VecDeque<Arc<StoredSet>>>,
+    recent: RwLock<Window>,
     capacity: usize,
+    max_bytes: usize,
+}
+
+#[derive(Debug, Default)]
+struct Window {
+    sets: VecDeque<Arc<StoredSet>>,
+    bytes: usize,
 }
 
 impl Feed {
-    /// A feed starting at `head`, keeping up to `capacity` recent change sets.
-    pub fn new(head: u64, capacity: usize) -> Feed {
+    /// A feed starting at `head`, keeping up to `capacity` recent change sets and about
+    /// `max_bytes` of them.
+    pub fn new(head: u64, capacity: usize, max_bytes: usize) -> Feed {
         Feed {
             head: watch::Sender::new(head),
-            recent: RwLock::new(VecDeque::new()),
+            recent: RwLock::new(Window::default()),
             capacity: capacity.max(1),
+            max_bytes,
         }
     }
 
@@ -45,15 +54,22 @@ impl Feed {
             return;
         };
         {
-            let mut r = self.recent.write();
-            if r.back()
+            let mut w = self.recent.write();
+            if w.sets
+                .back()
                 .is_some_and(|b| b.server_seq + 1 != sets[0].server_seq)
             {
-                r.clear();
+                w.sets.clear();
+                w.bytes = 0;
             }
-            r.extend(sets);
-            while r.len() > self.capacity {
-                r.pop_front();
+            for s in sets {
+                w.bytes += s.approx_bytes();
+                w.sets.push_back(s);
+            }
+            while w.sets.len() > self.capacity || (w.bytes > self.max_bytes && w.sets.len() > 1) {
+                if let Some(old) = w.sets.pop_front() {
+                    w.bytes = w.bytes.saturating_sub(old.approx_bytes());
+                }
             }
         }
         self.head.send_if_modified(|h| {
@@ -68,20 +84,72 @@ impl Feed {
 
     /// Change sets in `(after, ..]`, at most `max`, if the window still holds `after + 1`.
     pub fn window_after(&self, after: u64, max: usize) -> Option<Vec<Arc<StoredSet>>> {
-        let r = self.recent.read();
-        let first = r.front()?.server_seq;
+        let w = self.recent.read();
+        let first = w.sets.front()?.server_seq;
         if after + 1 < first {
             return None;
         }
         let start = (after + 1 - first) as usize;
-        if start > r.len() {
+        if start > w.sets.len() {
             return None;
         }
-        Some(r.iter().skip(start).take(max).cloned().collect())
+        Some(w.sets.iter().skip(start).take(max).cloned().collect())
     }
 
     /// Drops the window (after compaction rewrote stored bodies).
     pub fn clear_window(&self) {
-        self.recent.write().clear();
+        let mut w = self.recent.write();
+        w.sets.clear();
+        w.bytes = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use ferry_core::{ChangeSet, Hlc, ReplicaId};
+
+    fn set(seq: u64, payload: usize) -> Arc<StoredSet> {
+        Arc::new(StoredSet {
+            server_seq: seq,
+            change_set: ChangeSet {
+                id: [0; 16],
+                origin: ReplicaId([1; 16]),
+                origin_seq: seq,
+                hlc: Hlc::new(1, 0),
+                base: 0,
+                schema_version: 1,
+                rows: vec![ferry_core::RowChange {
+                    table: "t".into(),
+                    pk: "k".into(),
+                    cl: 1,
+                    op: ferry_core::RowOp::Upsert(vec![ferry_core::Cell::Set(
+                        "c".into(),
+                        ferry_core::Value::Text("x".repeat(payload)),
+                    )]),
+                }],
+            },
+            tags: vec![],
+        })
+    }
+
+    #[test]
+    fn window_serves_what_it_holds_and_stays_bounded() {
+        let f = Feed::new(0, 100, 10_000);
+        f.publish((1..=5).map(|i| set(i, 10)).collect());
+        assert_eq!(f.head(), 5);
+        let w = f.window_after(2, 10).unwrap();
+        assert_eq!(w.iter().map(|s| s.server_seq).collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert!(f.window_after(5, 10).unwrap().is_empty());
+        // Large sets push old ones out by bytes; a position no longer held is a miss.
+        f.publish((6..=10).map(|i| set(i, 3_000)).collect());
+        assert!(f.window_after(0, 10).is_none(), "position 1 was evicted");
+        let held = f.window_after(7, 10).unwrap();
+        assert_eq!(held.first().map(|s| s.server_seq), Some(8));
+        // A gap (positions published elsewhere) resets the window rather than mislead.
+        f.publish(vec![set(20, 1)]);
+        assert!(f.window_after(10, 10).is_none());
+        assert_eq!(f.head(), 20);
     }
 }

@@ -622,7 +622,7 @@ impl Conn {
                     None => now,
                 };
                 if now {
-                    bytes += approx_size(rc);
+                    bytes += crate::store::approx_row_bytes(rc);
                     rows.push(rc.clone());
                     if !before {
                         entering.push((rc.table.clone(), rc.pk.clone()));
@@ -652,7 +652,7 @@ impl Conn {
                     if parts.is_empty() {
                         continue;
                     }
-                    bytes += parts.iter().map(approx_size).sum::<usize>();
+                    bytes += parts.iter().map(crate::store::approx_row_bytes).sum::<usize>();
                     match backfill.iter_mut().find(|b| b.server_seq == h.server_seq) {
                         Some(b) => b.change_set.rows.extend(parts),
                         None => {
@@ -693,24 +693,4 @@ const CATCH_UP_FRAMES: usize = 4;
 /// Target size of one changes frame (a single change set may exceed it).
 const FRAME_BUDGET: usize = 2 << 20;
 
-/// Rough encoded size of a row change, for frame budgets.
-fn approx_size(rc: &ferry_core::RowChange) -> usize {
-    fn value(v: &ferry_core::Value) -> usize {
-        match v {
-            ferry_core::Value::Text(s) => s.len() + 5,
-            ferry_core::Value::Blob(b) => b.len() + 5,
-            _ => 9,
-        }
-    }
-    let cells = match &rc.op {
-        ferry_core::RowOp::Upsert(cells) => cells
-            .iter()
-            .map(|c| match c {
-                ferry_core::Cell::Set(n, v) => n.len() + value(v) + 4,
-                ferry_core::Cell::Add(n, _) => n.len() + 13,
-            })
-            .sum(),
-        ferry_core::RowOp::Delete => 8,
-    };
-    rc.table.len() + value(&rc.pk) + cells + 24
-}
+

@@ -33,6 +33,35 @@ pub struct StoredSet {
     pub tags: Vec<RowTag>,
 }
 
+impl StoredSet {
+    /// Rough encoded size, for frame budgets and memory bounds.
+    pub fn approx_bytes(&self) -> usize {
+        self.change_set.rows.iter().map(approx_row_bytes).sum::<usize>() + 96
+    }
+}
+
+/// Rough encoded size of a row change.
+pub fn approx_row_bytes(rc: &ferry_core::RowChange) -> usize {
+    fn value(v: &Value) -> usize {
+        match v {
+            Value::Text(s) => s.len() + 5,
+            Value::Blob(b) => b.len() + 5,
+            _ => 9,
+        }
+    }
+    let cells = match &rc.op {
+        ferry_core::RowOp::Upsert(cells) => cells
+            .iter()
+            .map(|c| match c {
+                ferry_core::Cell::Set(n, v) => n.len() + value(v) + 4,
+                ferry_core::Cell::Add(n, _) => n.len() + 13,
+            })
+            .sum(),
+        ferry_core::RowOp::Delete => 8,
+    };
+    rc.table.len() + value(&rc.pk) + cells + 24
+}
+
 /// What happened to one pushed change set.
 #[derive(Debug)]
 pub enum PushOutcome {

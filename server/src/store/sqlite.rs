@@ -133,6 +133,16 @@ fn encode_set(s: &StoredSet) -> Result<Vec<u8>> {
 impl SqliteStore {
     /// Opens (creating if needed) the store in `dir/relay.db`.
     pub fn open(dir: &Path, cat: Arc<RelayCatalog>, window: usize) -> Result<Arc<SqliteStore>> {
+        Self::open_with_window_bytes(dir, cat, window, 64 << 20)
+    }
+
+    /// Opens with an explicit memory bound for the live window (bytes).
+    pub fn open_with_window_bytes(
+        dir: &Path,
+        cat: Arc<RelayCatalog>,
+        window: usize,
+        window_bytes: usize,
+    ) -> Result<Arc<SqliteStore>> {
         std::fs::create_dir_all(dir).map_err(|e| {
             RelayError::Store(format!(
                 "cannot create data directory {}: {e}",
@@ -143,7 +153,7 @@ impl SqliteStore {
         let mut conn = open_file(&path)?;
         upgrade(&mut conn)?;
         let head = head_of(&conn)?;
-        let feed = Arc::new(Feed::new(head, window));
+        let feed = Arc::new(Feed::new(head, window, window_bytes));
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
             conn,
