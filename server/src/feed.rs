@@ -140,7 +140,10 @@ mod tests {
         f.publish((1..=5).map(|i| set(i, 10)).collect());
         assert_eq!(f.head(), 5);
         let w = f.window_after(2, 10).unwrap();
-        assert_eq!(w.iter().map(|s| s.server_seq).collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert_eq!(
+            w.iter().map(|s| s.server_seq).collect::<Vec<_>>(),
+            vec![3, 4, 5]
+        );
         assert!(f.window_after(5, 10).unwrap().is_empty());
         // Large sets push old ones out by bytes; a position no longer held is a miss.
         f.publish((6..=10).map(|i| set(i, 3_000)).collect());

@@ -140,7 +140,8 @@ pub fn tag(
             }),
             RowOp::Delete => None,
         };
-        let next = next_scope(current.as_ref(), rc.cl, written, cs);
+        let update_wins = t.delete_rule == ferry_core::DeleteRule::UpdateWins;
+        let next = next_scope(current.as_ref(), rc.cl, written, cs, update_wins);
         let before = current.as_ref().map(|c| c.scope.clone());
         let after = next
             .as_ref()
@@ -181,13 +182,17 @@ pub fn tag(
     Ok(Tagged { tags, updates })
 }
 
-/// The row's tracked scope after a change: a newer incarnation takes its scope value; the
-/// same incarnation takes it when it wins last-writer-wins; anything else keeps the current.
+/// The row's tracked scope after a change, by the rules replicas merge with
+/// (`ferry_core::apply`): a newer incarnation takes its scope value; the same incarnation takes
+/// it when it wins last-writer-wins; in an `update_wins` table an update of the incarnation a
+/// concurrent delete removed revives it (and merges like the same incarnation); anything
+/// else is stale and keeps the current scope.
 fn next_scope(
     current: Option<&RowScope>,
     cl: u64,
     written: Option<&Value>,
     cs: &ChangeSet,
+    update_wins: bool,
 ) -> Option<RowScope> {
     let fresh = |v: Option<&Value>| RowScope {
         cl,
@@ -215,6 +220,13 @@ fn next_scope(
             Some(v) if (cs.hlc, cs.origin) > (c.hlc, c.origin) => Some(fresh(Some(v))),
             _ => Some(c.clone()),
         },
+        Some(c) if update_wins && cl % 2 == 1 && c.cl % 2 == 0 && cl + 1 == c.cl => {
+            let revived = RowScope { cl, ..c.clone() };
+            match written {
+                Some(v) if (cs.hlc, cs.origin) > (c.hlc, c.origin) => Some(fresh(Some(v))),
+                _ => Some(revived),
+            }
+        }
         Some(c) => Some(c.clone()),
     }
 }

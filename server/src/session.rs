@@ -652,7 +652,10 @@ impl Conn {
                     if parts.is_empty() {
                         continue;
                     }
-                    bytes += parts.iter().map(crate::store::approx_row_bytes).sum::<usize>();
+                    bytes += parts
+                        .iter()
+                        .map(crate::store::approx_row_bytes)
+                        .sum::<usize>();
                     match backfill.iter_mut().find(|b| b.server_seq == h.server_seq) {
                         Some(b) => b.change_set.rows.extend(parts),
                         None => {
@@ -692,5 +695,3 @@ const CATCH_UP_FRAMES: usize = 4;
 
 /// Target size of one changes frame (a single change set may exceed it).
 const FRAME_BUDGET: usize = 2 << 20;
-
-

@@ -36,7 +36,12 @@ pub struct StoredSet {
 impl StoredSet {
     /// Rough encoded size, for frame budgets and memory bounds.
     pub fn approx_bytes(&self) -> usize {
-        self.change_set.rows.iter().map(approx_row_bytes).sum::<usize>() + 96
+        self.change_set
+            .rows
+            .iter()
+            .map(approx_row_bytes)
+            .sum::<usize>()
+            + 96
     }
 }
 

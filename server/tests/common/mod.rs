@@ -34,6 +34,14 @@ pub fn schema() -> Schema {
                 .delete_rule(ferry_core::DeleteRule::UpdateWins),
         )
         .table(
+            TableDecl::new("doc")
+                .text_key("id")
+                .text("owner")
+                .text("body")
+                .scope("owner")
+                .delete_rule(ferry_core::DeleteRule::UpdateWins),
+        )
+        .table(
             TableDecl::new("price")
                 .text_key("id")
                 .integer("cents")
