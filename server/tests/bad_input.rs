@@ -5,7 +5,7 @@
 mod common;
 use base64::Engine;
 use common::*;
-use ferry_core::changeset::{Cell, ChangeSet, RowChange, RowOp};
+use ferry_core::changeset::{Cell, ChangeSet};
 use ferry_core::hlc::Hlc;
 use ferry_core::protocol::{ClientMsg, ErrorCode, ServerMsg};
 use ferry_core::{ReplicaId, Value};
@@ -13,24 +13,7 @@ use ferry_relay::auth::{Claims, mint_hs256, now_secs};
 use std::time::Duration;
 
 fn cs(origin: ReplicaId, oseq: u64, table: &str, pk: &str, cl: u64, cells: Vec<Cell>) -> ChangeSet {
-    ChangeSet {
-        id: ulid::Ulid::generate().to_bytes(),
-        origin,
-        origin_seq: oseq,
-        hlc: Hlc::new(now_secs() * 1000, 0),
-        base: 0,
-        schema_version: 1,
-        rows: vec![RowChange {
-            table: table.into(),
-            pk: Value::Text(pk.into()),
-            cl,
-            op: if cl % 2 == 1 {
-                RowOp::Upsert(cells)
-            } else {
-                RowOp::Delete
-            },
-        }],
-    }
+    raw::change_set(origin, oseq, table, pk, cl, cells)
 }
 
 fn set(c: &str, v: Value) -> Cell {

@@ -155,7 +155,7 @@ fn clients_see_only_their_scopes_and_writes_outside_are_refused() {
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        use ferry_core::changeset::{Cell, ChangeSet, RowChange, RowOp};
+        use ferry_core::changeset::Cell;
         let me = ReplicaId::generate();
         let push = |tok: String| {
             let url = url.clone();
@@ -165,23 +165,14 @@ fn clients_see_only_their_scopes_and_writes_outside_are_refused() {
                 raw::send(
                     &mut ws,
                     &ClientMsg::Push {
-                        change_sets: vec![ChangeSet {
-                            id: [1; 16],
-                            origin: me,
-                            origin_seq: 1,
-                            hlc: ferry_core::Hlc::new(ferry_relay::auth::now_secs() * 1000, 0),
-                            base: 0,
-                            schema_version: 1,
-                            rows: vec![RowChange {
-                                table: "price".into(),
-                                pk: "p1".into(),
-                                cl: 1,
-                                op: RowOp::Upsert(vec![Cell::Set(
-                                    "cents".into(),
-                                    Value::Integer(250),
-                                )]),
-                            }],
-                        }],
+                        change_sets: vec![raw::change_set(
+                            me,
+                            1,
+                            "price",
+                            "p1",
+                            1,
+                            vec![Cell::Set("cents".into(), Value::Integer(250))],
+                        )],
                     },
                 )
                 .await;

@@ -34,7 +34,7 @@ fn two_replicas_sync_through_the_relay() {
 /// a few catch-up frames, not after the whole download.
 #[test]
 fn a_replica_pushes_while_it_pulls() {
-    use ferry_core::changeset::{Cell, ChangeSet, RowChange, RowOp};
+    use ferry_core::changeset::Cell;
     use ferry_core::protocol::{ClientMsg, ServerMsg};
     let d = tempfile::tempdir().unwrap();
     let relay = RelayProc::start(&d.path().join("relay"));
@@ -54,20 +54,14 @@ fn a_replica_pushes_while_it_pulls() {
         let me = ferry_core::ReplicaId::generate();
         let mut ws = raw::connect(&relay.url()).await;
         raw::send(&mut ws, &raw::hello(me, &admin_token("late"), 0)).await;
-        let push = ChangeSet {
-            id: [7; 16],
-            origin: me,
-            origin_seq: 1,
-            hlc: ferry_core::Hlc::new(ferry_relay::auth::now_secs() * 1000, 0),
-            base: 0,
-            schema_version: 1,
-            rows: vec![RowChange {
-                table: "tag".into(),
-                pk: "mine".into(),
-                cl: 1,
-                op: RowOp::Upsert(vec![Cell::Set("name".into(), "urgent".into())]),
-            }],
-        };
+        let push = raw::change_set(
+            me,
+            1,
+            "tag",
+            "mine",
+            1,
+            vec![Cell::Set("name".into(), "urgent".into())],
+        );
         raw::send(
             &mut ws,
             &ClientMsg::Push {

@@ -281,6 +281,37 @@ pub mod raw {
         None
     }
 
+    /// A one-row change set as a (possibly hostile) client would craft it: an upsert for odd
+    /// `cl`, a delete for even, stamped now.
+    pub fn change_set(
+        origin: ReplicaId,
+        oseq: u64,
+        table: &str,
+        pk: &str,
+        cl: u64,
+        cells: Vec<ferry_core::Cell>,
+    ) -> ferry_core::ChangeSet {
+        use ferry_core::{RowChange, RowOp, Value};
+        ferry_core::ChangeSet {
+            id: ulid::Ulid::generate().to_bytes(),
+            origin,
+            origin_seq: oseq,
+            hlc: ferry_core::Hlc::new(ferry_relay::auth::now_secs() * 1000, 0),
+            base: 0,
+            schema_version: 1,
+            rows: vec![RowChange {
+                table: table.into(),
+                pk: Value::Text(pk.into()),
+                cl,
+                op: if cl % 2 == 1 {
+                    RowOp::Upsert(cells)
+                } else {
+                    RowOp::Delete
+                },
+            }],
+        }
+    }
+
     /// True when the server closed the connection (no further frames).
     pub async fn closed(ws: &mut Ws) -> bool {
         recv(ws).await.is_none()
