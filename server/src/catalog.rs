@@ -6,7 +6,7 @@
 
 use crate::config::Config;
 use crate::error::{RelayError, Result};
-use ferry_core::{DeleteRule, Schema, TableMode};
+use ferry_core::{DeleteRule, Schema, TableDecl, TableMode};
 use std::collections::HashMap;
 
 /// One synced table as the relay sees it.
@@ -18,8 +18,8 @@ pub struct RelayTable {
     pub mode: TableMode,
     /// Delete rule.
     pub delete_rule: DeleteRule,
-    /// Declared column names.
-    pub columns: Vec<String>,
+    /// The full declaration (columns and policies, for validating change sets).
+    pub decl: TableDecl,
 }
 
 /// The tables, by name, and the schema they came from.
@@ -74,7 +74,7 @@ impl RelayCatalog {
                         scope_column: t.scope_column.clone(),
                         mode: t.mode,
                         delete_rule: t.delete_rule,
-                        columns: t.columns.iter().map(|c| c.name.clone()).collect(),
+                        decl: t.clone(),
                     },
                 )
             })

@@ -81,17 +81,7 @@ pub fn validate(cat: &RelayCatalog, cs: &ChangeSet, max_ops: usize) -> Result<()
         )));
     }
     for rc in &cs.rows {
-        let decl = cat
-            .schema
-            .tables
-            .iter()
-            .find(|t| t.name == rc.table)
-            .ok_or_else(|| {
-                RelayError::InvalidChangeSet(format!(
-                    "table `{}` is not in the relay's schema",
-                    rc.table
-                ))
-            })?;
+        let decl = &cat.table(&rc.table)?.decl;
         check_row_change(decl, rc).map_err(|e| RelayError::InvalidChangeSet(e.to_string()))?;
     }
     Ok(())
