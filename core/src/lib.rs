@@ -29,6 +29,7 @@ pub mod schema;
 pub mod scope;
 pub mod sequencer;
 pub mod sync;
+pub mod transaction;
 pub mod transport;
 pub mod value;
 pub mod vv;
@@ -44,6 +45,7 @@ pub use resolver::{ConflictInput, Resolution, Resolver};
 pub use schema::{
     ColumnDecl, ColumnType, DeleteRule, Migration, Policy, Schema, TableDecl, TableMode,
 };
+pub use transaction::Transaction;
 pub use transport::{
     ConnState, StatusObserver, SyncError, SyncHandle, SyncOptions, SyncStatus, TokenProvider,
     Verification,

@@ -24,6 +24,7 @@ use crate::protocol::Move;
 use crate::resolver::{ConflictInput, Resolution, Resolver};
 use crate::rows::Origins;
 use crate::schema::{Schema, TableMode, quote};
+use crate::transaction::{Transaction, thread_token};
 use crate::value::Value;
 use parking_lot::Mutex;
 use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
@@ -31,6 +32,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Options for [`Replica::open_with`].
 #[derive(Clone)]
@@ -88,7 +90,7 @@ fn is_internal(name: &str) -> bool {
     name.len() >= 6 && name[..6].eq_ignore_ascii_case("ferry_")
 }
 
-struct Db {
+pub(crate) struct Db {
     conn: Connection,
     hook: Arc<Mutex<HookState>>,
     auth: Arc<Mutex<AuthState>>,
@@ -110,7 +112,7 @@ struct Db {
 
 /// Pending notifications gathered under the lock and delivered after it is released.
 #[derive(Default)]
-struct Notes {
+pub(crate) struct Notes {
     events: Vec<ChangeEvent>,
     conflicts: Vec<Conflict>,
     watch_results: Vec<(Arc<Watch>, Rows)>,
@@ -133,10 +135,13 @@ pub struct ApplyReport {
 
 /// A local replica.
 pub struct Replica {
-    db: Mutex<Option<Db>>,
+    db: Arc<Mutex<Option<Db>>>,
     registry: Arc<Mutex<Registry>>,
     resolvers: Mutex<HashMap<String, Arc<dyn Resolver>>>,
-    wall: CorrectedClock,
+    wall: Arc<CorrectedClock>,
+    /// Token of the thread holding an open [`Transaction`] (0: none), so that thread gets an
+    /// error instead of a deadlock when it calls the replica directly.
+    writer: Arc<AtomicU64>,
     apply_chunk_ops: usize,
     path: PathBuf,
 }
@@ -377,10 +382,11 @@ impl Replica {
         db.sync_trigger_mode()?;
         tracing::debug!(path = %path.display(), replica = %me, cursor, "replica opened");
         Ok(Replica {
-            db: Mutex::new(Some(db)),
+            db: Arc::new(Mutex::new(Some(db))),
             registry: Arc::new(Mutex::new(Registry::default())),
             resolvers: Mutex::new(HashMap::new()),
-            wall: CorrectedClock::new(opts.wall_clock),
+            wall: Arc::new(CorrectedClock::new(opts.wall_clock)),
+            writer: Arc::new(AtomicU64::new(0)),
             apply_chunk_ops: opts.apply_chunk_ops.max(1),
             path,
         })
@@ -388,7 +394,7 @@ impl Replica {
 
     /// Closes the replica; later calls fail with [`Error::Closed`].
     pub fn close(&self) -> Result<()> {
-        let db = self.db.lock().take();
+        let db = self.lock()?.take();
         if let Some(db) = db {
             db.conn.close().map_err(|(_, e)| Error::Sqlite(e))?;
         }
@@ -401,9 +407,46 @@ impl Replica {
     }
 
     fn with_db<T>(&self, f: impl FnOnce(&mut Db) -> Result<T>) -> Result<T> {
-        let mut g = self.db.lock();
+        let mut g = self.lock()?;
         let db = g.as_mut().ok_or(Error::Closed)?;
         f(db)
+    }
+
+    /// Locks the database, refusing (rather than deadlocking) when this thread already holds
+    /// it through an open [`Transaction`].
+    fn lock(&self) -> Result<parking_lot::MutexGuard<'_, Option<Db>>> {
+        if self.writer.load(Ordering::Acquire) == thread_token() {
+            return Err(Error::InvalidInput(
+                "this thread holds an open write transaction on this replica: use the transaction, \
+                 or commit or roll it back first"
+                    .into(),
+            ));
+        }
+        Ok(self.db.lock())
+    }
+
+    /// Opens a write transaction that lives until [`Transaction::commit`] or
+    /// [`Transaction::rollback`] (dropping it rolls back). This is [`Replica::write`] for
+    /// callers that cannot pass a closure (the FFI); the replica is locked meanwhile, so
+    /// finish it promptly.
+    pub fn begin(&self) -> Result<Transaction> {
+        if self.writer.load(Ordering::Acquire) == thread_token() {
+            return Err(Error::InvalidInput(
+                "this thread already holds an open write transaction on this replica".into(),
+            ));
+        }
+        let mut g = Mutex::lock_arc(&self.db);
+        let db = g.as_mut().ok_or(Error::Closed)?;
+        let mut notes = Notes::default();
+        db.begin_write(&*self.wall, &mut notes)?;
+        self.writer.store(thread_token(), Ordering::Release);
+        Ok(Transaction::new(
+            g,
+            notes,
+            Arc::clone(&self.registry),
+            Arc::clone(&self.wall),
+            Arc::clone(&self.writer),
+        ))
     }
 
     /// This replica's id.
@@ -468,14 +511,14 @@ impl Replica {
     /// change set; if it returns an error nothing is kept.
     pub fn write<T>(&self, f: impl FnOnce(&WriteTx<'_>) -> Result<T>) -> Result<T> {
         let (out, notes) = {
-            let mut g = self.db.lock();
+            let mut g = self.lock()?;
             let db = g.as_mut().ok_or(Error::Closed)?;
             let mut notes = Notes::default();
-            let out = db.write_txn(&self.wall, &mut notes, f)?;
-            self.collect_watches(db, &mut notes);
+            let out = db.write_txn(&*self.wall, &mut notes, f)?;
+            collect_watches(&self.registry, db, &mut notes);
             (out, notes)
         };
-        self.deliver(notes);
+        deliver(&self.registry, notes);
         Ok(out)
     }
 
@@ -483,7 +526,7 @@ impl Replica {
     /// (Ferry also does this before every write, push and apply.) Returns true if any.
     pub fn capture_foreign(&self) -> Result<bool> {
         let (any, notes) = {
-            let mut g = self.db.lock();
+            let mut g = self.lock()?;
             let db = g.as_mut().ok_or(Error::Closed)?;
             // Only take the write lock when another connection left something to fold.
             let waiting: bool = db
@@ -497,16 +540,16 @@ impl Replica {
             db.conn.execute_batch("BEGIN IMMEDIATE")?;
             let r = db
                 .gate(true)
-                .and_then(|_| db.fold_foreign(&self.wall, &mut notes))
+                .and_then(|_| db.fold_foreign(&*self.wall, &mut notes))
                 .and_then(|any| {
                     db.gate(false)?;
                     Ok(any)
                 });
             let any = db.finish_txn(r)?;
-            self.collect_watches(db, &mut notes);
+            collect_watches(&self.registry, db, &mut notes);
             (any, notes)
         };
-        self.deliver(notes);
+        deliver(&self.registry, notes);
         Ok(any)
     }
 
@@ -625,7 +668,7 @@ impl Replica {
             let chunk_moves = &moves[moves_done..moves_end];
             moves_done = moves_end;
             let notes = {
-                let mut g = self.db.lock();
+                let mut g = self.lock()?;
                 let db = g.as_mut().ok_or(Error::Closed)?;
                 if after > db.cursor {
                     return Err(Error::InvalidChangeSet(format!(
@@ -635,7 +678,7 @@ impl Replica {
                 }
                 let mut notes = Notes::default();
                 let r = db.apply_chunk(
-                    &self.wall,
+                    &*self.wall,
                     chunk,
                     chunk_moves,
                     if is_last { Some(up_to) } else { None },
@@ -644,10 +687,10 @@ impl Replica {
                 );
                 followups.extend(r.0);
                 failure = r.1;
-                self.collect_watches(db, &mut notes);
+                collect_watches(&self.registry, db, &mut notes);
                 notes
             };
-            self.deliver(notes);
+            deliver(&self.registry, notes);
             if failure.is_some() || is_last {
                 break;
             }
@@ -768,59 +811,6 @@ impl Replica {
         });
         let id = self.registry.lock().add_watch(w);
         Ok(Subscription::new(&self.registry, id))
-    }
-
-    fn collect_watches(&self, db: &mut Db, notes: &mut Notes) {
-        if notes.events.is_empty() {
-            return;
-        }
-        let touched: BTreeSet<&String> =
-            notes.events.iter().flat_map(|e| e.tables.iter()).collect();
-        let watches: Vec<Arc<Watch>> = self.registry.lock().watches.values().cloned().collect();
-        for w in watches {
-            if !w.tables.iter().any(|t| touched.contains(t)) {
-                continue;
-            }
-            match run_query(&db.conn, &db.auth, &w.sql, &w.params) {
-                Ok(rows) => {
-                    let mut last = w.last.lock();
-                    if last.as_ref() != Some(&rows) {
-                        *last = Some(rows.clone());
-                        drop(last);
-                        notes.watch_results.push((Arc::clone(&w), rows));
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, sql = %w.sql, "watched query failed"),
-            }
-        }
-    }
-
-    fn deliver(&self, notes: Notes) {
-        if notes.events.is_empty() && notes.conflicts.is_empty() && notes.watch_results.is_empty() {
-            return;
-        }
-        let observers: Vec<Arc<dyn Observer>> =
-            self.registry.lock().observers.values().cloned().collect();
-        for o in &observers {
-            for e in &notes.events {
-                o.on_change(e);
-            }
-            for c in &notes.conflicts {
-                o.on_conflict(c);
-            }
-        }
-        for (w, rows) in notes.watch_results {
-            // A watch cancelled meanwhile is no longer in the registry: skip it.
-            if self
-                .registry
-                .lock()
-                .watches
-                .values()
-                .any(|x| Arc::ptr_eq(x, &w))
-            {
-                (w.callback)(&rows);
-            }
-        }
     }
 
     /// Every synced table's rows, sorted by key: what convergence tests compare.
@@ -1066,33 +1056,67 @@ impl Db {
         notes: &mut Notes,
         f: impl FnOnce(&WriteTx<'_>) -> Result<T>,
     ) -> Result<T> {
+        self.begin_write(wall, notes)?;
+        match f(&self.tx()) {
+            Ok(v) => {
+                self.end_write(wall, notes, true)?;
+                Ok(v)
+            }
+            Err(e) => {
+                self.end_write(wall, notes, false)?;
+                Err(e)
+            }
+        }
+    }
+
+    /// The app's view of the open write transaction.
+    pub(crate) fn tx(&self) -> WriteTx<'_> {
+        WriteTx {
+            conn: &self.conn,
+            auth: &self.auth,
+            hook: &self.hook,
+            cat: &self.cat,
+            stmt_cols: &self.stmt_cols,
+        }
+    }
+
+    /// Opens a write transaction with capture on (foreign writes folded first).
+    pub(crate) fn begin_write(&mut self, wall: &dyn WallClock, notes: &mut Notes) -> Result<()> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         let r = (|| {
             self.sync_trigger_mode()?;
             self.gate(true)?;
             self.fold_foreign(wall, notes)?;
             self.hook.lock().enabled = true;
-            let out = f(&WriteTx {
-                conn: &self.conn,
-                auth: &self.auth,
-                hook: &self.hook,
-                cat: &self.cat,
-                stmt_cols: &self.stmt_cols,
-            });
+            Ok(())
+        })();
+        if r.is_err() {
+            self.rollback();
+            notes.events.clear();
+        }
+        r
+    }
+
+    /// Ends the transaction opened by [`Db::begin_write`]: with `keep`, what the app changed
+    /// becomes one change set and is committed; without, everything is rolled back.
+    pub(crate) fn end_write(
+        &mut self,
+        wall: &dyn WallClock,
+        notes: &mut Notes,
+        keep: bool,
+    ) -> Result<()> {
+        if !keep {
+            self.rollback();
+            notes.events.clear();
+            return Ok(());
+        }
+        let r = (|| {
             let change = {
                 let mut h = self.hook.lock();
                 h.enabled = false;
                 let cat = Arc::clone(&h.catalog);
-                match &out {
-                    Ok(_) => h.acc.finish(&cat),
-                    Err(_) => {
-                        h.acc.clear();
-                        Ok(LocalChange::default())
-                    }
-                }
+                h.acc.finish(&cat)?
             };
-            let out = out?;
-            let change = change?;
             if !change.rows.is_empty() {
                 notes.events.push(ChangeEvent {
                     tables: self.table_names(&change),
@@ -1100,8 +1124,7 @@ impl Db {
                 });
                 self.append_local(&change, wall)?;
             }
-            self.gate(false)?;
-            Ok(out)
+            self.gate(false)
         })();
         let r = self.finish_txn(r);
         if r.is_err() {
@@ -1425,5 +1448,52 @@ impl Db {
         self.me_num = num;
         self.next_oseq = next;
         Ok(new)
+    }
+}
+
+/// Re-runs the watched queries a commit may have changed (under the database lock).
+pub(crate) fn collect_watches(registry: &Mutex<Registry>, db: &mut Db, notes: &mut Notes) {
+    if notes.events.is_empty() {
+        return;
+    }
+    let touched: BTreeSet<&String> = notes.events.iter().flat_map(|e| e.tables.iter()).collect();
+    let watches: Vec<Arc<Watch>> = registry.lock().watches.values().cloned().collect();
+    for w in watches {
+        if !w.tables.iter().any(|t| touched.contains(t)) {
+            continue;
+        }
+        match run_query(&db.conn, &db.auth, &w.sql, &w.params) {
+            Ok(rows) => {
+                let mut last = w.last.lock();
+                if last.as_ref() != Some(&rows) {
+                    *last = Some(rows.clone());
+                    drop(last);
+                    notes.watch_results.push((Arc::clone(&w), rows));
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, sql = %w.sql, "watched query failed"),
+        }
+    }
+}
+
+/// Delivers notifications gathered under the lock (after it is released).
+pub(crate) fn deliver(registry: &Mutex<Registry>, notes: Notes) {
+    if notes.events.is_empty() && notes.conflicts.is_empty() && notes.watch_results.is_empty() {
+        return;
+    }
+    let observers: Vec<Arc<dyn Observer>> = registry.lock().observers.values().cloned().collect();
+    for o in &observers {
+        for e in &notes.events {
+            o.on_change(e);
+        }
+        for c in &notes.conflicts {
+            o.on_conflict(c);
+        }
+    }
+    for (w, rows) in notes.watch_results {
+        // A watch cancelled meanwhile is no longer in the registry: skip it.
+        if registry.lock().watches.values().any(|x| Arc::ptr_eq(x, &w)) {
+            (w.callback)(&rows);
+        }
     }
 }

@@ -1,0 +1,140 @@
+//! An owned write transaction, for callers that cannot hand Ferry a closure.
+//!
+//! [`Replica::write`](crate::Replica::write) takes a closure and is the API Rust code should
+//! use. Host languages reached through the FFI cannot lend a borrowed transaction to foreign
+//! code, so [`Replica::begin`](crate::Replica::begin) returns a [`Transaction`] that owns the
+//! replica's lock until it is committed or rolled back (dropping it rolls back). The same
+//! capture runs in both: everything written between begin and commit becomes one change set.
+//!
+//! While a transaction is open, the thread that opened it gets an
+//! [`Error::InvalidInput`] (instead of a deadlock) if it calls the replica directly.
+
+use crate::error::{Error, Result};
+use crate::hlc::CorrectedClock;
+use crate::observer::{Registry, Rows};
+use crate::replica::{Db, Notes, collect_watches, deliver};
+use crate::value::Value;
+use parking_lot::{Mutex, RawMutex, lock_api::ArcMutexGuard};
+use std::cell::Cell;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A small nonzero number naming the current thread (for the same-thread deadlock check).
+pub(crate) fn thread_token() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static TOKEN: Cell<u64> = const { Cell::new(0) };
+    }
+    TOKEN.with(|t| {
+        if t.get() == 0 {
+            t.set(NEXT.fetch_add(1, Ordering::Relaxed));
+        }
+        t.get()
+    })
+}
+
+/// An open write transaction on a replica (see the module docs).
+pub struct Transaction {
+    guard: Option<ArcMutexGuard<RawMutex, Option<Db>>>,
+    notes: Notes,
+    registry: Arc<Mutex<Registry>>,
+    wall: Arc<CorrectedClock>,
+    writer: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Transaction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transaction")
+            .field("open", &self.guard.is_some())
+            .finish()
+    }
+}
+
+impl Transaction {
+    pub(crate) fn new(
+        guard: ArcMutexGuard<RawMutex, Option<Db>>,
+        notes: Notes,
+        registry: Arc<Mutex<Registry>>,
+        wall: Arc<CorrectedClock>,
+        writer: Arc<AtomicU64>,
+    ) -> Self {
+        Transaction {
+            guard: Some(guard),
+            notes,
+            registry,
+            wall,
+            writer,
+        }
+    }
+
+    fn db(&self) -> Result<&Db> {
+        self.guard
+            .as_ref()
+            .ok_or_else(|| Error::InvalidInput("the transaction is already finished".into()))?
+            .as_ref()
+            .ok_or(Error::Closed)
+    }
+
+    /// Runs one SQL statement with positional parameters; returns rows changed.
+    pub fn execute(&self, sql: &str, params: &[Value]) -> Result<usize> {
+        self.db()?.tx().execute(sql, params)
+    }
+
+    /// Runs a query that sees the transaction's own writes.
+    pub fn query(&self, sql: &str, params: &[Value]) -> Result<Rows> {
+        self.db()?.tx().query(sql, params)
+    }
+
+    /// True until committed or rolled back.
+    pub fn is_open(&self) -> bool {
+        self.guard.is_some()
+    }
+
+    /// Commits: what was written becomes one change set. Fails if already finished.
+    pub fn commit(&mut self) -> Result<()> {
+        self.finish(true)
+    }
+
+    /// Rolls back everything written. Rolling back a finished transaction does nothing.
+    pub fn rollback(&mut self) -> Result<()> {
+        if self.guard.is_none() {
+            return Ok(());
+        }
+        self.finish(false)
+    }
+
+    fn finish(&mut self, keep: bool) -> Result<()> {
+        let Some(mut guard) = self.guard.take() else {
+            return Err(Error::InvalidInput(
+                "the transaction is already finished".into(),
+            ));
+        };
+        self.writer.store(0, Ordering::Release);
+        let mut notes = std::mem::take(&mut self.notes);
+        let r = match guard.as_mut() {
+            None => Err(Error::Closed),
+            Some(db) => {
+                let r = db.end_write(&*self.wall, &mut notes, keep);
+                if r.is_ok() {
+                    collect_watches(&self.registry, db, &mut notes);
+                }
+                r
+            }
+        };
+        drop(guard);
+        if r.is_ok() {
+            deliver(&self.registry, notes);
+        }
+        r
+    }
+}
+
+impl Drop for Transaction {
+    fn drop(&mut self) {
+        if self.guard.is_some()
+            && let Err(e) = self.finish(false)
+        {
+            tracing::error!(error = %e, "rolling back a dropped transaction failed");
+        }
+    }
+}
