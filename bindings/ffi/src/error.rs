@@ -1,0 +1,131 @@
+//! The one public error of the bindings, and the one place core errors are mapped to it.
+//!
+//! Core errors are rich and internal; host apps need to know what to *do*: fix their input,
+//! stop writing a read-only table, get a new token, wait for the network, re-resolve a
+//! refused write, upgrade the app. Each variant is one such action, carrying the core's
+//! explanation in `reason` (host exceptions show fields, so the text lives in a field).
+
+use ferry_core::Error as Core;
+
+/// Everything a Ferry call can fail with, as the host language sees it.
+#[derive(Debug, thiserror::Error, uniffi::Error)]
+pub enum FerryError {
+    /// An argument, schema declaration, SQL statement or value was not acceptable.
+    #[error("invalid input: {reason}")]
+    InvalidInput {
+        /// What was wrong.
+        reason: String,
+    },
+    /// A write to a `read_only` table: only its primary (a token granted write) writes it.
+    #[error("read-only table `{table}`")]
+    ReadOnlyTable {
+        /// The table.
+        table: String,
+    },
+    /// The relay refused the token or the write's scope: get a new token or write elsewhere.
+    #[error("unauthorized: {reason}")]
+    Unauthorized {
+        /// The relay's explanation.
+        reason: String,
+    },
+    /// The relay could not be reached or the connection ended; the sync loop keeps retrying.
+    #[error("offline: {reason}")]
+    Offline {
+        /// What happened.
+        reason: String,
+    },
+    /// The relay refused a pushed change set (not for authorization reasons).
+    #[error("rejected by the relay ({code}): {reason}")]
+    ConflictRejected {
+        /// The relay's error code.
+        code: String,
+        /// The relay's explanation.
+        reason: String,
+    },
+    /// The file or its app schema is newer than this build: upgrade the app.
+    #[error("schema too new: {reason}")]
+    SchemaTooNew {
+        /// Which version was found and which is supported.
+        reason: String,
+    },
+    /// The replica (or the object) was closed; open it again.
+    #[error("closed")]
+    Closed,
+    /// Anything else (disk, corruption, internal); worth reporting.
+    #[error("{reason}")]
+    Other {
+        /// What happened.
+        reason: String,
+    },
+}
+
+/// Result alias of the bindings.
+pub type Result<T, E = FerryError> = std::result::Result<T, E>;
+
+impl From<Core> for FerryError {
+    fn from(e: Core) -> Self {
+        let reason = e.to_string();
+        let mapped = match e {
+            Core::InvalidSchema(_)
+            | Core::UnknownName { .. }
+            | Core::InvalidInput(_)
+            | Core::InvalidCounter { .. } => FerryError::InvalidInput { reason },
+            Core::SchemaTooNew { .. } | Core::AppSchemaTooNew { .. } => {
+                FerryError::SchemaTooNew { reason }
+            }
+            Core::ReadOnlyTable(table) => FerryError::ReadOnlyTable { table },
+            Core::Transport(_) => FerryError::Offline { reason },
+            Core::Refused { code, message } => match code {
+                "unauthorized" | "forbidden" => FerryError::Unauthorized { reason: message },
+                _ => FerryError::ConflictRejected {
+                    code: code.to_owned(),
+                    reason: message,
+                },
+            },
+            Core::Closed => FerryError::Closed,
+            Core::Sqlite(ref s) if sql_from_app(s) => FerryError::InvalidInput { reason },
+            _ => {
+                tracing::error!(error = %reason, "ferry call failed");
+                FerryError::Other { reason }
+            }
+        };
+        mapped
+    }
+}
+
+/// SQLite errors caused by the statement or values the app passed (syntax, unknown column,
+/// constraint, type, parameter count), as opposed to disk or internal failures.
+fn sql_from_app(e: &rusqlite::Error) -> bool {
+    use rusqlite::{Error as E, ErrorCode as C};
+    match e {
+        E::SqliteFailure(f, _) => matches!(
+            f.code,
+            C::Unknown
+                | C::ConstraintViolation
+                | C::TypeMismatch
+                | C::ParameterOutOfRange
+                | C::AuthorizationForStatementDenied
+                | C::TooBig
+        ),
+        E::InvalidParameterCount(..)
+        | E::InvalidParameterName(_)
+        | E::InvalidColumnIndex(_)
+        | E::InvalidColumnName(_)
+        | E::MultipleStatement
+        | E::ExecuteReturnedResults
+        | E::Empty
+        | E::InvalidQuery
+        | E::Utf8Error(..)
+        | E::NulError(_)
+        | E::ToSqlConversionFailure(_) => true,
+        _ => false,
+    }
+}
+
+impl From<uniffi::UnexpectedUniFFICallbackError> for FerryError {
+    fn from(e: uniffi::UnexpectedUniFFICallbackError) -> Self {
+        FerryError::Other {
+            reason: format!("a callback implemented by the app failed: {}", e.reason),
+        }
+    }
+}

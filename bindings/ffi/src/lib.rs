@@ -1,0 +1,33 @@
+//! # ferry-ffi
+//!
+//! Ferry for Kotlin, Swift and Python, through UniFFI proc-macros. This crate is deliberately
+//! thin: each exported object wraps one `ferry-core` object and each method is a line of
+//! conversion, so behaviour lives (and is tested) in Rust once, and the bindings' own tests
+//! cover only the surface. One public error ([`FerryError`]) is mapped from core errors in
+//! one place (`error.rs`). Listeners, the conflict resolver and the token provider are
+//! foreign traits; registering a listener returns a [`Subscription`] that cancels on drop.
+//!
+//! Generated code and the small idiomatic layers (Kotlin `Flow`s, Swift `AsyncStream`s, a
+//! Python package) live next to this crate in `bindings/`; `docs/bindings.md` explains how
+//! they are built and tested.
+
+mod error;
+mod listeners;
+mod replica;
+mod subscription;
+mod sync;
+mod types;
+
+pub use error::FerryError;
+pub use listeners::{
+    ChangeListener, ConflictResolver, QueryListener, SyncStatusListener, TokenProvider,
+};
+pub use replica::{Replica, WriteTransaction, ferry_version, new_id};
+pub use subscription::Subscription;
+pub use sync::{ConnState, SyncOptions, SyncSession, SyncStatus, Verification};
+pub use types::{
+    ChangeEvent, ChangeSource, ColumnDecl, ColumnType, ConflictInput, ConflictRecord, ConflictSide,
+    DeleteRule, Migration, Policy, QueryResult, Resolution, Schema, SqlValue, TableDecl, TableMode,
+};
+
+uniffi::setup_scaffolding!();

@@ -1,0 +1,227 @@
+//! The replica object and its write transaction: thin wrappers over `ferry_core::Replica`
+//! and `ferry_core::Transaction`, one line of conversion per method.
+
+use crate::error::Result;
+use crate::listeners::{
+    ChangeListener, Changes, ConflictResolver, QueryListener, Resolver, TokenProvider, Tokens,
+    query_callback,
+};
+use crate::subscription::Subscription;
+use crate::sync::{SyncOptions, SyncSession};
+use crate::types::{ConflictRecord, QueryResult, Schema, SqlValue};
+use ferry_core as core;
+use parking_lot::Mutex;
+use std::sync::{Arc, Weak};
+
+/// A local replica: a SQLite file the app reads and writes with plain SQL, offline, and
+/// syncs through a relay. `close()` releases the file; so does dropping the object.
+#[derive(uniffi::Object)]
+pub struct Replica {
+    inner: Arc<core::Replica>,
+    sessions: Mutex<Vec<Weak<SyncSession>>>,
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::warn!(error = %e, "closing a dropped replica failed");
+        }
+    }
+}
+
+#[uniffi::export]
+impl Replica {
+    /// Opens (creating if needed) the replica at `path` with the app's schema; creates the
+    /// declared tables, adds new columns and runs migrations.
+    #[uniffi::constructor]
+    pub fn open(path: String, schema: Schema) -> Result<Arc<Self>> {
+        let inner = core::Replica::open(&path, &schema.into())?;
+        Ok(Arc::new(Replica {
+            inner: Arc::new(inner),
+            sessions: Mutex::new(Vec::new()),
+        }))
+    }
+
+    /// Ends every sync session of this replica and closes the file. Later calls fail with
+    /// `Closed`. Closing twice does nothing.
+    pub fn close(&self) -> Result<()> {
+        for s in self.sessions.lock().drain(..) {
+            if let Some(s) = s.upgrade() {
+                s.disconnect();
+            }
+        }
+        Ok(self.inner.close()?)
+    }
+
+    /// The file this replica lives in.
+    pub fn path(&self) -> String {
+        self.inner.path().display().to_string()
+    }
+
+    /// This replica's id (a ULID).
+    pub fn replica_id(&self) -> Result<String> {
+        Ok(self.inner.replica_id()?.to_string())
+    }
+
+    /// The app schema version this replica runs.
+    pub fn schema_version(&self) -> Result<u32> {
+        Ok(self.inner.schema_version()?)
+    }
+
+    /// The relay position applied.
+    pub fn cursor(&self) -> Result<u64> {
+        Ok(self.inner.cursor()?)
+    }
+
+    /// Local change sets not yet acknowledged by the relay.
+    pub fn pending_count(&self) -> Result<u64> {
+        Ok(self.inner.pending_count()?)
+    }
+
+    /// A new ULID, for primary keys.
+    pub fn new_id(&self) -> String {
+        self.inner.new_id()
+    }
+
+    /// Runs one statement as its own write transaction; returns rows changed.
+    pub fn execute(&self, sql: String, params: Vec<SqlValue>) -> Result<u64> {
+        Ok(self.inner.execute(&sql, &crate::types::params(params))? as u64)
+    }
+
+    /// Runs a read-only query.
+    pub fn query(&self, sql: String, params: Vec<SqlValue>) -> Result<QueryResult> {
+        Ok(self
+            .inner
+            .query(&sql, &crate::types::params(params))?
+            .into())
+    }
+
+    /// Opens a write transaction: everything written before `commit()` becomes one change set
+    /// (all-or-nothing everywhere). The replica is locked until `commit()` or `rollback()`;
+    /// the host layers' `write { }` helpers guarantee one of them.
+    pub fn begin_write(&self) -> Result<Arc<WriteTransaction>> {
+        Ok(Arc::new(WriteTransaction {
+            inner: Mutex::new(self.inner.begin()?),
+        }))
+    }
+
+    /// Runs `sql` now and after every commit that touches a table it reads, calling
+    /// `listener` whenever the results differ. Stops when the subscription ends.
+    pub fn watch(
+        &self,
+        sql: String,
+        params: Vec<SqlValue>,
+        listener: Arc<dyn QueryListener>,
+    ) -> Result<Arc<Subscription>> {
+        let sub = self.inner.watch(
+            &sql,
+            &crate::types::params(params),
+            query_callback(listener),
+        )?;
+        Ok(Subscription::new(sub))
+    }
+
+    /// Calls `listener` after every commit to synced tables and for every conflict.
+    pub fn subscribe(&self, listener: Arc<dyn ChangeListener>) -> Arc<Subscription> {
+        Subscription::new(self.inner.subscribe(Arc::new(Changes(listener))))
+    }
+
+    /// Registers the resolver for the `custom` columns of `table`.
+    pub fn set_resolver(&self, table: String, resolver: Arc<dyn ConflictResolver>) -> Result<()> {
+        Ok(self
+            .inner
+            .set_resolver(&table, Arc::new(Resolver(resolver)))?)
+    }
+
+    /// The conflict log, oldest first.
+    pub fn conflicts(&self) -> Result<Vec<ConflictRecord>> {
+        Ok(self
+            .inner
+            .conflicts()?
+            .into_iter()
+            .map(Into::into)
+            .collect())
+    }
+
+    /// Clears the conflict log up to and including `up_to_id` (all when None).
+    pub fn clear_conflicts(&self, up_to_id: Option<i64>) -> Result<u64> {
+        Ok(self.inner.clear_conflicts(up_to_id)? as u64)
+    }
+
+    /// A digest of every synced row (equal on replicas holding the same data).
+    pub fn checksum(&self) -> Result<String> {
+        Ok(self.inner.checksum()?.hex())
+    }
+
+    /// Starts syncing with the relay at `url` (`ws://` or `wss://`). `tokens` is asked for a
+    /// token before every connection attempt.
+    pub fn connect(
+        &self,
+        url: String,
+        tokens: Arc<dyn TokenProvider>,
+        options: Option<SyncOptions>,
+    ) -> Result<Arc<SyncSession>> {
+        let opts = options.map(Into::into).unwrap_or_default();
+        let handle = self
+            .inner
+            .connect_with(&url, Arc::new(Tokens(tokens)), opts)?;
+        let session = SyncSession::new(handle, Arc::clone(&self.inner));
+        let mut sessions = self.sessions.lock();
+        sessions.retain(|s| s.strong_count() > 0);
+        sessions.push(Arc::downgrade(&session));
+        Ok(session)
+    }
+}
+
+/// An open write transaction (from `Replica.beginWrite`). Dropping it rolls back.
+#[derive(uniffi::Object)]
+pub struct WriteTransaction {
+    inner: Mutex<core::Transaction>,
+}
+
+#[uniffi::export]
+impl WriteTransaction {
+    /// Runs one statement; returns rows changed.
+    pub fn execute(&self, sql: String, params: Vec<SqlValue>) -> Result<u64> {
+        Ok(self
+            .inner
+            .lock()
+            .execute(&sql, &crate::types::params(params))? as u64)
+    }
+
+    /// Runs a query that sees this transaction's writes.
+    pub fn query(&self, sql: String, params: Vec<SqlValue>) -> Result<QueryResult> {
+        Ok(self
+            .inner
+            .lock()
+            .query(&sql, &crate::types::params(params))?
+            .into())
+    }
+
+    /// Commits; what was written becomes one change set.
+    pub fn commit(&self) -> Result<()> {
+        Ok(self.inner.lock().commit()?)
+    }
+
+    /// Rolls everything back (does nothing once finished).
+    pub fn rollback(&self) -> Result<()> {
+        Ok(self.inner.lock().rollback()?)
+    }
+
+    /// True until committed or rolled back.
+    pub fn is_open(&self) -> bool {
+        self.inner.lock().is_open()
+    }
+}
+
+/// A new ULID (sortable, globally unique), for primary keys.
+#[uniffi::export]
+pub fn new_id() -> String {
+    core::new_id()
+}
+
+/// Ferry's version.
+#[uniffi::export]
+pub fn ferry_version() -> String {
+    env!("CARGO_PKG_VERSION").to_owned()
+}

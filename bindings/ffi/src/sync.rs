@@ -1,0 +1,194 @@
+//! The sync session: a replica's connection to a relay, its status, and `sync_now`.
+
+use crate::error::Result;
+use crate::listeners::{Status, SyncStatusListener};
+use crate::subscription::Subscription;
+use ferry_core as core;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Connection state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
+pub enum ConnState {
+    /// Not connected; retrying after a backoff.
+    Offline,
+    /// Opening a connection.
+    Connecting,
+    /// Connected and streaming.
+    Online,
+    /// Paused by the app.
+    Paused,
+    /// Disconnected for good.
+    Stopped,
+}
+
+impl From<core::ConnState> for ConnState {
+    fn from(s: core::ConnState) -> Self {
+        match s {
+            core::ConnState::Offline => ConnState::Offline,
+            core::ConnState::Connecting => ConnState::Connecting,
+            core::ConnState::Online => ConnState::Online,
+            core::ConnState::Paused => ConnState::Paused,
+            core::ConnState::Stopped => ConnState::Stopped,
+        }
+    }
+}
+
+/// What the sync loop is doing.
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+pub struct SyncStatus {
+    /// Connection state.
+    pub state: ConnState,
+    /// Change sets acknowledged this session…
+    pub uploaded: u64,
+    /// …of this many to upload.
+    pub upload_total: u64,
+    /// Relay positions applied this session…
+    pub downloaded: u64,
+    /// …of this many known.
+    pub download_total: u64,
+    /// Relay position applied.
+    pub cursor: u64,
+    /// Relay head as last heard.
+    pub head: u64,
+    /// Local change sets not yet acknowledged.
+    pub pending: u64,
+    /// The last error (cleared when a connection comes up).
+    pub last_error: Option<String>,
+    /// The relay's code for the last error, when it sent one (`unauthorized`, ...).
+    pub last_error_code: Option<String>,
+    /// A refused push that stops uploads, as `code: message`.
+    pub refused: Option<String>,
+    /// Connections opened so far.
+    pub connects: u64,
+}
+
+impl From<&core::SyncStatus> for SyncStatus {
+    fn from(s: &core::SyncStatus) -> Self {
+        SyncStatus {
+            state: s.state.into(),
+            uploaded: s.uploading.done,
+            upload_total: s.uploading.total,
+            downloaded: s.downloading.done,
+            download_total: s.downloading.total,
+            cursor: s.cursor,
+            head: s.head,
+            pending: s.pending,
+            last_error: s.last_error.as_ref().map(|e| e.message.clone()),
+            last_error_code: s
+                .last_error
+                .as_ref()
+                .and_then(|e| e.code)
+                .map(|c| c.as_str().to_owned()),
+            refused: s
+                .refused
+                .as_ref()
+                .map(|r| format!("{}: {}", r.code.as_str(), r.message)),
+            connects: s.connects,
+        }
+    }
+}
+
+/// Tuning of the sync loop (every field has a sensible default).
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+pub struct SyncOptions {
+    /// First reconnect delay.
+    #[uniffi(default = 200)]
+    pub backoff_min_ms: u64,
+    /// Largest reconnect delay.
+    #[uniffi(default = 30000)]
+    pub backoff_max_ms: u64,
+    /// Keep-alive interval.
+    #[uniffi(default = 15000)]
+    pub ping_interval_ms: u64,
+    /// Limit for opening a connection.
+    #[uniffi(default = 10000)]
+    pub connect_timeout_ms: u64,
+}
+
+impl From<SyncOptions> for core::SyncOptions {
+    fn from(o: SyncOptions) -> Self {
+        core::SyncOptions {
+            backoff_min: Duration::from_millis(o.backoff_min_ms),
+            backoff_max: Duration::from_millis(o.backoff_max_ms.max(o.backoff_min_ms)),
+            ping_interval: Duration::from_millis(o.ping_interval_ms.max(100)),
+            connect_timeout: Duration::from_millis(o.connect_timeout_ms.max(100)),
+            ..core::SyncOptions::default()
+        }
+    }
+}
+
+/// The outcome of `verify()`.
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+pub struct Verification {
+    /// True when this replica holds exactly what the relay says it should.
+    pub matches: bool,
+    /// Relay position both digests describe.
+    pub position: u64,
+    /// Rows the relay counted.
+    pub relay_rows: u64,
+    /// Rows this replica counted.
+    pub local_rows: u64,
+}
+
+/// A running connection to a relay (see `Replica.connect`). Dropping it, `disconnect()` or
+/// closing the replica ends it.
+#[derive(uniffi::Object)]
+pub struct SyncSession {
+    handle: core::SyncHandle,
+    replica: Arc<core::Replica>,
+}
+
+impl SyncSession {
+    pub(crate) fn new(handle: core::SyncHandle, replica: Arc<core::Replica>) -> Arc<Self> {
+        Arc::new(SyncSession { handle, replica })
+    }
+}
+
+#[uniffi::export(async_runtime = "tokio")]
+impl SyncSession {
+    /// The current status.
+    pub fn status(&self) -> SyncStatus {
+        (&self.handle.status()).into()
+    }
+
+    /// Calls `listener` with the current status now and on every change, until the returned
+    /// subscription is cancelled or dropped.
+    pub fn observe(&self, listener: Arc<dyn SyncStatusListener>) -> Arc<Subscription> {
+        Subscription::new(self.handle.observe(Arc::new(Status(listener))))
+    }
+
+    /// Stops syncing until `resume()`.
+    pub fn pause(&self) {
+        self.handle.pause()
+    }
+
+    /// Resumes after `pause()`, connecting at once.
+    pub fn resume(&self) {
+        self.handle.resume()
+    }
+
+    /// Disconnects for good.
+    pub fn disconnect(&self) {
+        self.handle.disconnect()
+    }
+
+    /// Completes when nothing is pending and the replica has caught up with the relay's head
+    /// as of this call. Waits while offline: cancel it (or use a timeout) if that matters.
+    /// Fails with `Unauthorized`/`ConflictRejected` when a push was refused, `Offline` when
+    /// the session ended.
+    pub async fn sync_now(&self) -> Result<()> {
+        Ok(self.handle.sync_now().await?)
+    }
+
+    /// Syncs, then compares this replica's checksum with the relay's.
+    pub async fn verify(&self) -> Result<Verification> {
+        let v = self.handle.verify(&self.replica).await?;
+        Ok(Verification {
+            matches: v.matches(),
+            position: v.position,
+            relay_rows: v.relay_rows,
+            local_rows: v.local_rows,
+        })
+    }
+}

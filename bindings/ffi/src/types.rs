@@ -1,0 +1,396 @@
+//! Records and enums the host languages see, mirroring core types with `From` impls.
+//!
+//! Core types carry no FFI attributes (they stay plain Rust); these mirrors are the FFI's
+//! vocabulary. Schemas are declared as records, never as strings to parse.
+
+use ferry_core as core;
+
+/// One SQLite value.
+#[derive(Debug, Clone, PartialEq, uniffi::Enum)]
+pub enum SqlValue {
+    /// SQL NULL.
+    Null,
+    /// 64-bit integer.
+    Integer {
+        /// The value.
+        value: i64,
+    },
+    /// 64-bit float.
+    Real {
+        /// The value.
+        value: f64,
+    },
+    /// UTF-8 text.
+    Text {
+        /// The value.
+        value: String,
+    },
+    /// Bytes.
+    Blob {
+        /// The value.
+        value: Vec<u8>,
+    },
+}
+
+impl From<core::Value> for SqlValue {
+    fn from(v: core::Value) -> Self {
+        match v {
+            core::Value::Null => SqlValue::Null,
+            core::Value::Integer(value) => SqlValue::Integer { value },
+            core::Value::Real(value) => SqlValue::Real { value },
+            core::Value::Text(value) => SqlValue::Text { value },
+            core::Value::Blob(value) => SqlValue::Blob { value },
+        }
+    }
+}
+
+impl From<SqlValue> for core::Value {
+    fn from(v: SqlValue) -> Self {
+        match v {
+            SqlValue::Null => core::Value::Null,
+            SqlValue::Integer { value } => core::Value::Integer(value),
+            SqlValue::Real { value } => core::Value::Real(value),
+            SqlValue::Text { value } => core::Value::Text(value),
+            SqlValue::Blob { value } => core::Value::Blob(value),
+        }
+    }
+}
+
+/// Converts host parameters to core values.
+pub(crate) fn params(p: Vec<SqlValue>) -> Vec<core::Value> {
+    p.into_iter().map(Into::into).collect()
+}
+
+/// Query results.
+#[derive(Debug, Clone, PartialEq, uniffi::Record)]
+pub struct QueryResult {
+    /// Column names, in order.
+    pub columns: Vec<String>,
+    /// Rows, each with one value per column.
+    pub rows: Vec<Vec<SqlValue>>,
+}
+
+impl From<core::Rows> for QueryResult {
+    fn from(r: core::Rows) -> Self {
+        QueryResult {
+            columns: r.columns,
+            rows: r
+                .rows
+                .into_iter()
+                .map(|row| row.into_iter().map(Into::into).collect())
+                .collect(),
+        }
+    }
+}
+
+macro_rules! mirror_enum {
+    ($(#[$m:meta])* $name:ident => $core:path { $($(#[$vm:meta])* $v:ident),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
+        pub enum $name { $($(#[$vm])* $v),+ }
+        impl From<$name> for $core {
+            fn from(x: $name) -> Self { match x { $($name::$v => <$core>::$v),+ } }
+        }
+        impl From<$core> for $name {
+            fn from(x: $core) -> Self { match x { $(<$core>::$v => $name::$v),+ } }
+        }
+    };
+}
+
+mirror_enum!(
+    /// SQLite type of a declared column.
+    ColumnType => core::ColumnType {
+        /// TEXT
+        Text,
+        /// INTEGER
+        Integer,
+        /// REAL
+        Real,
+        /// BLOB
+        Blob,
+        /// No affinity.
+        Any,
+    }
+);
+
+mirror_enum!(
+    /// How concurrent writes to a column merge.
+    Policy => core::Policy {
+        /// Last writer wins on (HLC, origin).
+        Lww,
+        /// Integer deltas add up; no increment is lost.
+        Counter,
+        /// Merged as lww; the app's resolver decides on the device whose pending write met it.
+        Custom,
+    }
+);
+
+mirror_enum!(
+    /// Who may write a table.
+    TableMode => core::TableMode {
+        /// Every replica writes (multi-master).
+        MultiWriter,
+        /// Written by a primary only; read-only everywhere else (master-slave).
+        ReadOnly,
+        /// The relay accepts a change only if no unseen change touched the same cells.
+        ServerChecked,
+    }
+);
+
+mirror_enum!(
+    /// What a delete concurrent with an update does.
+    DeleteRule => core::DeleteRule {
+        /// The delete wins.
+        DeleteWins,
+        /// The update wins and the row survives.
+        UpdateWins,
+    }
+);
+
+/// One declared column.
+#[derive(Debug, Clone, PartialEq, uniffi::Record)]
+pub struct ColumnDecl {
+    /// Column name.
+    pub name: String,
+    /// SQLite type.
+    pub column_type: ColumnType,
+    /// Merge policy.
+    pub policy: Policy,
+    /// NOT NULL constraint.
+    #[uniffi(default)]
+    pub not_null: bool,
+    /// Default for rows that do not set the column.
+    #[uniffi(default)]
+    pub default_value: Option<SqlValue>,
+}
+
+/// One synced table.
+#[derive(Debug, Clone, PartialEq, uniffi::Record)]
+pub struct TableDecl {
+    /// Table name.
+    pub name: String,
+    /// Columns, including the primary key.
+    pub columns: Vec<ColumnDecl>,
+    /// Primary key column (TEXT or BLOB, globally unique: use `new_id()`).
+    pub primary_key: String,
+    /// Who may write.
+    pub mode: TableMode,
+    /// Delete vs concurrent update.
+    pub delete_rule: DeleteRule,
+    /// Column naming the partition (read/write scope) a row belongs to.
+    #[uniffi(default)]
+    pub scope_column: Option<String>,
+}
+
+/// One migration step for local tables and data.
+#[derive(Debug, Clone, PartialEq, uniffi::Record)]
+pub struct Migration {
+    /// The app schema version this step upgrades to.
+    pub version: u32,
+    /// SQL statements to run.
+    pub sql: String,
+}
+
+/// Everything the app declares when it opens a replica.
+#[derive(Debug, Clone, PartialEq, uniffi::Record)]
+pub struct Schema {
+    /// App schema version (starts at 1, only grows).
+    pub version: u32,
+    /// Synced tables.
+    pub tables: Vec<TableDecl>,
+    /// Migrations, run in version order.
+    #[uniffi(default)]
+    pub migrations: Vec<Migration>,
+}
+
+impl From<Schema> for core::Schema {
+    fn from(s: Schema) -> Self {
+        core::Schema {
+            version: s.version,
+            tables: s
+                .tables
+                .into_iter()
+                .map(|t| core::TableDecl {
+                    name: t.name,
+                    columns: t
+                        .columns
+                        .into_iter()
+                        .map(|c| core::ColumnDecl {
+                            name: c.name,
+                            ty: c.column_type.into(),
+                            policy: c.policy.into(),
+                            not_null: c.not_null,
+                            default: c.default_value.map(Into::into),
+                        })
+                        .collect(),
+                    primary_key: Some(t.primary_key),
+                    scope_column: t.scope_column,
+                    mode: t.mode.into(),
+                    delete_rule: t.delete_rule.into(),
+                })
+                .collect(),
+            migrations: s
+                .migrations
+                .into_iter()
+                .map(|m| core::Migration {
+                    version: m.version,
+                    sql: m.sql,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Where a committed change came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
+pub enum ChangeSource {
+    /// Through Ferry on this device.
+    Local,
+    /// Another connection on the same file, folded in.
+    Foreign,
+    /// Received from the relay.
+    Remote,
+}
+
+impl From<core::ChangeSource> for ChangeSource {
+    fn from(s: core::ChangeSource) -> Self {
+        match s {
+            core::ChangeSource::Local => ChangeSource::Local,
+            core::ChangeSource::Foreign => ChangeSource::Foreign,
+            core::ChangeSource::Remote => ChangeSource::Remote,
+        }
+    }
+}
+
+/// A committed change to synced tables.
+#[derive(Debug, Clone, PartialEq, uniffi::Record)]
+pub struct ChangeEvent {
+    /// Tables touched.
+    pub tables: Vec<String>,
+    /// Where it came from.
+    pub source: ChangeSource,
+}
+
+impl From<&core::ChangeEvent> for ChangeEvent {
+    fn from(e: &core::ChangeEvent) -> Self {
+        ChangeEvent {
+            tables: e.tables.iter().cloned().collect(),
+            source: e.source.into(),
+        }
+    }
+}
+
+/// One side of a logged conflict.
+#[derive(Debug, Clone, PartialEq, uniffi::Record)]
+pub struct ConflictSide {
+    /// The value (NULL for a delete).
+    pub value: SqlValue,
+    /// Its hybrid logical clock, as milliseconds since the epoch.
+    pub hlc_millis: u64,
+    /// The replica that wrote it.
+    pub origin: String,
+}
+
+/// A logged conflict.
+#[derive(Debug, Clone, PartialEq, uniffi::Record)]
+pub struct ConflictRecord {
+    /// Log id (for clearing up to it).
+    pub id: i64,
+    /// Table.
+    pub table: String,
+    /// Row key.
+    pub pk: SqlValue,
+    /// Column (None for a delete/update conflict).
+    pub column: Option<String>,
+    /// True for a delete meeting a concurrent update.
+    pub delete_update: bool,
+    /// The rule that decided (`lww`, `custom`, `delete_wins`, `update_wins`).
+    pub policy: String,
+    /// What this replica had.
+    pub local: ConflictSide,
+    /// What arrived.
+    pub remote: ConflictSide,
+    /// True when this replica's value won.
+    pub local_won: bool,
+    /// What the custom resolver answered, if it ran.
+    pub resolution: Option<String>,
+}
+
+fn side(s: core::Side) -> ConflictSide {
+    ConflictSide {
+        value: s.value.into(),
+        hlc_millis: s.hlc.millis(),
+        origin: s.origin.to_string(),
+    }
+}
+
+impl From<core::Conflict> for ConflictRecord {
+    fn from(c: core::Conflict) -> Self {
+        ConflictRecord {
+            id: c.id,
+            table: c.table,
+            pk: c.pk.into(),
+            column: c.column,
+            delete_update: c.kind == core::ConflictKind::DeleteUpdate,
+            policy: c.policy,
+            local: side(c.local),
+            remote: side(c.remote),
+            local_won: c.winner == core::Winner::Local,
+            resolution: c.resolution,
+        }
+    }
+}
+
+/// What a custom resolver sees.
+#[derive(Debug, Clone, PartialEq, uniffi::Record)]
+pub struct ConflictInput {
+    /// Table.
+    pub table: String,
+    /// Row key.
+    pub pk: SqlValue,
+    /// Column.
+    pub column: String,
+    /// This device's pending value.
+    pub local: SqlValue,
+    /// The concurrent incoming value.
+    pub remote: SqlValue,
+    /// What the built-in rule (lww) picked, which the row holds now.
+    pub merged: SqlValue,
+}
+
+impl From<&core::ConflictInput> for ConflictInput {
+    fn from(c: &core::ConflictInput) -> Self {
+        ConflictInput {
+            table: c.table.clone(),
+            pk: c.pk.clone().into(),
+            column: c.column.clone(),
+            local: c.local.clone().into(),
+            remote: c.remote.clone().into(),
+            merged: c.merged.clone().into(),
+        }
+    }
+}
+
+/// A resolver's answer.
+#[derive(Debug, Clone, PartialEq, uniffi::Enum)]
+pub enum Resolution {
+    /// Keep this device's value.
+    KeepLocal,
+    /// Take the incoming value.
+    TakeRemote,
+    /// Write this value instead.
+    Value {
+        /// The value to write.
+        value: SqlValue,
+    },
+}
+
+impl From<Resolution> for core::Resolution {
+    fn from(r: Resolution) -> Self {
+        match r {
+            Resolution::KeepLocal => core::Resolution::KeepLocal,
+            Resolution::TakeRemote => core::Resolution::TakeRemote,
+            Resolution::Value { value } => core::Resolution::Value(value.into()),
+        }
+    }
+}
