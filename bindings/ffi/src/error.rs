@@ -115,6 +115,7 @@ fn sql_from_app(e: &rusqlite::Error) -> bool {
         | E::ExecuteReturnedResults
         | E::Empty
         | E::InvalidQuery
+        | E::SqlInputError { .. }
         | E::Utf8Error(..)
         | E::NulError(_)
         | E::ToSqlConversionFailure(_) => true,

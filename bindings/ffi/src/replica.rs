@@ -14,7 +14,8 @@ use parking_lot::Mutex;
 use std::sync::{Arc, Weak};
 
 /// A local replica: a SQLite file the app reads and writes with plain SQL, offline, and
-/// syncs through a relay. `close()` releases the file; so does dropping the object.
+/// syncs through a relay. `close_database()` releases the file; so does dropping the object
+/// (Kotlin's `close()`/`use {}`, Swift's `deinit`, Python's `with`).
 #[derive(uniffi::Object)]
 pub struct Replica {
     inner: Arc<core::Replica>,
@@ -23,7 +24,7 @@ pub struct Replica {
 
 impl Drop for Replica {
     fn drop(&mut self) {
-        if let Err(e) = self.close() {
+        if let Err(e) = self.close_database() {
             tracing::warn!(error = %e, "closing a dropped replica failed");
         }
     }
@@ -43,8 +44,9 @@ impl Replica {
     }
 
     /// Ends every sync session of this replica and closes the file. Later calls fail with
-    /// `Closed`. Closing twice does nothing.
-    pub fn close(&self) -> Result<()> {
+    /// `Closed`. Closing twice does nothing. (Named so as not to clash with the `close()`
+    /// the generated Kotlin gives every object.)
+    pub fn close_database(&self) -> Result<()> {
         for s in self.sessions.lock().drain(..) {
             if let Some(s) = s.upgrade() {
                 s.disconnect();

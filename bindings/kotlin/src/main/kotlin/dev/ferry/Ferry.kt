@@ -1,0 +1,144 @@
+// Idiomatic Kotlin over the generated bindings (dev.ferry, generated from ferry-ffi).
+//
+// Kept small on purpose: the generated code already gives suspend functions, data classes,
+// sealed exceptions and AutoCloseable objects (`use {}` closes, and closing a Replica releases
+// its database file). This file adds what Kotlin code expects on top: a `write {}` block that
+// commits or rolls back, Flows for watched queries, changes and sync status, lambdas for the
+// foreign traits, and conversions between Kotlin values and SqlValue.
+package dev.ferry
+
+import kotlinx.coroutines.channels.Channel
+import kotlinx.coroutines.channels.awaitClose
+import kotlinx.coroutines.flow.Flow
+import kotlinx.coroutines.flow.buffer
+import kotlinx.coroutines.flow.callbackFlow
+import kotlinx.coroutines.flow.conflate
+
+/**
+ * Runs [body] in one write transaction: committed if it returns (everything it wrote becomes
+ * one change set), rolled back if it throws.
+ */
+inline fun <T> Replica.write(body: (WriteTransaction) -> T): T {
+    val tx = beginWrite()
+    try {
+        val result = body(tx)
+        tx.commit()
+        return result
+    } catch (e: Throwable) {
+        tx.rollback()
+        throw e
+    } finally {
+        tx.close()
+    }
+}
+
+/** [Replica.execute] with Kotlin values as parameters (see [sqlValue]). */
+fun Replica.exec(sql: String, vararg params: Any?): Long = execute(sql, params.map(::sqlValue)).toLong()
+
+/** [Replica.query] with Kotlin values as parameters, rows as Kotlin values. */
+fun Replica.select(sql: String, vararg params: Any?): List<List<Any?>> =
+    query(sql, params.map(::sqlValue)).values()
+
+/** [WriteTransaction.execute] with Kotlin values as parameters. */
+fun WriteTransaction.exec(sql: String, vararg params: Any?): Long = execute(sql, params.map(::sqlValue)).toLong()
+
+/** [WriteTransaction.query] with Kotlin values as parameters, rows as Kotlin values. */
+fun WriteTransaction.select(sql: String, vararg params: Any?): List<List<Any?>> =
+    query(sql, params.map(::sqlValue)).values()
+
+/**
+ * The results of [sql] now and after every commit that changes them. Collecting starts the
+ * watch; cancelling the collector cancels it. Only the latest results are kept for a slow
+ * collector.
+ */
+fun Replica.watchFlow(sql: String, vararg params: Any?): Flow<QueryResult> = callbackFlow {
+    val listener = object : QueryListener {
+        override fun onRows(rows: QueryResult) {
+            trySend(rows)
+        }
+    }
+    val sub = watch(sql, params.map(::sqlValue), listener)
+    awaitClose { sub.cancel(); sub.close() }
+}.conflate()
+
+/** Every commit to synced tables (local, foreign or remote), none dropped. */
+fun Replica.changes(): Flow<ChangeEvent> = callbackFlow {
+    val listener = object : ChangeListener {
+        override fun onChange(event: ChangeEvent) {
+            trySend(event)
+        }
+        override fun onConflict(conflict: ConflictRecord) {}
+    }
+    val sub = subscribe(listener)
+    awaitClose { sub.cancel(); sub.close() }
+}.buffer(Channel.UNLIMITED)
+
+/** The sync status now and on every change; only the latest is kept for a slow collector. */
+fun SyncSession.statusFlow(): Flow<SyncStatus> = callbackFlow {
+    val listener = object : SyncStatusListener {
+        override fun onStatus(status: SyncStatus) {
+            trySend(status)
+        }
+    }
+    val sub = observe(listener)
+    awaitClose { sub.cancel(); sub.close() }
+}.conflate()
+
+/** Registers [resolve] for the `custom` columns of [table]. */
+fun Replica.setResolver(table: String, resolve: (ConflictInput) -> Resolution) =
+    setResolver(table, object : ConflictResolver {
+        override fun resolve(conflict: ConflictInput): Resolution = resolve(conflict)
+    })
+
+/** Connects with a lambda as the token provider (called before every connection attempt). */
+fun Replica.connect(url: String, options: SyncOptions? = null, token: () -> String): SyncSession =
+    connect(url, object : TokenProvider {
+        override fun token(): String = token()
+    }, options)
+
+/** Converts a Kotlin value: null, String, Long/Int/Short/Byte, Double/Float, Boolean (0/1), ByteArray. */
+fun sqlValue(v: Any?): SqlValue = when (v) {
+    null -> SqlValue.Null
+    is SqlValue -> v
+    is String -> SqlValue.Text(v)
+    is Long -> SqlValue.Integer(v)
+    is Int -> SqlValue.Integer(v.toLong())
+    is Short -> SqlValue.Integer(v.toLong())
+    is Byte -> SqlValue.Integer(v.toLong())
+    is Boolean -> SqlValue.Integer(if (v) 1 else 0)
+    is Double -> SqlValue.Real(v)
+    is Float -> SqlValue.Real(v.toDouble())
+    is ByteArray -> SqlValue.Blob(v)
+    else -> throw IllegalArgumentException("no SQLite value for ${v::class.qualifiedName}")
+}
+
+/** The Kotlin value inside: null, String, Long, Double or ByteArray. */
+fun SqlValue.toKotlin(): Any? = when (this) {
+    is SqlValue.Null -> null
+    is SqlValue.Text -> value
+    is SqlValue.Integer -> value
+    is SqlValue.Real -> value
+    is SqlValue.Blob -> value
+}
+
+/** Rows as Kotlin values. */
+fun QueryResult.values(): List<List<Any?>> = rows.map { row -> row.map { it.toKotlin() } }
+
+/** A column declaration with Kotlin defaults. */
+fun column(
+    name: String,
+    type: ColumnType = ColumnType.TEXT,
+    policy: Policy = Policy.LWW,
+    notNull: Boolean = false,
+    default: Any? = null,
+): ColumnDecl = ColumnDecl(name, type, policy, notNull, default?.let(::sqlValue))
+
+/** A table declaration with Kotlin defaults (multi-writer, deletes win). */
+fun table(
+    name: String,
+    primaryKey: String,
+    vararg columns: ColumnDecl,
+    mode: TableMode = TableMode.MULTI_WRITER,
+    deleteRule: DeleteRule = DeleteRule.DELETE_WINS,
+    scopeColumn: String? = null,
+): TableDecl = TableDecl(name, columns.toList(), primaryKey, mode, deleteRule, scopeColumn)

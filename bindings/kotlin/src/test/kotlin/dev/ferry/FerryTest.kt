@@ -1,0 +1,214 @@
+// The Kotlin surface of Ferry against a real relay process: sync between two replicas, watch
+// as a Flow, a resolver written in Kotlin deciding a real conflict, typed exceptions, closing
+// and reopening. Behaviour is tested in Rust; these tests cover what crosses the FFI.
+package dev.ferry
+
+import kotlinx.coroutines.flow.first
+import kotlinx.coroutines.runBlocking
+import kotlinx.coroutines.withTimeout
+import org.junit.After
+import org.junit.Assert.assertEquals
+import org.junit.Assert.assertFalse
+import org.junit.Assert.assertTrue
+import org.junit.Assert.fail
+import org.junit.Before
+import org.junit.Test
+import java.io.File
+import java.nio.file.Files
+import java.util.Collections
+
+class FerryTest {
+    private lateinit var relay: TestRelay
+    private lateinit var dir: File
+
+    @Before
+    fun start() {
+        relay = TestRelay()
+        dir = Files.createTempDirectory("ferry-kt").toFile()
+    }
+
+    @After
+    fun stop() {
+        relay.close()
+        dir.deleteRecursively()
+    }
+
+    private fun open(name: String) = Replica.open(File(dir, name).path, notesSchema())
+
+    private fun Replica.sync(sub: String, write: String = "*"): SyncSession {
+        val token = relay.token(sub, write = write)
+        return connect(relay.url, SyncOptions(backoffMinMs = 50u, backoffMaxMs = 500u)) { token }
+    }
+
+    private inline fun <reified E : Throwable> assertThrows(block: () -> Unit): E {
+        try {
+            block()
+        } catch (e: Throwable) {
+            if (e is E) return e
+            throw AssertionError("expected ${E::class.simpleName}, got $e", e)
+        }
+        fail("expected ${E::class.simpleName}, nothing was thrown")
+        throw IllegalStateException()
+    }
+
+    @Test
+    fun aWriteInOneReplicaAppearsInTheOthersWatch() = runBlocking<Unit> {
+        open("a.db").use { a ->
+            open("b.db").use { b ->
+                val sa = a.sync("alice")
+                val sb = b.sync("bob")
+                val id = newId()
+                a.write { tx ->
+                    tx.exec("INSERT INTO notes(id, folder, title) VALUES (?, 'home', ?)", id, "milk")
+                    assertEquals(listOf(listOf<Any?>(1L)), tx.select("SELECT count(*) FROM notes"))
+                }
+                withTimeout(20_000) { sa.syncNow() }
+                val seen = withTimeout(20_000) {
+                    b.watchFlow("SELECT id, title FROM notes").first { it.rows.isNotEmpty() }
+                }
+                assertEquals(listOf(listOf<Any?>(id, "milk")), seen.values())
+                withTimeout(20_000) { sb.syncNow() }
+                assertTrue(withTimeout(20_000) { sb.verify() }.matches)
+                assertEquals(a.checksum(), b.checksum())
+                sa.close(); sb.close()
+            }
+        }
+    }
+
+    @Test
+    fun aResolverWrittenInKotlinDecidesARealConflict() = runBlocking<Unit> {
+        open("a.db").use { a ->
+            open("b.db").use { b ->
+                val calls = Collections.synchronizedList(mutableListOf<ConflictInput>())
+                b.setResolver("notes") { c ->
+                    calls.add(c)
+                    Resolution.Value(sqlValue("${c.local.toKotlin()} & ${c.remote.toKotlin()}"))
+                }
+                val sa = a.sync("alice")
+                val sb = b.sync("bob")
+                val id = newId()
+                a.exec("INSERT INTO notes(id, folder, title, body) VALUES (?, 'home', 't', 'draft')", id)
+                withTimeout(20_000) { sa.syncNow() }
+                withTimeout(20_000) { sb.syncNow() }
+                sa.pause(); sb.pause()
+                a.exec("UPDATE notes SET body = 'from a' WHERE id = ?", id)
+                b.exec("UPDATE notes SET body = 'from b' WHERE id = ?", id)
+                sa.resume(); withTimeout(20_000) { sa.syncNow() }
+                // b's edit is still pending when a's arrives: b's resolver decides.
+                sb.resume(); withTimeout(20_000) { sb.syncNow() }
+                withTimeout(20_000) { sb.syncNow() }
+                withTimeout(20_000) { sa.syncNow() }
+                assertEquals(1, calls.size)
+                assertEquals(sqlValue("from b"), calls[0].local)
+                assertEquals(sqlValue("from a"), calls[0].remote)
+                val expected = listOf(listOf<Any?>("from b & from a"))
+                assertEquals(expected, b.select("SELECT body FROM notes WHERE id = ?", id))
+                assertEquals(expected, a.select("SELECT body FROM notes WHERE id = ?", id))
+                val logged = b.conflicts().single()
+                assertEquals("custom", logged.policy)
+                assertTrue(logged.resolution!!.contains("from b & from a"))
+                sa.close(); sb.close()
+            }
+        }
+    }
+
+    @Test
+    fun countersFromTwoReplicasAddUp() = runBlocking<Unit> {
+        open("a.db").use { a ->
+            open("b.db").use { b ->
+                val sa = a.sync("alice")
+                val sb = b.sync("bob")
+                val id = newId()
+                a.exec("INSERT INTO notes(id, folder, likes) VALUES (?, 'home', 0)", id)
+                withTimeout(20_000) { sa.syncNow() }
+                withTimeout(20_000) { sb.syncNow() }
+                sa.pause(); sb.pause()
+                repeat(3) { a.exec("UPDATE notes SET likes = likes + 1 WHERE id = ?", id) }
+                repeat(4) { b.exec("UPDATE notes SET likes = likes + 1 WHERE id = ?", id) }
+                sa.resume(); sb.resume()
+                withTimeout(20_000) { sa.syncNow() }
+                withTimeout(20_000) { sb.syncNow() }
+                withTimeout(20_000) { sa.syncNow() }
+                for (r in listOf(a, b)) {
+                    assertEquals(listOf(listOf<Any?>(7L)), r.select("SELECT likes FROM notes WHERE id = ?", id))
+                }
+                sa.close(); sb.close()
+            }
+        }
+    }
+
+    @Test
+    fun errorsArriveAsTypedExceptions() = runBlocking<Unit> {
+        open("a.db").use { a ->
+            assertThrows<FerryException.InvalidInput> { a.exec("SELEC nonsense") }
+            assertThrows<FerryException.InvalidInput> { a.exec("INSERT INTO notes(id, folder) VALUES (?, ?)", "x") }
+            val ro = assertThrows<FerryException.ReadOnlyTable> {
+                a.exec("INSERT INTO announcements(id, text) VALUES ('1', 'hi')")
+            }
+            assertEquals("announcements", ro.table)
+            assertThrows<FerryException.InvalidInput> {
+                Replica.open(File(dir, "bad.db").path, Schema(1u, listOf(table("t", "missing", column("id"))), emptyList()))
+            }
+            assertThrows<FerryException.InvalidInput> { a.connect("http://not-a-relay", null) { "t" } }
+            // Writing outside the token's write scopes is refused by the relay.
+            val s = a.sync("mallory", write = "mine")
+            a.exec("INSERT INTO notes(id, folder, title) VALUES (?, 'someone-else', 'x')", newId())
+            assertThrows<FerryException.Unauthorized> { withTimeout(20_000) { s.syncNow() } }
+            assertTrue(s.status().refused!!.startsWith("forbidden"))
+            s.close()
+            a.closeDatabase()
+            assertThrows<FerryException.Closed> { a.select("SELECT 1") }
+        }
+    }
+
+    @Test
+    fun writeBlockRollsBackWhenItThrows() {
+        open("a.db").use { a ->
+            assertThrows<IllegalStateException> {
+                a.write { tx ->
+                    tx.exec("INSERT INTO notes(id, folder) VALUES ('1', 'home')")
+                    error("changed my mind")
+                }
+            }
+            assertEquals(listOf(listOf<Any?>(0L)), a.select("SELECT count(*) FROM notes"))
+            assertEquals(0uL, a.pendingCount())
+            // Calling the replica from inside its own transaction is an error, not a deadlock.
+            assertThrows<FerryException.InvalidInput> { a.write { a.select("SELECT 1") } }
+            a.write { tx -> tx.exec("INSERT INTO notes(id, folder) VALUES ('2', 'home')") }
+            assertEquals(1uL, a.pendingCount())
+        }
+    }
+
+    @Test
+    fun closingReleasesTheDatabaseAndReopenWorks() = runBlocking<Unit> {
+        val path = File(dir, "c.db").path
+        val id = newId()
+        Replica.open(path, notesSchema()).use { r ->
+            val s = r.sync("carol")
+            r.exec("INSERT INTO notes(id, folder, title) VALUES (?, 'home', 'kept')", id)
+            withTimeout(20_000) { s.syncNow() }
+            val status = withTimeout(20_000) { s.statusFlow().first { it.state == ConnState.ONLINE && it.pending == 0uL } }
+            assertTrue(status.cursor >= 1uL)
+        } // close(): sessions end, the connection closes
+        // The last connection to a WAL database removes the -wal file when it closes.
+        assertFalse(File("$path-wal").exists())
+        Replica.open(path, notesSchema()).use { r ->
+            assertEquals(listOf(listOf<Any?>("kept")), r.select("SELECT title FROM notes WHERE id = ?", id))
+            r.exec("UPDATE notes SET title = 'again' WHERE id = ?", id)
+            r.closeDatabase()
+            r.closeDatabase() // twice is fine
+        }
+        Replica.open(path, notesSchema()).use { r ->
+            assertEquals(listOf(listOf<Any?>("again")), r.select("SELECT title FROM notes WHERE id = ?", id))
+        }
+        val sub = Replica.open(path, notesSchema()).use { r ->
+            val sub = r.watch("SELECT 1", emptyList(), object : QueryListener {
+                override fun onRows(rows: QueryResult) {}
+            })
+            assertTrue(sub.isActive())
+            sub.cancel()
+            sub
+        }
+        assertFalse(sub.isActive())
+    }
+}
