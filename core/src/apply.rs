@@ -77,9 +77,12 @@ impl Ctx<'_> {
         happened_before(a, b, |v| self.seq_of(v))
     }
 
-    /// True when `v` is this replica's own write not yet acknowledged by the relay.
-    fn is_pending_local(&self, v: &Version) -> bool {
-        v.server_seq == 0 && self.seq_of(v).is_none() && is_own(self.conn, v.origin, v.origin_seq)
+    /// True when `v` is this replica's own write that the stream has not reached at relay
+    /// position `at`: not acknowledged yet, or acknowledged at a later position (the ack
+    /// overtook the changes ordered before it). Of two concurrent writes exactly one side
+    /// sees this, whatever the timing of acks, so exactly one device runs the resolver.
+    fn is_pending_local(&self, v: &Version, at: u64) -> bool {
+        is_own(self.conn, v.origin, v.origin_seq) && self.seq_of(v).is_none_or(|s| s > at)
     }
 
     fn wins(&self, a: &Version, b: &Version) -> bool {
@@ -280,7 +283,7 @@ impl Ctx<'_> {
                                     resolution: None,
                                 },
                             )?;
-                            if policy == Policy::Custom && self.is_pending_local(&cv) {
+                            if policy == Policy::Custom && self.is_pending_local(&cv, v.server_seq) {
                                 self.out.followups.push(Followup {
                                     table: t.name().to_owned(),
                                     pk: pk.clone(),

@@ -385,6 +385,56 @@ fn custom_resolver_runs_on_the_device_with_the_pending_write_and_its_answer_wins
 }
 
 #[test]
+fn custom_resolver_runs_when_the_ack_overtakes_the_concurrent_change() {
+    // b pushes after a, and b's ack arrives before a's change reaches b: b's write is no
+    // longer unacknowledged, yet it is the later of the two in the relay's order, so b must
+    // still run the resolver (and a must not).
+    let d = tempfile::tempdir().unwrap();
+    let s = Schema::new(1).table(TableDecl::new("doc").text_key("id").column(
+        "tags",
+        ferry_core::ColumnType::Text,
+        ferry_core::Policy::Custom,
+    ));
+    let (a, _) = open_at(d.path(), "a.db", &s, 1_000);
+    let (b, _) = open_at(d.path(), "b.db", &s, 2_000);
+    let mut seq = Sequencer::new();
+    a.execute("INSERT INTO doc VALUES ('x', 'base')", &[])
+        .unwrap();
+    sync_all(&mut seq, &[&a, &b]);
+    let mut calls = Vec::new();
+    for (r, name) in [(&a, "a"), (&b, "b")] {
+        let c = Arc::new(Mutex::new(Vec::new()));
+        let c2 = c.clone();
+        r.set_resolver(
+            "doc",
+            Arc::new(move |c: &ferry_core::ConflictInput| {
+                c2.lock().push((c.local.clone(), c.remote.clone()));
+                let (Value::Text(l), Value::Text(r)) = (&c.local, &c.remote) else {
+                    return Resolution::KeepLocal;
+                };
+                Resolution::Value(Value::Text(format!("{name}:{l}+{r}")))
+            }),
+        )
+        .unwrap();
+        calls.push(c);
+    }
+    a.execute("UPDATE doc SET tags = 'a' WHERE id = 'x'", &[])
+        .unwrap();
+    b.execute("UPDATE doc SET tags = 'b' WHERE id = 'x'", &[])
+        .unwrap();
+    push(&mut seq, &a);
+    push(&mut seq, &b); // acknowledged before b has pulled a's change
+    pull(&seq, &b);
+    pull(&seq, &a);
+    assert!(calls[0].lock().is_empty(), "a's write came first: a does not resolve");
+    assert_eq!(*calls[1].lock(), vec![(t("b"), t("a"))]);
+    sync_all(&mut seq, &[&a, &b]);
+    for r in [&a, &b] {
+        assert_eq!(rows(r, "SELECT tags FROM doc"), vec![vec![t("b:b+a")]]);
+    }
+}
+
+#[test]
 fn migrations_add_columns_and_keep_rows_and_capture() {
     let d = tempfile::tempdir().unwrap();
     let v1 = Schema::new(1).table(TableDecl::new("item").text_key("id").text("name"));
