@@ -40,6 +40,12 @@ class FerryTest {
         return connect(relay.url, SyncOptions(backoffMinMs = 50u, backoffMaxMs = 500u)) { token }
     }
 
+    /** Pauses and waits until the session has really stopped talking to the relay. */
+    private suspend fun SyncSession.pauseNow() {
+        pause()
+        withTimeout(20_000) { statusFlow().first { it.state == ConnState.PAUSED } }
+    }
+
     private inline fun <reified E : Throwable> assertThrows(block: () -> Unit): E {
         try {
             block()
@@ -90,7 +96,7 @@ class FerryTest {
                 a.exec("INSERT INTO notes(id, folder, title, body) VALUES (?, 'home', 't', 'draft')", id)
                 withTimeout(20_000) { sa.syncNow() }
                 withTimeout(20_000) { sb.syncNow() }
-                sa.pause(); sb.pause()
+                sa.pauseNow(); sb.pauseNow()
                 a.exec("UPDATE notes SET body = 'from a' WHERE id = ?", id)
                 b.exec("UPDATE notes SET body = 'from b' WHERE id = ?", id)
                 sa.resume(); withTimeout(20_000) { sa.syncNow() }
@@ -122,7 +128,7 @@ class FerryTest {
                 a.exec("INSERT INTO notes(id, folder, likes) VALUES (?, 'home', 0)", id)
                 withTimeout(20_000) { sa.syncNow() }
                 withTimeout(20_000) { sb.syncNow() }
-                sa.pause(); sb.pause()
+                sa.pauseNow(); sb.pauseNow()
                 repeat(3) { a.exec("UPDATE notes SET likes = likes + 1 WHERE id = ?", id) }
                 repeat(4) { b.exec("UPDATE notes SET likes = likes + 1 WHERE id = ?", id) }
                 sa.resume(); sb.resume()
