@@ -1,0 +1,193 @@
+"""Ferry's Python surface against a real relay: sync and watch between two replicas, a
+resolver written in Python deciding a real conflict, typed errors, transactions, closing
+and reopening. Behaviour is tested in Rust; these tests cover what crosses the FFI."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import typing
+
+import pytest
+
+import ferry
+from ferry import ConnState, FerryError, Resolution, SyncOptions, sql_value
+from conftest import Relay, notes_schema
+
+T = 20.0  # seconds any single wait may take
+
+
+async def until(it: typing.AsyncIterator[typing.Any], pred: typing.Callable[[typing.Any], bool]) -> typing.Any:
+    async def go() -> typing.Any:
+        async for x in it:
+            if pred(x):
+                return x
+
+    return await asyncio.wait_for(go(), T)
+
+
+def session(relay: Relay, db: ferry.Replica, sub: str, write: str = "*") -> ferry.SyncSession:
+    token = relay.token(sub, write=write)
+    return db.sync_with(relay.url, token, SyncOptions(backoff_min_ms=50, backoff_max_ms=500))
+
+
+async def sync(*sessions: ferry.SyncSession) -> None:
+    for s in sessions:
+        await asyncio.wait_for(s.sync_now(), T)
+
+
+async def pause(s: ferry.SyncSession) -> None:
+    s.pause()
+    await until(s.statuses(), lambda st: st.state == ConnState.PAUSED)
+
+
+def test_a_write_in_one_replica_appears_in_the_others_watch(relay: Relay, open_replica) -> None:
+    a, b = open_replica("a.db"), open_replica("b.db")
+
+    async def main() -> None:
+        sa, sb = session(relay, a, "alice"), session(relay, b, "bob")
+        watch = b.watch_rows("SELECT id, title FROM notes")
+        assert await until(watch, lambda r: True) == []
+        note = ferry.new_id()
+        with a.transaction() as tx:
+            tx.exec("INSERT INTO notes(id, folder, title) VALUES (?, 'home', ?)", note, "milk")
+            assert tx.select("SELECT count(*) FROM notes") == [(1,)]
+        await sync(sa)
+        assert await until(watch, lambda r: r != []) == [(note, "milk")]
+        await watch.aclose()
+        await sync(sb)
+        v = await asyncio.wait_for(sb.verify(), T)
+        assert v.matches and v.local_rows == 1
+        assert a.checksum() == b.checksum()
+
+    asyncio.run(main())
+
+
+def test_a_resolver_written_in_python_decides_a_real_conflict(relay: Relay, open_replica) -> None:
+    a, b = open_replica("a.db"), open_replica("b.db")
+    calls: typing.List[ferry.ConflictInput] = []
+
+    def resolve(c: ferry.ConflictInput) -> Resolution:
+        calls.append(c)
+        return Resolution.VALUE(sql_value(f"{ferry.py_value(c.local)} & {ferry.py_value(c.remote)}"))
+
+    b.resolve_with("notes", resolve)
+
+    async def main() -> None:
+        sa, sb = session(relay, a, "alice"), session(relay, b, "bob")
+        note = ferry.new_id()
+        a.exec("INSERT INTO notes(id, folder, title, body) VALUES (?, 'home', 't', 'draft')", note)
+        await sync(sa, sb)
+        await pause(sa)
+        await pause(sb)
+        a.exec("UPDATE notes SET body = 'from a' WHERE id = ?", note)
+        b.exec("UPDATE notes SET body = 'from b' WHERE id = ?", note)
+        sa.resume()
+        await sync(sa)
+        sb.resume()  # b's edit is the later one at the relay: b's resolver decides
+        await sync(sb, sb, sa)
+        assert len(calls) == 1
+        assert ferry.py_value(calls[0].local) == "from b"
+        assert ferry.py_value(calls[0].remote) == "from a"
+        for r in (a, b):
+            assert r.select("SELECT body FROM notes WHERE id = ?", note) == [("from b & from a",)]
+        logged = b.conflicts()
+        assert len(logged) == 1 and logged[0].policy == "custom"
+        assert "from b & from a" in (logged[0].resolution or "")
+
+    asyncio.run(main())
+
+
+def test_counters_from_two_replicas_add_up(relay: Relay, open_replica) -> None:
+    a, b = open_replica("a.db"), open_replica("b.db")
+
+    async def main() -> None:
+        sa, sb = session(relay, a, "alice"), session(relay, b, "bob")
+        note = ferry.new_id()
+        a.exec("INSERT INTO notes(id, folder, likes) VALUES (?, 'home', 0)", note)
+        await sync(sa, sb)
+        await pause(sa)
+        await pause(sb)
+        for _ in range(3):
+            a.exec("UPDATE notes SET likes = likes + 1 WHERE id = ?", note)
+        for _ in range(4):
+            b.exec("UPDATE notes SET likes = likes + 1 WHERE id = ?", note)
+        sa.resume()
+        sb.resume()
+        await sync(sa, sb, sa)
+        for r in (a, b):
+            assert r.select("SELECT likes FROM notes WHERE id = ?", note) == [(7,)]
+
+    asyncio.run(main())
+
+
+def test_errors_are_typed(relay: Relay, open_replica, tmp_path: pathlib.Path) -> None:
+    a = open_replica("a.db")
+    with pytest.raises(FerryError.InvalidInput):
+        a.exec("SELEC nonsense")
+    with pytest.raises(FerryError.InvalidInput):
+        a.exec("INSERT INTO notes(id, folder) VALUES (?, ?)", "only one")
+    with pytest.raises(FerryError.ReadOnlyTable) as ro:
+        a.exec("INSERT INTO announcements(id, text) VALUES ('1', 'hi')")
+    assert ro.value.table == "announcements"
+    bad = notes_schema()
+    bad.tables[0].primary_key = "missing"
+    with pytest.raises(FerryError.InvalidInput):
+        ferry.Replica.open(str(tmp_path / "bad.db"), bad)
+    with pytest.raises(FerryError.InvalidInput):
+        a.sync_with("http://not-a-relay", "t")
+    with pytest.raises(TypeError):
+        a.exec("SELECT ?", object())
+
+    async def main() -> None:
+        s = session(relay, a, "mallory", write="mine")
+        a.exec("INSERT INTO notes(id, folder, title) VALUES (?, 'someone-else', 'x')", ferry.new_id())
+        with pytest.raises(FerryError.Unauthorized):
+            await sync(s)
+        assert (s.status().refused or "").startswith("forbidden")
+
+    asyncio.run(main())
+    a.close()
+    with pytest.raises(FerryError.Closed):
+        a.select("SELECT 1")
+
+
+def test_transaction_rolls_back_when_the_block_raises(open_replica) -> None:
+    a = open_replica("a.db")
+    with pytest.raises(RuntimeError):
+        with a.transaction() as tx:
+            tx.exec("INSERT INTO notes(id, folder) VALUES ('1', 'home')")
+            raise RuntimeError("changed my mind")
+    assert a.select("SELECT count(*) FROM notes") == [(0,)]
+    assert a.pending_count() == 0
+    with pytest.raises(FerryError.InvalidInput):  # the replica is locked by its own transaction
+        with a.transaction():
+            a.select("SELECT 1")
+    with a.transaction() as tx:
+        tx.exec("INSERT INTO notes(id, folder, title) VALUES ('2', 'home', ?)", b"\x00bytes")
+    assert a.select("SELECT title FROM notes") == [(b"\x00bytes",)]
+    assert a.pending_count() == 1
+
+
+def test_closing_releases_the_database_and_reopen_works(relay: Relay, tmp_path: pathlib.Path) -> None:
+    path = str(tmp_path / "c.db")
+    note = ferry.new_id()
+
+    async def first() -> None:
+        with ferry.Replica.open(path, notes_schema()) as r:
+            s = session(relay, r, "carol")
+            r.exec("INSERT INTO notes(id, folder, title) VALUES (?, 'home', 'kept')", note)
+            await sync(s)
+            st = await until(s.statuses(), lambda st: st.state == ConnState.ONLINE and st.pending == 0)
+            assert st.cursor >= 1
+
+    asyncio.run(first())
+    assert not os.path.exists(path + "-wal"), "the connection is closed"
+    with ferry.Replica.open(path, notes_schema()) as r:
+        assert r.select("SELECT title FROM notes WHERE id = ?", note) == [("kept",)]
+        r.exec("UPDATE notes SET title = 'again' WHERE id = ?", note)
+        r.close()
+        r.close()  # twice is fine
+    with ferry.Replica.open(path, notes_schema()) as r:
+        assert r.select("SELECT title FROM notes") == [("again",)]
