@@ -283,7 +283,8 @@ impl Ctx<'_> {
                                     resolution: None,
                                 },
                             )?;
-                            if policy == Policy::Custom && self.is_pending_local(&cv, v.server_seq) {
+                            if policy == Policy::Custom && self.is_pending_local(&cv, v.server_seq)
+                            {
                                 self.out.followups.push(Followup {
                                     table: t.name().to_owned(),
                                     pk: pk.clone(),

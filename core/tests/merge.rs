@@ -426,7 +426,10 @@ fn custom_resolver_runs_when_the_ack_overtakes_the_concurrent_change() {
     push(&mut seq, &b); // acknowledged before b has pulled a's change
     pull(&seq, &b);
     pull(&seq, &a);
-    assert!(calls[0].lock().is_empty(), "a's write came first: a does not resolve");
+    assert!(
+        calls[0].lock().is_empty(),
+        "a's write came first: a does not resolve"
+    );
     assert_eq!(*calls[1].lock(), vec![(t("b"), t("a"))]);
     sync_all(&mut seq, &[&a, &b]);
     for r in [&a, &b] {

@@ -65,7 +65,7 @@ pub type Result<T, E = FerryError> = std::result::Result<T, E>;
 impl From<Core> for FerryError {
     fn from(e: Core) -> Self {
         let reason = e.to_string();
-        let mapped = match e {
+        match e {
             Core::InvalidSchema(_)
             | Core::UnknownName { .. }
             | Core::InvalidInput(_)
@@ -88,8 +88,7 @@ impl From<Core> for FerryError {
                 tracing::error!(error = %reason, "ferry call failed");
                 FerryError::Other { reason }
             }
-        };
-        mapped
+        }
     }
 }
 
@@ -127,6 +126,90 @@ impl From<uniffi::UnexpectedUniFFICallbackError> for FerryError {
     fn from(e: uniffi::UnexpectedUniFFICallbackError) -> Self {
         FerryError::Other {
             reason: format!("a callback implemented by the app failed: {}", e.reason),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn sql_error(sql: &str) -> Core {
+        let c = rusqlite::Connection::open_in_memory().unwrap();
+        c.execute_batch("CREATE TABLE t(a NOT NULL)").unwrap();
+        Core::Sqlite(c.execute(sql, []).unwrap_err())
+    }
+
+    #[test]
+    fn each_core_error_maps_to_its_action() {
+        let cases: Vec<(Core, fn(&FerryError) -> bool)> = vec![
+            (Core::InvalidSchema("x".into()), |e| {
+                matches!(e, FerryError::InvalidInput { .. })
+            }),
+            (Core::InvalidInput("x".into()), |e| {
+                matches!(e, FerryError::InvalidInput { .. })
+            }),
+            (sql_error("SELEC 1"), |e| {
+                matches!(e, FerryError::InvalidInput { .. })
+            }),
+            (sql_error("INSERT INTO t VALUES (NULL)"), |e| {
+                matches!(e, FerryError::InvalidInput { .. })
+            }),
+            (sql_error("INSERT INTO nope VALUES (1)"), |e| {
+                matches!(e, FerryError::InvalidInput { .. })
+            }),
+            (
+                Core::SchemaTooNew {
+                    found: 9,
+                    supported: 2,
+                },
+                |e| matches!(e, FerryError::SchemaTooNew { .. }),
+            ),
+            (
+                Core::AppSchemaTooNew {
+                    found: 3,
+                    declared: 2,
+                },
+                |e| matches!(e, FerryError::SchemaTooNew { .. }),
+            ),
+            (
+                Core::ReadOnlyTable("ref".into()),
+                |e| matches!(e, FerryError::ReadOnlyTable { table } if table == "ref"),
+            ),
+            (Core::Transport("down".into()), |e| {
+                matches!(e, FerryError::Offline { .. })
+            }),
+            (
+                Core::Refused {
+                    code: "forbidden",
+                    message: "m".into(),
+                },
+                |e| matches!(e, FerryError::Unauthorized { reason } if reason == "m"),
+            ),
+            (
+                Core::Refused {
+                    code: "invalid_change_set",
+                    message: "m".into(),
+                },
+                |e| matches!(e, FerryError::ConflictRejected { code, .. } if code == "invalid_change_set"),
+            ),
+            (Core::Closed, |e| matches!(e, FerryError::Closed)),
+            (Core::Corrupt("bad page".into()), |e| {
+                matches!(e, FerryError::Other { .. })
+            }),
+            (
+                Core::Sqlite(rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+                    None,
+                )),
+                |e| matches!(e, FerryError::Other { .. }),
+            ),
+        ];
+        for (core, ok) in cases {
+            let shown = core.to_string();
+            let mapped = FerryError::from(core);
+            assert!(ok(&mapped), "{shown} mapped to {mapped:?}");
         }
     }
 }

@@ -1,0 +1,149 @@
+// Idiomatic Swift over the generated bindings (Generated/Ferry.swift, from ferry-ffi).
+//
+// Kept small: the generated code already gives `async throws` functions, structs, enums and a
+// `FerryError` enum. This file adds a `write { }` that commits or rolls back, AsyncStreams for
+// watched queries, changes and sync status, closures for the foreign protocols, and literals
+// for SqlValue.
+import Foundation
+
+extension Replica {
+    /// Runs `body` in one write transaction: committed if it returns (everything it wrote
+    /// becomes one change set), rolled back if it throws.
+    public func write<T>(_ body: (WriteTransaction) throws -> T) throws -> T {
+        let tx = try beginWrite()
+        do {
+            let result = try body(tx)
+            try tx.commit()
+            return result
+        } catch {
+            try? tx.rollback()
+            throw error
+        }
+    }
+
+    /// `execute` with a variadic parameter list.
+    @discardableResult
+    public func exec(_ sql: String, _ params: SqlValue...) throws -> UInt64 {
+        try execute(sql: sql, params: params)
+    }
+
+    /// `query` with a variadic parameter list.
+    public func select(_ sql: String, _ params: SqlValue...) throws -> QueryResult {
+        try query(sql: sql, params: params)
+    }
+
+    /// The results of `sql` now and after every commit that changes them. Iterating starts
+    /// the watch; ending the iteration cancels it. Only the newest results are buffered.
+    public func watchStream(_ sql: String, _ params: [SqlValue] = []) -> AsyncThrowingStream<QueryResult, Error> {
+        AsyncThrowingStream(bufferingPolicy: .bufferingNewest(1)) { continuation in
+            do {
+                let sub = try self.watch(sql: sql, params: params, listener: QueryClosure { continuation.yield($0) })
+                continuation.onTermination = { _ in sub.cancel() }
+            } catch {
+                continuation.finish(throwing: error)
+            }
+        }
+    }
+
+    /// Every commit to synced tables (local, foreign or remote), none dropped.
+    public func changes() -> AsyncStream<ChangeEvent> {
+        AsyncStream(bufferingPolicy: .unbounded) { continuation in
+            let sub = self.subscribe(listener: ChangeClosure { continuation.yield($0) })
+            continuation.onTermination = { _ in sub.cancel() }
+        }
+    }
+
+    /// Registers `resolve` for the `custom` columns of `table`.
+    public func setResolver(table: String, _ resolve: @escaping @Sendable (ConflictInput) -> Resolution) throws {
+        try setResolver(table: table, resolver: ResolverClosure(resolve))
+    }
+
+    /// Connects with a closure as the token provider (called before every connection attempt,
+    /// on a background thread).
+    public func connect(url: String, options: SyncOptions? = nil, token: @escaping @Sendable () throws -> String) throws -> SyncSession {
+        try connect(url: url, tokens: TokenClosure(token), options: options)
+    }
+}
+
+extension WriteTransaction {
+    /// `execute` with a variadic parameter list.
+    @discardableResult
+    public func exec(_ sql: String, _ params: SqlValue...) throws -> UInt64 {
+        try execute(sql: sql, params: params)
+    }
+
+    /// `query` with a variadic parameter list.
+    public func select(_ sql: String, _ params: SqlValue...) throws -> QueryResult {
+        try query(sql: sql, params: params)
+    }
+}
+
+extension SyncSession {
+    /// The sync status now and on every change; only the newest is buffered.
+    public func statusStream() -> AsyncStream<SyncStatus> {
+        AsyncStream(bufferingPolicy: .bufferingNewest(1)) { continuation in
+            let sub = self.observe(listener: StatusClosure { continuation.yield($0) })
+            continuation.onTermination = { _ in sub.cancel() }
+        }
+    }
+
+    /// Waits until the status satisfies `condition`.
+    public func waitFor(_ condition: (SyncStatus) -> Bool) async -> SyncStatus? {
+        for await status in statusStream() where condition(status) {
+            return status
+        }
+        return nil
+    }
+}
+
+extension SqlValue: ExpressibleByStringLiteral, ExpressibleByIntegerLiteral,
+    ExpressibleByFloatLiteral, ExpressibleByNilLiteral, ExpressibleByBooleanLiteral {
+    public init(stringLiteral value: String) { self = .text(value: value) }
+    public init(integerLiteral value: Int64) { self = .integer(value: value) }
+    public init(floatLiteral value: Double) { self = .real(value: value) }
+    public init(nilLiteral: ()) { self = .null }
+    public init(booleanLiteral value: Bool) { self = .integer(value: value ? 1 : 0) }
+
+    /// The text inside, if it is text.
+    public var text: String? {
+        if case let .text(value) = self { return value }
+        return nil
+    }
+
+    /// The integer inside, if it is an integer.
+    public var integer: Int64? {
+        if case let .integer(value) = self { return value }
+        return nil
+    }
+}
+
+final class QueryClosure: QueryListener, @unchecked Sendable {
+    let f: (QueryResult) -> Void
+    init(_ f: @escaping (QueryResult) -> Void) { self.f = f }
+    func onRows(rows: QueryResult) throws { f(rows) }
+}
+
+final class ChangeClosure: ChangeListener, @unchecked Sendable {
+    let f: (ChangeEvent) -> Void
+    init(_ f: @escaping (ChangeEvent) -> Void) { self.f = f }
+    func onChange(event: ChangeEvent) throws { f(event) }
+    func onConflict(conflict: ConflictRecord) throws {}
+}
+
+final class StatusClosure: SyncStatusListener, @unchecked Sendable {
+    let f: (SyncStatus) -> Void
+    init(_ f: @escaping (SyncStatus) -> Void) { self.f = f }
+    func onStatus(status: SyncStatus) throws { f(status) }
+}
+
+final class ResolverClosure: ConflictResolver, @unchecked Sendable {
+    let f: @Sendable (ConflictInput) -> Resolution
+    init(_ f: @escaping @Sendable (ConflictInput) -> Resolution) { self.f = f }
+    func resolve(conflict: ConflictInput) throws -> Resolution { f(conflict) }
+}
+
+final class TokenClosure: TokenProvider, @unchecked Sendable {
+    let f: @Sendable () throws -> String
+    init(_ f: @escaping @Sendable () throws -> String) { self.f = f }
+    func token() throws -> String { try f() }
+}

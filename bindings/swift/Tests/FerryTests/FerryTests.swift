@@ -1,0 +1,216 @@
+// Ferry's Swift surface against a real relay process, mirroring the Kotlin and Python suites.
+// Run with `swift test` on a machine with Swift and the XCFramework built (docs/bindings.md);
+// set FERRY_RELAY_BIN (a ferry-relay binary) and FERRY_NOTES_SCHEMA
+// (bindings/tests/notes-schema.json). Not run on the Linux CI machine, which has no Swift.
+import Foundation
+import XCTest
+@testable import Ferry
+
+final class TestRelay {
+    let dir: URL
+    let config: URL
+    let process = Process()
+    let url: String
+    let bin: String
+
+    init() throws {
+        let env = ProcessInfo.processInfo.environment
+        guard let bin = env["FERRY_RELAY_BIN"], let schema = env["FERRY_NOTES_SCHEMA"] else {
+            throw XCTSkip("set FERRY_RELAY_BIN and FERRY_NOTES_SCHEMA")
+        }
+        self.bin = bin
+        dir = FileManager.default.temporaryDirectory.appendingPathComponent("ferry-swift-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        config = dir.appendingPathComponent("relay.toml")
+        let text = """
+        listen = "127.0.0.1:0"
+        data = "\(dir.appendingPathComponent("data").path)"
+        schema = "\(schema)"
+        [log]
+        level = "warn"
+        [auth]
+        hs256_secret = "swift-binding-tests-secret-not-for-production"
+        """
+        try text.write(to: config, atomically: true, encoding: .utf8)
+        process.executableURL = URL(fileURLWithPath: bin)
+        process.arguments = ["--config", config.path, "serve"]
+        let out = Pipe()
+        process.standardOutput = out
+        try process.run()
+        var line = Data()
+        while let byte = try out.fileHandleForReading.read(upToCount: 1), !byte.isEmpty, byte != Data([10]) {
+            line.append(byte)
+        }
+        let addr = String(decoding: line, as: UTF8.self).split(separator: " ").last.map(String.init) ?? ""
+        url = "ws://\(addr)/sync"
+    }
+
+    func token(_ sub: String, write: String = "*") throws -> String {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: bin)
+        p.arguments = ["--config", config.path, "token", "--sub", sub, "--read", "*", "--write", write, "--ttl", "1h"]
+        let out = Pipe()
+        p.standardOutput = out
+        try p.run()
+        p.waitUntilExit()
+        let data = out.fileHandleForReading.readDataToEndOfFile()
+        return String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
+    deinit {
+        process.terminate()
+        process.waitUntilExit()
+        try? FileManager.default.removeItem(at: dir)
+    }
+}
+
+func notesSchema() -> Schema {
+    func col(_ name: String, _ type: ColumnType = .text, _ policy: Policy = .lww, notNull: Bool = false) -> ColumnDecl {
+        ColumnDecl(name: name, columnType: type, policy: policy, notNull: notNull, defaultValue: nil)
+    }
+    return Schema(
+        version: 1,
+        tables: [
+            TableDecl(
+                name: "notes",
+                columns: [col("id"), col("folder", notNull: true), col("title"), col("body", .text, .custom), col("likes", .integer, .counter)],
+                primaryKey: "id", mode: .multiWriter, deleteRule: .deleteWins, scopeColumn: "folder"
+            ),
+            TableDecl(
+                name: "announcements", columns: [col("id"), col("text")],
+                primaryKey: "id", mode: .readOnly, deleteRule: .deleteWins, scopeColumn: nil
+            ),
+        ],
+        migrations: []
+    )
+}
+
+final class FerryTests: XCTestCase {
+    var relay: TestRelay!
+    var dir: URL!
+
+    override func setUpWithError() throws {
+        relay = try TestRelay()
+        dir = FileManager.default.temporaryDirectory.appendingPathComponent("ferry-swift-db-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+    }
+
+    override func tearDownWithError() throws {
+        relay = nil
+        try? FileManager.default.removeItem(at: dir)
+    }
+
+    func open(_ name: String) throws -> Replica {
+        try Replica.open(path: dir.appendingPathComponent(name).path, schema: notesSchema())
+    }
+
+    func session(_ db: Replica, _ sub: String, write: String = "*") throws -> SyncSession {
+        let token = try relay.token(sub, write: write)
+        return try db.connect(url: relay.url, options: SyncOptions(backoffMinMs: 50, backoffMaxMs: 500)) { token }
+    }
+
+    func pause(_ s: SyncSession) async {
+        s.pause()
+        _ = await s.waitFor { $0.state == .paused }
+    }
+
+    func testAWriteInOneReplicaAppearsInTheOthersWatch() async throws {
+        let a = try open("a.db"), b = try open("b.db")
+        let sa = try session(a, "alice"), sb = try session(b, "bob")
+        let id = newId()
+        try a.write { tx in
+            try tx.exec("INSERT INTO notes(id, folder, title) VALUES (?, 'home', ?)", .text(value: id), "milk")
+            XCTAssertEqual(try tx.select("SELECT count(*) FROM notes").rows, [[1]])
+        }
+        try await sa.syncNow()
+        var seen: QueryResult?
+        for try await rows in b.watchStream("SELECT id, title FROM notes") where !rows.rows.isEmpty {
+            seen = rows
+            break
+        }
+        XCTAssertEqual(seen?.rows, [[.text(value: id), "milk"]])
+        try await sb.syncNow()
+        let verification = try await sb.verify()
+        XCTAssertTrue(verification.matches)
+        XCTAssertEqual(try a.checksum(), try b.checksum())
+    }
+
+    func testASwiftResolverDecidesARealConflict() async throws {
+        let a = try open("a.db"), b = try open("b.db")
+        final class Calls: @unchecked Sendable { var inputs: [ConflictInput] = []; let lock = NSLock() }
+        let calls = Calls()
+        try b.setResolver(table: "notes") { c in
+            calls.lock.lock(); calls.inputs.append(c); calls.lock.unlock()
+            return .value(value: .text(value: "\(c.local.text ?? "") & \(c.remote.text ?? "")"))
+        }
+        let sa = try session(a, "alice"), sb = try session(b, "bob")
+        let id = SqlValue.text(value: newId())
+        try a.exec("INSERT INTO notes(id, folder, title, body) VALUES (?, 'home', 't', 'draft')", id)
+        try await sa.syncNow()
+        try await sb.syncNow()
+        await pause(sa)
+        await pause(sb)
+        try a.exec("UPDATE notes SET body = 'from a' WHERE id = ?", id)
+        try b.exec("UPDATE notes SET body = 'from b' WHERE id = ?", id)
+        sa.resume()
+        try await sa.syncNow()
+        sb.resume()
+        try await sb.syncNow()
+        try await sb.syncNow()
+        try await sa.syncNow()
+        XCTAssertEqual(calls.inputs.count, 1)
+        XCTAssertEqual(calls.inputs.first?.local, "from b")
+        XCTAssertEqual(calls.inputs.first?.remote, "from a")
+        for r in [a, b] {
+            XCTAssertEqual(try r.select("SELECT body FROM notes WHERE id = ?", id).rows, [["from b & from a"]])
+        }
+        XCTAssertEqual(try b.conflicts().first?.policy, "custom")
+    }
+
+    func testErrorsAreTypedSwiftErrors() async throws {
+        let a = try open("a.db")
+        XCTAssertThrowsError(try a.exec("SELEC nonsense")) { e in
+            guard case FerryError.InvalidInput = e else { return XCTFail("\(e)") }
+        }
+        XCTAssertThrowsError(try a.exec("INSERT INTO announcements(id, text) VALUES ('1', 'hi')")) { e in
+            guard case let FerryError.ReadOnlyTable(table) = e else { return XCTFail("\(e)") }
+            XCTAssertEqual(table, "announcements")
+        }
+        let s = try session(a, "mallory", write: "mine")
+        try a.exec("INSERT INTO notes(id, folder, title) VALUES (?, 'someone-else', 'x')", .text(value: newId()))
+        do {
+            try await s.syncNow()
+            XCTFail("the relay should refuse a write outside the token's scopes")
+        } catch FerryError.Unauthorized {
+        }
+        try a.closeDatabase()
+        XCTAssertThrowsError(try a.select("SELECT 1")) { e in
+            guard case FerryError.Closed = e else { return XCTFail("\(e)") }
+        }
+    }
+
+    func testWriteRollsBackWhenTheBlockThrows() throws {
+        struct ChangedMyMind: Error {}
+        let a = try open("a.db")
+        XCTAssertThrowsError(try a.write { tx in
+            try tx.exec("INSERT INTO notes(id, folder) VALUES ('1', 'home')")
+            throw ChangedMyMind()
+        })
+        XCTAssertEqual(try a.select("SELECT count(*) FROM notes").rows, [[0]])
+        XCTAssertEqual(try a.pendingCount(), 0)
+    }
+
+    func testClosingReleasesTheDatabaseAndReopenWorks() throws {
+        let path = dir.appendingPathComponent("c.db").path
+        let id = SqlValue.text(value: newId())
+        do {
+            let r = try Replica.open(path: path, schema: notesSchema())
+            try r.exec("INSERT INTO notes(id, folder, title) VALUES (?, 'home', 'kept')", id)
+            try r.closeDatabase()
+            try r.closeDatabase()
+        }
+        XCTAssertFalse(FileManager.default.fileExists(atPath: path + "-wal"))
+        let r = try Replica.open(path: path, schema: notesSchema())
+        XCTAssertEqual(try r.select("SELECT title FROM notes WHERE id = ?", id).rows, [["kept"]])
+    }
+}
