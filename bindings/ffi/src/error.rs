@@ -141,9 +141,11 @@ mod tests {
         Core::Sqlite(c.execute(sql, []).unwrap_err())
     }
 
+    type Expect = fn(&FerryError) -> bool;
+
     #[test]
     fn each_core_error_maps_to_its_action() {
-        let cases: Vec<(Core, fn(&FerryError) -> bool)> = vec![
+        let cases: Vec<(Core, Expect)> = vec![
             (Core::InvalidSchema("x".into()), |e| {
                 matches!(e, FerryError::InvalidInput { .. })
             }),
