@@ -191,3 +191,30 @@ def test_closing_releases_the_database_and_reopen_works(relay: Relay, tmp_path: 
         r.close()  # twice is fine
     with ferry.Replica.open(path, notes_schema()) as r:
         assert r.select("SELECT title FROM notes") == [("again",)]
+
+
+def test_migrations_upgrade_the_schema_and_changes_are_observed(tmp_path: pathlib.Path) -> None:
+    path = str(tmp_path / "m.db")
+
+    async def first_change() -> ferry.ChangeEvent:
+        with ferry.Replica.open(path, notes_schema()) as r:
+            events = r.changes()
+            pending = asyncio.ensure_future(events.__anext__())
+            await asyncio.sleep(0)
+            r.exec("INSERT INTO notes(id, folder, title) VALUES (?, 'home', 'old')", ferry.new_id())
+            event = await asyncio.wait_for(pending, T)
+            await events.aclose()
+            return event
+
+    event = asyncio.run(first_change())
+    assert event.tables == ["notes"] and event.source == ferry.ChangeSource.LOCAL
+    v2 = notes_schema()
+    v2.version = 2
+    v2.tables[0].columns.append(ferry.ColumnDecl(name="pinned", column_type=ferry.ColumnType.INTEGER, policy=ferry.Policy.LWW))
+    v2.migrations = [ferry.Migration(version=2, sql="CREATE TABLE drafts(id TEXT PRIMARY KEY, text TEXT); UPDATE notes SET pinned = 0;")]
+    with ferry.Replica.open(path, v2) as r:
+        assert r.schema_version() == 2
+        assert r.select("SELECT title, pinned FROM notes") == [("old", 0)]
+        r.exec("INSERT INTO drafts VALUES ('d', 'local only')")
+    with pytest.raises(FerryError.SchemaTooNew):
+        ferry.Replica.open(path, notes_schema())

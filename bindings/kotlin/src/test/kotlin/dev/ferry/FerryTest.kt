@@ -3,7 +3,9 @@
 // and reopening. Behaviour is tested in Rust; these tests cover what crosses the FFI.
 package dev.ferry
 
+import kotlinx.coroutines.async
 import kotlinx.coroutines.flow.first
+import kotlinx.coroutines.delay
 import kotlinx.coroutines.runBlocking
 import kotlinx.coroutines.withTimeout
 import org.junit.After
@@ -216,5 +218,33 @@ class FerryTest {
             sub
         }
         assertFalse(sub.isActive())
+    }
+
+    @Test
+    fun migrationsUpgradeTheSchemaAndChangesAreObserved() = runBlocking<Unit> {
+        val path = File(dir, "m.db").path
+        Replica.open(path, notesSchema()).use { r ->
+            val events = r.changes()
+            val id = newId()
+            val first = async { withTimeout(20_000) { events.first() } }
+            delay(50) // lets the collector subscribe (runBlocking runs it first)
+            r.exec("INSERT INTO notes(id, folder, title) VALUES (?, 'home', 'old')", id)
+            val e = first.await()
+            assertEquals(listOf("notes"), e.tables)
+            assertEquals(ChangeSource.LOCAL, e.source)
+        }
+        val v1 = notesSchema()
+        val notes = v1.tables[0]
+        val v2 = v1.copy(
+            version = 2u,
+            tables = listOf(notes.copy(columns = notes.columns + column("pinned", ColumnType.INTEGER))) + v1.tables.drop(1),
+            migrations = listOf(Migration(2u, "CREATE TABLE drafts(id TEXT PRIMARY KEY, text TEXT); UPDATE notes SET pinned = 0;")),
+        )
+        Replica.open(path, v2).use { r ->
+            assertEquals(2u, r.schemaVersion())
+            assertEquals(listOf(listOf<Any?>("old", 0L)), r.select("SELECT title, pinned FROM notes"))
+            r.exec("INSERT INTO drafts VALUES ('d', 'local only')")
+        }
+        assertThrows<FerryException.SchemaTooNew> { Replica.open(path, v1) }
     }
 }
