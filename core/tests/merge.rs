@@ -341,20 +341,26 @@ fn observers_and_watches_see_local_foreign_and_remote_commits_until_dropped() {
     assert_eq!(seen.lock().len(), 3);
 }
 
-#[test]
-fn custom_resolver_runs_on_the_device_with_the_pending_write_and_its_answer_wins() {
-    let d = tempfile::tempdir().unwrap();
+/// Two replicas (clocks 1 s apart) sharing row `x` of a table with a `custom` column `tags`.
+fn custom_doc_pair(dir: &std::path::Path) -> (Replica, Replica, Sequencer) {
     let s = Schema::new(1).table(TableDecl::new("doc").text_key("id").column(
         "tags",
         ferry_core::ColumnType::Text,
         ferry_core::Policy::Custom,
     ));
-    let (a, _) = open_at(d.path(), "a.db", &s, 1_000);
-    let (b, _) = open_at(d.path(), "b.db", &s, 2_000);
+    let (a, _) = open_at(dir, "a.db", &s, 1_000);
+    let (b, _) = open_at(dir, "b.db", &s, 2_000);
     let mut seq = Sequencer::new();
     a.execute("INSERT INTO doc VALUES ('x', 'base')", &[])
         .unwrap();
     sync_all(&mut seq, &[&a, &b]);
+    (a, b, seq)
+}
+
+#[test]
+fn custom_resolver_runs_on_the_device_with_the_pending_write_and_its_answer_wins() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b, mut seq) = custom_doc_pair(d.path());
     let calls = Arc::new(Mutex::new(Vec::new()));
     let calls2 = calls.clone();
     a.set_resolver(
@@ -390,17 +396,7 @@ fn custom_resolver_runs_when_the_ack_overtakes_the_concurrent_change() {
     // longer unacknowledged, yet it is the later of the two in the relay's order, so b must
     // still run the resolver (and a must not).
     let d = tempfile::tempdir().unwrap();
-    let s = Schema::new(1).table(TableDecl::new("doc").text_key("id").column(
-        "tags",
-        ferry_core::ColumnType::Text,
-        ferry_core::Policy::Custom,
-    ));
-    let (a, _) = open_at(d.path(), "a.db", &s, 1_000);
-    let (b, _) = open_at(d.path(), "b.db", &s, 2_000);
-    let mut seq = Sequencer::new();
-    a.execute("INSERT INTO doc VALUES ('x', 'base')", &[])
-        .unwrap();
-    sync_all(&mut seq, &[&a, &b]);
+    let (a, b, mut seq) = custom_doc_pair(d.path());
     let mut calls = Vec::new();
     for (r, name) in [(&a, "a"), (&b, "b")] {
         let c = Arc::new(Mutex::new(Vec::new()));

@@ -3,36 +3,26 @@
 use crate::error::Result;
 use crate::listeners::{Status, SyncStatusListener};
 use crate::subscription::Subscription;
+use crate::types::mirror_enum;
 use ferry_core as core;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Connection state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
-pub enum ConnState {
-    /// Not connected; retrying after a backoff.
-    Offline,
-    /// Opening a connection.
-    Connecting,
-    /// Connected and streaming.
-    Online,
-    /// Paused by the app.
-    Paused,
-    /// Disconnected for good.
-    Stopped,
-}
-
-impl From<core::ConnState> for ConnState {
-    fn from(s: core::ConnState) -> Self {
-        match s {
-            core::ConnState::Offline => ConnState::Offline,
-            core::ConnState::Connecting => ConnState::Connecting,
-            core::ConnState::Online => ConnState::Online,
-            core::ConnState::Paused => ConnState::Paused,
-            core::ConnState::Stopped => ConnState::Stopped,
-        }
+mirror_enum!(
+    /// Connection state.
+    ConnState => core::ConnState {
+        /// Not connected; retrying after a backoff.
+        Offline,
+        /// Opening a connection.
+        Connecting,
+        /// Connected and streaming.
+        Online,
+        /// Paused by the app.
+        Paused,
+        /// Disconnected for good.
+        Stopped,
     }
-}
+);
 
 /// What the sync loop is doing.
 #[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]

@@ -83,6 +83,7 @@ impl From<core::Rows> for QueryResult {
     }
 }
 
+/// Declares an FFI enum with the same unit variants as a core enum, and `From` both ways.
 macro_rules! mirror_enum {
     ($(#[$m:meta])* $name:ident => $core:path { $($(#[$vm:meta])* $v:ident),+ $(,)? }) => {
         $(#[$m])*
@@ -96,6 +97,8 @@ macro_rules! mirror_enum {
         }
     };
 }
+
+pub(crate) use mirror_enum;
 
 mirror_enum!(
     /// SQLite type of a declared column.
@@ -241,26 +244,17 @@ impl From<Schema> for core::Schema {
     }
 }
 
-/// Where a committed change came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
-pub enum ChangeSource {
-    /// Through Ferry on this device.
-    Local,
-    /// Another connection on the same file, folded in.
-    Foreign,
-    /// Received from the relay.
-    Remote,
-}
-
-impl From<core::ChangeSource> for ChangeSource {
-    fn from(s: core::ChangeSource) -> Self {
-        match s {
-            core::ChangeSource::Local => ChangeSource::Local,
-            core::ChangeSource::Foreign => ChangeSource::Foreign,
-            core::ChangeSource::Remote => ChangeSource::Remote,
-        }
+mirror_enum!(
+    /// Where a committed change came from.
+    ChangeSource => core::ChangeSource {
+        /// Through Ferry on this device.
+        Local,
+        /// Another connection on the same file, folded in.
+        Foreign,
+        /// Received from the relay.
+        Remote,
     }
-}
+);
 
 /// A committed change to synced tables.
 #[derive(Debug, Clone, PartialEq, uniffi::Record)]

@@ -51,20 +51,5 @@ class TestRelay : AutoCloseable {
     }
 }
 
-/** The notes schema, declared as records (the same as bindings/tests/notes-schema.json). */
-fun notesSchema(): Schema = Schema(
-    version = 1u,
-    tables = listOf(
-        table(
-            "notes", "id",
-            column("id"),
-            column("folder", notNull = true),
-            column("title"),
-            column("body", policy = Policy.CUSTOM),
-            column("likes", ColumnType.INTEGER, Policy.COUNTER),
-            scopeColumn = "folder",
-        ),
-        table("announcements", "id", column("id"), column("text"), mode = TableMode.READ_ONLY),
-    ),
-    migrations = emptyList(),
-)
+/** The notes schema, declared as records by examples/kotlin-notes (the same as bindings/tests/notes-schema.json). */
+fun notesSchema(): Schema = dev.ferry.notes.schema
