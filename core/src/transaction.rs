@@ -80,6 +80,19 @@ impl Transaction {
         self.db()?.tx().execute(sql, params)
     }
 
+    /// Runs one statement once per parameter row, prepared once (bulk writes); returns the
+    /// rows changed in all.
+    pub fn execute_many(&self, sql: &str, rows: &[Vec<Value>]) -> Result<usize> {
+        let db = self.db()?;
+        let tx = db.tx();
+        let mut st = tx.prepare(sql)?;
+        let mut n = 0;
+        for params in rows {
+            n += st.execute(params)?;
+        }
+        Ok(n)
+    }
+
     /// Runs a query that sees the transaction's own writes.
     pub fn query(&self, sql: &str, params: &[Value]) -> Result<Rows> {
         self.db()?.tx().query(sql, params)

@@ -124,3 +124,28 @@ fn watches_and_observers_fire_on_commit_only() {
         vec![Value::Integer(0), Value::Integer(1)]
     );
 }
+
+#[test]
+fn execute_many_is_one_change_set_and_stops_at_the_first_error() {
+    let d = tempfile::tempdir().unwrap();
+    let r = open(d.path(), "a.db");
+    let mut tx = r.begin().unwrap();
+    let rows: Vec<Vec<Value>> = (0..100)
+        .map(|i| vec![t(&format!("k{i:03}")), t("x")])
+        .collect();
+    let sql = "INSERT INTO todo(id, title) VALUES (?1, ?2)";
+    assert_eq!(tx.execute_many(sql, &rows).unwrap(), 100);
+    tx.commit().unwrap();
+    let p = r.pending(100, usize::MAX).unwrap();
+    assert_eq!(p.len(), 1);
+    assert_eq!(p[0].rows.len(), 100);
+    // A duplicate key in the middle: an error, and rolling back keeps nothing of the batch.
+    let mut tx = r.begin().unwrap();
+    let bad = vec![vec![t("new1"), t("y")], vec![t("k000"), t("dup")]];
+    assert!(tx.execute_many(sql, &bad).is_err());
+    tx.rollback().unwrap();
+    assert_eq!(
+        r.query("SELECT count(*) FROM todo", &[]).unwrap().rows[0][0],
+        Value::Integer(100)
+    );
+}

@@ -191,6 +191,13 @@ impl WriteTransaction {
             .execute(&sql, &crate::types::params(params))? as u64)
     }
 
+    /// Runs one statement once per parameter row, prepared once: the fast way to write many
+    /// rows (one call across the FFI instead of one per row). Returns rows changed in all.
+    pub fn execute_many(&self, sql: String, rows: Vec<Vec<SqlValue>>) -> Result<u64> {
+        let rows: Vec<Vec<core::Value>> = rows.into_iter().map(crate::types::params).collect();
+        Ok(self.inner.lock().execute_many(&sql, &rows)? as u64)
+    }
+
     /// Runs a query that sees this transaction's writes.
     pub fn query(&self, sql: String, params: Vec<SqlValue>) -> Result<QueryResult> {
         Ok(self

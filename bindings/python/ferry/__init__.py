@@ -6,6 +6,7 @@ package adds a thin Pythonic layer on top:
 * ``with Replica.open(...) as db:`` closes the database at the end;
 * ``with db.transaction() as tx:`` commits, or rolls back if the block raises;
 * ``db.exec(sql, *params)`` / ``db.select(sql, *params)`` take and return plain Python values;
+  ``tx.exec_many(sql, rows)`` writes many rows in one call;
 * ``db.watch_rows(sql, *params)`` and ``session.statuses()`` are async iterators;
 * ``db.sync_with(url, token)`` and ``db.resolve_with(table, fn)`` accept plain callables.
 
@@ -89,6 +90,11 @@ def _exec(self: typing.Union[Replica, WriteTransaction], sql: str, *params: typi
 def _select(self: typing.Union[Replica, WriteTransaction], sql: str, *params: typing.Any) -> typing.List[Row]:
     """Runs a query with Python values as parameters; returns tuples of Python values."""
     return rows(self.query(sql, _params(params)))
+
+
+def _exec_many(self: WriteTransaction, sql: str, rows_: typing.Iterable[typing.Sequence[typing.Any]]) -> int:
+    """Runs ``sql`` once per parameter row, in one call across the FFI; returns rows changed."""
+    return self.execute_many(sql, [_params(r) for r in rows_])
 
 
 @contextlib.contextmanager
@@ -219,4 +225,5 @@ Replica.__enter__ = _enter  # type: ignore[attr-defined]
 Replica.__exit__ = _exit  # type: ignore[attr-defined]
 WriteTransaction.exec = _exec  # type: ignore[attr-defined]
 WriteTransaction.select = _select  # type: ignore[attr-defined]
+WriteTransaction.exec_many = _exec_many  # type: ignore[attr-defined]
 SyncSession.statuses = _statuses  # type: ignore[attr-defined]

@@ -168,6 +168,11 @@ def test_transaction_rolls_back_when_the_block_raises(open_replica) -> None:
         tx.exec("INSERT INTO notes(id, folder, title) VALUES ('2', 'home', ?)", b"\x00bytes")
     assert a.select("SELECT title FROM notes") == [(b"\x00bytes",)]
     assert a.pending_count() == 1
+    with a.transaction() as tx:
+        n = tx.exec_many("INSERT INTO notes(id, folder, likes) VALUES (?, 'bulk', ?)", [(f"b{i}", i) for i in range(50)])
+    assert n == 50
+    assert a.select("SELECT count(*), sum(likes) FROM notes WHERE folder = 'bulk'") == [(50, 1225)]
+    assert a.pending_count() == 2
 
 
 def test_closing_releases_the_database_and_reopen_works(relay: Relay, tmp_path: pathlib.Path) -> None:

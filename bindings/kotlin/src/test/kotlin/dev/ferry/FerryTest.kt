@@ -184,6 +184,10 @@ class FerryTest {
             assertThrows<FerryException.InvalidInput> { a.write { a.select("SELECT 1") } }
             a.write { tx -> tx.exec("INSERT INTO notes(id, folder) VALUES ('2', 'home')") }
             assertEquals(1uL, a.pendingCount())
+            val bulk = (0 until 50).map { listOf(sqlValue("b$it"), sqlValue(it)) }
+            assertEquals(50uL, a.write { tx -> tx.executeMany("INSERT INTO notes(id, folder, likes) VALUES (?, 'bulk', ?)", bulk) })
+            assertEquals(listOf(listOf<Any?>(50L, 1225L)), a.select("SELECT count(*), sum(likes) FROM notes WHERE folder = 'bulk'"))
+            assertEquals(2uL, a.pendingCount())
         }
     }
 
