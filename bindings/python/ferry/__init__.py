@@ -104,7 +104,8 @@ def _transaction(self: Replica) -> typing.Iterator[WriteTransaction]:
     try:
         yield tx
     except BaseException:
-        tx.rollback()
+        with contextlib.suppress(FerryError):  # the block's exception is the one that matters
+            tx.rollback()
         raise
     else:
         tx.commit()

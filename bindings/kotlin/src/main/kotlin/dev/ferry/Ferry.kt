@@ -25,7 +25,11 @@ inline fun <T> Replica.write(body: (WriteTransaction) -> T): T {
         tx.commit()
         return result
     } catch (e: Throwable) {
-        tx.rollback()
+        try {
+            tx.rollback()
+        } catch (r: Throwable) {
+            e.addSuppressed(r) // keep the body's exception as the one thrown
+        }
         throw e
     } finally {
         tx.close()
