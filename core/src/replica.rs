@@ -45,6 +45,10 @@ pub struct OpenOptions {
     /// Id to give the replica if the file is new (default: a fresh ULID). Ignored for an
     /// existing file. Deterministic simulations set it; apps normally leave it.
     pub new_replica_id: Option<ReplicaId>,
+    /// `read_only` tables this replica is the primary of: it writes them (through the SDK or
+    /// any connection) and pushes the changes; every other replica receives them read-only.
+    /// The relay accepts those pushes only from a token granted `primary` on the table.
+    pub primary_tables: Vec<String>,
 }
 
 impl Default for OpenOptions {
@@ -53,6 +57,7 @@ impl Default for OpenOptions {
             wall_clock: Arc::new(SystemClock),
             apply_chunk_ops: 20_000,
             new_replica_id: None,
+            primary_tables: Vec::new(),
         }
     }
 }
@@ -317,6 +322,31 @@ fn run_query(
     })
 }
 
+/// The schema as this replica sees it: the `read_only` tables it is the primary of are
+/// writable here. (The declaration stored in the file follows, so reopening without the
+/// option makes them read-only again.)
+fn primary_view(schema: &Schema, primary: &[String]) -> Result<Schema> {
+    let mut view = schema.clone();
+    for name in primary {
+        let t = view
+            .tables
+            .iter_mut()
+            .find(|t| &t.name == name)
+            .ok_or_else(|| {
+                Error::InvalidInput(format!(
+                    "primary table `{name}` is not declared in the schema"
+                ))
+            })?;
+        if t.mode != TableMode::ReadOnly {
+            return Err(Error::InvalidInput(format!(
+                "primary table `{name}` is not read_only: only read_only tables have a primary"
+            )));
+        }
+        t.mode = TableMode::MultiWriter;
+    }
+    Ok(view)
+}
+
 impl Replica {
     /// Opens (creating if needed) the replica at `path` with the app's declared schema.
     pub fn open(path: impl AsRef<Path>, schema: &Schema) -> Result<Replica> {
@@ -329,6 +359,7 @@ impl Replica {
         schema: &Schema,
         opts: OpenOptions,
     ) -> Result<Replica> {
+        let schema = &primary_view(schema, &opts.primary_tables)?;
         let path = path.as_ref().to_path_buf();
         let mut conn = Connection::open(&path)?;
         db::configure(&conn)?;

@@ -465,3 +465,67 @@ fn readers_of_moving_rows_match_the_relay() {
         }
     }
 }
+
+#[test]
+fn a_primary_device_writes_a_read_only_table_that_others_receive_read_only() {
+    let d = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(&d.path().join("relay"));
+    let url = relay.url();
+    let as_primary = ferry_core::OpenOptions {
+        primary_tables: vec!["price".into()],
+        ..Default::default()
+    };
+    let edge = std::sync::Arc::new(
+        ferry_core::Replica::open_with(d.path().join("edge.db"), &schema(), as_primary.clone())
+            .unwrap(),
+    );
+    let dash = open(d.path(), "dashboard.db");
+    let primary_token = |sub: &str, tables: Vec<String>| {
+        let claims = ferry_relay::auth::Claims {
+            sub: sub.into(),
+            exp: ferry_relay::auth::now_secs() + 600,
+            read: vec!["*".into()],
+            write: vec!["*".into()],
+            primary: tables,
+            iss: None,
+            aud: None,
+        };
+        ferry_relay::auth::mint_hs256(SECRET.as_bytes(), &claims).unwrap()
+    };
+    let he = connect(&edge, &url, primary_token("edge", vec!["price".into()]));
+    let hd = connect(&dash, &url, admin_token("dashboard"));
+    edge.execute("INSERT INTO price(id, cents) VALUES ('tea', 250)", &[])
+        .unwrap();
+    wait_synced(&he);
+    wait_synced(&hd);
+    assert_eq!(
+        dash.query("SELECT id, cents FROM price", &[]).unwrap().rows,
+        vec![vec![Value::Text("tea".into()), Value::Integer(250)]]
+    );
+    assert!(matches!(
+        dash.execute("UPDATE price SET cents = 1", &[]),
+        Err(Error::ReadOnlyTable(_))
+    ));
+
+    // A device that declares itself primary but whose token is not granted it is refused by
+    // the relay, and nothing of its write reaches anyone.
+    let rogue = std::sync::Arc::new(
+        ferry_core::Replica::open_with(d.path().join("rogue.db"), &schema(), as_primary).unwrap(),
+    );
+    let hr = connect(&rogue, &url, admin_token("rogue"));
+    wait_synced(&hr);
+    rogue
+        .execute("UPDATE price SET cents = 1 WHERE id = 'tea'", &[])
+        .unwrap();
+    let e = hr.sync_now_blocking(Duration::from_secs(30)).unwrap_err();
+    assert!(
+        matches!(e, Error::Refused { code: "forbidden", ref message } if message.contains("read_only")),
+        "{e}"
+    );
+    wait_synced(&hd);
+    assert_eq!(
+        dash.query("SELECT cents FROM price", &[]).unwrap().rows,
+        vec![vec![Value::Integer(250)]]
+    );
+    drop((he, hd, hr));
+}
