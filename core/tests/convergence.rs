@@ -114,6 +114,7 @@ fn open_replica(dir: &Path, r: usize, time: &Arc<AtomicU64>) -> Replica {
         wall_clock: Arc::new(Clock(time.clone(), [0, 3, 1, 7, 2][r % 5])),
         new_replica_id: Some(ReplicaId([r as u8 + 1; 16])),
         apply_chunk_ops: 4,
+        ..Default::default()
     };
     Replica::open_with(dir.join(format!("r{r}.db")), &schema(), opts).unwrap()
 }
