@@ -22,7 +22,7 @@ pub use error::FerryError;
 pub use listeners::{
     ChangeListener, ConflictResolver, QueryListener, SyncStatusListener, TokenProvider,
 };
-pub use replica::{Replica, WriteTransaction, ferry_version, new_id};
+pub use replica::{Replica, ReplicaOptions, WriteTransaction, ferry_version, new_id};
 pub use subscription::Subscription;
 pub use sync::{ConnState, SyncOptions, SyncSession, SyncStatus, Verification};
 pub use types::{

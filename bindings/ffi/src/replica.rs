@@ -13,6 +13,16 @@ use ferry_core as core;
 use parking_lot::Mutex;
 use std::sync::{Arc, Weak};
 
+/// Options for `Replica.open_with`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, uniffi::Record)]
+pub struct ReplicaOptions {
+    /// `read_only` tables this replica is the primary of: it writes them and every other
+    /// replica receives them read-only. Its token must be granted `primary` on them, or the
+    /// relay refuses the writes (`Unauthorized`).
+    #[uniffi(default)]
+    pub primary_tables: Vec<String>,
+}
+
 /// A local replica: a SQLite file the app reads and writes with plain SQL, offline, and
 /// syncs through a relay. `close_database()` releases the file; so does dropping the object
 /// (Kotlin's `close()`/`use {}`, Swift's `deinit`, Python's `with`).
@@ -36,7 +46,18 @@ impl Replica {
     /// declared tables, adds new columns and runs migrations.
     #[uniffi::constructor]
     pub fn open(path: String, schema: Schema) -> Result<Arc<Self>> {
-        let inner = core::Replica::open(&path, &schema.into())?;
+        Self::open_with(path, schema, ReplicaOptions::default())
+    }
+
+    /// `open` with options (for instance: the `read_only` tables this replica is the primary
+    /// of).
+    #[uniffi::constructor]
+    pub fn open_with(path: String, schema: Schema, options: ReplicaOptions) -> Result<Arc<Self>> {
+        let opts = core::OpenOptions {
+            primary_tables: options.primary_tables,
+            ..Default::default()
+        };
+        let inner = core::Replica::open_with(&path, &schema.into(), opts)?;
         Ok(Arc::new(Replica {
             inner: Arc::new(inner),
             sessions: Mutex::new(Vec::new()),

@@ -37,10 +37,11 @@ class Relay:
         assert "listening" in line, f"the relay did not start: {line!r}"
         self.url = f"ws://{line.split()[-1]}/sync"
 
-    def token(self, sub: str, read: str = "*", write: str = "*") -> str:
+    def token(self, sub: str, read: str = "*", write: str = "*", primary: typing.Optional[str] = None) -> str:
+        extra = ["--primary", primary] if primary else []
         out = subprocess.run(
             [self.bin, "--config", str(self.config), "token", "--sub", sub,
-             "--read", read, "--write", write, "--ttl", "1h"],
+             "--read", read, "--write", write, "--ttl", "1h", *extra],
             check=True, capture_output=True, text=True,
         )
         return out.stdout.strip()

@@ -223,3 +223,25 @@ def test_migrations_upgrade_the_schema_and_changes_are_observed(tmp_path: pathli
         r.exec("INSERT INTO drafts VALUES ('d', 'local only')")
     with pytest.raises(FerryError.SchemaTooNew):
         ferry.Replica.open(path, notes_schema())
+
+
+def test_a_primary_replica_writes_a_read_only_table_others_receive(relay: Relay, tmp_path: pathlib.Path, open_replica) -> None:
+    primary = ferry.Replica.open_with(str(tmp_path / "primary.db"), notes_schema(),
+                                      ferry.ReplicaOptions(primary_tables=["announcements"]))
+    dash = open_replica("dash.db")
+    with pytest.raises(FerryError.InvalidInput):
+        ferry.Replica.open_with(str(tmp_path / "x.db"), notes_schema(), ferry.ReplicaOptions(primary_tables=["notes"]))
+
+    async def main() -> None:
+        token = relay.token("backend", primary="announcements")
+        sp = primary.sync_with(relay.url, token, SyncOptions(backoff_min_ms=50, backoff_max_ms=500))
+        sd = session(relay, dash, "dash")
+        primary.exec("INSERT INTO announcements(id, text) VALUES ('1', 'maintenance at noon')")
+        await sync(sp, sd)
+        assert dash.select("SELECT text FROM announcements") == [("maintenance at noon",)]
+        with pytest.raises(FerryError.ReadOnlyTable):
+            dash.exec("UPDATE announcements SET text = 'x'")
+        sp.disconnect()
+
+    asyncio.run(main())
+    primary.close()

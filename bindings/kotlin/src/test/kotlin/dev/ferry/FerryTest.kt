@@ -251,4 +251,24 @@ class FerryTest {
         }
         assertThrows<FerryException.SchemaTooNew> { Replica.open(path, v1) }
     }
+
+    @Test
+    fun aPrimaryReplicaWritesAReadOnlyTableOthersReceive() = runBlocking<Unit> {
+        Replica.openWith(File(dir, "primary.db").path, notesSchema(), ReplicaOptions(listOf("announcements"))).use { primary ->
+            open("dash.db").use { dash ->
+                val token = relay.token("backend", primary = "announcements")
+                val sp = primary.connect(relay.url, SyncOptions(backoffMinMs = 50u, backoffMaxMs = 500u)) { token }
+                val sd = dash.sync("dash")
+                primary.exec("INSERT INTO announcements(id, text) VALUES ('1', 'maintenance at noon')")
+                withTimeout(20_000) { sp.syncNow() }
+                withTimeout(20_000) { sd.syncNow() }
+                assertEquals(listOf(listOf<Any?>("maintenance at noon")), dash.select("SELECT text FROM announcements"))
+                assertThrows<FerryException.ReadOnlyTable> { dash.exec("UPDATE announcements SET text = 'x'") }
+                sp.close(); sd.close()
+            }
+        }
+        assertThrows<FerryException.InvalidInput> {
+            Replica.openWith(File(dir, "x.db").path, notesSchema(), ReplicaOptions(listOf("notes")))
+        }
+    }
 }

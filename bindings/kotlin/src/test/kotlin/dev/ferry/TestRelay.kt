@@ -35,8 +35,10 @@ class TestRelay : AutoCloseable {
     }
 
     /** A development token for [sub] (read and write patterns as the relay's `token` command takes them). */
-    fun token(sub: String, read: String = "*", write: String = "*"): String {
-        val p = ProcessBuilder(bin, "--config", config.path, "token", "--sub", sub, "--read", read, "--write", write, "--ttl", "1h")
+    fun token(sub: String, read: String = "*", write: String = "*", primary: String? = null): String {
+        val args = mutableListOf(bin, "--config", config.path, "token", "--sub", sub, "--read", read, "--write", write, "--ttl", "1h")
+        if (primary != null) args += listOf("--primary", primary)
+        val p = ProcessBuilder(args)
             .redirectError(ProcessBuilder.Redirect.INHERIT)
             .start()
         val out = p.inputStream.bufferedReader().readText().trim()
