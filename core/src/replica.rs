@@ -446,6 +446,13 @@ impl Replica {
     /// Locks the database, refusing (rather than deadlocking) when this thread already holds
     /// it through an open [`Transaction`].
     fn lock(&self) -> Result<parking_lot::MutexGuard<'_, Option<Db>>> {
+        self.not_writer()?;
+        Ok(self.db.lock())
+    }
+
+    /// Fails when this thread holds an open [`Transaction`] on this replica (locking again
+    /// would deadlock).
+    fn not_writer(&self) -> Result<()> {
         if self.writer.load(Ordering::Acquire) == thread_token() {
             return Err(Error::InvalidInput(
                 "this thread holds an open write transaction on this replica: use the transaction, \
@@ -453,7 +460,7 @@ impl Replica {
                     .into(),
             ));
         }
-        Ok(self.db.lock())
+        Ok(())
     }
 
     /// Opens a write transaction that lives until [`Transaction::commit`] or
@@ -461,11 +468,7 @@ impl Replica {
     /// callers that cannot pass a closure (the FFI); the replica is locked meanwhile, so
     /// finish it promptly.
     pub fn begin(&self) -> Result<Transaction> {
-        if self.writer.load(Ordering::Acquire) == thread_token() {
-            return Err(Error::InvalidInput(
-                "this thread already holds an open write transaction on this replica".into(),
-            ));
-        }
+        self.not_writer()?;
         let mut g = Mutex::lock_arc(&self.db);
         let db = g.as_mut().ok_or(Error::Closed)?;
         let mut notes = Notes::default();

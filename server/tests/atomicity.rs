@@ -153,10 +153,7 @@ fn run(seed: u64) {
 
 #[test]
 fn multi_table_transactions_are_never_seen_in_part() {
-    let seeds: u64 = std::env::var("FERRY_ATOMIC_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+    let seeds = seeds("FERRY_ATOMIC_SEEDS", 3);
     for seed in 0..seeds {
         run(seed);
     }

@@ -95,10 +95,7 @@ fn edit(r: &Replica, rng: &mut StdRng) {
 
 #[test]
 fn compacted_log_replays_to_the_same_state_from_any_cursor() {
-    let seeds: u64 = std::env::var("FERRY_COMPACT_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(30);
+    let seeds = seeds("FERRY_COMPACT_SEEDS", 30);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let cat = Arc::new(RelayCatalog::from_schema(schema()).unwrap());
     let mut dropped_total = 0;

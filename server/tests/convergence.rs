@@ -65,10 +65,7 @@ fn random_edit(r: &Replica, rng: &mut StdRng, keys: usize, votes: &mut i64) {
 
 #[test]
 fn three_replicas_edit_offline_and_converge() {
-    let seeds: u64 = std::env::var("FERRY_RELAY_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(12);
+    let seeds = seeds("FERRY_RELAY_SEEDS", 12);
     let d = tempfile::tempdir().unwrap();
     let relay = RelayProc::start(&d.path().join("relay"));
     for seed in 0..seeds {

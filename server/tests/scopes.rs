@@ -371,10 +371,7 @@ fn a_revived_row_that_moved_reaches_its_new_scope() {
 #[test]
 fn readers_of_moving_rows_match_the_relay() {
     use rand::{RngExt, SeedableRng, rngs::StdRng};
-    let seeds: u64 = std::env::var("FERRY_SCOPE_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(8);
+    let seeds = seeds("FERRY_SCOPE_SEEDS", 8);
     let d = tempfile::tempdir().unwrap();
     let relay = RelayProc::start(&d.path().join("relay"));
     let url = relay.url();

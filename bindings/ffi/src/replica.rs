@@ -184,7 +184,10 @@ impl Replica {
         tokens: Arc<dyn TokenProvider>,
         options: Option<SyncOptions>,
     ) -> Result<Arc<SyncSession>> {
-        let opts = options.map(Into::into).unwrap_or_default();
+        let opts = match options {
+            Some(o) => o.try_into()?,
+            None => core::SyncOptions::default(),
+        };
         let handle = self
             .inner
             .connect_with(&url, Arc::new(Tokens(tokens)), opts)?;

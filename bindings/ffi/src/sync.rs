@@ -1,6 +1,6 @@
 //! The sync session: a replica's connection to a relay, its status, and `sync_now`.
 
-use crate::error::Result;
+use crate::error::{FerryError, Result};
 use crate::listeners::{Status, SyncStatusListener};
 use crate::subscription::Subscription;
 use crate::types::mirror_enum;
@@ -96,15 +96,33 @@ pub struct SyncOptions {
     pub connect_timeout_ms: u64,
 }
 
-impl From<SyncOptions> for core::SyncOptions {
-    fn from(o: SyncOptions) -> Self {
-        core::SyncOptions {
-            backoff_min: Duration::from_millis(o.backoff_min_ms),
-            backoff_max: Duration::from_millis(o.backoff_max_ms.max(o.backoff_min_ms)),
-            ping_interval: Duration::from_millis(o.ping_interval_ms.max(100)),
-            connect_timeout: Duration::from_millis(o.connect_timeout_ms.max(100)),
-            ..core::SyncOptions::default()
+impl TryFrom<SyncOptions> for core::SyncOptions {
+    type Error = FerryError;
+    fn try_from(o: SyncOptions) -> Result<Self> {
+        let bad = |reason: String| Err(FerryError::InvalidInput { reason });
+        if o.backoff_max_ms < o.backoff_min_ms {
+            return bad(format!(
+                "sync options: backoff_max_ms ({}) is below backoff_min_ms ({})",
+                o.backoff_max_ms, o.backoff_min_ms
+            ));
         }
+        for (name, v) in [
+            ("ping_interval_ms", o.ping_interval_ms),
+            ("connect_timeout_ms", o.connect_timeout_ms),
+        ] {
+            if v < 100 {
+                return bad(format!(
+                    "sync options: {name} must be at least 100, got {v}"
+                ));
+            }
+        }
+        Ok(core::SyncOptions {
+            backoff_min: Duration::from_millis(o.backoff_min_ms),
+            backoff_max: Duration::from_millis(o.backoff_max_ms),
+            ping_interval: Duration::from_millis(o.ping_interval_ms),
+            connect_timeout: Duration::from_millis(o.connect_timeout_ms),
+            ..core::SyncOptions::default()
+        })
     }
 }
 

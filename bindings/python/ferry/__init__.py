@@ -38,6 +38,7 @@ from .ferry_ffi import (
     SyncOptions,
     SyncSession,
     SyncStatus,
+    Subscription,
     SyncStatusListener,
     TokenProvider,
     WriteTransaction,
@@ -129,15 +130,13 @@ class _Queue:
         self.loop.call_soon_threadsafe(add)
 
 
-async def _watch_rows(self: Replica, sql: str, *params: typing.Any) -> typing.AsyncIterator[typing.List[Row]]:
-    """The results of ``sql`` now and after every commit that changes them (latest only)."""
-    q = _Queue(latest_only=True)
-
-    class Listener(QueryListener):
-        def on_rows(self, rows_: QueryResult) -> None:
-            q.put(rows(rows_))
-
-    sub = self.watch(sql, _params(params), Listener())
+async def _iterate(
+    subscribe: typing.Callable[[typing.Callable[[typing.Any], None]], Subscription], latest_only: bool
+) -> typing.AsyncIterator[typing.Any]:
+    """Yields what a Ferry listener receives (on Ferry's threads) on the caller's event loop;
+    the subscription ends when the iteration does."""
+    q = _Queue(latest_only)
+    sub = subscribe(q.put)
     try:
         while True:
             yield await q.queue.get()
@@ -145,39 +144,46 @@ async def _watch_rows(self: Replica, sql: str, *params: typing.Any) -> typing.As
         sub.cancel()
 
 
-async def _changes(self: Replica) -> typing.AsyncIterator[ChangeEvent]:
+def _watch_rows(self: Replica, sql: str, *params: typing.Any) -> typing.AsyncIterator[typing.List[Row]]:
+    """The results of ``sql`` now and after every commit that changes them (latest only)."""
+
+    class Listener(QueryListener):
+        def __init__(self, put: typing.Callable[[typing.Any], None]) -> None:
+            self.put = put
+
+        def on_rows(self, rows_: QueryResult) -> None:
+            self.put(rows(rows_))
+
+    return _iterate(lambda put: self.watch(sql, _params(params), Listener(put)), latest_only=True)
+
+
+def _changes(self: Replica) -> typing.AsyncIterator[ChangeEvent]:
     """Every commit to synced tables, none dropped."""
-    q = _Queue(latest_only=False)
 
     class Listener(ChangeListener):
+        def __init__(self, put: typing.Callable[[typing.Any], None]) -> None:
+            self.put = put
+
         def on_change(self, event: ChangeEvent) -> None:
-            q.put(event)
+            self.put(event)
 
         def on_conflict(self, conflict: ConflictRecord) -> None:
             pass
 
-    sub = self.subscribe(Listener())
-    try:
-        while True:
-            yield await q.queue.get()
-    finally:
-        sub.cancel()
+    return _iterate(lambda put: self.subscribe(Listener(put)), latest_only=False)
 
 
-async def _statuses(self: SyncSession) -> typing.AsyncIterator[SyncStatus]:
+def _statuses(self: SyncSession) -> typing.AsyncIterator[SyncStatus]:
     """The sync status now and on every change (latest only)."""
-    q = _Queue(latest_only=True)
 
     class Listener(SyncStatusListener):
-        def on_status(self, status: SyncStatus) -> None:
-            q.put(status)
+        def __init__(self, put: typing.Callable[[typing.Any], None]) -> None:
+            self.put = put
 
-    sub = self.observe(Listener())
-    try:
-        while True:
-            yield await q.queue.get()
-    finally:
-        sub.cancel()
+        def on_status(self, status: SyncStatus) -> None:
+            self.put(status)
+
+    return _iterate(lambda put: self.observe(Listener(put)), latest_only=True)
 
 
 def _sync_with(

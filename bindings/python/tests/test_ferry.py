@@ -139,6 +139,10 @@ def test_errors_are_typed(relay: Relay, open_replica, tmp_path: pathlib.Path) ->
         a.sync_with("http://not-a-relay", "t")
     with pytest.raises(TypeError):
         a.exec("SELECT ?", object())
+    with pytest.raises(FerryError.InvalidInput):
+        a.sync_with(relay.url, "t", SyncOptions(backoff_min_ms=500, backoff_max_ms=100))
+    with pytest.raises(FerryError.InvalidInput):
+        a.sync_with(relay.url, "t", SyncOptions(ping_interval_ms=0))
 
     async def main() -> None:
         s = session(relay, a, "mallory", write="mine")

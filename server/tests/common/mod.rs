@@ -333,3 +333,12 @@ pub fn store_dump(relay_dir: &Path) -> Vec<(i64, Vec<u8>, i64, Vec<u8>)> {
         .collect::<rusqlite::Result<_>>()
         .unwrap()
 }
+
+/// How many seeds a randomized test runs: the environment variable `var` when set (to run
+/// more), else `default`.
+pub fn seeds(var: &str, default: u64) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
