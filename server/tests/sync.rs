@@ -31,7 +31,10 @@ fn two_replicas_sync_through_the_relay() {
 }
 
 /// A replica with a long download ahead of it pushes at once: the relay reads its push after
-/// a few catch-up frames, not after the whole download.
+/// a few catch-up frames, not after the whole download. (The count includes frames the relay
+/// sent before the push reached it, which on a busy machine can be a few turns of
+/// `CATCH_UP_FRAMES`; the bound is half the download, far below what a relay that finishes
+/// catch-up before reading would show.)
 #[test]
 fn a_replica_pushes_while_it_pulls() {
     use ferry_core::changeset::Cell;
@@ -40,7 +43,8 @@ fn a_replica_pushes_while_it_pulls() {
     let relay = RelayProc::start(&d.path().join("relay"));
     let src = open(d.path(), "src.db");
     let hs = connect(&src, &relay.url(), admin_token("src"));
-    let sets = 8000; // 16 frames of 512
+    let sets = 16_000; // 32 frames of 512
+    let frames = sets / 512;
     for n in 0..sets {
         src.execute(
             "INSERT INTO tag(id, name) VALUES (?1, 'backlog')",
@@ -80,7 +84,7 @@ fn a_replica_pushes_while_it_pulls() {
         }
     });
     assert!(
-        frames_before_ack <= 5,
-        "the push waited behind {frames_before_ack} catch-up frames"
+        frames_before_ack <= frames / 2,
+        "the push waited behind {frames_before_ack} of {frames} catch-up frames"
     );
 }
