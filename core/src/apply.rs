@@ -61,6 +61,9 @@ pub struct Ctx<'a> {
     pub origins: &'a mut Origins,
     /// What happened.
     pub out: &'a mut Outcome,
+    /// This replica, when guarded change sets are pending: remote changes that doom one are
+    /// preceded by its withdrawal (see `rollback`).
+    pub strict: Option<&'a crate::rollback::Me>,
 }
 
 impl Ctx<'_> {
@@ -111,6 +114,30 @@ impl Ctx<'_> {
         // Validate everything before touching anything.
         for rc in &cs.rows {
             validate(self.cat.table(&rc.table)?, rc)?;
+        }
+        if let Some(me) = self.strict {
+            for rc in &cs.rows {
+                let t = self.cat.table(&rc.table)?;
+                for doomed in crate::rollback::doomed(self.conn, t, rc)? {
+                    let policy = if t.mode() == crate::schema::TableMode::ServerChecked {
+                        "server_checked"
+                    } else {
+                        "guarded"
+                    };
+                    let reason = format!(
+                        "row {} of `{}` was changed first by replica {} (relay position {})",
+                        rc.pk.describe(),
+                        rc.table,
+                        cs.origin,
+                        s.server_seq
+                    );
+                    let w = crate::rollback::withdraw(
+                        self.conn, self.cat, me, doomed, policy, &reason,
+                    )?;
+                    self.out.tables.extend(w.tables);
+                    self.out.conflicts.extend(w.conflicts);
+                }
+            }
         }
         let mut last_table: Option<&str> = None;
         for rc in &cs.rows {

@@ -43,6 +43,16 @@ pub enum RawCell {
     Add(u16, i64),
 }
 
+/// A row as it was before the transaction (kept when the change set may be refused by the
+/// relay and rolled back: `server_checked` tables and lease-guarded transactions).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Before {
+    /// The row did not exist.
+    Absent,
+    /// Every column's value, in column order.
+    Row(Vec<Value>),
+}
+
 /// One row of a local change record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LocalRow {
@@ -54,6 +64,10 @@ pub struct LocalRow {
     pub kind: LocalKind,
     /// Cells (see [`LocalKind`]).
     pub cells: Vec<RawCell>,
+    /// The row before the transaction, when it is kept (see [`Before`]); `None` when not
+    /// kept or not known (a write by another connection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<Before>,
 }
 
 /// Everything one local transaction changed.
@@ -61,6 +75,9 @@ pub struct LocalRow {
 pub struct LocalChange {
     /// Rows in first-touched order.
     pub rows: Vec<LocalRow>,
+    /// The lease the transaction was guarded by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<crate::changeset::Fence>,
 }
 
 /// Accumulated net effect on one row.
@@ -128,6 +145,17 @@ pub struct Accumulator {
     /// already-seen row allocates nothing.
     index: hashbrown::HashTable<usize>,
     error: Option<Error>,
+    /// The lease guarding the running transaction: every row's before-image is kept.
+    fence: Option<crate::changeset::Fence>,
+    /// Keep every row's before-image (set by the replica for each transaction while strict
+    /// writes are possible: the schema has `server_checked` tables or a guarded change set is
+    /// pending).
+    pub keep_all: bool,
+}
+
+/// True when rows of `t` keep their before-image in a transaction (guarded or not).
+fn keeps_before(t: &TableInfo, guarded: bool) -> bool {
+    guarded || t.mode() == crate::schema::TableMode::ServerChecked
 }
 
 impl std::fmt::Debug for Accumulator {
@@ -231,8 +259,9 @@ impl Accumulator {
     /// A row with `old` values was deleted.
     pub(crate) fn delete(&mut self, t: &TableInfo, old: Vec<Value>) {
         let pk = old[t.pk].clone();
+        let keep = t.update_wins() || keeps_before(t, self.keeps_all());
         let acc = self.entry(t, pk.as_ref(), true);
-        if t.update_wins() && acc.events == 1 {
+        if keep && acc.events == 1 {
             acc.original = Some(old.clone());
         }
         acc.alive = false;
@@ -254,6 +283,22 @@ impl Accumulator {
         self.rows.clear();
         self.index.clear();
         self.error = None;
+        self.fence = None;
+    }
+
+    fn keeps_all(&self) -> bool {
+        self.keep_all || self.fence.is_some()
+    }
+
+    /// Guards the running transaction with a lease grant (before anything is written).
+    pub fn guard(&mut self, fence: crate::changeset::Fence) -> Result<()> {
+        if !self.rows.is_empty() {
+            return Err(Error::InvalidInput(
+                "a transaction must be guarded by its lease before it writes anything".into(),
+            ));
+        }
+        self.fence = Some(fence);
+        Ok(())
     }
 
     /// Turns the accumulated rows into a local change record.
@@ -264,11 +309,20 @@ impl Accumulator {
         }
         let rows = std::mem::take(&mut self.rows);
         self.index.clear();
+        let guarded = self.keeps_all();
         let mut out = LocalChange {
             rows: Vec::with_capacity(rows.len()),
+            fence: self.fence.take(),
         };
         for mut acc in rows {
             let t = cat.by_id(acc.table)?;
+            let before = if !keeps_before(t, guarded) {
+                None
+            } else if acc.existed_before {
+                acc.original.clone().map(Before::Row)
+            } else {
+                Some(Before::Absent)
+            };
             let kind = match (acc.existed_before, acc.alive) {
                 (false, true) => LocalKind::Insert,
                 (true, true) => LocalKind::Update,
@@ -315,6 +369,7 @@ impl Accumulator {
                 pk: acc.pk,
                 kind,
                 cells,
+                before,
             });
         }
         Ok(out)
@@ -392,6 +447,7 @@ pub fn install_hook(conn: &mut Connection, state: Arc<Mutex<HookState>>) -> Resu
                 acc,
                 stmt_cols,
             } = &mut *guard;
+            let guarded = acc.keeps_all();
             if !*enabled {
                 return;
             }
@@ -425,7 +481,7 @@ pub fn install_hook(conn: &mut Connection, state: Arc<Mutex<HookState>>) -> Resu
                     }
                     let mut bad = None;
                     let row = acc.entry(t, old_pk, true);
-                    if row.events == 1 && t.update_wins() {
+                    if row.events == 1 && (t.update_wins() || keeps_before(t, guarded)) {
                         row.original = Some(old_row(old, n));
                     }
                     // At depth 0 the statement's own SET list bounds what can change;

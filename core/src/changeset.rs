@@ -71,6 +71,23 @@ pub struct ChangeSet {
     pub schema_version: u32,
     /// Row changes, in the order they must be applied.
     pub rows: Vec<RowChange>,
+    /// The lease this change set was written under, if the app guarded it with one: the
+    /// relay refuses it unless the token is the lease's current, unexpired grant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<Fence>,
+    /// Made while a change set the relay may refuse was pending on its origin: the relay
+    /// checks it as a whole too (see `cas`), because a refusal withdraws it with that one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub guarded: bool,
+}
+
+/// A lease grant a change set was written under.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fence {
+    /// Lease name.
+    pub lease: String,
+    /// Fencing token of the grant.
+    pub token: u64,
 }
 
 impl ChangeSet {

@@ -20,6 +20,10 @@ pub enum ConflictKind {
     Cell,
     /// A delete concurrent with an update of the same row.
     DeleteUpdate,
+    /// This replica's change was refused by the relay (compare-and-set conflict, stale lease)
+    /// and rolled back: `local` is what was written, `remote` what the row holds after the
+    /// rollback, `resolution` the relay's reason.
+    Rejected,
 }
 
 /// Which side won.
@@ -101,6 +105,7 @@ fn kind_str(k: ConflictKind) -> &'static str {
     match k {
         ConflictKind::Cell => "cell",
         ConflictKind::DeleteUpdate => "delete_update",
+        ConflictKind::Rejected => "rejected",
     }
 }
 
@@ -118,10 +123,10 @@ pub fn list(conn: &Connection) -> Result<Vec<Conflict>> {
             table: r.get(1)?,
             pk: r.get(2)?,
             column: r.get(3)?,
-            kind: if r.get::<_, String>(4)? == "cell" {
-                ConflictKind::Cell
-            } else {
-                ConflictKind::DeleteUpdate
+            kind: match r.get::<_, String>(4)?.as_str() {
+                "cell" => ConflictKind::Cell,
+                "rejected" => ConflictKind::Rejected,
+                _ => ConflictKind::DeleteUpdate,
             },
             policy: r.get(5)?,
             local: Side {

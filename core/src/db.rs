@@ -12,7 +12,7 @@ use crate::schema::Schema;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 /// The on-disk format this build writes.
-pub const FORMAT_VERSION: i64 = 2;
+pub const FORMAT_VERSION: i64 = 3;
 
 const FORMAT_V1: &str = "
 CREATE TABLE ferry_meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -75,6 +75,26 @@ const FORMAT_V2: &str = "
 CREATE INDEX ferry_log_unacked ON ferry_log(seq) WHERE server_seq IS NULL AND reissued IS NULL;
 ";
 
+/// Strict writes: a change set that the relay may refuse (it writes a `server_checked` table,
+/// is guarded by a lease, or was made while such a change set was pending) keeps, per row,
+/// the row as it was before and its merge metadata, so a refusal can roll it back exactly.
+/// `rejected` holds the relay's reason once a change set was withdrawn.
+const FORMAT_V3: &str = "
+ALTER TABLE ferry_log ADD COLUMN guarded INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE ferry_log ADD COLUMN rejected TEXT;
+CREATE TABLE ferry_undo(
+    seq INTEGER NOT NULL,
+    tbl INTEGER NOT NULL,
+    pk NOT NULL,
+    before BLOB,
+    prior_cl INTEGER,
+    prior_meta BLOB,
+    prior_tomb BLOB,
+    PRIMARY KEY (tbl, pk, seq)
+) WITHOUT ROWID;
+CREATE INDEX ferry_undo_seq ON ferry_undo(seq);
+";
+
 /// Sets the connection-level pragmas Ferry relies on.
 pub fn configure(conn: &Connection) -> Result<()> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -129,6 +149,9 @@ pub fn upgrade_format(conn: &mut Connection, new_id: Option<crate::ids::ReplicaI
         // Every sync round asks for the unacknowledged change sets; without this index that
         // is a scan of the whole local log, which only grows.
         tx.execute_batch(FORMAT_V2)?;
+    }
+    if found < 3 {
+        tx.execute_batch(FORMAT_V3)?;
     }
     // Future format steps go here, each guarded by `found < N`.
     tx.pragma_update(None, "user_version", FORMAT_VERSION)?;

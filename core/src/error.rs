@@ -77,6 +77,26 @@ pub enum Error {
         /// The relay's explanation.
         message: String,
     },
+    /// The relay refused one of this replica's changes (compare-and-set conflict or stale
+    /// lease) and it was rolled back; the conflict log holds what was written.
+    #[error("change rejected by the relay and rolled back: {0}")]
+    Rejected(String),
+    /// Another replica holds the lease.
+    #[error("lease `{name}` is held by another replica for {retry_after_ms} ms more")]
+    LeaseBusy {
+        /// Lease name.
+        name: String,
+        /// Milliseconds until the holder's grant expires.
+        retry_after_ms: u64,
+    },
+    /// The grant is no longer the lease's current one (expired or superseded).
+    #[error("lease `{name}` is lost: token {token} is not its current grant")]
+    LeaseLost {
+        /// Lease name.
+        name: String,
+        /// The token that was presented.
+        token: u64,
+    },
     /// The replica was closed.
     #[error("the replica is closed")]
     Closed,

@@ -47,3 +47,22 @@ impl std::str::FromStr for ReplicaId {
 pub fn new_id() -> String {
     ulid::Ulid::generate().to_string()
 }
+
+/// The id of one local change set (a ULID), to follow its fate at the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ChangeId(pub [u8; 16]);
+
+impl std::fmt::Display for ChangeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", ulid::Ulid::from_bytes(self.0))
+    }
+}
+
+impl std::str::FromStr for ChangeId {
+    type Err = crate::error::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ulid::Ulid::from_string(s)
+            .map(|u| ChangeId(u.to_bytes()))
+            .map_err(|e| crate::error::Error::InvalidInput(format!("`{s}` is not a change id: {e}")))
+    }
+}

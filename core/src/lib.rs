@@ -10,6 +10,7 @@
 
 pub mod apply;
 pub mod capture;
+pub mod cas;
 pub mod catalog;
 pub mod changeset;
 pub mod checksum;
@@ -18,12 +19,14 @@ pub mod db;
 pub mod error;
 pub mod hlc;
 pub mod ids;
+pub mod lease;
 pub mod materialize;
 pub mod observer;
 pub mod protocol;
 pub mod replica;
 pub mod resolver;
 pub mod rowmeta;
+pub mod rollback;
 pub mod rows;
 pub mod schema;
 pub mod scope;
@@ -34,20 +37,21 @@ pub mod transport;
 pub mod value;
 pub mod vv;
 
-pub use changeset::{Cell, ChangeSet, RowChange, RowOp, Sequenced};
+pub use changeset::{Cell, ChangeSet, Fence, RowChange, RowOp, Sequenced};
 pub use conflict::{Conflict, ConflictKind, Side, Winner};
 pub use error::{Error, Result};
 pub use hlc::{Hlc, WallClock};
-pub use ids::{ReplicaId, new_id};
+pub use ids::{ChangeId, ReplicaId, new_id};
 pub use observer::{ChangeEvent, ChangeSource, Observer, Rows, Subscription};
-pub use replica::{ApplyReport, OpenOptions, Prepared, Replica, WriteTx};
+pub use rollback::Verdict;
+pub use replica::{ApplyReport, OpenOptions, Prepared, RefusalAction, Replica, WriteTx};
 pub use resolver::{ConflictInput, Resolution, Resolver};
 pub use schema::{
     ColumnDecl, ColumnType, DeleteRule, Migration, Policy, Schema, TableDecl, TableMode,
 };
 pub use transaction::Transaction;
 pub use transport::{
-    ConnState, StatusObserver, SyncError, SyncHandle, SyncOptions, SyncStatus, TokenProvider,
+    ConnState, Lease, StatusObserver, SyncError, SyncHandle, SyncOptions, SyncStatus, TokenProvider,
     Verification,
 };
 pub use value::Value;

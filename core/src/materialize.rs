@@ -19,8 +19,8 @@ use crate::value::Value;
 use crate::vv::Version;
 use rusqlite::{Connection, params};
 
-/// `(seq, origin_seq, id, hlc, base, raw)` of a stored local record.
-type RawRecord = (i64, i64, Vec<u8>, i64, i64, Vec<u8>);
+/// `(seq, origin_seq, id, hlc, base, raw, guarded)` of a stored local record.
+type RawRecord = (i64, i64, Vec<u8>, i64, i64, Vec<u8>, bool);
 
 /// Materializes up to `limit` pending local records; returns how many.
 pub fn run(
@@ -33,13 +33,13 @@ pub fn run(
 ) -> Result<usize> {
     let todo: Vec<RawRecord> = conn
         .prepare_cached(
-            "SELECT seq, origin_seq, id, hlc, base, raw FROM ferry_log WHERE server_seq IS NULL AND wire IS NULL AND raw IS NOT NULL
+            "SELECT seq, origin_seq, id, hlc, base, raw, guarded FROM ferry_log WHERE server_seq IS NULL AND wire IS NULL AND raw IS NOT NULL
              AND reissued IS NULL ORDER BY seq LIMIT ?1",
         )?
-        .query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))?
+        .query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)))?
         .collect::<rusqlite::Result<_>>()?;
     let n = todo.len();
-    for (row, oseq, id, hlc, base, raw) in todo {
+    for (row, oseq, id, hlc, base, raw, guarded) in todo {
         let local: LocalChange = rmp_serde::from_slice(&raw)?;
         let v = Version {
             hlc: Hlc(hlc as u64),
@@ -53,6 +53,9 @@ pub fn run(
             let t = cat.by_id(lr.table)?;
             let table = t.name().to_owned();
             let stored = rows::load(conn, t, &lr.pk)?;
+            if guarded {
+                crate::rollback::keep_undo(conn, row, t, &lr.pk, lr.before.as_ref(), stored.as_ref())?;
+            }
             let cl_local = stored.as_ref().map_or(0, |s| s.meta.cl);
             let alive = cl_local % 2 == 1;
             match lr.kind {
@@ -138,9 +141,11 @@ pub fn run(
             base: base as u64,
             schema_version,
             rows: out,
+            fence: local.fence,
+            guarded,
         };
         conn.prepare_cached("UPDATE ferry_log SET wire = ?1, raw = NULL WHERE seq = ?2")?
-            .execute(params![rmp_serde::to_vec(&cs)?, row])?;
+            .execute(params![rmp_serde::to_vec_named(&cs)?, row])?;
     }
     Ok(n)
 }

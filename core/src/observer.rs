@@ -19,6 +19,8 @@ pub enum ChangeSource {
     Foreign,
     /// Received from the relay.
     Remote,
+    /// This replica's own change sets, refused by the relay, rolled back.
+    Rollback,
 }
 
 /// A committed change.

@@ -64,6 +64,77 @@ pub enum ClientMsg {
         /// Echoed in the answer.
         nonce: u64,
     },
+    /// Acquires, renews or releases a lease (see [`LeaseRequest`]); answered by
+    /// [`ServerMsg::Lease`] with the same nonce.
+    Lease {
+        /// Echoed in the answer.
+        nonce: u64,
+        /// What to do.
+        request: LeaseRequest,
+    },
+}
+
+/// A lease operation. Leases are named locks the relay grants for a time-to-live measured on
+/// its own clock; every grant carries a fencing token larger than any earlier grant's of the
+/// same name, and a change set guarded by a token older than the current grant is refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LeaseRequest {
+    /// Take the lease if nobody holds it (or the holder's grant has expired).
+    Acquire {
+        /// Lease name (1–128 bytes of printable text).
+        name: String,
+        /// Time to live in milliseconds.
+        ttl_ms: u64,
+    },
+    /// Extend the caller's current grant.
+    Renew {
+        /// Lease name.
+        name: String,
+        /// The grant's fencing token.
+        token: u64,
+        /// New time to live from now, in milliseconds.
+        ttl_ms: u64,
+    },
+    /// Give the lease up.
+    Release {
+        /// Lease name.
+        name: String,
+        /// The grant's fencing token.
+        token: u64,
+    },
+}
+
+/// The relay's answer to a [`LeaseRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LeaseOutcome {
+    /// The lease is the caller's until `ttl_ms` from when the relay answered.
+    Granted {
+        /// Lease name.
+        name: String,
+        /// Fencing token of this grant.
+        token: u64,
+        /// Time to live in milliseconds.
+        ttl_ms: u64,
+    },
+    /// Someone else holds it.
+    Busy {
+        /// Lease name.
+        name: String,
+        /// Milliseconds until the current grant expires.
+        retry_after_ms: u64,
+    },
+    /// Released.
+    Released {
+        /// Lease name.
+        name: String,
+    },
+    /// The token is not the current grant (it expired, or a newer grant exists).
+    Lost {
+        /// Lease name.
+        name: String,
+        /// The current grant's token (0 when none).
+        current: u64,
+    },
 }
 
 /// One acknowledgement.
@@ -99,6 +170,11 @@ pub enum ErrorCode {
     OriginReused,
     /// The relay is shutting down; connect again (to it or another node).
     ShuttingDown,
+    /// Compare-and-set failed: a change the pusher had not seen (see `conflict_seq`) touched
+    /// the same cells of a `server_checked` table or `custom` column since its `base`.
+    Conflict,
+    /// The change set's fencing token is not the lease's current grant.
+    Fenced,
     /// Something failed on the relay.
     Internal,
 }
@@ -117,6 +193,8 @@ impl ErrorCode {
             ErrorCode::ClockSkew => "clock_skew",
             ErrorCode::OriginReused => "origin_reused",
             ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::Fenced => "fenced",
             ErrorCode::Internal => "internal",
         }
     }
@@ -203,6 +281,10 @@ pub enum ServerMsg {
         code: ErrorCode,
         /// Human-readable detail (names the table, scope or limit).
         message: String,
+        /// For [`ErrorCode::Conflict`]: the position of the change the pusher had not seen.
+        /// A client that has applied up to it has seen what its change set conflicted with.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        conflict_seq: u64,
     },
     /// Every position in `(after, up_to]` is covered: these are the parts the client may see.
     Changes {
@@ -239,6 +321,13 @@ pub enum ServerMsg {
         /// Number of rows covered.
         rows: u64,
     },
+    /// Answer to [`ClientMsg::Lease`].
+    Lease {
+        /// From the request.
+        nonce: u64,
+        /// What happened.
+        outcome: LeaseOutcome,
+    },
     /// The relay refuses something; the connection closes after it.
     Error {
         /// Code.
@@ -246,6 +335,10 @@ pub enum ServerMsg {
         /// Human-readable detail.
         message: String,
     },
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>> {
@@ -332,6 +425,7 @@ impl ClientMsg {
             ClientMsg::Push { .. } => "push",
             ClientMsg::Ping { .. } => "ping",
             ClientMsg::Checksum { .. } => "checksum",
+            ClientMsg::Lease { .. } => "lease",
         }
     }
 }

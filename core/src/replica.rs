@@ -15,7 +15,9 @@ use crate::conflict::{self, Conflict};
 use crate::db;
 use crate::error::{Error, Result};
 use crate::hlc::{CorrectedClock, Hlc, HlcState, SystemClock, WallClock};
-use crate::ids::ReplicaId;
+use crate::ids::{ChangeId, ReplicaId};
+use crate::protocol::ErrorCode;
+use crate::rollback::Verdict;
 use crate::materialize;
 use crate::observer::{
     ChangeEvent, ChangeSource, Observer, Registry, Rows, Subscription, Watch, WatchCallback,
@@ -113,6 +115,10 @@ pub(crate) struct Db {
     triggers_on: bool,
     /// Columns each app statement (by SQL text) updates, learnt once from the authorizer.
     stmt_cols: Mutex<HashMap<String, Arc<StmtCols>>>,
+    /// The schema has `server_checked` tables (before-images are kept for every write).
+    has_strict: bool,
+    /// A guarded change set is pending (see `rollback`).
+    guard_pending: bool,
 }
 
 /// Pending notifications gathered under the lock and delivered after it is released.
@@ -408,8 +414,16 @@ impl Replica {
             schema_cookie: -1,
             triggers_on: true,
             stmt_cols: Mutex::new(HashMap::new()),
+            has_strict: false,
+            guard_pending: false,
         };
         let mut db = db;
+        db.has_strict = db
+            .cat
+            .tables
+            .values()
+            .any(|t| t.mode() == TableMode::ServerChecked);
+        db.guard_pending = crate::rollback::guard_pending(&db.conn)?;
         db.sync_trigger_mode()?;
         tracing::debug!(path = %path.display(), replica = %me, cursor, "replica opened");
         Ok(Replica {
@@ -895,6 +909,59 @@ impl Replica {
     pub fn rotate_identity(&self) -> Result<ReplicaId> {
         self.with_db(|db| db.rotate_identity())
     }
+
+    /// Handles the relay's refusal of one of this replica's change sets for a
+    /// compare-and-set conflict or a stale lease (see `rollback`): a guarded change set is
+    /// rolled back with those written on top of it, observers are told (change events with
+    /// [`ChangeSource::Rollback`], conflict-log entries); a change set refused only for its
+    /// `custom` columns is left for [`Replica::rebase`] once the replica has caught up.
+    pub fn handle_refusal(
+        &self,
+        origin_seq: u64,
+        code: ErrorCode,
+        message: &str,
+    ) -> Result<RefusalAction> {
+        let (action, notes) = {
+            let mut g = self.lock()?;
+            let db = g.as_mut().ok_or(Error::Closed)?;
+            let mut notes = Notes::default();
+            db.conn.execute_batch("BEGIN IMMEDIATE")?;
+            let r = db.strict_refusal(origin_seq, code, message, &mut notes);
+            let action = db.finish_txn(r)?;
+            collect_watches(&self.registry, db, &mut notes);
+            (action, notes)
+        };
+        deliver(&self.registry, notes);
+        Ok(action)
+    }
+
+    /// Re-issues a pending change set refused for its `custom` columns on top of what the
+    /// replica now holds: its base becomes the cursor, its clock a fresh tick, and its custom
+    /// cells carry the current (merged or resolved) values, so the relay can accept it and
+    /// every replica ends with what this one shows. Returns false if it is no longer pending.
+    pub fn rebase(&self, origin_seq: u64) -> Result<bool> {
+        let wall = Arc::clone(&self.wall);
+        self.with_db(|db| {
+            db.conn.execute_batch("BEGIN IMMEDIATE")?;
+            let r = db.rebase(origin_seq, &*wall);
+            db.finish_txn(r)
+        })
+    }
+
+    /// The relay's verdict on a change set this replica made.
+    pub fn verdict(&self, id: &ChangeId) -> Result<Verdict> {
+        self.with_db(|db| crate::rollback::verdict(&db.conn, &id.0))
+    }
+}
+
+/// What [`Replica::handle_refusal`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefusalAction {
+    /// These change sets (by `origin_seq`) were rolled back and replaced by empty ones; push
+    /// again. Empty when it had been rolled back already.
+    Withdrawn(Vec<u64>),
+    /// Catch up past the conflicting change, then [`Replica::rebase`] it and push again.
+    Rebase,
 }
 
 /// Checks that relay positions are strictly increasing within `(after, up_to]`.
@@ -912,7 +979,15 @@ fn in_order(seqs: impl Iterator<Item = u64>, after: u64, up_to: u64, what: &str)
 }
 
 /// `(seq, hlc, base, raw, wire)` of an unacknowledged log row.
-type Unacked = (i64, i64, i64, Option<Vec<u8>>, Option<Vec<u8>>);
+type Unacked = (
+    i64,
+    i64,
+    i64,
+    Option<Vec<u8>>,
+    Option<Vec<u8>>,
+    bool,
+    Option<String>,
+);
 
 fn set_resolution(conn: &Connection, id: i64, text: &str) -> Result<()> {
     conn.execute(
@@ -1082,6 +1157,9 @@ impl Db {
         if let Ok(n) = next_origin_seq(&self.conn, self.me_num) {
             self.next_oseq = n;
         }
+        if let Ok(g) = crate::rollback::guard_pending(&self.conn) {
+            self.guard_pending = g;
+        }
     }
 
     fn write_txn<T>(
@@ -1114,6 +1192,166 @@ impl Db {
         }
     }
 
+    fn strict_refusal(
+        &mut self,
+        origin_seq: u64,
+        code: ErrorCode,
+        message: &str,
+        notes: &mut Notes,
+    ) -> Result<RefusalAction> {
+        materialize::run(
+            &self.conn,
+            &self.cat,
+            self.me,
+            self.me_num,
+            self.schema_version,
+            usize::MAX,
+        )?;
+        let row: Option<(bool, Option<String>, Option<i64>)> = self
+            .conn
+            .prepare_cached(
+                "SELECT guarded, rejected, server_seq FROM ferry_log WHERE origin = ?1 AND origin_seq = ?2",
+            )?
+            .query_row(params![self.me_num, origin_seq as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .optional()?;
+        let guarded = match row {
+            None => {
+                return Err(Error::Protocol(format!(
+                    "the relay refused origin_seq {origin_seq}, which this replica never issued"
+                )));
+            }
+            Some((_, Some(_), _)) => return Ok(RefusalAction::Withdrawn(Vec::new())),
+            Some((_, None, Some(s))) => {
+                return Err(Error::Protocol(format!(
+                    "the relay refused origin_seq {origin_seq}, which it had acknowledged at {s}"
+                )));
+            }
+            Some((g, None, None)) => g,
+        };
+        let policy = match code {
+            ErrorCode::Fenced => "lease",
+            ErrorCode::Conflict if guarded => "server_checked",
+            ErrorCode::Conflict => return Ok(RefusalAction::Rebase),
+            other => {
+                return Err(Error::InvalidInput(format!(
+                    "a `{}` refusal is not rolled back",
+                    other.as_str()
+                )));
+            }
+        };
+        let me = crate::rollback::Me {
+            id: self.me,
+            num: self.me_num,
+            cursor: self.cursor,
+        };
+        let w = crate::rollback::withdraw(&self.conn, &self.cat, &me, origin_seq, policy, message)?;
+        self.guard_pending = crate::rollback::guard_pending(&self.conn)?;
+        if !w.tables.is_empty() {
+            notes.events.push(ChangeEvent {
+                tables: w.tables,
+                source: ChangeSource::Rollback,
+            });
+        }
+        notes.conflicts.extend(w.conflicts);
+        Ok(RefusalAction::Withdrawn(w.withdrawn))
+    }
+
+    fn rebase(&mut self, origin_seq: u64, wall: &dyn WallClock) -> Result<bool> {
+        materialize::run(
+            &self.conn,
+            &self.cat,
+            self.me,
+            self.me_num,
+            self.schema_version,
+            usize::MAX,
+        )?;
+        let row: Option<(i64, Vec<u8>)> = self
+            .conn
+            .prepare_cached(
+                "SELECT seq, wire FROM ferry_log WHERE origin = ?1 AND origin_seq = ?2
+                 AND server_seq IS NULL AND rejected IS NULL AND reissued IS NULL AND wire IS NOT NULL",
+            )?
+            .query_row(params![self.me_num, origin_seq as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        let Some((seq, wire)) = row else {
+            return Ok(false);
+        };
+        let mut cs: ChangeSet = rmp_serde::from_slice(&wire)?;
+        let old = crate::vv::Version {
+            hlc: cs.hlc,
+            origin: self.me_num,
+            origin_seq,
+            server_seq: 0,
+            base: cs.base,
+        };
+        let hlc = self.clock.tick(wall.now_millis());
+        let new = crate::vv::Version {
+            hlc,
+            base: self.cursor,
+            ..old
+        };
+        for rc in &mut cs.rows {
+            let t = self.cat.table(&rc.table)?;
+            let current = capture::read_row(&self.conn, t, &rc.pk)?;
+            let Some(mut stored) = crate::rows::load(&self.conn, t, &rc.pk)? else {
+                continue;
+            };
+            let m = &mut stored.meta;
+            let swap = |v: &mut crate::vv::Version| {
+                if *v == old {
+                    *v = new;
+                }
+            };
+            m.row.iter_mut().for_each(swap);
+            m.cells.iter_mut().for_each(|(_, v)| swap(v));
+            m.writes.iter_mut().for_each(swap);
+            if let crate::changeset::RowOp::Upsert(cells) = &mut rc.op {
+                for c in cells.iter_mut() {
+                    let crate::changeset::Cell::Set(name, v) = c else {
+                        continue;
+                    };
+                    let i = t.col(name)?;
+                    if t.cols[i].policy != crate::schema::Policy::Custom {
+                        continue;
+                    }
+                    if let Some(now) = current.as_ref().and_then(|r| r.get(i)) {
+                        *v = now.clone();
+                    }
+                    let later_own = m.cell(i as u32).is_some_and(|cv| {
+                        cv.origin == self.me_num && cv.origin_seq > origin_seq
+                    });
+                    if !later_own && m.cl == rc.cl {
+                        m.set_cell(i as u32, new);
+                    }
+                }
+            }
+            crate::rows::store(&self.conn, t, &rc.pk, &stored)?;
+        }
+        cs.hlc = hlc;
+        cs.base = self.cursor;
+        self.conn
+            .prepare_cached("UPDATE ferry_log SET wire = ?1, hlc = ?2, base = ?3 WHERE seq = ?4")?
+            .execute(params![
+                rmp_serde::to_vec_named(&cs)?,
+                hlc.0 as i64,
+                self.cursor as i64,
+                seq
+            ])?;
+        db::meta_set(&self.conn, "hlc", self.clock.last().0 as i64)?;
+        tracing::info!(origin_seq, base = self.cursor, "change set rebased after a custom-column conflict");
+        Ok(true)
+    }
+
+    /// Guards the open write transaction with a lease grant (see [`Transaction::guard`]).
+    pub(crate) fn guard_with(&self, fence: crate::changeset::Fence) -> Result<()> {
+        crate::lease::validate_name(&fence.lease)?;
+        self.hook.lock().acc.guard(fence)
+    }
+
     /// Opens a write transaction with capture on (foreign writes folded first).
     pub(crate) fn begin_write(&mut self, wall: &dyn WallClock, notes: &mut Notes) -> Result<()> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
@@ -1121,7 +1359,9 @@ impl Db {
             self.sync_trigger_mode()?;
             self.gate(true)?;
             self.fold_foreign(wall, notes)?;
-            self.hook.lock().enabled = true;
+            let mut h = self.hook.lock();
+            h.acc.keep_all = self.has_strict || self.guard_pending;
+            h.enabled = true;
             Ok(())
         })();
         if r.is_err() {
@@ -1138,11 +1378,11 @@ impl Db {
         wall: &dyn WallClock,
         notes: &mut Notes,
         keep: bool,
-    ) -> Result<()> {
+    ) -> Result<Option<ChangeId>> {
         if !keep {
             self.rollback();
             notes.events.clear();
-            return Ok(());
+            return Ok(None);
         }
         let r = (|| {
             let change = {
@@ -1151,14 +1391,16 @@ impl Db {
                 let cat = Arc::clone(&h.catalog);
                 h.acc.finish(&cat)?
             };
+            let mut id = None;
             if !change.rows.is_empty() {
                 notes.events.push(ChangeEvent {
                     tables: self.table_names(&change),
                     source: ChangeSource::Local,
                 });
-                self.append_local(&change, wall)?;
+                id = Some(ChangeId(self.append_local(&change, wall)?));
             }
-            self.gate(false)
+            self.gate(false)?;
+            Ok(id)
         })();
         let r = self.finish_txn(r);
         if r.is_err() {
@@ -1194,23 +1436,33 @@ impl Db {
             .collect()
     }
 
-    fn append_local(&mut self, change: &LocalChange, wall: &dyn WallClock) -> Result<()> {
+    fn append_local(&mut self, change: &LocalChange, wall: &dyn WallClock) -> Result<[u8; 16]> {
         let hlc = self.clock.tick(wall.now_millis());
         let oseq = self.next_oseq;
+        let guarded = self.guard_pending
+            || change.fence.is_some()
+            || change.rows.iter().any(|r| {
+                self.cat
+                    .by_id(r.table)
+                    .is_ok_and(|t| t.mode() == TableMode::ServerChecked)
+            });
+        let id = ulid::Ulid::generate().to_bytes();
         self.conn
             .prepare_cached(
-                "INSERT INTO ferry_log(origin, origin_seq, id, hlc, base, raw) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO ferry_log(origin, origin_seq, id, hlc, base, raw, guarded) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?
             .execute(params![
                 self.me_num,
                 oseq as i64,
-                ulid::Ulid::generate().to_bytes().to_vec(),
+                id.to_vec(),
                 hlc.0 as i64,
                 self.cursor as i64,
-                rmp_serde::to_vec(change)?
+                rmp_serde::to_vec(change)?,
+                guarded
             ])?;
         self.next_oseq += 1;
-        Ok(())
+        self.guard_pending |= guarded;
+        Ok(id)
     }
 
     fn materialize_all(&mut self) -> Result<()> {
@@ -1256,6 +1508,10 @@ impl Db {
                         "UPDATE ferry_log SET server_seq = ?1, wire = NULL, raw = NULL WHERE origin = ?2 AND origin_seq = ?3",
                     )?
                     .execute(params![server_seq as i64, self.me_num, origin_seq as i64])?;
+                if self.guard_pending {
+                    crate::rollback::forget_acked(&self.conn, self.me_num, origin_seq)?;
+                    self.guard_pending = crate::rollback::guard_pending(&self.conn)?;
+                }
                 Ok(())
             }
         }
@@ -1346,11 +1602,17 @@ impl Db {
                     local_report.own += 1;
                 } else {
                     let before = out.conflicts.len();
+                    let me = self.guard_pending.then(|| crate::rollback::Me {
+                        id: self.me,
+                        num: self.me_num,
+                        cursor: self.cursor,
+                    });
                     let mut ctx = Ctx {
                         conn: &self.conn,
                         cat: &self.cat,
                         origins: &mut self.origins,
                         out: &mut out,
+                        strict: me.as_ref(),
                     };
                     ctx.apply(s)?;
                     local_report.applied += 1;
@@ -1410,6 +1672,7 @@ impl Db {
             cat: &self.cat,
             origins: &mut self.origins,
             out,
+            strict: None,
         };
         if backfill {
             for b in &m.backfill {
@@ -1443,15 +1706,15 @@ impl Db {
             let old: Vec<Unacked> = self
                 .conn
                 .prepare(
-                    "SELECT seq, hlc, base, raw, wire FROM ferry_log
+                    "SELECT seq, hlc, base, raw, wire, guarded, rejected FROM ferry_log
                      WHERE server_seq IS NULL AND reissued IS NULL ORDER BY seq",
                 )?
                 .query_map([], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
                 })?
                 .collect::<rusqlite::Result<_>>()?;
             let mut oseq = 1u64;
-            for (seq, hlc, base, raw, wire) in old {
+            for (seq, hlc, base, raw, wire, guarded, rejected) in old {
                 let id = ulid::Ulid::generate().to_bytes();
                 let wire = match wire {
                     Some(w) => {
@@ -1459,15 +1722,19 @@ impl Db {
                         cs.origin = new;
                         cs.origin_seq = oseq;
                         cs.id = id;
-                        Some(rmp_serde::to_vec(&cs)?)
+                        Some(rmp_serde::to_vec_named(&cs)?)
                     }
                     None => None,
                 };
                 self.conn.execute(
-                    "INSERT INTO ferry_log(origin, origin_seq, id, hlc, base, raw, wire) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    params![num, oseq as i64, id.to_vec(), hlc, base, raw, wire],
+                    "INSERT INTO ferry_log(origin, origin_seq, id, hlc, base, raw, wire, guarded, rejected) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    params![num, oseq as i64, id.to_vec(), hlc, base, raw, wire, guarded, rejected],
                 )?;
                 let new_seq = self.conn.last_insert_rowid();
+                self.conn.execute(
+                    "UPDATE ferry_undo SET seq = ?1 WHERE seq = ?2",
+                    params![new_seq, seq],
+                )?;
                 self.conn.execute(
                     "UPDATE ferry_log SET reissued = ?1, raw = NULL, wire = NULL WHERE seq = ?2",
                     params![new_seq, seq],

@@ -2,13 +2,31 @@
 //!
 //! It assigns gap-free `server_seq` in arrival order, is idempotent on
 //! `(origin, origin_seq)`, refuses per-origin gaps and origin reuse, and answers the sync
-//! protocol so [`crate::sync::SyncClient`] can be driven against it.
+//! protocol so [`crate::sync::SyncClient`] can be driven against it. Given the schema
+//! ([`Sequencer::with_schema`]) it also runs the relay's compare-and-set check ([`crate::cas`])
+//! and grants leases ([`crate::lease`]) on its `now_ms` clock.
 
+use crate::cas::{self, MemIndex};
 use crate::changeset::{ChangeSet, Sequenced};
 use crate::error::{Error, Result};
 use crate::ids::ReplicaId;
-use crate::protocol::{Ack, ClientMsg, ErrorCode, Limits, PROTOCOL_VERSION, ServerMsg};
+use crate::lease::{self, LeaseState};
+use crate::protocol::{
+    Ack, ClientMsg, ErrorCode, LeaseOutcome, Limits, PROTOCOL_VERSION, ServerMsg,
+};
+use crate::schema::{Schema, TableDecl};
 use std::collections::HashMap;
+
+/// Why the sequencer refused a change set (the connection stays open).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The protocol code.
+    pub code: ErrorCode,
+    /// What was wrong.
+    pub message: String,
+    /// For a compare-and-set conflict, the unseen change's position.
+    pub conflict_seq: u64,
+}
 
 /// Per-origin bookkeeping.
 #[derive(Debug, Default)]
@@ -22,8 +40,11 @@ struct OriginLog {
 pub struct Sequencer {
     log: Vec<Sequenced>,
     origins: HashMap<ReplicaId, OriginLog>,
-    /// Wall clock reported at hello.
+    /// Wall clock reported at hello, and the clock leases expire by.
     pub now_ms: u64,
+    tables: HashMap<String, TableDecl>,
+    cas: MemIndex,
+    leases: HashMap<String, LeaseState>,
 }
 
 /// State of one in-memory connection.
@@ -37,6 +58,57 @@ impl Sequencer {
     /// An empty log.
     pub fn new() -> Self {
         Sequencer::default()
+    }
+
+    /// A sequencer that knows the app's tables, so it checks `server_checked` tables and
+    /// `custom` columns like the relay does.
+    pub fn with_schema(schema: &Schema) -> Self {
+        Sequencer {
+            tables: schema
+                .tables
+                .iter()
+                .map(|t| (t.name.clone(), t.clone()))
+                .collect(),
+            ..Sequencer::default()
+        }
+    }
+
+    /// Sequences one change set, or refuses it like the relay would (compare-and-set
+    /// conflict, stale fence) without storing anything. Errors are protocol violations.
+    pub fn push_checked(&mut self, cs: ChangeSet) -> Result<std::result::Result<u64, Refusal>> {
+        let known = self
+            .origins
+            .get(&cs.origin)
+            .and_then(|o| o.seqs.get((cs.origin_seq as usize).wrapping_sub(1)))
+            .is_some();
+        if known || cs.origin_seq == 0 {
+            return self.push(cs).map(Ok);
+        }
+        if let Some(f) = &cs.fence
+            && let Err(message) =
+                lease::check_fence(self.now_ms, self.leases.get(&f.lease).copied(), f, cs.origin)
+        {
+            return Ok(Err(Refusal {
+                code: ErrorCode::Fenced,
+                message,
+                conflict_seq: 0,
+            }));
+        }
+        let tables = &self.tables;
+        let updates = match cas::check(|t| tables.get(t), &cs, &mut self.cas)? {
+            Ok(u) => u,
+            Err(c) => {
+                return Ok(Err(Refusal {
+                    code: ErrorCode::Conflict,
+                    message: c.to_string(),
+                    conflict_seq: c.seq,
+                }));
+            }
+        };
+        let origin = cs.origin;
+        let seq = self.push(cs)?;
+        self.cas.record(&updates, seq, origin);
+        Ok(Ok(seq))
     }
 
     /// Highest position assigned.
@@ -131,25 +203,68 @@ impl Sequencer {
                         return out;
                     }
                     let oseq = cs.origin_seq;
-                    match self.push(cs) {
-                        Ok(s) => acks.push(Ack {
+                    match self.push_checked(cs) {
+                        Ok(Ok(s)) => acks.push(Ack {
                             origin_seq: oseq,
                             server_seq: s,
                         }),
+                        Ok(Err(r)) => {
+                            out.push(ServerMsg::Acks { acks });
+                            out.push(ServerMsg::Refused {
+                                origin_seq: oseq,
+                                code: r.code,
+                                message: r.message,
+                                conflict_seq: r.conflict_seq,
+                            });
+                            acks = Vec::new();
+                            break;
+                        }
                         Err(e) => {
-                            out.push(ServerMsg::Error {
+                            // Like the relay: a refusal, and the connection stays open.
+                            out.push(ServerMsg::Acks { acks });
+                            out.push(ServerMsg::Refused {
+                                origin_seq: oseq,
                                 code: if e.to_string().contains("reused") {
                                     ErrorCode::OriginReused
                                 } else {
                                     ErrorCode::InvalidChangeSet
                                 },
                                 message: e.to_string(),
+                                conflict_seq: 0,
                             });
-                            return out;
+                            acks = Vec::new();
+                            break;
                         }
                     }
                 }
-                out.push(ServerMsg::Acks { acks });
+                if !acks.is_empty() {
+                    out.push(ServerMsg::Acks { acks });
+                }
+            }
+            ClientMsg::Lease { nonce, request } => {
+                let Some(holder) = session.replica else {
+                    return vec![ServerMsg::Error {
+                        code: ErrorCode::BadFrame,
+                        message: "lease before hello".into(),
+                    }];
+                };
+                if let Err(e) = lease::validate(&request) {
+                    return vec![ServerMsg::Error {
+                        code: ErrorCode::BadFrame,
+                        message: e.to_string(),
+                    }];
+                }
+                let name = match &request {
+                    crate::protocol::LeaseRequest::Acquire { name, .. }
+                    | crate::protocol::LeaseRequest::Renew { name, .. }
+                    | crate::protocol::LeaseRequest::Release { name, .. } => name.clone(),
+                };
+                let (outcome, next): (LeaseOutcome, _) =
+                    lease::decide(self.now_ms, self.leases.get(&name).copied(), holder, &request);
+                if let Some(n) = next {
+                    self.leases.insert(name, n);
+                }
+                out.push(ServerMsg::Lease { nonce, outcome });
             }
             ClientMsg::Ping { nonce } => out.push(ServerMsg::Pong {
                 nonce,

@@ -38,7 +38,8 @@
 //! ```
 
 use crate::error::{Error, Result};
-use crate::protocol::{ClientMsg, ErrorCode, PROTOCOL_VERSION, ServerMsg};
+use crate::protocol::{ClientMsg, ErrorCode, LeaseOutcome, PROTOCOL_VERSION, ServerMsg};
+use crate::replica::RefusalAction;
 use crate::replica::Replica;
 use std::collections::BTreeSet;
 
@@ -91,6 +92,10 @@ pub struct Step {
     pub refused: Option<Refusal>,
     /// A checksum answer arrived.
     pub checksum: Option<RemoteChecksum>,
+    /// Change sets the relay refused that were rolled back (by `origin_seq`).
+    pub withdrawn: Vec<u64>,
+    /// A lease answer arrived: `(nonce, outcome)`.
+    pub lease: Option<(u64, LeaseOutcome)>,
 }
 
 /// Progress counters reported to status observers.
@@ -112,6 +117,12 @@ pub struct SyncClient {
     max_bytes: usize,
     window: usize,
     refused: Option<Refusal>,
+    /// A change set refused for its `custom` columns waits here until the cursor reaches the
+    /// change it conflicted with: `(origin_seq, conflict_seq)`.
+    rebase: Option<(u64, u64)>,
+    /// After a rolled-back or rebased change set, pushes already sent behind it are refused
+    /// for the gap it left: such refusals above this `origin_seq` are expected.
+    gap_above: Option<u64>,
 }
 
 impl Default for SyncClient {
@@ -131,6 +142,8 @@ impl SyncClient {
             max_bytes: 1 << 20,
             window: 4 * 256,
             refused: None,
+            rebase: None,
+            gap_above: None,
         }
     }
 
@@ -170,6 +183,7 @@ impl SyncClient {
         self.phase = Phase::Handshake;
         self.in_flight.clear();
         self.refused = None;
+        self.gap_above = None;
         Ok(ClientMsg::Hello {
             protocol: PROTOCOL_VERSION,
             replica_id: replica.replica_id()?,
@@ -193,6 +207,13 @@ impl SyncClient {
             || self.in_flight.len() >= self.window
         {
             return Ok(None);
+        }
+        if let Some((origin_seq, conflict_seq)) = self.rebase {
+            if replica.cursor()? < conflict_seq {
+                return Ok(None);
+            }
+            replica.rebase(origin_seq)?;
+            self.rebase = None;
         }
         let pending = replica.pending(self.max_sets + self.in_flight.len(), usize::MAX)?;
         let mut batch = Vec::new();
@@ -258,6 +279,11 @@ impl SyncClient {
                 let pairs: Vec<(u64, u64)> =
                     acks.iter().map(|a| (a.origin_seq, a.server_seq)).collect();
                 replica.acknowledge(&pairs)?;
+                if let Some(g) = self.gap_above
+                    && acks.iter().any(|a| a.origin_seq >= g)
+                {
+                    self.gap_above = None;
+                }
                 for a in acks {
                     self.in_flight.remove(&a.origin_seq);
                     self.head = self.head.max(a.server_seq);
@@ -287,6 +313,7 @@ impl SyncClient {
                 origin_seq,
                 code,
                 message,
+                conflict_seq,
             } => {
                 self.expect_streaming()?;
                 if code == ErrorCode::OriginReused {
@@ -297,24 +324,42 @@ impl SyncClient {
                 }
                 // Everything from the refused change set on was not sequenced.
                 self.in_flight.retain(|o| *o < origin_seq);
-                if self
-                    .refused
-                    .as_ref()
-                    .is_some_and(|r| r.origin_seq <= origin_seq)
+                if matches!(code, ErrorCode::Conflict | ErrorCode::Fenced) {
+                    // Rolled back (or left to rebase): the relay's verdict reached the app
+                    // through the conflict log; pushing goes on.
+                    match replica.handle_refusal(origin_seq, code, &message)? {
+                        RefusalAction::Withdrawn(list) => step.withdrawn = list,
+                        RefusalAction::Rebase => self.rebase = Some((origin_seq, conflict_seq)),
+                    }
+                    self.gap_above = Some(origin_seq);
+                } else if code == ErrorCode::InvalidChangeSet
+                    && self.gap_above.is_some_and(|g| origin_seq > g)
                 {
-                    // A later push already in flight was refused because of the first
-                    // refusal (a gap); the first one is the cause worth reporting.
+                    // Sent before the refusal above reached us; refused for the gap it left.
+                } else {
+                    if self
+                        .refused
+                        .as_ref()
+                        .is_some_and(|r| r.origin_seq <= origin_seq)
+                    {
+                        // A later push already in flight was refused because of the first
+                        // refusal (a gap); the first one is the cause worth reporting.
+                        return Ok(step);
+                    }
+                    let refusal = Refusal {
+                        origin_seq,
+                        code,
+                        message,
+                    };
+                    tracing::warn!(origin_seq, code = code.as_str(), message = %refusal.message, "push refused by the relay");
+                    self.refused = Some(refusal.clone());
+                    step.refused = Some(refusal);
                     return Ok(step);
                 }
-                let refusal = Refusal {
-                    origin_seq,
-                    code,
-                    message,
-                };
-                tracing::warn!(origin_seq, code = code.as_str(), message = %refusal.message, "push refused by the relay");
-                self.refused = Some(refusal.clone());
-                step.refused = Some(refusal);
-                return Ok(step);
+            }
+            ServerMsg::Lease { nonce, outcome } => {
+                self.expect_streaming()?;
+                step.lease = Some((nonce, outcome));
             }
             ServerMsg::Checksum {
                 nonce,

@@ -9,7 +9,9 @@
 //! While a transaction is open, the thread that opened it gets an
 //! [`Error::InvalidInput`] (instead of a deadlock) if it calls the replica directly.
 
+use crate::changeset::Fence;
 use crate::error::{Error, Result};
+use crate::ids::ChangeId;
 use crate::hlc::CorrectedClock;
 use crate::observer::{Registry, Rows};
 use crate::replica::{Db, Notes, collect_watches, deliver};
@@ -105,7 +107,21 @@ impl Transaction {
 
     /// Commits: what was written becomes one change set. Fails if already finished.
     pub fn commit(&mut self) -> Result<()> {
+        self.finish(true).map(|_| ())
+    }
+
+    /// Commits and returns the id of the change set it made (`None` when nothing synced was
+    /// written), to ask for the relay's verdict ([`crate::Replica::verdict`],
+    /// [`crate::SyncHandle::commit_checked`]).
+    pub fn commit_change(&mut self) -> Result<Option<ChangeId>> {
         self.finish(true)
+    }
+
+    /// Guards this transaction with a lease grant: its change set carries the fencing token
+    /// and the relay refuses it (and the replica rolls it back) unless the grant is still the
+    /// lease's current one when it arrives. Call before writing anything.
+    pub fn guard(&self, fence: Fence) -> Result<()> {
+        self.db()?.guard_with(fence)
     }
 
     /// Rolls back everything written. Rolling back a finished transaction does nothing.
@@ -113,10 +129,10 @@ impl Transaction {
         if self.guard.is_none() {
             return Ok(());
         }
-        self.finish(false)
+        self.finish(false).map(|_| ())
     }
 
-    fn finish(&mut self, keep: bool) -> Result<()> {
+    fn finish(&mut self, keep: bool) -> Result<Option<ChangeId>> {
         let Some(mut guard) = self.guard.take() else {
             return Err(Error::InvalidInput(
                 "the transaction is already finished".into(),

@@ -24,8 +24,13 @@
 
 use crate::error::{Error, Result};
 use crate::observer::{ChangeEvent, ChangeSource, Observer};
-use crate::protocol::{ClientMsg, ErrorCode, MAX_FRAME_BYTES, ServerMsg};
+use crate::changeset::Fence;
+use crate::ids::ChangeId;
+use crate::lease;
+use crate::protocol::{ClientMsg, ErrorCode, LeaseOutcome, LeaseRequest, MAX_FRAME_BYTES, ServerMsg};
 use crate::replica::Replica;
+use crate::rollback::Verdict;
+use crate::transaction::Transaction;
 use crate::sync::{Phase, Refusal, RemoteChecksum, SyncClient};
 use futures_util::{SinkExt, StreamExt};
 use parking_lot::Mutex;
@@ -108,6 +113,9 @@ pub struct SyncStatus {
     pub connects: u64,
     /// Keep-alive answers received so far (each carries a fresh relay head).
     pub pongs: u64,
+    /// Change sets the relay refused (compare-and-set conflict, stale lease) and that were
+    /// rolled back, since this handle was created.
+    pub rolled_back: u64,
 }
 
 impl SyncStatus {
@@ -123,6 +131,7 @@ impl SyncStatus {
             refused: None,
             connects: 0,
             pongs: 0,
+            rolled_back: 0,
         }
     }
 }
@@ -202,7 +211,38 @@ enum Command {
     Resume,
     Wake,
     Checksum(oneshot::Sender<RemoteChecksum>),
+    Lease(LeaseRequest, oneshot::Sender<LeaseOutcome>),
     Stop,
+}
+
+/// A lease this replica holds: a named lock granted by the relay for a time-to-live on the
+/// relay's clock, with the fencing token of the grant (see [`crate::lease`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// Lease name.
+    pub name: String,
+    /// Fencing token of this grant.
+    pub token: u64,
+    /// Time to live granted.
+    pub ttl: Duration,
+    /// When the answer arrived (the grant expires at most `ttl` after it, on the relay).
+    pub granted_at: Instant,
+}
+
+impl Lease {
+    /// The fence to guard a transaction with ([`crate::Transaction::guard`]).
+    pub fn fence(&self) -> Fence {
+        Fence {
+            lease: self.name.clone(),
+            token: self.token,
+        }
+    }
+
+    /// A local estimate of the time left. Only the relay's clock decides expiry: a write
+    /// guarded by an expired grant is refused there whatever this says.
+    pub fn remaining(&self) -> Duration {
+        self.ttl.saturating_sub(self.granted_at.elapsed())
+    }
 }
 
 /// Ferry's runtime for sync loops.
@@ -225,6 +265,7 @@ type Observers = Arc<Mutex<ObserverList>>;
 
 /// A running sync loop. Dropping it disconnects.
 pub struct SyncHandle {
+    replica: Arc<Replica>,
     cmd: mpsc::UnboundedSender<Command>,
     status: watch::Receiver<SyncStatus>,
     observers: Observers,
@@ -300,12 +341,14 @@ impl Replica {
             wake,
             paused: false,
             checksum_waiters: Vec::new(),
+            lease_waiters: Vec::new(),
         };
         rt.spawn(async move {
             let _sub = sub;
             lp.run().await;
         });
         Ok(SyncHandle {
+            replica: Arc::clone(self),
             cmd: cmd_tx,
             status: status_rx,
             observers,
@@ -435,6 +478,108 @@ impl SyncHandle {
         )))
     }
 
+    /// Commits `tx` and waits for the relay's verdict on its change set: the relay position
+    /// it was sequenced at, or [`Error::Rejected`] once it was refused and rolled back. Waits
+    /// while offline (wrap it in a timeout if that matters).
+    pub async fn commit_checked(&self, tx: &mut Transaction) -> Result<u64> {
+        let id = tx.commit_change()?.ok_or_else(|| {
+            Error::InvalidInput(
+                "the transaction wrote nothing to synced tables: there is no verdict to wait for"
+                    .into(),
+            )
+        })?;
+        self.verdict(id).await
+    }
+
+    /// Waits for the relay's verdict on this replica's change set `id` (see
+    /// [`SyncHandle::commit_checked`]).
+    pub async fn verdict(&self, id: ChangeId) -> Result<u64> {
+        let mut rx = self.status.clone();
+        let _ = self.cmd.send(Command::Wake);
+        loop {
+            match self.replica.verdict(&id)? {
+                Verdict::Accepted(seq) => return Ok(seq),
+                Verdict::Rejected(why) => return Err(Error::Rejected(why)),
+                Verdict::Pending => {}
+            }
+            if rx.borrow_and_update().state == ConnState::Stopped {
+                return Err(Error::Transport("sync stopped".into()));
+            }
+            // Acks and rollbacks change the status; the timer covers a verdict that changed
+            // nothing an observer sees.
+            tokio::select! {
+                r = rx.changed() => if r.is_err() {
+                    return Err(Error::Transport("sync stopped".into()));
+                },
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    }
+
+    /// [`SyncHandle::commit_checked`] for callers without an async runtime.
+    pub fn commit_checked_blocking(&self, tx: &mut Transaction, timeout: Duration) -> Result<u64> {
+        let rt = runtime()?;
+        rt.block_on(async {
+            tokio::time::timeout(timeout, self.commit_checked(tx))
+                .await
+                .map_err(|_| Error::Transport(format!("no verdict within {timeout:?}")))?
+        })
+    }
+
+    async fn lease_request(&self, request: LeaseRequest) -> Result<LeaseOutcome> {
+        lease::validate(&request)?;
+        let (tx, rx) = oneshot::channel();
+        self.cmd
+            .send(Command::Lease(request, tx))
+            .map_err(|_| Error::Transport("sync stopped".into()))?;
+        rx.await.map_err(|_| {
+            Error::Transport("the connection closed before the relay answered the lease request".into())
+        })
+    }
+
+    /// Acquires the lease `name` for `ttl` (at most 24 h). Fails with [`Error::LeaseBusy`]
+    /// while another replica holds it, with [`Error::Transport`] when not connected.
+    pub async fn acquire_lease(&self, name: &str, ttl: Duration) -> Result<Lease> {
+        let ttl_ms = ttl.as_millis().min(u128::from(u64::MAX)) as u64;
+        let outcome = self
+            .lease_request(LeaseRequest::Acquire {
+                name: name.to_owned(),
+                ttl_ms,
+            })
+            .await?;
+        granted(outcome, name, 0)
+    }
+
+    /// Extends a grant by `ttl` from now (same token). Fails with [`Error::LeaseLost`] when
+    /// it expired or was superseded.
+    pub async fn renew_lease(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
+        let outcome = self
+            .lease_request(LeaseRequest::Renew {
+                name: lease.name.clone(),
+                token: lease.token,
+                ttl_ms: ttl.as_millis().min(u128::from(u64::MAX)) as u64,
+            })
+            .await?;
+        granted(outcome, &lease.name, lease.token)
+    }
+
+    /// Gives a grant up, so another replica can acquire the lease at once.
+    pub async fn release_lease(&self, lease: &Lease) -> Result<()> {
+        match self
+            .lease_request(LeaseRequest::Release {
+                name: lease.name.clone(),
+                token: lease.token,
+            })
+            .await?
+        {
+            LeaseOutcome::Released { .. } => Ok(()),
+            _ => Err(Error::LeaseLost {
+                name: lease.name.clone(),
+                token: lease.token,
+            }),
+        }
+    }
+
     /// [`SyncHandle::verify`] for callers without an async runtime.
     pub fn verify_blocking(&self, replica: &Replica, timeout: Duration) -> Result<Verification> {
         let rt = runtime()?;
@@ -443,6 +588,32 @@ impl SyncHandle {
                 .await
                 .map_err(|_| Error::Transport(format!("not verified within {timeout:?}")))?
         })
+    }
+}
+
+fn granted(outcome: LeaseOutcome, name: &str, token: u64) -> Result<Lease> {
+    match outcome {
+        LeaseOutcome::Granted {
+            name,
+            token,
+            ttl_ms,
+        } => Ok(Lease {
+            name,
+            token,
+            ttl: Duration::from_millis(ttl_ms),
+            granted_at: Instant::now(),
+        }),
+        LeaseOutcome::Busy {
+            name,
+            retry_after_ms,
+        } => Err(Error::LeaseBusy {
+            name,
+            retry_after_ms,
+        }),
+        LeaseOutcome::Lost { .. } | LeaseOutcome::Released { .. } => Err(Error::LeaseLost {
+            name: name.to_owned(),
+            token,
+        }),
     }
 }
 
@@ -463,6 +634,7 @@ struct Loop {
     wake: Arc<tokio::sync::Notify>,
     paused: bool,
     checksum_waiters: Vec<(u64, oneshot::Sender<RemoteChecksum>)>,
+    lease_waiters: Vec<(u64, oneshot::Sender<LeaseOutcome>)>,
 }
 
 /// Why a session ended.
@@ -515,13 +687,17 @@ impl Loop {
                 match self.cmd.recv().await {
                     None | Some(Command::Stop) => break,
                     Some(Command::Resume) => self.paused = false,
-                    Some(Command::Checksum(_)) | Some(Command::Pause) | Some(Command::Wake) => {}
+                    Some(Command::Checksum(_))
+                    | Some(Command::Lease(..))
+                    | Some(Command::Pause)
+                    | Some(Command::Wake) => {}
                 }
                 continue;
             }
             self.publish(|s| s.state = ConnState::Connecting);
             let end = self.session().await;
             self.checksum_waiters.clear();
+            self.lease_waiters.clear();
             match end {
                 End::Stop => break,
                 End::Paused => {
@@ -549,7 +725,7 @@ impl Loop {
                                 }
                                 Some(Command::Pause) => { self.paused = true; break; }
                                 Some(Command::Resume) | Some(Command::Wake) => break,
-                                Some(Command::Checksum(_)) => {}
+                                Some(Command::Checksum(_)) | Some(Command::Lease(..)) => {}
                             }
                         }
                     }
@@ -648,6 +824,16 @@ impl Loop {
                         let (_, tx) = self.checksum_waiters.swap_remove(i);
                         let _ = tx.send(c);
                     }
+                    if let Some((n, outcome)) = step.lease
+                        && let Some(i) = self.lease_waiters.iter().position(|(w, _)| *w == n)
+                    {
+                        let (_, tx) = self.lease_waiters.swap_remove(i);
+                        let _ = tx.send(outcome);
+                    }
+                    if !step.withdrawn.is_empty() {
+                        let n = step.withdrawn.len() as u64;
+                        self.publish(|s| s.rolled_back += n);
+                    }
                     for m in &step.send {
                         if let Err(e) = send(&mut ws, m).await {
                             return End::Failed(e);
@@ -713,6 +899,13 @@ impl Loop {
                         nonce += 1;
                         self.checksum_waiters.push((nonce, tx));
                         if let Err(e) = send(&mut ws, &ClientMsg::Checksum { nonce }).await {
+                            return End::Failed(e);
+                        }
+                    }
+                    Some(Command::Lease(request, tx)) => {
+                        nonce += 1;
+                        self.lease_waiters.push((nonce, tx));
+                        if let Err(e) = send(&mut ws, &ClientMsg::Lease { nonce, request }).await {
                             return End::Failed(e);
                         }
                     }

@@ -281,6 +281,8 @@ fn read_only_tables_refuse_sdk_and_foreign_writes() {
         hlc: ferry_core::Hlc::new(1, 0),
         base: 0,
         schema_version: 1,
+        fence: None,
+        guarded: false,
         rows: vec![ferry_core::RowChange {
             table: "price".into(),
             pk: t("x"),

@@ -40,6 +40,8 @@ fn remote_log() -> Vec<Sequenced> {
             hlc: ferry_core::Hlc::new(1_000 + s, 0),
             base: 0,
             schema_version: 1,
+            fence: None,
+            guarded: false,
             rows,
         })
         .unwrap();

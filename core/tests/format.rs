@@ -26,10 +26,15 @@ fn a_version_1_file_upgrades_to_the_fresh_layout() {
         .unwrap();
     old.close().unwrap();
     {
-        // What a version 1 file looked like: no unacked-log index.
+        // What a version 1 file looked like: no unacked-log index, no strict-write columns
+        // or undo table.
         let c = rusqlite::Connection::open(d.path().join("old.db")).unwrap();
-        c.execute_batch("DROP INDEX ferry_log_unacked; PRAGMA user_version = 1;")
-            .unwrap();
+        c.execute_batch(
+            "DROP INDEX ferry_log_unacked; DROP TABLE ferry_undo;
+             ALTER TABLE ferry_log DROP COLUMN rejected; ALTER TABLE ferry_log DROP COLUMN guarded;
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
     }
     let old = open(d.path(), "old.db");
     assert_eq!(

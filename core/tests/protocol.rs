@@ -70,7 +70,7 @@ fn golden_hello_frame() {
 #[test]
 fn golden_frames_of_every_message() {
     use ferry_core::changeset::{Cell, ChangeSet, RowChange, RowOp, Sequenced};
-    use ferry_core::protocol::{Limits, Move, RowKey};
+    use ferry_core::protocol::{LeaseOutcome, LeaseRequest, Limits, Move, RowKey};
     use ferry_core::{Hlc, Value};
     let cs = ChangeSet {
         id: [2; 16],
@@ -79,6 +79,8 @@ fn golden_frames_of_every_message() {
         hlc: Hlc::new(1_700_000_000_000, 5),
         base: 41,
         schema_version: 1,
+        fence: None,
+        guarded: false,
         rows: vec![
             RowChange {
                 table: "todo".into(),
@@ -115,6 +117,50 @@ fn golden_frames_of_every_message() {
         ),
         ("ping", ClientMsg::Ping { nonce: 7 }),
         ("checksum_request", ClientMsg::Checksum { nonce: 8 }),
+        (
+            "push_guarded",
+            ClientMsg::Push {
+                change_sets: vec![ChangeSet {
+                    fence: Some(ferry_core::Fence {
+                        lease: "leader".into(),
+                        token: 3,
+                    }),
+                    guarded: true,
+                    ..cs.clone()
+                }],
+            },
+        ),
+        (
+            "lease_acquire",
+            ClientMsg::Lease {
+                nonce: 9,
+                request: LeaseRequest::Acquire {
+                    name: "leader".into(),
+                    ttl_ms: 5000,
+                },
+            },
+        ),
+        (
+            "lease_renew",
+            ClientMsg::Lease {
+                nonce: 10,
+                request: LeaseRequest::Renew {
+                    name: "leader".into(),
+                    token: 3,
+                    ttl_ms: 5000,
+                },
+            },
+        ),
+        (
+            "lease_release",
+            ClientMsg::Lease {
+                nonce: 11,
+                request: LeaseRequest::Release {
+                    name: "leader".into(),
+                    token: 3,
+                },
+            },
+        ),
     ];
     let server: Vec<(&str, ServerMsg)> = vec![
         (
@@ -143,6 +189,65 @@ fn golden_frames_of_every_message() {
                 origin_seq: 4,
                 code: ErrorCode::Forbidden,
                 message: "scope `list:b`".into(),
+                conflict_seq: 0,
+            },
+        ),
+        (
+            "refused_conflict",
+            ServerMsg::Refused {
+                origin_seq: 5,
+                code: ErrorCode::Conflict,
+                message: "`acct`.`balance` of row 'a' was changed at relay position 40".into(),
+                conflict_seq: 40,
+            },
+        ),
+        (
+            "refused_fenced",
+            ServerMsg::Refused {
+                origin_seq: 6,
+                code: ErrorCode::Fenced,
+                message: "fencing token 2 of lease `leader` is stale".into(),
+                conflict_seq: 0,
+            },
+        ),
+        (
+            "lease_granted",
+            ServerMsg::Lease {
+                nonce: 9,
+                outcome: LeaseOutcome::Granted {
+                    name: "leader".into(),
+                    token: 3,
+                    ttl_ms: 5000,
+                },
+            },
+        ),
+        (
+            "lease_busy",
+            ServerMsg::Lease {
+                nonce: 9,
+                outcome: LeaseOutcome::Busy {
+                    name: "leader".into(),
+                    retry_after_ms: 1200,
+                },
+            },
+        ),
+        (
+            "lease_released",
+            ServerMsg::Lease {
+                nonce: 11,
+                outcome: LeaseOutcome::Released {
+                    name: "leader".into(),
+                },
+            },
+        ),
+        (
+            "lease_lost",
+            ServerMsg::Lease {
+                nonce: 10,
+                outcome: LeaseOutcome::Lost {
+                    name: "leader".into(),
+                    current: 4,
+                },
             },
         ),
         (
@@ -232,6 +337,8 @@ fn large_frames_are_compressed_and_round_trip() {
             hlc: Hlc::new(1, 0),
             base: 0,
             schema_version: 1,
+            fence: None,
+            guarded: false,
             rows,
         }],
     };
@@ -371,6 +478,7 @@ fn the_first_refusal_is_the_one_reported() {
         origin_seq: o,
         code,
         message: m.into(),
+        conflict_seq: 0,
     };
     let first = client
         .handle(&a, refused(1, ErrorCode::Forbidden, "scope `x`"))

@@ -54,16 +54,6 @@ impl RelayCatalog {
     /// Builds from a schema value.
     pub fn from_schema(schema: Schema) -> Result<Self> {
         schema.validate().map_err(RelayError::Core)?;
-        if let Some(t) = schema
-            .tables
-            .iter()
-            .find(|t| t.mode == TableMode::ServerChecked)
-        {
-            return Err(RelayError::Config(format!(
-                "table `{}` is server_checked: this relay does not implement compare-and-set yet, and accepting its writes unchecked would break the mode's promise",
-                t.name
-            )));
-        }
         let tables = schema
             .tables
             .iter()

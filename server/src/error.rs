@@ -46,6 +46,17 @@ pub enum RelayError {
     /// The relay is shutting down.
     #[error("the relay is shutting down")]
     ShuttingDown,
+    /// Compare-and-set failed against the change at `seq`.
+    #[error("conflict: {message}")]
+    Conflict {
+        /// What was changed, where.
+        message: String,
+        /// The unseen change's position.
+        seq: u64,
+    },
+    /// A lease-guarded change set whose token is not the current grant.
+    #[error("fenced: {0}")]
+    Fenced(String),
 }
 
 impl From<rusqlite::Error> for RelayError {
@@ -77,6 +88,8 @@ impl RelayError {
             RelayError::OriginReused(_) => ErrorCode::OriginReused,
             RelayError::TooLarge(_) => ErrorCode::TooLarge,
             RelayError::ShuttingDown => ErrorCode::ShuttingDown,
+            RelayError::Conflict { .. } => ErrorCode::Conflict,
+            RelayError::Fenced(_) => ErrorCode::Fenced,
             RelayError::Config(_)
             | RelayError::Store(_)
             | RelayError::Core(_)

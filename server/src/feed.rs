@@ -120,6 +120,8 @@ mod tests {
                 hlc: Hlc::new(1, 0),
                 base: 0,
                 schema_version: 1,
+                fence: None,
+                guarded: false,
                 rows: vec![ferry_core::RowChange {
                     table: "t".into(),
                     pk: "k".into(),

@@ -25,6 +25,8 @@ pub const HEAD: &str = "ferry_head";
 pub const REFUSED: &str = "ferry_refused_total";
 /// Connections closed with an error frame (counter, label `code`).
 pub const ERRORS: &str = "ferry_errors_total";
+/// Lease requests answered (counter, label `outcome`).
+pub const LEASES: &str = "ferry_lease_requests_total";
 /// Position the checksum state has applied (gauge).
 pub const SHADOW_POSITION: &str = "ferry_checksum_position";
 

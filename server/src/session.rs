@@ -253,7 +253,17 @@ async fn handshake(
     Ok((replica_id, grants, cursor))
 }
 
-fn now_ms() -> u64 {
+fn lease_kind(o: &ferry_core::protocol::LeaseOutcome) -> &'static str {
+    use ferry_core::protocol::LeaseOutcome as L;
+    match o {
+        L::Granted { .. } => "granted",
+        L::Busy { .. } => "busy",
+        L::Released { .. } => "released",
+        L::Lost { .. } => "lost",
+    }
+}
+
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -403,6 +413,15 @@ impl Conn {
                 self.send(&ServerMsg::Pong { nonce, head }).await?;
                 Ok(Turn::Continue)
             }
+            ClientMsg::Lease { nonce, request } => {
+                ferry_core::lease::validate(&request).map_err(|e| {
+                    Close::new(ErrorCode::BadFrame, format!("lease request refused: {e}"))
+                })?;
+                let outcome = self.shared.store.lease(self.replica, request).await?;
+                metrics::counter!(m::LEASES, "outcome" => lease_kind(&outcome)).increment(1);
+                self.send(&ServerMsg::Lease { nonce, outcome }).await?;
+                Ok(Turn::Continue)
+            }
             ClientMsg::Checksum { nonce } => {
                 let Some(shadow) = self.shared.shadow.clone() else {
                     return Err(Close::new(
@@ -509,10 +528,15 @@ impl Conn {
             }
             metrics::counter!(m::REFUSED, "code" => code.as_str()).increment(1);
             tracing::info!(replica = %self.replica, origin_seq, code = code.as_str(), error = %e, "push refused");
+            let conflict_seq = match &e {
+                RelayError::Conflict { seq, .. } => *seq,
+                _ => 0,
+            };
             self.send(&ServerMsg::Refused {
                 origin_seq,
                 code,
                 message: e.to_string(),
+                conflict_seq,
             })
             .await?;
         }

@@ -253,6 +253,8 @@ mirror_enum!(
         Foreign,
         /// Received from the relay.
         Remote,
+        /// This device's change sets, refused by the relay, rolled back.
+        Rollback,
     }
 );
 

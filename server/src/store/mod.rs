@@ -6,7 +6,11 @@
 //! * a push is idempotent on `(origin, origin_seq)`: a retry returns the first position, a
 //!   different change set under a used pair is refused as origin reuse;
 //! * per origin, `origin_seq` has no gaps;
-//! * a refused change set (authorization, validation) stores nothing.
+//! * a refused change set (authorization, validation, compare-and-set, stale fence) stores
+//!   nothing;
+//! * compare-and-set ([`ferry_core::cas`]) and fence checks ([`ferry_core::lease`]) run in
+//!   the sequencing transaction, against stamps and leases written by that same transaction
+//!   order, so they are linearizable.
 //!
 //! The SQLite store ([`sqlite::SqliteStore`]) is the default: one file, one writer thread with
 //! group commit, a pool of readers.
@@ -18,6 +22,7 @@ use crate::error::{RelayError, Result};
 use crate::feed::Feed;
 use crate::scoping::RowTag;
 use async_trait::async_trait;
+use ferry_core::protocol::{LeaseOutcome, LeaseRequest};
 use ferry_core::{ChangeSet, ReplicaId, Value};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -122,6 +127,9 @@ pub trait Store: Send + Sync + 'static {
         pk: &Value,
         before: u64,
     ) -> Result<Vec<Arc<StoredSet>>>;
+    /// Decides a (validated) lease request by `holder` on the relay's clock, durably and in
+    /// order with pushes (a grant and a fence check never race).
+    async fn lease(&self, holder: ReplicaId, request: LeaseRequest) -> Result<LeaseOutcome>;
     /// Highest origin_seq stored for `origin`.
     async fn max_origin_seq(&self, origin: ReplicaId) -> Result<u64>;
     /// Compacts history at or below `horizon` (see `compact`).

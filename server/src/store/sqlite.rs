@@ -15,7 +15,11 @@ use crate::feed::Feed;
 use crate::scoping::{self, RowScope, RowScopes, RowTag};
 use crate::store::{CompactReport, PushOutcome, Store, StoreStats, StoredSet};
 use async_trait::async_trait;
+use crate::session::now_ms;
+use ferry_core::cas::{self, CasIndex, CasUpdate, CellStamp, RowStamp};
 use ferry_core::hlc::Hlc;
+use ferry_core::lease::{self, LeaseState};
+use ferry_core::protocol::{LeaseOutcome, LeaseRequest};
 use ferry_core::{ChangeSet, ReplicaId, Value};
 use parking_lot::Mutex;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -25,7 +29,7 @@ use std::sync::mpsc;
 use tokio::sync::oneshot;
 
 /// Format version of the relay's SQLite file (`PRAGMA user_version`).
-const FORMAT: i64 = 1;
+const FORMAT: i64 = 2;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE sets(
@@ -49,6 +53,24 @@ CREATE TABLE meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT INTO meta VALUES ('horizon', 0);
 ";
 
+/// Version 2: compare-and-set stamps and leases.
+const SCHEMA_V2: &str = "
+CREATE TABLE cas_rows(
+    tbl TEXT NOT NULL, pk BLOB NOT NULL, cl INTEGER NOT NULL,
+    row_seq INTEGER NOT NULL, row_origin BLOB NOT NULL,
+    w_seq INTEGER NOT NULL, w_origin BLOB NOT NULL,
+    PRIMARY KEY (tbl, pk)
+) WITHOUT ROWID;
+CREATE TABLE cas_cells(
+    tbl TEXT NOT NULL, pk BLOB NOT NULL, col TEXT NOT NULL,
+    seq INTEGER NOT NULL, origin BLOB NOT NULL,
+    PRIMARY KEY (tbl, pk, col)
+) WITHOUT ROWID;
+CREATE TABLE leases(
+    name TEXT PRIMARY KEY, token INTEGER NOT NULL, holder BLOB NOT NULL, expires_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+";
+
 enum Job {
     Push {
         grants: Arc<Grants>,
@@ -59,6 +81,11 @@ enum Job {
         sets: Vec<(StoredSet, Vec<(String, Value)>)>,
         horizon: u64,
         reply: oneshot::Sender<Result<()>>,
+    },
+    Lease {
+        holder: ReplicaId,
+        request: LeaseRequest,
+        reply: oneshot::Sender<Result<LeaseOutcome>>,
     },
 }
 
@@ -101,9 +128,16 @@ fn upgrade(conn: &mut Connection) -> Result<()> {
             "store format {v} is newer than this relay understands ({FORMAT}); upgrade the relay"
         )));
     }
-    if v < 1 {
+    if v < FORMAT {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        tx.execute_batch(SCHEMA_V1)?;
+        if v < 1 {
+            tx.execute_batch(SCHEMA_V1)?;
+        }
+        if v < 2 {
+            // Stamps start empty: rows written before the upgrade are checked from their
+            // next write on.
+            tx.execute_batch(SCHEMA_V2)?;
+        }
         tx.pragma_update(None, "user_version", FORMAT)?;
         tx.commit()?;
     }
@@ -127,7 +161,7 @@ fn decode_set(seq: i64, body: &[u8]) -> Result<StoredSet> {
 }
 
 fn encode_set(s: &StoredSet) -> Result<Vec<u8>> {
-    Ok(rmp_serde::to_vec(&(&s.change_set, &s.tags))?)
+    Ok(rmp_serde::to_vec_named(&(&s.change_set, &s.tags))?)
 }
 
 impl SqliteStore {
@@ -263,6 +297,16 @@ impl Store for SqliteStore {
             Ok(out)
         })
         .await
+    }
+
+    async fn lease(&self, holder: ReplicaId, request: LeaseRequest) -> Result<LeaseOutcome> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Job::Lease {
+            holder,
+            request,
+            reply,
+        })?;
+        rx.await.map_err(|_| RelayError::ShuttingDown)?
     }
 
     async fn max_origin_seq(&self, origin: ReplicaId) -> Result<u64> {
@@ -404,6 +448,14 @@ impl Writer {
                         self.flush(std::mem::take(&mut pushes));
                         let _ = reply.send(self.rewrite(sets, horizon));
                     }
+                    Some(Job::Lease {
+                        holder,
+                        request,
+                        reply,
+                    }) => {
+                        self.flush(std::mem::take(&mut pushes));
+                        let _ = reply.send(self.lease(holder, &request));
+                    }
                     None => break,
                 }
                 if pushes.len() >= 256 {
@@ -471,6 +523,32 @@ impl Writer {
         tx.commit()?;
         self.head = head;
         Ok((all, stored))
+    }
+
+    fn lease(&mut self, holder: ReplicaId, request: &LeaseRequest) -> Result<LeaseOutcome> {
+        let name = match request {
+            LeaseRequest::Acquire { name, .. }
+            | LeaseRequest::Renew { name, .. }
+            | LeaseRequest::Release { name, .. } => name,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let state = load_lease(&tx, name)?;
+        let (outcome, next) = lease::decide(now_ms(), state, holder, request);
+        if let Some(n) = next {
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO leases(name, token, holder, expires_ms) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![
+                name,
+                n.token as i64,
+                n.holder.0.to_vec(),
+                n.expires_ms as i64
+            ])?;
+        }
+        tx.commit()?;
+        Ok(outcome)
     }
 
     fn rewrite(
@@ -561,6 +639,24 @@ fn sequence_one(
         }
         Err(e) => return Ok(One::Refused(e)),
     };
+    if let Some(f) = &cs.fence
+        && let Err(m) = lease::check_fence(now_ms(), load_lease(tx, &f.lease)?, f, cs.origin)
+    {
+        return Ok(One::Refused(RelayError::Fenced(m)));
+    }
+    let stamps = match cas::check(
+        |t| cat.tables.get(t).map(|t| &t.decl),
+        cs,
+        &mut SqlCas(tx),
+    )? {
+        Ok(u) => u,
+        Err(c) => {
+            return Ok(One::Refused(RelayError::Conflict {
+                message: c.to_string(),
+                seq: c.seq,
+            }));
+        }
+    };
     let stored = StoredSet {
         server_seq: next,
         change_set: cs.clone(),
@@ -591,6 +687,7 @@ fn sequence_one(
             s.origin.0.to_vec()
         ])?;
     }
+    record_stamps(tx, &stamps, next, cs.origin)?;
     for rc in &cs.rows {
         let scoped = cat
             .tables
@@ -604,4 +701,110 @@ fn sequence_one(
         }
     }
     Ok(One::New(stored))
+}
+
+fn load_lease(tx: &Connection, name: &str) -> Result<Option<LeaseState>> {
+    let row: Option<(i64, Vec<u8>, i64)> = tx
+        .prepare_cached("SELECT token, holder, expires_ms FROM leases WHERE name = ?1")?
+        .query_row([name], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    row.map(|(token, holder, expires)| {
+        Ok(LeaseState {
+            token: token as u64,
+            holder: ReplicaId::from_slice(&holder)
+                .ok_or_else(|| RelayError::Store("lease holder is not 16 bytes".into()))?,
+            expires_ms: expires as u64,
+        })
+    })
+    .transpose()
+}
+
+/// The compare-and-set stamps, read inside the sequencing transaction.
+struct SqlCas<'a>(&'a Connection);
+
+fn origin_of(b: &[u8]) -> ReplicaId {
+    ReplicaId::from_slice(b).unwrap_or(ReplicaId([0; 16]))
+}
+
+impl CasIndex for SqlCas<'_> {
+    fn row(&mut self, table: &str, pk: &Value) -> ferry_core::Result<Option<RowStamp>> {
+        let key = scoping::pk_key(pk).map_err(|e| ferry_core::Error::InvalidChangeSet(e.to_string()))?;
+        let row: Option<(i64, i64, Vec<u8>, i64, Vec<u8>)> = self
+            .0
+            .prepare_cached(
+                "SELECT cl, row_seq, row_origin, w_seq, w_origin FROM cas_rows WHERE tbl = ?1 AND pk = ?2",
+            )?
+            .query_row(params![table, key], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
+            .optional()?;
+        Ok(row.map(|(cl, rs, ro, ws, wo)| RowStamp {
+            cl: cl as u64,
+            row: CellStamp {
+                seq: rs as u64,
+                origin: origin_of(&ro),
+            },
+            write: CellStamp {
+                seq: ws as u64,
+                origin: origin_of(&wo),
+            },
+        }))
+    }
+
+    fn cells(&mut self, table: &str, pk: &Value) -> ferry_core::Result<Vec<(String, CellStamp)>> {
+        let key = scoping::pk_key(pk).map_err(|e| ferry_core::Error::InvalidChangeSet(e.to_string()))?;
+        let mut st = self
+            .0
+            .prepare_cached("SELECT col, seq, origin FROM cas_cells WHERE tbl = ?1 AND pk = ?2")?;
+        let rows = st.query_map(params![table, key], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (c, seq, o) = row?;
+            out.push((
+                c,
+                CellStamp {
+                    seq: seq as u64,
+                    origin: origin_of(&o),
+                },
+            ));
+        }
+        Ok(out)
+    }
+}
+
+/// Writes the stamps of a change set sequenced at `seq`.
+fn record_stamps(tx: &Connection, stamps: &[CasUpdate], seq: u64, origin: ReplicaId) -> Result<()> {
+    let o = origin.0.to_vec();
+    for u in stamps {
+        let key = scoping::pk_key(&u.pk)?;
+        if u.row_level {
+            tx.prepare_cached("DELETE FROM cas_cells WHERE tbl = ?1 AND pk = ?2")?
+                .execute(params![u.table, key])?;
+            tx.prepare_cached(
+                "INSERT INTO cas_rows(tbl, pk, cl, row_seq, row_origin, w_seq, w_origin) VALUES (?1, ?2, ?3, ?4, ?5, ?4, ?5)
+                 ON CONFLICT (tbl, pk) DO UPDATE SET cl = excluded.cl, row_seq = excluded.row_seq, row_origin = excluded.row_origin,
+                 w_seq = excluded.w_seq, w_origin = excluded.w_origin",
+            )?
+            .execute(params![u.table, key, u.cl as i64, seq as i64, o])?;
+        } else if u.write {
+            tx.prepare_cached(
+                "INSERT INTO cas_rows(tbl, pk, cl, row_seq, row_origin, w_seq, w_origin) VALUES (?1, ?2, ?3, 0, x'', ?4, ?5)
+                 ON CONFLICT (tbl, pk) DO UPDATE SET cl = excluded.cl, w_seq = excluded.w_seq, w_origin = excluded.w_origin",
+            )?
+            .execute(params![u.table, key, u.cl as i64, seq as i64, o])?;
+        }
+        for c in &u.cells {
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO cas_cells(tbl, pk, col, seq, origin) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![u.table, key, c, seq as i64, o])?;
+        }
+    }
+    Ok(())
 }

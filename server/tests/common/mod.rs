@@ -299,6 +299,8 @@ pub mod raw {
             hlc: ferry_core::Hlc::new(ferry_relay::auth::now_secs() * 1000, 0),
             base: 0,
             schema_version: 1,
+            fence: None,
+            guarded: false,
             rows: vec![RowChange {
                 table: table.into(),
                 pk: Value::Text(pk.into()),

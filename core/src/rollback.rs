@@ -1,0 +1,489 @@
+//! Rolling back strict writes the relay refused.
+//!
+//! A write to a `server_checked` table, or one guarded by a lease, is applied on the device at
+//! once (optimistically) and may later be refused by the relay: a change it had not seen
+//! touched the same cells (compare-and-set), or its lease token is stale. The replica must
+//! then take it back exactly, as if it had never been made, because no other replica will
+//! ever see it.
+//!
+//! To make that possible such a change set is *guarded*: when it is materialized, each row it
+//! touches keeps its before-image (values) and its merge metadata as they were
+//! (`ferry_undo`). While a guarded change set is pending, every later local change set is
+//! guarded too, so anything written on top of it can be taken back with it.
+//!
+//! Withdrawing change set N:
+//! * N and every later pending change set that wrote one of the same rows (transitively) are
+//!   withdrawn together, newest first — they were made on top of N;
+//! * each is undone row by row: a row-level operation (insert, delete) is reverted when the
+//!   row is still in the incarnation it made; a cell is restored when its current version is
+//!   still the withdrawn change's (a later remote write stays); counter additions are
+//!   subtracted;
+//! * each keeps its place in the origin's sequence as an empty change set (so `origin_seq`
+//!   stays gap-free and the relay sees the withdrawal), its reason is stored (`rejected`),
+//!   and every withdrawn cell or row is written to the conflict log.
+//!
+//! Remote changes never have to be merged "under" a guarded change: when a remote change
+//! that the relay's rule says dooms a pending guarded change set arrives (see [`doomed`],
+//! the same rule as [`crate::cas::check`]), that change set is withdrawn first, before the
+//! remote change is merged. Remote changes it does not doom (counter additions, other cells
+//! of a `server_checked` row) touch nothing the undo restores.
+
+use crate::capture::{Before, read_row};
+use crate::catalog::{Catalog, TableInfo};
+use crate::changeset::{Cell, ChangeSet, RowChange, RowOp};
+use crate::conflict::{self, Conflict, ConflictKind, Side, Winner};
+use crate::error::{Error, Result};
+use crate::hlc::Hlc;
+use crate::ids::ReplicaId;
+use crate::rowmeta::RowMeta;
+use crate::rows::{self, Stored};
+use crate::schema::TableMode;
+use crate::value::Value;
+use crate::vv::Version;
+use rusqlite::{Connection, OptionalExtension, params};
+use std::collections::{BTreeSet, HashSet};
+
+/// Keeps a row's before-image and metadata for the guarded change set at log row `seq`.
+pub(crate) fn keep_undo(
+    conn: &Connection,
+    seq: i64,
+    t: &TableInfo,
+    pk: &Value,
+    before: Option<&Before>,
+    prior: Option<&Stored>,
+) -> Result<()> {
+    let before = match before {
+        Some(b) => Some(rmp_serde::to_vec(b)?),
+        None => None,
+    };
+    let tomb = match prior.and_then(|p| p.tomb.as_ref()) {
+        Some(t) => Some(rmp_serde::to_vec(t)?),
+        None => None,
+    };
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO ferry_undo(seq, tbl, pk, before, prior_cl, prior_meta, prior_tomb)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        seq,
+        t.id,
+        pk,
+        before,
+        prior.map(|p| p.meta.cl as i64),
+        prior.map(|p| p.meta.encode()),
+        tomb
+    ])?;
+    Ok(())
+}
+
+/// A row's undo record.
+struct Undo {
+    before: Option<Before>,
+    prior: Option<Stored>,
+}
+
+impl Undo {
+    fn prior_cl(&self) -> u64 {
+        self.prior.as_ref().map_or(0, |p| p.meta.cl)
+    }
+}
+
+type UndoRow = (Option<Vec<u8>>, Option<i64>, Option<Vec<u8>>, Option<Vec<u8>>);
+
+fn load_undo(conn: &Connection, seq: i64, t: &TableInfo, pk: &Value) -> Result<Option<Undo>> {
+    let row: Option<UndoRow> = conn
+        .prepare_cached(
+            "SELECT before, prior_cl, prior_meta, prior_tomb FROM ferry_undo WHERE tbl = ?1 AND pk = ?2 AND seq = ?3",
+        )?
+        .query_row(params![t.id, pk, seq], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
+        .optional()?;
+    let Some((before, cl, meta, tomb)) = row else {
+        return Ok(None);
+    };
+    let before = match before {
+        Some(b) => Some(rmp_serde::from_slice(&b)?),
+        None => None,
+    };
+    let prior = match (cl, meta) {
+        (Some(cl), Some(meta)) => Some(Stored {
+            meta: RowMeta::decode(cl as u64, &meta)?,
+            tomb: match tomb {
+                Some(t) => Some(rmp_serde::from_slice(&t)?),
+                None => None,
+            },
+        }),
+        _ => None,
+    };
+    Ok(Some(Undo { before, prior }))
+}
+
+/// The log row a version belongs to (following a change re-issued under a new replica id).
+fn log_seq_of(conn: &Connection, v: &Version) -> Option<i64> {
+    let row: Option<(i64, Option<i64>)> = conn
+        .prepare_cached("SELECT seq, reissued FROM ferry_log WHERE origin = ?1 AND origin_seq = ?2")
+        .and_then(|mut st| {
+            st.query_row(params![v.origin, v.origin_seq as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()
+        })
+        .ok()
+        .flatten();
+    row.map(|(seq, re)| re.unwrap_or(seq))
+}
+
+/// A pending local change set.
+struct Pending {
+    seq: i64,
+    cs: ChangeSet,
+}
+
+fn pending(conn: &Connection) -> Result<Vec<Pending>> {
+    let mut st = conn.prepare_cached(
+        "SELECT seq, wire FROM ferry_log WHERE server_seq IS NULL AND reissued IS NULL AND rejected IS NULL
+         AND wire IS NOT NULL ORDER BY seq",
+    )?;
+    let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (seq, wire) = row?;
+        out.push(Pending {
+            seq,
+            cs: rmp_serde::from_slice(&wire)?,
+        });
+    }
+    Ok(out)
+}
+
+/// What a withdrawal did.
+#[derive(Debug, Default)]
+pub struct Withdrawal {
+    /// `origin_seq`s withdrawn (the refused one first).
+    pub withdrawn: Vec<u64>,
+    /// Tables whose rows changed.
+    pub tables: BTreeSet<String>,
+    /// Conflict-log entries written.
+    pub conflicts: Vec<Conflict>,
+}
+
+/// Identity of this replica inside the withdrawal.
+pub struct Me {
+    /// Replica id.
+    pub id: ReplicaId,
+    /// Its intern number.
+    pub num: u32,
+    /// The cursor (base of the placeholders).
+    pub cursor: u64,
+}
+
+/// Withdraws the pending change set `origin_seq` and those written on top of it (see the
+/// module docs). `policy` names the mechanism (`server_checked`, `lease`), `reason` the
+/// relay's explanation. Runs inside the caller's write transaction, after materialize.
+/// Returns an empty withdrawal when the change set is not pending (already withdrawn or
+/// acknowledged).
+pub(crate) fn withdraw(
+    conn: &Connection,
+    cat: &Catalog,
+    me: &Me,
+    origin_seq: u64,
+    policy: &str,
+    reason: &str,
+) -> Result<Withdrawal> {
+    let all = pending(conn)?;
+    let Some(first) = all.iter().position(|p| p.cs.origin_seq == origin_seq) else {
+        return Ok(Withdrawal::default());
+    };
+    let key = |rc: &RowChange| (rc.table.clone(), rmp_serde::to_vec(&rc.pk).unwrap_or_default());
+    let mut rows: HashSet<(String, Vec<u8>)> = all[first].cs.rows.iter().map(key).collect();
+    let mut chain = vec![&all[first]];
+    for p in &all[first + 1..] {
+        if p.cs.rows.iter().any(|rc| rows.contains(&key(rc))) {
+            rows.extend(p.cs.rows.iter().map(key));
+            chain.push(p);
+        }
+    }
+    let mut out = Withdrawal::default();
+    for p in chain.iter().rev() {
+        let why = if p.seq == all[first].seq {
+            reason.to_owned()
+        } else {
+            format!(
+                "withdrawn with change set {origin_seq}, which it was written on top of: {reason}"
+            )
+        };
+        undo_set(conn, cat, me, p, policy, &why, &mut out)?;
+        let placeholder = ChangeSet {
+            rows: Vec::new(),
+            base: me.cursor,
+            fence: None,
+            guarded: false,
+            ..p.cs.clone()
+        };
+        conn.prepare_cached(
+            "UPDATE ferry_log SET rejected = ?1, wire = ?2, guarded = 0 WHERE seq = ?3",
+        )?
+        .execute(params![why, rmp_serde::to_vec_named(&placeholder)?, p.seq])?;
+        conn.prepare_cached("DELETE FROM ferry_undo WHERE seq = ?1")?
+            .execute([p.seq])?;
+    }
+    out.withdrawn = chain.iter().map(|p| p.cs.origin_seq).collect();
+    out.withdrawn.sort_unstable();
+    tracing::info!(origin_seq, withdrawn = ?out.withdrawn, policy, reason, "refused change sets rolled back");
+    Ok(out)
+}
+
+fn undo_set(
+    conn: &Connection,
+    cat: &Catalog,
+    me: &Me,
+    p: &Pending,
+    policy: &str,
+    why: &str,
+    out: &mut Withdrawal,
+) -> Result<()> {
+    let mine = |v: &Version| log_seq_of(conn, v) == Some(p.seq);
+    for rc in p.cs.rows.iter().rev() {
+        let t = cat.table(&rc.table)?;
+        let mut log = |column: Option<&str>, rejected: Value, kept: Value| -> Result<()> {
+            let c = conflict::record(
+                conn,
+                Conflict {
+                    id: 0,
+                    table: rc.table.clone(),
+                    pk: rc.pk.clone(),
+                    column: column.map(str::to_owned),
+                    kind: ConflictKind::Rejected,
+                    policy: policy.to_owned(),
+                    local: Side {
+                        value: rejected,
+                        hlc: p.cs.hlc,
+                        origin: me.id,
+                    },
+                    remote: Side {
+                        value: kept,
+                        hlc: Hlc(0),
+                        origin: ReplicaId([0; 16]),
+                    },
+                    winner: Winner::Remote,
+                    resolution: Some(why.to_owned()),
+                },
+            )?;
+            out.conflicts.push(c);
+            Ok(())
+        };
+        let Some(undo) = load_undo(conn, p.seq, t, &rc.pk)? else {
+            tracing::error!(table = %rc.table, pk = %rc.pk.describe(), "no before-image kept; the row cannot be rolled back");
+            log(
+                None,
+                Value::Null,
+                Value::Text("not rolled back: no before-image (written by another connection)".into()),
+            )?;
+            continue;
+        };
+        let Some(mut s) = rows::load(conn, t, &rc.pk)? else {
+            continue;
+        };
+        let row_level = matches!(rc.op, RowOp::Delete) || rc.cl != undo.prior_cl();
+        let col_value = |vals: &Option<Vec<Value>>, i: usize| {
+            vals.as_ref()
+                .and_then(|v| v.get(i).cloned())
+                .unwrap_or(Value::Null)
+        };
+        if row_level {
+            if s.meta.cl != rc.cl || !s.meta.row.as_ref().is_some_and(|v| mine(v)) {
+                continue; // a later incarnation replaced it: nothing of it is left
+            }
+            match &undo.before {
+                Some(Before::Absent) => rows::delete_row(conn, t, &rc.pk)?,
+                Some(Before::Row(vals)) => {
+                    let cells: Vec<(usize, Value)> = vals
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| *i != t.pk)
+                        .map(|(i, v)| (i, v.clone()))
+                        .collect();
+                    rows::insert_row(conn, t, &rc.pk, &cells)?;
+                }
+                None => {}
+            }
+            match &undo.prior {
+                Some(prior) => rows::store(conn, t, &rc.pk, prior)?,
+                None => rows::forget(conn, t, &rc.pk)?,
+            }
+            let after = read_row(conn, t, &rc.pk)?;
+            match &rc.op {
+                RowOp::Delete => log(None, Value::Null, Value::Text("row restored".into()))?,
+                RowOp::Upsert(cells) => {
+                    for c in cells {
+                        if let Cell::Set(name, v) = c {
+                            log(Some(name), v.clone(), col_value(&after, t.col(name)?))?;
+                        }
+                    }
+                }
+            }
+        } else {
+            if s.meta.cl != rc.cl {
+                continue;
+            }
+            let RowOp::Upsert(cells) = &rc.op else {
+                continue;
+            };
+            let before_vals = match &undo.before {
+                Some(Before::Row(v)) => Some(v.clone()),
+                _ => None,
+            };
+            let mut sets = Vec::new();
+            let mut adds = Vec::new();
+            for c in cells {
+                let i = t.col(c.column())?;
+                match c {
+                    Cell::Add(_, d) => adds.push((i, d.wrapping_neg())),
+                    Cell::Set(name, v) => {
+                        let is_mine = s
+                            .meta
+                            .cells
+                            .iter()
+                            .any(|(col, cv)| *col == i as u32 && mine(cv));
+                        if !is_mine {
+                            continue; // written since by someone else: that value stays
+                        }
+                        let restored = col_value(&before_vals, i);
+                        if before_vals.is_some() {
+                            sets.push((i, restored.clone()));
+                        }
+                        s.meta.cells.retain(|(col, _)| *col != i as u32);
+                        let prior_cell = undo.prior.as_ref().and_then(|p| {
+                            p.meta.cells.iter().find(|(col, _)| *col == i as u32).copied()
+                        });
+                        if let Some(pc) = prior_cell {
+                            s.meta.cells.push(pc);
+                        }
+                        log(Some(name), v.clone(), restored)?;
+                    }
+                }
+            }
+            s.meta.writes.retain(|w| !mine(w));
+            if let Some(prior) = &undo.prior {
+                for w in &prior.meta.writes {
+                    if w.origin == me.num && !s.meta.writes.iter().any(|x| x.origin == w.origin) {
+                        s.meta.writes.push(*w);
+                    }
+                }
+            }
+            rows::update_row(conn, t, &rc.pk, &sets, &adds)?;
+            rows::store(conn, t, &rc.pk, &s)?;
+        }
+        out.tables.insert(rc.table.clone());
+    }
+    Ok(())
+}
+
+/// The pending guarded change sets (by `origin_seq`, oldest first) that the remote change
+/// `rc`, sequenced at `seq` by another origin, dooms: the relay will refuse them, because the
+/// rule of [`crate::cas::check`] says `rc` conflicts with them. Only change sets still
+/// unacknowledged are considered (an acknowledged one was accepted after `rc` or saw it).
+pub(crate) fn doomed(conn: &Connection, t: &TableInfo, rc: &RowChange) -> Result<Vec<u64>> {
+    let mut st = conn.prepare_cached(
+        "SELECT u.seq, u.prior_cl, l.wire FROM ferry_undo u JOIN ferry_log l ON l.seq = u.seq
+         WHERE u.tbl = ?1 AND u.pk = ?2 AND l.guarded = 1 AND l.rejected IS NULL
+         AND l.server_seq IS NULL AND l.wire IS NOT NULL ORDER BY u.seq",
+    )?;
+    let found: Vec<(i64, Option<i64>, Vec<u8>)> = st
+        .query_map(params![t.id, rc.pk], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let strict = t.mode() == TableMode::ServerChecked;
+    let sets = |rc: &RowChange| -> Vec<String> {
+        match &rc.op {
+            RowOp::Upsert(cells) => cells
+                .iter()
+                .filter_map(|c| match c {
+                    Cell::Set(n, _) => Some(n.clone()),
+                    Cell::Add(..) => None,
+                })
+                .collect(),
+            RowOp::Delete => Vec::new(),
+        }
+    };
+    let remote_sets = sets(rc);
+    let mut out = Vec::new();
+    for (_, prior_cl, wire) in found {
+        let cs: ChangeSet = rmp_serde::from_slice(&wire)?;
+        let Some(mine) = cs
+            .rows
+            .iter()
+            .find(|r| r.table == t.name() && r.pk == rc.pk)
+        else {
+            continue;
+        };
+        let prior_cl = prior_cl.unwrap_or(0) as u64;
+        let remote_row = matches!(rc.op, RowOp::Delete) || rc.cl != prior_cl;
+        let mine_row = matches!(mine.op, RowOp::Delete) || mine.cl != prior_cl;
+        let hit = if strict {
+            let my_sets = sets(mine);
+            remote_row
+                || (!remote_sets.is_empty()
+                    && (mine_row || remote_sets.iter().any(|c| my_sets.contains(c))))
+        } else {
+            remote_row || !remote_sets.is_empty()
+        };
+        if hit {
+            out.push(cs.origin_seq);
+        }
+    }
+    Ok(out)
+}
+
+/// True while a guarded change set is pending (new writes are then guarded too).
+pub(crate) fn guard_pending(conn: &Connection) -> Result<bool> {
+    Ok(conn
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM ferry_log WHERE guarded = 1 AND server_seq IS NULL AND rejected IS NULL AND reissued IS NULL)")?
+        .query_row([], |r| r.get(0))?)
+}
+
+/// Drops the undo records of an acknowledged change set.
+pub(crate) fn forget_acked(conn: &Connection, origin: u32, origin_seq: u64) -> Result<()> {
+    conn.prepare_cached(
+        "DELETE FROM ferry_undo WHERE seq = (SELECT seq FROM ferry_log WHERE origin = ?1 AND origin_seq = ?2)",
+    )?
+    .execute(params![origin, origin_seq as i64])?;
+    Ok(())
+}
+
+/// The relay's verdict on one of this replica's change sets, by change id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Not decided yet (not pushed, or no answer yet).
+    Pending,
+    /// Sequenced at this relay position.
+    Accepted(u64),
+    /// Refused and rolled back, with the reason.
+    Rejected(String),
+}
+
+/// Reads the verdict of the change set with ULID `id`.
+pub(crate) fn verdict(conn: &Connection, id: &[u8; 16]) -> Result<Verdict> {
+    let row: Option<(Option<i64>, Option<String>, Option<i64>)> = conn
+        .prepare_cached("SELECT server_seq, rejected, reissued FROM ferry_log WHERE id = ?1")?
+        .query_row([id.to_vec()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    match row {
+        None => Err(Error::InvalidInput(
+            "no change set with that id on this replica".into(),
+        )),
+        Some((_, Some(why), _)) => Ok(Verdict::Rejected(why)),
+        Some((Some(s), None, _)) => Ok(Verdict::Accepted(s as u64)),
+        Some((None, None, Some(re))) => {
+            let id: Vec<u8> = conn.query_row("SELECT id FROM ferry_log WHERE seq = ?1", [re], |r| {
+                r.get(0)
+            })?;
+            let id: [u8; 16] = id
+                .as_slice()
+                .try_into()
+                .map_err(|_| Error::Corrupt("change set id is not 16 bytes".into()))?;
+            verdict(conn, &id)
+        }
+        Some((None, None, None)) => Ok(Verdict::Pending),
+    }
+}
