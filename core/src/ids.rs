@@ -63,6 +63,8 @@ impl std::str::FromStr for ChangeId {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         ulid::Ulid::from_string(s)
             .map(|u| ChangeId(u.to_bytes()))
-            .map_err(|e| crate::error::Error::InvalidInput(format!("`{s}` is not a change id: {e}")))
+            .map_err(|e| {
+                crate::error::Error::InvalidInput(format!("`{s}` is not a change id: {e}"))
+            })
     }
 }

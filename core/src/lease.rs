@@ -188,7 +188,13 @@ mod tests {
         let (out, s1) = decide(1000, None, a, &acquire("l", 100));
         assert!(matches!(out, LeaseOutcome::Granted { token: 1, .. }));
         let (out, none) = decide(1050, s1, b, &acquire("l", 100));
-        assert!(matches!(out, LeaseOutcome::Busy { retry_after_ms: 50, .. }));
+        assert!(matches!(
+            out,
+            LeaseOutcome::Busy {
+                retry_after_ms: 50,
+                ..
+            }
+        ));
         assert!(none.is_none());
         let fence = Fence {
             lease: "l".into(),
@@ -219,7 +225,11 @@ mod tests {
             lease: "l".into(),
             token: 2,
         };
-        assert!(check_fence(1150, s3, &f2, b).unwrap_err().contains("expired"));
+        assert!(
+            check_fence(1150, s3, &f2, b)
+                .unwrap_err()
+                .contains("expired")
+        );
         let (out, _) = decide(1151, s3, a, &acquire("l", 100));
         assert!(matches!(out, LeaseOutcome::Granted { token: 3, .. }));
     }

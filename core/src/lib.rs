@@ -25,8 +25,8 @@ pub mod observer;
 pub mod protocol;
 pub mod replica;
 pub mod resolver;
-pub mod rowmeta;
 pub mod rollback;
+pub mod rowmeta;
 pub mod rows;
 pub mod schema;
 pub mod scope;
@@ -43,15 +43,15 @@ pub use error::{Error, Result};
 pub use hlc::{Hlc, WallClock};
 pub use ids::{ChangeId, ReplicaId, new_id};
 pub use observer::{ChangeEvent, ChangeSource, Observer, Rows, Subscription};
-pub use rollback::Verdict;
 pub use replica::{ApplyReport, OpenOptions, Prepared, RefusalAction, Replica, WriteTx};
 pub use resolver::{ConflictInput, Resolution, Resolver};
+pub use rollback::Verdict;
 pub use schema::{
     ColumnDecl, ColumnType, DeleteRule, Migration, Policy, Schema, TableDecl, TableMode,
 };
 pub use transaction::Transaction;
 pub use transport::{
-    ConnState, Lease, StatusObserver, SyncError, SyncHandle, SyncOptions, SyncStatus, TokenProvider,
-    Verification,
+    ConnState, Lease, StatusObserver, SyncError, SyncHandle, SyncOptions, SyncStatus,
+    TokenProvider, Verification,
 };
 pub use value::Value;

@@ -54,7 +54,14 @@ pub fn run(
             let table = t.name().to_owned();
             let stored = rows::load(conn, t, &lr.pk)?;
             if guarded {
-                crate::rollback::keep_undo(conn, row, t, &lr.pk, lr.before.as_ref(), stored.as_ref())?;
+                crate::rollback::keep_undo(
+                    conn,
+                    row,
+                    t,
+                    &lr.pk,
+                    lr.before.as_ref(),
+                    stored.as_ref(),
+                )?;
             }
             let cl_local = stored.as_ref().map_or(0, |s| s.meta.cl);
             let alive = cl_local % 2 == 1;

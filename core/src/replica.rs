@@ -16,14 +16,14 @@ use crate::db;
 use crate::error::{Error, Result};
 use crate::hlc::{CorrectedClock, Hlc, HlcState, SystemClock, WallClock};
 use crate::ids::{ChangeId, ReplicaId};
-use crate::protocol::ErrorCode;
-use crate::rollback::Verdict;
 use crate::materialize;
 use crate::observer::{
     ChangeEvent, ChangeSource, Observer, Registry, Rows, Subscription, Watch, WatchCallback,
 };
+use crate::protocol::ErrorCode;
 use crate::protocol::Move;
 use crate::resolver::{ConflictInput, Resolution, Resolver};
+use crate::rollback::Verdict;
 use crate::rows::Origins;
 use crate::schema::{Schema, TableMode, quote};
 use crate::transaction::{Transaction, thread_token};
@@ -1321,9 +1321,9 @@ impl Db {
                     if let Some(now) = current.as_ref().and_then(|r| r.get(i)) {
                         *v = now.clone();
                     }
-                    let later_own = m.cell(i as u32).is_some_and(|cv| {
-                        cv.origin == self.me_num && cv.origin_seq > origin_seq
-                    });
+                    let later_own = m
+                        .cell(i as u32)
+                        .is_some_and(|cv| cv.origin == self.me_num && cv.origin_seq > origin_seq);
                     if !later_own && m.cl == rc.cl {
                         m.set_cell(i as u32, new);
                     }
@@ -1342,7 +1342,11 @@ impl Db {
                 seq
             ])?;
         db::meta_set(&self.conn, "hlc", self.clock.last().0 as i64)?;
-        tracing::info!(origin_seq, base = self.cursor, "change set rebased after a custom-column conflict");
+        tracing::info!(
+            origin_seq,
+            base = self.cursor,
+            "change set rebased after a custom-column conflict"
+        );
         Ok(true)
     }
 
@@ -1710,7 +1714,15 @@ impl Db {
                      WHERE server_seq IS NULL AND reissued IS NULL ORDER BY seq",
                 )?
                 .query_map([], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                    ))
                 })?
                 .collect::<rusqlite::Result<_>>()?;
             let mut oseq = 1u64;

@@ -88,7 +88,12 @@ impl Undo {
     }
 }
 
-type UndoRow = (Option<Vec<u8>>, Option<i64>, Option<Vec<u8>>, Option<Vec<u8>>);
+type UndoRow = (
+    Option<Vec<u8>>,
+    Option<i64>,
+    Option<Vec<u8>>,
+    Option<Vec<u8>>,
+);
 
 fn load_undo(conn: &Connection, seq: i64, t: &TableInfo, pk: &Value) -> Result<Option<Undo>> {
     let row: Option<UndoRow> = conn
@@ -195,7 +200,12 @@ pub(crate) fn withdraw(
     let Some(first) = all.iter().position(|p| p.cs.origin_seq == origin_seq) else {
         return Ok(Withdrawal::default());
     };
-    let key = |rc: &RowChange| (rc.table.clone(), rmp_serde::to_vec(&rc.pk).unwrap_or_default());
+    let key = |rc: &RowChange| {
+        (
+            rc.table.clone(),
+            rmp_serde::to_vec(&rc.pk).unwrap_or_default(),
+        )
+    };
     let mut rows: HashSet<(String, Vec<u8>)> = all[first].cs.rows.iter().map(key).collect();
     let mut chain = vec![&all[first]];
     for p in &all[first + 1..] {
@@ -278,7 +288,9 @@ fn undo_set(
             log(
                 None,
                 Value::Null,
-                Value::Text("not rolled back: no before-image (written by another connection)".into()),
+                Value::Text(
+                    "not rolled back: no before-image (written by another connection)".into(),
+                ),
             )?;
             continue;
         };
@@ -355,7 +367,11 @@ fn undo_set(
                         }
                         s.meta.cells.retain(|(col, _)| *col != i as u32);
                         let prior_cell = undo.prior.as_ref().and_then(|p| {
-                            p.meta.cells.iter().find(|(col, _)| *col == i as u32).copied()
+                            p.meta
+                                .cells
+                                .iter()
+                                .find(|(col, _)| *col == i as u32)
+                                .copied()
                         });
                         if let Some(pc) = prior_cell {
                             s.meta.cells.push(pc);
@@ -391,7 +407,9 @@ pub(crate) fn doomed(conn: &Connection, t: &TableInfo, rc: &RowChange) -> Result
          AND l.server_seq IS NULL AND l.wire IS NOT NULL ORDER BY u.seq",
     )?;
     let found: Vec<(i64, Option<i64>, Vec<u8>)> = st
-        .query_map(params![t.id, rc.pk], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .query_map(params![t.id, rc.pk], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?
         .collect::<rusqlite::Result<_>>()?;
     let strict = t.mode() == TableMode::ServerChecked;
     let sets = |rc: &RowChange| -> Vec<String> {
@@ -475,9 +493,10 @@ pub(crate) fn verdict(conn: &Connection, id: &[u8; 16]) -> Result<Verdict> {
         Some((_, Some(why), _)) => Ok(Verdict::Rejected(why)),
         Some((Some(s), None, _)) => Ok(Verdict::Accepted(s as u64)),
         Some((None, None, Some(re))) => {
-            let id: Vec<u8> = conn.query_row("SELECT id FROM ferry_log WHERE seq = ?1", [re], |r| {
-                r.get(0)
-            })?;
+            let id: Vec<u8> =
+                conn.query_row("SELECT id FROM ferry_log WHERE seq = ?1", [re], |r| {
+                    r.get(0)
+                })?;
             let id: [u8; 16] = id
                 .as_slice()
                 .try_into()

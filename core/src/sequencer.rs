@@ -85,8 +85,12 @@ impl Sequencer {
             return self.push(cs).map(Ok);
         }
         if let Some(f) = &cs.fence
-            && let Err(message) =
-                lease::check_fence(self.now_ms, self.leases.get(&f.lease).copied(), f, cs.origin)
+            && let Err(message) = lease::check_fence(
+                self.now_ms,
+                self.leases.get(&f.lease).copied(),
+                f,
+                cs.origin,
+            )
         {
             return Ok(Err(Refusal {
                 code: ErrorCode::Fenced,
@@ -259,8 +263,12 @@ impl Sequencer {
                     | crate::protocol::LeaseRequest::Renew { name, .. }
                     | crate::protocol::LeaseRequest::Release { name, .. } => name.clone(),
                 };
-                let (outcome, next): (LeaseOutcome, _) =
-                    lease::decide(self.now_ms, self.leases.get(&name).copied(), holder, &request);
+                let (outcome, next): (LeaseOutcome, _) = lease::decide(
+                    self.now_ms,
+                    self.leases.get(&name).copied(),
+                    holder,
+                    &request,
+                );
                 if let Some(n) = next {
                     self.leases.insert(name, n);
                 }

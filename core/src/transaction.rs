@@ -11,8 +11,8 @@
 
 use crate::changeset::Fence;
 use crate::error::{Error, Result};
-use crate::ids::ChangeId;
 use crate::hlc::CorrectedClock;
+use crate::ids::ChangeId;
 use crate::observer::{Registry, Rows};
 use crate::replica::{Db, Notes, collect_watches, deliver};
 use crate::value::Value;

@@ -22,16 +22,18 @@
 //! # Ok(()) }
 //! ```
 
-use crate::error::{Error, Result};
-use crate::observer::{ChangeEvent, ChangeSource, Observer};
 use crate::changeset::Fence;
+use crate::error::{Error, Result};
 use crate::ids::ChangeId;
 use crate::lease;
-use crate::protocol::{ClientMsg, ErrorCode, LeaseOutcome, LeaseRequest, MAX_FRAME_BYTES, ServerMsg};
+use crate::observer::{ChangeEvent, ChangeSource, Observer};
+use crate::protocol::{
+    ClientMsg, ErrorCode, LeaseOutcome, LeaseRequest, MAX_FRAME_BYTES, ServerMsg,
+};
 use crate::replica::Replica;
 use crate::rollback::Verdict;
-use crate::transaction::Transaction;
 use crate::sync::{Phase, Refusal, RemoteChecksum, SyncClient};
+use crate::transaction::Transaction;
 use futures_util::{SinkExt, StreamExt};
 use parking_lot::Mutex;
 use rand::RngExt;
@@ -533,7 +535,9 @@ impl SyncHandle {
             .send(Command::Lease(request, tx))
             .map_err(|_| Error::Transport("sync stopped".into()))?;
         rx.await.map_err(|_| {
-            Error::Transport("the connection closed before the relay answered the lease request".into())
+            Error::Transport(
+                "the connection closed before the relay answered the lease request".into(),
+            )
         })
     }
 

@@ -137,7 +137,11 @@ impl World {
                     return;
                 }
                 let step = client.handle(rep, reply).unwrap();
-                assert!(step.refused.is_none(), "unexpected refusal {:?}", step.refused);
+                assert!(
+                    step.refused.is_none(),
+                    "unexpected refusal {:?}",
+                    step.refused
+                );
                 outbox.extend(step.send);
             }
             if outbox.is_empty()
@@ -207,8 +211,16 @@ fn run(n: usize, actions: &[Action]) {
     fresh.apply_remote(0, up_to, &log).unwrap();
     let truth = fresh.dump().unwrap();
     for (i, r) in w.replicas.iter().enumerate() {
-        assert_eq!(r.pending_count().unwrap(), 0, "replica {i} still has pending changes");
-        assert_eq!(r.dump().unwrap(), truth, "replica {i} diverged from the relay's log");
+        assert_eq!(
+            r.pending_count().unwrap(),
+            0,
+            "replica {i} still has pending changes"
+        );
+        assert_eq!(
+            r.dump().unwrap(),
+            truth,
+            "replica {i} diverged from the relay's log"
+        );
     }
 
     // Linearizability of the checked cells: every accepted write is the previous value + 1.

@@ -67,12 +67,8 @@ pub fn validate(cat: &RelayCatalog, cs: &ChangeSet, max_ops: usize) -> Result<()
             "origin_seq starts at 1".into(),
         ));
     }
-    if cs.rows.is_empty() {
-        return Err(RelayError::InvalidChangeSet(format!(
-            "change set {} of origin {} has no rows",
-            cs.origin_seq, cs.origin
-        )));
-    }
+    // An empty change set is legitimate: it is how a replica withdraws a refused one while
+    // keeping its origin_seq sequence gap-free (see `ferry_core::rollback`).
     let ops = cs.op_count();
     if ops > max_ops {
         return Err(RelayError::TooLarge(format!(

@@ -355,16 +355,6 @@ fn hostile_input_gets_clear_errors_and_harms_nothing() {
                 "ahead",
             ),
             (
-                "empty change set",
-                {
-                    let mut c = cs(me, 1, "tag", "k", 1, vec![]);
-                    c.rows.clear();
-                    c
-                },
-                ErrorCode::InvalidChangeSet,
-                "no rows",
-            ),
-            (
                 "read_only table",
                 cs(me, 1, "price", "p1", 1, vec![set("cents", 100.into())]),
                 ErrorCode::Forbidden,

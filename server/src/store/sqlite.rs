@@ -13,9 +13,9 @@ use crate::compact::Pruner;
 use crate::error::{RelayError, Result};
 use crate::feed::Feed;
 use crate::scoping::{self, RowScope, RowScopes, RowTag};
+use crate::session::now_ms;
 use crate::store::{CompactReport, PushOutcome, Store, StoreStats, StoredSet};
 use async_trait::async_trait;
-use crate::session::now_ms;
 use ferry_core::cas::{self, CasIndex, CasUpdate, CellStamp, RowStamp};
 use ferry_core::hlc::Hlc;
 use ferry_core::lease::{self, LeaseState};
@@ -644,11 +644,7 @@ fn sequence_one(
     {
         return Ok(One::Refused(RelayError::Fenced(m)));
     }
-    let stamps = match cas::check(
-        |t| cat.tables.get(t).map(|t| &t.decl),
-        cs,
-        &mut SqlCas(tx),
-    )? {
+    let stamps = match cas::check(|t| cat.tables.get(t).map(|t| &t.decl), cs, &mut SqlCas(tx))? {
         Ok(u) => u,
         Err(c) => {
             return Ok(One::Refused(RelayError::Conflict {
@@ -728,7 +724,8 @@ fn origin_of(b: &[u8]) -> ReplicaId {
 
 impl CasIndex for SqlCas<'_> {
     fn row(&mut self, table: &str, pk: &Value) -> ferry_core::Result<Option<RowStamp>> {
-        let key = scoping::pk_key(pk).map_err(|e| ferry_core::Error::InvalidChangeSet(e.to_string()))?;
+        let key =
+            scoping::pk_key(pk).map_err(|e| ferry_core::Error::InvalidChangeSet(e.to_string()))?;
         let row: Option<(i64, i64, Vec<u8>, i64, Vec<u8>)> = self
             .0
             .prepare_cached(
@@ -752,7 +749,8 @@ impl CasIndex for SqlCas<'_> {
     }
 
     fn cells(&mut self, table: &str, pk: &Value) -> ferry_core::Result<Vec<(String, CellStamp)>> {
-        let key = scoping::pk_key(pk).map_err(|e| ferry_core::Error::InvalidChangeSet(e.to_string()))?;
+        let key =
+            scoping::pk_key(pk).map_err(|e| ferry_core::Error::InvalidChangeSet(e.to_string()))?;
         let mut st = self
             .0
             .prepare_cached("SELECT col, seq, origin FROM cas_cells WHERE tbl = ?1 AND pk = ?2")?;

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 pub const SECRET: &str = "test-secret-test-secret-test-secret!";
 
 /// Tables used across the relay tests: a scoped lww/counter table, a global table, an
-/// `update_wins` table, a read-only table.
+/// `update_wins` table, a read-only table, a `server_checked` table, a table with a `custom`
+/// column.
 pub fn schema() -> Schema {
     Schema::new(1)
         .table(
@@ -47,6 +48,18 @@ pub fn schema() -> Schema {
                 .integer("cents")
                 .mode(ferry_core::TableMode::ReadOnly),
         )
+        .table(
+            TableDecl::new("acct")
+                .text_key("id")
+                .integer("balance")
+                .text("holder")
+                .mode(ferry_core::TableMode::ServerChecked),
+        )
+        .table(TableDecl::new("memo").text_key("id").column(
+            "body",
+            ferry_core::ColumnType::Text,
+            ferry_core::Policy::Custom,
+        ))
 }
 
 pub struct RelayProc {
