@@ -213,10 +213,13 @@ pub fn check<'a>(
     Ok(Ok(updates))
 }
 
+/// A row's stamps in [`MemIndex`].
+type MemRow = (RowStamp, Vec<(String, CellStamp)>);
+
 /// An in-memory [`CasIndex`] (the in-memory sequencer's, and a reference for stores).
 #[derive(Debug, Default, Clone)]
 pub struct MemIndex {
-    rows: std::collections::HashMap<(String, Vec<u8>), (RowStamp, Vec<(String, CellStamp)>)>,
+    rows: std::collections::HashMap<(String, Vec<u8>), MemRow>,
 }
 
 fn key(table: &str, pk: &Value) -> (String, Vec<u8>) {

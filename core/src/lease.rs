@@ -172,6 +172,7 @@ pub fn check_fence(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -1606,7 +1606,7 @@ impl Db {
                     local_report.own += 1;
                 } else {
                     let before = out.conflicts.len();
-                    let me = self.guard_pending.then(|| crate::rollback::Me {
+                    let me = self.guard_pending.then_some(crate::rollback::Me {
                         id: self.me,
                         num: self.me_num,
                         cursor: self.cursor,

@@ -304,7 +304,7 @@ fn undo_set(
                 .unwrap_or(Value::Null)
         };
         if row_level {
-            if s.meta.cl != rc.cl || !s.meta.row.as_ref().is_some_and(|v| mine(v)) {
+            if s.meta.cl != rc.cl || !s.meta.row.as_ref().is_some_and(&mine) {
                 continue; // a later incarnation replaced it: nothing of it is left
             }
             match &undo.before {

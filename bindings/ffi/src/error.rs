@@ -34,12 +34,22 @@ pub enum FerryError {
         /// What happened.
         reason: String,
     },
-    /// The relay refused a pushed change set (not for authorization reasons).
+    /// The relay refused a pushed change set (not for authorization reasons); for a strict
+    /// write (`server_checked`, lease-guarded) it was rolled back: re-read and retry.
     #[error("rejected by the relay ({code}): {reason}")]
     ConflictRejected {
         /// The relay's error code.
         code: String,
         /// The relay's explanation.
+        reason: String,
+    },
+    /// A lease is held by another replica, or the grant presented is no longer current:
+    /// wait and acquire again.
+    #[error("lease `{name}` unavailable: {reason}")]
+    LeaseUnavailable {
+        /// The lease.
+        name: String,
+        /// Why.
         reason: String,
     },
     /// The file or its app schema is newer than this build: upgrade the app.
@@ -82,6 +92,13 @@ impl From<Core> for FerryError {
                     reason: message,
                 },
             },
+            Core::Rejected(why) => FerryError::ConflictRejected {
+                code: "rejected".to_owned(),
+                reason: why,
+            },
+            Core::LeaseBusy { name, .. } | Core::LeaseLost { name, .. } => {
+                FerryError::LeaseUnavailable { name, reason }
+            }
             Core::Closed => FerryError::Closed,
             Core::Sqlite(ref s) if sql_from_app(s) => FerryError::InvalidInput { reason },
             _ => {

@@ -7,6 +7,7 @@ use crate::listeners::{
     query_callback,
 };
 use crate::subscription::Subscription;
+use crate::sync::LeaseGrant;
 use crate::sync::{SyncOptions, SyncSession};
 use crate::types::{ConflictRecord, QueryResult, Schema, SqlValue};
 use ferry_core as core;
@@ -202,7 +203,7 @@ impl Replica {
 /// An open write transaction (from `Replica.beginWrite`). Dropping it rolls back.
 #[derive(uniffi::Object)]
 pub struct WriteTransaction {
-    inner: Mutex<core::Transaction>,
+    pub(crate) inner: Mutex<core::Transaction>,
 }
 
 #[uniffi::export]
@@ -234,6 +235,21 @@ impl WriteTransaction {
     /// Commits; what was written becomes one change set.
     pub fn commit(&self) -> Result<()> {
         Ok(self.inner.lock().commit()?)
+    }
+
+    /// Commits and returns the id of the change set it made (None when nothing synced was
+    /// written), for `SyncSession.verdict`.
+    pub fn commit_change(&self) -> Result<Option<String>> {
+        Ok(self.inner.lock().commit_change()?.map(|id| id.to_string()))
+    }
+
+    /// Guards this transaction with a lease grant (call before writing): the relay refuses
+    /// its change set, and the replica rolls it back, unless the grant is still current.
+    pub fn guard(&self, lease: LeaseGrant) -> Result<()> {
+        Ok(self.inner.lock().guard(core::Fence {
+            lease: lease.name,
+            token: lease.token,
+        })?)
     }
 
     /// Rolls everything back (does nothing once finished).

@@ -2,6 +2,7 @@
 
 use crate::error::{FerryError, Result};
 use crate::listeners::{Status, SyncStatusListener};
+use crate::replica::WriteTransaction;
 use crate::subscription::Subscription;
 use crate::types::mirror_enum;
 use ferry_core as core;
@@ -51,6 +52,38 @@ pub struct SyncStatus {
     pub refused: Option<String>,
     /// Connections opened so far.
     pub connects: u64,
+    /// Change sets the relay refused (compare-and-set, stale lease) that were rolled back.
+    pub rolled_back: u64,
+}
+
+/// A lease this replica holds (see `SyncSession.acquireLease`).
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+pub struct LeaseGrant {
+    /// Lease name.
+    pub name: String,
+    /// Fencing token of the grant.
+    pub token: u64,
+    /// Time to live granted, in milliseconds (expiry is decided by the relay's clock).
+    pub ttl_ms: u64,
+}
+
+impl From<core::Lease> for LeaseGrant {
+    fn from(l: core::Lease) -> Self {
+        LeaseGrant {
+            name: l.name,
+            token: l.token,
+            ttl_ms: l.ttl.as_millis() as u64,
+        }
+    }
+}
+
+fn core_lease(l: LeaseGrant) -> core::Lease {
+    core::Lease {
+        name: l.name,
+        token: l.token,
+        ttl: Duration::from_millis(l.ttl_ms),
+        granted_at: std::time::Instant::now(),
+    }
 }
 
 impl From<&core::SyncStatus> for SyncStatus {
@@ -75,6 +108,7 @@ impl From<&core::SyncStatus> for SyncStatus {
                 .as_ref()
                 .map(|r| format!("{}: {}", r.code.as_str(), r.message)),
             connects: s.connects,
+            rolled_back: s.rolled_back,
         }
     }
 }
@@ -187,6 +221,46 @@ impl SyncSession {
     /// the session ended.
     pub async fn sync_now(&self) -> Result<()> {
         Ok(self.handle.sync_now().await?)
+    }
+
+    /// Commits `tx` and waits for the relay's verdict: the relay position it was sequenced
+    /// at, or `ConflictRejected` once it was refused and rolled back.
+    pub async fn commit_checked(&self, tx: Arc<WriteTransaction>) -> Result<u64> {
+        let id = tx.inner.lock().commit_change()?.ok_or_else(|| FerryError::InvalidInput {
+            reason: "the transaction wrote nothing to synced tables: there is no verdict to wait for"
+                .into(),
+        })?;
+        Ok(self.handle.verdict(id).await?)
+    }
+
+    /// Waits for the relay's verdict on the change set `change_id` (from `commitChange`).
+    pub async fn verdict(&self, change_id: String) -> Result<u64> {
+        let id: core::ChangeId = change_id.parse()?;
+        Ok(self.handle.verdict(id).await?)
+    }
+
+    /// Acquires the lease `name` for `ttl_ms`; `LeaseUnavailable` while another replica
+    /// holds it.
+    pub async fn acquire_lease(&self, name: String, ttl_ms: u64) -> Result<LeaseGrant> {
+        Ok(self
+            .handle
+            .acquire_lease(&name, Duration::from_millis(ttl_ms))
+            .await?
+            .into())
+    }
+
+    /// Extends a grant by `ttl_ms` from now; `LeaseUnavailable` when it was lost.
+    pub async fn renew_lease(&self, lease: LeaseGrant, ttl_ms: u64) -> Result<LeaseGrant> {
+        Ok(self
+            .handle
+            .renew_lease(&core_lease(lease), Duration::from_millis(ttl_ms))
+            .await?
+            .into())
+    }
+
+    /// Gives a grant up.
+    pub async fn release_lease(&self, lease: LeaseGrant) -> Result<()> {
+        Ok(self.handle.release_lease(&core_lease(lease)).await?)
     }
 
     /// Syncs, then compares this replica's checksum with the relay's.

@@ -300,6 +300,9 @@ pub struct ConflictRecord {
     pub column: Option<String>,
     /// True for a delete meeting a concurrent update.
     pub delete_update: bool,
+    /// True when this device's own change was refused by the relay and rolled back
+    /// (`local` is what was written, `resolution` the relay's reason).
+    pub rejected: bool,
     /// The rule that decided (`lww`, `custom`, `delete_wins`, `update_wins`).
     pub policy: String,
     /// What this replica had.
@@ -328,6 +331,7 @@ impl From<core::Conflict> for ConflictRecord {
             pk: c.pk.into(),
             column: c.column,
             delete_update: c.kind == core::ConflictKind::DeleteUpdate,
+            rejected: c.kind == core::ConflictKind::Rejected,
             policy: c.policy,
             local: side(c.local),
             remote: side(c.remote),

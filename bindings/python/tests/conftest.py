@@ -78,6 +78,11 @@ def notes_schema() -> Schema:
                 name="announcements", primary_key="id", mode=TableMode.READ_ONLY,
                 delete_rule=DeleteRule.DELETE_WINS, columns=[col("id"), col("text")],
             ),
+            TableDecl(
+                name="seats", primary_key="id", mode=TableMode.SERVER_CHECKED,
+                delete_rule=DeleteRule.DELETE_WINS, scope_column=None,
+                columns=[col("id"), col("taken_by")],
+            ),
         ],
     )
 

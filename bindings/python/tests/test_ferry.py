@@ -249,3 +249,49 @@ def test_a_primary_replica_writes_a_read_only_table_others_receive(relay: Relay,
 
     asyncio.run(main())
     primary.close()
+
+
+def test_checked_writes_and_leases_cross_the_ffi(relay: Relay, open_replica) -> None:
+    a, b = open_replica("a.db"), open_replica("b.db")
+
+    async def main() -> None:
+        sa, sb = session(relay, a, "a"), session(relay, b, "b")
+        a.exec("INSERT INTO seats(id, taken_by) VALUES ('12A', NULL)")
+        await sync(sa, sb)
+        # Both book the same seat; b is offline, a's booking reaches the relay first.
+        await pause(sb)
+        tx = b.begin_write()
+        tx.exec("UPDATE seats SET taken_by = 'b' WHERE id = '12A'")
+        late = tx.commit_change()
+        assert late is not None
+        tx = a.begin_write()
+        tx.exec("UPDATE seats SET taken_by = 'a' WHERE id = '12A'")
+        assert await asyncio.wait_for(sa.commit_checked(tx), T) > 0
+        sb.resume()
+        with pytest.raises(FerryError.ConflictRejected):
+            await asyncio.wait_for(sb.verdict(late), T)
+        await sync(sb)
+        assert b.select("SELECT taken_by FROM seats") == [("a",)]
+        assert any(c.rejected and c.table == "seats" for c in b.conflicts())
+
+        # Leases: one holder at a time; a guarded write carries the fencing token.
+        grant = await asyncio.wait_for(sa.acquire_lease("check-in", 10_000), T)
+        with pytest.raises(FerryError.LeaseUnavailable):
+            await asyncio.wait_for(sb.acquire_lease("check-in", 10_000), T)
+        tx = a.begin_write()
+        tx.guard(grant)
+        tx.exec("INSERT INTO seats(id, taken_by) VALUES ('12B', 'a')")
+        assert await asyncio.wait_for(sa.commit_checked(tx), T) > 0
+        await asyncio.wait_for(sa.release_lease(grant), T)
+        newer = await asyncio.wait_for(sb.acquire_lease("check-in", 10_000), T)
+        assert newer.token > grant.token
+        tx = a.begin_write()
+        tx.guard(grant)  # released: the token is stale
+        tx.exec("UPDATE seats SET taken_by = 'a again' WHERE id = '12B'")
+        with pytest.raises(FerryError.ConflictRejected):
+            await asyncio.wait_for(sa.commit_checked(tx), T)
+        assert a.select("SELECT taken_by FROM seats WHERE id = '12B'") == [("a",)]
+        sa.disconnect()
+        sb.disconnect()
+
+    asyncio.run(main())

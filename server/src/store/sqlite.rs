@@ -715,6 +715,9 @@ fn load_lease(tx: &Connection, name: &str) -> Result<Option<LeaseState>> {
     .transpose()
 }
 
+/// `(cl, row_seq, row_origin, w_seq, w_origin)` of `cas_rows`.
+type StampRow = (i64, i64, Vec<u8>, i64, Vec<u8>);
+
 /// The compare-and-set stamps, read inside the sequencing transaction.
 struct SqlCas<'a>(&'a Connection);
 
@@ -726,7 +729,7 @@ impl CasIndex for SqlCas<'_> {
     fn row(&mut self, table: &str, pk: &Value) -> ferry_core::Result<Option<RowStamp>> {
         let key =
             scoping::pk_key(pk).map_err(|e| ferry_core::Error::InvalidChangeSet(e.to_string()))?;
-        let row: Option<(i64, i64, Vec<u8>, i64, Vec<u8>)> = self
+        let row: Option<StampRow> = self
             .0
             .prepare_cached(
                 "SELECT cl, row_seq, row_origin, w_seq, w_origin FROM cas_rows WHERE tbl = ?1 AND pk = ?2",
