@@ -1192,13 +1192,8 @@ impl Db {
         }
     }
 
-    fn strict_refusal(
-        &mut self,
-        origin_seq: u64,
-        code: ErrorCode,
-        message: &str,
-        notes: &mut Notes,
-    ) -> Result<RefusalAction> {
+    /// Materializes every pending local record (inside the caller's transaction).
+    fn materialize_in_tx(&self) -> Result<usize> {
         materialize::run(
             &self.conn,
             &self.cat,
@@ -1206,7 +1201,17 @@ impl Db {
             self.me_num,
             self.schema_version,
             usize::MAX,
-        )?;
+        )
+    }
+
+    fn strict_refusal(
+        &mut self,
+        origin_seq: u64,
+        code: ErrorCode,
+        message: &str,
+        notes: &mut Notes,
+    ) -> Result<RefusalAction> {
+        self.materialize_in_tx()?;
         let row: Option<(bool, Option<String>, Option<i64>)> = self
             .conn
             .prepare_cached(
@@ -1259,14 +1264,7 @@ impl Db {
     }
 
     fn rebase(&mut self, origin_seq: u64, wall: &dyn WallClock) -> Result<bool> {
-        materialize::run(
-            &self.conn,
-            &self.cat,
-            self.me,
-            self.me_num,
-            self.schema_version,
-            usize::MAX,
-        )?;
+        self.materialize_in_tx()?;
         let row: Option<(i64, Vec<u8>)> = self
             .conn
             .prepare_cached(
@@ -1479,14 +1477,7 @@ impl Db {
             return Ok(());
         }
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
-        let r = materialize::run(
-            &self.conn,
-            &self.cat,
-            self.me,
-            self.me_num,
-            self.schema_version,
-            usize::MAX,
-        );
+        let r = self.materialize_in_tx();
         self.finish_txn(r).map(|_| ())
     }
 
@@ -1576,14 +1567,7 @@ impl Db {
             self.sync_trigger_mode()?;
             self.gate(true)?;
             self.fold_foreign(wall, notes)?;
-            materialize::run(
-                &self.conn,
-                &self.cat,
-                self.me,
-                self.me_num,
-                self.schema_version,
-                usize::MAX,
-            )?;
+            self.materialize_in_tx()?;
             let mut mv = 0;
             for (k, s) in chunk.iter().enumerate() {
                 failed_at = k;

@@ -323,43 +323,34 @@ fn a_lease_holder_paused_past_its_ttl_cannot_overwrite_the_new_holder() {
     wait_synced(&ha);
     wait_synced(&hb);
 
-    let ttl = Duration::from_millis(800);
+    let ttl = Duration::from_millis(3000);
     let la = rt.block_on(ha.acquire_lease("leader", ttl)).unwrap();
     let busy = rt.block_on(hb.acquire_lease("leader", ttl)).unwrap_err();
     assert!(matches!(busy, Error::LeaseBusy { .. }), "{busy}");
 
     // The holder writes under its lease: accepted.
-    let mut tx = a.begin().unwrap();
-    tx.guard(la.fence()).unwrap();
-    tx.execute(
+    let mut tx = guarded_tx(
+        &a,
+        &la,
         "INSERT INTO acct(id, balance, holder) VALUES ('cfg', 1, 'a')",
-        &[],
-    )
-    .unwrap();
+    );
     rt.block_on(ha.commit_checked(&mut tx)).unwrap();
 
     // Stop the world on `a`: no network, no renewals, but it goes on writing, still
     // believing it holds the lease.
-    ha.pause();
-    eventually("a paused", Duration::from_secs(10), || {
-        ha.status().state == ferry_core::ConnState::Paused
-    });
-    let mut tx = a.begin().unwrap();
-    tx.guard(la.fence()).unwrap();
-    tx.execute(
+    pause(&ha);
+    let mut tx = guarded_tx(
+        &a,
+        &la,
         "UPDATE acct SET balance = 2, holder = 'a-after-pause' WHERE id = 'cfg'",
-        &[],
-    )
-    .unwrap();
+    );
     let stale = tx.commit_change().unwrap().unwrap();
     // And a guarded write no one else touches: only the fence can stop it.
-    let mut tx = a.begin().unwrap();
-    tx.guard(la.fence()).unwrap();
-    tx.execute(
+    let mut tx = guarded_tx(
+        &a,
+        &la,
         "INSERT INTO tag(id, name) VALUES ('audit', 'a was here')",
-        &[],
-    )
-    .unwrap();
+    );
     let fenced = tx.commit_change().unwrap().unwrap();
     std::thread::sleep(ttl + Duration::from_millis(300));
 
@@ -374,13 +365,11 @@ fn a_lease_holder_paused_past_its_ttl_cannot_overwrite_the_new_holder() {
         lb.token
     );
     wait_synced(&hb);
-    let mut tx = b.begin().unwrap();
-    tx.guard(lb.fence()).unwrap();
-    tx.execute(
+    let mut tx = guarded_tx(
+        &b,
+        &lb,
         "UPDATE acct SET balance = 10, holder = 'b' WHERE id = 'cfg'",
-        &[],
-    )
-    .unwrap();
+    );
     rt.block_on(hb.commit_checked(&mut tx)).unwrap();
 
     // `a` wakes up: its writes are refused and rolled back. The overwrite of `cfg` meets
@@ -434,6 +423,18 @@ fn a_lease_holder_paused_past_its_ttl_cannot_overwrite_the_new_holder() {
     assert!(again.token > lb.token);
 }
 
+/// A transaction on `r` guarded by `lease`, with `sql` written in it.
+fn guarded_tx(
+    r: &ferry_core::Replica,
+    lease: &ferry_core::Lease,
+    sql: &str,
+) -> ferry_core::Transaction {
+    let tx = r.begin().unwrap();
+    tx.guard(lease.fence()).unwrap();
+    tx.execute(sql, &[]).unwrap();
+    tx
+}
+
 struct Join(Arc<Mutex<usize>>);
 
 impl ferry_core::Resolver for Join {
@@ -467,8 +468,8 @@ fn custom_columns_are_checked_and_re_resolved_before_they_reach_anyone() {
     let hb = connect(&b, &url, admin_token("b"));
     wait_synced(&ha);
     wait_synced(&hb);
-    ha.pause();
-    hb.pause();
+    pause(&ha);
+    pause(&hb);
     a.execute("UPDATE memo SET body = 'from-a' WHERE id = 'm'", &[])
         .unwrap();
     b.execute("UPDATE memo SET body = 'from-b' WHERE id = 'm'", &[])

@@ -217,6 +217,14 @@ pub fn wait_synced(h: &SyncHandle) {
         .unwrap_or_else(|e| panic!("not synced: {e}; status {:?}", h.status()));
 }
 
+/// Pauses a sync loop and waits until it is paused (nothing more goes out).
+pub fn pause(h: &SyncHandle) {
+    h.pause();
+    eventually("sync paused", Duration::from_secs(10), || {
+        h.status().state == ferry_core::ConnState::Paused
+    });
+}
+
 /// Waits until `f` holds (polling), or panics with `what`.
 pub fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
