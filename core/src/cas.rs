@@ -19,7 +19,7 @@
 //! SQLite store, the PostgreSQL store and the in-memory [`crate::sequencer::Sequencer`] apply
 //! exactly the same rule.
 
-use crate::changeset::{Cell, ChangeSet, RowOp};
+use crate::changeset::{ChangeSet, RowOp};
 use crate::error::Result;
 use crate::ids::ReplicaId;
 use crate::schema::{Policy, TableDecl, TableMode};
@@ -159,20 +159,11 @@ pub fn check<'a>(
         let strict = t.mode == TableMode::ServerChecked;
         let row = idx.row(&rc.table, &rc.pk)?;
         let row_level = matches!(rc.op, RowOp::Delete) || row.is_none_or(|r| rc.cl != r.cl);
-        let sets: Vec<&String> = match &rc.op {
-            RowOp::Upsert(cells) => cells
-                .iter()
-                .filter_map(|c| match c {
-                    Cell::Set(name, _) => Some(name),
-                    Cell::Add(..) => None,
-                })
-                .collect(),
-            RowOp::Delete => Vec::new(),
-        };
+        let sets = rc.set_columns();
         let checked: Vec<String> = sets
             .iter()
             .filter(|c| is_checked(t, c))
-            .map(|c| (*c).clone())
+            .map(|c| (*c).to_owned())
             .collect();
         let needs_cells = strict || !checked.is_empty();
         let cells = if needs_cells {

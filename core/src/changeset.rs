@@ -54,6 +54,22 @@ pub struct RowChange {
     pub op: RowOp,
 }
 
+impl RowChange {
+    /// Columns this change sets (counter additions and deletes set none).
+    pub fn set_columns(&self) -> Vec<&str> {
+        match &self.op {
+            RowOp::Upsert(cells) => cells
+                .iter()
+                .filter_map(|c| match c {
+                    Cell::Set(name, _) => Some(name.as_str()),
+                    Cell::Add(..) => None,
+                })
+                .collect(),
+            RowOp::Delete => Vec::new(),
+        }
+    }
+}
+
 /// Everything one local transaction changed, with its causal context.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChangeSet {

@@ -1443,11 +1443,12 @@ impl Db {
         let oseq = self.next_oseq;
         let guarded = self.guard_pending
             || change.fence.is_some()
-            || change.rows.iter().any(|r| {
-                self.cat
-                    .by_id(r.table)
-                    .is_ok_and(|t| t.mode() == TableMode::ServerChecked)
-            });
+            || self.has_strict
+                && change.rows.iter().any(|r| {
+                    self.cat
+                        .by_id(r.table)
+                        .is_ok_and(|t| t.mode() == TableMode::ServerChecked)
+                });
         let id = ulid::Ulid::generate().to_bytes();
         self.conn
             .prepare_cached(

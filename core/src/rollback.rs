@@ -412,19 +412,7 @@ pub(crate) fn doomed(conn: &Connection, t: &TableInfo, rc: &RowChange) -> Result
         })?
         .collect::<rusqlite::Result<_>>()?;
     let strict = t.mode() == TableMode::ServerChecked;
-    let sets = |rc: &RowChange| -> Vec<String> {
-        match &rc.op {
-            RowOp::Upsert(cells) => cells
-                .iter()
-                .filter_map(|c| match c {
-                    Cell::Set(n, _) => Some(n.clone()),
-                    Cell::Add(..) => None,
-                })
-                .collect(),
-            RowOp::Delete => Vec::new(),
-        }
-    };
-    let remote_sets = sets(rc);
+    let remote_sets = rc.set_columns();
     let mut out = Vec::new();
     for (_, prior_cl, wire) in found {
         let cs: ChangeSet = rmp_serde::from_slice(&wire)?;
@@ -439,7 +427,7 @@ pub(crate) fn doomed(conn: &Connection, t: &TableInfo, rc: &RowChange) -> Result
         let remote_row = matches!(rc.op, RowOp::Delete) || rc.cl != prior_cl;
         let mine_row = matches!(mine.op, RowOp::Delete) || mine.cl != prior_cl;
         let hit = if strict {
-            let my_sets = sets(mine);
+            let my_sets = mine.set_columns();
             remote_row
                 || (!remote_sets.is_empty()
                     && (mine_row || remote_sets.iter().any(|c| my_sets.contains(c))))
