@@ -369,13 +369,8 @@ impl Config {
     /// Checks everything that can be checked without starting (files exist and parse).
     pub fn validate(&self) -> Result<()> {
         self.listen_addr()?;
-        match self.store_kind()? {
-            StoreKind::Sqlite => {}
-            StoreKind::Postgres(_) => {
-                return Err(RelayError::Config(
-                    "store = postgres://…: the PostgreSQL store is not available in this build yet; use `sqlite`".into(),
-                ));
-            }
+        if let StoreKind::Postgres(url) = self.store_kind()? {
+            crate::store::postgres::check_url(&url)?;
         }
         if self.schema.is_none() {
             return Err(RelayError::Config(

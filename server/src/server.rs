@@ -15,6 +15,7 @@ use crate::metrics as m;
 use crate::session::{self, Shared};
 use crate::shadow::Shadow;
 use crate::store::Store;
+use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
 use axum::extract::State;
 use axum::extract::ws::WebSocketUpgrade;
@@ -60,10 +61,8 @@ impl Relay {
                     .await
                     .map_err(|e| RelayError::Store(format!("opening the store failed: {e}")))??
             }
-            StoreKind::Postgres(_) => {
-                return Err(RelayError::Config(
-                    "the PostgreSQL store is not available in this build yet".into(),
-                ));
+            StoreKind::Postgres(url) => {
+                PgStore::open(&url, Arc::clone(&cat), FEED_WINDOW, 64 << 20).await?
             }
         };
         let handle = m::handle();

@@ -15,6 +15,8 @@
 //! The SQLite store ([`sqlite::SqliteStore`]) is the default: one file, one writer thread with
 //! group commit, a pool of readers.
 
+pub mod postgres;
+pub mod rule;
 pub mod sqlite;
 
 use crate::auth::Grants;
@@ -70,6 +72,21 @@ pub fn approx_row_bytes(rc: &ferry_core::RowChange) -> usize {
         ferry_core::RowOp::Delete => 8,
     };
     rc.table.len() + value(&rc.pk) + cells + 24
+}
+
+/// A stored body back into a [`StoredSet`] at `seq`.
+pub(crate) fn decode_set(seq: i64, body: &[u8]) -> Result<StoredSet> {
+    let (change_set, tags): (ChangeSet, Vec<RowTag>) = rmp_serde::from_slice(body)?;
+    Ok(StoredSet {
+        server_seq: seq as u64,
+        change_set,
+        tags,
+    })
+}
+
+/// The stored body of a change set (the same bytes in every store).
+pub(crate) fn encode_set(s: &StoredSet) -> Result<Vec<u8>> {
+    Ok(rmp_serde::to_vec_named(&(&s.change_set, &s.tags))?)
 }
 
 /// What happened to one pushed change set.

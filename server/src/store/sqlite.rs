@@ -12,11 +12,12 @@ use crate::catalog::RelayCatalog;
 use crate::compact::Pruner;
 use crate::error::{RelayError, Result};
 use crate::feed::Feed;
-use crate::scoping::{self, RowScope, RowScopes, RowTag};
+use crate::scoping::{self, RowScope, RowScopes};
 use crate::session::now_ms;
-use crate::store::{CompactReport, PushOutcome, Store, StoreStats, StoredSet};
+use crate::store::rule::{self, Decision, OriginState};
+use crate::store::{CompactReport, PushOutcome, Store, StoreStats, StoredSet, decode_set, encode_set};
 use async_trait::async_trait;
-use ferry_core::cas::{self, CasIndex, CasUpdate, CellStamp, RowStamp};
+use ferry_core::cas::{CasIndex, CasUpdate, CellStamp, RowStamp};
 use ferry_core::hlc::Hlc;
 use ferry_core::lease::{self, LeaseState};
 use ferry_core::protocol::{LeaseOutcome, LeaseRequest};
@@ -149,19 +150,6 @@ fn head_of(conn: &Connection) -> Result<u64> {
         r.get(0)
     })?;
     Ok(h as u64)
-}
-
-fn decode_set(seq: i64, body: &[u8]) -> Result<StoredSet> {
-    let (change_set, tags): (ChangeSet, Vec<RowTag>) = rmp_serde::from_slice(body)?;
-    Ok(StoredSet {
-        server_seq: seq as u64,
-        change_set,
-        tags,
-    })
-}
-
-fn encode_set(s: &StoredSet) -> Result<Vec<u8>> {
-    Ok(rmp_serde::to_vec_named(&(&s.change_set, &s.tags))?)
 }
 
 impl SqliteStore {
@@ -612,51 +600,37 @@ fn sequence_one(
             Ok((r.get(0)?, r.get(1)?))
         })
         .optional()?;
-    if let Some((seq, id)) = existing {
-        if id == cs.id {
-            return Ok(One::Existing(seq as u64));
-        }
-        return Ok(One::Refused(RelayError::OriginReused(format!(
-            "origin {} already used origin_seq {} for a different change set (a restored or copied replica must take a new id)",
-            cs.origin, cs.origin_seq
-        ))));
-    }
     let max: i64 = tx
         .prepare_cached("SELECT max_seq FROM origins WHERE origin = ?1")?
         .query_row([&origin], |r| r.get(0))
         .optional()?
         .unwrap_or(0);
-    if cs.origin_seq != max as u64 + 1 {
-        return Ok(One::Refused(RelayError::InvalidChangeSet(format!(
-            "origin {} sent origin_seq {} but the relay holds up to {max}: change sets must arrive in order without gaps",
-            cs.origin, cs.origin_seq
-        ))));
-    }
-    let tagged = match scoping::tag(cat, grants, cs, &mut SqlRows(tx)) {
-        Ok(t) => t,
-        Err(e @ (RelayError::Store(_) | RelayError::Io(_) | RelayError::Core(_))) => {
-            return Err(e);
-        }
-        Err(e) => return Ok(One::Refused(e)),
+    let state = OriginState {
+        existing: existing.map(|(seq, id)| (seq as u64, id)),
+        max_seq: max as u64,
     };
-    if let Some(f) = &cs.fence
-        && let Err(m) = lease::check_fence(now_ms(), load_lease(tx, &f.lease)?, f, cs.origin)
-    {
-        return Ok(One::Refused(RelayError::Fenced(m)));
-    }
-    let stamps = match cas::check(|t| cat.tables.get(t).map(|t| &t.decl), cs, &mut SqlCas(tx))? {
-        Ok(u) => u,
-        Err(c) => {
-            return Ok(One::Refused(RelayError::Conflict {
-                message: c.to_string(),
-                seq: c.seq,
-            }));
-        }
+    let fence_lease = match &cs.fence {
+        Some(f) => load_lease(tx, &f.lease)?,
+        None => None,
+    };
+    let accepted = match rule::decide(
+        cat,
+        grants,
+        cs,
+        &state,
+        &mut SqlRows(tx),
+        fence_lease,
+        now_ms(),
+        &mut SqlCas(tx),
+    )? {
+        Decision::Existing(seq) => return Ok(One::Existing(seq)),
+        Decision::Refused(e) => return Ok(One::Refused(e)),
+        Decision::Accept(a) => a,
     };
     let stored = StoredSet {
         server_seq: next,
         change_set: cs.clone(),
-        tags: tagged.tags,
+        tags: accepted.tags,
     };
     tx.prepare_cached(
         "INSERT INTO sets(server_seq, origin, origin_seq, id, body) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -670,7 +644,7 @@ fn sequence_one(
     ])?;
     tx.prepare_cached("INSERT OR REPLACE INTO origins(origin, max_seq) VALUES (?1, ?2)")?
         .execute(params![origin, cs.origin_seq as i64])?;
-    for (table, pk, s) in &tagged.updates {
+    for (table, pk, s) in &accepted.scopes {
         tx.prepare_cached(
             "INSERT OR REPLACE INTO row_scopes(tbl, pk, cl, scope, hlc, origin) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?
@@ -683,18 +657,10 @@ fn sequence_one(
             s.origin.0.to_vec()
         ])?;
     }
-    record_stamps(tx, &stamps, next, cs.origin)?;
-    for rc in &cs.rows {
-        let scoped = cat
-            .tables
-            .get(&rc.table)
-            .is_some_and(|t| t.scope_column.is_some());
-        if scoped {
-            tx.prepare_cached(
-                "INSERT OR IGNORE INTO row_hist(tbl, pk, server_seq) VALUES (?1, ?2, ?3)",
-            )?
-            .execute(params![rc.table, scoping::pk_key(&rc.pk)?, next as i64])?;
-        }
+    record_stamps(tx, &accepted.stamps, next, cs.origin)?;
+    for (table, pk) in rule::history_keys(cat, cs)? {
+        tx.prepare_cached("INSERT OR IGNORE INTO row_hist(tbl, pk, server_seq) VALUES (?1, ?2, ?3)")?
+            .execute(params![table, pk, next as i64])?;
     }
     Ok(One::New(stored))
 }

@@ -67,6 +67,7 @@ pub struct RelayProc {
     pub addr: SocketAddr,
     pub child: Option<Child>,
     extra: String,
+    store: String,
 }
 
 impl RelayProc {
@@ -77,6 +78,11 @@ impl RelayProc {
     /// `extra` is appended to the generated config (TOML), right after the `[auth]` table:
     /// bare keys extend `[auth]`, tables add sections.
     pub fn start_with(dir: &Path, extra: &str) -> RelayProc {
+        Self::start_on(dir, "sqlite", extra)
+    }
+
+    /// A relay on `store` (`sqlite` or a postgres:// URL).
+    pub fn start_on(dir: &Path, store: &str, extra: &str) -> RelayProc {
         std::fs::create_dir_all(dir).unwrap();
         let schema_path = dir.join("schema.json");
         std::fs::write(
@@ -89,6 +95,7 @@ impl RelayProc {
             addr: "127.0.0.1:0".parse().unwrap(),
             child: None,
             extra: extra.to_owned(),
+            store: store.to_owned(),
         };
         r.spawn();
         r
@@ -97,8 +104,9 @@ impl RelayProc {
     fn config(&self) -> PathBuf {
         let p = self.dir.join("relay.toml");
         let text = format!(
-            "listen = \"{}\"\ndata = \"{}\"\nschema = \"{}\"\n[log]\nlevel = \"warn\"\n[auth]\nhs256_secret = \"{SECRET}\"\n{}",
+            "listen = \"{}\"\nstore = \"{}\"\ndata = \"{}\"\nschema = \"{}\"\n[log]\nlevel = \"warn\"\n[auth]\nhs256_secret = \"{SECRET}\"\n{}",
             self.addr,
+            self.store,
             self.dir.join("data").display(),
             self.dir.join("schema.json").display(),
             self.extra
@@ -364,4 +372,50 @@ pub fn seeds(var: &str, default: u64) -> u64 {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(default)
+}
+
+/// The throwaway PostgreSQL server of this test run (`scripts/pg-throwaway` starts one; the
+/// README's test command and CI do it for you).
+pub fn pg_server() -> String {
+    std::env::var("FERRY_TEST_PG").unwrap_or_else(|_| {
+        panic!(
+            "FERRY_TEST_PG is not set: these tests need a PostgreSQL server. Run scripts/test-all, \
+             or `eval \"$(scripts/pg-throwaway start)\"` first"
+        )
+    })
+}
+
+/// A new, empty database on the test server; returns its URL.
+pub fn fresh_pg_db() -> String {
+    let server = pg_server();
+    let name = format!("ferry_{}", ulid::Ulid::generate().to_string().to_lowercase());
+    let url = server.clone();
+    let create = name.clone();
+    // On its own thread: callers may be inside a runtime already.
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+        let server = url;
+        let name = create;
+        let (client, conn) = tokio_postgres::connect(&server, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to FERRY_TEST_PG={server}: {e}"));
+        let driver = tokio::spawn(conn);
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        drop(client);
+        let _ = driver.await;
+    });
+    })
+    .join()
+    .unwrap();
+    match server.rfind('/') {
+        Some(i) if i > "postgres://".len() => format!("{}/{name}", &server[..i]),
+        _ => format!("{server}/{name}"),
+    }
 }

@@ -1,0 +1,1074 @@
+//! The PostgreSQL store: several stateless relay nodes over one database.
+//!
+//! Why PostgreSQL and not a cluster of relays: when one machine is not enough, the hard parts
+//! (replication, failover, backups, point-in-time recovery) are already solved by the
+//! database an operator runs anyway. Relay nodes keep no state of their own that matters;
+//! any node can serve any client, and a node that dies loses nothing that was acknowledged.
+//!
+//! How the log stays gap-free and in commit order with writers on several nodes
+//! (`docs/adr/0001-postgres-sequencing.md`): every sequencing transaction first takes one
+//! transaction-scoped advisory lock, then reads the head and numbers its change sets
+//! `head + 1 …`. The lock is released only after the commit is visible, so the next writer
+//! (on any node) reads a head that includes it: positions are assigned in commit order and a
+//! transaction that rolls back consumed none. A reader's snapshot therefore always holds a
+//! prefix `1..=n` of the log. Each node batches the pushes waiting on it into one such
+//! transaction (group commit), so the lock is taken once per batch, not per change set.
+//!
+//! Compare-and-set stamps, row scopes, origins and leases are read and written inside the
+//! same locked transaction, so the checks are linearizable across nodes exactly as they are
+//! in the single-writer SQLite store; lease expiry is decided by the database's clock, the
+//! one clock every node shares.
+//!
+//! Fan-out across nodes: the sequencing transaction sends `NOTIFY ferry_sets` (delivered on
+//! commit). Each node runs a publisher that, when notified, when its own writer commits, or
+//! every [`CATCH_UP`] in case a notification was lost (a dropped LISTEN connection), reads
+//! the log after its feed's head and publishes it, in order, to its connections.
+
+use crate::auth::Grants;
+use crate::catalog::RelayCatalog;
+use crate::compact::Pruner;
+use crate::error::{RelayError, Result};
+use crate::feed::Feed;
+use crate::scoping::{self, RowScope};
+use crate::store::rule::{self, Decision, Fetched, OriginState};
+use crate::store::{
+    CompactReport, PushOutcome, Store, StoreStats, StoredSet, decode_set, encode_set,
+};
+use async_trait::async_trait;
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use ferry_core::cas::{CasUpdate, CellStamp, RowStamp};
+use ferry_core::hlc::Hlc;
+use ferry_core::lease::{self, LeaseState};
+use ferry_core::protocol::{LeaseOutcome, LeaseRequest};
+use ferry_core::{ChangeSet, ReplicaId, Value};
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::NoTls;
+use tokio_util::sync::CancellationToken;
+
+/// Schema format this relay writes (`ferry_meta.format`).
+const FORMAT: i64 = 1;
+
+/// Advisory lock serializing sequencing (pushes, leases, compaction rewrites) across nodes.
+const SEQ_LOCK: i64 = 0x4665_7272_7953_6571; // "FerrySeq"
+/// Advisory lock serializing schema creation and upgrades when nodes start together.
+const SCHEMA_LOCK: i64 = 0x4665_7272_7953_6368; // "FerrySch"
+/// The notification channel.
+const CHANNEL: &str = "ferry_sets";
+/// How often a node reads the log even without a notification.
+pub const CATCH_UP: Duration = Duration::from_millis(500);
+
+const SCHEMA_V1: &str = "
+CREATE TABLE ferry_meta(key TEXT PRIMARY KEY, value BIGINT NOT NULL);
+CREATE TABLE ferry_sets(
+    server_seq BIGINT PRIMARY KEY,
+    origin BYTEA NOT NULL,
+    origin_seq BIGINT NOT NULL,
+    id BYTEA NOT NULL,
+    body BYTEA NOT NULL,
+    UNIQUE (origin, origin_seq)
+);
+CREATE TABLE ferry_origins(origin BYTEA PRIMARY KEY, max_seq BIGINT NOT NULL);
+CREATE TABLE ferry_row_scopes(
+    tbl TEXT NOT NULL, pk BYTEA NOT NULL, cl BIGINT NOT NULL, scope TEXT NOT NULL,
+    hlc BIGINT NOT NULL, origin BYTEA NOT NULL, PRIMARY KEY (tbl, pk)
+);
+CREATE TABLE ferry_row_hist(
+    tbl TEXT NOT NULL, pk BYTEA NOT NULL, server_seq BIGINT NOT NULL,
+    PRIMARY KEY (tbl, pk, server_seq)
+);
+CREATE TABLE ferry_cas_rows(
+    tbl TEXT NOT NULL, pk BYTEA NOT NULL, cl BIGINT NOT NULL,
+    row_seq BIGINT NOT NULL, row_origin BYTEA NOT NULL,
+    w_seq BIGINT NOT NULL, w_origin BYTEA NOT NULL,
+    PRIMARY KEY (tbl, pk)
+);
+CREATE TABLE ferry_cas_cells(
+    tbl TEXT NOT NULL, pk BYTEA NOT NULL, col TEXT NOT NULL,
+    seq BIGINT NOT NULL, origin BYTEA NOT NULL,
+    PRIMARY KEY (tbl, pk, col)
+);
+CREATE TABLE ferry_leases(
+    name TEXT PRIMARY KEY, token BIGINT NOT NULL, holder BYTEA NOT NULL, expires_ms BIGINT NOT NULL
+);
+INSERT INTO ferry_meta VALUES ('format', 1), ('horizon', 0);
+";
+
+/// Migrations by the format they produce; each runs in the upgrade transaction.
+const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA_V1)];
+
+const NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
+
+impl From<tokio_postgres::Error> for RelayError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        // The server's own message (`db_error`) says more than the generic `Display`.
+        match e.as_db_error() {
+            Some(db) => RelayError::Store(format!("postgres: {}: {}", db.code().code(), db)),
+            None => RelayError::Store(format!("postgres: {e}")),
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for RelayError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        RelayError::Store(format!("postgres pool: {e}"))
+    }
+}
+
+enum Job {
+    Push {
+        grants: Arc<Grants>,
+        sets: Vec<ChangeSet>,
+        reply: oneshot::Sender<Result<Vec<PushOutcome>>>,
+    },
+    Rewrite {
+        sets: Vec<(StoredSet, Vec<(String, Value)>)>,
+        horizon: u64,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    Lease {
+        holder: ReplicaId,
+        request: LeaseRequest,
+        reply: oneshot::Sender<Result<LeaseOutcome>>,
+    },
+}
+
+type PushJob = (
+    Arc<Grants>,
+    Vec<ChangeSet>,
+    oneshot::Sender<Result<Vec<PushOutcome>>>,
+);
+
+/// The PostgreSQL store.
+pub struct PgStore {
+    pool: Pool,
+    jobs: Mutex<Option<mpsc::UnboundedSender<Job>>>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    stop: CancellationToken,
+    feed: Arc<Feed>,
+    cat: Arc<RelayCatalog>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore").finish_non_exhaustive()
+    }
+}
+
+/// Parses a `postgres://` URL into a client configuration (the password is never logged).
+fn pg_config(url: &str) -> Result<tokio_postgres::Config> {
+    let mut cfg = tokio_postgres::Config::from_str(url).map_err(|e| {
+        RelayError::Config(format!(
+            "store: not a usable postgres:// URL ({e}); expected postgres://user:password@host:port/database"
+        ))
+    })?;
+    if cfg.get_connect_timeout().is_none() {
+        cfg.connect_timeout(Duration::from_secs(10));
+    }
+    cfg.application_name("ferry-relay");
+    Ok(cfg)
+}
+
+impl PgStore {
+    /// Connects to `url`, creates or upgrades the schema, and starts the node's writer and
+    /// publisher. Must be called inside a tokio runtime.
+    pub async fn open(
+        url: &str,
+        cat: Arc<RelayCatalog>,
+        window: usize,
+        window_bytes: usize,
+    ) -> Result<Arc<PgStore>> {
+        let cfg = pg_config(url)?;
+        let mgr = Manager::from_config(
+            cfg.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(mgr)
+            .max_size(16)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(30)))
+            .create_timeout(Some(Duration::from_secs(10)))
+            .build()
+            .map_err(|e| RelayError::Config(format!("store: postgres pool: {e}")))?;
+        {
+            let mut c = pool.get().await.map_err(|e| {
+                RelayError::Store(format!(
+                    "cannot connect to PostgreSQL at {}: {e}",
+                    describe(&cfg)
+                ))
+            })?;
+            upgrade(&mut c).await?;
+        }
+        let head = head_of(&pool.get().await?).await?;
+        let feed = Arc::new(Feed::new(head, window, window_bytes));
+        let stop = CancellationToken::new();
+        let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
+        let (local_tx, local_rx) = mpsc::unbounded_channel();
+        let writer = Writer {
+            pool: pool.clone(),
+            cat: Arc::clone(&cat),
+            local: local_tx,
+        };
+        let publisher = Publisher {
+            pool: pool.clone(),
+            cfg,
+            feed: Arc::clone(&feed),
+            pending: BTreeMap::new(),
+        };
+        let tasks = vec![
+            tokio::spawn(writer.run(jobs_rx)),
+            tokio::spawn(publisher.run(local_rx, stop.clone())),
+        ];
+        tracing::info!(head, "postgres store opened");
+        Ok(Arc::new(PgStore {
+            pool,
+            jobs: Mutex::new(Some(jobs_tx)),
+            tasks: Mutex::new(tasks),
+            stop,
+            feed,
+            cat,
+        }))
+    }
+
+    fn send(&self, job: Job) -> Result<()> {
+        let g = self.jobs.lock();
+        let tx = g.as_ref().ok_or(RelayError::ShuttingDown)?;
+        tx.send(job).map_err(|_| RelayError::ShuttingDown)
+    }
+}
+
+/// Checks a `postgres://` URL without connecting (for `check-config`).
+pub fn check_url(url: &str) -> Result<()> {
+    pg_config(url).map(|_| ())
+}
+
+/// `host:port/db` of a configuration, for messages (no credentials).
+fn describe(cfg: &tokio_postgres::Config) -> String {
+    let host = cfg
+        .get_hosts()
+        .first()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(s) => s.clone(),
+            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+        })
+        .unwrap_or_else(|| "localhost".into());
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    format!("{host}:{port}/{}", cfg.get_dbname().unwrap_or("postgres"))
+}
+
+async fn upgrade(c: &mut deadpool_postgres::Object) -> Result<()> {
+    let tx = c.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
+        .await?;
+    let exists: bool = tx
+        .query_one("SELECT to_regclass('ferry_meta') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    let v: i64 = if exists {
+        tx.query_opt("SELECT value FROM ferry_meta WHERE key = 'format'", &[])
+            .await?
+            .map_or(0, |r| r.get(0))
+    } else {
+        0
+    };
+    if v > FORMAT {
+        return Err(RelayError::Store(format!(
+            "the PostgreSQL store has format {v}, newer than this relay understands ({FORMAT}); upgrade the relay"
+        )));
+    }
+    for (to, sql) in MIGRATIONS {
+        if v < *to {
+            tx.batch_execute(sql).await?;
+            tracing::info!(format = to, "postgres store schema upgraded");
+        }
+    }
+    tx.execute(
+        "UPDATE ferry_meta SET value = $1 WHERE key = 'format'",
+        &[&FORMAT],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn head_of(c: &impl GenericClient) -> Result<u64> {
+    let h: i64 = c
+        .query_one("SELECT coalesce(max(server_seq), 0) FROM ferry_sets", &[])
+        .await?
+        .get(0);
+    Ok(h as u64)
+}
+
+async fn read_after(
+    c: &deadpool_postgres::Object,
+    after: u64,
+    max_sets: usize,
+    max_bytes: usize,
+) -> Result<Vec<Arc<StoredSet>>> {
+    let st = c
+        .prepare_cached(
+            "SELECT server_seq, body FROM ferry_sets WHERE server_seq > $1 ORDER BY server_seq LIMIT $2",
+        )
+        .await?;
+    let rows = c
+        .query(&st, &[&(after as i64), &(max_sets.max(1) as i64)])
+        .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    let mut bytes = 0usize;
+    for r in rows {
+        let body: &[u8] = r.get(1);
+        if !out.is_empty() && bytes + body.len() > max_bytes {
+            break;
+        }
+        bytes += body.len();
+        out.push(Arc::new(decode_set(r.get(0), body)?));
+    }
+    Ok(out)
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn push(&self, grants: Arc<Grants>, sets: Vec<ChangeSet>) -> Result<Vec<PushOutcome>> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Job::Push {
+            grants,
+            sets,
+            reply,
+        })?;
+        rx.await.map_err(|_| RelayError::ShuttingDown)?
+    }
+
+    async fn read(
+        &self,
+        after: u64,
+        max_sets: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Arc<StoredSet>>> {
+        let c = self.pool.get().await?;
+        read_after(&c, after, max_sets, max_bytes).await
+    }
+
+    async fn row_history(
+        &self,
+        table: &str,
+        pk: &Value,
+        before: u64,
+    ) -> Result<Vec<Arc<StoredSet>>> {
+        let pk = scoping::pk_key(pk)?;
+        let c = self.pool.get().await?;
+        let st = c
+            .prepare_cached(
+                "SELECT s.server_seq, s.body FROM ferry_row_hist h JOIN ferry_sets s ON s.server_seq = h.server_seq
+                 WHERE h.tbl = $1 AND h.pk = $2 AND h.server_seq < $3 ORDER BY h.server_seq",
+            )
+            .await?;
+        let rows = c.query(&st, &[&table, &pk, &(before as i64)]).await?;
+        rows.iter()
+            .map(|r| Ok(Arc::new(decode_set(r.get(0), r.get::<_, &[u8]>(1))?)))
+            .collect()
+    }
+
+    async fn lease(&self, holder: ReplicaId, request: LeaseRequest) -> Result<LeaseOutcome> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Job::Lease {
+            holder,
+            request,
+            reply,
+        })?;
+        rx.await.map_err(|_| RelayError::ShuttingDown)?
+    }
+
+    async fn max_origin_seq(&self, origin: ReplicaId) -> Result<u64> {
+        let c = self.pool.get().await?;
+        let st = c
+            .prepare_cached("SELECT max_seq FROM ferry_origins WHERE origin = $1")
+            .await?;
+        let n: Option<i64> = c
+            .query_opt(&st, &[&origin.0.as_slice()])
+            .await?
+            .map(|r| r.get(0));
+        Ok(n.unwrap_or(0) as u64)
+    }
+
+    async fn compact(&self, horizon: u64) -> Result<CompactReport> {
+        let c = self.pool.get().await?;
+        let old: i64 = c
+            .query_one("SELECT value FROM ferry_meta WHERE key = 'horizon'", &[])
+            .await?
+            .get(0);
+        let mut report = CompactReport {
+            horizon: horizon.max(old as u64),
+            ..CompactReport::default()
+        };
+        // Walk newest first in pages; bodies at or below the horizon only change here.
+        let mut pruner = Pruner::new(&self.cat);
+        let mut rewrites = Vec::new();
+        let mut below = i64::MAX;
+        loop {
+            let rows = c
+                .query(
+                    "SELECT server_seq, body FROM ferry_sets WHERE server_seq < $1 ORDER BY server_seq DESC LIMIT 1000",
+                    &[&below],
+                )
+                .await?;
+            let Some(last) = rows.last() else { break };
+            below = last.get(0);
+            for r in &rows {
+                let seq: i64 = r.get(0);
+                let body: &[u8] = r.get(1);
+                report.bytes_before += body.len() as u64;
+                let s = decode_set(seq, body)?;
+                match pruner.visit(&s, seq as u64 <= horizon) {
+                    Some(p) => {
+                        report.rewritten += 1;
+                        report.cells_dropped += p.cells_dropped;
+                        report.bytes_after += encode_set(&p.set)?.len() as u64;
+                        rewrites.push((p.set, p.rows_dropped));
+                    }
+                    None => report.bytes_after += body.len() as u64,
+                }
+            }
+        }
+        drop(c);
+        let (reply, rx) = oneshot::channel();
+        self.send(Job::Rewrite {
+            sets: rewrites,
+            horizon: report.horizon,
+            reply,
+        })?;
+        rx.await.map_err(|_| RelayError::ShuttingDown)??;
+        self.feed.clear_window();
+        tracing::info!(?report, "history compacted");
+        Ok(report)
+    }
+
+    async fn stats(&self) -> Result<StoreStats> {
+        let c = self.pool.get().await?;
+        let r = c
+            .query_one(
+                "SELECT (SELECT coalesce(max(server_seq), 0) FROM ferry_sets),
+                        (SELECT value FROM ferry_meta WHERE key = 'horizon'),
+                        (SELECT sum(pg_total_relation_size(c.oid))::bigint FROM pg_class c
+                          WHERE c.relkind = 'r' AND c.relname LIKE 'ferry\\_%')",
+                &[],
+            )
+            .await?;
+        Ok(StoreStats {
+            head: r.get::<_, i64>(0) as u64,
+            horizon: r.get::<_, i64>(1) as u64,
+            bytes: r.get::<_, Option<i64>>(2).unwrap_or(0) as u64,
+        })
+    }
+
+    fn feed(&self) -> &Arc<Feed> {
+        &self.feed
+    }
+
+    async fn shutdown(&self) {
+        drop(self.jobs.lock().take());
+        let tasks = std::mem::take(&mut *self.tasks.lock());
+        let mut tasks = tasks.into_iter();
+        // The writer drains its queue first; then the publisher stops.
+        if let Some(w) = tasks.next() {
+            let _ = w.await;
+        }
+        self.stop.cancel();
+        for t in tasks {
+            let _ = t.await;
+        }
+        self.pool.close();
+    }
+}
+
+/// The node's sequencer: batches the pushes waiting on this node into one locked transaction.
+struct Writer {
+    pool: Pool,
+    cat: Arc<RelayCatalog>,
+    local: mpsc::UnboundedSender<Vec<Arc<StoredSet>>>,
+}
+
+impl Writer {
+    async fn run(self, mut rx: mpsc::UnboundedReceiver<Job>) {
+        while let Some(first) = rx.recv().await {
+            let mut pushes = Vec::new();
+            let mut job = Some(first);
+            loop {
+                match job.take() {
+                    Some(Job::Push {
+                        grants,
+                        sets,
+                        reply,
+                    }) => pushes.push((grants, sets, reply)),
+                    Some(Job::Rewrite {
+                        sets,
+                        horizon,
+                        reply,
+                    }) => {
+                        self.flush(std::mem::take(&mut pushes)).await;
+                        let _ = reply.send(self.rewrite(sets, horizon).await);
+                    }
+                    Some(Job::Lease {
+                        holder,
+                        request,
+                        reply,
+                    }) => {
+                        self.flush(std::mem::take(&mut pushes)).await;
+                        let _ = reply.send(self.lease(holder, &request).await);
+                    }
+                    None => break,
+                }
+                if pushes.len() >= 256 {
+                    break;
+                }
+                job = rx.try_recv().ok();
+            }
+            self.flush(pushes).await;
+        }
+        tracing::debug!("postgres store writer stopped");
+    }
+
+    async fn flush(&self, pushes: Vec<PushJob>) {
+        if pushes.is_empty() {
+            return;
+        }
+        match self.sequence(&pushes).await {
+            Ok((outcomes, stored)) => {
+                if !stored.is_empty() {
+                    let _ = self.local.send(stored);
+                }
+                for ((_, _, reply), out) in pushes.into_iter().zip(outcomes) {
+                    let _ = reply.send(Ok(out));
+                }
+            }
+            Err(e) => {
+                // Whether a failed COMMIT took effect is unknown; the client retries and the
+                // `(origin, origin_seq)` check makes the retry idempotent either way.
+                tracing::error!(error = %e, "push transaction failed");
+                let msg = e.to_string();
+                for (_, _, reply) in pushes {
+                    let _ = reply.send(Err(RelayError::Store(msg.clone())));
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    async fn sequence(
+        &self,
+        pushes: &[PushJob],
+    ) -> Result<(Vec<Vec<PushOutcome>>, Vec<Arc<StoredSet>>)> {
+        let mut c = self.pool.get().await?;
+        let tx = c.transaction().await?;
+        let (mut head, now) = lock(&tx).await?;
+        let mut all = Vec::with_capacity(pushes.len());
+        let mut stored = Vec::new();
+        for (grants, sets, _) in pushes {
+            let mut outcomes = Vec::with_capacity(sets.len());
+            for cs in sets {
+                match sequence_one(&tx, &self.cat, grants, cs, head + 1, now).await? {
+                    One::Existing(seq) => outcomes.push(PushOutcome::Acked(seq)),
+                    One::New(s) => {
+                        head += 1;
+                        outcomes.push(PushOutcome::Acked(head));
+                        stored.push(Arc::new(*s));
+                    }
+                    One::Refused(e) => {
+                        outcomes.push(PushOutcome::Refused(e));
+                        break;
+                    }
+                }
+            }
+            all.push(outcomes);
+        }
+        if !stored.is_empty() {
+            tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &head.to_string()])
+                .await?;
+        }
+        tx.commit().await?;
+        Ok((all, stored))
+    }
+
+    async fn lease(&self, holder: ReplicaId, request: &LeaseRequest) -> Result<LeaseOutcome> {
+        let name = match request {
+            LeaseRequest::Acquire { name, .. }
+            | LeaseRequest::Renew { name, .. }
+            | LeaseRequest::Release { name, .. } => name,
+        };
+        let mut c = self.pool.get().await?;
+        let tx = c.transaction().await?;
+        let (_, now) = lock(&tx).await?;
+        let state = load_lease(&tx, name).await?;
+        let (outcome, next) = lease::decide(now, state, holder, request);
+        if let Some(n) = next {
+            tx.execute(
+                "INSERT INTO ferry_leases(name, token, holder, expires_ms) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (name) DO UPDATE SET token = excluded.token, holder = excluded.holder,
+                 expires_ms = excluded.expires_ms",
+                &[
+                    &name,
+                    &(n.token as i64),
+                    &n.holder.0.as_slice(),
+                    &(n.expires_ms as i64),
+                ],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    async fn rewrite(&self, sets: Vec<(StoredSet, Vec<(String, Value)>)>, horizon: u64) -> Result<()> {
+        for chunk in sets.chunks(500) {
+            let mut c = self.pool.get().await?;
+            let tx = c.transaction().await?;
+            lock(&tx).await?;
+            for (s, dropped) in chunk {
+                tx.execute(
+                    "UPDATE ferry_sets SET body = $1 WHERE server_seq = $2",
+                    &[&encode_set(s)?, &(s.server_seq as i64)],
+                )
+                .await?;
+                for (t, pk) in dropped {
+                    tx.execute(
+                        "DELETE FROM ferry_row_hist WHERE tbl = $1 AND pk = $2 AND server_seq = $3",
+                        &[t, &scoping::pk_key(pk)?, &(s.server_seq as i64)],
+                    )
+                    .await?;
+                }
+            }
+            tx.commit().await?;
+        }
+        let c = self.pool.get().await?;
+        c.execute(
+            "UPDATE ferry_meta SET value = greatest(value, $1) WHERE key = 'horizon'",
+            &[&(horizon as i64)],
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// Takes the sequencing lock; returns the head and the database clock (ms since the epoch).
+async fn lock(tx: &deadpool_postgres::Transaction<'_>) -> Result<(u64, u64)> {
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SEQ_LOCK])
+        .await?;
+    // A new statement, so a new snapshot: it sees every commit that released the lock.
+    let r = tx
+        .query_one(
+            &format!("SELECT coalesce(max(server_seq), 0), {NOW_MS} FROM ferry_sets"),
+            &[],
+        )
+        .await?;
+    Ok((r.get::<_, i64>(0) as u64, r.get::<_, i64>(1).max(0) as u64))
+}
+
+enum One {
+    Existing(u64),
+    New(Box<StoredSet>),
+    Refused(RelayError),
+}
+
+fn origin_of(b: &[u8]) -> ReplicaId {
+    ReplicaId::from_slice(b).unwrap_or(ReplicaId([0; 16]))
+}
+
+/// Sequences one change set inside the locked transaction: one pipelined round trip reads
+/// everything the rule needs, then the writes go out together.
+async fn sequence_one(
+    tx: &deadpool_postgres::Transaction<'_>,
+    cat: &RelayCatalog,
+    grants: &Grants,
+    cs: &ChangeSet,
+    next: u64,
+    now: u64,
+) -> Result<One> {
+    let origin = cs.origin.0.as_slice();
+    let oseq = cs.origin_seq as i64;
+    let keys = rule::row_keys(cs)?;
+    let (tbls, pks): (Vec<String>, Vec<Vec<u8>>) = keys.into_iter().unzip();
+    let (s_existing, s_max, s_scopes, s_rows, s_cells) = futures_util::try_join!(
+        tx.prepare_cached("SELECT server_seq, id FROM ferry_sets WHERE origin = $1 AND origin_seq = $2"),
+        tx.prepare_cached("SELECT max_seq FROM ferry_origins WHERE origin = $1"),
+        tx.prepare_cached(
+            "SELECT s.tbl, s.pk, s.cl, s.scope, s.hlc, s.origin FROM ferry_row_scopes s
+             JOIN unnest($1::text[], $2::bytea[]) AS k(tbl, pk) ON s.tbl = k.tbl AND s.pk = k.pk"
+        ),
+        tx.prepare_cached(
+            "SELECT s.tbl, s.pk, s.cl, s.row_seq, s.row_origin, s.w_seq, s.w_origin FROM ferry_cas_rows s
+             JOIN unnest($1::text[], $2::bytea[]) AS k(tbl, pk) ON s.tbl = k.tbl AND s.pk = k.pk"
+        ),
+        tx.prepare_cached(
+            "SELECT s.tbl, s.pk, s.col, s.seq, s.origin FROM ferry_cas_cells s
+             JOIN unnest($1::text[], $2::bytea[]) AS k(tbl, pk) ON s.tbl = k.tbl AND s.pk = k.pk"
+        ),
+    )?;
+    let fence = cs.fence.as_ref().map(|f| f.lease.clone());
+    let pg = |e: tokio_postgres::Error| RelayError::from(e);
+    let (existing, max, scopes, rows, cells, fence_lease) = futures_util::try_join!(
+        async { tx.query_opt(&s_existing, &[&origin, &oseq]).await.map_err(pg) },
+        async { tx.query_opt(&s_max, &[&origin]).await.map_err(pg) },
+        async { tx.query(&s_scopes, &[&tbls, &pks]).await.map_err(pg) },
+        async { tx.query(&s_rows, &[&tbls, &pks]).await.map_err(pg) },
+        async { tx.query(&s_cells, &[&tbls, &pks]).await.map_err(pg) },
+        async {
+            match &fence {
+                Some(n) => load_lease(tx, n).await,
+                None => Ok(None),
+            }
+        },
+    )?;
+    let state = OriginState {
+        existing: existing.map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, Vec<u8>>(1))),
+        max_seq: max.map_or(0, |r| r.get::<_, i64>(0) as u64),
+    };
+    let mut fetched = Fetched::default();
+    for r in scopes {
+        fetched.scopes.insert(
+            (r.get(0), r.get(1)),
+            RowScope {
+                cl: r.get::<_, i64>(2) as u64,
+                scope: r.get(3),
+                hlc: Hlc(r.get::<_, i64>(4) as u64),
+                origin: origin_of(r.get(5)),
+            },
+        );
+    }
+    for r in rows {
+        fetched.rows.insert(
+            (r.get(0), r.get(1)),
+            RowStamp {
+                cl: r.get::<_, i64>(2) as u64,
+                row: CellStamp {
+                    seq: r.get::<_, i64>(3) as u64,
+                    origin: origin_of(r.get(4)),
+                },
+                write: CellStamp {
+                    seq: r.get::<_, i64>(5) as u64,
+                    origin: origin_of(r.get(6)),
+                },
+            },
+        );
+    }
+    for r in cells {
+        fetched
+            .cells
+            .entry((r.get(0), r.get(1)))
+            .or_default()
+            .push((
+                r.get(2),
+                CellStamp {
+                    seq: r.get::<_, i64>(3) as u64,
+                    origin: origin_of(r.get(4)),
+                },
+            ));
+    }
+    let mut cas = Fetched {
+        rows: std::mem::take(&mut fetched.rows),
+        cells: std::mem::take(&mut fetched.cells),
+        ..Fetched::default()
+    };
+    let accepted = match rule::decide(
+        cat,
+        grants,
+        cs,
+        &state,
+        &mut fetched,
+        fence_lease,
+        now,
+        &mut cas,
+    )? {
+        Decision::Existing(seq) => return Ok(One::Existing(seq)),
+        Decision::Refused(e) => return Ok(One::Refused(e)),
+        Decision::Accept(a) => a,
+    };
+    let stored = StoredSet {
+        server_seq: next,
+        change_set: cs.clone(),
+        tags: accepted.tags,
+    };
+    let body = encode_set(&stored)?;
+    let seq = next as i64;
+    // Scope updates: the last one per row (a row twice in one change set updates twice).
+    let mut last: HashMap<(String, Vec<u8>), &RowScope> = HashMap::new();
+    let mut order = Vec::new();
+    for (t, pk, s) in &accepted.scopes {
+        let k = (t.clone(), scoping::pk_key(pk)?);
+        if last.insert(k.clone(), s).is_none() {
+            order.push(k);
+        }
+    }
+    let mut sc = ScopeCols::default();
+    for k in order {
+        let s = last[&k];
+        sc.tbl.push(k.0);
+        sc.pk.push(k.1);
+        sc.cl.push(s.cl as i64);
+        sc.scope.push(s.scope.clone());
+        sc.hlc.push(s.hlc.0 as i64);
+        sc.origin.push(s.origin.0.to_vec());
+    }
+    let (h_tbl, h_pk): (Vec<String>, Vec<Vec<u8>>) =
+        rule::history_keys(cat, cs)?.into_iter().unzip();
+    let (w_set, w_origin, w_scopes, w_hist) = futures_util::try_join!(
+        tx.prepare_cached(
+            "INSERT INTO ferry_sets(server_seq, origin, origin_seq, id, body) VALUES ($1, $2, $3, $4, $5)"
+        ),
+        tx.prepare_cached(
+            "INSERT INTO ferry_origins(origin, max_seq) VALUES ($1, $2)
+             ON CONFLICT (origin) DO UPDATE SET max_seq = excluded.max_seq"
+        ),
+        tx.prepare_cached(
+            "INSERT INTO ferry_row_scopes(tbl, pk, cl, scope, hlc, origin)
+             SELECT * FROM unnest($1::text[], $2::bytea[], $3::int8[], $4::text[], $5::int8[], $6::bytea[])
+             ON CONFLICT (tbl, pk) DO UPDATE SET cl = excluded.cl, scope = excluded.scope,
+             hlc = excluded.hlc, origin = excluded.origin"
+        ),
+        tx.prepare_cached(
+            "INSERT INTO ferry_row_hist(tbl, pk, server_seq)
+             SELECT t, p, $3 FROM unnest($1::text[], $2::bytea[]) AS u(t, p) ON CONFLICT DO NOTHING"
+        ),
+    )?;
+    let id = cs.id.as_slice();
+    let set_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+        [&seq, &origin, &oseq, &id, &body];
+    let origin_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&origin, &oseq];
+    futures_util::try_join!(
+        tx.execute(&w_set, &set_params),
+        tx.execute(&w_origin, &origin_params),
+        async {
+            if sc.tbl.is_empty() {
+                return Ok(0);
+            }
+            tx.execute(
+                &w_scopes,
+                &[&sc.tbl, &sc.pk, &sc.cl, &sc.scope, &sc.hlc, &sc.origin],
+            )
+            .await
+        },
+        async {
+            if h_tbl.is_empty() {
+                return Ok(0);
+            }
+            tx.execute(&w_hist, &[&h_tbl, &h_pk, &seq]).await
+        },
+    )?;
+    record_stamps(tx, &accepted.stamps, seq, origin).await?;
+    Ok(One::New(Box::new(stored)))
+}
+
+#[derive(Default)]
+struct ScopeCols {
+    tbl: Vec<String>,
+    pk: Vec<Vec<u8>>,
+    cl: Vec<i64>,
+    scope: Vec<String>,
+    hlc: Vec<i64>,
+    origin: Vec<Vec<u8>>,
+}
+
+async fn load_lease(
+    tx: &deadpool_postgres::Transaction<'_>,
+    name: &str,
+) -> Result<Option<LeaseState>> {
+    let st = tx
+        .prepare_cached("SELECT token, holder, expires_ms FROM ferry_leases WHERE name = $1")
+        .await?;
+    let Some(r) = tx.query_opt(&st, &[&name]).await? else {
+        return Ok(None);
+    };
+    Ok(Some(LeaseState {
+        token: r.get::<_, i64>(0) as u64,
+        holder: ReplicaId::from_slice(r.get(1))
+            .ok_or_else(|| RelayError::Store("lease holder is not 16 bytes".into()))?,
+        expires_ms: r.get::<_, i64>(2) as u64,
+    }))
+}
+
+/// Writes the compare-and-set stamps of a change set sequenced at `seq` (in order: a
+/// row-level write clears the row's cell stamps before its own are written).
+async fn record_stamps(
+    tx: &deadpool_postgres::Transaction<'_>,
+    stamps: &[CasUpdate],
+    seq: i64,
+    origin: &[u8],
+) -> Result<()> {
+    if stamps.is_empty() {
+        return Ok(());
+    }
+    let clear = tx
+        .prepare_cached("DELETE FROM ferry_cas_cells WHERE tbl = $1 AND pk = $2")
+        .await?;
+    let row = tx
+        .prepare_cached(
+            "INSERT INTO ferry_cas_rows(tbl, pk, cl, row_seq, row_origin, w_seq, w_origin) VALUES ($1, $2, $3, $4, $5, $4, $5)
+             ON CONFLICT (tbl, pk) DO UPDATE SET cl = excluded.cl, row_seq = excluded.row_seq,
+             row_origin = excluded.row_origin, w_seq = excluded.w_seq, w_origin = excluded.w_origin",
+        )
+        .await?;
+    let write = tx
+        .prepare_cached(
+            "INSERT INTO ferry_cas_rows(tbl, pk, cl, row_seq, row_origin, w_seq, w_origin) VALUES ($1, $2, $3, 0, '', $4, $5)
+             ON CONFLICT (tbl, pk) DO UPDATE SET cl = excluded.cl, w_seq = excluded.w_seq, w_origin = excluded.w_origin",
+        )
+        .await?;
+    let cell = tx
+        .prepare_cached(
+            "INSERT INTO ferry_cas_cells(tbl, pk, col, seq, origin) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (tbl, pk, col) DO UPDATE SET seq = excluded.seq, origin = excluded.origin",
+        )
+        .await?;
+    for u in stamps {
+        let key = scoping::pk_key(&u.pk)?;
+        let cl = u.cl as i64;
+        if u.row_level {
+            tx.execute(&clear, &[&u.table, &key]).await?;
+            tx.execute(&row, &[&u.table, &key, &cl, &seq, &origin])
+                .await?;
+        } else if u.write {
+            tx.execute(&write, &[&u.table, &key, &cl, &seq, &origin])
+                .await?;
+        }
+        for c in &u.cells {
+            tx.execute(&cell, &[&u.table, &key, c, &seq, &origin])
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Publishes the log to this node's feed, in order: from its own writer's commits without a
+/// read, from everyone else's after a notification or a periodic catch-up read.
+struct Publisher {
+    pool: Pool,
+    cfg: tokio_postgres::Config,
+    feed: Arc<Feed>,
+    /// Change sets this node committed, not yet published (keyed by position).
+    pending: BTreeMap<u64, Arc<StoredSet>>,
+}
+
+impl Publisher {
+    async fn run(
+        mut self,
+        mut local: mpsc::UnboundedReceiver<Vec<Arc<StoredSet>>>,
+        stop: CancellationToken,
+    ) {
+        let (wake_tx, mut wake) = mpsc::channel::<()>(1);
+        let listener = tokio::spawn(listen(self.cfg.clone(), wake_tx, stop.clone()));
+        let mut tick = tokio::time::interval(CATCH_UP);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let mut read_db = false;
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                got = local.recv() => match got {
+                    Some(sets) => self.buffer(sets),
+                    None => break,
+                },
+                _ = wake.recv() => read_db = true,
+                _ = tick.tick() => read_db = true,
+            }
+            while let Ok(sets) = local.try_recv() {
+                self.buffer(sets);
+            }
+            if let Err(e) = self.catch_up(read_db).await {
+                tracing::warn!(error = %e, "reading the log for fan-out failed; retrying");
+            }
+        }
+        listener.abort();
+        tracing::debug!("postgres store publisher stopped");
+    }
+
+    fn buffer(&mut self, sets: Vec<Arc<StoredSet>>) {
+        for s in sets {
+            self.pending.insert(s.server_seq, s);
+        }
+    }
+
+    /// Publishes everything consecutive after the feed's head: from the buffer while it
+    /// holds the next position, from the database otherwise (when `read_db`, or when the
+    /// buffer shows a gap, i.e. another node committed in between).
+    async fn catch_up(&mut self, mut read_db: bool) -> Result<()> {
+        loop {
+            let head = self.feed.head();
+            self.pending = self.pending.split_off(&(head + 1));
+            let mut run = Vec::new();
+            let mut want = head + 1;
+            while let Some(s) = self.pending.remove(&want) {
+                run.push(s);
+                want += 1;
+            }
+            if !run.is_empty() {
+                self.feed.publish(run);
+                continue;
+            }
+            if !read_db && self.pending.is_empty() {
+                return Ok(());
+            }
+            let c = self.pool.get().await?;
+            let got = read_after(&c, head, 512, 8 << 20).await?;
+            drop(c);
+            let full = got.len() >= 512;
+            if got.is_empty() {
+                return Ok(());
+            }
+            self.feed.publish(got);
+            read_db = full || !self.pending.is_empty();
+        }
+    }
+}
+
+/// Keeps a LISTEN connection open and wakes the publisher on each notification; reconnects
+/// with a delay when the connection drops (the periodic catch-up covers the gap).
+async fn listen(cfg: tokio_postgres::Config, wake: mpsc::Sender<()>, stop: CancellationToken) {
+    loop {
+        match cfg.connect(NoTls).await {
+            Ok((client, mut conn)) => {
+                let (done_tx, done_rx) = oneshot::channel::<()>();
+                let w = wake.clone();
+                let driver = tokio::spawn(async move {
+                    let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+                    while let Some(m) = messages.next().await {
+                        match m {
+                            Ok(tokio_postgres::AsyncMessage::Notification(_)) => {
+                                let _ = w.try_send(());
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::warn!(error = %e, "postgres LISTEN connection failed");
+                                break;
+                            }
+                        }
+                    }
+                    let _ = done_tx.send(());
+                });
+                match client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
+                    Ok(()) => {
+                        // Something may have been committed before LISTEN took effect.
+                        let _ = wake.try_send(());
+                        tokio::select! {
+                            _ = stop.cancelled() => { driver.abort(); return; }
+                            _ = done_rx => {}
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "postgres LISTEN failed");
+                        driver.abort();
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "postgres LISTEN connection failed"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}

@@ -1,0 +1,441 @@
+//! One suite of store properties, run against both stores: the embedded SQLite store and the
+//! PostgreSQL store (a fresh database on the throwaway server per test). Each property is
+//! written once, as a function of a store factory; `store_suite!` instantiates it per store.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use common::raw;
+use ferry_core::protocol::{LeaseOutcome, LeaseRequest};
+use ferry_core::{Cell, ChangeSet, Fence, ReplicaId, Value};
+use ferry_relay::auth::{Claims, Grants, now_secs};
+use ferry_relay::catalog::RelayCatalog;
+use ferry_relay::error::RelayError;
+use ferry_relay::store::postgres::PgStore;
+use ferry_relay::store::sqlite::SqliteStore;
+use ferry_relay::store::{PushOutcome, Store};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Opens stores of one kind; `open` again on the same factory reopens the same data.
+#[derive(Clone)]
+enum Kind {
+    Sqlite(Arc<tempfile::TempDir>),
+    Postgres(String),
+}
+
+impl Kind {
+    fn sqlite() -> Kind {
+        Kind::Sqlite(Arc::new(tempfile::tempdir().unwrap()))
+    }
+
+    fn postgres() -> Kind {
+        Kind::Postgres(common::fresh_pg_db())
+    }
+
+    async fn open(&self) -> Arc<dyn Store> {
+        let cat = Arc::new(RelayCatalog::from_schema(common::schema()).unwrap());
+        match self {
+            Kind::Sqlite(dir) => SqliteStore::open(dir.path(), cat, 4096).unwrap(),
+            Kind::Postgres(url) => PgStore::open(url, cat, 4096, 64 << 20).await.unwrap(),
+        }
+    }
+}
+
+fn grants(sub: &str, primary: &[&str]) -> Arc<Grants> {
+    Arc::new(
+        Grants::from_claims(&Claims {
+            sub: sub.into(),
+            exp: now_secs() + 3600,
+            read: vec!["*".into()],
+            write: vec!["*".into()],
+            primary: primary.iter().map(|s| s.to_string()).collect(),
+            iss: None,
+            aud: None,
+        })
+        .unwrap(),
+    )
+}
+
+fn origin(n: u8) -> ReplicaId {
+    ReplicaId([n; 16])
+}
+
+fn set(c: &str, v: Value) -> Cell {
+    Cell::Set(c.into(), v)
+}
+
+fn tag(o: ReplicaId, oseq: u64, pk: &str) -> ChangeSet {
+    raw::change_set(o, oseq, "tag", pk, 1, vec![set("name", Value::Text(pk.into()))])
+}
+
+fn acked(out: &[PushOutcome]) -> Vec<u64> {
+    out.iter()
+        .map(|o| match o {
+            PushOutcome::Acked(s) => *s,
+            PushOutcome::Refused(e) => panic!("refused: {e}"),
+        })
+        .collect()
+}
+
+fn refused(out: &PushOutcome) -> &RelayError {
+    match out {
+        PushOutcome::Refused(e) => e,
+        PushOutcome::Acked(s) => panic!("acknowledged at {s}, expected a refusal"),
+    }
+}
+
+async fn all(store: &dyn Store) -> Vec<Arc<ferry_relay::store::StoredSet>> {
+    let mut out = Vec::new();
+    loop {
+        let after = out.last().map_or(0, |s: &Arc<ferry_relay::store::StoredSet>| s.server_seq);
+        let got = store.read(after, 100, 1 << 20).await.unwrap();
+        if got.is_empty() {
+            return out;
+        }
+        out.extend(got);
+    }
+}
+
+/// Positions are 1, 2, 3…; a retry returns the first position; a different change set under a
+/// used `(origin, origin_seq)` and a gap in `origin_seq` are refused and store nothing.
+async fn sequencing_is_gap_free_and_idempotent(kind: Kind) {
+    let store = kind.open().await;
+    let g = grants("a", &[]);
+    let sets: Vec<_> = (1..=3).map(|i| tag(origin(1), i, &format!("t{i}"))).collect();
+    assert_eq!(acked(&store.push(Arc::clone(&g), sets.clone()).await.unwrap()), vec![1, 2, 3]);
+    let retry = store.push(Arc::clone(&g), vec![sets[1].clone()]).await.unwrap();
+    assert_eq!(acked(&retry), vec![2], "a retry is acknowledged at its first position");
+    let reuse = store.push(Arc::clone(&g), vec![tag(origin(1), 2, "other")]).await.unwrap();
+    assert!(matches!(refused(&reuse[0]), RelayError::OriginReused(_)));
+    let gap = store.push(Arc::clone(&g), vec![tag(origin(1), 5, "gap")]).await.unwrap();
+    assert!(matches!(refused(&gap[0]), RelayError::InvalidChangeSet(m) if m.contains("holds up to 3")));
+    let stored = all(&*store).await;
+    assert_eq!(stored.iter().map(|s| s.server_seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+    for (s, cs) in stored.iter().zip(&sets) {
+        assert_eq!(s.change_set.id, cs.id);
+    }
+    assert_eq!(store.max_origin_seq(origin(1)).await.unwrap(), 3);
+    assert_eq!(store.max_origin_seq(origin(9)).await.unwrap(), 0);
+    assert_eq!(store.stats().await.unwrap().head, 3);
+    store.shutdown().await;
+    // Reopening keeps everything and continues at the head.
+    let store = kind.open().await;
+    assert_eq!(store.feed().head(), 3);
+    assert_eq!(acked(&store.push(g, vec![tag(origin(1), 4, "t4")]).await.unwrap()), vec![4]);
+    store.shutdown().await;
+}
+
+/// A refusal stores nothing, and the change sets after it in the same push are not looked at.
+async fn a_refusal_stores_nothing(kind: Kind) {
+    let store = kind.open().await;
+    let g = grants("a", &[]);
+    let price = raw::change_set(origin(2), 2, "price", "p", 1, vec![set("cents", Value::Integer(5))]);
+    let out = store
+        .push(
+            Arc::clone(&g),
+            vec![tag(origin(2), 1, "ok"), price, tag(origin(2), 3, "after")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.len(), 2, "nothing after the refusal is looked at");
+    assert!(matches!(out[0], PushOutcome::Acked(1)));
+    assert!(matches!(refused(&out[1]), RelayError::Forbidden(m) if m.contains("read_only")));
+    assert_eq!(store.stats().await.unwrap().head, 1);
+    assert_eq!(store.max_origin_seq(origin(2)).await.unwrap(), 1);
+    // A primary may write it.
+    let p = raw::change_set(origin(3), 1, "price", "p", 1, vec![set("cents", Value::Integer(5))]);
+    assert_eq!(acked(&store.push(grants("backend", &["price"]), vec![p]).await.unwrap()), vec![2]);
+    store.shutdown().await;
+}
+
+/// Many concurrent pushers: every change set gets exactly one position, positions are 1..=n,
+/// and each origin's change sets are in its own order. A reader polling the log meanwhile
+/// only ever sees a gap-free prefix (never N+1 before N).
+async fn concurrent_pushers_and_a_reader(kinds: Vec<Kind>) {
+    let mut stores = Vec::new();
+    for k in &kinds {
+        stores.push(kind_open(k).await);
+    }
+    let pushers = 8u8;
+    let per = 40u64;
+    let reader_store = Arc::clone(&stores[stores.len() - 1]);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_r = Arc::clone(&stop);
+    let reader = tokio::spawn(async move {
+        let mut seen = 0u64;
+        let mut polls = 0u64;
+        while !stop_r.load(std::sync::atomic::Ordering::SeqCst) {
+            let got = reader_store.read(seen, 50, 1 << 20).await.unwrap();
+            for s in got {
+                assert_eq!(s.server_seq, seen + 1, "the reader saw a gap after {seen}");
+                seen = s.server_seq;
+            }
+            polls += 1;
+            tokio::task::yield_now().await;
+        }
+        (seen, polls)
+    });
+    let mut tasks = Vec::new();
+    for p in 0..pushers {
+        let store = Arc::clone(&stores[p as usize % stores.len()]);
+        tasks.push(tokio::spawn(async move {
+            let g = grants(&format!("p{p}"), &[]);
+            let mut positions = Vec::new();
+            for i in 1..=per {
+                let cs = tag(origin(10 + p), i, &format!("p{p}-{i}"));
+                positions.extend(acked(&store.push(Arc::clone(&g), vec![cs]).await.unwrap()));
+            }
+            positions
+        }));
+    }
+    let mut every = Vec::new();
+    for t in tasks {
+        let pos = t.await.unwrap();
+        assert!(pos.windows(2).all(|w| w[0] < w[1]), "an origin's change sets keep its order");
+        every.extend(pos);
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (seen, polls) = reader.await.unwrap();
+    assert!(polls > 0 && seen <= pushers as u64 * per);
+    every.sort_unstable();
+    let n = pushers as u64 * per;
+    assert_eq!(every, (1..=n).collect::<Vec<_>>(), "positions are exactly 1..={n}");
+    for store in &stores {
+        let log = all(&**store).await;
+        assert_eq!(log.len() as u64, n);
+        let mut per_origin: BTreeMap<ReplicaId, u64> = BTreeMap::new();
+        for s in &log {
+            let last = per_origin.entry(s.change_set.origin).or_default();
+            assert_eq!(s.change_set.origin_seq, *last + 1);
+            *last += 1;
+        }
+        // Every node's feed reaches the head and holds the same sets in the same order.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while store.feed().head() < n {
+            assert!(tokio::time::Instant::now() < deadline, "a node's feed stopped at {}", store.feed().head());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let w = store.feed().window_after(0, 10_000).expect("window holds everything");
+        assert_eq!(
+            w.iter().map(|s| s.change_set.id).collect::<Vec<_>>(),
+            log.iter().map(|s| s.change_set.id).collect::<Vec<_>>()
+        );
+    }
+    for s in stores {
+        s.shutdown().await;
+    }
+}
+
+async fn kind_open(k: &Kind) -> Arc<dyn Store> {
+    k.open().await
+}
+
+/// Compare-and-set on a `server_checked` table: a write based on an old position loses to
+/// the unseen change, and the refusal names its position.
+async fn compare_and_set(kind: Kind) {
+    let store = kind.open().await;
+    let bal = |o: ReplicaId, oseq: u64, base: u64, v: i64| {
+        let mut cs = raw::change_set(o, oseq, "acct", "a1", 1, vec![set("balance", Value::Integer(v))]);
+        cs.base = base;
+        cs
+    };
+    let first = acked(&store.push(grants("a", &[]), vec![bal(origin(1), 1, 0, 10)]).await.unwrap());
+    assert_eq!(first, vec![1]);
+    let lost = store.push(grants("b", &[]), vec![bal(origin(2), 1, 0, 20)]).await.unwrap();
+    match refused(&lost[0]) {
+        RelayError::Conflict { seq, .. } => assert_eq!(*seq, 1),
+        e => panic!("expected a conflict, got {e}"),
+    }
+    // Having seen position 1, the same write is accepted.
+    let ok = store.push(grants("b", &[]), vec![bal(origin(2), 1, 1, 20)]).await.unwrap();
+    assert_eq!(acked(&ok), vec![2]);
+    // The writer's own earlier change is not "unseen".
+    let own = store.push(grants("b", &[]), vec![bal(origin(2), 2, 1, 30)]).await.unwrap();
+    assert_eq!(acked(&own), vec![3]);
+    store.shutdown().await;
+}
+
+fn lease_token(o: &LeaseOutcome) -> u64 {
+    match o {
+        LeaseOutcome::Granted { token, .. } => *token,
+        other => panic!("expected a grant, got {other:?}"),
+    }
+}
+
+/// Leases: one holder at a time, a new grant after expiry with a larger token, and a write
+/// fenced by the old token refused.
+async fn leases_and_fencing(kind: Kind) {
+    let store = kind.open().await;
+    let acquire = |ttl_ms| LeaseRequest::Acquire {
+        name: "door".into(),
+        ttl_ms,
+    };
+    let t1 = lease_token(&store.lease(origin(1), acquire(300)).await.unwrap());
+    assert!(matches!(
+        store.lease(origin(2), acquire(300)).await.unwrap(),
+        LeaseOutcome::Busy { .. }
+    ));
+    let fenced = |o: ReplicaId, oseq: u64, token: u64| {
+        let mut cs = tag(o, oseq, &format!("f{}-{oseq}", o.0[0]));
+        cs.fence = Some(Fence {
+            lease: "door".into(),
+            token,
+        });
+        cs
+    };
+    assert_eq!(acked(&store.push(grants("a", &[]), vec![fenced(origin(1), 1, t1)]).await.unwrap()), vec![1]);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let t2 = lease_token(&store.lease(origin(2), acquire(10_000)).await.unwrap());
+    assert!(t2 > t1, "fencing tokens grow ({t1} then {t2})");
+    let stale = store.push(grants("a", &[]), vec![fenced(origin(1), 2, t1)]).await.unwrap();
+    assert!(matches!(refused(&stale[0]), RelayError::Fenced(_)));
+    assert_eq!(acked(&store.push(grants("b", &[]), vec![fenced(origin(2), 1, t2)]).await.unwrap()), vec![2]);
+    store.shutdown().await;
+}
+
+/// Row history for backfill, and compaction keeping every position.
+async fn history_and_compaction(kind: Kind) {
+    let store = kind.open().await;
+    let g = grants("a", &[]);
+    let todo = |oseq: u64, title: &str| {
+        raw::change_set(
+            origin(1),
+            oseq,
+            "todo",
+            "x",
+            1,
+            vec![set("list", Value::Text("l1".into())), set("title", Value::Text(title.into()))],
+        )
+    };
+    let mut sets = Vec::new();
+    for i in 1..=5 {
+        let mut cs = todo(i, &format!("v{i}"));
+        cs.hlc = ferry_core::Hlc::new(now_secs() * 1000 + i, 0);
+        sets.push(cs);
+    }
+    sets.push(tag(origin(1), 6, "g"));
+    assert_eq!(acked(&store.push(g, sets).await.unwrap()), vec![1, 2, 3, 4, 5, 6]);
+    let hist = store.row_history("todo", &Value::Text("x".into()), 5).await.unwrap();
+    assert_eq!(hist.iter().map(|s| s.server_seq).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+    let r = store.compact(6).await.unwrap();
+    assert_eq!(r.horizon, 6);
+    assert!(r.cells_dropped >= 8, "superseded titles and lists dropped: {r:?}");
+    let log = all(&*store).await;
+    assert_eq!(log.len(), 6, "compaction keeps every position");
+    let last = &log[4].change_set.rows[0];
+    assert!(matches!(&last.op, ferry_core::RowOp::Upsert(c) if c.len() == 2));
+    assert_eq!(store.stats().await.unwrap().horizon, 6);
+    store.shutdown().await;
+}
+
+macro_rules! store_suite {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Kind::sqlite()).await;
+                }
+            )*
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn concurrent_pushers_and_a_reader() {
+                super::concurrent_pushers_and_a_reader(vec![super::Kind::sqlite()]).await;
+            }
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Kind::postgres()).await;
+                }
+            )*
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn concurrent_pushers_and_a_reader() {
+                super::concurrent_pushers_and_a_reader(vec![super::Kind::postgres()]).await;
+            }
+
+            /// Three store instances over one database (three relay nodes in one process):
+            /// pushes through all of them share one gap-free log, and each node's feed
+            /// receives what the others sequenced.
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn three_nodes_one_log() {
+                let k = super::Kind::postgres();
+                super::concurrent_pushers_and_a_reader(vec![k.clone(), k.clone(), k]).await;
+            }
+        }
+    };
+}
+
+store_suite!(
+    sequencing_is_gap_free_and_idempotent,
+    a_refusal_stores_nothing,
+    compare_and_set,
+    leases_and_fencing,
+    history_and_compaction,
+);
+
+/// Two nodes deciding compare-and-set on the same cell at the same time: exactly one wins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_compare_and_set_across_nodes() {
+    let k = Kind::postgres();
+    let a = k.open().await;
+    let b = k.open().await;
+    let mut winners = HashSet::new();
+    for round in 1..=20u64 {
+        let base = a.stats().await.unwrap().head;
+        let mk = |o: u8, v: i64| {
+            let mut cs = raw::change_set(origin(o), round, "acct", "a1", 1, vec![set("balance", Value::Integer(v))]);
+            cs.base = base;
+            cs
+        };
+        let (ra, rb) = tokio::join!(
+            a.push(grants("a", &[]), vec![mk(1, round as i64)]),
+            b.push(grants("b", &[]), vec![mk(2, -(round as i64))])
+        );
+        let wins: Vec<bool> = [ra.unwrap(), rb.unwrap()]
+            .iter()
+            .map(|o| matches!(o[0], PushOutcome::Acked(_)))
+            .collect();
+        assert_eq!(wins.iter().filter(|w| **w).count(), 1, "round {round}: exactly one wins");
+        winners.insert(wins[0]);
+        // The loser withdraws its origin_seq with an empty change set, as a replica would.
+        let loser = if wins[0] { 2 } else { 1 };
+        let mut empty = raw::change_set(origin(loser), round, "acct", "a1", 1, vec![]);
+        empty.rows.clear();
+        let store = if wins[0] { &b } else { &a };
+        assert!(matches!(store.push(grants("x", &[]), vec![empty]).await.unwrap()[0], PushOutcome::Acked(_)));
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// The schema is created once and a store refuses a database written by a newer relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_schema_is_versioned() {
+    let url = common::fresh_pg_db();
+    let k = Kind::Postgres(url.clone());
+    // Two nodes starting together create the schema once.
+    let (a, b) = tokio::join!(k.open(), k.open());
+    a.shutdown().await;
+    b.shutdown().await;
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+        .execute("UPDATE ferry_meta SET value = 99 WHERE key = 'format'", &[])
+        .await
+        .unwrap();
+    let cat = Arc::new(RelayCatalog::from_schema(common::schema()).unwrap());
+    let err = PgStore::open(&url, cat, 16, 1 << 20).await.unwrap_err();
+    assert!(err.to_string().contains("format 99"), "{err}");
+    let bad = PgStore::open(
+        "postgres://nobody@127.0.0.1:1/none",
+        Arc::new(RelayCatalog::from_schema(common::schema()).unwrap()),
+        16,
+        1 << 20,
+    )
+    .await
+    .unwrap_err();
+    assert!(bad.to_string().contains("cannot connect to PostgreSQL at 127.0.0.1:1/none"), "{bad}");
+}
