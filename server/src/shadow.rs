@@ -40,6 +40,12 @@ impl Shadow {
     /// Opens `dir/checksum.db`, rebuilding it when it is ahead of the store (a store restored
     /// from a backup).
     pub fn open(dir: &Path, schema: &Schema, head: u64) -> Result<Shadow> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            RelayError::Store(format!(
+                "cannot create data directory {}: {e}",
+                dir.display()
+            ))
+        })?;
         let path = dir.join("checksum.db");
         let replica = Replica::open(&path, schema)?;
         let replica = if replica.cursor()? > head {
