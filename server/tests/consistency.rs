@@ -138,11 +138,21 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 #[test]
 fn ten_clients_compare_and_set_one_cell_one_winner_per_round() {
+    let d = tempfile::tempdir().unwrap();
+    ten_clients_cas(&d, &Cluster::sqlite(&d.path().join("relay")));
+}
+
+/// The same with the clients spread over three relay nodes on one PostgreSQL database.
+#[test]
+fn ten_clients_compare_and_set_over_three_postgres_nodes() {
+    let d = tempfile::tempdir().unwrap();
+    ten_clients_cas(&d, &Cluster::postgres(&d.path().join("relay"), 3));
+}
+
+fn ten_clients_cas(d: &tempfile::TempDir, cluster: &Cluster) {
     const CLIENTS: usize = 10;
     let rounds = seeds("FERRY_CAS_ROUNDS", 12) as usize;
-    let d = tempfile::tempdir().unwrap();
-    let relay = RelayProc::start(&d.path().join("relay"));
-    let url = relay.url();
+    let url = cluster.url(0);
     let seed = open(d.path(), "seed.db");
     seed.execute(
         "INSERT INTO acct(id, balance, holder) VALUES ('c', 0, 'nobody')",
@@ -159,7 +169,7 @@ fn ten_clients_compare_and_set_one_cell_one_winner_per_round() {
     let barrier = Arc::new(Barrier::new(CLIENTS));
     let threads: Vec<_> = (0..CLIENTS)
         .map(|c| {
-            let (url, dir) = (url.clone(), d.path().to_path_buf());
+            let (url, dir) = (cluster.url(c), d.path().to_path_buf());
             let (history, latencies, barrier) = (
                 Arc::clone(&history),
                 Arc::clone(&latencies),
@@ -313,13 +323,22 @@ fn ten_clients_compare_and_set_one_cell_one_winner_per_round() {
 #[test]
 fn a_lease_holder_paused_past_its_ttl_cannot_overwrite_the_new_holder() {
     let d = tempfile::tempdir().unwrap();
-    let relay = RelayProc::start(&d.path().join("relay"));
-    let url = relay.url();
+    lease_pause(&d, &Cluster::sqlite(&d.path().join("relay")));
+}
+
+/// The same with the two holders on different relay nodes over one PostgreSQL database.
+#[test]
+fn a_paused_lease_holder_is_fenced_across_postgres_nodes() {
+    let d = tempfile::tempdir().unwrap();
+    lease_pause(&d, &Cluster::postgres(&d.path().join("relay"), 2));
+}
+
+fn lease_pause(d: &tempfile::TempDir, cluster: &Cluster) {
     let rt = ferry_core::transport::runtime().unwrap();
     let a = open(d.path(), "a.db");
     let b = open(d.path(), "b.db");
-    let ha = connect(&a, &url, admin_token("a"));
-    let hb = connect(&b, &url, admin_token("b"));
+    let ha = connect(&a, &cluster.url(0), admin_token("a"));
+    let hb = connect(&b, &cluster.url(1), admin_token("b"));
     wait_synced(&ha);
     wait_synced(&hb);
 
@@ -452,8 +471,17 @@ impl ferry_core::Resolver for Join {
 #[test]
 fn custom_columns_are_checked_and_re_resolved_before_they_reach_anyone() {
     let d = tempfile::tempdir().unwrap();
-    let relay = RelayProc::start(&d.path().join("relay"));
-    let url = relay.url();
+    custom_re_resolve(&d, &Cluster::sqlite(&d.path().join("relay")));
+}
+
+/// The same with the two writers on different relay nodes over one PostgreSQL database.
+#[test]
+fn custom_columns_are_re_resolved_across_postgres_nodes() {
+    let d = tempfile::tempdir().unwrap();
+    custom_re_resolve(&d, &Cluster::postgres(&d.path().join("relay"), 2));
+}
+
+fn custom_re_resolve(d: &tempfile::TempDir, cluster: &Cluster) {
     let a = open(d.path(), "a.db");
     let b = open(d.path(), "b.db");
     let calls_a = Arc::new(Mutex::new(0));
@@ -464,8 +492,8 @@ fn custom_columns_are_checked_and_re_resolved_before_they_reach_anyone() {
         .unwrap();
     a.execute("INSERT INTO memo(id, body) VALUES ('m', 'base')", &[])
         .unwrap();
-    let ha = connect(&a, &url, admin_token("a"));
-    let hb = connect(&b, &url, admin_token("b"));
+    let ha = connect(&a, &cluster.url(0), admin_token("a"));
+    let hb = connect(&b, &cluster.url(1), admin_token("b"));
     wait_synced(&ha);
     wait_synced(&hb);
     pause(&ha);

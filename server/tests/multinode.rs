@@ -135,7 +135,14 @@ fn three_nodes_twelve_pushers_a_follower_per_node_and_a_node_killed() {
     let stop = Arc::new(AtomicBool::new(false));
     let seen: Vec<Arc<Mutex<Seen>>> = (0..3).map(|_| Arc::default()).collect();
     let followers: Vec<_> = (0..3)
-        .map(|i| rt.spawn(follow(addrs.clone(), i, Arc::clone(&seen[i]), Arc::clone(&stop))))
+        .map(|i| {
+            rt.spawn(follow(
+                addrs.clone(),
+                i,
+                Arc::clone(&seen[i]),
+                Arc::clone(&stop),
+            ))
+        })
         .collect();
 
     const PUSHERS: usize = 12;
@@ -158,7 +165,10 @@ fn three_nodes_twelve_pushers_a_follower_per_node_and_a_node_killed() {
                 for k in 0..WRITES {
                     r.execute(
                         "INSERT INTO tag(id, name) VALUES (?1, ?2)",
-                        &[Value::Text(format!("p{i}-{k}")), Value::Text(format!("{k}"))],
+                        &[
+                            Value::Text(format!("p{i}-{k}")),
+                            Value::Text(format!("{k}")),
+                        ],
                     )
                     .unwrap();
                     written.fetch_add(1, Ordering::SeqCst);
@@ -214,15 +224,25 @@ fn three_nodes_twelve_pushers_a_follower_per_node_and_a_node_killed() {
         // Ranges chain from 0 without gaps or overlaps.
         let mut at = 0;
         for (after, up_to) in &s.ranges {
-            assert_eq!(*after, at, "follower {i}: range starts at {after}, expected {at}");
+            assert_eq!(
+                *after, at,
+                "follower {i}: range starts at {after}, expected {at}"
+            );
             assert!(*up_to >= *after);
             at = *up_to;
         }
         assert_eq!(at, total, "follower {i} ends at the head");
         // Each position exactly once, in order, 1..=total (every set here is visible).
         let seqs: Vec<u64> = s.sets.iter().map(|x| x.0).collect();
-        assert_eq!(seqs, (1..=total).collect::<Vec<_>>(), "follower {i}: positions");
-        assert_eq!(s.sets, reference, "follower {i} saw the same log as follower 0");
+        assert_eq!(
+            seqs,
+            (1..=total).collect::<Vec<_>>(),
+            "follower {i}: positions"
+        );
+        assert_eq!(
+            s.sets, reference,
+            "follower {i} saw the same log as follower 0"
+        );
     }
     // Each replica's change sets are all there, once each, in its own order.
     let mut per: HashMap<usize, Vec<u64>> = HashMap::new();
@@ -240,8 +260,11 @@ fn three_nodes_twelve_pushers_a_follower_per_node_and_a_node_killed() {
     }
     // The killed node's follower moved on; someone was on every node.
     let f1 = seen[1].lock();
-    assert!(f1.nodes.len() >= 2 && f1.nodes[0] == 1 && f1.nodes[1..].iter().all(|n| *n != 1),
-        "follower of node 1 reconnected elsewhere: {:?}", f1.nodes);
+    assert!(
+        f1.nodes.len() >= 2 && f1.nodes[0] == 1 && f1.nodes[1..].iter().all(|n| *n != 1),
+        "follower of node 1 reconnected elsewhere: {:?}",
+        f1.nodes
+    );
     drop(f1);
     // Survivors serve everything; a replica catching up from zero through the balancer converges.
     let late = common::open(tmp.path(), "late");

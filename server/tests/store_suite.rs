@@ -67,7 +67,14 @@ fn set(c: &str, v: Value) -> Cell {
 }
 
 fn tag(o: ReplicaId, oseq: u64, pk: &str) -> ChangeSet {
-    raw::change_set(o, oseq, "tag", pk, 1, vec![set("name", Value::Text(pk.into()))])
+    raw::change_set(
+        o,
+        oseq,
+        "tag",
+        pk,
+        1,
+        vec![set("name", Value::Text(pk.into()))],
+    )
 }
 
 fn acked(out: &[PushOutcome]) -> Vec<u64> {
@@ -89,7 +96,9 @@ fn refused(out: &PushOutcome) -> &RelayError {
 async fn all(store: &dyn Store) -> Vec<Arc<ferry_relay::store::StoredSet>> {
     let mut out = Vec::new();
     loop {
-        let after = out.last().map_or(0, |s: &Arc<ferry_relay::store::StoredSet>| s.server_seq);
+        let after = out
+            .last()
+            .map_or(0, |s: &Arc<ferry_relay::store::StoredSet>| s.server_seq);
         let got = store.read(after, 100, 1 << 20).await.unwrap();
         if got.is_empty() {
             return out;
@@ -103,16 +112,39 @@ async fn all(store: &dyn Store) -> Vec<Arc<ferry_relay::store::StoredSet>> {
 async fn sequencing_is_gap_free_and_idempotent(kind: Kind) {
     let store = kind.open().await;
     let g = grants("a", &[]);
-    let sets: Vec<_> = (1..=3).map(|i| tag(origin(1), i, &format!("t{i}"))).collect();
-    assert_eq!(acked(&store.push(Arc::clone(&g), sets.clone()).await.unwrap()), vec![1, 2, 3]);
-    let retry = store.push(Arc::clone(&g), vec![sets[1].clone()]).await.unwrap();
-    assert_eq!(acked(&retry), vec![2], "a retry is acknowledged at its first position");
-    let reuse = store.push(Arc::clone(&g), vec![tag(origin(1), 2, "other")]).await.unwrap();
+    let sets: Vec<_> = (1..=3)
+        .map(|i| tag(origin(1), i, &format!("t{i}")))
+        .collect();
+    assert_eq!(
+        acked(&store.push(Arc::clone(&g), sets.clone()).await.unwrap()),
+        vec![1, 2, 3]
+    );
+    let retry = store
+        .push(Arc::clone(&g), vec![sets[1].clone()])
+        .await
+        .unwrap();
+    assert_eq!(
+        acked(&retry),
+        vec![2],
+        "a retry is acknowledged at its first position"
+    );
+    let reuse = store
+        .push(Arc::clone(&g), vec![tag(origin(1), 2, "other")])
+        .await
+        .unwrap();
     assert!(matches!(refused(&reuse[0]), RelayError::OriginReused(_)));
-    let gap = store.push(Arc::clone(&g), vec![tag(origin(1), 5, "gap")]).await.unwrap();
-    assert!(matches!(refused(&gap[0]), RelayError::InvalidChangeSet(m) if m.contains("holds up to 3")));
+    let gap = store
+        .push(Arc::clone(&g), vec![tag(origin(1), 5, "gap")])
+        .await
+        .unwrap();
+    assert!(
+        matches!(refused(&gap[0]), RelayError::InvalidChangeSet(m) if m.contains("holds up to 3"))
+    );
     let stored = all(&*store).await;
-    assert_eq!(stored.iter().map(|s| s.server_seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(
+        stored.iter().map(|s| s.server_seq).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
     for (s, cs) in stored.iter().zip(&sets) {
         assert_eq!(s.change_set.id, cs.id);
     }
@@ -123,7 +155,10 @@ async fn sequencing_is_gap_free_and_idempotent(kind: Kind) {
     // Reopening keeps everything and continues at the head.
     let store = kind.open().await;
     assert_eq!(store.feed().head(), 3);
-    assert_eq!(acked(&store.push(g, vec![tag(origin(1), 4, "t4")]).await.unwrap()), vec![4]);
+    assert_eq!(
+        acked(&store.push(g, vec![tag(origin(1), 4, "t4")]).await.unwrap()),
+        vec![4]
+    );
     store.shutdown().await;
 }
 
@@ -131,7 +166,14 @@ async fn sequencing_is_gap_free_and_idempotent(kind: Kind) {
 async fn a_refusal_stores_nothing(kind: Kind) {
     let store = kind.open().await;
     let g = grants("a", &[]);
-    let price = raw::change_set(origin(2), 2, "price", "p", 1, vec![set("cents", Value::Integer(5))]);
+    let price = raw::change_set(
+        origin(2),
+        2,
+        "price",
+        "p",
+        1,
+        vec![set("cents", Value::Integer(5))],
+    );
     let out = store
         .push(
             Arc::clone(&g),
@@ -145,8 +187,23 @@ async fn a_refusal_stores_nothing(kind: Kind) {
     assert_eq!(store.stats().await.unwrap().head, 1);
     assert_eq!(store.max_origin_seq(origin(2)).await.unwrap(), 1);
     // A primary may write it.
-    let p = raw::change_set(origin(3), 1, "price", "p", 1, vec![set("cents", Value::Integer(5))]);
-    assert_eq!(acked(&store.push(grants("backend", &["price"]), vec![p]).await.unwrap()), vec![2]);
+    let p = raw::change_set(
+        origin(3),
+        1,
+        "price",
+        "p",
+        1,
+        vec![set("cents", Value::Integer(5))],
+    );
+    assert_eq!(
+        acked(
+            &store
+                .push(grants("backend", &["price"]), vec![p])
+                .await
+                .unwrap()
+        ),
+        vec![2]
+    );
     store.shutdown().await;
 }
 
@@ -193,7 +250,10 @@ async fn concurrent_pushers_and_a_reader(kinds: Vec<Kind>) {
     let mut every = Vec::new();
     for t in tasks {
         let pos = t.await.unwrap();
-        assert!(pos.windows(2).all(|w| w[0] < w[1]), "an origin's change sets keep its order");
+        assert!(
+            pos.windows(2).all(|w| w[0] < w[1]),
+            "an origin's change sets keep its order"
+        );
         every.extend(pos);
     }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -201,7 +261,11 @@ async fn concurrent_pushers_and_a_reader(kinds: Vec<Kind>) {
     assert!(polls > 0 && seen <= pushers as u64 * per);
     every.sort_unstable();
     let n = pushers as u64 * per;
-    assert_eq!(every, (1..=n).collect::<Vec<_>>(), "positions are exactly 1..={n}");
+    assert_eq!(
+        every,
+        (1..=n).collect::<Vec<_>>(),
+        "positions are exactly 1..={n}"
+    );
     for store in &stores {
         let log = all(&**store).await;
         assert_eq!(log.len() as u64, n);
@@ -214,10 +278,17 @@ async fn concurrent_pushers_and_a_reader(kinds: Vec<Kind>) {
         // Every node's feed reaches the head and holds the same sets in the same order.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while store.feed().head() < n {
-            assert!(tokio::time::Instant::now() < deadline, "a node's feed stopped at {}", store.feed().head());
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a node's feed stopped at {}",
+                store.feed().head()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let w = store.feed().window_after(0, 10_000).expect("window holds everything");
+        let w = store
+            .feed()
+            .window_after(0, 10_000)
+            .expect("window holds everything");
         assert_eq!(
             w.iter().map(|s| s.change_set.id).collect::<Vec<_>>(),
             log.iter().map(|s| s.change_set.id).collect::<Vec<_>>()
@@ -237,22 +308,43 @@ async fn kind_open(k: &Kind) -> Arc<dyn Store> {
 async fn compare_and_set(kind: Kind) {
     let store = kind.open().await;
     let bal = |o: ReplicaId, oseq: u64, base: u64, v: i64| {
-        let mut cs = raw::change_set(o, oseq, "acct", "a1", 1, vec![set("balance", Value::Integer(v))]);
+        let mut cs = raw::change_set(
+            o,
+            oseq,
+            "acct",
+            "a1",
+            1,
+            vec![set("balance", Value::Integer(v))],
+        );
         cs.base = base;
         cs
     };
-    let first = acked(&store.push(grants("a", &[]), vec![bal(origin(1), 1, 0, 10)]).await.unwrap());
+    let first = acked(
+        &store
+            .push(grants("a", &[]), vec![bal(origin(1), 1, 0, 10)])
+            .await
+            .unwrap(),
+    );
     assert_eq!(first, vec![1]);
-    let lost = store.push(grants("b", &[]), vec![bal(origin(2), 1, 0, 20)]).await.unwrap();
+    let lost = store
+        .push(grants("b", &[]), vec![bal(origin(2), 1, 0, 20)])
+        .await
+        .unwrap();
     match refused(&lost[0]) {
         RelayError::Conflict { seq, .. } => assert_eq!(*seq, 1),
         e => panic!("expected a conflict, got {e}"),
     }
     // Having seen position 1, the same write is accepted.
-    let ok = store.push(grants("b", &[]), vec![bal(origin(2), 1, 1, 20)]).await.unwrap();
+    let ok = store
+        .push(grants("b", &[]), vec![bal(origin(2), 1, 1, 20)])
+        .await
+        .unwrap();
     assert_eq!(acked(&ok), vec![2]);
     // The writer's own earlier change is not "unseen".
-    let own = store.push(grants("b", &[]), vec![bal(origin(2), 2, 1, 30)]).await.unwrap();
+    let own = store
+        .push(grants("b", &[]), vec![bal(origin(2), 2, 1, 30)])
+        .await
+        .unwrap();
     assert_eq!(acked(&own), vec![3]);
     store.shutdown().await;
 }
@@ -285,13 +377,32 @@ async fn leases_and_fencing(kind: Kind) {
         });
         cs
     };
-    assert_eq!(acked(&store.push(grants("a", &[]), vec![fenced(origin(1), 1, t1)]).await.unwrap()), vec![1]);
+    assert_eq!(
+        acked(
+            &store
+                .push(grants("a", &[]), vec![fenced(origin(1), 1, t1)])
+                .await
+                .unwrap()
+        ),
+        vec![1]
+    );
     tokio::time::sleep(Duration::from_millis(400)).await;
     let t2 = lease_token(&store.lease(origin(2), acquire(10_000)).await.unwrap());
     assert!(t2 > t1, "fencing tokens grow ({t1} then {t2})");
-    let stale = store.push(grants("a", &[]), vec![fenced(origin(1), 2, t1)]).await.unwrap();
+    let stale = store
+        .push(grants("a", &[]), vec![fenced(origin(1), 2, t1)])
+        .await
+        .unwrap();
     assert!(matches!(refused(&stale[0]), RelayError::Fenced(_)));
-    assert_eq!(acked(&store.push(grants("b", &[]), vec![fenced(origin(2), 1, t2)]).await.unwrap()), vec![2]);
+    assert_eq!(
+        acked(
+            &store
+                .push(grants("b", &[]), vec![fenced(origin(2), 1, t2)])
+                .await
+                .unwrap()
+        ),
+        vec![2]
+    );
     store.shutdown().await;
 }
 
@@ -306,7 +417,10 @@ async fn history_and_compaction(kind: Kind) {
             "todo",
             "x",
             1,
-            vec![set("list", Value::Text("l1".into())), set("title", Value::Text(title.into()))],
+            vec![
+                set("list", Value::Text("l1".into())),
+                set("title", Value::Text(title.into())),
+            ],
         )
     };
     let mut sets = Vec::new();
@@ -316,12 +430,24 @@ async fn history_and_compaction(kind: Kind) {
         sets.push(cs);
     }
     sets.push(tag(origin(1), 6, "g"));
-    assert_eq!(acked(&store.push(g, sets).await.unwrap()), vec![1, 2, 3, 4, 5, 6]);
-    let hist = store.row_history("todo", &Value::Text("x".into()), 5).await.unwrap();
-    assert_eq!(hist.iter().map(|s| s.server_seq).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+    assert_eq!(
+        acked(&store.push(g, sets).await.unwrap()),
+        vec![1, 2, 3, 4, 5, 6]
+    );
+    let hist = store
+        .row_history("todo", &Value::Text("x".into()), 5)
+        .await
+        .unwrap();
+    assert_eq!(
+        hist.iter().map(|s| s.server_seq).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
     let r = store.compact(6).await.unwrap();
     assert_eq!(r.horizon, 6);
-    assert!(r.cells_dropped >= 8, "superseded titles and lists dropped: {r:?}");
+    assert!(
+        r.cells_dropped >= 8,
+        "superseded titles and lists dropped: {r:?}"
+    );
     let log = all(&*store).await;
     assert_eq!(log.len(), 6, "compaction keeps every position");
     let last = &log[4].change_set.rows[0];
@@ -386,7 +512,14 @@ async fn postgres_compare_and_set_across_nodes() {
     for round in 1..=20u64 {
         let base = a.stats().await.unwrap().head;
         let mk = |o: u8, v: i64| {
-            let mut cs = raw::change_set(origin(o), round, "acct", "a1", 1, vec![set("balance", Value::Integer(v))]);
+            let mut cs = raw::change_set(
+                origin(o),
+                round,
+                "acct",
+                "a1",
+                1,
+                vec![set("balance", Value::Integer(v))],
+            );
             cs.base = base;
             cs
         };
@@ -398,14 +531,21 @@ async fn postgres_compare_and_set_across_nodes() {
             .iter()
             .map(|o| matches!(o[0], PushOutcome::Acked(_)))
             .collect();
-        assert_eq!(wins.iter().filter(|w| **w).count(), 1, "round {round}: exactly one wins");
+        assert_eq!(
+            wins.iter().filter(|w| **w).count(),
+            1,
+            "round {round}: exactly one wins"
+        );
         winners.insert(wins[0]);
         // The loser withdraws its origin_seq with an empty change set, as a replica would.
         let loser = if wins[0] { 2 } else { 1 };
         let mut empty = raw::change_set(origin(loser), round, "acct", "a1", 1, vec![]);
         empty.rows.clear();
         let store = if wins[0] { &b } else { &a };
-        assert!(matches!(store.push(grants("x", &[]), vec![empty]).await.unwrap()[0], PushOutcome::Acked(_)));
+        assert!(matches!(
+            store.push(grants("x", &[]), vec![empty]).await.unwrap()[0],
+            PushOutcome::Acked(_)
+        ));
     }
     a.shutdown().await;
     b.shutdown().await;
@@ -420,7 +560,9 @@ async fn postgres_schema_is_versioned() {
     let (a, b) = tokio::join!(k.open(), k.open());
     a.shutdown().await;
     b.shutdown().await;
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
     tokio::spawn(conn);
     client
         .execute("UPDATE ferry_meta SET value = 99 WHERE key = 'format'", &[])
@@ -437,5 +579,9 @@ async fn postgres_schema_is_versioned() {
     )
     .await
     .unwrap_err();
-    assert!(bad.to_string().contains("cannot connect to PostgreSQL at 127.0.0.1:1/none"), "{bad}");
+    assert!(
+        bad.to_string()
+            .contains("cannot connect to PostgreSQL at 127.0.0.1:1/none"),
+        "{bad}"
+    );
 }

@@ -625,7 +625,11 @@ impl Writer {
         Ok(outcome)
     }
 
-    async fn rewrite(&self, sets: Vec<(StoredSet, Vec<(String, Value)>)>, horizon: u64) -> Result<()> {
+    async fn rewrite(
+        &self,
+        sets: Vec<(StoredSet, Vec<(String, Value)>)>,
+        horizon: u64,
+    ) -> Result<()> {
         for chunk in sets.chunks(500) {
             let mut c = self.pool.get().await?;
             let tx = c.transaction().await?;
@@ -713,7 +717,11 @@ async fn sequence_one(
     let fence = cs.fence.as_ref().map(|f| f.lease.clone());
     let pg = |e: tokio_postgres::Error| RelayError::from(e);
     let (existing, max, scopes, rows, cells, fence_lease) = futures_util::try_join!(
-        async { tx.query_opt(&s_existing, &[&origin, &oseq]).await.map_err(pg) },
+        async {
+            tx.query_opt(&s_existing, &[&origin, &oseq])
+                .await
+                .map_err(pg)
+        },
         async { tx.query_opt(&s_max, &[&origin]).await.map_err(pg) },
         async { tx.query(&s_scopes, &[&tbls, &pks]).await.map_err(pg) },
         async { tx.query(&s_rows, &[&tbls, &pks]).await.map_err(pg) },
@@ -1034,7 +1042,8 @@ async fn listen(cfg: tokio_postgres::Config, wake: mpsc::Sender<()>, stop: Cance
                 let (done_tx, done_rx) = oneshot::channel::<()>();
                 let w = wake.clone();
                 let driver = tokio::spawn(async move {
-                    let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+                    let mut messages =
+                        futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
                     while let Some(m) = messages.next().await {
                         match m {
                             Ok(tokio_postgres::AsyncMessage::Notification(_)) => {

@@ -110,7 +110,7 @@ pub fn decide(
 
 /// `(table, pk key)` of every row of `cs` in a table with a scope column: the rows whose
 /// history is indexed for backfill.
-pub fn history_keys(cat: &RelayCatalog, cs: &ChangeSet) -> Result<Vec<(String, Vec<u8>)>> {
+pub fn history_keys(cat: &RelayCatalog, cs: &ChangeSet) -> Result<Vec<RowKey>> {
     let mut out = Vec::new();
     for rc in &cs.rows {
         let scoped = cat
@@ -125,8 +125,8 @@ pub fn history_keys(cat: &RelayCatalog, cs: &ChangeSet) -> Result<Vec<(String, V
 }
 
 /// `(table, pk key)` of every row of `cs`, without repeats.
-pub fn row_keys(cs: &ChangeSet) -> Result<Vec<(String, Vec<u8>)>> {
-    let mut out: Vec<(String, Vec<u8>)> = Vec::with_capacity(cs.rows.len());
+pub fn row_keys(cs: &ChangeSet) -> Result<Vec<RowKey>> {
+    let mut out: Vec<RowKey> = Vec::with_capacity(cs.rows.len());
     for rc in &cs.rows {
         let k = (rc.table.clone(), scoping::pk_key(&rc.pk)?);
         if !out.contains(&k) {
@@ -136,19 +136,22 @@ pub fn row_keys(cs: &ChangeSet) -> Result<Vec<(String, Vec<u8>)>> {
     Ok(out)
 }
 
+/// A row's identity in the store's tables: `(table, pk key)`.
+pub type RowKey = (String, Vec<u8>);
+
 /// Row scopes and compare-and-set stamps fetched ahead for the rows of one change set. A
 /// row it does not hold has none (the fetch covered every row of the change set).
 #[derive(Debug, Default)]
 pub struct Fetched {
     /// Tracked scopes.
-    pub scopes: HashMap<(String, Vec<u8>), RowScope>,
+    pub scopes: HashMap<RowKey, RowScope>,
     /// Row stamps.
-    pub rows: HashMap<(String, Vec<u8>), RowStamp>,
+    pub rows: HashMap<RowKey, RowStamp>,
     /// Cell stamps.
-    pub cells: HashMap<(String, Vec<u8>), Vec<(String, CellStamp)>>,
+    pub cells: HashMap<RowKey, Vec<(String, CellStamp)>>,
 }
 
-fn key_of(table: &str, pk: &Value) -> Result<(String, Vec<u8>)> {
+fn key_of(table: &str, pk: &Value) -> Result<RowKey> {
     Ok((table.to_owned(), scoping::pk_key(pk)?))
 }
 
@@ -160,12 +163,14 @@ impl RowScopes for Fetched {
 
 impl CasIndex for Fetched {
     fn row(&mut self, table: &str, pk: &Value) -> ferry_core::Result<Option<RowStamp>> {
-        let k = key_of(table, pk).map_err(|e| ferry_core::Error::InvalidChangeSet(e.to_string()))?;
+        let k =
+            key_of(table, pk).map_err(|e| ferry_core::Error::InvalidChangeSet(e.to_string()))?;
         Ok(self.rows.get(&k).copied())
     }
 
     fn cells(&mut self, table: &str, pk: &Value) -> ferry_core::Result<Vec<(String, CellStamp)>> {
-        let k = key_of(table, pk).map_err(|e| ferry_core::Error::InvalidChangeSet(e.to_string()))?;
+        let k =
+            key_of(table, pk).map_err(|e| ferry_core::Error::InvalidChangeSet(e.to_string()))?;
         Ok(self.cells.get(&k).cloned().unwrap_or_default())
     }
 }

@@ -15,7 +15,9 @@ use crate::feed::Feed;
 use crate::scoping::{self, RowScope, RowScopes};
 use crate::session::now_ms;
 use crate::store::rule::{self, Decision, OriginState};
-use crate::store::{CompactReport, PushOutcome, Store, StoreStats, StoredSet, decode_set, encode_set};
+use crate::store::{
+    CompactReport, PushOutcome, Store, StoreStats, StoredSet, decode_set, encode_set,
+};
 use async_trait::async_trait;
 use ferry_core::cas::{CasIndex, CasUpdate, CellStamp, RowStamp};
 use ferry_core::hlc::Hlc;
@@ -659,8 +661,10 @@ fn sequence_one(
     }
     record_stamps(tx, &accepted.stamps, next, cs.origin)?;
     for (table, pk) in rule::history_keys(cat, cs)? {
-        tx.prepare_cached("INSERT OR IGNORE INTO row_hist(tbl, pk, server_seq) VALUES (?1, ?2, ?3)")?
-            .execute(params![table, pk, next as i64])?;
+        tx.prepare_cached(
+            "INSERT OR IGNORE INTO row_hist(tbl, pk, server_seq) VALUES (?1, ?2, ?3)",
+        )?
+        .execute(params![table, pk, next as i64])?;
     }
     Ok(One::New(stored))
 }

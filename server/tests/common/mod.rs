@@ -374,6 +374,33 @@ pub fn seeds(var: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// One or more relay processes sharing a store: one SQLite relay, or `n` relays over one fresh
+/// PostgreSQL database. Client `i` is pointed at node `i % n`.
+pub struct Cluster {
+    pub nodes: Vec<RelayProc>,
+}
+
+impl Cluster {
+    pub fn sqlite(dir: &Path) -> Cluster {
+        Cluster {
+            nodes: vec![RelayProc::start(dir)],
+        }
+    }
+
+    pub fn postgres(dir: &Path, n: usize) -> Cluster {
+        let url = fresh_pg_db();
+        Cluster {
+            nodes: (0..n)
+                .map(|i| RelayProc::start_on(&dir.join(format!("node{i}")), &url, ""))
+                .collect(),
+        }
+    }
+
+    pub fn url(&self, i: usize) -> String {
+        self.nodes[i % self.nodes.len()].url()
+    }
+}
+
 /// The throwaway PostgreSQL server of this test run (`scripts/pg-throwaway` starts one; the
 /// README's test command and CI do it for you).
 pub fn pg_server() -> String {
@@ -388,7 +415,10 @@ pub fn pg_server() -> String {
 /// A new, empty database on the test server; returns its URL.
 pub fn fresh_pg_db() -> String {
     let server = pg_server();
-    let name = format!("ferry_{}", ulid::Ulid::generate().to_string().to_lowercase());
+    let name = format!(
+        "ferry_{}",
+        ulid::Ulid::generate().to_string().to_lowercase()
+    );
     let url = server.clone();
     let create = name.clone();
     // On its own thread: callers may be inside a runtime already.
@@ -398,19 +428,19 @@ pub fn fresh_pg_db() -> String {
             .build()
             .unwrap();
         rt.block_on(async {
-        let server = url;
-        let name = create;
-        let (client, conn) = tokio_postgres::connect(&server, tokio_postgres::NoTls)
-            .await
-            .unwrap_or_else(|e| panic!("cannot connect to FERRY_TEST_PG={server}: {e}"));
-        let driver = tokio::spawn(conn);
-        client
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .unwrap();
-        drop(client);
-        let _ = driver.await;
-    });
+            let server = url;
+            let name = create;
+            let (client, conn) = tokio_postgres::connect(&server, tokio_postgres::NoTls)
+                .await
+                .unwrap_or_else(|e| panic!("cannot connect to FERRY_TEST_PG={server}: {e}"));
+            let driver = tokio::spawn(conn);
+            client
+                .batch_execute(&format!("CREATE DATABASE {name}"))
+                .await
+                .unwrap();
+            drop(client);
+            let _ = driver.await;
+        });
     })
     .join()
     .unwrap();
