@@ -113,6 +113,13 @@ impl Relay {
             .await
             .map_err(|e| RelayError::Config(format!("cannot listen on {addr}: {e}")))?;
         let addr = listener.local_addr()?;
+        // Frames are small and often back to back (changes, then an ack): without
+        // TCP_NODELAY, Nagle's algorithm holds the second until the peer's delayed ACK.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY not set");
+            }
+        });
         let stop = shutdown.clone();
         let server = tokio::spawn(async move {
             axum::serve(listener, app)

@@ -229,7 +229,9 @@ async fn handshake(
         ));
     }
     let grants = shared.verifier.verify(&token)?;
-    let head = shared.store.feed().head();
+    // The log's head, not this node's feed: a replica that synced through another node may
+    // hold a cursor this node has not published yet.
+    let head = shared.store.head().await?;
     if cursor > head {
         return Err(Close::new(
             ErrorCode::InvalidChangeSet,
@@ -409,7 +411,7 @@ impl Conn {
                 // follows (empty progress is flushed first, so a caught-up client's cursor
                 // reaches the head at once).
                 self.send_changes(true, 1).await?;
-                let head = self.shared.store.feed().head();
+                let head = self.shared.store.head().await?;
                 self.send(&ServerMsg::Pong { nonce, head }).await?;
                 Ok(Turn::Continue)
             }

@@ -213,8 +213,8 @@ fn cli_token_and_check_config() {
             "at least 32",
         ),
         (
-            "store = \"postgres://localhost/x\"\nschema = \"x\"",
-            "PostgreSQL",
+            "store = \"postgres://u@localhost:notaport/x\"\nschema = \"x\"",
+            "not a usable postgres:// URL",
         ),
     ] {
         std::fs::write(&bad, text).unwrap();

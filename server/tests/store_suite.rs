@@ -527,7 +527,15 @@ async fn postgres_compare_and_set_across_nodes() {
             a.push(grants("a", &[]), vec![mk(1, round as i64)]),
             b.push(grants("b", &[]), vec![mk(2, -(round as i64))])
         );
-        let wins: Vec<bool> = [ra.unwrap(), rb.unwrap()]
+        let (ra, rb) = (ra.unwrap(), rb.unwrap());
+        // Either node's head covers what the other acknowledged, at once (its feed may
+        // still be a notification behind; a client told "synced up to head" relies on it).
+        for o in [&ra[0], &rb[0]] {
+            if let PushOutcome::Acked(seq) = o {
+                assert!(a.head().await.unwrap() >= *seq && b.head().await.unwrap() >= *seq);
+            }
+        }
+        let wins: Vec<bool> = [ra, rb]
             .iter()
             .map(|o| matches!(o[0], PushOutcome::Acked(_)))
             .collect();

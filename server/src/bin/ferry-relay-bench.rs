@@ -7,8 +7,13 @@
 //!   client has it (p50/p99 over several writes), and the relay's resident memory per idle
 //!   connection.
 //! * `wire`: bytes on the wire per changed cell against the raw value bytes.
+//! * `scale`: push throughput (change sets/s from P closed-loop pushers) and fan-out latency
+//!   (one write to S subscribers spread over the nodes) for one relay on SQLite and for 1, 2
+//!   and 3 relays over one PostgreSQL database (a fresh database per configuration on the
+//!   server named by `--pg` or `FERRY_TEST_PG`), same workload, same run.
 //!
 //! `cargo run --release -p ferry-relay --bin ferry-relay-bench -- all`
+//! (`scale` is not part of `all`: it needs a PostgreSQL server, see `docs/benchmarks.md`)
 #![allow(clippy::print_stdout)]
 
 use ferry_core::protocol::{ClientMsg, PROTOCOL_VERSION, ServerMsg};
@@ -71,13 +76,18 @@ struct RelayProc {
 
 impl RelayProc {
     fn start(dir: &Path) -> Res<RelayProc> {
+        Self::start_on(dir, "sqlite")
+    }
+
+    /// A relay on `store` (`sqlite` or a postgres:// URL).
+    fn start_on(dir: &Path, store: &str) -> Res<RelayProc> {
         std::fs::create_dir_all(dir)?;
         std::fs::write(dir.join("schema.json"), serde_json::to_string(&schema())?)?;
         let cfg = dir.join("relay.toml");
         std::fs::write(
             &cfg,
             format!(
-                "listen = \"127.0.0.1:0\"\ndata = \"data\"\nschema = \"schema.json\"\n[auth]\nhs256_secret = \"{SECRET}\"\n[log]\nlevel = \"warn\"\n[limits]\nmax_connections = 100000\nframes_per_second = 100000\nframe_burst = 100000\n"
+                "listen = \"127.0.0.1:0\"\nstore = \"{store}\"\ndata = \"data\"\nschema = \"schema.json\"\n[auth]\nhs256_secret = \"{SECRET}\"\n[log]\nlevel = \"warn\"\n[limits]\nmax_connections = 100000\nframes_per_second = 100000\nframe_burst = 100000\n"
             ),
         )?;
         let exe = std::env::current_exe()?
@@ -256,10 +266,14 @@ type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn subscriber(url: &str, tok: &str, head: u64) -> Res<Ws> {
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+    subscriber_as(url, tok, head, ReplicaId::generate()).await
+}
+
+async fn subscriber_as(url: &str, tok: &str, head: u64, me: ReplicaId) -> Res<Ws> {
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true).await?;
     let hello = ClientMsg::Hello {
         protocol: PROTOCOL_VERSION,
-        replica_id: ReplicaId::generate(),
+        replica_id: me,
         token: tok.to_owned(),
         cursor: head,
         schema_version: 1,
@@ -366,6 +380,209 @@ fn w5(dir: &Path, clients: usize, writes: usize) -> Res<()> {
     Ok(())
 }
 
+/// One change set of one new row of `t`, as a replica would push it.
+fn bench_set(origin: ReplicaId, oseq: u64, i: usize) -> ferry_core::ChangeSet {
+    let cells = row(i)
+        .into_iter()
+        .zip(["id", "a", "b", "c", "d", "e"])
+        .skip(1)
+        .map(|(v, n)| ferry_core::Cell::Set(n.into(), v))
+        .collect();
+    ferry_core::ChangeSet {
+        id: ulid::Ulid::generate().to_bytes(),
+        origin,
+        origin_seq: oseq,
+        hlc: ferry_core::Hlc::new(now_secs() * 1000, 0),
+        base: 0,
+        schema_version: 1,
+        fence: None,
+        guarded: false,
+        rows: vec![ferry_core::RowChange {
+            table: "t".into(),
+            pk: row(i)[0].clone(),
+            cl: 1,
+            op: ferry_core::RowOp::Upsert(cells),
+        }],
+    }
+}
+
+/// A closed-loop pusher: one change set per push, the next after its ack.
+async fn pusher(url: String, tok: String, n: usize, first: usize) -> Res<()> {
+    let me = ReplicaId::generate();
+    let mut ws = subscriber_as(&url, &tok, 0, me).await?;
+    for k in 0..n {
+        let push = ClientMsg::Push {
+            change_sets: vec![bench_set(me, k as u64 + 1, first + k)],
+        };
+        ws.send(Message::Binary(push.encode()?.into())).await?;
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Binary(b))) => match ServerMsg::decode(&b)? {
+                    ServerMsg::Acks { .. } => break,
+                    ServerMsg::Refused { message, .. } | ServerMsg::Error { message, .. } => {
+                        return Err(format!("push refused: {message}").into());
+                    }
+                    _ => {}
+                },
+                Some(Ok(_)) => {}
+                other => return Err(format!("pusher connection ended: {other:?}").into()),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The workload of `scale`, the same for every deployment.
+#[derive(Debug, Clone, Copy)]
+struct ScaleLoad {
+    pushers: usize,
+    per: usize,
+    subs: usize,
+    writes: usize,
+}
+
+/// Push throughput and fan-out latency for one deployment: `nodes` relays on `store`.
+fn scale_one(dir: &Path, label: &str, store: &str, nodes: usize, load: ScaleLoad) -> Res<()> {
+    let ScaleLoad {
+        pushers,
+        per,
+        subs,
+        writes,
+    } = load;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let relays: Vec<RelayProc> = (0..nodes)
+        .map(|i| RelayProc::start_on(&dir.join(format!("{label}-{i}")), store))
+        .collect::<Res<_>>()?;
+    let urls: Vec<String> = relays.iter().map(RelayProc::url).collect();
+    // Fan-out: one writer on node 0, subscribers spread over every node.
+    let writer = Arc::new(Replica::open(
+        dir.join(format!("{label}-writer.db")),
+        &schema(),
+    )?);
+    let tw = token("writer")?;
+    let hw = writer.connect(&urls[0], Arc::new(move || Ok(tw.clone())))?;
+    hw.sync_now_blocking(Duration::from_secs(30))?;
+    let tok = token("sub")?;
+    let mut socks = rt.block_on(async {
+        let mut v = Vec::with_capacity(subs);
+        for i in 0..subs {
+            v.push(subscriber(&urls[i % nodes], &tok, 0).await?);
+        }
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(v)
+    })?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
+    let mut tasks = Vec::new();
+    for mut ws in socks.drain(..) {
+        let tx = tx.clone();
+        tasks.push(rt.spawn(async move {
+            while let Some(Ok(m)) = ws.next().await {
+                if let Message::Binary(b) = m
+                    && let Ok(ServerMsg::Changes {
+                        up_to, change_sets, ..
+                    }) = ServerMsg::decode(&b)
+                    && !change_sets.is_empty()
+                {
+                    let _ = tx.send((up_to, Instant::now()));
+                }
+            }
+        }));
+    }
+    drop(tx);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut lat = Vec::new();
+    for w in 0..writes {
+        let t0 = Instant::now();
+        writer.execute(INSERT, &row(2_000_000 + w))?;
+        let target = w as u64 + 1;
+        let mut got = 0;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while got < subs {
+            let r = rt.block_on(async {
+                tokio::time::timeout(
+                    deadline.saturating_duration_since(Instant::now()),
+                    rx.recv(),
+                )
+                .await
+            });
+            match r {
+                Ok(Some((up_to, at))) if up_to >= target => {
+                    got += 1;
+                    lat.push(at.duration_since(t0).as_secs_f64() * 1e3);
+                }
+                Ok(Some(_)) => {}
+                _ => return Err(format!("{label}: only {got} of {subs} got write {w}").into()),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for t in tasks {
+        t.abort();
+    }
+    lat.sort_by(f64::total_cmp);
+    let p = |q: f64| lat[((lat.len() as f64 - 1.0) * q) as usize];
+    // Push throughput: closed-loop pushers spread over the nodes.
+    let tp = token("pusher")?;
+    let t0 = Instant::now();
+    rt.block_on(async {
+        let mut js = Vec::new();
+        for i in 0..pushers {
+            js.push(tokio::spawn(pusher(
+                urls[i % nodes].clone(),
+                tp.clone(),
+                per,
+                3_000_000 + i * per,
+            )));
+        }
+        for j in js {
+            j.await.map_err(|e| format!("pusher task: {e}"))??;
+        }
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+    })?;
+    let secs = t0.elapsed().as_secs_f64();
+    let sets = (pushers * per) as f64;
+    println!(
+        "scale {label:<11} push {:>6.0} change sets/s ({pushers} pushers x {per} in {secs:.2} s); fan-out of one write to {subs} subscribers on {nodes} node(s): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        sets / secs,
+        p(0.5),
+        p(0.99),
+        p(1.0)
+    );
+    drop(hw);
+    drop(relays);
+    Ok(())
+}
+
+/// Runs `scale_one` for one SQLite relay and for 1, 2 and 3 relays on PostgreSQL (a fresh
+/// database each on the server at `pg`).
+fn scale(dir: &Path, pg: &str, load: ScaleLoad) -> Res<()> {
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    scale_one(dir, "sqlite-1", "sqlite", 1, load)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    for nodes in 1..=3 {
+        let name = format!(
+            "ferry_bench_{}",
+            ulid::Ulid::generate().to_string().to_lowercase()
+        );
+        rt.block_on(async {
+            let (c, conn) = tokio_postgres::connect(pg, tokio_postgres::NoTls).await?;
+            let driver = tokio::spawn(conn);
+            c.batch_execute(&format!("CREATE DATABASE {name}")).await?;
+            drop(c);
+            let _ = driver.await;
+            Ok::<_, tokio_postgres::Error>(())
+        })?;
+        let base = pg.rsplit_once('/').map_or(pg, |(b, _)| b);
+        let url = format!("{base}/{name}");
+        scale_one(dir, &format!("postgres-{nodes}"), &url, nodes, load)?;
+    }
+    Ok(())
+}
+
 fn wire() -> Res<()> {
     let dir = tempdir()?;
     let a = Replica::open(dir.join("wire.db"), &schema())?;
@@ -456,6 +673,21 @@ fn main() -> Res<()> {
         }
         if what == "wire" || what == "all" {
             wire()?;
+        }
+        if what == "scale" {
+            let pg = args
+                .iter()
+                .position(|a| a == "--pg")
+                .and_then(|i| args.get(i + 1).cloned())
+                .or_else(|| std::env::var("FERRY_TEST_PG").ok())
+                .ok_or("scale needs a PostgreSQL server: --pg postgres://... or FERRY_TEST_PG")?;
+            let load = ScaleLoad {
+                pushers: arg(&args, "--pushers", 12usize),
+                per: arg(&args, "--per", 200usize),
+                subs: arg(&args, "--subs", 300usize),
+                writes,
+            };
+            scale(&dir, &pg, load)?;
         }
         Ok(())
     })();

@@ -15,6 +15,7 @@
 //! The SQLite store ([`sqlite::SqliteStore`]) is the default: one file, one writer thread with
 //! group commit, a pool of readers.
 
+pub mod pg_batch;
 pub mod postgres;
 pub mod rule;
 pub mod sqlite;
@@ -153,6 +154,10 @@ pub trait Store: Send + Sync + 'static {
     async fn compact(&self, horizon: u64) -> Result<CompactReport>;
     /// Counts.
     async fn stats(&self) -> Result<StoreStats>;
+    /// The highest durable position of the whole log, as of now. This node's feed may
+    /// still be catching up to it (on the PostgreSQL store another node may have just
+    /// committed); a connection that is promised "everything up to here" gets this.
+    async fn head(&self) -> Result<u64>;
     /// Head and recent change sets.
     fn feed(&self) -> &Arc<Feed>;
     /// Stops accepting pushes and waits for those in flight.

@@ -29,21 +29,19 @@ use crate::catalog::RelayCatalog;
 use crate::compact::Pruner;
 use crate::error::{RelayError, Result};
 use crate::feed::Feed;
-use crate::scoping::{self, RowScope};
-use crate::store::rule::{self, Decision, Fetched, OriginState};
+use crate::scoping;
+use crate::store::pg_batch;
 use crate::store::{
     CompactReport, PushOutcome, Store, StoreStats, StoredSet, decode_set, encode_set,
 };
 use async_trait::async_trait;
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use ferry_core::cas::{CasUpdate, CellStamp, RowStamp};
-use ferry_core::hlc::Hlc;
 use ferry_core::lease::{self, LeaseState};
 use ferry_core::protocol::{LeaseOutcome, LeaseRequest};
 use ferry_core::{ChangeSet, ReplicaId, Value};
 use futures_util::StreamExt;
 use parking_lot::Mutex;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,6 +56,8 @@ const FORMAT: i64 = 1;
 const SEQ_LOCK: i64 = 0x4665_7272_7953_6571; // "FerrySeq"
 /// Advisory lock serializing schema creation and upgrades when nodes start together.
 const SCHEMA_LOCK: i64 = 0x4665_7272_7953_6368; // "FerrySch"
+/// Most pushes sequenced in one transaction.
+const MAX_BATCH: usize = 512;
 /// The notification channel.
 const CHANNEL: &str = "ferry_sets";
 /// How often a node reads the log even without a notification.
@@ -468,6 +468,12 @@ impl Store for PgStore {
         })
     }
 
+    async fn head(&self) -> Result<u64> {
+        // Never behind this node's feed, which may lag the log by a notification.
+        let h = head_of(&self.pool.get().await?).await?;
+        Ok(h.max(self.feed.head()))
+    }
+
     fn feed(&self) -> &Arc<Feed> {
         &self.feed
     }
@@ -497,49 +503,51 @@ struct Writer {
 
 impl Writer {
     async fn run(self, mut rx: mpsc::UnboundedReceiver<Job>) {
-        while let Some(first) = rx.recv().await {
-            let mut pushes = Vec::new();
-            let mut job = Some(first);
-            loop {
-                match job.take() {
-                    Some(Job::Push {
-                        grants,
-                        sets,
-                        reply,
-                    }) => pushes.push((grants, sets, reply)),
-                    Some(Job::Rewrite {
-                        sets,
-                        horizon,
-                        reply,
-                    }) => {
-                        self.flush(std::mem::take(&mut pushes)).await;
-                        let _ = reply.send(self.rewrite(sets, horizon).await);
-                    }
-                    Some(Job::Lease {
-                        holder,
-                        request,
-                        reply,
-                    }) => {
-                        self.flush(std::mem::take(&mut pushes)).await;
-                        let _ = reply.send(self.lease(holder, &request).await);
-                    }
+        let mut next: Option<Job> = None;
+        loop {
+            let job = match next.take() {
+                Some(j) => j,
+                None => match rx.recv().await {
+                    Some(j) => j,
                     None => break,
+                },
+            };
+            match job {
+                Job::Push {
+                    grants,
+                    sets,
+                    reply,
+                } => {
+                    let mut pushes = vec![(grants, sets, reply)];
+                    let result = self.sequence(&mut pushes, &mut rx, &mut next).await;
+                    self.answer(pushes, result);
                 }
-                if pushes.len() >= 256 {
-                    break;
+                Job::Rewrite {
+                    sets,
+                    horizon,
+                    reply,
+                } => {
+                    let _ = reply.send(self.rewrite(sets, horizon).await);
                 }
-                job = rx.try_recv().ok();
+                Job::Lease {
+                    holder,
+                    request,
+                    reply,
+                } => {
+                    let _ = reply.send(self.lease(holder, &request).await);
+                }
             }
-            self.flush(pushes).await;
         }
         tracing::debug!("postgres store writer stopped");
     }
 
-    async fn flush(&self, pushes: Vec<PushJob>) {
-        if pushes.is_empty() {
-            return;
-        }
-        match self.sequence(&pushes).await {
+    #[allow(clippy::type_complexity)]
+    fn answer(
+        &self,
+        pushes: Vec<PushJob>,
+        result: Result<(Vec<Vec<PushOutcome>>, Vec<Arc<StoredSet>>)>,
+    ) {
+        match result {
             Ok((outcomes, stored)) => {
                 if !stored.is_empty() {
                     let _ = self.local.send(stored);
@@ -560,38 +568,39 @@ impl Writer {
         }
     }
 
+    /// Group commit: takes the sequencing lock first, then adds every push that arrived
+    /// while it waited (other nodes hold the lock in turn, so the wait is when a batch
+    /// grows), then sequences them all in one transaction. A lease or compaction job found
+    /// in the queue ends the batch and is left in `next`.
     #[allow(clippy::type_complexity)]
     async fn sequence(
         &self,
-        pushes: &[PushJob],
+        pushes: &mut Vec<PushJob>,
+        rx: &mut mpsc::UnboundedReceiver<Job>,
+        next: &mut Option<Job>,
     ) -> Result<(Vec<Vec<PushOutcome>>, Vec<Arc<StoredSet>>)> {
         let mut c = self.pool.get().await?;
         let tx = c.transaction().await?;
-        let (mut head, now) = lock(&tx).await?;
-        let mut all = Vec::with_capacity(pushes.len());
-        let mut stored = Vec::new();
-        for (grants, sets, _) in pushes {
-            let mut outcomes = Vec::with_capacity(sets.len());
-            for cs in sets {
-                match sequence_one(&tx, &self.cat, grants, cs, head + 1, now).await? {
-                    One::Existing(seq) => outcomes.push(PushOutcome::Acked(seq)),
-                    One::New(s) => {
-                        head += 1;
-                        outcomes.push(PushOutcome::Acked(head));
-                        stored.push(Arc::new(*s));
-                    }
-                    One::Refused(e) => {
-                        outcomes.push(PushOutcome::Refused(e));
-                        break;
-                    }
+        let (head, now) = lock(&tx, true).await?;
+        while pushes.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(Job::Push {
+                    grants,
+                    sets,
+                    reply,
+                }) => pushes.push((grants, sets, reply)),
+                Ok(other) => {
+                    *next = Some(other);
+                    break;
                 }
+                Err(_) => break,
             }
-            all.push(outcomes);
         }
-        if !stored.is_empty() {
-            tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &head.to_string()])
-                .await?;
-        }
+        let batch: Vec<(&Grants, &[ChangeSet])> = pushes
+            .iter()
+            .map(|(g, sets, _)| (&**g, sets.as_slice()))
+            .collect();
+        let (all, stored) = pg_batch::sequence(&tx, &self.cat, &batch, head, now).await?;
         tx.commit().await?;
         Ok((all, stored))
     }
@@ -604,7 +613,7 @@ impl Writer {
         };
         let mut c = self.pool.get().await?;
         let tx = c.transaction().await?;
-        let (_, now) = lock(&tx).await?;
+        let (_, now) = lock(&tx, false).await?;
         let state = load_lease(&tx, name).await?;
         let (outcome, next) = lease::decide(now, state, holder, request);
         if let Some(n) = next {
@@ -633,7 +642,7 @@ impl Writer {
         for chunk in sets.chunks(500) {
             let mut c = self.pool.get().await?;
             let tx = c.transaction().await?;
-            lock(&tx).await?;
+            lock(&tx, false).await?;
             for (s, dropped) in chunk {
                 tx.execute(
                     "UPDATE ferry_sets SET body = $1 WHERE server_seq = $2",
@@ -661,225 +670,31 @@ impl Writer {
 }
 
 /// Takes the sequencing lock; returns the head and the database clock (ms since the epoch).
-async fn lock(tx: &deadpool_postgres::Transaction<'_>) -> Result<(u64, u64)> {
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SEQ_LOCK])
-        .await?;
-    // A new statement, so a new snapshot: it sees every commit that released the lock.
-    let r = tx
-        .query_one(
-            &format!("SELECT coalesce(max(server_seq), 0), {NOW_MS} FROM ferry_sets"),
-            &[],
-        )
-        .await?;
-    Ok((r.get::<_, i64>(0) as u64, r.get::<_, i64>(1).max(0) as u64))
-}
-
-enum One {
-    Existing(u64),
-    New(Box<StoredSet>),
-    Refused(RelayError),
-}
-
-fn origin_of(b: &[u8]) -> ReplicaId {
-    ReplicaId::from_slice(b).unwrap_or(ReplicaId([0; 16]))
-}
-
-/// Sequences one change set inside the locked transaction: one pipelined round trip reads
-/// everything the rule needs, then the writes go out together.
-async fn sequence_one(
-    tx: &deadpool_postgres::Transaction<'_>,
-    cat: &RelayCatalog,
-    grants: &Grants,
-    cs: &ChangeSet,
-    next: u64,
-    now: u64,
-) -> Result<One> {
-    let origin = cs.origin.0.as_slice();
-    let oseq = cs.origin_seq as i64;
-    let keys = rule::row_keys(cs)?;
-    let (tbls, pks): (Vec<String>, Vec<Vec<u8>>) = keys.into_iter().unzip();
-    let (s_existing, s_max, s_scopes, s_rows, s_cells) = futures_util::try_join!(
-        tx.prepare_cached("SELECT server_seq, id FROM ferry_sets WHERE origin = $1 AND origin_seq = $2"),
-        tx.prepare_cached("SELECT max_seq FROM ferry_origins WHERE origin = $1"),
-        tx.prepare_cached(
-            "SELECT s.tbl, s.pk, s.cl, s.scope, s.hlc, s.origin FROM ferry_row_scopes s
-             JOIN unnest($1::text[], $2::bytea[]) AS k(tbl, pk) ON s.tbl = k.tbl AND s.pk = k.pk"
-        ),
-        tx.prepare_cached(
-            "SELECT s.tbl, s.pk, s.cl, s.row_seq, s.row_origin, s.w_seq, s.w_origin FROM ferry_cas_rows s
-             JOIN unnest($1::text[], $2::bytea[]) AS k(tbl, pk) ON s.tbl = k.tbl AND s.pk = k.pk"
-        ),
-        tx.prepare_cached(
-            "SELECT s.tbl, s.pk, s.col, s.seq, s.origin FROM ferry_cas_cells s
-             JOIN unnest($1::text[], $2::bytea[]) AS k(tbl, pk) ON s.tbl = k.tbl AND s.pk = k.pk"
-        ),
-    )?;
-    let fence = cs.fence.as_ref().map(|f| f.lease.clone());
+/// With `notify`, also queues the fan-out notification (delivered only if the transaction
+/// commits). The statements are pipelined: one round trip.
+async fn lock(tx: &deadpool_postgres::Transaction<'_>, notify: bool) -> Result<(u64, u64)> {
     let pg = |e: tokio_postgres::Error| RelayError::from(e);
-    let (existing, max, scopes, rows, cells, fence_lease) = futures_util::try_join!(
+    let head_sql = format!("SELECT coalesce(max(server_seq), 0), {NOW_MS} FROM ferry_sets");
+    // The head query is a new statement, so it takes a new snapshot after the lock is
+    // granted: it sees every commit that released the lock.
+    let (_, r, _) = futures_util::try_join!(
         async {
-            tx.query_opt(&s_existing, &[&origin, &oseq])
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SEQ_LOCK])
                 .await
                 .map_err(pg)
         },
-        async { tx.query_opt(&s_max, &[&origin]).await.map_err(pg) },
-        async { tx.query(&s_scopes, &[&tbls, &pks]).await.map_err(pg) },
-        async { tx.query(&s_rows, &[&tbls, &pks]).await.map_err(pg) },
-        async { tx.query(&s_cells, &[&tbls, &pks]).await.map_err(pg) },
+        async { tx.query_one(head_sql.as_str(), &[]).await.map_err(pg) },
         async {
-            match &fence {
-                Some(n) => load_lease(tx, n).await,
-                None => Ok(None),
+            if notify {
+                tx.execute("SELECT pg_notify($1, '')", &[&CHANNEL])
+                    .await
+                    .map_err(pg)
+            } else {
+                Ok(0)
             }
         },
     )?;
-    let state = OriginState {
-        existing: existing.map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, Vec<u8>>(1))),
-        max_seq: max.map_or(0, |r| r.get::<_, i64>(0) as u64),
-    };
-    let mut fetched = Fetched::default();
-    for r in scopes {
-        fetched.scopes.insert(
-            (r.get(0), r.get(1)),
-            RowScope {
-                cl: r.get::<_, i64>(2) as u64,
-                scope: r.get(3),
-                hlc: Hlc(r.get::<_, i64>(4) as u64),
-                origin: origin_of(r.get(5)),
-            },
-        );
-    }
-    for r in rows {
-        fetched.rows.insert(
-            (r.get(0), r.get(1)),
-            RowStamp {
-                cl: r.get::<_, i64>(2) as u64,
-                row: CellStamp {
-                    seq: r.get::<_, i64>(3) as u64,
-                    origin: origin_of(r.get(4)),
-                },
-                write: CellStamp {
-                    seq: r.get::<_, i64>(5) as u64,
-                    origin: origin_of(r.get(6)),
-                },
-            },
-        );
-    }
-    for r in cells {
-        fetched
-            .cells
-            .entry((r.get(0), r.get(1)))
-            .or_default()
-            .push((
-                r.get(2),
-                CellStamp {
-                    seq: r.get::<_, i64>(3) as u64,
-                    origin: origin_of(r.get(4)),
-                },
-            ));
-    }
-    let mut cas = Fetched {
-        rows: std::mem::take(&mut fetched.rows),
-        cells: std::mem::take(&mut fetched.cells),
-        ..Fetched::default()
-    };
-    let accepted = match rule::decide(
-        cat,
-        grants,
-        cs,
-        &state,
-        &mut fetched,
-        fence_lease,
-        now,
-        &mut cas,
-    )? {
-        Decision::Existing(seq) => return Ok(One::Existing(seq)),
-        Decision::Refused(e) => return Ok(One::Refused(e)),
-        Decision::Accept(a) => a,
-    };
-    let stored = StoredSet {
-        server_seq: next,
-        change_set: cs.clone(),
-        tags: accepted.tags,
-    };
-    let body = encode_set(&stored)?;
-    let seq = next as i64;
-    // Scope updates: the last one per row (a row twice in one change set updates twice).
-    let mut last: HashMap<(String, Vec<u8>), &RowScope> = HashMap::new();
-    let mut order = Vec::new();
-    for (t, pk, s) in &accepted.scopes {
-        let k = (t.clone(), scoping::pk_key(pk)?);
-        if last.insert(k.clone(), s).is_none() {
-            order.push(k);
-        }
-    }
-    let mut sc = ScopeCols::default();
-    for k in order {
-        let s = last[&k];
-        sc.tbl.push(k.0);
-        sc.pk.push(k.1);
-        sc.cl.push(s.cl as i64);
-        sc.scope.push(s.scope.clone());
-        sc.hlc.push(s.hlc.0 as i64);
-        sc.origin.push(s.origin.0.to_vec());
-    }
-    let (h_tbl, h_pk): (Vec<String>, Vec<Vec<u8>>) =
-        rule::history_keys(cat, cs)?.into_iter().unzip();
-    let (w_set, w_origin, w_scopes, w_hist) = futures_util::try_join!(
-        tx.prepare_cached(
-            "INSERT INTO ferry_sets(server_seq, origin, origin_seq, id, body) VALUES ($1, $2, $3, $4, $5)"
-        ),
-        tx.prepare_cached(
-            "INSERT INTO ferry_origins(origin, max_seq) VALUES ($1, $2)
-             ON CONFLICT (origin) DO UPDATE SET max_seq = excluded.max_seq"
-        ),
-        tx.prepare_cached(
-            "INSERT INTO ferry_row_scopes(tbl, pk, cl, scope, hlc, origin)
-             SELECT * FROM unnest($1::text[], $2::bytea[], $3::int8[], $4::text[], $5::int8[], $6::bytea[])
-             ON CONFLICT (tbl, pk) DO UPDATE SET cl = excluded.cl, scope = excluded.scope,
-             hlc = excluded.hlc, origin = excluded.origin"
-        ),
-        tx.prepare_cached(
-            "INSERT INTO ferry_row_hist(tbl, pk, server_seq)
-             SELECT t, p, $3 FROM unnest($1::text[], $2::bytea[]) AS u(t, p) ON CONFLICT DO NOTHING"
-        ),
-    )?;
-    let id = cs.id.as_slice();
-    let set_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
-        [&seq, &origin, &oseq, &id, &body];
-    let origin_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&origin, &oseq];
-    futures_util::try_join!(
-        tx.execute(&w_set, &set_params),
-        tx.execute(&w_origin, &origin_params),
-        async {
-            if sc.tbl.is_empty() {
-                return Ok(0);
-            }
-            tx.execute(
-                &w_scopes,
-                &[&sc.tbl, &sc.pk, &sc.cl, &sc.scope, &sc.hlc, &sc.origin],
-            )
-            .await
-        },
-        async {
-            if h_tbl.is_empty() {
-                return Ok(0);
-            }
-            tx.execute(&w_hist, &[&h_tbl, &h_pk, &seq]).await
-        },
-    )?;
-    record_stamps(tx, &accepted.stamps, seq, origin).await?;
-    Ok(One::New(Box::new(stored)))
-}
-
-#[derive(Default)]
-struct ScopeCols {
-    tbl: Vec<String>,
-    pk: Vec<Vec<u8>>,
-    cl: Vec<i64>,
-    scope: Vec<String>,
-    hlc: Vec<i64>,
-    origin: Vec<Vec<u8>>,
+    Ok((r.get::<_, i64>(0) as u64, r.get::<_, i64>(1).max(0) as u64))
 }
 
 async fn load_lease(
@@ -898,58 +713,6 @@ async fn load_lease(
             .ok_or_else(|| RelayError::Store("lease holder is not 16 bytes".into()))?,
         expires_ms: r.get::<_, i64>(2) as u64,
     }))
-}
-
-/// Writes the compare-and-set stamps of a change set sequenced at `seq` (in order: a
-/// row-level write clears the row's cell stamps before its own are written).
-async fn record_stamps(
-    tx: &deadpool_postgres::Transaction<'_>,
-    stamps: &[CasUpdate],
-    seq: i64,
-    origin: &[u8],
-) -> Result<()> {
-    if stamps.is_empty() {
-        return Ok(());
-    }
-    let clear = tx
-        .prepare_cached("DELETE FROM ferry_cas_cells WHERE tbl = $1 AND pk = $2")
-        .await?;
-    let row = tx
-        .prepare_cached(
-            "INSERT INTO ferry_cas_rows(tbl, pk, cl, row_seq, row_origin, w_seq, w_origin) VALUES ($1, $2, $3, $4, $5, $4, $5)
-             ON CONFLICT (tbl, pk) DO UPDATE SET cl = excluded.cl, row_seq = excluded.row_seq,
-             row_origin = excluded.row_origin, w_seq = excluded.w_seq, w_origin = excluded.w_origin",
-        )
-        .await?;
-    let write = tx
-        .prepare_cached(
-            "INSERT INTO ferry_cas_rows(tbl, pk, cl, row_seq, row_origin, w_seq, w_origin) VALUES ($1, $2, $3, 0, '', $4, $5)
-             ON CONFLICT (tbl, pk) DO UPDATE SET cl = excluded.cl, w_seq = excluded.w_seq, w_origin = excluded.w_origin",
-        )
-        .await?;
-    let cell = tx
-        .prepare_cached(
-            "INSERT INTO ferry_cas_cells(tbl, pk, col, seq, origin) VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (tbl, pk, col) DO UPDATE SET seq = excluded.seq, origin = excluded.origin",
-        )
-        .await?;
-    for u in stamps {
-        let key = scoping::pk_key(&u.pk)?;
-        let cl = u.cl as i64;
-        if u.row_level {
-            tx.execute(&clear, &[&u.table, &key]).await?;
-            tx.execute(&row, &[&u.table, &key, &cl, &seq, &origin])
-                .await?;
-        } else if u.write {
-            tx.execute(&write, &[&u.table, &key, &cl, &seq, &origin])
-                .await?;
-        }
-        for c in &u.cells {
-            tx.execute(&cell, &[&u.table, &key, c, &seq, &origin])
-                .await?;
-        }
-    }
-    Ok(())
 }
 
 /// Publishes the log to this node's feed, in order: from its own writer's commits without a

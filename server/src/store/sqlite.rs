@@ -375,6 +375,11 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn head(&self) -> Result<u64> {
+        // One writer publishes before it answers: the feed is never behind an ack.
+        Ok(self.feed.head())
+    }
+
     fn feed(&self) -> &Arc<Feed> {
         &self.feed
     }
