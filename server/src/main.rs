@@ -183,5 +183,6 @@ fn redacted(mut cfg: Config) -> Config {
     if cfg.auth.hs256_secret.is_some() {
         cfg.auth.hs256_secret = Some("<redacted>".into());
     }
+    cfg.store = ferry_relay::store::postgres::redact_url(&cfg.store);
     cfg
 }

@@ -160,6 +160,22 @@ impl std::fmt::Debug for PgStore {
     }
 }
 
+/// A store setting with the password of a `postgres://user:password@…` URL replaced, for
+/// printing (`check-config`) and logs.
+pub fn redact_url(store: &str) -> String {
+    let Some((scheme, rest)) = store.split_once("://") else {
+        return store.to_owned();
+    };
+    let (auth, host) = match rest.rsplit_once('@') {
+        Some(x) => x,
+        None => return store.to_owned(),
+    };
+    match auth.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:<redacted>@{host}"),
+        None => store.to_owned(),
+    }
+}
+
 /// Parses a `postgres://` URL into a client configuration (the password is never logged).
 fn pg_config(url: &str) -> Result<tokio_postgres::Config> {
     let mut cfg = tokio_postgres::Config::from_str(url).map_err(|e| {
@@ -167,6 +183,11 @@ fn pg_config(url: &str) -> Result<tokio_postgres::Config> {
             "store: not a usable postgres:// URL ({e}); expected postgres://user:password@host:port/database"
         ))
     })?;
+    if cfg.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+        return Err(RelayError::Config(
+            "store: sslmode=require, but this build connects to PostgreSQL without TLS; use a private network or a local TLS tunnel and drop sslmode".into(),
+        ));
+    }
     if cfg.get_connect_timeout().is_none() {
         cfg.connect_timeout(Duration::from_secs(10));
     }
@@ -842,5 +863,32 @@ async fn listen(cfg: tokio_postgres::Config, wake: mpsc::Sender<()>, stop: Cance
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn urls_are_checked_and_redacted() {
+        assert_eq!(
+            redact_url("postgres://ferry:s3cret@db:5432/ferry"),
+            "postgres://ferry:<redacted>@db:5432/ferry"
+        );
+        assert_eq!(
+            redact_url("postgres://ferry@db/ferry"),
+            "postgres://ferry@db/ferry"
+        );
+        assert_eq!(redact_url("sqlite"), "sqlite");
+        assert!(check_url("postgres://u@h:5432/d").is_ok());
+        let e = check_url("postgres://u@h:notaport/d").unwrap_err();
+        assert!(
+            e.to_string().contains("not a usable postgres:// URL"),
+            "{e}"
+        );
+        let e = check_url("postgres://u@h/d?sslmode=require").unwrap_err();
+        assert!(e.to_string().contains("sslmode=require"), "{e}");
     }
 }
