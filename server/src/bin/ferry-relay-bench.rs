@@ -288,36 +288,23 @@ async fn subscriber_as(url: &str, tok: &str, head: u64, me: ReplicaId) -> Res<Ws
     }
 }
 
-fn w5(dir: &Path, clients: usize, writes: usize) -> Res<()> {
-    let _ = rlimit::increase_nofile_limit(u64::MAX);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let relay = RelayProc::start(&dir.join("w5"))?;
-    let url = relay.url();
-    let tok = token("sub")?;
-    let writer = Arc::new(Replica::open(dir.join("w5-writer.db"), &schema())?);
-    let tw = token("writer")?;
-    let hw = writer.connect(&url, Arc::new(move || Ok(tw.clone())))?;
-    hw.sync_now_blocking(Duration::from_secs(30))?;
-    std::thread::sleep(Duration::from_millis(300));
-    let rss0 = relay.rss_kib()?;
-    let head = hw.status().head;
-    let mut socks = rt.block_on(async {
-        let mut v = Vec::with_capacity(clients);
-        for _ in 0..clients {
-            v.push(subscriber(&url, &tok, head).await?);
-        }
-        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(v)
-    })?;
-    std::thread::sleep(Duration::from_millis(1500));
-    let rss1 = relay.rss_kib()?;
-    let per_conn = (rss1.saturating_sub(rss0)) as f64 * 1024.0 / clients as f64;
+/// Writes `writes` rows on `writer`, one at a time, and returns, for every subscriber and
+/// write, the milliseconds from the commit until that subscriber had it. Row numbers start at
+/// `first`; the log is at `head` before the first write.
+fn fan_out(
+    rt: &tokio::runtime::Runtime,
+    writer: &Replica,
+    socks: Vec<Ws>,
+    head: u64,
+    first: usize,
+    writes: usize,
+    label: &str,
+) -> Res<Vec<f64>> {
+    let subs = socks.len();
     // Each subscriber reads on its own task and reports when it sees each write's position.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
     let mut tasks = Vec::new();
-    for mut ws in socks.drain(..) {
+    for mut ws in socks {
         let tx = tx.clone();
         tasks.push(rt.spawn(async move {
             while let Some(Ok(m)) = ws.next().await {
@@ -336,11 +323,11 @@ fn w5(dir: &Path, clients: usize, writes: usize) -> Res<()> {
     let mut lat = Vec::new();
     for w in 0..writes {
         let t0 = Instant::now();
-        writer.execute(INSERT, &row(1_000_000 + w))?;
+        writer.execute(INSERT, &row(first + w))?;
         let target = head + w as u64 + 1;
         let mut got = 0;
         let deadline = Instant::now() + Duration::from_secs(30);
-        while got < clients {
+        while got < subs {
             let r = rt.block_on(async {
                 tokio::time::timeout(
                     deadline.saturating_duration_since(Instant::now()),
@@ -355,13 +342,48 @@ fn w5(dir: &Path, clients: usize, writes: usize) -> Res<()> {
                 }
                 Ok(Some(_)) => {}
                 _ => {
-                    return Err(format!("w5: only {got} of {clients} clients got write {w}").into());
+                    return Err(
+                        format!("{label}: only {got} of {subs} clients got write {w}").into(),
+                    );
                 }
             }
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    for t in tasks {
+        t.abort();
+    }
     lat.sort_by(f64::total_cmp);
+    Ok(lat)
+}
+
+fn w5(dir: &Path, clients: usize, writes: usize) -> Res<()> {
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let relay = RelayProc::start(&dir.join("w5"))?;
+    let url = relay.url();
+    let tok = token("sub")?;
+    let writer = Arc::new(Replica::open(dir.join("w5-writer.db"), &schema())?);
+    let tw = token("writer")?;
+    let hw = writer.connect(&url, Arc::new(move || Ok(tw.clone())))?;
+    hw.sync_now_blocking(Duration::from_secs(30))?;
+    std::thread::sleep(Duration::from_millis(300));
+    let rss0 = relay.rss_kib()?;
+    let head = hw.status().head;
+    let socks = rt.block_on(async {
+        let mut v = Vec::with_capacity(clients);
+        for _ in 0..clients {
+            v.push(subscriber(&url, &tok, head).await?);
+        }
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(v)
+    })?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let rss1 = relay.rss_kib()?;
+    let per_conn = (rss1.saturating_sub(rss0)) as f64 * 1024.0 / clients as f64;
+    let lat = fan_out(&rt, &writer, socks, head, 1_000_000, writes, "w5")?;
     let p = |q: f64| lat[((lat.len() as f64 - 1.0) * q) as usize];
     println!(
         "W5 fan-out to {clients} clients, {writes} writes: commit -> every client p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
@@ -373,9 +395,6 @@ fn w5(dir: &Path, clients: usize, writes: usize) -> Res<()> {
         "W5 relay memory: {rss0} KiB before, {rss1} KiB with {clients} idle connections: {:.1} KiB per connection",
         per_conn / 1024.0
     );
-    for t in tasks {
-        t.abort();
-    }
     drop(hw);
     Ok(())
 }
@@ -466,62 +485,15 @@ fn scale_one(dir: &Path, label: &str, store: &str, nodes: usize, load: ScaleLoad
     let hw = writer.connect(&urls[0], Arc::new(move || Ok(tw.clone())))?;
     hw.sync_now_blocking(Duration::from_secs(30))?;
     let tok = token("sub")?;
-    let mut socks = rt.block_on(async {
+    let socks = rt.block_on(async {
         let mut v = Vec::with_capacity(subs);
         for i in 0..subs {
             v.push(subscriber(&urls[i % nodes], &tok, 0).await?);
         }
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(v)
     })?;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
-    let mut tasks = Vec::new();
-    for mut ws in socks.drain(..) {
-        let tx = tx.clone();
-        tasks.push(rt.spawn(async move {
-            while let Some(Ok(m)) = ws.next().await {
-                if let Message::Binary(b) = m
-                    && let Ok(ServerMsg::Changes {
-                        up_to, change_sets, ..
-                    }) = ServerMsg::decode(&b)
-                    && !change_sets.is_empty()
-                {
-                    let _ = tx.send((up_to, Instant::now()));
-                }
-            }
-        }));
-    }
-    drop(tx);
     std::thread::sleep(Duration::from_millis(500));
-    let mut lat = Vec::new();
-    for w in 0..writes {
-        let t0 = Instant::now();
-        writer.execute(INSERT, &row(2_000_000 + w))?;
-        let target = w as u64 + 1;
-        let mut got = 0;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while got < subs {
-            let r = rt.block_on(async {
-                tokio::time::timeout(
-                    deadline.saturating_duration_since(Instant::now()),
-                    rx.recv(),
-                )
-                .await
-            });
-            match r {
-                Ok(Some((up_to, at))) if up_to >= target => {
-                    got += 1;
-                    lat.push(at.duration_since(t0).as_secs_f64() * 1e3);
-                }
-                Ok(Some(_)) => {}
-                _ => return Err(format!("{label}: only {got} of {subs} got write {w}").into()),
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    for t in tasks {
-        t.abort();
-    }
-    lat.sort_by(f64::total_cmp);
+    let lat = fan_out(&rt, &writer, socks, 0, 2_000_000, writes, label)?;
     let p = |q: f64| lat[((lat.len() as f64 - 1.0) * q) as usize];
     // Push throughput: closed-loop pushers spread over the nodes.
     let tp = token("pusher")?;

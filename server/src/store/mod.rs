@@ -15,6 +15,7 @@
 //! The SQLite store ([`sqlite::SqliteStore`]) is the default: one file, one writer thread with
 //! group commit, a pool of readers.
 
+pub mod job;
 pub mod pg_batch;
 pub mod postgres;
 pub mod rule;

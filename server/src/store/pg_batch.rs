@@ -116,8 +116,28 @@ pub async fn sequence(
     Ok((all, stored))
 }
 
-fn pg(e: tokio_postgres::Error) -> RelayError {
-    RelayError::from(e)
+/// One query of a pipelined group (statements are prepared once per connection).
+async fn query(
+    tx: &Tx<'_>,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Vec<tokio_postgres::Row>> {
+    let st = tx.prepare_cached(sql).await?;
+    Ok(tx.query(&st, params).await?)
+}
+
+/// One write of a pipelined group, skipped when it has nothing to write.
+async fn execute(
+    tx: &Tx<'_>,
+    needed: bool,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<u64> {
+    if !needed {
+        return Ok(0);
+    }
+    let st = tx.prepare_cached(sql).await?;
+    Ok(tx.execute(&st, params).await?)
 }
 
 impl Batch {
@@ -141,62 +161,45 @@ impl Batch {
         let origins: Vec<Vec<u8>> = origins.into_iter().collect();
         let (tbls, pks): (Vec<String>, Vec<Vec<u8>>) = keys.into_iter().unzip();
         let leases: Vec<String> = leases.into_iter().collect();
+        let pair_params: [&(dyn ToSql + Sync); 2] = [&pairs.0, &pairs.1];
+        let origin_params: [&(dyn ToSql + Sync); 1] = [&origins];
+        let key_params: [&(dyn ToSql + Sync); 2] = [&tbls, &pks];
+        let lease_params: [&(dyn ToSql + Sync); 1] = [&leases];
         let (existing, heads, scopes, rows, cells, held) = futures_util::try_join!(
-            async {
-                tx.query(
-                    "SELECT s.origin, s.origin_seq, s.server_seq, s.id FROM ferry_sets s
-                     JOIN unnest($1::bytea[], $2::int8[]) AS k(o, n) ON s.origin = k.o AND s.origin_seq = k.n",
-                    &[&pairs.0, &pairs.1],
-                )
-                .await
-                .map_err(pg)
-            },
-            async {
-                tx.query(
-                    "SELECT origin, max_seq FROM ferry_origins WHERE origin = ANY($1)",
-                    &[&origins],
-                )
-                .await
-                .map_err(pg)
-            },
-            async {
-                tx.query(
-                    "SELECT s.tbl, s.pk, s.cl, s.scope, s.hlc, s.origin FROM ferry_row_scopes s
-                     JOIN unnest($1::text[], $2::bytea[]) AS k(tbl, pk) ON s.tbl = k.tbl AND s.pk = k.pk",
-                    &[&tbls, &pks],
-                )
-                .await
-                .map_err(pg)
-            },
-            async {
-                tx.query(
-                    "SELECT s.tbl, s.pk, s.cl, s.row_seq, s.row_origin, s.w_seq, s.w_origin FROM ferry_cas_rows s
-                     JOIN unnest($1::text[], $2::bytea[]) AS k(tbl, pk) ON s.tbl = k.tbl AND s.pk = k.pk",
-                    &[&tbls, &pks],
-                )
-                .await
-                .map_err(pg)
-            },
-            async {
-                tx.query(
-                    "SELECT s.tbl, s.pk, s.col, s.seq, s.origin FROM ferry_cas_cells s
-                     JOIN unnest($1::text[], $2::bytea[]) AS k(tbl, pk) ON s.tbl = k.tbl AND s.pk = k.pk",
-                    &[&tbls, &pks],
-                )
-                .await
-                .map_err(pg)
-            },
-            async {
-                if leases.is_empty() {
-                    return Ok(Vec::new());
-                }
-                tx.query(
-                    "SELECT name, token, holder, expires_ms FROM ferry_leases WHERE name = ANY($1)",
-                    &[&leases],
-                )
-                .await
-                .map_err(pg)
-            },
+            query(
+                tx,
+                "SELECT s.origin, s.origin_seq, s.server_seq, s.id FROM ferry_sets s
+                 JOIN unnest($1::bytea[], $2::int8[]) AS k(o, n) ON s.origin = k.o AND s.origin_seq = k.n",
+                &pair_params,
+            ),
+            query(
+                tx,
+                "SELECT origin, max_seq FROM ferry_origins WHERE origin = ANY($1)",
+                &origin_params,
+            ),
+            query(
+                tx,
+                "SELECT s.tbl, s.pk, s.cl, s.scope, s.hlc, s.origin FROM ferry_row_scopes s
+                 JOIN unnest($1::text[], $2::bytea[]) AS k(tbl, pk) ON s.tbl = k.tbl AND s.pk = k.pk",
+                &key_params,
+            ),
+            query(
+                tx,
+                "SELECT s.tbl, s.pk, s.cl, s.row_seq, s.row_origin, s.w_seq, s.w_origin FROM ferry_cas_rows s
+                 JOIN unnest($1::text[], $2::bytea[]) AS k(tbl, pk) ON s.tbl = k.tbl AND s.pk = k.pk",
+                &key_params,
+            ),
+            query(
+                tx,
+                "SELECT s.tbl, s.pk, s.col, s.seq, s.origin FROM ferry_cas_cells s
+                 JOIN unnest($1::text[], $2::bytea[]) AS k(tbl, pk) ON s.tbl = k.tbl AND s.pk = k.pk",
+                &key_params,
+            ),
+            query(
+                tx,
+                "SELECT name, token, holder, expires_ms FROM ferry_leases WHERE name = ANY($1)",
+                &lease_params,
+            ),
         )?;
         let mut b = Batch::default();
         for r in existing {
@@ -371,14 +374,15 @@ impl Batch {
                 cells.origin.push(s.origin.0.to_vec());
             }
         }
-        if !ct.is_empty() {
-            tx.execute(
-                "DELETE FROM ferry_cas_cells c USING unnest($1::text[], $2::bytea[]) AS k(tbl, pk)
-                 WHERE c.tbl = k.tbl AND c.pk = k.pk",
-                &[&ct, &cp],
-            )
-            .await?;
-        }
+        let clear_params: [&(dyn ToSql + Sync); 2] = [&ct, &cp];
+        execute(
+            tx,
+            !ct.is_empty(),
+            "DELETE FROM ferry_cas_cells c USING unnest($1::text[], $2::bytea[]) AS k(tbl, pk)
+             WHERE c.tbl = k.tbl AND c.pk = k.pk",
+            &clear_params,
+        )
+        .await?;
         let (latest_origin, latest_seq) = self.origin_heads();
         let s = &self.sets;
         let set_params: [&(dyn ToSql + Sync); 5] = [&s.seq, &s.origin, &s.oseq, &s.id, &s.body];
@@ -404,76 +408,52 @@ impl Batch {
         let cell_params: [&(dyn ToSql + Sync); 5] =
             [&cells.tbl, &cells.pk, &cells.col, &cells.seq, &cells.origin];
         futures_util::try_join!(
-            async {
-                tx.execute(
-                    "INSERT INTO ferry_sets(server_seq, origin, origin_seq, id, body)
-                     SELECT * FROM unnest($1::int8[], $2::bytea[], $3::int8[], $4::bytea[], $5::bytea[])",
-                    &set_params,
-                )
-                .await
-                .map_err(pg)
-            },
-            async {
-                tx.execute(
-                    "INSERT INTO ferry_origins(origin, max_seq) SELECT * FROM unnest($1::bytea[], $2::int8[])
-                     ON CONFLICT (origin) DO UPDATE SET max_seq = excluded.max_seq",
-                    &origin_params,
-                )
-                .await
-                .map_err(pg)
-            },
-            async {
-                if scopes.tbl.is_empty() {
-                    return Ok(0);
-                }
-                tx.execute(
-                    "INSERT INTO ferry_row_scopes(tbl, pk, cl, scope, hlc, origin)
-                     SELECT * FROM unnest($1::text[], $2::bytea[], $3::int8[], $4::text[], $5::int8[], $6::bytea[])
-                     ON CONFLICT (tbl, pk) DO UPDATE SET cl = excluded.cl, scope = excluded.scope,
-                     hlc = excluded.hlc, origin = excluded.origin",
-                    &scope_params,
-                )
-                .await
-                .map_err(pg)
-            },
-            async {
-                if self.hist.0.is_empty() {
-                    return Ok(0);
-                }
-                tx.execute(
-                    "INSERT INTO ferry_row_hist(tbl, pk, server_seq)
-                     SELECT * FROM unnest($1::text[], $2::bytea[], $3::int8[]) ON CONFLICT DO NOTHING",
-                    &hist_params,
-                )
-                .await
-                .map_err(pg)
-            },
-            async {
-                if rows.tbl.is_empty() {
-                    return Ok(0);
-                }
-                tx.execute(
-                    "INSERT INTO ferry_cas_rows(tbl, pk, cl, row_seq, row_origin, w_seq, w_origin)
-                     SELECT * FROM unnest($1::text[], $2::bytea[], $3::int8[], $4::int8[], $5::bytea[], $6::int8[], $7::bytea[])
-                     ON CONFLICT (tbl, pk) DO UPDATE SET cl = excluded.cl, row_seq = excluded.row_seq,
-                     row_origin = excluded.row_origin, w_seq = excluded.w_seq, w_origin = excluded.w_origin",
-                    &row_params,
-                )
-                .await
-                .map_err(pg)
-            },
-            async {
-                if cells.tbl.is_empty() {
-                    return Ok(0);
-                }
-                tx.execute(
-                    "INSERT INTO ferry_cas_cells(tbl, pk, col, seq, origin)
-                     SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[], $4::int8[], $5::bytea[])",
-                    &cell_params,
-                )
-                .await
-                .map_err(pg)
-            },
+            execute(
+                tx,
+                true,
+                "INSERT INTO ferry_sets(server_seq, origin, origin_seq, id, body)
+                 SELECT * FROM unnest($1::int8[], $2::bytea[], $3::int8[], $4::bytea[], $5::bytea[])",
+                &set_params,
+            ),
+            execute(
+                tx,
+                true,
+                "INSERT INTO ferry_origins(origin, max_seq) SELECT * FROM unnest($1::bytea[], $2::int8[])
+                 ON CONFLICT (origin) DO UPDATE SET max_seq = excluded.max_seq",
+                &origin_params,
+            ),
+            execute(
+                tx,
+                !scopes.tbl.is_empty(),
+                "INSERT INTO ferry_row_scopes(tbl, pk, cl, scope, hlc, origin)
+                 SELECT * FROM unnest($1::text[], $2::bytea[], $3::int8[], $4::text[], $5::int8[], $6::bytea[])
+                 ON CONFLICT (tbl, pk) DO UPDATE SET cl = excluded.cl, scope = excluded.scope,
+                 hlc = excluded.hlc, origin = excluded.origin",
+                &scope_params,
+            ),
+            execute(
+                tx,
+                !self.hist.0.is_empty(),
+                "INSERT INTO ferry_row_hist(tbl, pk, server_seq)
+                 SELECT * FROM unnest($1::text[], $2::bytea[], $3::int8[]) ON CONFLICT DO NOTHING",
+                &hist_params,
+            ),
+            execute(
+                tx,
+                !rows.tbl.is_empty(),
+                "INSERT INTO ferry_cas_rows(tbl, pk, cl, row_seq, row_origin, w_seq, w_origin)
+                 SELECT * FROM unnest($1::text[], $2::bytea[], $3::int8[], $4::int8[], $5::bytea[], $6::int8[], $7::bytea[])
+                 ON CONFLICT (tbl, pk) DO UPDATE SET cl = excluded.cl, row_seq = excluded.row_seq,
+                 row_origin = excluded.row_origin, w_seq = excluded.w_seq, w_origin = excluded.w_origin",
+                &row_params,
+            ),
+            execute(
+                tx,
+                !cells.tbl.is_empty(),
+                "INSERT INTO ferry_cas_cells(tbl, pk, col, seq, origin)
+                 SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[], $4::int8[], $5::bytea[])",
+                &cell_params,
+            ),
         )?;
         Ok(())
     }

@@ -30,6 +30,7 @@ use crate::compact::Pruner;
 use crate::error::{RelayError, Result};
 use crate::feed::Feed;
 use crate::scoping;
+use crate::store::job::{Job, PushJob, lease_name};
 use crate::store::pg_batch;
 use crate::store::{
     CompactReport, PushOutcome, Store, StoreStats, StoredSet, decode_set, encode_set,
@@ -119,30 +120,6 @@ impl From<deadpool_postgres::PoolError> for RelayError {
         RelayError::Store(format!("postgres pool: {e}"))
     }
 }
-
-enum Job {
-    Push {
-        grants: Arc<Grants>,
-        sets: Vec<ChangeSet>,
-        reply: oneshot::Sender<Result<Vec<PushOutcome>>>,
-    },
-    Rewrite {
-        sets: Vec<(StoredSet, Vec<(String, Value)>)>,
-        horizon: u64,
-        reply: oneshot::Sender<Result<()>>,
-    },
-    Lease {
-        holder: ReplicaId,
-        request: LeaseRequest,
-        reply: oneshot::Sender<Result<LeaseOutcome>>,
-    },
-}
-
-type PushJob = (
-    Arc<Grants>,
-    Vec<ChangeSet>,
-    oneshot::Sender<Result<Vec<PushOutcome>>>,
-);
 
 /// The PostgreSQL store.
 pub struct PgStore {
@@ -627,11 +604,7 @@ impl Writer {
     }
 
     async fn lease(&self, holder: ReplicaId, request: &LeaseRequest) -> Result<LeaseOutcome> {
-        let name = match request {
-            LeaseRequest::Acquire { name, .. }
-            | LeaseRequest::Renew { name, .. }
-            | LeaseRequest::Release { name, .. } => name,
-        };
+        let name = lease_name(request);
         let mut c = self.pool.get().await?;
         let tx = c.transaction().await?;
         let (_, now) = lock(&tx, false).await?;

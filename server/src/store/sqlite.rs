@@ -14,6 +14,7 @@ use crate::error::{RelayError, Result};
 use crate::feed::Feed;
 use crate::scoping::{self, RowScope, RowScopes};
 use crate::session::now_ms;
+use crate::store::job::{Job, PushJob, lease_name};
 use crate::store::rule::{self, Decision, OriginState};
 use crate::store::{
     CompactReport, PushOutcome, Store, StoreStats, StoredSet, decode_set, encode_set,
@@ -73,24 +74,6 @@ CREATE TABLE leases(
     name TEXT PRIMARY KEY, token INTEGER NOT NULL, holder BLOB NOT NULL, expires_ms INTEGER NOT NULL
 ) WITHOUT ROWID;
 ";
-
-enum Job {
-    Push {
-        grants: Arc<Grants>,
-        sets: Vec<ChangeSet>,
-        reply: oneshot::Sender<Result<Vec<PushOutcome>>>,
-    },
-    Rewrite {
-        sets: Vec<(StoredSet, Vec<(String, Value)>)>,
-        horizon: u64,
-        reply: oneshot::Sender<Result<()>>,
-    },
-    Lease {
-        holder: ReplicaId,
-        request: LeaseRequest,
-        reply: oneshot::Sender<Result<LeaseOutcome>>,
-    },
-}
 
 /// The SQLite store.
 pub struct SqliteStore {
@@ -521,11 +504,7 @@ impl Writer {
     }
 
     fn lease(&mut self, holder: ReplicaId, request: &LeaseRequest) -> Result<LeaseOutcome> {
-        let name = match request {
-            LeaseRequest::Acquire { name, .. }
-            | LeaseRequest::Renew { name, .. }
-            | LeaseRequest::Release { name, .. } => name,
-        };
+        let name = lease_name(request);
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -578,12 +557,6 @@ impl Writer {
         Ok(())
     }
 }
-
-type PushJob = (
-    Arc<Grants>,
-    Vec<ChangeSet>,
-    oneshot::Sender<Result<Vec<PushOutcome>>>,
-);
 
 enum One {
     Existing(u64),

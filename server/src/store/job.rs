@@ -1,0 +1,60 @@
+//! What a store's sequencer works through, one job at a time in arrival order.
+//!
+//! Both stores funnel every write — pushes, lease requests, compaction rewrites — through
+//! one sequencer per store (a thread for SQLite, a task per node for PostgreSQL), so that a
+//! lease grant and a fence check, or a rewrite and a push, never interleave.
+
+use crate::auth::Grants;
+use crate::error::Result;
+use crate::store::{PushOutcome, StoredSet};
+use ferry_core::protocol::{LeaseOutcome, LeaseRequest};
+use ferry_core::{ChangeSet, ReplicaId, Value};
+use std::sync::Arc;
+use tokio::sync::oneshot;
+
+/// One unit of sequencer work, with where to send its answer.
+pub enum Job {
+    /// Sequence change sets (grouped with other pushes waiting at the same time).
+    Push {
+        /// The pushing connection's grants.
+        grants: Arc<Grants>,
+        /// Oldest first.
+        sets: Vec<ChangeSet>,
+        /// Outcomes, one per change set looked at.
+        reply: oneshot::Sender<Result<Vec<PushOutcome>>>,
+    },
+    /// Replace compacted bodies and drop the history rows they no longer touch.
+    Rewrite {
+        /// Rewritten change sets and the `(table, pk)` each no longer touches.
+        sets: Vec<(StoredSet, Vec<(String, Value)>)>,
+        /// The new horizon.
+        horizon: u64,
+        /// Done.
+        reply: oneshot::Sender<Result<()>>,
+    },
+    /// Decide a lease request.
+    Lease {
+        /// Who asks.
+        holder: ReplicaId,
+        /// What.
+        request: LeaseRequest,
+        /// The decision.
+        reply: oneshot::Sender<Result<LeaseOutcome>>,
+    },
+}
+
+/// A push waiting in a group commit.
+pub type PushJob = (
+    Arc<Grants>,
+    Vec<ChangeSet>,
+    oneshot::Sender<Result<Vec<PushOutcome>>>,
+);
+
+/// The lease a request names.
+pub fn lease_name(request: &LeaseRequest) -> &str {
+    match request {
+        LeaseRequest::Acquire { name, .. }
+        | LeaseRequest::Renew { name, .. }
+        | LeaseRequest::Release { name, .. } => name,
+    }
+}
