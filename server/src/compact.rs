@@ -24,6 +24,48 @@ use std::collections::HashMap;
 
 type CellKey = (String, Vec<u8>, String);
 
+/// One compaction pass over a store's log, fed newest first: what to rewrite and the report.
+#[derive(Debug)]
+pub struct Pass<'a> {
+    pruner: Pruner<'a>,
+    horizon: u64,
+    /// The report so far (`horizon` is the new horizon).
+    pub report: crate::store::CompactReport,
+    /// Rewritten change sets and the rows each no longer touches.
+    pub rewrites: Vec<(StoredSet, Vec<(String, Value)>)>,
+}
+
+impl<'a> Pass<'a> {
+    /// A pass pruning at or below `horizon` of a store compacted up to `old` so far.
+    pub fn new(cat: &'a RelayCatalog, horizon: u64, old: u64) -> Self {
+        Pass {
+            pruner: Pruner::new(cat),
+            horizon,
+            report: crate::store::CompactReport {
+                horizon: horizon.max(old),
+                ..Default::default()
+            },
+            rewrites: Vec::new(),
+        }
+    }
+
+    /// Visits the next older stored body.
+    pub fn visit(&mut self, seq: i64, body: &[u8]) -> crate::error::Result<()> {
+        self.report.bytes_before += body.len() as u64;
+        let s = crate::store::decode_set(seq, body)?;
+        match self.pruner.visit(&s, seq as u64 <= self.horizon) {
+            Some(p) => {
+                self.report.rewritten += 1;
+                self.report.cells_dropped += p.cells_dropped;
+                self.report.bytes_after += crate::store::encode_set(&p.set)?.len() as u64;
+                self.rewrites.push((p.set, p.rows_dropped));
+            }
+            None => self.report.bytes_after += body.len() as u64,
+        }
+        Ok(())
+    }
+}
+
 /// Walks the log newest first and prunes superseded cell writes.
 #[derive(Debug)]
 pub struct Pruner<'a> {

@@ -26,7 +26,7 @@
 
 use crate::auth::Grants;
 use crate::catalog::RelayCatalog;
-use crate::compact::Pruner;
+use crate::compact::Pass;
 use crate::error::{RelayError, Result};
 use crate::feed::Feed;
 use crate::scoping;
@@ -402,13 +402,8 @@ impl Store for PgStore {
             .query_one("SELECT value FROM ferry_meta WHERE key = 'horizon'", &[])
             .await?
             .get(0);
-        let mut report = CompactReport {
-            horizon: horizon.max(old as u64),
-            ..CompactReport::default()
-        };
         // Walk newest first in pages; bodies at or below the horizon only change here.
-        let mut pruner = Pruner::new(&self.cat);
-        let mut rewrites = Vec::new();
+        let mut pass = Pass::new(&self.cat, horizon, old as u64);
         let mut below = i64::MAX;
         loop {
             let rows = c
@@ -420,21 +415,10 @@ impl Store for PgStore {
             let Some(last) = rows.last() else { break };
             below = last.get(0);
             for r in &rows {
-                let seq: i64 = r.get(0);
-                let body: &[u8] = r.get(1);
-                report.bytes_before += body.len() as u64;
-                let s = decode_set(seq, body)?;
-                match pruner.visit(&s, seq as u64 <= horizon) {
-                    Some(p) => {
-                        report.rewritten += 1;
-                        report.cells_dropped += p.cells_dropped;
-                        report.bytes_after += encode_set(&p.set)?.len() as u64;
-                        rewrites.push((p.set, p.rows_dropped));
-                    }
-                    None => report.bytes_after += body.len() as u64,
-                }
+                pass.visit(r.get(0), r.get(1))?;
             }
         }
+        let (rewrites, report) = (pass.rewrites, pass.report);
         drop(c);
         let (reply, rx) = oneshot::channel();
         self.send(Job::Rewrite {

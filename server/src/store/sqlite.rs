@@ -9,7 +9,7 @@
 
 use crate::auth::Grants;
 use crate::catalog::RelayCatalog;
-use crate::compact::Pruner;
+use crate::compact::Pass;
 use crate::error::{RelayError, Result};
 use crate::feed::Feed;
 use crate::scoping::{self, RowScope, RowScopes};
@@ -302,31 +302,15 @@ impl Store for SqliteStore {
                     c.query_row("SELECT value FROM meta WHERE key = 'horizon'", [], |r| {
                         r.get(0)
                     })?;
-                let mut report = CompactReport {
-                    horizon: horizon.max(old as u64),
-                    ..CompactReport::default()
-                };
-                let mut pruner = Pruner::new(&cat);
+                let mut pass = Pass::new(&cat, horizon, old as u64);
                 let mut st =
                     c.prepare("SELECT server_seq, body FROM sets ORDER BY server_seq DESC")?;
                 let mut rows = st.query([])?;
-                let mut rewrites = Vec::new();
                 while let Some(r) = rows.next()? {
-                    let seq: i64 = r.get(0)?;
                     let body: Vec<u8> = r.get(1)?;
-                    report.bytes_before += body.len() as u64;
-                    let s = decode_set(seq, &body)?;
-                    match pruner.visit(&s, seq as u64 <= horizon) {
-                        Some(p) => {
-                            report.rewritten += 1;
-                            report.cells_dropped += p.cells_dropped;
-                            report.bytes_after += encode_set(&p.set)?.len() as u64;
-                            rewrites.push((p.set, p.rows_dropped));
-                        }
-                        None => report.bytes_after += body.len() as u64,
-                    }
+                    pass.visit(r.get(0)?, &body)?;
                 }
-                Ok((rewrites, report))
+                Ok((pass.rewrites, pass.report))
             })
             .await?;
         let (reply, rx) = oneshot::channel();
