@@ -169,6 +169,12 @@ fn pg_config(url: &str) -> Result<tokio_postgres::Config> {
         cfg.connect_timeout(Duration::from_secs(10));
     }
     cfg.application_name("ferry-relay");
+    // A node frozen mid-transaction (a stop-the-world pause, a hung VM) would hold the
+    // sequencing lock and stall every node: the server ends such a transaction after 10 s,
+    // releasing the lock; the frozen node's commit then fails and its clients retry.
+    if cfg.get_options().is_none() {
+        cfg.options("-c idle_in_transaction_session_timeout=10000");
+    }
     Ok(cfg)
 }
 
