@@ -37,6 +37,8 @@ use crate::transaction::Transaction;
 use futures_util::{SinkExt, StreamExt};
 use parking_lot::Mutex;
 use rand::RngExt;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -115,6 +117,9 @@ pub struct SyncStatus {
     pub connects: u64,
     /// Keep-alive answers received so far (each carries a fresh relay head).
     pub pongs: u64,
+    /// The highest [`SyncHandle::sync_now`] request a relay head has been learnt for: a pong
+    /// answering a ping sent after that request was made.
+    pub answered: u64,
     /// Change sets the relay refused (compare-and-set conflict, stale lease) and that were
     /// rolled back, since this handle was created.
     pub rolled_back: u64,
@@ -133,6 +138,7 @@ impl SyncStatus {
             refused: None,
             connects: 0,
             pongs: 0,
+            answered: 0,
             rolled_back: 0,
         }
     }
@@ -269,6 +275,8 @@ type Observers = Arc<Mutex<ObserverList>>;
 pub struct SyncHandle {
     replica: Arc<Replica>,
     cmd: mpsc::UnboundedSender<Command>,
+    /// `sync_now` requests made so far (see [`SyncStatus::answered`]).
+    requests: Arc<AtomicU64>,
     status: watch::Receiver<SyncStatus>,
     observers: Observers,
     next_observer: Mutex<u64>,
@@ -331,6 +339,7 @@ impl Replica {
         let (status_tx, status_rx) = watch::channel(initial);
         let observers: Observers = Arc::new(Mutex::new(Vec::new()));
         let wake = Arc::new(tokio::sync::Notify::new());
+        let requests = Arc::new(AtomicU64::new(0));
         let sub = self.subscribe(Arc::new(LocalWrites(Arc::clone(&wake))));
         let lp = Loop {
             replica: Arc::clone(self),
@@ -341,6 +350,7 @@ impl Replica {
             status: status_tx,
             observers: Arc::clone(&observers),
             wake,
+            requests: Arc::clone(&requests),
             paused: false,
             checksum_waiters: Vec::new(),
             lease_waiters: Vec::new(),
@@ -352,6 +362,7 @@ impl Replica {
         Ok(SyncHandle {
             replica: Arc::clone(self),
             cmd: cmd_tx,
+            requests,
             status: status_rx,
             observers,
             next_observer: Mutex::new(0),
@@ -411,12 +422,11 @@ impl SyncHandle {
     /// While offline it waits for the connection: wrap it in a timeout if that matters.
     pub async fn sync_now(&self) -> Result<()> {
         let mut rx = self.status.clone();
-        let (connects, pongs) = {
-            let s = rx.borrow_and_update();
-            (s.connects, s.pongs)
-        };
-        // The loop answers Wake with a ping; its pong (or a new connection's welcome)
-        // carries a head learnt after this call.
+        // Every ping the loop sends is tagged with the requests made before it was sent; the
+        // loop answers Wake with a ping (or sends one as soon as a connection is up), so a
+        // pong answering request `me` carries a head learnt after this call. A welcome's
+        // head does not count: the hello may have left before this call.
+        let me = self.requests.fetch_add(1, Ordering::SeqCst) + 1;
         let _ = self.cmd.send(Command::Wake);
         loop {
             {
@@ -430,7 +440,7 @@ impl SyncHandle {
                         message: r.message.clone(),
                     });
                 }
-                let fresh = s.connects > connects || s.pongs > pongs;
+                let fresh = s.answered >= me;
                 if fresh && s.state == ConnState::Online && s.pending == 0 && s.cursor >= s.head {
                     return Ok(());
                 }
@@ -636,6 +646,8 @@ struct Loop {
     status: watch::Sender<SyncStatus>,
     observers: Observers,
     wake: Arc<tokio::sync::Notify>,
+    /// `sync_now` requests made so far, shared with the handle.
+    requests: Arc<AtomicU64>,
     paused: bool,
     checksum_waiters: Vec<(u64, oneshot::Sender<RemoteChecksum>)>,
     lease_waiters: Vec<(u64, oneshot::Sender<LeaseOutcome>)>,
@@ -661,6 +673,18 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 }
 
 impl Loop {
+    /// Sends a keep-alive ping, remembering which `sync_now` requests its pong answers.
+    async fn ping(
+        &self,
+        ws: &mut Ws,
+        nonce: &mut u64,
+        inflight: &mut VecDeque<(u64, u64)>,
+    ) -> std::result::Result<(), SyncError> {
+        *nonce += 1;
+        inflight.push_back((*nonce, self.requests.load(Ordering::SeqCst)));
+        send(ws, &ClientMsg::Ping { nonce: *nonce }).await
+    }
+
     fn publish(&self, f: impl FnOnce(&mut SyncStatus)) {
         let mut changed = false;
         self.status.send_if_modified(|s| {
@@ -783,6 +807,8 @@ impl Loop {
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_heard = Instant::now();
         let mut nonce = 0u64;
+        // Pings in flight: (nonce, sync_now requests made before it was sent).
+        let mut inflight: VecDeque<(u64, u64)> = VecDeque::new();
         let welcome_deadline = Instant::now() + self.opts.connect_timeout;
         loop {
             if client.phase() == Phase::Handshake && Instant::now() > welcome_deadline {
@@ -809,7 +835,10 @@ impl Loop {
                     }
                     let was_handshake = client.phase() == Phase::Handshake;
                     let acks = match &msg { ServerMsg::Acks { acks } => acks.len() as u64, _ => 0 };
-                    let pong = matches!(msg, ServerMsg::Pong { .. });
+                    let pong = match &msg {
+                        ServerMsg::Pong { nonce, .. } => Some(*nonce),
+                        _ => None,
+                    };
                     let step = match blocking(|| client.handle(&replica, msg)) {
                         Ok(s) => s,
                         Err(e) => {
@@ -848,10 +877,29 @@ impl Loop {
                             s.connects += 1;
                             s.last_error = None;
                         });
+                        // Answers any sync_now made before or while connecting.
+                        if let Err(e) = self.ping(&mut ws, &mut nonce, &mut inflight).await {
+                            return End::Failed(e);
+                        }
                     }
                     self.report(&client, start_cursor, acked_this_session);
-                    if pong {
-                        self.publish(|s| s.pongs += 1);
+                    if let Some(n) = pong {
+                        let mut answered = None;
+                        while let Some(&(k, r)) = inflight.front() {
+                            if k > n {
+                                break;
+                            }
+                            inflight.pop_front();
+                            if k == n {
+                                answered = Some(r);
+                            }
+                        }
+                        self.publish(|s| {
+                            s.pongs += 1;
+                            if let Some(r) = answered {
+                                s.answered = s.answered.max(r);
+                            }
+                        });
                     }
                 }
                 _ = self.wake.notified() => {
@@ -872,8 +920,7 @@ impl Loop {
                     if last_heard.elapsed() > self.opts.ping_interval * 3 {
                         return End::Failed(transport_err("the relay stopped answering".into()));
                     }
-                    nonce += 1;
-                    if let Err(e) = send(&mut ws, &ClientMsg::Ping { nonce }).await {
+                    if let Err(e) = self.ping(&mut ws, &mut nonce, &mut inflight).await {
                         return End::Failed(e);
                     }
                 }
@@ -890,8 +937,7 @@ impl Loop {
                     Some(Command::Wake) => {
                         if client.phase() == Phase::Streaming {
                             // A pong carries the relay's head as of now: sync_now waits for it.
-                            nonce += 1;
-                            if let Err(e) = send(&mut ws, &ClientMsg::Ping { nonce }).await {
+                            if let Err(e) = self.ping(&mut ws, &mut nonce, &mut inflight).await {
                                 return End::Failed(e);
                             }
                             if let Err(e) = self.push_more(&mut ws, &mut client).await {
