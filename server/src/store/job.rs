@@ -5,7 +5,7 @@
 //! lease grant and a fence check, or a rewrite and a push, never interleave.
 
 use crate::auth::Grants;
-use crate::error::Result;
+use crate::error::{RelayError, Result};
 use crate::store::{PushOutcome, StoredSet};
 use ferry_core::protocol::{LeaseOutcome, LeaseRequest};
 use ferry_core::{ChangeSet, ReplicaId, Value};
@@ -57,4 +57,55 @@ pub fn lease_name(request: &LeaseRequest) -> &str {
         | LeaseRequest::Renew { name, .. }
         | LeaseRequest::Release { name, .. } => name,
     }
+}
+
+/// Where a store's jobs go: its sequencer's queue.
+pub trait JobQueue {
+    /// Queues `job`, or fails when the sequencer has stopped (shutdown).
+    fn put(&self, job: Job) -> Result<()>;
+}
+
+/// Queues a push and waits for its outcomes.
+pub async fn push(
+    q: &impl JobQueue,
+    grants: Arc<Grants>,
+    sets: Vec<ChangeSet>,
+) -> Result<Vec<PushOutcome>> {
+    let (reply, rx) = oneshot::channel();
+    q.put(Job::Push {
+        grants,
+        sets,
+        reply,
+    })?;
+    rx.await.map_err(|_| RelayError::ShuttingDown)?
+}
+
+/// Queues a lease request and waits for the decision.
+pub async fn lease(
+    q: &impl JobQueue,
+    holder: ReplicaId,
+    request: LeaseRequest,
+) -> Result<LeaseOutcome> {
+    let (reply, rx) = oneshot::channel();
+    q.put(Job::Lease {
+        holder,
+        request,
+        reply,
+    })?;
+    rx.await.map_err(|_| RelayError::ShuttingDown)?
+}
+
+/// Queues a compaction rewrite and waits until it is written.
+pub async fn rewrite(
+    q: &impl JobQueue,
+    sets: Vec<(StoredSet, Vec<(String, Value)>)>,
+    horizon: u64,
+) -> Result<()> {
+    let (reply, rx) = oneshot::channel();
+    q.put(Job::Rewrite {
+        sets,
+        horizon,
+        reply,
+    })?;
+    rx.await.map_err(|_| RelayError::ShuttingDown)?
 }

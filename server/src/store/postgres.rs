@@ -30,7 +30,7 @@ use crate::compact::Pass;
 use crate::error::{RelayError, Result};
 use crate::feed::Feed;
 use crate::scoping;
-use crate::store::job::{Job, PushJob, lease_name};
+use crate::store::job::{self, Job, JobQueue, PushJob, lease_name};
 use crate::store::pg_batch;
 use crate::store::{
     CompactReport, PushOutcome, Store, StoreStats, StoredSet, decode_set, encode_set,
@@ -241,12 +241,6 @@ impl PgStore {
             cat,
         }))
     }
-
-    fn send(&self, job: Job) -> Result<()> {
-        let g = self.jobs.lock();
-        let tx = g.as_ref().ok_or(RelayError::ShuttingDown)?;
-        tx.send(job).map_err(|_| RelayError::ShuttingDown)
-    }
 }
 
 /// Checks a `postgres://` URL without connecting (for `check-config`).
@@ -338,16 +332,18 @@ async fn read_after(
     Ok(out)
 }
 
+impl JobQueue for PgStore {
+    fn put(&self, job: Job) -> Result<()> {
+        let g = self.jobs.lock();
+        let tx = g.as_ref().ok_or(RelayError::ShuttingDown)?;
+        tx.send(job).map_err(|_| RelayError::ShuttingDown)
+    }
+}
+
 #[async_trait]
 impl Store for PgStore {
     async fn push(&self, grants: Arc<Grants>, sets: Vec<ChangeSet>) -> Result<Vec<PushOutcome>> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Job::Push {
-            grants,
-            sets,
-            reply,
-        })?;
-        rx.await.map_err(|_| RelayError::ShuttingDown)?
+        job::push(self, grants, sets).await
     }
 
     async fn read(
@@ -381,13 +377,7 @@ impl Store for PgStore {
     }
 
     async fn lease(&self, holder: ReplicaId, request: LeaseRequest) -> Result<LeaseOutcome> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Job::Lease {
-            holder,
-            request,
-            reply,
-        })?;
-        rx.await.map_err(|_| RelayError::ShuttingDown)?
+        job::lease(self, holder, request).await
     }
 
     async fn max_origin_seq(&self, origin: ReplicaId) -> Result<u64> {
@@ -426,13 +416,7 @@ impl Store for PgStore {
         }
         let (rewrites, report) = (pass.rewrites, pass.report);
         drop(c);
-        let (reply, rx) = oneshot::channel();
-        self.send(Job::Rewrite {
-            sets: rewrites,
-            horizon: report.horizon,
-            reply,
-        })?;
-        rx.await.map_err(|_| RelayError::ShuttingDown)??;
+        job::rewrite(self, rewrites, report.horizon).await?;
         self.feed.clear_window();
         tracing::info!(?report, "history compacted");
         Ok(report)

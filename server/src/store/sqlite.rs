@@ -14,7 +14,7 @@ use crate::error::{RelayError, Result};
 use crate::feed::Feed;
 use crate::scoping::{self, RowScope, RowScopes};
 use crate::session::now_ms;
-use crate::store::job::{Job, PushJob, lease_name};
+use crate::store::job::{self, Job, JobQueue, PushJob, lease_name};
 use crate::store::rule::{self, Decision, OriginState};
 use crate::store::{
     CompactReport, PushOutcome, Store, StoreStats, StoredSet, decode_set, encode_set,
@@ -30,7 +30,6 @@ use rusqlite::{Connection, OptionalExtension, params};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc;
-use tokio::sync::oneshot;
 
 /// Format version of the relay's SQLite file (`PRAGMA user_version`).
 const FORMAT: i64 = 2;
@@ -182,12 +181,6 @@ impl SqliteStore {
         }))
     }
 
-    fn send(&self, job: Job) -> Result<()> {
-        let g = self.jobs.lock();
-        let tx = g.as_ref().ok_or(RelayError::ShuttingDown)?;
-        tx.send(job).map_err(|_| RelayError::ShuttingDown)
-    }
-
     async fn with_reader<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
@@ -210,16 +203,18 @@ impl SqliteStore {
     }
 }
 
+impl JobQueue for SqliteStore {
+    fn put(&self, job: Job) -> Result<()> {
+        let g = self.jobs.lock();
+        let tx = g.as_ref().ok_or(RelayError::ShuttingDown)?;
+        tx.send(job).map_err(|_| RelayError::ShuttingDown)
+    }
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn push(&self, grants: Arc<Grants>, sets: Vec<ChangeSet>) -> Result<Vec<PushOutcome>> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Job::Push {
-            grants,
-            sets,
-            reply,
-        })?;
-        rx.await.map_err(|_| RelayError::ShuttingDown)?
+        job::push(self, grants, sets).await
     }
 
     async fn read(
@@ -273,13 +268,7 @@ impl Store for SqliteStore {
     }
 
     async fn lease(&self, holder: ReplicaId, request: LeaseRequest) -> Result<LeaseOutcome> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Job::Lease {
-            holder,
-            request,
-            reply,
-        })?;
-        rx.await.map_err(|_| RelayError::ShuttingDown)?
+        job::lease(self, holder, request).await
     }
 
     async fn max_origin_seq(&self, origin: ReplicaId) -> Result<u64> {
@@ -313,13 +302,7 @@ impl Store for SqliteStore {
                 Ok((pass.rewrites, pass.report))
             })
             .await?;
-        let (reply, rx) = oneshot::channel();
-        self.send(Job::Rewrite {
-            sets: rewrites,
-            horizon: report.horizon,
-            reply,
-        })?;
-        rx.await.map_err(|_| RelayError::ShuttingDown)??;
+        job::rewrite(self, rewrites, report.horizon).await?;
         self.feed.clear_window();
         tracing::info!(?report, "history compacted");
         Ok(report)
