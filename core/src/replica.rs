@@ -51,6 +51,12 @@ pub struct OpenOptions {
     /// any connection) and pushes the changes; every other replica receives them read-only.
     /// The relay accepts those pushes only from a token granted `primary` on the table.
     pub primary_tables: Vec<String>,
+    /// Fault injection for simulations: every SQLite statement of this replica takes one
+    /// unit from the counter per few hundred VM steps; once it is spent, statements fail with
+    /// an interrupt, as if the process died at that instruction (the open transaction is
+    /// never committed). The caller then drops the replica and reopens the file. Apps leave
+    /// it `None` (no cost).
+    pub crash_countdown: Option<Arc<std::sync::atomic::AtomicI64>>,
 }
 
 impl Default for OpenOptions {
@@ -60,6 +66,7 @@ impl Default for OpenOptions {
             apply_chunk_ops: 20_000,
             new_replica_id: None,
             primary_tables: Vec::new(),
+            crash_countdown: None,
         }
     }
 }
@@ -368,6 +375,12 @@ impl Replica {
         let schema = &primary_view(schema, &opts.primary_tables)?;
         let path = path.as_ref().to_path_buf();
         let mut conn = Connection::open(&path)?;
+        if let Some(countdown) = opts.crash_countdown.clone() {
+            conn.progress_handler(
+                16,
+                Some(move || countdown.fetch_sub(1, Ordering::SeqCst) <= 0),
+            )?;
+        }
         db::configure(&conn)?;
         db::upgrade_format(&mut conn, opts.new_replica_id)?;
         let cat = Arc::new(db::apply_schema(&mut conn, schema)?);

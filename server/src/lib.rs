@@ -12,6 +12,7 @@ pub mod auth;
 pub mod catalog;
 pub mod compact;
 pub mod config;
+pub mod endpoint;
 pub mod error;
 pub mod feed;
 pub mod metrics;

@@ -102,6 +102,7 @@ impl Relay {
             shutdown: shutdown.clone(),
             connections: AtomicUsize::new(0),
             tasks: TaskTracker::new(),
+            clock: Arc::new(crate::endpoint::now_ms),
         });
         let app = axum::Router::new()
             .route("/sync", get(upgrade))

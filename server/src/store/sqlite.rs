@@ -10,10 +10,10 @@
 use crate::auth::Grants;
 use crate::catalog::RelayCatalog;
 use crate::compact::Pass;
+use crate::endpoint::now_ms;
 use crate::error::{RelayError, Result};
 use crate::feed::Feed;
 use crate::scoping::{self, RowScope, RowScopes};
-use crate::session::now_ms;
 use crate::store::job::{self, Job, JobQueue, PushJob, lease_name};
 use crate::store::rule::{self, Decision, OriginState};
 use crate::store::{

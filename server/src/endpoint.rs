@@ -1,0 +1,523 @@
+//! The relay's side of one connection, without the socket: what to answer to each frame.
+//!
+//! [`Endpoint`] owns everything a connection knows (replica, grants, how far it has been
+//! told) and turns each decoded client frame into the frames to send back, consulting only
+//! the store. The WebSocket loop in [`crate::session`] adds the socket, timers and rate
+//! limiting; the deterministic simulation (`server/tests/simulation.rs`) drives the same
+//! code with messages it delays, drops and replays itself, so what it checks is what serves
+//! clients.
+
+use crate::auth::Grants;
+use crate::error::RelayError;
+use crate::metrics as m;
+use crate::scoping;
+use crate::session::Shared;
+use crate::store::{PushOutcome, StoredSet};
+use ferry_core::protocol::{Ack, ClientMsg, ErrorCode, Move, PROTOCOL_VERSION, RowKey, ServerMsg};
+use ferry_core::{ChangeSet, ReplicaId, Sequenced};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Why a connection is being closed (sent to the client as an error frame).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Close {
+    /// The protocol code sent in the error frame.
+    pub code: ErrorCode,
+    /// What was wrong.
+    pub message: String,
+}
+
+impl Close {
+    /// A close with `code` and `message`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Close {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<RelayError> for Close {
+    fn from(e: RelayError) -> Self {
+        if e.code() == ErrorCode::Internal {
+            tracing::error!(error = %e, "relay failure while serving a connection");
+        }
+        Close::new(e.code(), e.client_message())
+    }
+}
+
+/// Decodes a client frame, telling a version mismatch apart from garbage.
+pub fn decode(bytes: &[u8], max: usize) -> Result<ClientMsg, Close> {
+    if bytes.len() > max {
+        return Err(Close::new(
+            ErrorCode::TooLarge,
+            format!(
+                "frame of {} bytes exceeds the {max} byte limit",
+                bytes.len()
+            ),
+        ));
+    }
+    if bytes.len() >= 4 && bytes[..2] == *b"FY" && bytes[2] != PROTOCOL_VERSION {
+        return Err(Close::new(
+            ErrorCode::UnsupportedVersion,
+            format!(
+                "protocol version {} is not supported; this relay speaks {PROTOCOL_VERSION}",
+                bytes[2]
+            ),
+        ));
+    }
+    ClientMsg::decode_limited(bytes, max).map_err(|e| {
+        let msg = e.to_string();
+        let code = if msg.contains("byte limit") {
+            ErrorCode::TooLarge
+        } else {
+            ErrorCode::BadFrame
+        };
+        Close::new(code, msg)
+    })
+}
+
+/// One authenticated connection's state.
+pub struct Endpoint {
+    shared: Arc<Shared>,
+    replica: ReplicaId,
+    label: String,
+    grants: Arc<Grants>,
+    /// Position up to which the client has been told everything.
+    told: u64,
+    /// Position up to which the log has been examined (nothing visible in `(told, scanned]`).
+    scanned: u64,
+    readable: HashMap<String, bool>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("replica", &self.label)
+            .field("told", &self.told)
+            .finish()
+    }
+}
+
+impl Endpoint {
+    /// Answers a connection's first frame: checks it is a hello in this relay's protocol
+    /// version with a valid token and a cursor the log holds, and returns the endpoint and
+    /// the welcome.
+    pub async fn open(
+        shared: &Arc<Shared>,
+        first: ClientMsg,
+    ) -> Result<(Endpoint, ServerMsg), Close> {
+        let (protocol, replica_id, token, cursor) = match first {
+            ClientMsg::Hello {
+                protocol,
+                replica_id,
+                token,
+                cursor,
+                ..
+            } => (protocol, replica_id, token, cursor),
+            other => {
+                return Err(Close::new(
+                    ErrorCode::BadFrame,
+                    format!("the first frame must be hello, got {}", other.kind()),
+                ));
+            }
+        };
+        if protocol != PROTOCOL_VERSION {
+            return Err(Close::new(
+                ErrorCode::UnsupportedVersion,
+                format!("hello asks for protocol {protocol}; this relay speaks {PROTOCOL_VERSION}"),
+            ));
+        }
+        let grants = shared.verifier.verify(&token)?;
+        // The log's head, not this node's feed: a replica that synced through another node may
+        // hold a cursor this node has not published yet.
+        let head = shared.store.head().await?;
+        if cursor > head {
+            return Err(Close::new(
+                ErrorCode::InvalidChangeSet,
+                format!(
+                    "cursor {cursor} is beyond this relay's head {head}: the relay does not hold the history this replica saw"
+                ),
+            ));
+        }
+        let max_origin_seq = shared.store.max_origin_seq(replica_id).await?;
+        let horizon = shared.store.stats().await.map(|s| s.horizon).unwrap_or(0);
+        let welcome = ServerMsg::Welcome {
+            protocol: PROTOCOL_VERSION,
+            head,
+            server_time_ms: (shared.clock)(),
+            max_origin_seq,
+            limits: shared.limits(),
+            horizon,
+        };
+        tracing::debug!(replica = %replica_id, sub = %grants.sub, cursor, head, "replica connected");
+        let ep = Endpoint {
+            shared: Arc::clone(shared),
+            replica: replica_id,
+            label: replica_id.to_string(),
+            grants: Arc::new(grants),
+            told: cursor,
+            scanned: cursor,
+            readable: HashMap::new(),
+        };
+        Ok((ep, welcome))
+    }
+
+    /// What every connection shares.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// The connection's replica.
+    pub fn replica(&self) -> ReplicaId {
+        self.replica
+    }
+
+    /// The token's claims.
+    pub fn grants(&self) -> &Grants {
+        &self.grants
+    }
+
+    /// Position up to which the client has been told everything.
+    pub fn told(&self) -> u64 {
+        self.told
+    }
+
+    /// Answers one frame after the hello: the frames to send back, in order.
+    pub async fn handle(&mut self, msg: ClientMsg) -> Result<Vec<ServerMsg>, Close> {
+        let mut out = Vec::new();
+        match msg {
+            ClientMsg::Hello { .. } => {
+                return Err(Close::new(ErrorCode::BadFrame, "hello sent twice"));
+            }
+            ClientMsg::Push { change_sets } => self.push(change_sets, &mut out).await?,
+            ClientMsg::Ping { nonce } => {
+                // The pong carries the head as of now; what the client has not been sent yet
+                // follows (empty progress is flushed first, so a caught-up client's cursor
+                // reaches the head at once).
+                self.changes(true, 1, &mut out).await?;
+                let head = self.shared.store.head().await?;
+                out.push(ServerMsg::Pong { nonce, head });
+            }
+            ClientMsg::Lease { nonce, request } => {
+                ferry_core::lease::validate(&request).map_err(|e| {
+                    Close::new(ErrorCode::BadFrame, format!("lease request refused: {e}"))
+                })?;
+                let outcome = self.shared.store.lease(self.replica, request).await?;
+                metrics::counter!(m::LEASES, "outcome" => lease_kind(&outcome)).increment(1);
+                out.push(ServerMsg::Lease { nonce, outcome });
+            }
+            ClientMsg::Checksum { nonce } => {
+                let Some(shadow) = self.shared.shadow.clone() else {
+                    return Err(Close::new(
+                        ErrorCode::Internal,
+                        "checksums are disabled on this relay (checksums.enabled = false)",
+                    ));
+                };
+                // Everything this connection was told about is in the state summed.
+                self.changes(true, 1, &mut out).await?;
+                shadow.catch_up(&self.shared.store, Some(self.told)).await?;
+                let grants = Arc::clone(&self.grants);
+                let (position, sum) = tokio::task::spawn_blocking(move || shadow.checksum(&grants))
+                    .await
+                    .map_err(|e| {
+                        Close::new(ErrorCode::Internal, format!("checksum failed: {e}"))
+                    })??;
+                out.push(ServerMsg::Checksum {
+                    nonce,
+                    position,
+                    digest: sum.digest,
+                    rows: sum.rows,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn push(&mut self, sets: Vec<ChangeSet>, out: &mut Vec<ServerMsg>) -> Result<(), Close> {
+        let started = Instant::now();
+        let limits = &self.shared.cfg.limits;
+        if sets.len() > limits.max_push_sets {
+            return Err(Close::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "push of {} change sets; the limit is {}",
+                    sets.len(),
+                    limits.max_push_sets
+                ),
+            ));
+        }
+        // Origin first: a connection may only push its own replica's change sets.
+        if let Some(cs) = sets.iter().find(|cs| cs.origin != self.replica) {
+            return Err(Close::new(
+                ErrorCode::InvalidChangeSet,
+                format!(
+                    "change set origin {} is not this connection's replica {}",
+                    cs.origin, self.replica
+                ),
+            ));
+        }
+        let now = (self.shared.clock)();
+        let horizon_ms = now + limits.max_clock_skew.as_millis() as u64;
+        let mut valid = Vec::with_capacity(sets.len());
+        let mut refusal: Option<(u64, RelayError)> = None;
+        for cs in sets {
+            if cs.hlc.millis() > horizon_ms {
+                refusal = Some((
+                    cs.origin_seq,
+                    RelayError::ClockSkew(format!(
+                        "change set {} is stamped {} ms ahead of the relay's clock; the limit is {} ms",
+                        cs.origin_seq,
+                        cs.hlc.millis().saturating_sub(now),
+                        limits.max_clock_skew.as_millis()
+                    )),
+                ));
+                break;
+            }
+            if let Err(e) = scoping::validate(&self.shared.cat, &cs, limits.max_change_set_ops) {
+                refusal = Some((cs.origin_seq, e));
+                break;
+            }
+            valid.push(cs);
+        }
+        let mut acks = Vec::new();
+        if !valid.is_empty() {
+            let oseqs: Vec<u64> = valid.iter().map(|c| c.origin_seq).collect();
+            let outcomes = self
+                .shared
+                .store
+                .push(Arc::clone(&self.grants), valid)
+                .await?;
+            for (oseq, out) in oseqs.into_iter().zip(outcomes) {
+                match out {
+                    PushOutcome::Acked(server_seq) => acks.push(Ack {
+                        origin_seq: oseq,
+                        server_seq,
+                    }),
+                    PushOutcome::Refused(e) => {
+                        refusal = Some((oseq, e));
+                        break;
+                    }
+                }
+            }
+        }
+        metrics::counter!(m::SETS_IN).increment(acks.len() as u64);
+        if !acks.is_empty() {
+            out.push(ServerMsg::Acks { acks });
+        }
+        metrics::histogram!(m::PUSH_SECONDS).record(started.elapsed().as_secs_f64());
+        if let Some((origin_seq, e)) = refusal {
+            let code = e.code();
+            if code == ErrorCode::Internal {
+                return Err(e.into());
+            }
+            metrics::counter!(m::REFUSED, "code" => code.as_str()).increment(1);
+            tracing::info!(replica = %self.replica, origin_seq, code = code.as_str(), error = %e, "push refused");
+            let conflict_seq = match &e {
+                RelayError::Conflict { seq, .. } => *seq,
+                _ => 0,
+            };
+            out.push(ServerMsg::Refused {
+                origin_seq,
+                code,
+                message: e.to_string(),
+                conflict_seq,
+            });
+        }
+        Ok(())
+    }
+
+    fn can_read(&mut self, scope: &str) -> bool {
+        if let Some(v) = self.readable.get(scope) {
+            return *v;
+        }
+        let v = self.grants.can_read(scope);
+        if self.readable.len() < 10_000 {
+            self.readable.insert(scope.to_owned(), v);
+        }
+        v
+    }
+
+    /// What was sequenced since the client was last told, at most `frames` frames, pushed
+    /// onto `out`. With `flush`, once caught up, also tells it about positions with nothing
+    /// visible (so its cursor catches up). Returns true while more remains to send.
+    pub async fn changes(
+        &mut self,
+        flush: bool,
+        frames: usize,
+        out: &mut Vec<ServerMsg>,
+    ) -> Result<bool, Close> {
+        let store = Arc::clone(&self.shared.store);
+        let mut sent = 0;
+        loop {
+            let head = store.feed().head();
+            if self.scanned >= head {
+                break;
+            }
+            if sent >= frames {
+                return Ok(true);
+            }
+            let batch = match store.feed().window_after(self.scanned, 512) {
+                Some(b) if !b.is_empty() => b,
+                _ => store.read(self.scanned, 512, 4 << 20).await?,
+            };
+            if batch.is_empty() {
+                break;
+            }
+            let (sets, moves, consumed) = self.filter(&batch, FRAME_BUDGET).await?;
+            let up_to = batch
+                .get(consumed.saturating_sub(1))
+                .map_or(self.scanned, |s| s.server_seq);
+            self.scanned = up_to;
+            if sets.is_empty() && moves.is_empty() {
+                continue;
+            }
+            let n = sets.len();
+            out.push(ServerMsg::Changes {
+                after: self.told,
+                up_to,
+                change_sets: sets,
+                head,
+                moves,
+            });
+            metrics::counter!(m::SETS_OUT).increment(n as u64);
+            self.told = up_to;
+            sent += 1;
+        }
+        if flush && self.told < self.scanned {
+            let up_to = self.scanned;
+            out.push(ServerMsg::Changes {
+                after: self.told,
+                up_to,
+                change_sets: Vec::new(),
+                head: store.feed().head(),
+                moves: Vec::new(),
+            });
+            self.told = up_to;
+        }
+        let lag = store.feed().head().saturating_sub(self.told);
+        metrics::gauge!(m::REPLICA_LAG, "replica" => self.label.clone()).set(lag as f64);
+        Ok(false)
+    }
+
+    /// The parts of `batch` this connection may see, and the scope moves it must apply.
+    /// Stops after the set that takes the frame past `budget` bytes (estimated); returns how
+    /// many sets of `batch` it consumed (at least one).
+    async fn filter(
+        &mut self,
+        batch: &[Arc<StoredSet>],
+        budget: usize,
+    ) -> Result<(Vec<Sequenced>, Vec<Move>, usize), Close> {
+        let mut sets = Vec::new();
+        let mut moves = Vec::new();
+        let mut bytes = 0usize;
+        let mut consumed = 0;
+        for s in batch {
+            if bytes >= budget {
+                break;
+            }
+            consumed += 1;
+            let cs = &s.change_set;
+            let mut rows = Vec::new();
+            let mut evict = Vec::new();
+            let mut entering = Vec::new();
+            for (i, rc) in cs.rows.iter().enumerate() {
+                let Some(tag) = s.tags.get(i) else { continue };
+                let now = self.can_read(&tag.scope);
+                let before = match &tag.moved_from {
+                    Some(from) => self.can_read(from),
+                    None => now,
+                };
+                if now {
+                    bytes += crate::store::approx_row_bytes(rc);
+                    rows.push(rc.clone());
+                    if !before {
+                        entering.push((rc.table.clone(), rc.pk.clone()));
+                    }
+                } else if before && tag.moved_from.is_some() {
+                    evict.push(RowKey {
+                        table: rc.table.clone(),
+                        pk: rc.pk.clone(),
+                    });
+                }
+            }
+            let mut backfill: Vec<Sequenced> = Vec::new();
+            for (table, pk) in entering {
+                let history = self
+                    .shared
+                    .store
+                    .row_history(&table, &pk, s.server_seq)
+                    .await?;
+                for h in history {
+                    let parts: Vec<_> = h
+                        .change_set
+                        .rows
+                        .iter()
+                        .filter(|r| r.table == table && r.pk == pk)
+                        .cloned()
+                        .collect();
+                    if parts.is_empty() {
+                        continue;
+                    }
+                    bytes += parts
+                        .iter()
+                        .map(crate::store::approx_row_bytes)
+                        .sum::<usize>();
+                    match backfill.iter_mut().find(|b| b.server_seq == h.server_seq) {
+                        Some(b) => b.change_set.rows.extend(parts),
+                        None => {
+                            let mut c = h.change_set.clone();
+                            c.rows = parts;
+                            backfill.push(Sequenced {
+                                server_seq: h.server_seq,
+                                change_set: c,
+                            });
+                        }
+                    }
+                }
+            }
+            backfill.sort_by_key(|b| b.server_seq);
+            if !evict.is_empty() || !backfill.is_empty() {
+                moves.push(Move {
+                    server_seq: s.server_seq,
+                    evict,
+                    backfill,
+                });
+            }
+            if !rows.is_empty() {
+                let mut part = cs.clone();
+                part.rows = rows;
+                sets.push(Sequenced {
+                    server_seq: s.server_seq,
+                    change_set: part,
+                });
+            }
+        }
+        Ok((sets, moves, consumed))
+    }
+}
+
+fn lease_kind(o: &ferry_core::protocol::LeaseOutcome) -> &'static str {
+    use ferry_core::protocol::LeaseOutcome as L;
+    match o {
+        L::Granted { .. } => "granted",
+        L::Busy { .. } => "busy",
+        L::Released { .. } => "released",
+        L::Lost { .. } => "lost",
+    }
+}
+
+/// The system clock in milliseconds since the epoch (0 before 1970).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Frames sent per turn of a connection's loop while it catches up.
+pub const CATCH_UP_FRAMES: usize = 4;
+
+/// Target size of one changes frame (a single change set may exceed it).
+const FRAME_BUDGET: usize = 2 << 20;
