@@ -34,6 +34,14 @@ pub struct CellStamp {
     pub origin: ReplicaId,
 }
 
+impl CellStamp {
+    /// No write (position 0).
+    pub const NONE: CellStamp = CellStamp {
+        seq: 0,
+        origin: ReplicaId([0; 16]),
+    };
+}
+
 /// What the check keeps per row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RowStamp {
@@ -43,6 +51,38 @@ pub struct RowStamp {
     pub row: CellStamp,
     /// The last write with a non-counter effect (any set, delete or new incarnation).
     pub write: CellStamp,
+    /// The last such write by an origin other than `write`'s. Without it, a device's own
+    /// later write would hide an earlier one by someone else that its change set never saw.
+    pub other: CellStamp,
+}
+
+impl RowStamp {
+    /// A row first written by `now` (or with no write yet, when `now` is position 0).
+    pub fn new(cl: u64, row: CellStamp, now: CellStamp) -> Self {
+        RowStamp {
+            cl,
+            row,
+            write: now,
+            other: CellStamp::NONE,
+        }
+    }
+
+    /// Records a write with a non-counter effect.
+    pub fn wrote(&mut self, now: CellStamp) {
+        if self.write.origin != now.origin {
+            self.other = self.write;
+        }
+        self.write = now;
+    }
+
+    /// The last write with a non-counter effect by an origin other than `origin`.
+    pub fn last_write_not_by(&self, origin: ReplicaId) -> CellStamp {
+        if self.write.origin != origin {
+            self.write
+        } else {
+            self.other
+        }
+    }
 }
 
 /// Stamps a store keeps for the check.
@@ -182,8 +222,12 @@ pub fn check<'a>(
                 return conflict(Some(c), s.seq);
             }
         } else {
-            if guarded && let Some(r) = row.filter(|r| unseen(r.write)) {
-                return conflict(None, r.write.seq);
+            if guarded
+                && let Some(w) = row
+                    .map(|r| r.last_write_not_by(cs.origin))
+                    .filter(|w| unseen(*w))
+            {
+                return conflict(None, w.seq);
             }
             if let Some((c, s)) = cells
                 .iter()
@@ -226,21 +270,17 @@ impl MemIndex {
             origin: ReplicaId([0; 16]),
         };
         for u in updates {
-            let e = self.rows.entry(key(&u.table, &u.pk)).or_insert((
-                RowStamp {
-                    cl: u.cl,
-                    row: none,
-                    write: none,
-                },
-                Vec::new(),
-            ));
+            let e = self
+                .rows
+                .entry(key(&u.table, &u.pk))
+                .or_insert((RowStamp::new(u.cl, none, none), Vec::new()));
             e.0.cl = u.cl;
             if u.row_level {
                 e.0.row = now;
                 e.1.clear();
             }
             if u.write {
-                e.0.write = now;
+                e.0.wrote(now);
             }
             for c in &u.cells {
                 match e.1.iter_mut().find(|(x, _)| x == c) {

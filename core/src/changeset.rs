@@ -165,7 +165,10 @@ pub fn check_row_change(t: &TableDecl, rc: &RowChange) -> Result<()> {
         for c in cells {
             let name = c.column();
             let Some(col) = t.columns.iter().find(|d| d.name == name) else {
-                return bad(format!("no column `{name}`"));
+                return Err(Error::AppSchemaOutdated {
+                    table: t.name.clone(),
+                    column: name.to_owned(),
+                });
             };
             if name == t.pk() {
                 return bad(format!("cell writes the primary key `{name}`"));

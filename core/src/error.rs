@@ -44,6 +44,18 @@ pub enum Error {
         /// Version the app declared at open.
         declared: u32,
     },
+    /// A change set writes a column this replica's app schema does not declare: it comes from
+    /// a newer app version. Downloads stop at it (nothing is skipped, so nothing is lost) and
+    /// local writes keep uploading, until the app opens the replica with the newer schema.
+    #[error(
+        "a change writes column `{column}` of table `{table}`, which this app schema does not declare: it comes from a newer app version; upgrade the app (open the replica with the newer schema) to receive it"
+    )]
+    AppSchemaOutdated {
+        /// Table.
+        table: String,
+        /// The unknown column.
+        column: String,
+    },
     /// A write to a `read_only` table through the SDK.
     #[error("table `{0}` is read_only on this replica: only its primary writes it")]
     ReadOnlyTable(String),

@@ -126,6 +126,8 @@ pub(crate) struct Db {
     has_strict: bool,
     /// A guarded change set is pending (see `rollback`).
     guard_pending: bool,
+    /// The largest HLC of any change set received from the relay (see [`Db::restamp`]).
+    remote_hlc: Hlc,
 }
 
 /// Pending notifications gathered under the lock and delivered after it is released.
@@ -394,6 +396,11 @@ impl Replica {
                 r.get(0)
             })?;
         let next_oseq = next_origin_seq(&conn, me_num)?;
+        let remote_hlc: i64 = conn.query_row(
+            "SELECT coalesce((SELECT value FROM ferry_meta WHERE key = 'remote_hlc'), 0)",
+            [],
+            |r| r.get(0),
+        )?;
         let hook = Arc::new(Mutex::new(HookState {
             enabled: false,
             catalog: Arc::clone(&cat),
@@ -429,6 +436,7 @@ impl Replica {
             stmt_cols: Mutex::new(HashMap::new()),
             has_strict: false,
             guard_pending: false,
+            remote_hlc: Hlc(remote_hlc as u64),
         };
         let mut db = db;
         db.has_strict = db
@@ -961,6 +969,17 @@ impl Replica {
         })
     }
 
+    /// Re-stamps the pending change sets from `origin_seq` on with the corrected clock, after
+    /// the relay refused one for clock skew (see DESIGN.md, Order). Returns how many.
+    pub fn restamp(&self, origin_seq: u64) -> Result<usize> {
+        let wall = Arc::clone(&self.wall);
+        self.with_db(|db| {
+            db.conn.execute_batch("BEGIN IMMEDIATE")?;
+            let r = db.restamp(origin_seq, &*wall);
+            db.finish_txn(r)
+        })
+    }
+
     /// The relay's verdict on a change set this replica made.
     pub fn verdict(&self, id: &ChangeId) -> Result<Verdict> {
         self.with_db(|db| crate::rollback::verdict(&db.conn, &id.0))
@@ -1361,6 +1380,77 @@ impl Db {
         Ok(true)
     }
 
+    /// Re-stamps this replica's pending change sets from `origin_seq` on, after the relay
+    /// refused one as stamped too far ahead of its clock (the device clock ran ahead before
+    /// the replica learnt the relay's). Nobody else has seen them, so each gets a fresh HLC
+    /// from the corrected clock, above every timestamp received from the relay and every own
+    /// earlier one: a local merge they won against a received write (whose HLC is below
+    /// that) is still won, so the replica keeps what the others will compute. Returns how
+    /// many were re-stamped. Withdrawn ones are re-stamped too: their empty placeholders
+    /// still have to be sequenced to keep the device's sequence gap-free.
+    fn restamp(&mut self, origin_seq: u64, wall: &dyn WallClock) -> Result<usize> {
+        self.materialize_in_tx()?;
+        // Own change sets before it keep their stamps (acknowledged, or pending and in order
+        // before it): the re-stamped ones must stay above them, or an older write of this
+        // device would win over a newer one everywhere else.
+        let own_before: i64 = self
+            .conn
+            .prepare_cached(
+                "SELECT coalesce(max(hlc), 0) FROM ferry_log WHERE origin = ?1 AND origin_seq < ?2",
+            )?
+            .query_row(params![self.me_num, origin_seq as i64], |r| r.get(0))?;
+        let pending: Vec<(i64, i64, Vec<u8>)> = self
+            .conn
+            .prepare_cached(
+                "SELECT seq, origin_seq, wire FROM ferry_log WHERE origin = ?1 AND origin_seq >= ?2
+                 AND server_seq IS NULL AND reissued IS NULL AND wire IS NOT NULL ORDER BY origin_seq",
+            )?
+            .query_map(params![self.me_num, origin_seq as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        self.clock = HlcState::resume(self.remote_hlc.max(Hlc(own_before as u64)));
+        for (seq, oseq, wire) in &pending {
+            let mut cs: ChangeSet = rmp_serde::from_slice(wire)?;
+            let old = crate::vv::Version {
+                hlc: cs.hlc,
+                origin: self.me_num,
+                origin_seq: *oseq as u64,
+                server_seq: 0,
+                base: cs.base,
+            };
+            let hlc = self.clock.tick(wall.now_millis());
+            let new = crate::vv::Version { hlc, ..old };
+            for rc in &cs.rows {
+                let t = self.cat.table(&rc.table)?;
+                let Some(mut stored) = crate::rows::load(&self.conn, t, &rc.pk)? else {
+                    continue;
+                };
+                let m = &mut stored.meta;
+                let swap = |v: &mut crate::vv::Version| {
+                    if *v == old {
+                        *v = new;
+                    }
+                };
+                m.row.iter_mut().for_each(swap);
+                m.cells.iter_mut().for_each(|(_, v)| swap(v));
+                m.writes.iter_mut().for_each(swap);
+                crate::rows::store(&self.conn, t, &rc.pk, &stored)?;
+            }
+            cs.hlc = hlc;
+            self.conn
+                .prepare_cached("UPDATE ferry_log SET wire = ?1, hlc = ?2 WHERE seq = ?3")?
+                .execute(params![rmp_serde::to_vec_named(&cs)?, hlc.0 as i64, seq])?;
+        }
+        db::meta_set(&self.conn, "hlc", self.clock.last().0 as i64)?;
+        tracing::warn!(
+            from = origin_seq,
+            count = pending.len(),
+            "pending change sets re-stamped after a clock-skew refusal"
+        );
+        Ok(pending.len())
+    }
+
     /// Guards the open write transaction with a lease grant (see [`Transaction::guard`]).
     pub(crate) fn guard_with(&self, fence: crate::changeset::Fence) -> Result<()> {
         crate::lease::validate_name(&fence.lease)?;
@@ -1620,6 +1710,7 @@ impl Db {
                     local_report.applied += 1;
                     local_report.conflicts += out.conflicts.len() - before;
                     self.clock.observe(cs.hlc);
+                    self.remote_hlc = self.remote_hlc.max(cs.hlc);
                 }
                 if let Some(m) = moving {
                     self.apply_move(m, false, true, &mut out)?;
@@ -1639,6 +1730,7 @@ impl Db {
             }
             db::meta_set(&self.conn, "cursor", self.cursor as i64)?;
             db::meta_set(&self.conn, "hlc", self.clock.last().0 as i64)?;
+            db::meta_set(&self.conn, "remote_hlc", self.remote_hlc.0 as i64)?;
             self.gate(false)?;
             Ok(())
         })();
@@ -1680,6 +1772,7 @@ impl Db {
             for b in &m.backfill {
                 ctx.apply(b)?;
                 self.clock.observe(b.change_set.hlc);
+                self.remote_hlc = self.remote_hlc.max(b.change_set.hlc);
             }
         }
         if evict {

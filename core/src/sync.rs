@@ -324,7 +324,13 @@ impl SyncClient {
                 }
                 // Everything from the refused change set on was not sequenced.
                 self.in_flight.retain(|o| *o < origin_seq);
-                if matches!(code, ErrorCode::Conflict | ErrorCode::Fenced) {
+                if code == ErrorCode::ClockSkew {
+                    // Stamped before this replica learnt the relay's clock: nobody has seen
+                    // it, so it is re-stamped (with everything pending after it) and pushed
+                    // again; it is never dropped.
+                    replica.restamp(origin_seq)?;
+                    self.gap_above = Some(origin_seq);
+                } else if matches!(code, ErrorCode::Conflict | ErrorCode::Fenced) {
                     // Rolled back (or left to rebase): the relay's verdict reached the app
                     // through the conflict log; pushing goes on.
                     match replica.handle_refusal(origin_seq, code, &message)? {

@@ -80,9 +80,9 @@ impl From<Core> for FerryError {
             | Core::UnknownName { .. }
             | Core::InvalidInput(_)
             | Core::InvalidCounter { .. } => FerryError::InvalidInput { reason },
-            Core::SchemaTooNew { .. } | Core::AppSchemaTooNew { .. } => {
-                FerryError::SchemaTooNew { reason }
-            }
+            Core::SchemaTooNew { .. }
+            | Core::AppSchemaTooNew { .. }
+            | Core::AppSchemaOutdated { .. } => FerryError::SchemaTooNew { reason },
             Core::ReadOnlyTable(table) => FerryError::ReadOnlyTable { table },
             Core::Transport(_) => FerryError::Offline { reason },
             Core::Refused { code, message } => match code {

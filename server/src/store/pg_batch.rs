@@ -185,7 +185,7 @@ impl Batch {
             ),
             query(
                 tx,
-                "SELECT s.tbl, s.pk, s.cl, s.row_seq, s.row_origin, s.w_seq, s.w_origin FROM ferry_cas_rows s
+                "SELECT s.tbl, s.pk, s.cl, s.row_seq, s.row_origin, s.w_seq, s.w_origin, s.o_seq, s.o_origin FROM ferry_cas_rows s
                  JOIN unnest($1::text[], $2::bytea[]) AS k(tbl, pk) ON s.tbl = k.tbl AND s.pk = k.pk",
                 &key_params,
             ),
@@ -235,6 +235,10 @@ impl Batch {
                     write: CellStamp {
                         seq: r.get::<_, i64>(5) as u64,
                         origin: origin_of(r.get(6)),
+                    },
+                    other: CellStamp {
+                        seq: r.get::<_, i64>(7) as u64,
+                        origin: origin_of(r.get(8)),
                     },
                 },
             );
@@ -306,24 +310,20 @@ impl Batch {
         };
         for u in stamps {
             let k = (u.table.clone(), scoping::pk_key(&u.pk)?);
-            if u.row_level {
-                self.cas.rows.insert(
-                    k.clone(),
-                    RowStamp {
-                        cl: u.cl,
-                        row: now,
-                        write: now,
-                    },
-                );
-                self.cas.cells.remove(&k);
-            } else if u.write {
-                let r = self.cas.rows.entry(k.clone()).or_insert(RowStamp {
-                    cl: u.cl,
-                    row: none,
-                    write: now,
-                });
+            if u.write {
+                let r = self
+                    .cas
+                    .rows
+                    .entry(k.clone())
+                    .or_insert(RowStamp::new(u.cl, none, none));
                 r.cl = u.cl;
-                r.write = now;
+                if u.row_level {
+                    r.row = now;
+                }
+                r.wrote(now);
+            }
+            if u.row_level {
+                self.cas.cells.remove(&k);
             }
             if !u.cells.is_empty() {
                 let cells = self.cas.cells.entry(k.clone()).or_default();
@@ -365,6 +365,8 @@ impl Batch {
                 rows.row_origin.push(stamp_origin(r.row));
                 rows.w_seq.push(r.write.seq as i64);
                 rows.w_origin.push(stamp_origin(r.write));
+                rows.o_seq.push(r.other.seq as i64);
+                rows.o_origin.push(stamp_origin(r.other));
             }
             for (c, s) in self.cas.cells.get(k).into_iter().flatten() {
                 cells.tbl.push(k.0.clone());
@@ -396,7 +398,7 @@ impl Batch {
             &scopes.origin,
         ];
         let hist_params: [&(dyn ToSql + Sync); 3] = [&self.hist.0, &self.hist.1, &self.hist.2];
-        let row_params: [&(dyn ToSql + Sync); 7] = [
+        let row_params: [&(dyn ToSql + Sync); 9] = [
             &rows.tbl,
             &rows.pk,
             &rows.cl,
@@ -404,6 +406,8 @@ impl Batch {
             &rows.row_origin,
             &rows.w_seq,
             &rows.w_origin,
+            &rows.o_seq,
+            &rows.o_origin,
         ];
         let cell_params: [&(dyn ToSql + Sync); 5] =
             [&cells.tbl, &cells.pk, &cells.col, &cells.seq, &cells.origin];
@@ -441,10 +445,11 @@ impl Batch {
             execute(
                 tx,
                 !rows.tbl.is_empty(),
-                "INSERT INTO ferry_cas_rows(tbl, pk, cl, row_seq, row_origin, w_seq, w_origin)
-                 SELECT * FROM unnest($1::text[], $2::bytea[], $3::int8[], $4::int8[], $5::bytea[], $6::int8[], $7::bytea[])
+                "INSERT INTO ferry_cas_rows(tbl, pk, cl, row_seq, row_origin, w_seq, w_origin, o_seq, o_origin)
+                 SELECT * FROM unnest($1::text[], $2::bytea[], $3::int8[], $4::int8[], $5::bytea[], $6::int8[], $7::bytea[], $8::int8[], $9::bytea[])
                  ON CONFLICT (tbl, pk) DO UPDATE SET cl = excluded.cl, row_seq = excluded.row_seq,
-                 row_origin = excluded.row_origin, w_seq = excluded.w_seq, w_origin = excluded.w_origin",
+                 row_origin = excluded.row_origin, w_seq = excluded.w_seq, w_origin = excluded.w_origin,
+                 o_seq = excluded.o_seq, o_origin = excluded.o_origin",
                 &row_params,
             ),
             execute(
@@ -497,6 +502,8 @@ struct StampCols {
     row_origin: Vec<Vec<u8>>,
     w_seq: Vec<i64>,
     w_origin: Vec<Vec<u8>>,
+    o_seq: Vec<i64>,
+    o_origin: Vec<Vec<u8>>,
 }
 
 #[derive(Default)]

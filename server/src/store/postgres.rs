@@ -51,7 +51,7 @@ use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 /// Schema format this relay writes (`ferry_meta.format`).
-const FORMAT: i64 = 1;
+const FORMAT: i64 = 2;
 
 /// Advisory lock serializing sequencing (pushes, leases, compaction rewrites) across nodes.
 const SEQ_LOCK: i64 = 0x4665_7272_7953_6571; // "FerrySeq"
@@ -100,8 +100,15 @@ CREATE TABLE ferry_leases(
 INSERT INTO ferry_meta VALUES ('format', 1), ('horizon', 0);
 ";
 
+/// Format 2: the last non-counter write to a row by an origin other than the last writer's
+/// (see `RowStamp::other`). Rows written before the upgrade start with none.
+const SCHEMA_V2: &str = "
+ALTER TABLE ferry_cas_rows ADD COLUMN o_seq BIGINT NOT NULL DEFAULT 0,
+    ADD COLUMN o_origin BYTEA NOT NULL DEFAULT ''::bytea;
+";
+
 /// Migrations by the format they produce; each runs in the upgrade transaction.
-const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA_V1)];
+const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2)];
 
 const NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::sync::mpsc;
 
 /// Format version of the relay's SQLite file (`PRAGMA user_version`).
-const FORMAT: i64 = 2;
+const FORMAT: i64 = 3;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE sets(
@@ -72,6 +72,13 @@ CREATE TABLE cas_cells(
 CREATE TABLE leases(
     name TEXT PRIMARY KEY, token INTEGER NOT NULL, holder BLOB NOT NULL, expires_ms INTEGER NOT NULL
 ) WITHOUT ROWID;
+";
+
+/// Version 3: the last non-counter write to a row by an origin other than the last writer's
+/// (see `RowStamp::other`). Rows written before the upgrade start with none.
+const SCHEMA_V3: &str = "
+ALTER TABLE cas_rows ADD COLUMN o_seq INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE cas_rows ADD COLUMN o_origin BLOB NOT NULL DEFAULT x'';
 ";
 
 /// The SQLite store.
@@ -122,6 +129,9 @@ fn upgrade(conn: &mut Connection) -> Result<()> {
             // Stamps start empty: rows written before the upgrade are checked from their
             // next write on.
             tx.execute_batch(SCHEMA_V2)?;
+        }
+        if v < 3 {
+            tx.execute_batch(SCHEMA_V3)?;
         }
         tx.pragma_update(None, "user_version", FORMAT)?;
         tx.commit()?;
@@ -630,8 +640,8 @@ fn load_lease(tx: &Connection, name: &str) -> Result<Option<LeaseState>> {
     .transpose()
 }
 
-/// `(cl, row_seq, row_origin, w_seq, w_origin)` of `cas_rows`.
-type StampRow = (i64, i64, Vec<u8>, i64, Vec<u8>);
+/// `(cl, row_seq, row_origin, w_seq, w_origin, o_seq, o_origin)` of `cas_rows`.
+type StampRow = (i64, i64, Vec<u8>, i64, Vec<u8>, i64, Vec<u8>);
 
 /// The compare-and-set stamps, read inside the sequencing transaction.
 struct SqlCas<'a>(&'a Connection);
@@ -647,13 +657,21 @@ impl CasIndex for SqlCas<'_> {
         let row: Option<StampRow> = self
             .0
             .prepare_cached(
-                "SELECT cl, row_seq, row_origin, w_seq, w_origin FROM cas_rows WHERE tbl = ?1 AND pk = ?2",
+                "SELECT cl, row_seq, row_origin, w_seq, w_origin, o_seq, o_origin FROM cas_rows WHERE tbl = ?1 AND pk = ?2",
             )?
             .query_row(params![table, key], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                ))
             })
             .optional()?;
-        Ok(row.map(|(cl, rs, ro, ws, wo)| RowStamp {
+        Ok(row.map(|(cl, rs, ro, ws, wo, os, oo)| RowStamp {
             cl: cl as u64,
             row: CellStamp {
                 seq: rs as u64,
@@ -662,6 +680,10 @@ impl CasIndex for SqlCas<'_> {
             write: CellStamp {
                 seq: ws as u64,
                 origin: origin_of(&wo),
+            },
+            other: CellStamp {
+                seq: os as u64,
+                origin: origin_of(&oo),
             },
         }))
     }
@@ -702,18 +724,21 @@ fn record_stamps(tx: &Connection, stamps: &[CasUpdate], seq: u64, origin: Replic
         if u.row_level {
             tx.prepare_cached("DELETE FROM cas_cells WHERE tbl = ?1 AND pk = ?2")?
                 .execute(params![u.table, key])?;
+        }
+        if u.write {
+            // SET expressions see the row as it was: the previous writer becomes `o_*` when
+            // this write comes from another origin (RowStamp::wrote).
             tx.prepare_cached(
-                "INSERT INTO cas_rows(tbl, pk, cl, row_seq, row_origin, w_seq, w_origin) VALUES (?1, ?2, ?3, ?4, ?5, ?4, ?5)
-                 ON CONFLICT (tbl, pk) DO UPDATE SET cl = excluded.cl, row_seq = excluded.row_seq, row_origin = excluded.row_origin,
+                "INSERT INTO cas_rows(tbl, pk, cl, row_seq, row_origin, w_seq, w_origin, o_seq, o_origin)
+                 VALUES (?1, ?2, ?3, CASE WHEN ?6 THEN ?4 ELSE 0 END, CASE WHEN ?6 THEN ?5 ELSE x'' END, ?4, ?5, 0, x'')
+                 ON CONFLICT (tbl, pk) DO UPDATE SET cl = excluded.cl,
+                 row_seq = CASE WHEN ?6 THEN excluded.row_seq ELSE cas_rows.row_seq END,
+                 row_origin = CASE WHEN ?6 THEN excluded.row_origin ELSE cas_rows.row_origin END,
+                 o_seq = CASE WHEN cas_rows.w_origin = excluded.w_origin THEN cas_rows.o_seq ELSE cas_rows.w_seq END,
+                 o_origin = CASE WHEN cas_rows.w_origin = excluded.w_origin THEN cas_rows.o_origin ELSE cas_rows.w_origin END,
                  w_seq = excluded.w_seq, w_origin = excluded.w_origin",
             )?
-            .execute(params![u.table, key, u.cl as i64, seq as i64, o])?;
-        } else if u.write {
-            tx.prepare_cached(
-                "INSERT INTO cas_rows(tbl, pk, cl, row_seq, row_origin, w_seq, w_origin) VALUES (?1, ?2, ?3, 0, x'', ?4, ?5)
-                 ON CONFLICT (tbl, pk) DO UPDATE SET cl = excluded.cl, w_seq = excluded.w_seq, w_origin = excluded.w_origin",
-            )?
-            .execute(params![u.table, key, u.cl as i64, seq as i64, o])?;
+            .execute(params![u.table, key, u.cl as i64, seq as i64, o, u.row_level])?;
         }
         for c in &u.cells {
             tx.prepare_cached(
