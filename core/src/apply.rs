@@ -253,6 +253,10 @@ impl Ctx<'_> {
                 rows::insert_row(self.conn, t, &rc.pk, &vals)?;
                 let mut s = Stored::default();
                 s.meta.reincarnate(rc.cl, *v);
+                // A creator on an older app schema did not write the columns added since:
+                // they stay unwritten rather than taking the creation's version.
+                s.meta
+                    .mark_unwritten(t.cols.len(), t.pk, |i| vals.iter().any(|(c, _)| *c == i));
                 rows::store(self.conn, t, &rc.pk, &s)
             }
         }

@@ -112,6 +112,7 @@ impl Catalog {
                 conn.execute_batch(&decl.create_sql())?;
             }
             let mut actual = table_columns(conn, &decl.name)?;
+            let mut added = Vec::new();
             for c in &decl.columns {
                 if !actual.iter().any(|(n, _, _)| n == &c.name) {
                     if c.name == decl.pk() {
@@ -132,6 +133,7 @@ impl Catalog {
                         decl.column_sql(c)
                     ))?;
                     tracing::info!(table = %decl.name, column = %c.name, "added declared column");
+                    added.push(c.name.clone());
                 }
             }
             actual = table_columns(conn, &decl.name)?;
@@ -191,17 +193,18 @@ impl Catalog {
                 |r| r.get(0),
             )?;
             let id = id as u32;
+            let info = TableInfo {
+                id,
+                decl: decl.clone(),
+                cols,
+                pk,
+                by_name,
+            };
+            if exists && !added.is_empty() {
+                mark_unwritten(conn, &info, &added)?;
+            }
             cat.names.insert(id, decl.name.clone());
-            cat.tables.insert(
-                decl.name.clone(),
-                TableInfo {
-                    id,
-                    decl: decl.clone(),
-                    cols,
-                    pk,
-                    by_name,
-                },
-            );
+            cat.tables.insert(decl.name.clone(), info);
         }
         Ok(cat)
     }
@@ -378,4 +381,29 @@ fn trigger_sql(t: &TableInfo) -> String {
         name("del")
     ));
     s
+}
+
+/// Columns just added to a table hold no write in any existing row: their cells are marked
+/// [`crate::vv::Version::UNWRITTEN`], so they do not inherit the version of the write that
+/// created the row (which, made on the older schema, never wrote them).
+fn mark_unwritten(conn: &Connection, t: &TableInfo, added: &[String]) -> Result<()> {
+    let ids: Vec<u32> = added
+        .iter()
+        .filter_map(|n| t.by_name.get(n).map(|i| *i as u32))
+        .collect();
+    let mut st = conn.prepare("SELECT pk, cl, meta FROM ferry_rows WHERE tbl = ?1")?;
+    let rows: Vec<(crate::Value, i64, Vec<u8>)> = st
+        .query_map([t.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut up = conn.prepare("UPDATE ferry_rows SET meta = ?3 WHERE tbl = ?1 AND pk = ?2")?;
+    for (pk, cl, meta) in rows {
+        let mut m = crate::rowmeta::RowMeta::decode(cl as u64, &meta)?;
+        for id in &ids {
+            if m.cells.iter().all(|(c, _)| c != id) {
+                m.set_cell(*id, crate::vv::Version::UNWRITTEN);
+            }
+        }
+        up.execute(params![t.id, pk, m.encode()])?;
+    }
+    Ok(())
 }

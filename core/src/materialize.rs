@@ -96,6 +96,10 @@ pub fn run(
                     let cl = cl_local + 1;
                     let mut s = Stored::default();
                     s.meta.reincarnate(cl, v);
+                    // Captured before an upgrade added columns: those it did not write.
+                    s.meta.mark_unwritten(t.cols.len(), t.pk, |i| {
+                        cells.iter().any(|c| t.by_name.get(c.column()) == Some(&i))
+                    });
                     rows::store(conn, t, &lr.pk, &s)?;
                     out.push(RowChange {
                         table: table.clone(),

@@ -1707,6 +1707,10 @@ impl Db {
                         strict: me.as_ref(),
                     };
                     ctx.apply(s)?;
+                    if me.is_some() {
+                        // It may have withdrawn the pending guarded change sets it dooms.
+                        self.guard_pending = crate::rollback::guard_pending(&self.conn)?;
+                    }
                     local_report.applied += 1;
                     local_report.conflicts += out.conflicts.len() - before;
                     self.clock.observe(cs.hlc);

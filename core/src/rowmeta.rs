@@ -64,6 +64,14 @@ impl RowMeta {
         self.writes = vec![v];
     }
 
+    /// Marks the columns (but the key `pk`) that the write creating this incarnation did not
+    /// set as [`Version::UNWRITTEN`]: its author was on an older app schema without them.
+    pub fn mark_unwritten(&mut self, ncols: usize, pk: usize, written: impl Fn(usize) -> bool) {
+        for i in (0..ncols).filter(|i| *i != pk && !written(*i)) {
+            self.set_cell(i as u32, Version::UNWRITTEN);
+        }
+    }
+
     /// Pins every column's current version explicitly, so that the row version can be
     /// replaced (by a delete) without changing what each cell's version is.
     pub fn freeze_cells(&mut self, ncols: usize) {

@@ -21,9 +21,27 @@ pub struct Version {
     pub base: u64,
 }
 
+impl Version {
+    /// The version of a cell no write has set in the row's current incarnation: a column
+    /// the app schema gained after the incarnation began (its creator, on an older schema,
+    /// did not write it). It happened before every write, so any write to the cell wins, on
+    /// every replica and in any order. Real change sets have `origin_seq` ≥ 1.
+    pub const UNWRITTEN: Version = Version {
+        hlc: crate::hlc::Hlc(0),
+        origin: 0,
+        origin_seq: 0,
+        server_seq: 0,
+        base: 0,
+    };
+}
+
 /// Happened-before between two versions. `seq_of` resolves a version's server_seq when it
 /// is not stored (this replica's own changes, acknowledged after they were written).
 pub fn happened_before(a: &Version, b: &Version, seq_of: impl Fn(&Version) -> Option<u64>) -> bool {
+    if a.origin_seq == 0 {
+        // Version::UNWRITTEN: before every write.
+        return true;
+    }
     if a.origin == b.origin && a.origin_seq < b.origin_seq {
         return true;
     }

@@ -555,10 +555,12 @@ impl Sim {
             Ok(())
         });
         if res.is_some() {
+            let checked = self.nodes[i].committed.last().is_some_and(|c| c.checked);
             let _ = writeln!(
                 self.trace,
-                "{:>5} write node {i} {marker} {kinds:?}",
-                self.step
+                "{:>5} write node {i} {marker} {kinds:?}{}",
+                self.step,
+                if checked { " checked" } else { "" }
             );
         }
     }
@@ -1177,9 +1179,31 @@ impl Sim {
                 };
                 let mine = Self::rows(r, t, v2, &|_| true);
                 let want = Self::rows(&reference, t, v2, &visible);
+                let history = || {
+                    let mut h = String::new();
+                    for s in &log {
+                        for rc in s.change_set.rows.iter().filter(|rc| rc.table == t) {
+                            let _ = writeln!(
+                                h,
+                                "  @{} {} #{} {:?} base {} {:?} cl {} {:?}",
+                                s.server_seq,
+                                s.change_set.origin,
+                                s.change_set.origin_seq,
+                                s.change_set.hlc,
+                                s.change_set.base,
+                                rc.pk,
+                                rc.cl,
+                                rc.op
+                            );
+                        }
+                    }
+                    h
+                };
                 assert_eq!(
-                    mine, want,
-                    "seed {seed}: node {i} table {t} differs\n{}",
+                    mine,
+                    want,
+                    "seed {seed}: node {i} table {t} differs; its history:\n{}\n{}",
+                    history(),
                     self.trace
                 );
             }
