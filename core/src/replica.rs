@@ -1330,15 +1330,9 @@ impl Db {
             let Some(mut stored) = crate::rows::load(&self.conn, t, &rc.pk)? else {
                 continue;
             };
+            crate::rollback::swap_in_undo(&self.conn, t, &rc.pk, &old, &new)?;
             let m = &mut stored.meta;
-            let swap = |v: &mut crate::vv::Version| {
-                if *v == old {
-                    *v = new;
-                }
-            };
-            m.row.iter_mut().for_each(swap);
-            m.cells.iter_mut().for_each(|(_, v)| swap(v));
-            m.writes.iter_mut().for_each(swap);
+            m.swap_version(&old, &new);
             if let crate::changeset::RowOp::Upsert(cells) = &mut rc.op {
                 for c in cells.iter_mut() {
                     let crate::changeset::Cell::Set(name, v) = c else {
@@ -1396,7 +1390,8 @@ impl Db {
         let own_before: i64 = self
             .conn
             .prepare_cached(
-                "SELECT coalesce(max(hlc), 0) FROM ferry_log WHERE origin = ?1 AND origin_seq < ?2",
+                "SELECT coalesce(max(hlc), 0) FROM ferry_log WHERE origin = ?1
+                 AND (origin_seq < ?2 OR server_seq IS NOT NULL)",
             )?
             .query_row(params![self.me_num, origin_seq as i64], |r| r.get(0))?;
         let pending: Vec<(i64, i64, Vec<u8>)> = self
@@ -1409,6 +1404,13 @@ impl Db {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
             })?
             .collect::<rusqlite::Result<_>>()?;
+        if pending
+            .first()
+            .is_none_or(|(_, o, _)| *o as u64 != origin_seq)
+        {
+            // Not pending any more (a stale refusal of an old frame): nothing to re-stamp.
+            return Ok(0);
+        }
         self.clock = HlcState::resume(self.remote_hlc.max(Hlc(own_before as u64)));
         for (seq, oseq, wire) in &pending {
             let mut cs: ChangeSet = rmp_serde::from_slice(wire)?;
@@ -1423,19 +1425,13 @@ impl Db {
             let new = crate::vv::Version { hlc, ..old };
             for rc in &cs.rows {
                 let t = self.cat.table(&rc.table)?;
+                crate::rollback::swap_in_undo(&self.conn, t, &rc.pk, &old, &new)?;
                 let Some(mut stored) = crate::rows::load(&self.conn, t, &rc.pk)? else {
                     continue;
                 };
-                let m = &mut stored.meta;
-                let swap = |v: &mut crate::vv::Version| {
-                    if *v == old {
-                        *v = new;
-                    }
-                };
-                m.row.iter_mut().for_each(swap);
-                m.cells.iter_mut().for_each(|(_, v)| swap(v));
-                m.writes.iter_mut().for_each(swap);
-                crate::rows::store(&self.conn, t, &rc.pk, &stored)?;
+                if stored.meta.swap_version(&old, &new) {
+                    crate::rows::store(&self.conn, t, &rc.pk, &stored)?;
+                }
             }
             cs.hlc = hlc;
             self.conn

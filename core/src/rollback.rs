@@ -76,6 +76,34 @@ pub(crate) fn keep_undo(
     Ok(())
 }
 
+/// Replaces version `old` by `new` in the prior metadata the undo records of row `pk` keep
+/// (a pending change set re-stamped or rebased: restoring the row later must bring back the
+/// new version, not the one nobody else ever saw).
+pub(crate) fn swap_in_undo(
+    conn: &Connection,
+    t: &TableInfo,
+    pk: &Value,
+    old: &Version,
+    new: &Version,
+) -> Result<()> {
+    let found: Vec<(i64, i64, Vec<u8>)> = conn
+        .prepare_cached(
+            "SELECT seq, prior_cl, prior_meta FROM ferry_undo WHERE tbl = ?1 AND pk = ?2 AND prior_meta IS NOT NULL",
+        )?
+        .query_map(params![t.id, pk], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    for (seq, cl, meta) in found {
+        let mut m = crate::rowmeta::RowMeta::decode(cl as u64, &meta)?;
+        if m.swap_version(old, new) {
+            conn.prepare_cached(
+                "UPDATE ferry_undo SET prior_meta = ?4 WHERE tbl = ?1 AND pk = ?2 AND seq = ?3",
+            )?
+            .execute(params![t.id, pk, seq, m.encode()])?;
+        }
+    }
+    Ok(())
+}
+
 /// A row's undo record.
 struct Undo {
     before: Option<Before>,
@@ -307,21 +335,42 @@ fn undo_set(
             if s.meta.cl != rc.cl || !s.meta.row.as_ref().is_some_and(&mine) {
                 continue; // a later incarnation replaced it: nothing of it is left
             }
+            // Columns an app upgrade added after the before-image was taken: they keep their
+            // current value and version (nothing this change set did touched them).
+            let added: Vec<usize> = match &undo.before {
+                Some(Before::Row(vals)) => {
+                    (vals.len()..t.cols.len()).filter(|i| *i != t.pk).collect()
+                }
+                _ => Vec::new(),
+            };
             match &undo.before {
                 Some(Before::Absent) => rows::delete_row(conn, t, &rc.pk)?,
                 Some(Before::Row(vals)) => {
+                    let current = read_row(conn, t, &rc.pk)?;
                     let cells: Vec<(usize, Value)> = vals
                         .iter()
                         .enumerate()
                         .filter(|(i, _)| *i != t.pk)
                         .map(|(i, v)| (i, v.clone()))
+                        .chain(added.iter().map(|i| (*i, col_value(&current, *i))))
                         .collect();
                     rows::insert_row(conn, t, &rc.pk, &cells)?;
                 }
                 None => {}
             }
             match &undo.prior {
-                Some(prior) => rows::store(conn, t, &rc.pk, prior)?,
+                Some(prior) => {
+                    let mut prior = prior.clone();
+                    for i in &added {
+                        let cv = s
+                            .meta
+                            .cell(*i as u32)
+                            .filter(|v| !mine(v))
+                            .unwrap_or(Version::UNWRITTEN);
+                        prior.meta.set_cell(*i as u32, cv);
+                    }
+                    rows::store(conn, t, &rc.pk, &prior)?
+                }
                 None => rows::forget(conn, t, &rc.pk)?,
             }
             let after = read_row(conn, t, &rc.pk)?;

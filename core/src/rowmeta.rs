@@ -64,6 +64,21 @@ impl RowMeta {
         self.writes = vec![v];
     }
 
+    /// Replaces every occurrence of version `old` by `new`; true if there was one.
+    pub fn swap_version(&mut self, old: &Version, new: &Version) -> bool {
+        let mut hit = false;
+        let mut swap = |v: &mut Version| {
+            if v == old {
+                *v = *new;
+                hit = true;
+            }
+        };
+        self.row.iter_mut().for_each(&mut swap);
+        self.cells.iter_mut().for_each(|(_, v)| swap(v));
+        self.writes.iter_mut().for_each(&mut swap);
+        hit
+    }
+
     /// Marks the columns (but the key `pk`) that the write creating this incarnation did not
     /// set as [`Version::UNWRITTEN`]: its author was on an older app schema without them.
     pub fn mark_unwritten(&mut self, ncols: usize, pk: usize, written: impl Fn(usize) -> bool) {
