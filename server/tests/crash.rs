@@ -6,29 +6,9 @@
 mod common;
 use common::*;
 use ferry_core::{Replica, Value};
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-
-/// Checks the relay's log: positions 1..=n without gaps, each `(origin, origin_seq)` once,
-/// each origin's sequence without gaps.
-fn check_log(relay: &RelayProc) -> usize {
-    let log = store_dump(&relay.dir);
-    let mut seen = HashSet::new();
-    let mut per_origin: std::collections::HashMap<Vec<u8>, i64> = Default::default();
-    for (i, (seq, origin, oseq, _)) in log.iter().enumerate() {
-        assert_eq!(*seq, i as i64 + 1, "gap in server_seq");
-        assert!(
-            seen.insert((origin.clone(), *oseq)),
-            "duplicate (origin, origin_seq)"
-        );
-        let last = per_origin.entry(origin.clone()).or_insert(0);
-        assert_eq!(*oseq, *last + 1, "gap in an origin's sequence");
-        *last = *oseq;
-    }
-    log.len()
-}
 
 #[test]
 fn relay_killed_repeatedly_while_clients_push_loses_nothing() {

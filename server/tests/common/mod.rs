@@ -246,6 +246,27 @@ pub fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 }
 
 /// A bare protocol client for hostile-input and fan-out tests.
+pub mod proxy;
+
+/// Checks the relay's log: positions 1..=n without gaps, each `(origin, origin_seq)` once,
+/// each origin's sequence without gaps.
+pub fn check_log(relay: &RelayProc) -> usize {
+    let log = store_dump(&relay.dir);
+    let mut seen = std::collections::HashSet::new();
+    let mut per_origin: std::collections::HashMap<Vec<u8>, i64> = Default::default();
+    for (i, (seq, origin, oseq, _)) in log.iter().enumerate() {
+        assert_eq!(*seq, i as i64 + 1, "gap in server_seq");
+        assert!(
+            seen.insert((origin.clone(), *oseq)),
+            "duplicate (origin, origin_seq)"
+        );
+        let last = per_origin.entry(origin.clone()).or_insert(0);
+        assert_eq!(*oseq, *last + 1, "gap in an origin's sequence");
+        *last = *oseq;
+    }
+    log.len()
+}
+
 pub mod raw {
     use ferry_core::ReplicaId;
     use ferry_core::protocol::{ClientMsg, PROTOCOL_VERSION, ServerMsg};
