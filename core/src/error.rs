@@ -114,7 +114,18 @@ pub enum Error {
     Closed,
     /// SQLite failed.
     #[error("sqlite: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(#[source] rusqlite::Error),
+    /// The device's storage is full: the operation wrote nothing. Free space and retry.
+    #[error("storage full: {0}; nothing was written (free space and retry)")]
+    StorageFull(String),
+    /// The replica's file or its folder cannot be written (read-only file system or
+    /// permissions): the operation wrote nothing; reads still work.
+    #[error("storage read-only: {0}; nothing was written (make the file writable and retry)")]
+    StorageReadOnly(String),
+    /// The replica's file cannot be opened (its folder is missing, not writable, or on
+    /// read-only storage).
+    #[error("cannot open the replica file: {0} (does its folder exist, and is it writable?)")]
+    CannotOpen(String),
     /// Encoding or decoding of a stored or wire record failed.
     #[error("codec: {0}")]
     Codec(String),
@@ -138,5 +149,16 @@ impl From<rmp_serde::decode::Error> for Error {
 impl From<serde_json::Error> for Error {
     fn from(e: serde_json::Error) -> Self {
         Error::Codec(e.to_string())
+    }
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Self {
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DiskFull) => Error::StorageFull(e.to_string()),
+            Some(rusqlite::ErrorCode::ReadOnly) => Error::StorageReadOnly(e.to_string()),
+            Some(rusqlite::ErrorCode::CannotOpen) => Error::CannotOpen(e.to_string()),
+            _ => Error::Sqlite(e),
+        }
     }
 }

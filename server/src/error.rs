@@ -37,6 +37,10 @@ pub enum RelayError {
     /// Storage failed.
     #[error("store: {0}")]
     Store(String),
+    /// The store's disk is full or read-only: nothing was stored; it recovers by itself
+    /// once space (or write access) returns.
+    #[error("storage unavailable: {0}")]
+    StorageUnavailable(String),
     /// Ferry core failed.
     #[error(transparent)]
     Core(#[from] ferry_core::Error),
@@ -61,7 +65,12 @@ pub enum RelayError {
 
 impl From<rusqlite::Error> for RelayError {
     fn from(e: rusqlite::Error) -> Self {
-        RelayError::Store(e.to_string())
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DiskFull | rusqlite::ErrorCode::ReadOnly) => {
+                RelayError::StorageUnavailable(e.to_string())
+            }
+            _ => RelayError::Store(e.to_string()),
+        }
     }
 }
 
@@ -92,6 +101,7 @@ impl RelayError {
             RelayError::Fenced(_) => ErrorCode::Fenced,
             RelayError::Config(_)
             | RelayError::Store(_)
+            | RelayError::StorageUnavailable(_)
             | RelayError::Core(_)
             | RelayError::Io(_) => ErrorCode::Internal,
         }
@@ -99,6 +109,10 @@ impl RelayError {
 
     /// The message a client sees (internal details stay in the relay's log).
     pub fn client_message(&self) -> String {
+        if let RelayError::StorageUnavailable(_) = self {
+            return "the relay's storage is full or read-only: nothing was stored; try again later"
+                .to_owned();
+        }
         match self.code() {
             ErrorCode::Internal => "the relay failed; try again later".to_owned(),
             _ => self.to_string(),

@@ -334,6 +334,11 @@ impl Sim {
 
     fn crash_node(&mut self, i: usize, during: &str) {
         self.note("replica crash", format!("node {i} during {during}"));
+        self.take_down(i);
+    }
+
+    /// The node's process ends: its replica is dropped mid-whatever, its connection closes.
+    fn take_down(&mut self, i: usize) {
         if let Some(l) = self.nodes[i].link.take() {
             self.close_link(l);
         }
@@ -824,16 +829,37 @@ impl Sim {
                     }
                 }
                 88 => {
-                    // A middlebox replays a push seen earlier on this node's connection.
-                    if let Some(l) = self.nodes[i].link
-                        && !self.seen_pushes.is_empty()
-                    {
+                    // A push sent earlier arrives again, late, on a connection of its own (a
+                    // retransmission from a connection the node has since left): the relay
+                    // must take it as a duplicate; its answers reach nobody.
+                    if !self.seen_pushes.is_empty() {
                         let k = self.rng.random_range(0..self.seen_pushes.len());
                         let (from, msg) = self.seen_pushes[k].clone();
-                        if from == i {
-                            self.links[l].up.push_back(msg);
-                            self.note("replayed push", format!("node {i} link {l}"));
-                        }
+                        let tok = token(
+                            &format!("n{from}"),
+                            &self.reads(from),
+                            self.nodes[from].primary,
+                            false,
+                        );
+                        let hello = ClientMsg::Hello {
+                            protocol: ferry_core::protocol::PROTOCOL_VERSION,
+                            replica_id: ReplicaId([from as u8 + 1; 16]),
+                            token: tok,
+                            cursor: 0,
+                            schema_version: 2,
+                        };
+                        self.links.push(Link {
+                            node: from,
+                            live: false,
+                            relay_closed: false,
+                            ep: None,
+                            up: VecDeque::from([hello, msg]),
+                            down: VecDeque::new(),
+                        });
+                        self.note(
+                            "replayed push",
+                            format!("node {from} link {}", self.links.len() - 1),
+                        );
                     }
                 }
                 89 => {
@@ -951,7 +977,7 @@ impl Sim {
             for i in 0..self.nodes.len() {
                 if std::mem::take(&mut self.nodes[i].outdated) {
                     // The remedy the error names: the app upgrades.
-                    self.crash_node(i, "upgrade");
+                    self.take_down(i);
                     self.nodes[i].schema_version = 2;
                     self.open_node(i);
                 }

@@ -116,6 +116,9 @@ impl From<tokio_postgres::Error> for RelayError {
     fn from(e: tokio_postgres::Error) -> Self {
         // The server's own message (`db_error`) says more than the generic `Display`.
         match e.as_db_error() {
+            Some(db) if *db.code() == tokio_postgres::error::SqlState::DISK_FULL => {
+                RelayError::StorageUnavailable(format!("postgres: {db}"))
+            }
             Some(db) => RelayError::Store(format!("postgres: {}: {}", db.code().code(), db)),
             None => RelayError::Store(format!("postgres: {e}")),
         }

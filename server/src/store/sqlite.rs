@@ -437,10 +437,19 @@ impl Writer {
             }
             Err(e) => {
                 self.head = head_before;
-                tracing::error!(error = %e, "push transaction failed");
+                let unavailable = matches!(e, RelayError::StorageUnavailable(_));
+                if unavailable {
+                    tracing::warn!(error = %e, "push not stored: storage unavailable");
+                } else {
+                    tracing::error!(error = %e, "push transaction failed");
+                }
                 let msg = e.to_string();
                 for (_, _, reply) in pushes {
-                    let _ = reply.send(Err(RelayError::Store(msg.clone())));
+                    let _ = reply.send(Err(if unavailable {
+                        RelayError::StorageUnavailable(msg.clone())
+                    } else {
+                        RelayError::Store(msg.clone())
+                    }));
                 }
             }
         }
