@@ -1686,6 +1686,29 @@ impl Db {
                 }
                 let cs = &s.change_set;
                 if cs.origin == self.me && self.is_own_echo(cs)? {
+                    if !cs.rows.is_empty() && self.is_withdrawn(cs.origin_seq)? {
+                        // The relay sequenced this change set in full — a copy still in
+                        // flight on a connection the device had left — after the device had
+                        // withdrawn it (written on top of a refused one). The log is the
+                        // truth: it is applied back, like any remote change.
+                        let mut ctx = Ctx {
+                            conn: &self.conn,
+                            cat: &self.cat,
+                            origins: &mut self.origins,
+                            out: &mut out,
+                            strict: None,
+                        };
+                        ctx.apply(s)?;
+                        self.conn
+                            .prepare_cached(
+                                "UPDATE ferry_log SET rejected = NULL WHERE origin = ?1 AND origin_seq = ?2",
+                            )?
+                            .execute(params![self.me_num, cs.origin_seq as i64])?;
+                        tracing::warn!(
+                            origin_seq = cs.origin_seq,
+                            "a withdrawn change set was sequenced after all; applied back"
+                        );
+                    }
                     self.ack(cs.origin_seq, s.server_seq)?;
                     local_report.own += 1;
                 } else {
@@ -1781,6 +1804,17 @@ impl Db {
             }
         }
         Ok(())
+    }
+
+    fn is_withdrawn(&self, origin_seq: u64) -> Result<bool> {
+        let r: Option<bool> = self
+            .conn
+            .prepare_cached(
+                "SELECT rejected IS NOT NULL FROM ferry_log WHERE origin = ?1 AND origin_seq = ?2",
+            )?
+            .query_row(params![self.me_num, origin_seq as i64], |r| r.get(0))
+            .optional()?;
+        Ok(r.unwrap_or(false))
     }
 
     fn is_own_echo(&self, cs: &ChangeSet) -> Result<bool> {
