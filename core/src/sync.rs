@@ -41,7 +41,7 @@ use crate::error::{Error, Result};
 use crate::protocol::{ClientMsg, ErrorCode, LeaseOutcome, PROTOCOL_VERSION, ServerMsg};
 use crate::replica::RefusalAction;
 use crate::replica::Replica;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 
 /// Connection phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,9 +120,15 @@ pub struct SyncClient {
     /// A change set refused for its `custom` columns waits here until the cursor reaches the
     /// change it conflicted with: `(origin_seq, conflict_seq)`.
     rebase: Option<(u64, u64)>,
-    /// After a rolled-back or rebased change set, pushes already sent behind it are refused
-    /// for the gap it left: such refusals above this `origin_seq` are expected.
-    gap_above: Option<u64>,
+    /// Push frames in flight on this connection, oldest first: `(frame number, last
+    /// origin_seq)`. The relay answers frames in order, each with acks, a refusal, or both.
+    frames: VecDeque<(u64, u64)>,
+    /// Number of the next push frame.
+    next_frame: u64,
+    /// Frames up to this number were sent before a refusal that this client recovers from
+    /// (rolled back, rebased or re-stamped change set): the relay refuses what they carry
+    /// behind it for the gap it left, which is expected.
+    stale_through: Option<u64>,
 }
 
 impl Default for SyncClient {
@@ -143,7 +149,9 @@ impl SyncClient {
             window: 4 * 256,
             refused: None,
             rebase: None,
-            gap_above: None,
+            frames: VecDeque::new(),
+            next_frame: 0,
+            stale_through: None,
         }
     }
 
@@ -183,7 +191,8 @@ impl SyncClient {
         self.phase = Phase::Handshake;
         self.in_flight.clear();
         self.refused = None;
-        self.gap_above = None;
+        self.frames.clear();
+        self.stale_through = None;
         Ok(ClientMsg::Hello {
             protocol: PROTOCOL_VERSION,
             replica_id: replica.replica_id()?,
@@ -198,6 +207,7 @@ impl SyncClient {
     pub fn disconnected(&mut self) {
         self.phase = Phase::Idle;
         self.in_flight.clear();
+        self.frames.clear();
     }
 
     /// The next push frame, if there is pending work and room in the window.
@@ -235,6 +245,10 @@ impl SyncClient {
         }
         for cs in &batch {
             self.in_flight.insert(cs.origin_seq);
+        }
+        if let Some(last) = batch.last() {
+            self.frames.push_back((self.next_frame, last.origin_seq));
+            self.next_frame += 1;
         }
         Ok(Some(ClientMsg::Push { change_sets: batch }))
     }
@@ -279,10 +293,9 @@ impl SyncClient {
                 let pairs: Vec<(u64, u64)> =
                     acks.iter().map(|a| (a.origin_seq, a.server_seq)).collect();
                 replica.acknowledge(&pairs)?;
-                if let Some(g) = self.gap_above
-                    && acks.iter().any(|a| a.origin_seq >= g)
-                {
-                    self.gap_above = None;
+                let top = acks.iter().map(|a| a.origin_seq).max().unwrap_or(0);
+                while self.frames.front().is_some_and(|(_, last)| *last <= top) {
+                    self.frames.pop_front();
                 }
                 for a in acks {
                     self.in_flight.remove(&a.origin_seq);
@@ -324,12 +337,19 @@ impl SyncClient {
                 }
                 // Everything from the refused change set on was not sequenced.
                 self.in_flight.retain(|o| *o < origin_seq);
+                // The refusal answers the oldest frame in flight.
+                let frame = self.frames.pop_front().map(|(n, _)| n);
+                let recover = |this: &mut Self| {
+                    // Frames sent so far carry change sets behind this one: the relay refuses
+                    // them for the gap until it is filled again.
+                    this.stale_through = this.next_frame.checked_sub(1);
+                };
                 if code == ErrorCode::ClockSkew {
                     // Stamped before this replica learnt the relay's clock: nobody has seen
                     // it, so it is re-stamped (with everything pending after it) and pushed
                     // again; it is never dropped.
                     replica.restamp(origin_seq)?;
-                    self.gap_above = Some(origin_seq);
+                    recover(self);
                 } else if matches!(code, ErrorCode::Conflict | ErrorCode::Fenced) {
                     // Rolled back (or left to rebase): the relay's verdict reached the app
                     // through the conflict log; pushing goes on.
@@ -337,11 +357,11 @@ impl SyncClient {
                         RefusalAction::Withdrawn(list) => step.withdrawn = list,
                         RefusalAction::Rebase => self.rebase = Some((origin_seq, conflict_seq)),
                     }
-                    self.gap_above = Some(origin_seq);
+                    recover(self);
                 } else if code == ErrorCode::InvalidChangeSet
-                    && self.gap_above.is_some_and(|g| origin_seq > g)
+                    && frame.is_some_and(|f| self.stale_through.is_some_and(|s| f <= s))
                 {
-                    // Sent before the refusal above reached us; refused for the gap it left.
+                    // Sent before a refusal above reached us; refused for the gap it left.
                 } else {
                     if self
                         .refused
