@@ -9,6 +9,7 @@
 //! app's write path.
 
 use crate::catalog::{Catalog, TableInfo};
+use crate::changeset::MAX_COUNTER_DELTA;
 use crate::error::{Error, Result};
 use crate::schema::{Policy, quote};
 use crate::value::{Value, ref_eq};
@@ -511,7 +512,19 @@ pub fn install_hook(conn: &mut Connection, state: Arc<Mutex<HookState>>) -> Resu
                         }
                         if t.cols[c].policy == Policy::Counter {
                             match (counter_value(a), counter_value(b)) {
-                                (Some(x), Some(y)) => row.add(c, y.wrapping_sub(x)),
+                                (Some(x), Some(y)) => match y.checked_sub(x) {
+                                    Some(d) if d.unsigned_abs() <= MAX_COUNTER_DELTA => {
+                                        row.add(c, d)
+                                    }
+                                    _ => {
+                                        bad = Some((
+                                            c,
+                                            format!(
+                                                "a change from {x} to {y} (more than ±{MAX_COUNTER_DELTA} at once)"
+                                            ),
+                                        ))
+                                    }
+                                },
                                 _ => bad = Some((c, Value::from_ref(b).describe())),
                             }
                         } else {
@@ -629,7 +642,18 @@ pub fn fold_foreign(conn: &Connection, cat: &Catalog, acc: &mut Accumulator) -> 
                     let i = t.col(name)?;
                     let old = pair.get(0).and_then(serde_json::Value::as_i64).unwrap_or(0);
                     let new = pair.get(1).and_then(serde_json::Value::as_i64).unwrap_or(0);
-                    e.add(i, new.wrapping_sub(old));
+                    match new.checked_sub(old) {
+                        Some(d) if d.unsigned_abs() <= MAX_COUNTER_DELTA => e.add(i, d),
+                        _ => {
+                            return Err(invalid_counter(
+                                t,
+                                i,
+                                format!(
+                                    "a change from {old} to {new} (more than ±{MAX_COUNTER_DELTA} at once)"
+                                ),
+                            ));
+                        }
+                    }
                 }
                 e.reread(
                     idx.into_iter()

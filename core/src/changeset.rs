@@ -136,6 +136,11 @@ pub struct Sequenced {
     pub change_set: ChangeSet,
 }
 
+/// Largest counter change one cell operation may carry (2^53, exact in every client
+/// language). Bigger ones are refused, by the relay and by replicas, so that no single
+/// change can push every replica's counter past what it can hold.
+pub const MAX_COUNTER_DELTA: u64 = 1 << 53;
+
 /// Checks one row change against its table's declaration: key type, causal-length parity,
 /// known columns written at most once, set vs add matching the column's policy, no NULL in a
 /// NOT NULL column. The relay runs it before sequencing and every replica before applying, so
@@ -178,7 +183,13 @@ pub fn check_row_change(t: &TableDecl, rc: &RowChange) -> Result<()> {
             }
             seen.push(name);
             match (c, col.policy) {
-                (Cell::Add(..), Policy::Counter) => {}
+                (Cell::Add(_, d), Policy::Counter) => {
+                    if d.unsigned_abs() > MAX_COUNTER_DELTA {
+                        return bad(format!(
+                            "counter `{name}` changes by {d}, beyond ±{MAX_COUNTER_DELTA} in one operation"
+                        ));
+                    }
+                }
                 (Cell::Set(_, v), Policy::Lww | Policy::Custom) => {
                     if col.not_null && *v == Value::Null {
                         return bad(format!("NULL written to NOT NULL column `{name}`"));

@@ -455,3 +455,30 @@ fn columns_changed_by_an_app_trigger_are_captured_beyond_the_statements_set_list
         RowOp::Delete => panic!(),
     }
 }
+
+/// A counter change beyond ±2^53 in one write is refused with a clear error (found by the
+/// hostile-input corpus: the relay used to sequence such an add, and two of them overflow
+/// every replica's counter).
+#[test]
+fn counter_change_beyond_two_to_the_53_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = open(dir.path(), "r.db");
+    r.execute(
+        "INSERT INTO todo (id, title, votes) VALUES ('a', 'x', 1)",
+        &[],
+    )
+    .unwrap();
+    let e = r
+        .execute(
+            "UPDATE todo SET votes = 9223372036854775807 WHERE id = 'a'",
+            &[],
+        )
+        .unwrap_err();
+    assert!(matches!(e, ferry_core::Error::InvalidCounter { .. }), "{e}");
+    assert!(e.to_string().contains("at once"), "{e}");
+    r.execute(
+        "UPDATE todo SET votes = votes + 9007199254740992 WHERE id = 'a'",
+        &[],
+    )
+    .unwrap();
+}
