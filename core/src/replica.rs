@@ -1330,7 +1330,7 @@ impl Db {
             let Some(mut stored) = crate::rows::load(&self.conn, t, &rc.pk)? else {
                 continue;
             };
-            crate::rollback::swap_in_undo(&self.conn, t, &rc.pk, &old, &new)?;
+            crate::rollback::swap_in_undo(&self.conn, t, &rc.pk, &|m| m.swap_version(&old, &new))?;
             let m = &mut stored.meta;
             m.swap_version(&old, &new);
             if let crate::changeset::RowOp::Upsert(cells) = &mut rc.op {
@@ -1414,22 +1414,17 @@ impl Db {
         self.clock = HlcState::resume(self.remote_hlc.max(Hlc(own_before as u64)));
         for (seq, oseq, wire) in &pending {
             let mut cs: ChangeSet = rmp_serde::from_slice(wire)?;
-            let old = crate::vv::Version {
-                hlc: cs.hlc,
-                origin: self.me_num,
-                origin_seq: *oseq as u64,
-                server_seq: 0,
-                base: cs.base,
-            };
             let hlc = self.clock.tick(wall.now_millis());
-            let new = crate::vv::Version { hlc, ..old };
             for rc in &cs.rows {
                 let t = self.cat.table(&rc.table)?;
-                crate::rollback::swap_in_undo(&self.conn, t, &rc.pk, &old, &new)?;
+                let (me, oseq) = (self.me_num, *oseq as u64);
+                crate::rollback::swap_in_undo(&self.conn, t, &rc.pk, &|m| {
+                    m.restamp(me, oseq, hlc)
+                })?;
                 let Some(mut stored) = crate::rows::load(&self.conn, t, &rc.pk)? else {
                     continue;
                 };
-                if stored.meta.swap_version(&old, &new) {
+                if stored.meta.restamp(me, oseq, hlc) {
                     crate::rows::store(&self.conn, t, &rc.pk, &stored)?;
                 }
             }

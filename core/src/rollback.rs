@@ -83,8 +83,7 @@ pub(crate) fn swap_in_undo(
     conn: &Connection,
     t: &TableInfo,
     pk: &Value,
-    old: &Version,
-    new: &Version,
+    change: &dyn Fn(&mut crate::rowmeta::RowMeta) -> bool,
 ) -> Result<()> {
     let found: Vec<(i64, i64, Vec<u8>)> = conn
         .prepare_cached(
@@ -94,7 +93,7 @@ pub(crate) fn swap_in_undo(
         .collect::<rusqlite::Result<_>>()?;
     for (seq, cl, meta) in found {
         let mut m = crate::rowmeta::RowMeta::decode(cl as u64, &meta)?;
-        if m.swap_version(old, new) {
+        if change(&mut m) {
             conn.prepare_cached(
                 "UPDATE ferry_undo SET prior_meta = ?4 WHERE tbl = ?1 AND pk = ?2 AND seq = ?3",
             )?

@@ -79,6 +79,22 @@ impl RowMeta {
         hit
     }
 
+    /// Gives every version of change set `(origin, origin_seq)` the timestamp `hlc`; true if
+    /// there was one.
+    pub fn restamp(&mut self, origin: u32, origin_seq: u64, hlc: crate::hlc::Hlc) -> bool {
+        let mut hit = false;
+        let mut fix = |v: &mut Version| {
+            if v.origin == origin && v.origin_seq == origin_seq {
+                v.hlc = hlc;
+                hit = true;
+            }
+        };
+        self.row.iter_mut().for_each(&mut fix);
+        self.cells.iter_mut().for_each(|(_, v)| fix(v));
+        self.writes.iter_mut().for_each(&mut fix);
+        hit
+    }
+
     /// Marks the columns (but the key `pk`) that the write creating this incarnation did not
     /// set as [`Version::UNWRITTEN`]: its author was on an older app schema without them.
     pub fn mark_unwritten(&mut self, ncols: usize, pk: usize, written: impl Fn(usize) -> bool) {

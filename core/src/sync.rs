@@ -344,12 +344,17 @@ impl SyncClient {
                     // them for the gap until it is filled again.
                     this.stale_through = this.next_frame.checked_sub(1);
                 };
+                let stale = frame.is_some_and(|f| self.stale_through.is_some_and(|s| f <= s));
                 if code == ErrorCode::ClockSkew {
                     // Stamped before this replica learnt the relay's clock: nobody has seen
                     // it, so it is re-stamped (with everything pending after it) and pushed
-                    // again; it is never dropped.
-                    replica.restamp(origin_seq)?;
-                    recover(self);
+                    // again; it is never dropped. A refusal of a frame sent before an earlier
+                    // re-stamp is about stamps already replaced: re-stamping again could change
+                    // change sets the relay has just sequenced.
+                    if !stale {
+                        replica.restamp(origin_seq)?;
+                        recover(self);
+                    }
                 } else if matches!(code, ErrorCode::Conflict | ErrorCode::Fenced) {
                     // Rolled back (or left to rebase): the relay's verdict reached the app
                     // through the conflict log; pushing goes on.
@@ -358,9 +363,7 @@ impl SyncClient {
                         RefusalAction::Rebase => self.rebase = Some((origin_seq, conflict_seq)),
                     }
                     recover(self);
-                } else if code == ErrorCode::InvalidChangeSet
-                    && frame.is_some_and(|f| self.stale_through.is_some_and(|s| f <= s))
-                {
+                } else if code == ErrorCode::InvalidChangeSet && stale {
                     // Sent before a refusal above reached us; refused for the gap it left.
                 } else {
                     if self

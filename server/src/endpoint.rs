@@ -89,6 +89,8 @@ pub struct Endpoint {
     /// Position up to which the log has been examined (nothing visible in `(told, scanned]`).
     scanned: u64,
     readable: HashMap<String, bool>,
+    /// This connection's number among its replica's connections (see `Sessions`).
+    session: u64,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -152,6 +154,7 @@ impl Endpoint {
             horizon,
         };
         tracing::debug!(replica = %replica_id, sub = %grants.sub, cursor, head, "replica connected");
+        let session = shared.sessions.begin(replica_id).await;
         let ep = Endpoint {
             shared: Arc::clone(shared),
             replica: replica_id,
@@ -160,6 +163,7 @@ impl Endpoint {
             told: cursor,
             scanned: cursor,
             readable: HashMap::new(),
+            session,
         };
         Ok((ep, welcome))
     }
@@ -191,7 +195,20 @@ impl Endpoint {
             ClientMsg::Hello { .. } => {
                 return Err(Close::new(ErrorCode::BadFrame, "hello sent twice"));
             }
-            ClientMsg::Push { change_sets } => self.push(change_sets, &mut out).await?,
+            ClientMsg::Push { change_sets } => {
+                let Some(_current) = self
+                    .shared
+                    .sessions
+                    .current(self.replica, self.session)
+                    .await
+                else {
+                    return Err(Close::new(
+                        ErrorCode::ShuttingDown,
+                        "superseded: this replica has connected again; frames on this connection are no longer accepted",
+                    ));
+                };
+                self.push(change_sets, &mut out).await?
+            }
             ClientMsg::Ping { nonce } => {
                 // The pong carries the head as of now; what the client has not been sent yet
                 // follows (empty progress is flushed first, so a caught-up client's cursor

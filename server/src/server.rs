@@ -103,6 +103,7 @@ impl Relay {
             connections: AtomicUsize::new(0),
             tasks: TaskTracker::new(),
             clock: Arc::new(crate::endpoint::now_ms),
+            sessions: Default::default(),
         });
         let app = axum::Router::new()
             .route("/sync", get(upgrade))

@@ -15,6 +15,7 @@ use crate::metrics as m;
 use crate::shadow::Shadow;
 use crate::store::Store;
 use axum::extract::ws::{Message, WebSocket};
+use ferry_core::ReplicaId;
 use ferry_core::protocol::{ErrorCode, Limits, ServerMsg};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -42,6 +43,47 @@ pub struct Shared {
     /// The relay's wall clock in milliseconds (welcome time, clock-skew checks); the system
     /// clock except in simulations.
     pub clock: RelayClock,
+    /// The latest connection of each replica (see [`Sessions`]).
+    pub sessions: Sessions,
+}
+
+/// Which connection of each replica is current. A replica's new hello supersedes its older
+/// connections: frames still arriving on one of those (a connection the device left, whose
+/// data was still in flight) are refused, and a push in progress on it finishes before the
+/// new connection's first push starts. So the relay never sequences a late copy of a change
+/// set after the device, on its new connection, withdrew it. One relay process: on several
+/// nodes over PostgreSQL, connections on different nodes are not ordered this way.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    current: std::sync::Mutex<std::collections::HashMap<ReplicaId, Arc<tokio::sync::Mutex<u64>>>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Sessions {
+    fn slot(&self, replica: ReplicaId) -> Arc<tokio::sync::Mutex<u64>> {
+        let mut map = self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(map.entry(replica).or_default())
+    }
+
+    /// Makes a new connection of `replica` current; returns its number.
+    pub async fn begin(&self, replica: ReplicaId) -> u64 {
+        let n = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        *self.slot(replica).lock().await = n;
+        n
+    }
+
+    /// Holds `replica`'s slot while connection `n` pushes, if it is still current.
+    pub async fn current(
+        &self,
+        replica: ReplicaId,
+        n: u64,
+    ) -> Option<tokio::sync::OwnedMutexGuard<u64>> {
+        let g = self.slot(replica).lock_owned().await;
+        (*g == n).then_some(g)
+    }
 }
 
 /// A wall clock in milliseconds since the epoch.

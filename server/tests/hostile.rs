@@ -10,7 +10,7 @@ mod common;
 use common::*;
 use ferry_core::changeset::{Cell, ChangeSet};
 use ferry_core::hlc::Hlc;
-use ferry_core::protocol::{ClientMsg, ErrorCode, LeaseRequest, ServerMsg};
+use ferry_core::protocol::{ClientMsg, LeaseRequest, ServerMsg};
 use ferry_core::{ReplicaId, RowChange, RowOp, Value};
 use ferry_relay::auth::{Claims, mint_hs256, now_secs};
 use rand::{RngExt, SeedableRng, rngs::StdRng};

@@ -296,6 +296,7 @@ impl Sim {
             connections: AtomicUsize::new(0),
             tasks: tokio_util::task::TaskTracker::new(),
             clock: Arc::new(move || time.load(Ordering::SeqCst)),
+            sessions: Default::default(),
         }));
     }
 
@@ -829,37 +830,23 @@ impl Sim {
                     }
                 }
                 88 => {
-                    // A push sent earlier arrives again, late, on a connection of its own (a
-                    // retransmission from a connection the node has since left): the relay
-                    // must take it as a duplicate; its answers reach nobody.
+                    // A push sent earlier arrives again, late, on an older connection of the
+                    // same node that the relay still holds open (a duplicated segment from a
+                    // connection the node has left): the relay must not take it.
                     if !self.seen_pushes.is_empty() {
                         let k = self.rng.random_range(0..self.seen_pushes.len());
                         let (from, msg) = self.seen_pushes[k].clone();
-                        let tok = token(
-                            &format!("n{from}"),
-                            &self.reads(from),
-                            self.nodes[from].primary,
-                            false,
-                        );
-                        let hello = ClientMsg::Hello {
-                            protocol: ferry_core::protocol::PROTOCOL_VERSION,
-                            replica_id: ReplicaId([from as u8 + 1; 16]),
-                            token: tok,
-                            cursor: 0,
-                            schema_version: 2,
-                        };
-                        self.links.push(Link {
-                            node: from,
-                            live: false,
-                            relay_closed: false,
-                            ep: None,
-                            up: VecDeque::from([hello, msg]),
-                            down: VecDeque::new(),
-                        });
-                        self.note(
-                            "replayed push",
-                            format!("node {from} link {}", self.links.len() - 1),
-                        );
+                        let old: Vec<usize> = (0..self.links.len())
+                            .filter(|&l| {
+                                let k = &self.links[l];
+                                k.node == from && !k.live && !k.relay_closed && k.ep.is_some()
+                            })
+                            .collect();
+                        if !old.is_empty() {
+                            let l = old[self.rng.random_range(0..old.len())];
+                            self.links[l].up.push_back(msg);
+                            self.note("replayed push", format!("node {from} link {l}"));
+                        }
                     }
                 }
                 89 => {
@@ -1179,7 +1166,8 @@ impl Sim {
             assert_eq!(
                 row[1],
                 Value::Integer(expect),
-                "seed {seed}: balance of {id} (compare-and-set)\n{}",
+                "seed {seed}: balance of {id} (compare-and-set); history:\n{}\n{}",
+                history(&log, "acct"),
                 self.trace
             );
         }
@@ -1205,36 +1193,58 @@ impl Sim {
                 };
                 let mine = Self::rows(r, t, v2, &|_| true);
                 let want = Self::rows(&reference, t, v2, &visible);
-                let history = || {
-                    let mut h = String::new();
-                    for s in &log {
-                        for rc in s.change_set.rows.iter().filter(|rc| rc.table == t) {
-                            let _ = writeln!(
-                                h,
-                                "  @{} {} #{} {:?} base {} {:?} cl {} {:?}",
-                                s.server_seq,
-                                s.change_set.origin,
-                                s.change_set.origin_seq,
-                                s.change_set.hlc,
-                                s.change_set.base,
-                                rc.pk,
-                                rc.cl,
-                                rc.op
-                            );
-                        }
-                    }
-                    h
-                };
                 assert_eq!(
                     mine,
                     want,
-                    "seed {seed}: node {i} table {t} differs; its history:\n{}\n{}",
-                    history(),
+                    "seed {seed}: node {i} table {t} differs; its history:\n{}\nits conflict log: {:#?}\n{}",
+                    history(&log, t),
+                    meta_dump(&node.path, t),
                     self.trace
                 );
             }
         }
     }
+}
+
+/// A replica file's merge metadata of `table`, for failure messages.
+fn meta_dump(path: &Path, table: &str) -> String {
+    let c = rusqlite::Connection::open(path).unwrap();
+    let mut st = c
+        .prepare("SELECT r.pk, r.cl, r.meta FROM ferry_rows r JOIN ferry_tables t ON t.id = r.tbl WHERE t.name = ?1")
+        .unwrap();
+    let rows: Vec<(Value, i64, Vec<u8>)> = st
+        .query_map([table], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    let mut out = String::new();
+    for (pk, cl, meta) in rows {
+        let m = ferry_core::rowmeta::RowMeta::decode(cl as u64, &meta).unwrap();
+        let _ = writeln!(out, "  {pk:?}: {m:?}");
+    }
+    out
+}
+
+/// Every change to `table` in the relay's log, for failure messages.
+fn history(log: &[Arc<ferry_relay::store::StoredSet>], table: &str) -> String {
+    let mut h = String::new();
+    for s in log {
+        for rc in s.change_set.rows.iter().filter(|rc| rc.table == table) {
+            let _ = writeln!(
+                h,
+                "  @{} {} #{} {:?} base {} {:?} cl {} {:?}",
+                s.server_seq,
+                s.change_set.origin,
+                s.change_set.origin_seq,
+                s.change_set.hlc,
+                s.change_set.base,
+                rc.pk,
+                rc.cl,
+                rc.op
+            );
+        }
+    }
+    h
 }
 
 fn run_seed(seed: u64) -> BTreeMap<&'static str, u64> {
