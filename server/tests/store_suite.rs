@@ -349,6 +349,53 @@ async fn compare_and_set(kind: Kind) {
     store.shutdown().await;
 }
 
+/// A guarded change set (it touches a `server_checked` table) is checked at row granularity
+/// against every unseen write by another origin, even when a later write of its own origin
+/// (unguarded, so not checked) came in between. Found by the deterministic simulation
+/// (seed 6): the store kept only the row's last writer, and that writer was the pusher.
+async fn guarded_sees_an_unseen_write_behind_its_own(kind: Kind) {
+    let store = kind.open().await;
+    let note = |o: ReplicaId, oseq: u64, body: &str| {
+        raw::change_set(
+            o,
+            oseq,
+            "note",
+            "n1",
+            1,
+            vec![set("body", Value::Text(body.into()))],
+        )
+    };
+    let other = acked(
+        &store
+            .push(grants("b", &[]), vec![note(origin(2), 1, "theirs")])
+            .await
+            .unwrap(),
+    );
+    assert_eq!(other, vec![1]);
+    let own = acked(
+        &store
+            .push(grants("a", &[]), vec![note(origin(1), 1, "mine")])
+            .await
+            .unwrap(),
+    );
+    assert_eq!(own, vec![2]);
+    let mut guarded = raw::change_set(
+        origin(1),
+        2,
+        "acct",
+        "a9",
+        1,
+        vec![set("balance", Value::Integer(1))],
+    );
+    guarded.rows.extend(note(origin(1), 2, "again").rows);
+    let out = store.push(grants("a", &[]), vec![guarded]).await.unwrap();
+    match refused(&out[0]) {
+        RelayError::Conflict { seq, .. } => assert_eq!(*seq, 1, "the other origin's write"),
+        e => panic!("expected a conflict, got {e}"),
+    }
+    store.shutdown().await;
+}
+
 fn lease_token(o: &LeaseOutcome) -> u64 {
     match o {
         LeaseOutcome::Granted { token, .. } => *token,
@@ -498,6 +545,7 @@ store_suite!(
     sequencing_is_gap_free_and_idempotent,
     a_refusal_stores_nothing,
     compare_and_set,
+    guarded_sees_an_unseen_write_behind_its_own,
     leases_and_fencing,
     history_and_compaction,
 );
