@@ -41,16 +41,7 @@ struct Case {
 const H: ReplicaId = ReplicaId([0x66; 16]);
 
 fn token(sub: &str, read: &[&str], write: &[&str], exp: u64) -> String {
-    let claims = Claims {
-        sub: sub.into(),
-        exp,
-        read: read.iter().map(|s| s.to_string()).collect(),
-        write: write.iter().map(|s| s.to_string()).collect(),
-        primary: vec![],
-        iss: None,
-        aud: None,
-    };
-    mint_hs256(SECRET.as_bytes(), &claims).unwrap()
+    token_until(sub, read, write, exp)
 }
 
 fn mallory() -> String {
@@ -94,6 +85,11 @@ fn todo_cells(list: &str) -> Vec<Cell> {
 
 fn push(sets: Vec<ChangeSet>) -> ClientMsg {
     ClientMsg::Push { change_sets: sets }
+}
+
+/// A push of one change set from the hostile connection's replica with one row change.
+fn push_row(oseq: u64, table: &str, pk: Value, cl: u64, op: RowOp) -> Send {
+    Send::After(push(vec![set_of(H, oseq, vec![row(table, pk, cl, op)])]))
 }
 
 /// The client frames of the protocol's golden files.
@@ -257,43 +253,27 @@ fn corpus(rng: &mut StdRng, replay: &ChangeSet) -> Vec<Case> {
     for n in names {
         add(
             "invalid table name",
-            Send::After(push(vec![set_of(
-                H,
+            push_row(
                 1,
-                vec![row(
-                    n,
-                    Value::Text("k".into()),
-                    1,
-                    RowOp::Upsert(todo_cells("list:m")),
-                )],
-            )])),
+                n,
+                Value::Text("k".into()),
+                1,
+                RowOp::Upsert(todo_cells("list:m")),
+            ),
             false,
         );
         let mut cells = todo_cells("list:m");
         cells.push(Cell::Set(n.into(), Value::Integer(1)));
         add(
             "invalid column name",
-            Send::After(push(vec![set_of(
-                H,
-                1,
-                vec![row(
-                    "todo",
-                    Value::Text("k".into()),
-                    1,
-                    RowOp::Upsert(cells),
-                )],
-            )])),
+            push_row(1, "todo", Value::Text("k".into()), 1, RowOp::Upsert(cells)),
             false,
         );
     }
     let long = "n".repeat(100_000);
     add(
         "invalid table name",
-        Send::After(push(vec![set_of(
-            H,
-            1,
-            vec![row(&long, Value::Text("k".into()), 1, RowOp::Delete)],
-        )])),
+        push_row(1, &long, Value::Text("k".into()), 1, RowOp::Delete),
         false,
     );
     // Keys and values.
@@ -306,11 +286,7 @@ fn corpus(rng: &mut StdRng, replay: &ChangeSet) -> Vec<Case> {
     ] {
         add(
             "bad or oversized key",
-            Send::After(push(vec![set_of(
-                H,
-                1,
-                vec![row("todo", pk, 1, RowOp::Upsert(todo_cells("list:m")))],
-            )])),
+            push_row(1, "todo", pk, 1, RowOp::Upsert(todo_cells("list:m"))),
             false,
         );
     }
@@ -322,16 +298,7 @@ fn corpus(rng: &mut StdRng, replay: &ChangeSet) -> Vec<Case> {
         cells[1] = Cell::Set("title".into(), v);
         add(
             "oversized value",
-            Send::After(push(vec![set_of(
-                H,
-                1,
-                vec![row(
-                    "todo",
-                    Value::Text("k".into()),
-                    1,
-                    RowOp::Upsert(cells),
-                )],
-            )])),
+            push_row(1, "todo", Value::Text("k".into()), 1, RowOp::Upsert(cells)),
             false,
         );
     }
@@ -350,31 +317,19 @@ fn corpus(rng: &mut StdRng, replay: &ChangeSet) -> Vec<Case> {
         cells.push(cell.clone());
         add(
             "bad counter",
-            Send::After(push(vec![set_of(
-                H,
+            push_row(
                 1,
-                vec![row(
-                    "todo",
-                    Value::Text("k".into()),
-                    1,
-                    RowOp::Upsert(cells.clone()),
-                )],
-            )])),
+                "todo",
+                Value::Text("k".into()),
+                1,
+                RowOp::Upsert(cells.clone()),
+            ),
             false,
         );
         cells.push(cell);
         add(
             "bad counter",
-            Send::After(push(vec![set_of(
-                H,
-                1,
-                vec![row(
-                    "todo",
-                    Value::Text("k".into()),
-                    1,
-                    RowOp::Upsert(cells),
-                )],
-            )])),
+            push_row(1, "todo", Value::Text("k".into()), 1, RowOp::Upsert(cells)),
             false,
         );
     }
@@ -387,27 +342,20 @@ fn corpus(rng: &mut StdRng, replay: &ChangeSet) -> Vec<Case> {
     ] {
         add(
             "bad causal length",
-            Send::After(push(vec![set_of(
-                H,
-                1,
-                vec![row("todo", Value::Text("k".into()), cl, op)],
-            )])),
+            push_row(1, "todo", Value::Text("k".into()), cl, op),
             false,
         );
     }
     for oseq in [0, 2, 1000, u64::MAX] {
         add(
             "bad origin_seq",
-            Send::After(push(vec![set_of(
-                H,
+            push_row(
                 oseq,
-                vec![row(
-                    "todo",
-                    Value::Text("k".into()),
-                    1,
-                    RowOp::Upsert(todo_cells("list:m")),
-                )],
-            )])),
+                "todo",
+                Value::Text("k".into()),
+                1,
+                RowOp::Upsert(todo_cells("list:m")),
+            ),
             false,
         );
     }
@@ -465,16 +413,13 @@ fn corpus(rng: &mut StdRng, replay: &ChangeSet) -> Vec<Case> {
     ] {
         add(
             "scope escalation",
-            Send::After(push(vec![set_of(
-                H,
+            push_row(
                 1,
-                vec![row(
-                    "todo",
-                    Value::Text("k".into()),
-                    1,
-                    RowOp::Upsert(todo_cells(list)),
-                )],
-            )])),
+                "todo",
+                Value::Text("k".into()),
+                1,
+                RowOp::Upsert(todo_cells(list)),
+            ),
             false,
         );
     }

@@ -185,9 +185,14 @@ impl Drop for RelayProc {
 }
 
 pub fn token_for(sub: &str, read: &[&str], write: &[&str], ttl: Duration) -> String {
+    token_until(sub, read, write, now_secs() + ttl.as_secs())
+}
+
+/// A token that expires at `exp` (seconds since the epoch; may be in the past).
+pub fn token_until(sub: &str, read: &[&str], write: &[&str], exp: u64) -> String {
     let claims = Claims {
         sub: sub.into(),
-        exp: now_secs() + ttl.as_secs(),
+        exp,
         read: read.iter().map(|s| s.to_string()).collect(),
         write: write.iter().map(|s| s.to_string()).collect(),
         primary: vec![],
