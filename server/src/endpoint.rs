@@ -40,7 +40,9 @@ impl Close {
 
 impl From<RelayError> for Close {
     fn from(e: RelayError) -> Self {
-        if e.code() == ErrorCode::Internal {
+        if let RelayError::StorageUnavailable(_) = e {
+            tracing::warn!(error = %e, "push not stored: the store's disk is full or read-only");
+        } else if e.code() == ErrorCode::Internal {
             tracing::error!(error = %e, "relay failure while serving a connection");
         }
         Close::new(e.code(), e.client_message())
@@ -171,6 +173,11 @@ impl Endpoint {
     /// What every connection shares.
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
+    }
+
+    /// This connection's number among its replica's connections.
+    pub fn session(&self) -> u64 {
+        self.session
     }
 
     /// The connection's replica.

@@ -75,6 +75,36 @@ impl Sessions {
         n
     }
 
+    /// Connection `n` of `replica` closed: forgets the replica if it was the current one (so
+    /// the table holds connected replicas only).
+    pub fn end(&self, replica: ReplicaId, n: u64) {
+        let mut map = self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Only when nobody holds the slot (a connection starting or pushing keeps a clone of
+        // it, so it cannot be forgotten under it) and it is still this connection's.
+        let idle = map.get(&replica).is_some_and(|slot| {
+            Arc::strong_count(slot) == 1 && slot.try_lock().is_ok_and(|g| *g == n)
+        });
+        if idle {
+            map.remove(&replica);
+        }
+    }
+
+    /// Replicas with a current connection.
+    pub fn len(&self) -> usize {
+        self.current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
+
+    /// True when no replica is connected.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Holds `replica`'s slot while connection `n` pushes, if it is still current.
     pub async fn current(
         &self,
@@ -133,6 +163,7 @@ pub async fn serve(shared: Arc<Shared>, mut ws: WebSocket) {
                 bucket_at: Instant::now(),
             };
             let r = c.run().await;
+            shared.sessions.end(c.ep.replica(), c.ep.session());
             metrics::gauge!(m::REPLICA_LAG, "replica" => c.ep.replica().to_string()).set(0.0);
             ws = c.ws;
             r
@@ -328,5 +359,37 @@ impl Conn {
             send_raw(&mut self.ws, msg).await?;
         }
         Ok(more)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Sessions;
+    use ferry_core::ReplicaId;
+
+    #[tokio::test]
+    async fn a_new_connection_supersedes_and_closing_forgets() {
+        let s = Sessions::default();
+        let r = ReplicaId([1; 16]);
+        let a = s.begin(r).await;
+        assert!(s.current(r, a).await.is_some());
+        let b = s.begin(r).await;
+        assert!(
+            s.current(r, a).await.is_none(),
+            "the old connection is superseded"
+        );
+        assert!(s.current(r, b).await.is_some());
+        s.end(r, a);
+        assert!(
+            s.current(r, b).await.is_some(),
+            "closing the old one keeps the new one"
+        );
+        {
+            let _pushing = s.current(r, b).await;
+            s.end(r, b);
+            assert_eq!(s.len(), 1, "not forgotten while a push holds it");
+        }
+        s.end(r, b);
+        assert_eq!(s.len(), 0);
     }
 }
