@@ -1680,8 +1680,13 @@ impl Db {
                     self.apply_move(m, true, false, &mut out)?;
                 }
                 let cs = &s.change_set;
-                if cs.origin == self.me && self.is_own_echo(cs)? {
-                    if !cs.rows.is_empty() && self.is_withdrawn(cs.origin_seq)? {
+                let echo = if cs.origin == self.me {
+                    self.own_echo(cs)?
+                } else {
+                    None
+                };
+                if let Some(withdrawn) = echo {
+                    if withdrawn && !cs.rows.is_empty() {
                         // The relay sequenced this change set in full — a copy still in
                         // flight on a connection the device had left — after the device had
                         // withdrawn it (written on top of a refused one). The log is the
@@ -1801,24 +1806,19 @@ impl Db {
         Ok(())
     }
 
-    fn is_withdrawn(&self, origin_seq: u64) -> Result<bool> {
-        let r: Option<bool> = self
+    /// For this replica's own change set coming back in the stream: `Some(withdrawn)` when
+    /// it is the one this replica logged under that `origin_seq` (one lookup for both).
+    fn own_echo(&self, cs: &ChangeSet) -> Result<Option<bool>> {
+        let row: Option<(Vec<u8>, bool)> = self
             .conn
             .prepare_cached(
-                "SELECT rejected IS NOT NULL FROM ferry_log WHERE origin = ?1 AND origin_seq = ?2",
+                "SELECT id, rejected IS NOT NULL FROM ferry_log WHERE origin = ?1 AND origin_seq = ?2",
             )?
-            .query_row(params![self.me_num, origin_seq as i64], |r| r.get(0))
+            .query_row(params![self.me_num, cs.origin_seq as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
             .optional()?;
-        Ok(r.unwrap_or(false))
-    }
-
-    fn is_own_echo(&self, cs: &ChangeSet) -> Result<bool> {
-        let id: Option<Vec<u8>> = self
-            .conn
-            .prepare_cached("SELECT id FROM ferry_log WHERE origin = ?1 AND origin_seq = ?2")?
-            .query_row(params![self.me_num, cs.origin_seq as i64], |r| r.get(0))
-            .optional()?;
-        Ok(id.is_some_and(|id| id == cs.id))
+        Ok(row.and_then(|(id, withdrawn)| (id == cs.id).then_some(withdrawn)))
     }
 
     fn rotate_identity(&mut self) -> Result<ReplicaId> {
