@@ -14,13 +14,18 @@
 use crate::catalog::{Catalog, TableInfo};
 use crate::changeset::{Cell, RowChange, RowOp, Sequenced};
 use crate::conflict::{self, Conflict, ConflictKind, Side, Winner};
+use crate::db;
+use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::ids::ReplicaId;
+use crate::hlc::WallClock;
+use crate::log;
+use crate::observer::{ChangeEvent, ChangeSource, Notifications};
+use crate::protocol::Move;
 use crate::rows::{self, Origins, Stored};
 use crate::schema::Policy;
 use crate::value::Value;
 use crate::vv::{Version, happened_before};
-use rusqlite::{Connection, OptionalExtension};
+use rusqlite::Connection;
 use std::collections::BTreeSet;
 
 /// A custom-policy conflict to hand to the app's resolver after the apply commits.
@@ -51,8 +56,8 @@ pub struct Outcome {
     pub followups: Vec<Followup>,
 }
 
-/// Merge context for one transaction.
-pub struct Ctx<'a> {
+/// The merge of remote changes inside one transaction.
+pub(crate) struct Merge<'a> {
     /// The connection (inside a transaction).
     pub conn: &'a Connection,
     /// Synced tables.
@@ -63,29 +68,40 @@ pub struct Ctx<'a> {
     pub out: &'a mut Outcome,
     /// This replica, when guarded change sets are pending: remote changes that doom one are
     /// preceded by its withdrawal (see `rollback`).
-    pub strict: Option<&'a crate::rollback::Me>,
+    pub strict: Option<&'a crate::rollback::Own>,
 }
 
-impl Ctx<'_> {
+impl Merge<'_> {
     /// The server_seq of a version, looking up this replica's own acknowledged changes
     /// (following a change re-issued under a new replica id to its new identity).
-    fn seq_of(&self, v: &Version) -> Option<u64> {
+    fn seq_of(&self, v: &Version) -> Result<Option<u64>> {
         if v.server_seq != 0 {
-            return Some(v.server_seq);
+            return Ok(Some(v.server_seq));
         }
-        own_server_seq(self.conn, v.origin, v.origin_seq)
+        log::own_server_seq(self.conn, v.origin, v.origin_seq)
     }
 
-    fn hb(&self, a: &Version, b: &Version) -> bool {
-        happened_before(a, b, |v| self.seq_of(v))
+    fn hb(&self, a: &Version, b: &Version) -> Result<bool> {
+        let failed = std::cell::RefCell::new(None);
+        let r = happened_before(a, b, |v| {
+            self.seq_of(v).unwrap_or_else(|e| {
+                failed.borrow_mut().get_or_insert(e);
+                None
+            })
+        });
+        match failed.into_inner() {
+            Some(e) => Err(e),
+            None => Ok(r),
+        }
     }
 
     /// True when `v` is this replica's own write that the stream has not reached at relay
     /// position `at`: not acknowledged yet, or acknowledged at a later position (the ack
     /// overtook the changes ordered before it). Of two concurrent writes exactly one side
     /// sees this, whatever the timing of acks, so exactly one device runs the resolver.
-    fn is_pending_local(&self, v: &Version, at: u64) -> bool {
-        is_own(self.conn, v.origin, v.origin_seq) && self.seq_of(v).is_none_or(|s| s > at)
+    fn is_pending_local(&self, v: &Version, at: u64) -> Result<bool> {
+        Ok(log::is_own(self.conn, v.origin, v.origin_seq)?
+            && self.seq_of(v)?.is_none_or(|s| s > at))
     }
 
     fn wins(&self, a: &Version, b: &Version) -> bool {
@@ -174,13 +190,12 @@ impl Ctx<'_> {
                 let mut s = stored.unwrap_or_default();
                 if alive && rc.cl == cl_local + 1 {
                     // Writes to this incarnation the delete did not see are concurrent with it.
-                    let concurrent: Option<Version> = s
-                        .meta
-                        .writes
-                        .iter()
-                        .copied()
-                        .filter(|w| !self.hb(w, v))
-                        .max_by_key(|w| w.hlc);
+                    let mut concurrent: Option<Version> = None;
+                    for w in s.meta.writes.iter().copied() {
+                        if !self.hb(&w, v)? && concurrent.is_none_or(|c| w.hlc >= c.hlc) {
+                            concurrent = Some(w);
+                        }
+                    }
                     if let Some(w) = concurrent {
                         let update_wins = t.update_wins();
                         self.log_row_conflict(t, &rc.pk, &w, v, !update_wins)?;
@@ -191,7 +206,7 @@ impl Ctx<'_> {
                     }
                 }
                 if alive && t.update_wins() {
-                    let vals = crate::capture::read_row(self.conn, t, &rc.pk)?;
+                    let vals = crate::rows::read_row(self.conn, t, &rc.pk)?;
                     s.tomb = vals.map(|vals| {
                         vals.into_iter()
                             .enumerate()
@@ -284,11 +299,12 @@ impl Ctx<'_> {
                         continue;
                     };
                     let incoming_wins = self.wins(v, &cv);
-                    if !self.hb(&cv, v) {
+                    if !self.hb(&cv, v)? {
                         // Concurrent writes to one cell: a conflict, decided by (hlc, origin).
-                        let cur = current.get_or_insert_with(|| {
-                            crate::capture::read_row(self.conn, t, pk).ok().flatten()
-                        });
+                        if current.is_none() {
+                            current = Some(crate::rows::read_row(self.conn, t, pk)?);
+                        }
+                        let cur = current.as_ref().unwrap_or(&None);
                         let local = cur
                             .as_ref()
                             .and_then(|r| r.get(i).cloned())
@@ -314,7 +330,8 @@ impl Ctx<'_> {
                                     resolution: None,
                                 },
                             )?;
-                            if policy == Policy::Custom && self.is_pending_local(&cv, v.server_seq)
+                            if policy == Policy::Custom
+                                && self.is_pending_local(&cv, v.server_seq)?
                             {
                                 self.out.followups.push(Followup {
                                     table: t.name().to_owned(),
@@ -381,44 +398,297 @@ fn validate(t: &TableInfo, rc: &RowChange) -> Result<()> {
     crate::changeset::check_row_change(&t.decl, rc)
 }
 
-/// Reads the replica id stored in `ferry_meta`.
-pub fn stored_replica_id(conn: &Connection) -> Result<ReplicaId> {
-    let b: Vec<u8> = crate::db::meta_get(conn, "replica_id")?;
-    ReplicaId::from_slice(&b).ok_or_else(|| Error::Corrupt("replica id is not 16 bytes".into()))
+/// Result of applying a batch of remote change sets.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Change sets merged.
+    pub applied: usize,
+    /// Change sets at or below the cursor (already applied), skipped.
+    pub duplicates: usize,
+    /// This replica's own change sets recognised in the stream (acknowledged).
+    pub own: usize,
+    /// Conflicts detected.
+    pub conflicts: usize,
+    /// Cursor after the batch.
+    pub cursor: u64,
 }
 
-/// The relay position of one of this replica's own changes, if acknowledged.
-pub fn own_server_seq(conn: &Connection, origin: u32, origin_seq: u64) -> Option<u64> {
-    let row: Option<(Option<i64>, Option<i64>)> = conn
-        .prepare_cached(
-            "SELECT server_seq, reissued FROM ferry_log WHERE origin = ?1 AND origin_seq = ?2",
-        )
-        .and_then(|mut st| {
-            st.query_row(rusqlite::params![origin, origin_seq as i64], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .optional()
-        })
-        .ok()
-        .flatten();
-    match row {
-        Some((Some(s), _)) => Some(s as u64),
-        Some((None, Some(re))) => conn
-            .prepare_cached("SELECT server_seq FROM ferry_log WHERE seq = ?1")
-            .and_then(|mut st| {
-                st.query_row([re], |r| r.get::<_, Option<i64>>(0))
-                    .optional()
-            })
-            .ok()
-            .flatten()
-            .flatten()
-            .map(|s| s as u64),
-        _ => None,
+/// Checks that relay positions are strictly increasing within `(after, up_to]`.
+fn in_order(seqs: impl Iterator<Item = u64>, after: u64, up_to: u64, what: &str) -> Result<()> {
+    let mut last = after;
+    for s in seqs {
+        if s <= last || s > up_to {
+            return Err(Error::InvalidChangeSet(format!(
+                "{what} position {s} is out of order in a batch covering ({after}, {up_to}]"
+            )));
+        }
+        last = s;
+    }
+    Ok(())
+}
+
+/// Checks a batch covering relay positions `(after, up_to]` before anything is applied:
+/// change sets, scope moves and their backfills each in order.
+pub(crate) fn check_batch(
+    after: u64,
+    up_to: u64,
+    sets: &[Sequenced],
+    moves: &[Move],
+) -> Result<()> {
+    in_order(
+        moves.iter().map(|m| m.server_seq),
+        after,
+        up_to,
+        "scope move",
+    )?;
+    for m in moves {
+        in_order(
+            m.backfill.iter().map(|b| b.server_seq),
+            0,
+            m.server_seq.saturating_sub(1),
+            "backfill",
+        )?;
+    }
+    in_order(
+        sets.iter().map(|s| s.server_seq),
+        after,
+        up_to,
+        "server_seq",
+    )
+}
+
+/// One transaction's share of a batch.
+pub(crate) struct Chunk<'a> {
+    pub sets: &'a [Sequenced],
+    pub moves: &'a [Move],
+    /// The batch's end, on its last chunk (the cursor moves there even past the last set).
+    pub up_to: Option<u64>,
+}
+
+/// Splits a batch into chunks of at most `max_ops` cell operations (a change set is never
+/// split; a larger one is a chunk of its own), each with the scope moves ordered up to its
+/// last change set, and runs `f` on each in order until one fails. An empty batch is one
+/// empty chunk (its moves and `up_to` still apply).
+pub(crate) fn in_chunks(
+    sets: &[Sequenced],
+    moves: &[Move],
+    up_to: u64,
+    max_ops: usize,
+    mut f: impl FnMut(Chunk<'_>) -> Result<()>,
+) -> Result<()> {
+    let mut start = 0;
+    let mut moves_done = 0;
+    loop {
+        let mut end = start;
+        let mut ops = 0;
+        while end < sets.len() && (end == start || ops + sets[end].change_set.op_count() <= max_ops)
+        {
+            ops += sets[end].change_set.op_count();
+            end += 1;
+        }
+        let chunk = &sets[start..end];
+        let is_last = end >= sets.len();
+        let moves_end = if is_last {
+            moves.len()
+        } else {
+            let last_seq = chunk.last().map_or(0, |s| s.server_seq);
+            moves_done + moves[moves_done..].partition_point(|m| m.server_seq <= last_seq)
+        };
+        f(Chunk {
+            sets: chunk,
+            moves: &moves[moves_done..moves_end],
+            up_to: is_last.then_some(up_to),
+        })?;
+        moves_done = moves_end;
+        if is_last {
+            return Ok(());
+        }
+        start = end;
     }
 }
 
-fn is_own(conn: &Connection, origin: u32, origin_seq: u64) -> bool {
-    conn.prepare_cached("SELECT 1 FROM ferry_log WHERE origin = ?1 AND origin_seq = ?2")
-        .and_then(|mut st| st.exists(rusqlite::params![origin, origin_seq as i64]))
-        .unwrap_or(false)
+impl Engine {
+    /// Applies a chunk of sequenced change sets in one transaction. A change set that fails
+    /// rolls the transaction back; the ones before it are then applied again on their own, so
+    /// each change set stays all-or-nothing without paying for a savepoint per set.
+    pub(crate) fn apply_chunk(
+        &mut self,
+        wall: &dyn WallClock,
+        chunk: &Chunk<'_>,
+        report: &mut ApplyReport,
+        notes: &mut Notifications,
+    ) -> (Vec<Followup>, Option<Error>) {
+        let snapshot = report.clone();
+        match self.apply_chunk_once(wall, chunk, report, notes) {
+            Ok(f) => (f, None),
+            Err((failed_at, e)) => {
+                *report = snapshot;
+                // The failed transaction (its foreign fold included) was rolled back.
+                notes.discard();
+                tracing::warn!(error = %e, "remote change set refused");
+                if failed_at == 0 {
+                    return (Vec::new(), Some(e));
+                }
+                let before = chunk.sets[failed_at].server_seq;
+                let head = Chunk {
+                    sets: &chunk.sets[..failed_at],
+                    moves: &chunk.moves[..chunk.moves.partition_point(|m| m.server_seq < before)],
+                    up_to: None,
+                };
+                match self.apply_chunk_once(wall, &head, report, notes) {
+                    Ok(f) => (f, Some(e)),
+                    Err((_, again)) => (Vec::new(), Some(again)),
+                }
+            }
+        }
+    }
+
+    fn apply_chunk_once(
+        &mut self,
+        wall: &dyn WallClock,
+        chunk: &Chunk<'_>,
+        report: &mut ApplyReport,
+        notes: &mut Notifications,
+    ) -> std::result::Result<Vec<Followup>, (usize, Error)> {
+        let mut out = Outcome::default();
+        let mut local_report = report.clone();
+        let mut failed_at = 0;
+        let cursor_before = self.cursor;
+        let clock_before = self.clock;
+        let moves = chunk.moves;
+        let r = self.in_txn(|e| {
+            e.begin_sdk_writes(wall, notes)?;
+            e.materialize_in_tx()?;
+            let mut mv = 0;
+            for (k, s) in chunk.sets.iter().enumerate() {
+                failed_at = k;
+                if s.server_seq <= e.cursor {
+                    local_report.duplicates += 1;
+                    continue;
+                }
+                while mv < moves.len() && moves[mv].server_seq < s.server_seq {
+                    e.apply_move(&moves[mv], true, true, &mut out)?;
+                    mv += 1;
+                }
+                let moving =
+                    (mv < moves.len() && moves[mv].server_seq == s.server_seq).then(|| &moves[mv]);
+                if let Some(m) = moving {
+                    e.apply_move(m, true, false, &mut out)?;
+                }
+                let cs = &s.change_set;
+                let echo = if cs.origin == e.me {
+                    log::own_echo(&e.conn, e.me_num, cs)?
+                } else {
+                    None
+                };
+                if let Some(withdrawn) = echo {
+                    if withdrawn && !cs.rows.is_empty() {
+                        // The relay sequenced this change set in full — a copy still in
+                        // flight on a connection the device had left — after the device had
+                        // withdrawn it (written on top of a refused one). The log is the
+                        // truth: it is applied back, like any remote change.
+                        e.merge(&mut out, None).apply(s)?;
+                        log::reinstate(&e.conn, e.me_num, cs.origin_seq)?;
+                        tracing::warn!(
+                            origin_seq = cs.origin_seq,
+                            "a withdrawn change set was sequenced after all; applied back"
+                        );
+                    }
+                    e.acknowledge(cs.origin_seq, s.server_seq)?;
+                    local_report.own += 1;
+                } else {
+                    let before = out.conflicts.len();
+                    let own = e.guard_pending.then_some(crate::rollback::Own {
+                        id: e.me,
+                        num: e.me_num,
+                        cursor: e.cursor,
+                    });
+                    e.merge(&mut out, own.as_ref()).apply(s)?;
+                    if own.is_some() {
+                        // It may have withdrawn the pending guarded change sets it dooms.
+                        e.guard_pending = log::guard_pending(&e.conn)?;
+                    }
+                    local_report.applied += 1;
+                    local_report.conflicts += out.conflicts.len() - before;
+                    e.clock.observe(cs.hlc);
+                    e.remote_hlc = e.remote_hlc.max(cs.hlc);
+                }
+                if let Some(m) = moving {
+                    e.apply_move(m, false, true, &mut out)?;
+                    mv += 1;
+                }
+                e.cursor = s.server_seq;
+            }
+            for m in &moves[mv..] {
+                if m.server_seq > e.cursor {
+                    e.apply_move(m, true, true, &mut out)?;
+                }
+            }
+            if let Some(u) = chunk.up_to
+                && u > e.cursor
+            {
+                e.cursor = u;
+            }
+            db::meta_set(&e.conn, "cursor", e.cursor as i64)?;
+            db::meta_set(&e.conn, "hlc", e.clock.last().0 as i64)?;
+            db::meta_set(&e.conn, "remote_hlc", e.remote_hlc.0 as i64)?;
+            e.sdk_writes(false)?;
+            Ok(())
+        });
+        if let Err(e) = r {
+            self.cursor = cursor_before;
+            self.clock = clock_before;
+            return Err((failed_at, e));
+        }
+        *report = local_report;
+        if !out.tables.is_empty() {
+            notes.events.push(ChangeEvent {
+                tables: std::mem::take(&mut out.tables),
+                source: ChangeSource::Remote,
+            });
+        }
+        notes.conflicts.append(&mut out.conflicts);
+        Ok(out.followups)
+    }
+
+    fn merge<'a>(
+        &'a mut self,
+        out: &'a mut Outcome,
+        strict: Option<&'a crate::rollback::Own>,
+    ) -> Merge<'a> {
+        Merge {
+            conn: &self.conn,
+            cat: &self.cat,
+            origins: &mut self.origins,
+            out,
+            strict,
+        }
+    }
+
+    /// Applies the backfill and/or evictions of one scope move (inside the chunk's transaction).
+    fn apply_move(
+        &mut self,
+        m: &Move,
+        backfill: bool,
+        evict: bool,
+        out: &mut Outcome,
+    ) -> Result<()> {
+        if m.server_seq <= self.cursor {
+            return Ok(()); // delivered before
+        }
+        if backfill {
+            for b in &m.backfill {
+                self.merge(out, None).apply(b)?;
+                self.clock.observe(b.change_set.hlc);
+                self.remote_hlc = self.remote_hlc.max(b.change_set.hlc);
+            }
+        }
+        if evict {
+            let mut merge = self.merge(out, None);
+            for k in &m.evict {
+                merge.evict(&k.table, &k.pk)?;
+            }
+        }
+        Ok(())
+    }
 }

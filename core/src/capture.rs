@@ -11,14 +11,14 @@
 use crate::catalog::{Catalog, TableInfo};
 use crate::changeset::MAX_COUNTER_DELTA;
 use crate::error::{Error, Result};
-use crate::schema::{Policy, quote};
+use crate::schema::Policy;
 use crate::value::{Value, ref_eq};
 use parking_lot::Mutex;
+use rusqlite::Connection;
 use rusqlite::hooks::{
     Action, PreUpdateCase, PreUpdateNewValueAccessor, PreUpdateOldValueAccessor,
 };
 use rusqlite::types::ValueRef;
-use rusqlite::{Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -272,11 +272,6 @@ impl Accumulator {
             }
         }
         acc.deleted_old = Some(old);
-    }
-
-    /// True when nothing was captured.
-    pub fn is_empty(&self) -> bool {
-        self.rows.is_empty() && self.error.is_none()
     }
 
     /// Drops everything (rollback).
@@ -683,7 +678,7 @@ pub fn fold_foreign(conn: &Connection, cat: &Catalog, acc: &mut Accumulator) -> 
             continue;
         };
         let t = cat.by_id(e.table)?;
-        match read_row(conn, t, &e.pk)? {
+        match crate::rows::read_row(conn, t, &e.pk)? {
             Some(vals) => {
                 e.alive = true;
                 for (i, v) in vals.into_iter().enumerate() {
@@ -715,20 +710,4 @@ fn old_values(conn: &Connection, seq: i64, t: &TableInfo) -> Result<Option<Vec<V
         }
     }
     Ok(Some(vals))
-}
-
-/// Reads the current values of a row (for materializing rows Ferry has no metadata for).
-pub fn read_row(conn: &Connection, t: &TableInfo, pk: &Value) -> Result<Option<Vec<Value>>> {
-    let sql = format!(
-        "SELECT {} FROM {} WHERE {} = ?1",
-        t.select_list(),
-        quote(t.name()),
-        quote(&t.cols[t.pk].name)
-    );
-    Ok(conn
-        .prepare_cached(&sql)?
-        .query_row([pk], |r| {
-            (0..t.cols.len()).map(|i| r.get::<_, Value>(i)).collect()
-        })
-        .optional()?)
 }

@@ -157,3 +157,12 @@ pub fn clear(conn: &Connection, up_to_id: Option<i64>) -> Result<usize> {
         [up_to_id.unwrap_or(i64::MAX)],
     )?)
 }
+
+/// Records how a logged conflict was resolved (by the app's resolver, or why not).
+pub(crate) fn set_resolution(conn: &Connection, id: i64, text: &str) -> Result<()> {
+    conn.execute(
+        "UPDATE ferry_conflicts SET resolution = ?1 WHERE id = ?2",
+        rusqlite::params![text, id],
+    )?;
+    Ok(())
+}

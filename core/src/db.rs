@@ -212,3 +212,10 @@ pub fn apply_schema(conn: &mut Connection, schema: &Schema) -> Result<Catalog> {
     tx.commit()?;
     Ok(catalog)
 }
+
+/// Reads the replica id stored in `ferry_meta`.
+pub fn stored_replica_id(conn: &Connection) -> Result<crate::ids::ReplicaId> {
+    let b: Vec<u8> = meta_get(conn, "replica_id")?;
+    crate::ids::ReplicaId::from_slice(&b)
+        .ok_or_else(|| Error::Corrupt("replica id is not 16 bytes".into()))
+}

@@ -5,53 +5,83 @@
 //! a version-vectored change log; deterministic merge of remote changes; and the protocol
 //! types plus a sans-I/O sync state machine that the relay and the transport drive.
 //!
-//! Start with [`Replica::open`] and a [`Schema`]. The semantics are fixed in the project's
-//! design document and explained in `docs/conflicts.md`.
+//! Start with [`Replica::open`] and a [`Schema`]; merge semantics are explained in
+//! `docs/conflicts.md`, the modules and the path of a change set in `docs/architecture.md`.
+//!
+//! The public modules are the ones apps, the relay and tools use: the protocol and its
+//! types (`protocol`, `changeset`, `ids`, `hlc`, `vv`, `schema`, `scope`), the sans-I/O
+//! client and its port (`sync`, `port`), the rules the relay shares with devices (`cas`,
+//! `lease`, `checksum`), the in-memory relay (`sequencer`) and the WebSocket transport
+//! (`transport`, behind the default `client` feature). Everything else — capture, the change
+//! log, the write engine, merge, rollback, storage — is private.
 
-pub mod apply;
-pub mod capture;
+mod apply;
+mod capture;
 pub mod cas;
-pub mod catalog;
+mod catalog;
 pub mod changeset;
 pub mod checksum;
-pub mod conflict;
-pub mod db;
-pub mod error;
+mod conflict;
+mod db;
+mod engine;
+mod error;
 pub mod hlc;
 pub mod ids;
 pub mod lease;
-pub mod materialize;
-pub mod observer;
+mod log;
+mod materialize;
+mod observer;
+pub mod port;
 pub mod protocol;
-pub mod replica;
-pub mod resolver;
-pub mod rollback;
-pub mod rowmeta;
-pub mod rows;
+mod refusal;
+mod replica;
+mod resolver;
+mod rollback;
+mod rowmeta;
+mod rows;
 pub mod schema;
 pub mod scope;
 pub mod sequencer;
+mod sqlgate;
 pub mod sync;
-pub mod transaction;
+mod transaction;
+#[cfg(feature = "client")]
 pub mod transport;
-pub mod value;
+mod value;
 pub mod vv;
 
+pub use apply::ApplyReport;
 pub use changeset::{Cell, ChangeSet, Fence, RowChange, RowOp, Sequenced};
 pub use conflict::{Conflict, ConflictKind, Side, Winner};
+pub use db::{FORMAT_VERSION, configure as configure_sqlite};
 pub use error::{Error, Result};
 pub use hlc::{Hlc, WallClock};
 pub use ids::{ChangeId, ReplicaId, new_id};
-pub use observer::{ChangeEvent, ChangeSource, Observer, Rows, Subscription};
-pub use replica::{ApplyReport, OpenOptions, Prepared, RefusalAction, Replica, WriteTx};
+pub use log::Verdict;
+pub use observer::{ChangeEvent, ChangeSource, Observer, Rows, Subscription, WatchCallback};
+pub use port::SyncPort;
+pub use refusal::RefusalAction;
+pub use replica::{OpenOptions, Replica};
 pub use resolver::{ConflictInput, Resolution, Resolver};
-pub use rollback::Verdict;
 pub use schema::{
     ColumnDecl, ColumnType, DeleteRule, Migration, Policy, Schema, TableDecl, TableMode,
 };
+pub use sqlgate::Prepared;
 pub use transaction::Transaction;
+#[cfg(feature = "client")]
 pub use transport::{
     ConnState, Lease, StatusObserver, SyncError, SyncHandle, SyncOptions, SyncStatus,
     TokenProvider, Verification,
 };
 pub use value::Value;
+
+/// Reading a replica file's internals, for tests and tools that diagnose one.
+pub mod inspect {
+    use crate::error::Result;
+
+    /// A `ferry_rows` entry's metadata (causal length `cl`, stored `meta` blob), formatted
+    /// for a failure message.
+    pub fn row_metadata(cl: u64, meta: &[u8]) -> Result<String> {
+        Ok(format!("{:?}", crate::rowmeta::RowMeta::decode(cl, meta)?))
+    }
+}

@@ -7,20 +7,18 @@
 //! next to the record. Because apply always materializes first, `ferry_rows` seen by a merge
 //! always includes every local write.
 
-use crate::capture::{LocalChange, LocalKind, RawCell, read_row};
+use crate::capture::{LocalChange, LocalKind, RawCell};
 use crate::catalog::Catalog;
 use crate::changeset::{Cell, ChangeSet, RowChange, RowOp};
 use crate::error::{Error, Result};
-use crate::hlc::Hlc;
 use crate::ids::ReplicaId;
+use crate::log;
+use crate::rows::read_row;
 use crate::rows::{self, Stored};
 use crate::schema::Policy;
 use crate::value::Value;
 use crate::vv::Version;
-use rusqlite::{Connection, params};
-
-/// `(seq, origin_seq, id, hlc, base, raw, guarded)` of a stored local record.
-type RawRecord = (i64, i64, Vec<u8>, i64, i64, Vec<u8>, bool);
+use rusqlite::Connection;
 
 /// Materializes up to `limit` pending local records; returns how many.
 pub fn run(
@@ -31,22 +29,25 @@ pub fn run(
     schema_version: u32,
     limit: usize,
 ) -> Result<usize> {
-    let todo: Vec<RawRecord> = conn
-        .prepare_cached(
-            "SELECT seq, origin_seq, id, hlc, base, raw, guarded FROM ferry_log WHERE server_seq IS NULL AND wire IS NULL AND raw IS NOT NULL
-             AND reissued IS NULL ORDER BY seq LIMIT ?1",
-        )?
-        .query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)))?
-        .collect::<rusqlite::Result<_>>()?;
+    let todo = log::unmaterialized(conn, limit)?;
     let n = todo.len();
-    for (row, oseq, id, hlc, base, raw, guarded) in todo {
+    for rec in todo {
+        let log::RawRecord {
+            seq: row,
+            origin_seq: oseq,
+            id,
+            hlc,
+            base,
+            raw,
+            guarded,
+        } = rec;
         let local: LocalChange = rmp_serde::from_slice(&raw)?;
         let v = Version {
-            hlc: Hlc(hlc as u64),
+            hlc,
             origin: me_num,
-            origin_seq: oseq as u64,
+            origin_seq: oseq,
             server_seq: 0,
-            base: base as u64,
+            base,
         };
         let mut out = Vec::with_capacity(local.rows.len());
         for lr in local.rows {
@@ -140,23 +141,18 @@ pub fn run(
                 LocalKind::Delete => {}
             }
         }
-        let id: [u8; 16] = id
-            .as_slice()
-            .try_into()
-            .map_err(|_| Error::Corrupt("change set id is not 16 bytes".into()))?;
         let cs = ChangeSet {
             id,
             origin: me,
-            origin_seq: oseq as u64,
-            hlc: Hlc(hlc as u64),
-            base: base as u64,
+            origin_seq: oseq,
+            hlc,
+            base,
             schema_version,
             rows: out,
             fence: local.fence,
             guarded,
         };
-        conn.prepare_cached("UPDATE ferry_log SET wire = ?1, raw = NULL WHERE seq = ?2")?
-            .execute(params![rmp_serde::to_vec_named(&cs)?, row])?;
+        log::set_materialized(conn, row, &cs)?;
     }
     Ok(n)
 }

@@ -80,6 +80,51 @@ impl Registry {
     }
 }
 
+/// Notifications gathered while the replica is locked, delivered once it is released (so an
+/// observer may call back into the replica).
+#[derive(Default)]
+pub(crate) struct Notifications {
+    pub events: Vec<ChangeEvent>,
+    pub conflicts: Vec<Conflict>,
+    pub watch_results: Vec<(Arc<Watch>, Rows)>,
+}
+
+impl Notifications {
+    /// Forgets what a transaction that was rolled back would have announced.
+    pub fn discard(&mut self) {
+        self.events.clear();
+        self.conflicts.clear();
+    }
+
+    /// The tables the gathered events touched.
+    pub fn touched(&self) -> BTreeSet<&String> {
+        self.events.iter().flat_map(|e| e.tables.iter()).collect()
+    }
+
+    /// Delivers everything gathered (after the replica's lock is released).
+    pub fn deliver(self, registry: &Mutex<Registry>) {
+        if self.events.is_empty() && self.conflicts.is_empty() && self.watch_results.is_empty() {
+            return;
+        }
+        let observers: Vec<Arc<dyn Observer>> =
+            registry.lock().observers.values().cloned().collect();
+        for o in &observers {
+            for e in &self.events {
+                o.on_change(e);
+            }
+            for c in &self.conflicts {
+                o.on_conflict(c);
+            }
+        }
+        for (w, rows) in self.watch_results {
+            // A watch cancelled meanwhile is no longer in the registry: skip it.
+            if registry.lock().watches.values().any(|x| Arc::ptr_eq(x, &w)) {
+                (w.callback)(&rows);
+            }
+        }
+    }
+}
+
 /// Cancels its subscription or watch when dropped.
 #[must_use = "the subscription ends when this handle is dropped"]
 pub struct Subscription {

@@ -28,14 +28,16 @@
 //! remote change is merged. Remote changes it does not doom (counter additions, other cells
 //! of a `server_checked` row) touch nothing the undo restores.
 
-use crate::capture::{Before, read_row};
+use crate::capture::Before;
 use crate::catalog::{Catalog, TableInfo};
 use crate::changeset::{Cell, ChangeSet, RowChange, RowOp};
 use crate::conflict::{self, Conflict, ConflictKind, Side, Winner};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::hlc::Hlc;
 use crate::ids::ReplicaId;
+use crate::log::{self, Pending};
 use crate::rowmeta::RowMeta;
+use crate::rows::read_row;
 use crate::rows::{self, Stored};
 use crate::schema::TableMode;
 use crate::value::Value;
@@ -151,44 +153,6 @@ fn load_undo(conn: &Connection, seq: i64, t: &TableInfo, pk: &Value) -> Result<O
     Ok(Some(Undo { before, prior }))
 }
 
-/// The log row a version belongs to (following a change re-issued under a new replica id).
-fn log_seq_of(conn: &Connection, v: &Version) -> Option<i64> {
-    let row: Option<(i64, Option<i64>)> = conn
-        .prepare_cached("SELECT seq, reissued FROM ferry_log WHERE origin = ?1 AND origin_seq = ?2")
-        .and_then(|mut st| {
-            st.query_row(params![v.origin, v.origin_seq as i64], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .optional()
-        })
-        .ok()
-        .flatten();
-    row.map(|(seq, re)| re.unwrap_or(seq))
-}
-
-/// A pending local change set.
-struct Pending {
-    seq: i64,
-    cs: ChangeSet,
-}
-
-fn pending(conn: &Connection) -> Result<Vec<Pending>> {
-    let mut st = conn.prepare_cached(
-        "SELECT seq, wire FROM ferry_log WHERE server_seq IS NULL AND reissued IS NULL AND rejected IS NULL
-         AND wire IS NOT NULL ORDER BY seq",
-    )?;
-    let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (seq, wire) = row?;
-        out.push(Pending {
-            seq,
-            cs: rmp_serde::from_slice(&wire)?,
-        });
-    }
-    Ok(out)
-}
-
 /// What a withdrawal did.
 #[derive(Debug, Default)]
 pub struct Withdrawal {
@@ -200,8 +164,8 @@ pub struct Withdrawal {
     pub conflicts: Vec<Conflict>,
 }
 
-/// Identity of this replica inside the withdrawal.
-pub struct Me {
+/// This replica, as a withdrawal needs it.
+pub(crate) struct Own {
     /// Replica id.
     pub id: ReplicaId,
     /// Its intern number.
@@ -218,12 +182,12 @@ pub struct Me {
 pub(crate) fn withdraw(
     conn: &Connection,
     cat: &Catalog,
-    me: &Me,
+    me: &Own,
     origin_seq: u64,
     policy: &str,
     reason: &str,
 ) -> Result<Withdrawal> {
-    let all = pending(conn)?;
+    let all = log::pending_live(conn)?;
     let Some(first) = all.iter().position(|p| p.cs.origin_seq == origin_seq) else {
         return Ok(Withdrawal::default());
     };
@@ -258,10 +222,7 @@ pub(crate) fn withdraw(
             guarded: false,
             ..p.cs.clone()
         };
-        conn.prepare_cached(
-            "UPDATE ferry_log SET rejected = ?1, wire = ?2, guarded = 0 WHERE seq = ?3",
-        )?
-        .execute(params![why, rmp_serde::to_vec_named(&placeholder)?, p.seq])?;
+        log::withdraw(conn, p.seq, &why, &placeholder)?;
         conn.prepare_cached("DELETE FROM ferry_undo WHERE seq = ?1")?
             .execute([p.seq])?;
     }
@@ -274,13 +235,22 @@ pub(crate) fn withdraw(
 fn undo_set(
     conn: &Connection,
     cat: &Catalog,
-    me: &Me,
+    me: &Own,
     p: &Pending,
     policy: &str,
     why: &str,
     out: &mut Withdrawal,
 ) -> Result<()> {
-    let mine = |v: &Version| log_seq_of(conn, v) == Some(p.seq);
+    // Whether a version is this change set's (following a re-issue); a lookup that fails
+    // fails the withdrawal (checked at the end).
+    let failed = std::cell::RefCell::new(None);
+    let mine = |v: &Version| match log::entry_of(conn, v.origin, v.origin_seq) {
+        Ok(seq) => seq == Some(p.seq),
+        Err(e) => {
+            failed.borrow_mut().get_or_insert(e);
+            false
+        }
+    };
     for rc in p.cs.rows.iter().rev() {
         let t = cat.table(&rc.table)?;
         let mut log = |column: Option<&str>, rejected: Value, kept: Value| -> Result<()> {
@@ -441,7 +411,10 @@ fn undo_set(
         }
         out.tables.insert(rc.table.clone());
     }
-    Ok(())
+    match failed.into_inner() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// The pending guarded change sets (by `origin_seq`, oldest first) that the remote change
@@ -463,7 +436,7 @@ pub(crate) fn doomed(conn: &Connection, t: &TableInfo, rc: &RowChange) -> Result
     let remote_sets = rc.set_columns();
     let mut out = Vec::new();
     for (_, prior_cl, wire) in found {
-        let cs: ChangeSet = rmp_serde::from_slice(&wire)?;
+        let cs: ChangeSet = log::decode(&wire)?;
         let Some(mine) = cs
             .rows
             .iter()
@@ -489,13 +462,6 @@ pub(crate) fn doomed(conn: &Connection, t: &TableInfo, rc: &RowChange) -> Result
     Ok(out)
 }
 
-/// True while a guarded change set is pending (new writes are then guarded too).
-pub(crate) fn guard_pending(conn: &Connection) -> Result<bool> {
-    Ok(conn
-        .prepare_cached("SELECT EXISTS (SELECT 1 FROM ferry_log WHERE guarded = 1 AND server_seq IS NULL AND rejected IS NULL AND reissued IS NULL)")?
-        .query_row([], |r| r.get(0))?)
-}
-
 /// Drops the undo records of an acknowledged change set.
 pub(crate) fn forget_acked(conn: &Connection, origin: u32, origin_seq: u64) -> Result<()> {
     conn.prepare_cached(
@@ -503,42 +469,4 @@ pub(crate) fn forget_acked(conn: &Connection, origin: u32, origin_seq: u64) -> R
     )?
     .execute(params![origin, origin_seq as i64])?;
     Ok(())
-}
-
-/// The relay's verdict on one of this replica's change sets, by change id.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// Not decided yet (not pushed, or no answer yet).
-    Pending,
-    /// Sequenced at this relay position.
-    Accepted(u64),
-    /// Refused and rolled back, with the reason.
-    Rejected(String),
-}
-
-/// Reads the verdict of the change set with ULID `id`.
-pub(crate) fn verdict(conn: &Connection, id: &[u8; 16]) -> Result<Verdict> {
-    let row: Option<(Option<i64>, Option<String>, Option<i64>)> = conn
-        .prepare_cached("SELECT server_seq, rejected, reissued FROM ferry_log WHERE id = ?1")?
-        .query_row([id.to_vec()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .optional()?;
-    match row {
-        None => Err(Error::InvalidInput(
-            "no change set with that id on this replica".into(),
-        )),
-        Some((_, Some(why), _)) => Ok(Verdict::Rejected(why)),
-        Some((Some(s), None, _)) => Ok(Verdict::Accepted(s as u64)),
-        Some((None, None, Some(re))) => {
-            let id: Vec<u8> =
-                conn.query_row("SELECT id FROM ferry_log WHERE seq = ?1", [re], |r| {
-                    r.get(0)
-                })?;
-            let id: [u8; 16] = id
-                .as_slice()
-                .try_into()
-                .map_err(|_| Error::Corrupt("change set id is not 16 bytes".into()))?;
-            verdict(conn, &id)
-        }
-        Some((None, None, None)) => Ok(Verdict::Pending),
-    }
 }

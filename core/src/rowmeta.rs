@@ -115,11 +115,6 @@ impl RowMeta {
         }
     }
 
-    /// Every distinct version present (cells and row).
-    pub fn versions(&self) -> impl Iterator<Item = &Version> {
-        self.row.iter().chain(self.cells.iter().map(|(_, v)| v))
-    }
-
     /// Encodes to bytes.
     pub fn encode(&self) -> Vec<u8> {
         let mut uniq: Vec<Version> = Vec::new();

@@ -168,3 +168,19 @@ impl Origins {
         self.by_num.get(&n).copied().unwrap_or(ReplicaId([0; 16]))
     }
 }
+
+/// Reads the current values of a row (for materializing rows Ferry has no metadata for).
+pub fn read_row(conn: &Connection, t: &TableInfo, pk: &Value) -> Result<Option<Vec<Value>>> {
+    let sql = format!(
+        "SELECT {} FROM {} WHERE {} = ?1",
+        t.select_list(),
+        quote(t.name()),
+        quote(&t.cols[t.pk].name)
+    );
+    Ok(conn
+        .prepare_cached(&sql)?
+        .query_row([pk], |r| {
+            (0..t.cols.len()).map(|i| r.get::<_, Value>(i)).collect()
+        })
+        .optional()?)
+}

@@ -38,9 +38,9 @@
 //! ```
 
 use crate::error::{Error, Result};
+use crate::port::SyncPort;
 use crate::protocol::{ClientMsg, ErrorCode, LeaseOutcome, PROTOCOL_VERSION, ServerMsg};
-use crate::replica::RefusalAction;
-use crate::replica::Replica;
+use crate::refusal::RefusalAction;
 use std::collections::{BTreeSet, VecDeque};
 
 /// Connection phase.
@@ -96,15 +96,6 @@ pub struct Step {
     pub withdrawn: Vec<u64>,
     /// A lease answer arrived: `(nonce, outcome)`.
     pub lease: Option<(u64, LeaseOutcome)>,
-}
-
-/// Progress counters reported to status observers.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Progress {
-    /// Change sets pushed and not yet acknowledged.
-    pub uploading: usize,
-    /// Relay head minus cursor.
-    pub behind: u64,
 }
 
 /// Client side of one sync connection.
@@ -168,14 +159,6 @@ impl SyncClient {
         self.phase
     }
 
-    /// Upload / download progress.
-    pub fn progress(&self, replica: &Replica) -> Result<Progress> {
-        Ok(Progress {
-            uploading: self.in_flight.len(),
-            behind: self.head.saturating_sub(replica.cursor()?),
-        })
-    }
-
     /// The relay position known to this client (from welcome, acks and changes).
     pub fn head(&self) -> u64 {
         self.head
@@ -187,7 +170,7 @@ impl SyncClient {
     }
 
     /// Starts a connection: the hello frame.
-    pub fn start(&mut self, replica: &Replica, token: &str) -> Result<ClientMsg> {
+    pub fn start(&mut self, replica: &impl SyncPort, token: &str) -> Result<ClientMsg> {
         self.phase = Phase::Handshake;
         self.in_flight.clear();
         self.refused = None;
@@ -211,7 +194,7 @@ impl SyncClient {
     }
 
     /// The next push frame, if there is pending work and room in the window.
-    pub fn poll_push(&mut self, replica: &Replica) -> Result<Option<ClientMsg>> {
+    pub fn poll_push(&mut self, replica: &impl SyncPort) -> Result<Option<ClientMsg>> {
         if self.phase != Phase::Streaming
             || self.refused.is_some()
             || self.in_flight.len() >= self.window
@@ -225,7 +208,7 @@ impl SyncClient {
             replica.rebase(origin_seq)?;
             self.rebase = None;
         }
-        let pending = replica.pending(self.max_sets + self.in_flight.len(), usize::MAX)?;
+        let pending = replica.prepare_push(self.max_sets + self.in_flight.len(), usize::MAX)?;
         let mut batch = Vec::new();
         let mut bytes = 0;
         for cs in pending {
@@ -254,7 +237,7 @@ impl SyncClient {
     }
 
     /// Handles one frame from the relay.
-    pub fn handle(&mut self, replica: &Replica, msg: ServerMsg) -> Result<Step> {
+    pub fn handle(&mut self, replica: &impl SyncPort, msg: ServerMsg) -> Result<Step> {
         let mut step = Step::default();
         match msg {
             ServerMsg::Welcome {
@@ -431,7 +414,7 @@ impl SyncClient {
     }
 
     /// True when nothing is pending and the cursor has reached the relay's head.
-    pub fn is_synced(&self, replica: &Replica) -> Result<bool> {
+    pub fn is_synced(&self, replica: &impl SyncPort) -> Result<bool> {
         Ok(self.phase == Phase::Streaming
             && self.in_flight.is_empty()
             && replica.pending_count()? == 0

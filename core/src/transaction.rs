@@ -1,20 +1,21 @@
-//! An owned write transaction, for callers that cannot hand Ferry a closure.
+//! The app's write transaction: the one type both ways of writing use.
 //!
-//! [`Replica::write`](crate::Replica::write) takes a closure and is the API Rust code should
-//! use. Host languages reached through the FFI cannot lend a borrowed transaction to foreign
-//! code, so [`Replica::begin`](crate::Replica::begin) returns a [`Transaction`] that owns the
-//! replica's lock until it is committed or rolled back (dropping it rolls back). The same
-//! capture runs in both: everything written between begin and commit becomes one change set.
+//! [`Replica::write`](crate::Replica::write) hands a closure a `&Transaction` and commits
+//! when it returns `Ok`; [`Replica::begin`](crate::Replica::begin) returns one that owns the
+//! replica's lock until it is committed or rolled back (dropping it rolls back) — what host
+//! languages reached through the FFI need, since they cannot be lent a borrowed transaction.
+//! Everything written between begin and commit becomes one change set.
 //!
 //! While a transaction is open, the thread that opened it gets an
 //! [`Error::InvalidInput`] (instead of a deadlock) if it calls the replica directly.
 
 use crate::changeset::Fence;
+use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::hlc::CorrectedClock;
 use crate::ids::ChangeId;
-use crate::observer::{Registry, Rows};
-use crate::replica::{Db, Notes, collect_watches, deliver};
+use crate::observer::{Notifications, Registry, Rows};
+use crate::sqlgate::Prepared;
 use crate::value::Value;
 use parking_lot::{Mutex, RawMutex, lock_api::ArcMutexGuard};
 use std::cell::Cell;
@@ -37,8 +38,8 @@ pub(crate) fn thread_token() -> u64 {
 
 /// An open write transaction on a replica (see the module docs).
 pub struct Transaction {
-    guard: Option<ArcMutexGuard<RawMutex, Option<Db>>>,
-    notes: Notes,
+    guard: Option<ArcMutexGuard<RawMutex, Option<Engine>>>,
+    notes: Notifications,
     registry: Arc<Mutex<Registry>>,
     wall: Arc<CorrectedClock>,
     writer: Arc<AtomicU64>,
@@ -54,8 +55,8 @@ impl std::fmt::Debug for Transaction {
 
 impl Transaction {
     pub(crate) fn new(
-        guard: ArcMutexGuard<RawMutex, Option<Db>>,
-        notes: Notes,
+        guard: ArcMutexGuard<RawMutex, Option<Engine>>,
+        notes: Notifications,
         registry: Arc<Mutex<Registry>>,
         wall: Arc<CorrectedClock>,
         writer: Arc<AtomicU64>,
@@ -69,7 +70,7 @@ impl Transaction {
         }
     }
 
-    fn db(&self) -> Result<&Db> {
+    fn engine(&self) -> Result<&Engine> {
         self.guard
             .as_ref()
             .ok_or_else(|| Error::InvalidInput("the transaction is already finished".into()))?
@@ -79,15 +80,13 @@ impl Transaction {
 
     /// Runs one SQL statement with positional parameters; returns rows changed.
     pub fn execute(&self, sql: &str, params: &[Value]) -> Result<usize> {
-        self.db()?.tx().execute(sql, params)
+        self.engine()?.execute(sql, params)
     }
 
     /// Runs one statement once per parameter row, prepared once (bulk writes); returns the
     /// rows changed in all.
     pub fn execute_many(&self, sql: &str, rows: &[Vec<Value>]) -> Result<usize> {
-        let db = self.db()?;
-        let tx = db.tx();
-        let mut st = tx.prepare(sql)?;
+        let mut st = self.prepare(sql)?;
         let mut n = 0;
         for params in rows {
             n += st.execute(params)?;
@@ -95,9 +94,15 @@ impl Transaction {
         Ok(n)
     }
 
+    /// Prepares a statement once for many executions (bulk writes), like
+    /// `rusqlite::Connection::prepare_cached`.
+    pub fn prepare(&self, sql: &str) -> Result<Prepared<'_>> {
+        self.engine()?.prepare(sql)
+    }
+
     /// Runs a query that sees the transaction's own writes.
     pub fn query(&self, sql: &str, params: &[Value]) -> Result<Rows> {
-        self.db()?.tx().query(sql, params)
+        self.engine()?.query(sql, params)
     }
 
     /// True until committed or rolled back.
@@ -121,7 +126,7 @@ impl Transaction {
     /// and the relay refuses it (and the replica rolls it back) unless the grant is still the
     /// lease's current one when it arrives. Call before writing anything.
     pub fn guard(&self, fence: Fence) -> Result<()> {
-        self.db()?.guard_with(fence)
+        self.engine()?.guard_with(fence)
     }
 
     /// Rolls back everything written. Rolling back a finished transaction does nothing.
@@ -142,17 +147,17 @@ impl Transaction {
         let mut notes = std::mem::take(&mut self.notes);
         let r = match guard.as_mut() {
             None => Err(Error::Closed),
-            Some(db) => {
-                let r = db.end_write(&*self.wall, &mut notes, keep);
+            Some(engine) => {
+                let r = engine.end_write(&*self.wall, &mut notes, keep);
                 if r.is_ok() {
-                    collect_watches(&self.registry, db, &mut notes);
+                    engine.rerun_watches(&self.registry, &mut notes);
                 }
                 r
             }
         };
         drop(guard);
         if r.is_ok() {
-            deliver(&self.registry, notes);
+            notes.deliver(&self.registry);
         }
         r
     }

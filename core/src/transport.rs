@@ -26,12 +26,12 @@ use crate::changeset::Fence;
 use crate::error::{Error, Result};
 use crate::ids::ChangeId;
 use crate::lease;
+use crate::log::Verdict;
 use crate::observer::{ChangeEvent, ChangeSource, Observer};
 use crate::protocol::{
     ClientMsg, ErrorCode, LeaseOutcome, LeaseRequest, MAX_FRAME_BYTES, ServerMsg,
 };
 use crate::replica::Replica;
-use crate::rollback::Verdict;
 use crate::sync::{Phase, Refusal, RemoteChecksum, SyncClient};
 use crate::transaction::Transaction;
 use futures_util::{SinkExt, StreamExt};
@@ -791,7 +791,7 @@ impl Loop {
         let mut client =
             SyncClient::new().with_batch(self.opts.push_batch_sets, self.opts.push_batch_bytes);
         let replica = Arc::clone(&self.replica);
-        let hello = match blocking(|| client.start(&replica, &token)) {
+        let hello = match blocking(|| client.start(&*replica, &token)) {
             Ok(h) => h,
             Err(e) => return End::Failed(local_err(&e)),
         };
@@ -839,7 +839,7 @@ impl Loop {
                         ServerMsg::Pong { nonce, .. } => Some(*nonce),
                         _ => None,
                     };
-                    let step = match blocking(|| client.handle(&replica, msg)) {
+                    let step = match blocking(|| client.handle(&*replica, msg)) {
                         Ok(s) => s,
                         Err(e) => {
                             let _ = ws.close(None).await;
@@ -971,7 +971,7 @@ impl Loop {
     ) -> std::result::Result<(), End> {
         let replica = Arc::clone(&self.replica);
         loop {
-            let next = blocking(|| client.poll_push(&replica));
+            let next = blocking(|| client.poll_push(&*replica));
             match next {
                 Ok(Some(m)) => send(ws, &m).await.map_err(End::Failed)?,
                 Ok(None) => return Ok(()),

@@ -3,10 +3,11 @@
 
 mod common;
 use common::*;
+use ferry_core::SyncPort;
 use ferry_core::{Cell, ChangeSet, Error, RowOp, Schema, TableDecl, TableMode, Value};
 
 fn pending(r: &ferry_core::Replica) -> Vec<ChangeSet> {
-    r.pending(1000, usize::MAX).unwrap()
+    r.prepare_push(1000, usize::MAX).unwrap()
 }
 
 fn cells(cs: &ChangeSet, row: usize) -> Vec<Cell> {
@@ -362,7 +363,7 @@ fn app_triggers_still_fire_for_sdk_writes_and_their_writes_are_captured() {
         rows(&r, "SELECT votes FROM todo WHERE id = 'after'"),
         vec![vec![i(1)]]
     );
-    let p = r.pending(100, usize::MAX).unwrap();
+    let p = r.prepare_push(100, usize::MAX).unwrap();
     let last = p.last().unwrap();
     match &last.rows[0].op {
         RowOp::Upsert(c) => assert!(c.contains(&Cell::Add("votes".into(), 1)), "{c:?}"),
@@ -435,13 +436,13 @@ fn columns_changed_by_an_app_trigger_are_captured_beyond_the_statements_set_list
         &[],
     )
     .unwrap();
-    let p0 = r.pending(100, usize::MAX).unwrap().len();
+    let p0 = r.prepare_push(100, usize::MAX).unwrap().len();
     r.write(|tx| {
         let mut st = tx.prepare("UPDATE todo SET title = ?1 WHERE id = ?2")?;
         st.execute(&[t("renamed"), t("a")])
     })
     .unwrap();
-    let p = r.pending(100, usize::MAX).unwrap();
+    let p = r.prepare_push(100, usize::MAX).unwrap();
     assert_eq!(p.len(), p0 + 1);
     match &p.last().unwrap().rows[0].op {
         RowOp::Upsert(c) => {

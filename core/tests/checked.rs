@@ -15,6 +15,7 @@
 //! Cases: 300 by default (`FERRY_PROPTEST_CASES` for more).
 #![allow(clippy::unwrap_used, missing_docs)]
 
+use ferry_core::SyncPort;
 use ferry_core::sequencer::Sequencer;
 use ferry_core::sync::SyncClient;
 use ferry_core::{

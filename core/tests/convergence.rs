@@ -9,6 +9,7 @@
 //! replayed first on every run; commit that file.
 #![allow(clippy::unwrap_used, missing_docs)]
 
+use ferry_core::SyncPort;
 use ferry_core::sequencer::Sequencer;
 use ferry_core::{Cell, DeleteRule, Hlc, Replica, ReplicaId, RowOp, Schema, TableDecl, Value};
 use proptest::prelude::*;
@@ -242,7 +243,7 @@ impl World {
 
     fn push(&mut self, r: usize, max: usize, lose_ack: bool) {
         self.unfolded[r].clear();
-        let batch = self.r(r).pending(max, usize::MAX).unwrap();
+        let batch = self.r(r).prepare_push(max, usize::MAX).unwrap();
         let mut acks = Vec::new();
         for cs in batch {
             let o = cs.origin_seq;

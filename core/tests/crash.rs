@@ -8,6 +8,7 @@
 
 mod common;
 use common::*;
+use ferry_core::SyncPort;
 use ferry_core::sequencer::Sequencer;
 use ferry_core::{Cell, ChangeSet, Replica, ReplicaId, RowChange, RowOp, Sequenced, Value};
 use std::path::{Path, PathBuf};
@@ -220,7 +221,7 @@ fn killed_mid_write_reopens_with_whole_transactions_and_gap_free_log() {
             g[0]
         );
     }
-    let pending = r.pending(usize::MAX, usize::MAX).unwrap();
+    let pending = r.prepare_push(usize::MAX, usize::MAX).unwrap();
     assert_eq!(
         pending.len(),
         groups.len(),

@@ -51,7 +51,7 @@ fn a_version_1_file_upgrades_to_the_fresh_layout() {
     let v: i64 = c
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(v, ferry_core::db::FORMAT_VERSION);
+    assert_eq!(v, ferry_core::FORMAT_VERSION);
 }
 
 #[test]

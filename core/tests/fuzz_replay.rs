@@ -7,6 +7,7 @@
 #[path = "../../fuzz/src/lib.rs"]
 mod harness;
 
+use ferry_core::SyncPort;
 use std::path::Path;
 
 fn replay(target: &str, check: fn(&[u8])) -> usize {
@@ -88,7 +89,7 @@ fn write_seed_corpus() {
     b.execute("UPDATE todo SET list = 'l' WHERE id = '2'", &[])
         .unwrap();
     for r in [&a, &b] {
-        for cs in r.pending(64, 1 << 20).unwrap() {
+        for cs in r.prepare_push(64, 1 << 20).unwrap() {
             seq.push(cs).unwrap();
         }
     }

@@ -3,6 +3,7 @@
 
 mod common;
 use common::*;
+use ferry_core::SyncPort;
 use ferry_core::sequencer::Sequencer;
 use ferry_core::{
     ChangeSource, Conflict, ConflictKind, Observer, Replica, Resolution, Schema, TableDecl, Value,
@@ -461,7 +462,7 @@ fn migrations_add_columns_and_keep_rows_and_capture() {
     );
     r.execute("UPDATE item SET qty = 5 WHERE id = '1'", &[])
         .unwrap();
-    let p = r.pending(100, usize::MAX).unwrap();
+    let p = r.prepare_push(100, usize::MAX).unwrap();
     assert_eq!(p.len(), 2, "the backfill in the migration is not captured");
     assert_eq!(
         p[1].rows[0].op,
@@ -521,7 +522,7 @@ fn closed_replica_says_so_and_reopens() {
     ));
     let r = open(d.path(), "a.db");
     assert_eq!(r.replica_id().unwrap(), id);
-    assert_eq!(r.pending(10, usize::MAX).unwrap().len(), 1);
+    assert_eq!(r.prepare_push(10, usize::MAX).unwrap().len(), 1);
 }
 
 #[test]

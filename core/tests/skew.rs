@@ -9,6 +9,7 @@
 
 mod common;
 use common::*;
+use ferry_core::SyncPort;
 use ferry_core::sequencer::Sequencer;
 use ferry_core::{
     Cell, ChangeSet, Hlc, OpenOptions, Replica, ReplicaId, RowChange, RowOp, Sequenced, WallClock,
@@ -50,7 +51,7 @@ fn refused_for_skew_is_restamped_and_converges() {
         .execute("UPDATE note SET body = 'second' WHERE id = 'r'", &[])
         .unwrap();
     let stamped: Vec<Hlc> = ahead
-        .pending(8, 1 << 20)
+        .prepare_push(8, 1 << 20)
         .unwrap()
         .iter()
         .map(|c| c.hlc)
@@ -66,7 +67,7 @@ fn refused_for_skew_is_restamped_and_converges() {
         .learn_relay_clock(time.load(Ordering::SeqCst))
         .unwrap();
     assert_eq!(ahead.restamp(1).unwrap(), 2);
-    let pending = ahead.pending(8, 1 << 20).unwrap();
+    let pending = ahead.prepare_push(8, 1 << 20).unwrap();
     let relay_now = time.load(Ordering::SeqCst);
     assert!(
         pending.iter().all(|c| c.hlc.millis() <= relay_now + 1_000),

@@ -5,6 +5,7 @@
 
 mod common;
 use common::*;
+use ferry_core::SyncPort;
 use ferry_core::{Error, Value};
 use std::sync::{Arc, Mutex};
 
@@ -30,7 +31,7 @@ fn commit_makes_one_change_set_of_everything_written() {
     let n = tx.query("SELECT count(*) FROM todo", &[]).unwrap();
     assert_eq!(n.rows[0][0], Value::Integer(2));
     tx.commit().unwrap();
-    let p = r.pending(100, usize::MAX).unwrap();
+    let p = r.prepare_push(100, usize::MAX).unwrap();
     assert_eq!(p.len(), 1);
     assert_eq!(p[0].rows.len(), 2);
     assert_eq!(titles(&r), vec![t("milk"), t("eggs")]);
@@ -136,7 +137,7 @@ fn execute_many_is_one_change_set_and_stops_at_the_first_error() {
     let sql = "INSERT INTO todo(id, title) VALUES (?1, ?2)";
     assert_eq!(tx.execute_many(sql, &rows).unwrap(), 100);
     tx.commit().unwrap();
-    let p = r.pending(100, usize::MAX).unwrap();
+    let p = r.prepare_push(100, usize::MAX).unwrap();
     assert_eq!(p.len(), 1);
     assert_eq!(p[0].rows.len(), 100);
     // A duplicate key in the middle: an error, and rolling back keeps nothing of the batch.

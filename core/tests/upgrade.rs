@@ -9,6 +9,7 @@
 
 mod common;
 use common::*;
+use ferry_core::SyncPort;
 use ferry_core::sequencer::Sequencer;
 use ferry_core::{DeleteRule, Error, Replica, Schema, TableDecl};
 use std::path::Path;
@@ -100,7 +101,7 @@ fn created_before_upgrade(push_before_upgrade: bool) {
     if push_before_upgrade {
         push(&mut seq, &old);
     } else {
-        old.pending(64, 1 << 20).unwrap();
+        old.prepare_push(64, 1 << 20).unwrap();
     }
     old.close().unwrap();
     let old = open_v(dir.path(), "old.db", 2);
@@ -141,7 +142,7 @@ fn simulation_seed_24_history_converges() {
         &[],
     )
     .unwrap();
-    let mine = old.pending(8, 1 << 20).unwrap().remove(0);
+    let mine = old.prepare_push(8, 1 << 20).unwrap().remove(0);
     old.close().unwrap();
     let old = open_v(dir.path(), "old.db", 2);
     let t = mine.hlc.millis();
@@ -265,7 +266,7 @@ fn rollback_after_upgrade_keeps_new_columns() {
         Ok(())
     })
     .unwrap();
-    old.pending(8, 1 << 20).unwrap();
+    old.prepare_push(8, 1 << 20).unwrap();
     // Meanwhile on the new schema: the same account (so the relay refuses the old one's),
     // and prio on the note.
     other
@@ -278,7 +279,7 @@ fn rollback_after_upgrade_keeps_new_columns() {
     old.close().unwrap();
     let old = open("old.db", 2);
     pull(&seq, &old);
-    let pending = old.pending(8, 1 << 20).unwrap();
+    let pending = old.prepare_push(8, 1 << 20).unwrap();
     for cs in pending {
         match seq.push_checked(cs).unwrap() {
             Ok(s) => old.acknowledge(&[(0, s)]).unwrap_or(()),
@@ -299,5 +300,5 @@ fn rollback_after_upgrade_keeps_new_columns() {
 }
 
 fn refusal_origin(r: &Replica) -> u64 {
-    r.pending(1, 1 << 20).unwrap()[0].origin_seq
+    r.prepare_push(1, 1 << 20).unwrap()[0].origin_seq
 }

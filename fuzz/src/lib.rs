@@ -8,6 +8,7 @@
 //!   a refused batch leaves the replica exactly as it was, and the replica stays usable;
 //! * [`schema`]: a declaration (JSON) is refused with an error or opens a replica.
 
+use ferry_core::SyncPort;
 use ferry_core::protocol::{ClientMsg, ServerMsg};
 use ferry_core::{DeleteRule, Replica, Schema, Sequenced, TableDecl, TableMode};
 
@@ -97,7 +98,7 @@ pub fn apply(data: &[u8]) {
     r.execute("UPDATE todo SET votes = votes + 1 WHERE id = 'local'", &[])
         .expect("write after apply");
     r.checksum().expect("checksum after apply");
-    r.pending(16, 1 << 20).expect("pending after apply");
+    r.prepare_push(16, 1 << 20).expect("pending after apply");
 }
 
 /// Schema declaration: `data` is the JSON an app (or the relay's config) declares.

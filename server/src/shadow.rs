@@ -12,6 +12,7 @@ use crate::auth::Grants;
 use crate::error::{RelayError, Result};
 use crate::metrics as m;
 use crate::store::Store;
+use ferry_core::SyncPort;
 use ferry_core::checksum::StateChecksum;
 use ferry_core::{Replica, Schema, Sequenced};
 use parking_lot::Mutex;

@@ -5,6 +5,7 @@
 
 mod common;
 use common::*;
+use ferry_core::SyncPort;
 use ferry_core::{Replica, Sequenced, Value};
 use ferry_relay::auth::{Claims, Grants};
 use ferry_relay::catalog::RelayCatalog;
@@ -30,7 +31,7 @@ fn grants() -> Arc<Grants> {
 
 async fn push(store: &SqliteStore, r: &Replica) {
     loop {
-        let batch = r.pending(64, 1 << 20).unwrap();
+        let batch = r.prepare_push(64, 1 << 20).unwrap();
         if batch.is_empty() {
             return;
         }

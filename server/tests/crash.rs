@@ -5,6 +5,7 @@
 
 mod common;
 use common::*;
+use ferry_core::SyncPort;
 use ferry_core::{Replica, Value};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1219,8 +1219,8 @@ fn meta_dump(path: &Path, table: &str) -> String {
         .unwrap();
     let mut out = String::new();
     for (pk, cl, meta) in rows {
-        let m = ferry_core::rowmeta::RowMeta::decode(cl as u64, &meta).unwrap();
-        let _ = writeln!(out, "  {pk:?}: {m:?}");
+        let m = ferry_core::inspect::row_metadata(cl as u64, &meta).unwrap();
+        let _ = writeln!(out, "  {pk:?}: {m}");
     }
     out
 }

@@ -100,7 +100,7 @@ impl core::StatusObserver for Status {
 }
 
 /// Calls `listener` with a watched query's rows.
-pub(crate) fn query_callback(listener: Arc<dyn QueryListener>) -> core::observer::WatchCallback {
+pub(crate) fn query_callback(listener: Arc<dyn QueryListener>) -> core::WatchCallback {
     Box::new(move |rows: &core::Rows| {
         logged("query listener", listener.on_rows(rows.clone().into()))
     })

@@ -5,6 +5,7 @@
 //! `cargo run --release -p ferry-core --bin ferry-bench -- [--rows N] [--repeat K]`
 #![allow(clippy::print_stdout)]
 
+use ferry_core::SyncPort;
 use ferry_core::sequencer::Sequencer;
 use ferry_core::{Replica, Schema, TableDecl, Value};
 use rusqlite::{Connection, params};
@@ -27,7 +28,7 @@ fn schema() -> Schema {
 
 fn plain(path: &Path) -> Connection {
     let c = Connection::open(path).expect("open plain");
-    ferry_core::db::configure(&c).expect("pragmas");
+    ferry_core::configure_sqlite(&c).expect("pragmas");
     c.execute_batch(
         "CREATE TABLE t (id TEXT NOT NULL, a TEXT, b INTEGER, c REAL, d TEXT, e INTEGER, PRIMARY KEY (id))",
     )
@@ -208,7 +209,7 @@ fn main() {
             results[0].plain.push(tp);
             results[0].ferry.push(tf);
             let (tm, _) = time(|| {
-                r.pending(usize::MAX, usize::MAX)
+                r.prepare_push(usize::MAX, usize::MAX)
                     .expect("materialize")
                     .len()
             });
@@ -227,7 +228,7 @@ fn main() {
             results[4].ferry.push(tf);
             // The app's own connection (e.g. its ORM) reading a Ferry replica file.
             let own = Connection::open(dir.join("ferry.db")).expect("open own");
-            ferry_core::db::configure(&own).expect("pragmas");
+            ferry_core::configure_sqlite(&own).expect("pragmas");
             let (tp, a) = time(|| plain_reads(&c, n));
             let (tf, b) = time(|| plain_reads(&own, n));
             assert_eq!(a, b);
@@ -239,7 +240,7 @@ fn main() {
             let src = Replica::open(dir.join("src.db"), &schema()).expect("open");
             ferry_insert(&src, n);
             let mut seq = Sequencer::new();
-            for cs in src.pending(usize::MAX, usize::MAX).expect("pending") {
+            for cs in src.prepare_push(usize::MAX, usize::MAX).expect("pending") {
                 seq.push(cs).expect("push");
             }
             let (log, up_to) = seq.changes_after(0, usize::MAX);

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+use ferry_core::SyncPort;
 use ferry_core::sequencer::Sequencer;
 use ferry_core::{DeleteRule, Replica, Schema, TableDecl, Value};
 use std::path::Path;
@@ -32,7 +33,7 @@ pub fn open(dir: &Path, name: &str) -> Replica {
 /// Pushes everything pending to the sequencer and acknowledges it.
 pub fn push(seq: &mut Sequencer, r: &Replica) {
     loop {
-        let batch = r.pending(64, 1 << 20).unwrap();
+        let batch = r.prepare_push(64, 1 << 20).unwrap();
         if batch.is_empty() {
             return;
         }

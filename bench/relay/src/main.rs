@@ -16,6 +16,7 @@
 //! (`scale` is not part of `all`: it needs a PostgreSQL server, see `docs/benchmarks.md`)
 #![allow(clippy::print_stdout)]
 
+use ferry_core::SyncPort;
 use ferry_core::protocol::{ClientMsg, PROTOCOL_VERSION, ServerMsg};
 use ferry_core::{Replica, ReplicaId, Schema, TableDecl, Value};
 use ferry_relay::auth::{Claims, mint_hs256, now_secs};
@@ -166,7 +167,7 @@ fn token(sub: &str) -> Res<String> {
 
 fn plain_insert(path: &Path, rows: usize, txns: usize) -> Res<Duration> {
     let mut c = rusqlite::Connection::open(path)?;
-    ferry_core::db::configure(&c)?;
+    ferry_core::configure_sqlite(&c)?;
     c.execute_batch(
         "CREATE TABLE t (id TEXT NOT NULL, a TEXT, b INTEGER, c REAL, d TEXT, e INTEGER, PRIMARY KEY (id))",
     )?;
@@ -562,7 +563,7 @@ fn wire() -> Res<()> {
     for i in 0..n {
         a.execute(INSERT, &row(i))?;
     }
-    let inserts = a.pending(n, usize::MAX)?;
+    let inserts = a.prepare_push(n, usize::MAX)?;
     let one_frame = |sets: &[ferry_core::ChangeSet]| -> Res<usize> {
         Ok(ClientMsg::Push {
             change_sets: sets.to_vec(),
@@ -598,7 +599,7 @@ fn wire() -> Res<()> {
             &[Value::Integer(i as i64 * 3), row(i)[0].clone()],
         )?;
     }
-    let updates = a.pending(n, usize::MAX)?;
+    let updates = a.prepare_push(n, usize::MAX)?;
     let single: usize = updates
         .iter()
         .map(|c| one_frame(std::slice::from_ref(c)))

@@ -1,0 +1,66 @@
+//! The sync port: what the sans-I/O sync client needs from a replica, and nothing else.
+//!
+//! The protocol plumbing — handing out change sets to push, recording acknowledgements,
+//! applying the relay's stream, reacting to refusals — changes what the device holds and
+//! in which order it pushes. An app calling it by hand (re-stamping a change set, say) would
+//! break the device's ordering, so it is not part of [`Replica`](crate::Replica)'s inherent
+//! API: [`crate::sync::SyncClient`] is generic over this trait (as automerge's sync state
+//! machine is over its document), the replica implements it, and test code that plays the
+//! relay itself imports the trait on purpose. Unit tests of the client implement it with an
+//! in-memory fake.
+
+use crate::apply::ApplyReport;
+use crate::changeset::{ChangeSet, Sequenced};
+use crate::error::Result;
+use crate::ids::ReplicaId;
+use crate::protocol::{ErrorCode, Move};
+use crate::refusal::RefusalAction;
+
+/// What the sync client calls on a replica (see the module docs).
+pub trait SyncPort {
+    /// The replica's current id.
+    fn replica_id(&self) -> Result<ReplicaId>;
+    /// The highest relay position applied with everything before it.
+    fn cursor(&self) -> Result<u64>;
+    /// The app schema version the replica runs.
+    fn schema_version(&self) -> Result<u32>;
+    /// Highest `origin_seq` issued under the current id.
+    fn last_origin_seq(&self) -> Result<u64>;
+    /// Number of change sets the relay has not acknowledged.
+    fn pending_count(&self) -> Result<u64>;
+    /// Prepares the oldest unacknowledged change sets for a push — folding other
+    /// connections' writes and materializing recorded changes first, which writes — and
+    /// returns at most `max_sets` of them and about `max_bytes` (always one if any).
+    fn prepare_push(&self, max_sets: usize, max_bytes: usize) -> Result<Vec<ChangeSet>>;
+    /// Records the relay's acknowledgements `(origin_seq, server_seq)`.
+    fn acknowledge(&self, acks: &[(u64, u64)]) -> Result<()>;
+    /// Applies the relay's change sets covering positions `(after, up_to]`, in order, with
+    /// the rows entering or leaving the replica's read scopes (`moves`).
+    fn apply_changes(
+        &self,
+        after: u64,
+        up_to: u64,
+        sets: &[Sequenced],
+        moves: &[Move],
+    ) -> Result<ApplyReport>;
+    /// [`SyncPort::apply_changes`] without scope moves.
+    fn apply_remote(&self, after: u64, up_to: u64, sets: &[Sequenced]) -> Result<ApplyReport> {
+        self.apply_changes(after, up_to, sets, &[])
+    }
+    /// Handles the relay's compare-and-set or fence refusal of own change set `origin_seq`.
+    fn handle_refusal(
+        &self,
+        origin_seq: u64,
+        code: ErrorCode,
+        message: &str,
+    ) -> Result<RefusalAction>;
+    /// Re-issues a change set refused for its `custom` columns on top of what the replica
+    /// now holds. False if it is no longer pending.
+    fn rebase(&self, origin_seq: u64) -> Result<bool>;
+    /// Re-stamps the pending change sets from `origin_seq` on after a clock-skew refusal.
+    fn restamp(&self, origin_seq: u64) -> Result<usize>;
+    /// Takes a new replica id and re-issues every unacknowledged change set under it.
+    fn rotate_identity(&self) -> Result<ReplicaId>;
+    /// Learns the relay's wall clock; returns how far ahead of it the device clock runs.
+    fn learn_relay_clock(&self, relay_ms: u64) -> Result<u64>;
+}
