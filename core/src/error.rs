@@ -82,10 +82,10 @@ pub enum Error {
     #[error("sync transport: {0}")]
     Transport(String),
     /// The relay refused a pushed change set.
-    #[error("the relay refused a change set ({code}): {message}")]
+    #[error("the relay refused a change set ({}): {message}", code.as_str())]
     Refused {
-        /// The relay's error code (`forbidden`, `clock_skew`, ...).
-        code: &'static str,
+        /// The relay's error code.
+        code: crate::protocol::ErrorCode,
         /// The relay's explanation.
         message: String,
     },

@@ -15,6 +15,7 @@
 //! (`transport`, behind the default `client` feature). Everything else — capture, the change
 //! log, the write engine, merge, rollback, storage — is private.
 
+pub mod admission;
 mod apply;
 mod capture;
 pub mod cas;

@@ -362,43 +362,82 @@ fn encode_plain<T: Serialize>(msg: &T) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-fn decode<T: for<'a> Deserialize<'a>>(b: &[u8], max: usize) -> Result<T> {
+/// Why a frame could not be decoded: the code to answer with follows from the variant, never
+/// from the message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Over the byte limit, as received or once decompressed.
+    #[error("frame of {size} bytes exceeds the {max} byte limit")]
+    TooLarge {
+        /// The frame's size (decompressed size for a compressed frame).
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A Ferry frame of another protocol version.
+    #[error("protocol version {0} is not supported (this side speaks {PROTOCOL_VERSION})")]
+    Version(u8),
+    /// Not a Ferry frame, or one whose body does not decode.
+    #[error("{0}")]
+    BadFrame(String),
+}
+
+impl DecodeError {
+    /// The protocol code that answers it.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            DecodeError::TooLarge { .. } => ErrorCode::TooLarge,
+            DecodeError::Version(_) => ErrorCode::UnsupportedVersion,
+            DecodeError::BadFrame(_) => ErrorCode::BadFrame,
+        }
+    }
+}
+
+impl From<DecodeError> for Error {
+    fn from(e: DecodeError) -> Self {
+        Error::Protocol(e.to_string())
+    }
+}
+
+fn read<T: for<'a> Deserialize<'a>>(b: &[u8], max: usize) -> std::result::Result<T, DecodeError> {
     if b.len() > max {
-        return Err(Error::Protocol(format!(
-            "frame of {} bytes exceeds the {max} byte limit",
-            b.len()
-        )));
+        return Err(DecodeError::TooLarge { size: b.len(), max });
     }
     if b.len() < 4 || b[..2] != MAGIC {
-        return Err(Error::Protocol("not a Ferry frame (bad header)".into()));
+        return Err(DecodeError::BadFrame(
+            "not a Ferry frame (bad header)".into(),
+        ));
     }
     if b[2] != PROTOCOL_VERSION {
-        return Err(Error::Protocol(format!(
-            "protocol version {} is not supported (this side speaks {PROTOCOL_VERSION})",
-            b[2]
-        )));
+        return Err(DecodeError::Version(b[2]));
     }
     let body = &b[4..];
+    let undecodable =
+        |e: rmp_serde::decode::Error| DecodeError::BadFrame(format!("undecodable frame body: {e}"));
     match b[3] {
-        0 => rmp_serde::from_slice(body)
-            .map_err(|e| Error::Protocol(format!("undecodable frame body: {e}"))),
+        0 => rmp_serde::from_slice(body).map_err(undecodable),
         FLAG_LZ4 => {
             if body.len() < 4 {
-                return Err(Error::Protocol("compressed frame without a size".into()));
+                return Err(DecodeError::BadFrame(
+                    "compressed frame without a size".into(),
+                ));
             }
             let size = u32::from_le_bytes([body[0], body[1], body[2], body[3]]) as usize;
             if size > max {
-                return Err(Error::Protocol(format!(
-                    "compressed frame announces {size} bytes, over the {max} byte limit"
-                )));
+                return Err(DecodeError::TooLarge { size, max });
             }
             let plain = lz4_flex::decompress_size_prepended(body)
-                .map_err(|e| Error::Protocol(format!("undecodable compressed frame: {e}")))?;
-            rmp_serde::from_slice(&plain)
-                .map_err(|e| Error::Protocol(format!("undecodable frame body: {e}")))
+                .map_err(|e| DecodeError::BadFrame(format!("undecodable compressed frame: {e}")))?;
+            rmp_serde::from_slice(&plain).map_err(undecodable)
         }
-        f => Err(Error::Protocol(format!("unknown frame flags {f:#04x}"))),
+        f => Err(DecodeError::BadFrame(format!(
+            "unknown frame flags {f:#04x}"
+        ))),
     }
+}
+
+fn decode<T: for<'a> Deserialize<'a>>(b: &[u8], max: usize) -> Result<T> {
+    Ok(read(b, max)?)
 }
 
 impl ClientMsg {
@@ -417,6 +456,11 @@ impl ClientMsg {
     /// Decodes a binary frame of at most `max` bytes (after decompression too).
     pub fn decode_limited(b: &[u8], max: usize) -> Result<Self> {
         decode(b, max)
+    }
+    /// [`ClientMsg::decode_limited`] with a typed error (what the relay answers a bad frame
+    /// with).
+    pub fn read(b: &[u8], max: usize) -> std::result::Result<Self, DecodeError> {
+        read(b, max)
     }
     /// Short name of the message kind (logs, metrics).
     pub fn kind(&self) -> &'static str {

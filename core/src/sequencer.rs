@@ -6,27 +6,19 @@
 //! ([`Sequencer::with_schema`]) it also runs the relay's compare-and-set check ([`crate::cas`])
 //! and grants leases ([`crate::lease`]) on its `now_ms` clock.
 
-use crate::cas::{self, MemIndex};
+use crate::admission::{self, Bounds, Decision, Ledger, OriginState};
+use crate::cas::{self, CasConflict, CasUpdate, MemIndex};
 use crate::changeset::{ChangeSet, Sequenced};
 use crate::error::{Error, Result};
 use crate::ids::ReplicaId;
 use crate::lease::{self, LeaseState};
 use crate::protocol::{
-    Ack, ClientMsg, ErrorCode, LeaseOutcome, Limits, PROTOCOL_VERSION, ServerMsg,
+    Ack, ClientMsg, ErrorCode, LeaseOutcome, LeaseRequest, Limits, PROTOCOL_VERSION, ServerMsg,
 };
 use crate::schema::{Schema, TableDecl};
 use std::collections::HashMap;
 
-/// Why the sequencer refused a change set (the connection stays open).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
-    /// The protocol code.
-    pub code: ErrorCode,
-    /// What was wrong.
-    pub message: String,
-    /// For a compare-and-set conflict, the unseen change's position.
-    pub conflict_seq: u64,
-}
+pub use crate::admission::Refusal;
 
 /// Per-origin bookkeeping.
 #[derive(Debug, Default)]
@@ -73,46 +65,71 @@ impl Sequencer {
         }
     }
 
-    /// Sequences one change set, or refuses it like the relay would (compare-and-set
-    /// conflict, stale fence) without storing anything. Errors are protocol violations.
+    /// Sequences one change set, or refuses it like the relay would (the one admission
+    /// rule, [`admission::admit`]; no size or skew limit) without storing anything. Errors
+    /// are failures of the sequencer itself.
     pub fn push_checked(&mut self, cs: ChangeSet) -> Result<std::result::Result<u64, Refusal>> {
-        let known = self
-            .origins
-            .get(&cs.origin)
-            .and_then(|o| o.seqs.get((cs.origin_seq as usize).wrapping_sub(1)))
-            .is_some();
-        if known || cs.origin_seq == 0 {
-            return self.push(cs).map(Ok);
-        }
-        if let Some(f) = &cs.fence
-            && let Err(message) = lease::check_fence(
-                self.now_ms,
-                self.leases.get(&f.lease).copied(),
-                f,
-                cs.origin,
-            )
-        {
-            return Ok(Err(Refusal {
-                code: ErrorCode::Fenced,
-                message,
-                conflict_seq: 0,
-            }));
-        }
-        let tables = &self.tables;
-        let updates = match cas::check(|t| tables.get(t), &cs, &mut self.cas)? {
-            Ok(u) => u,
-            Err(c) => {
-                return Ok(Err(Refusal {
-                    code: ErrorCode::Conflict,
-                    message: c.to_string(),
-                    conflict_seq: c.seq,
-                }));
-            }
+        self.push_bounded(cs, &Bounds::NONE)
+    }
+
+    /// [`Sequencer::push_checked`] within `bounds` (size, clock skew).
+    pub fn push_bounded(
+        &mut self,
+        cs: ChangeSet,
+        bounds: &Bounds,
+    ) -> Result<std::result::Result<u64, Refusal>> {
+        let o = self.origins.get(&cs.origin);
+        let origin = OriginState {
+            existing: o.and_then(|o| {
+                o.seqs
+                    .get((cs.origin_seq as usize).wrapping_sub(1))
+                    .copied()
+            }),
+            max_seq: o.map_or(0, |o| o.seqs.len() as u64),
         };
+        let mut ledger = MemLedger {
+            tables: &self.tables,
+            cas: &mut self.cas,
+            leases: &self.leases,
+            now_ms: self.now_ms,
+        };
+        let stamps = match admission::admit(&cs, &origin, bounds, &mut ledger)? {
+            Decision::Existing(seq) => return Ok(Ok(seq)),
+            Decision::Refused(r) => return Ok(Err(r)),
+            Decision::Accept { stamps, .. } => stamps,
+        };
+        let next = self.log.len() as u64 + 1;
         let origin = cs.origin;
-        let seq = self.push(cs)?;
-        self.cas.record(&updates, seq, origin);
-        Ok(Ok(seq))
+        self.origins
+            .entry(origin)
+            .or_default()
+            .seqs
+            .push((next, cs.id));
+        self.log.push(Sequenced {
+            server_seq: next,
+            change_set: cs,
+        });
+        self.cas.record(&stamps, next, origin);
+        Ok(Ok(next))
+    }
+
+    /// Decides a (validated) lease request by `holder` on the `now_ms` clock.
+    pub fn lease(&mut self, holder: ReplicaId, request: &LeaseRequest) -> LeaseOutcome {
+        let name = match request {
+            LeaseRequest::Acquire { name, .. }
+            | LeaseRequest::Renew { name, .. }
+            | LeaseRequest::Release { name, .. } => name.clone(),
+        };
+        let (outcome, next) = lease::decide(
+            self.now_ms,
+            self.leases.get(&name).copied(),
+            holder,
+            request,
+        );
+        if let Some(n) = next {
+            self.leases.insert(name, n);
+        }
+        outcome
     }
 
     /// Highest position assigned.
@@ -120,36 +137,13 @@ impl Sequencer {
         self.log.len() as u64
     }
 
-    /// Sequences one change set; returns its position (the existing one for a retry).
+    /// Sequences one change set; returns its position (the existing one for a retry), or
+    /// [`Error::Refused`] when the admission rule refuses it.
     pub fn push(&mut self, cs: ChangeSet) -> Result<u64> {
-        let next = self.log.len() as u64 + 1;
-        let o = self.origins.entry(cs.origin).or_default();
-        let oseq = cs.origin_seq;
-        if oseq == 0 {
-            return Err(Error::InvalidChangeSet("origin_seq starts at 1".into()));
-        }
-        if let Some((s, id)) = o.seqs.get(oseq as usize - 1) {
-            if *id != cs.id {
-                return Err(Error::InvalidChangeSet(format!(
-                    "origin {} reused origin_seq {oseq} for a different change set",
-                    cs.origin
-                )));
-            }
-            return Ok(*s);
-        }
-        if oseq != o.seqs.len() as u64 + 1 {
-            return Err(Error::InvalidChangeSet(format!(
-                "origin {} skipped from origin_seq {} to {oseq}",
-                cs.origin,
-                o.seqs.len()
-            )));
-        }
-        o.seqs.push((next, cs.id));
-        self.log.push(Sequenced {
-            server_seq: next,
-            change_set: cs,
-        });
-        Ok(next)
+        self.push_checked(cs)?.map_err(|r| Error::Refused {
+            code: r.code,
+            message: r.message,
+        })
     }
 
     /// Change sets after `cursor`, at most `max`, and the position they cover up to.
@@ -224,20 +218,12 @@ impl Sequencer {
                             break;
                         }
                         Err(e) => {
-                            // Like the relay: a refusal, and the connection stays open.
                             out.push(ServerMsg::Acks { acks });
-                            out.push(ServerMsg::Refused {
-                                origin_seq: oseq,
-                                code: if e.to_string().contains("reused") {
-                                    ErrorCode::OriginReused
-                                } else {
-                                    ErrorCode::InvalidChangeSet
-                                },
+                            out.push(ServerMsg::Error {
+                                code: ErrorCode::Internal,
                                 message: e.to_string(),
-                                conflict_seq: 0,
                             });
-                            acks = Vec::new();
-                            break;
+                            return out;
                         }
                     }
                 }
@@ -258,20 +244,7 @@ impl Sequencer {
                         message: e.to_string(),
                     }];
                 }
-                let name = match &request {
-                    crate::protocol::LeaseRequest::Acquire { name, .. }
-                    | crate::protocol::LeaseRequest::Renew { name, .. }
-                    | crate::protocol::LeaseRequest::Release { name, .. } => name.clone(),
-                };
-                let (outcome, next): (LeaseOutcome, _) = lease::decide(
-                    self.now_ms,
-                    self.leases.get(&name).copied(),
-                    holder,
-                    &request,
-                );
-                if let Some(n) = next {
-                    self.leases.insert(name, n);
-                }
+                let outcome = self.lease(holder, &request);
                 out.push(ServerMsg::Lease { nonce, outcome });
             }
             ClientMsg::Ping { nonce } => out.push(ServerMsg::Pong {
@@ -295,5 +268,47 @@ impl Sequencer {
             session.sent_up_to = up_to;
         }
         out
+    }
+}
+
+/// The in-memory sequencer's side of the admission rule.
+struct MemLedger<'a> {
+    tables: &'a HashMap<String, TableDecl>,
+    cas: &'a mut MemIndex,
+    leases: &'a HashMap<String, LeaseState>,
+    now_ms: u64,
+}
+
+impl Ledger for MemLedger<'_> {
+    type Authorized = ();
+    type Refused = Refusal;
+    type Error = Error;
+
+    fn table(&self, name: &str) -> std::result::Result<Option<&TableDecl>, Refusal> {
+        if self.tables.is_empty() {
+            return Ok(None);
+        }
+        self.tables.get(name).map(Some).ok_or_else(|| {
+            Refusal::new(
+                ErrorCode::InvalidChangeSet,
+                format!("table `{name}` is not in the relay's schema"),
+            )
+        })
+    }
+
+    fn authorize(&mut self, _cs: &ChangeSet) -> Result<std::result::Result<(), Refusal>> {
+        Ok(Ok(()))
+    }
+
+    fn lease(&mut self, name: &str) -> Result<(Option<LeaseState>, u64)> {
+        Ok((self.leases.get(name).copied(), self.now_ms))
+    }
+
+    fn compare_and_set(
+        &mut self,
+        cs: &ChangeSet,
+    ) -> Result<std::result::Result<Vec<CasUpdate>, CasConflict>> {
+        let tables = self.tables;
+        cas::check(|t| tables.get(t), cs, self.cas)
     }
 }

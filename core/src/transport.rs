@@ -436,7 +436,7 @@ impl SyncHandle {
                 }
                 if let Some(r) = &s.refused {
                     return Err(Error::Refused {
-                        code: r.code.as_str(),
+                        code: r.code,
                         message: r.message.clone(),
                     });
                 }

@@ -10,10 +10,13 @@
 use crate::auth::Grants;
 use crate::error::RelayError;
 use crate::metrics as m;
-use crate::scoping;
+
 use crate::session::Shared;
 use crate::store::{PushOutcome, StoredSet};
-use ferry_core::protocol::{Ack, ClientMsg, ErrorCode, Move, PROTOCOL_VERSION, RowKey, ServerMsg};
+use ferry_core::admission::Bounds;
+use ferry_core::protocol::{
+    Ack, ClientMsg, DecodeError, ErrorCode, Move, PROTOCOL_VERSION, RowKey, ServerMsg,
+};
 use ferry_core::{ChangeSet, ReplicaId, Sequenced};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -49,34 +52,16 @@ impl From<RelayError> for Close {
     }
 }
 
-/// Decodes a client frame, telling a version mismatch apart from garbage.
+/// Decodes a client frame; the refusal's code follows from the typed decode error.
 pub fn decode(bytes: &[u8], max: usize) -> Result<ClientMsg, Close> {
-    if bytes.len() > max {
-        return Err(Close::new(
-            ErrorCode::TooLarge,
-            format!(
-                "frame of {} bytes exceeds the {max} byte limit",
-                bytes.len()
+    ClientMsg::read(bytes, max).map_err(|e| {
+        let message = match &e {
+            DecodeError::Version(v) => format!(
+                "protocol version {v} is not supported; this relay speaks {PROTOCOL_VERSION}"
             ),
-        ));
-    }
-    if bytes.len() >= 4 && bytes[..2] == *b"FY" && bytes[2] != PROTOCOL_VERSION {
-        return Err(Close::new(
-            ErrorCode::UnsupportedVersion,
-            format!(
-                "protocol version {} is not supported; this relay speaks {PROTOCOL_VERSION}",
-                bytes[2]
-            ),
-        ));
-    }
-    ClientMsg::decode_limited(bytes, max).map_err(|e| {
-        let msg = e.to_string();
-        let code = if msg.contains("byte limit") {
-            ErrorCode::TooLarge
-        } else {
-            ErrorCode::BadFrame
+            other => other.to_string(),
         };
-        Close::new(code, msg)
+        Close::new(e.code(), message)
     })
 }
 
@@ -282,36 +267,19 @@ impl Endpoint {
                 ),
             ));
         }
-        let now = (self.shared.clock)();
-        let horizon_ms = now + limits.max_clock_skew.as_millis() as u64;
-        let mut valid = Vec::with_capacity(sets.len());
+        let bounds = Bounds {
+            now_ms: (self.shared.clock)(),
+            max_clock_skew_ms: limits.max_clock_skew.as_millis() as u64,
+            max_ops: limits.max_change_set_ops,
+        };
         let mut refusal: Option<(u64, RelayError)> = None;
-        for cs in sets {
-            if cs.hlc.millis() > horizon_ms {
-                refusal = Some((
-                    cs.origin_seq,
-                    RelayError::ClockSkew(format!(
-                        "change set {} is stamped {} ms ahead of the relay's clock; the limit is {} ms",
-                        cs.origin_seq,
-                        cs.hlc.millis().saturating_sub(now),
-                        limits.max_clock_skew.as_millis()
-                    )),
-                ));
-                break;
-            }
-            if let Err(e) = scoping::validate(&self.shared.cat, &cs, limits.max_change_set_ops) {
-                refusal = Some((cs.origin_seq, e));
-                break;
-            }
-            valid.push(cs);
-        }
         let mut acks = Vec::new();
-        if !valid.is_empty() {
-            let oseqs: Vec<u64> = valid.iter().map(|c| c.origin_seq).collect();
+        if !sets.is_empty() {
+            let oseqs: Vec<u64> = sets.iter().map(|c| c.origin_seq).collect();
             let outcomes = self
                 .shared
                 .store
-                .push(Arc::clone(&self.grants), valid)
+                .push(Arc::clone(&self.grants), bounds, sets)
                 .await?;
             for (oseq, out) in oseqs.into_iter().zip(outcomes) {
                 match out {

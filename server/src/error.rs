@@ -63,6 +63,32 @@ pub enum RelayError {
     Fenced(String),
 }
 
+impl From<ferry_core::admission::Refusal> for RelayError {
+    fn from(r: ferry_core::admission::Refusal) -> Self {
+        let m = r.message;
+        match r.code {
+            ErrorCode::Unauthorized => RelayError::Unauthorized(m),
+            ErrorCode::Forbidden => RelayError::Forbidden(m),
+            ErrorCode::TooLarge => RelayError::TooLarge(m),
+            ErrorCode::ClockSkew => RelayError::ClockSkew(m),
+            ErrorCode::OriginReused => RelayError::OriginReused(m),
+            ErrorCode::ShuttingDown => RelayError::ShuttingDown,
+            ErrorCode::Conflict => RelayError::Conflict {
+                message: m,
+                seq: r.conflict_seq,
+            },
+            ErrorCode::Fenced => RelayError::Fenced(m),
+            ErrorCode::Internal => RelayError::Store(m),
+            // The rule refuses change sets for what they hold; the codes of frames and
+            // connections name no change set and are reported as an invalid one.
+            ErrorCode::InvalidChangeSet
+            | ErrorCode::BadFrame
+            | ErrorCode::UnsupportedVersion
+            | ErrorCode::RateLimited => RelayError::InvalidChangeSet(m),
+        }
+    }
+}
+
 impl From<rusqlite::Error> for RelayError {
     fn from(e: rusqlite::Error) -> Self {
         match e.sqlite_error_code() {

@@ -15,7 +15,7 @@
 use crate::auth::Grants;
 use crate::catalog::RelayCatalog;
 use crate::error::{RelayError, Result};
-use ferry_core::changeset::{Cell, ChangeSet, RowOp, check_row_change};
+use ferry_core::changeset::{Cell, ChangeSet, RowOp};
 use ferry_core::hlc::Hlc;
 use ferry_core::scope::{GLOBAL_SCOPE, scope_name};
 use ferry_core::{ReplicaId, TableMode, Value};
@@ -58,29 +58,6 @@ pub struct Tagged {
     pub tags: Vec<RowTag>,
     /// New tracked scopes to write.
     pub updates: Vec<(String, Value, RowScope)>,
-}
-
-/// Checks a change set's content against the schema (before anything is stored).
-pub fn validate(cat: &RelayCatalog, cs: &ChangeSet, max_ops: usize) -> Result<()> {
-    if cs.origin_seq == 0 {
-        return Err(RelayError::InvalidChangeSet(
-            "origin_seq starts at 1".into(),
-        ));
-    }
-    // An empty change set is legitimate: it is how a replica withdraws a refused one while
-    // keeping its origin_seq sequence gap-free (see `ferry_core::rollback`).
-    let ops = cs.op_count();
-    if ops > max_ops {
-        return Err(RelayError::TooLarge(format!(
-            "change set {} has {ops} cell operations; the limit is {max_ops}",
-            cs.origin_seq
-        )));
-    }
-    for rc in &cs.rows {
-        let decl = &cat.table(&rc.table)?.decl;
-        check_row_change(decl, rc).map_err(|e| RelayError::InvalidChangeSet(e.to_string()))?;
-    }
-    Ok(())
 }
 
 /// Tags each row of `cs` with its scope and checks that `grants` may write it.

@@ -36,7 +36,10 @@ async fn push(store: &SqliteStore, r: &Replica) {
             return;
         }
         let oseqs: Vec<u64> = batch.iter().map(|c| c.origin_seq).collect();
-        let out = store.push(grants(), batch).await.unwrap();
+        let out = store
+            .push(grants(), ferry_core::admission::Bounds::NONE, batch)
+            .await
+            .unwrap();
         let acks: Vec<(u64, u64)> = oseqs
             .into_iter()
             .zip(out)

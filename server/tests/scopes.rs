@@ -99,7 +99,7 @@ fn clients_see_only_their_scopes_and_writes_outside_are_refused() {
     .unwrap();
     match hbo.sync_now_blocking(Duration::from_secs(30)) {
         Err(Error::Refused { code, message }) => {
-            assert_eq!(code, "forbidden");
+            assert_eq!(code, ferry_core::protocol::ErrorCode::Forbidden);
             assert!(message.contains("list:alice"), "{message}");
         }
         other => panic!("expected a refusal, got {other:?}"),
@@ -516,7 +516,7 @@ fn a_primary_device_writes_a_read_only_table_that_others_receive_read_only() {
         .unwrap();
     let e = hr.sync_now_blocking(Duration::from_secs(30)).unwrap_err();
     assert!(
-        matches!(e, Error::Refused { code: "forbidden", ref message } if message.contains("read_only")),
+        matches!(e, Error::Refused { code: ferry_core::protocol::ErrorCode::Forbidden, ref message } if message.contains("read_only")),
         "{e}"
     );
     wait_synced(&hd);

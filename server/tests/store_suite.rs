@@ -6,6 +6,7 @@
 mod common;
 
 use common::raw;
+use ferry_core::admission::Bounds;
 use ferry_core::protocol::{LeaseOutcome, LeaseRequest};
 use ferry_core::{Cell, ChangeSet, Fence, ReplicaId, Value};
 use ferry_relay::auth::{Claims, Grants, now_secs};
@@ -116,11 +117,16 @@ async fn sequencing_is_gap_free_and_idempotent(kind: Kind) {
         .map(|i| tag(origin(1), i, &format!("t{i}")))
         .collect();
     assert_eq!(
-        acked(&store.push(Arc::clone(&g), sets.clone()).await.unwrap()),
+        acked(
+            &store
+                .push(Arc::clone(&g), Bounds::NONE, sets.clone())
+                .await
+                .unwrap()
+        ),
         vec![1, 2, 3]
     );
     let retry = store
-        .push(Arc::clone(&g), vec![sets[1].clone()])
+        .push(Arc::clone(&g), Bounds::NONE, vec![sets[1].clone()])
         .await
         .unwrap();
     assert_eq!(
@@ -129,12 +135,16 @@ async fn sequencing_is_gap_free_and_idempotent(kind: Kind) {
         "a retry is acknowledged at its first position"
     );
     let reuse = store
-        .push(Arc::clone(&g), vec![tag(origin(1), 2, "other")])
+        .push(
+            Arc::clone(&g),
+            Bounds::NONE,
+            vec![tag(origin(1), 2, "other")],
+        )
         .await
         .unwrap();
     assert!(matches!(refused(&reuse[0]), RelayError::OriginReused(_)));
     let gap = store
-        .push(Arc::clone(&g), vec![tag(origin(1), 5, "gap")])
+        .push(Arc::clone(&g), Bounds::NONE, vec![tag(origin(1), 5, "gap")])
         .await
         .unwrap();
     assert!(
@@ -156,7 +166,12 @@ async fn sequencing_is_gap_free_and_idempotent(kind: Kind) {
     let store = kind.open().await;
     assert_eq!(store.feed().head(), 3);
     assert_eq!(
-        acked(&store.push(g, vec![tag(origin(1), 4, "t4")]).await.unwrap()),
+        acked(
+            &store
+                .push(g, Bounds::NONE, vec![tag(origin(1), 4, "t4")])
+                .await
+                .unwrap()
+        ),
         vec![4]
     );
     store.shutdown().await;
@@ -177,6 +192,7 @@ async fn a_refusal_stores_nothing(kind: Kind) {
     let out = store
         .push(
             Arc::clone(&g),
+            Bounds::NONE,
             vec![tag(origin(2), 1, "ok"), price, tag(origin(2), 3, "after")],
         )
         .await
@@ -198,7 +214,7 @@ async fn a_refusal_stores_nothing(kind: Kind) {
     assert_eq!(
         acked(
             &store
-                .push(grants("backend", &["price"]), vec![p])
+                .push(grants("backend", &["price"]), Bounds::NONE, vec![p])
                 .await
                 .unwrap()
         ),
@@ -242,7 +258,12 @@ async fn concurrent_pushers_and_a_reader(kinds: Vec<Kind>) {
             let mut positions = Vec::new();
             for i in 1..=per {
                 let cs = tag(origin(10 + p), i, &format!("p{p}-{i}"));
-                positions.extend(acked(&store.push(Arc::clone(&g), vec![cs]).await.unwrap()));
+                positions.extend(acked(
+                    &store
+                        .push(Arc::clone(&g), Bounds::NONE, vec![cs])
+                        .await
+                        .unwrap(),
+                ));
             }
             positions
         }));
@@ -321,13 +342,21 @@ async fn compare_and_set(kind: Kind) {
     };
     let first = acked(
         &store
-            .push(grants("a", &[]), vec![bal(origin(1), 1, 0, 10)])
+            .push(
+                grants("a", &[]),
+                Bounds::NONE,
+                vec![bal(origin(1), 1, 0, 10)],
+            )
             .await
             .unwrap(),
     );
     assert_eq!(first, vec![1]);
     let lost = store
-        .push(grants("b", &[]), vec![bal(origin(2), 1, 0, 20)])
+        .push(
+            grants("b", &[]),
+            Bounds::NONE,
+            vec![bal(origin(2), 1, 0, 20)],
+        )
         .await
         .unwrap();
     match refused(&lost[0]) {
@@ -336,13 +365,21 @@ async fn compare_and_set(kind: Kind) {
     }
     // Having seen position 1, the same write is accepted.
     let ok = store
-        .push(grants("b", &[]), vec![bal(origin(2), 1, 1, 20)])
+        .push(
+            grants("b", &[]),
+            Bounds::NONE,
+            vec![bal(origin(2), 1, 1, 20)],
+        )
         .await
         .unwrap();
     assert_eq!(acked(&ok), vec![2]);
     // The writer's own earlier change is not "unseen".
     let own = store
-        .push(grants("b", &[]), vec![bal(origin(2), 2, 1, 30)])
+        .push(
+            grants("b", &[]),
+            Bounds::NONE,
+            vec![bal(origin(2), 2, 1, 30)],
+        )
         .await
         .unwrap();
     assert_eq!(acked(&own), vec![3]);
@@ -367,14 +404,22 @@ async fn guarded_sees_an_unseen_write_behind_its_own(kind: Kind) {
     };
     let other = acked(
         &store
-            .push(grants("b", &[]), vec![note(origin(2), 1, "theirs")])
+            .push(
+                grants("b", &[]),
+                Bounds::NONE,
+                vec![note(origin(2), 1, "theirs")],
+            )
             .await
             .unwrap(),
     );
     assert_eq!(other, vec![1]);
     let own = acked(
         &store
-            .push(grants("a", &[]), vec![note(origin(1), 1, "mine")])
+            .push(
+                grants("a", &[]),
+                Bounds::NONE,
+                vec![note(origin(1), 1, "mine")],
+            )
             .await
             .unwrap(),
     );
@@ -388,7 +433,10 @@ async fn guarded_sees_an_unseen_write_behind_its_own(kind: Kind) {
         vec![set("balance", Value::Integer(1))],
     );
     guarded.rows.extend(note(origin(1), 2, "again").rows);
-    let out = store.push(grants("a", &[]), vec![guarded]).await.unwrap();
+    let out = store
+        .push(grants("a", &[]), Bounds::NONE, vec![guarded])
+        .await
+        .unwrap();
     match refused(&out[0]) {
         RelayError::Conflict { seq, .. } => assert_eq!(*seq, 1, "the other origin's write"),
         e => panic!("expected a conflict, got {e}"),
@@ -427,7 +475,11 @@ async fn leases_and_fencing(kind: Kind) {
     assert_eq!(
         acked(
             &store
-                .push(grants("a", &[]), vec![fenced(origin(1), 1, t1)])
+                .push(
+                    grants("a", &[]),
+                    Bounds::NONE,
+                    vec![fenced(origin(1), 1, t1)]
+                )
                 .await
                 .unwrap()
         ),
@@ -437,14 +489,22 @@ async fn leases_and_fencing(kind: Kind) {
     let t2 = lease_token(&store.lease(origin(2), acquire(10_000)).await.unwrap());
     assert!(t2 > t1, "fencing tokens grow ({t1} then {t2})");
     let stale = store
-        .push(grants("a", &[]), vec![fenced(origin(1), 2, t1)])
+        .push(
+            grants("a", &[]),
+            Bounds::NONE,
+            vec![fenced(origin(1), 2, t1)],
+        )
         .await
         .unwrap();
     assert!(matches!(refused(&stale[0]), RelayError::Fenced(_)));
     assert_eq!(
         acked(
             &store
-                .push(grants("b", &[]), vec![fenced(origin(2), 1, t2)])
+                .push(
+                    grants("b", &[]),
+                    Bounds::NONE,
+                    vec![fenced(origin(2), 1, t2)]
+                )
                 .await
                 .unwrap()
         ),
@@ -478,7 +538,7 @@ async fn history_and_compaction(kind: Kind) {
     }
     sets.push(tag(origin(1), 6, "g"));
     assert_eq!(
-        acked(&store.push(g, sets).await.unwrap()),
+        acked(&store.push(g, Bounds::NONE, sets).await.unwrap()),
         vec![1, 2, 3, 4, 5, 6]
     );
     let hist = store
@@ -572,8 +632,8 @@ async fn postgres_compare_and_set_across_nodes() {
             cs
         };
         let (ra, rb) = tokio::join!(
-            a.push(grants("a", &[]), vec![mk(1, round as i64)]),
-            b.push(grants("b", &[]), vec![mk(2, -(round as i64))])
+            a.push(grants("a", &[]), Bounds::NONE, vec![mk(1, round as i64)]),
+            b.push(grants("b", &[]), Bounds::NONE, vec![mk(2, -(round as i64))])
         );
         let (ra, rb) = (ra.unwrap(), rb.unwrap());
         // Either node's head covers what the other acknowledged, at once (its feed may
@@ -599,7 +659,10 @@ async fn postgres_compare_and_set_across_nodes() {
         empty.rows.clear();
         let store = if wins[0] { &b } else { &a };
         assert!(matches!(
-            store.push(grants("x", &[]), vec![empty]).await.unwrap()[0],
+            store
+                .push(grants("x", &[]), Bounds::NONE, vec![empty])
+                .await
+                .unwrap()[0],
             PushOutcome::Acked(_)
         ));
     }

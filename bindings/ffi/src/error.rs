@@ -6,6 +6,7 @@
 //! explanation in `reason` (host exceptions show fields, so the text lives in a field).
 
 use ferry_core::Error as Core;
+use ferry_core::protocol::ErrorCode;
 
 /// Everything a Ferry call can fail with, as the host language sees it.
 #[derive(Debug, thiserror::Error, uniffi::Error)]
@@ -86,9 +87,11 @@ impl From<Core> for FerryError {
             Core::ReadOnlyTable(table) => FerryError::ReadOnlyTable { table },
             Core::Transport(_) => FerryError::Offline { reason },
             Core::Refused { code, message } => match code {
-                "unauthorized" | "forbidden" => FerryError::Unauthorized { reason: message },
+                ErrorCode::Unauthorized | ErrorCode::Forbidden => {
+                    FerryError::Unauthorized { reason: message }
+                }
                 _ => FerryError::ConflictRejected {
-                    code: code.to_owned(),
+                    code: code.as_str().to_owned(),
                     reason: message,
                 },
             },
@@ -201,14 +204,14 @@ mod tests {
             }),
             (
                 Core::Refused {
-                    code: "forbidden",
+                    code: ErrorCode::Forbidden,
                     message: "m".into(),
                 },
                 |e| matches!(e, FerryError::Unauthorized { reason } if reason == "m"),
             ),
             (
                 Core::Refused {
-                    code: "invalid_change_set",
+                    code: ErrorCode::InvalidChangeSet,
                     message: "m".into(),
                 },
                 |e| matches!(e, FerryError::ConflictRejected { code, .. } if code == "invalid_change_set"),

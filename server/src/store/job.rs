@@ -7,6 +7,7 @@
 use crate::auth::Grants;
 use crate::error::{RelayError, Result};
 use crate::store::{PushOutcome, StoredSet};
+use ferry_core::admission::Bounds;
 use ferry_core::protocol::{LeaseOutcome, LeaseRequest};
 use ferry_core::{ChangeSet, ReplicaId, Value};
 use std::sync::Arc;
@@ -18,6 +19,8 @@ pub enum Job {
     Push {
         /// The pushing connection's grants.
         grants: Arc<Grants>,
+        /// Bounds on each change set (size, clock skew against the relay's clock).
+        bounds: Bounds,
         /// Oldest first.
         sets: Vec<ChangeSet>,
         /// Outcomes, one per change set looked at.
@@ -46,6 +49,7 @@ pub enum Job {
 /// A push waiting in a group commit.
 pub type PushJob = (
     Arc<Grants>,
+    Bounds,
     Vec<ChangeSet>,
     oneshot::Sender<Result<Vec<PushOutcome>>>,
 );
@@ -69,11 +73,13 @@ pub trait JobQueue {
 pub async fn push(
     q: &impl JobQueue,
     grants: Arc<Grants>,
+    bounds: Bounds,
     sets: Vec<ChangeSet>,
 ) -> Result<Vec<PushOutcome>> {
     let (reply, rx) = oneshot::channel();
     q.put(Job::Push {
         grants,
+        bounds,
         sets,
         reply,
     })?;

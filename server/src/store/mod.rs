@@ -26,6 +26,7 @@ use crate::error::{RelayError, Result};
 use crate::feed::Feed;
 use crate::scoping::RowTag;
 use async_trait::async_trait;
+use ferry_core::admission::Bounds;
 use ferry_core::protocol::{LeaseOutcome, LeaseRequest};
 use ferry_core::{ChangeSet, ReplicaId, Value};
 use serde::{Deserialize, Serialize};
@@ -131,7 +132,13 @@ pub struct CompactReport {
 pub trait Store: Send + Sync + 'static {
     /// Sequences `sets` (oldest first) for a connection with `grants`; stops at the first
     /// refusal. Returns after the accepted ones are durable.
-    async fn push(&self, grants: Arc<Grants>, sets: Vec<ChangeSet>) -> Result<Vec<PushOutcome>>;
+    /// Each is decided by the admission rule within `bounds` (see [`rule`]).
+    async fn push(
+        &self,
+        grants: Arc<Grants>,
+        bounds: Bounds,
+        sets: Vec<ChangeSet>,
+    ) -> Result<Vec<PushOutcome>>;
     /// Stored change sets after `after`, at most `max_sets` and about `max_bytes`.
     async fn read(
         &self,

@@ -15,8 +15,9 @@ use crate::auth::Grants;
 use crate::catalog::RelayCatalog;
 use crate::error::{RelayError, Result};
 use crate::scoping::{self, RowScope};
-use crate::store::rule::{self, Decision, Fetched, OriginState, RowKey};
+use crate::store::rule::{self, Decision, Fetched, RowKey};
 use crate::store::{PushOutcome, StoredSet, encode_set};
+use ferry_core::admission::{Bounds, OriginState};
 use ferry_core::cas::{CasUpdate, CellStamp, RowStamp};
 use ferry_core::hlc::Hlc;
 use ferry_core::lease::LeaseState;
@@ -36,7 +37,7 @@ pub fn origin_of(b: &[u8]) -> ReplicaId {
 /// What one batch has read and decided so far.
 #[derive(Default)]
 struct Batch {
-    existing: HashMap<(ReplicaId, u64), (u64, Vec<u8>)>,
+    existing: HashMap<(ReplicaId, u64), (u64, [u8; 16])>,
     max_seq: HashMap<ReplicaId, u64>,
     leases: HashMap<String, LeaseState>,
     scopes: Fetched,
@@ -56,21 +57,31 @@ struct SetCols {
     body: Vec<Vec<u8>>,
 }
 
+/// One connection's push in a group commit.
+pub struct Push<'a> {
+    /// The connection's grants.
+    pub grants: &'a Grants,
+    /// Bounds on each change set.
+    pub bounds: &'a Bounds,
+    /// Oldest first.
+    pub sets: &'a [ChangeSet],
+}
+
 /// Sequences `pushes` after `head` at the store clock `now`, inside `tx` (which holds the
 /// sequencing lock). Returns each push's outcomes and the newly stored change sets.
 pub async fn sequence(
     tx: &Tx<'_>,
     cat: &RelayCatalog,
-    pushes: &[(&Grants, &[ChangeSet])],
+    pushes: &[Push<'_>],
     mut head: u64,
     now: u64,
 ) -> Result<(Vec<Vec<PushOutcome>>, Vec<Arc<StoredSet>>)> {
     let mut b = Batch::fetch(tx, pushes).await?;
     let mut all = Vec::with_capacity(pushes.len());
     let mut stored = Vec::new();
-    for (grants, sets) in pushes {
-        let mut outcomes = Vec::with_capacity(sets.len());
-        for cs in *sets {
+    for push in pushes {
+        let mut outcomes = Vec::with_capacity(push.sets.len());
+        for cs in push.sets {
             let state = OriginState {
                 existing: b.existing.get(&(cs.origin, cs.origin_seq)).cloned(),
                 max_seq: b.max_seq.get(&cs.origin).copied().unwrap_or(0),
@@ -79,16 +90,15 @@ pub async fn sequence(
                 .fence
                 .as_ref()
                 .and_then(|f| b.leases.get(&f.lease).copied());
-            let decided = rule::decide(
+            let mut cx = rule::Context {
                 cat,
-                grants,
-                cs,
-                &state,
-                &mut b.scopes,
-                lease,
-                now,
-                &mut b.cas,
-            )?;
+                grants: push.grants,
+                rows: &mut b.scopes,
+                fence_lease: lease,
+                now_ms: now,
+                stamps: &mut b.cas,
+            };
+            let decided = rule::decide(cs, &state, push.bounds, &mut cx)?;
             match decided {
                 Decision::Existing(seq) => outcomes.push(PushOutcome::Acked(seq)),
                 Decision::Refused(e) => {
@@ -142,13 +152,13 @@ async fn execute(
 
 impl Batch {
     /// One pipelined round trip: everything any change set of the batch may consult.
-    async fn fetch(tx: &Tx<'_>, pushes: &[(&Grants, &[ChangeSet])]) -> Result<Batch> {
+    async fn fetch(tx: &Tx<'_>, pushes: &[Push<'_>]) -> Result<Batch> {
         let mut pairs: (Vec<Vec<u8>>, Vec<i64>) = Default::default();
         let mut origins: BTreeSet<Vec<u8>> = BTreeSet::new();
         let mut keys: BTreeSet<RowKey> = BTreeSet::new();
         let mut leases: BTreeSet<String> = BTreeSet::new();
-        for (_, sets) in pushes {
-            for cs in *sets {
+        for push in pushes {
+            for cs in push.sets {
                 pairs.0.push(cs.origin.0.to_vec());
                 pairs.1.push(cs.origin_seq as i64);
                 origins.insert(cs.origin.0.to_vec());
@@ -203,9 +213,10 @@ impl Batch {
         )?;
         let mut b = Batch::default();
         for r in existing {
+            let id: Vec<u8> = r.get(3);
             b.existing.insert(
                 (origin_of(r.get(0)), r.get::<_, i64>(1) as u64),
-                (r.get::<_, i64>(2) as u64, r.get(3)),
+                (r.get::<_, i64>(2) as u64, rule::stored_id(&id)?),
             );
         }
         for r in heads {
@@ -278,7 +289,7 @@ impl Batch {
         let cs = &s.change_set;
         let seq = s.server_seq;
         self.existing
-            .insert((cs.origin, cs.origin_seq), (seq, cs.id.to_vec()));
+            .insert((cs.origin, cs.origin_seq), (seq, cs.id));
         self.max_seq.insert(cs.origin, cs.origin_seq);
         for (t, pk, scope) in scopes {
             let k = (t.clone(), scoping::pk_key(pk)?);

@@ -37,6 +37,7 @@ use crate::store::{
 };
 use async_trait::async_trait;
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use ferry_core::admission::Bounds;
 use ferry_core::lease::{self, LeaseState};
 use ferry_core::protocol::{LeaseOutcome, LeaseRequest};
 use ferry_core::{ChangeSet, ReplicaId, Value};
@@ -352,8 +353,13 @@ impl JobQueue for PgStore {
 
 #[async_trait]
 impl Store for PgStore {
-    async fn push(&self, grants: Arc<Grants>, sets: Vec<ChangeSet>) -> Result<Vec<PushOutcome>> {
-        job::push(self, grants, sets).await
+    async fn push(
+        &self,
+        grants: Arc<Grants>,
+        bounds: Bounds,
+        sets: Vec<ChangeSet>,
+    ) -> Result<Vec<PushOutcome>> {
+        job::push(self, grants, bounds, sets).await
     }
 
     async fn read(
@@ -497,10 +503,11 @@ impl Writer {
             match job {
                 Job::Push {
                     grants,
+                    bounds,
                     sets,
                     reply,
                 } => {
-                    let mut pushes = vec![(grants, sets, reply)];
+                    let mut pushes = vec![(grants, bounds, sets, reply)];
                     let result = self.sequence(&mut pushes, &mut rx, &mut next).await;
                     self.answer(pushes, result);
                 }
@@ -534,7 +541,7 @@ impl Writer {
                 if !stored.is_empty() {
                     let _ = self.local.send(stored);
                 }
-                for ((_, _, reply), out) in pushes.into_iter().zip(outcomes) {
+                for ((_, _, _, reply), out) in pushes.into_iter().zip(outcomes) {
                     let _ = reply.send(Ok(out));
                 }
             }
@@ -543,7 +550,7 @@ impl Writer {
                 // `(origin, origin_seq)` check makes the retry idempotent either way.
                 tracing::error!(error = %e, "push transaction failed");
                 let msg = e.to_string();
-                for (_, _, reply) in pushes {
+                for (_, _, _, reply) in pushes {
                     let _ = reply.send(Err(RelayError::Store(msg.clone())));
                 }
             }
@@ -568,9 +575,10 @@ impl Writer {
             match rx.try_recv() {
                 Ok(Job::Push {
                     grants,
+                    bounds,
                     sets,
                     reply,
-                }) => pushes.push((grants, sets, reply)),
+                }) => pushes.push((grants, bounds, sets, reply)),
                 Ok(other) => {
                     *next = Some(other);
                     break;
@@ -578,9 +586,13 @@ impl Writer {
                 Err(_) => break,
             }
         }
-        let batch: Vec<(&Grants, &[ChangeSet])> = pushes
+        let batch: Vec<pg_batch::Push<'_>> = pushes
             .iter()
-            .map(|(g, sets, _)| (&**g, sets.as_slice()))
+            .map(|(g, bounds, sets, _)| pg_batch::Push {
+                grants: g,
+                bounds,
+                sets,
+            })
             .collect();
         let (all, stored) = pg_batch::sequence(&tx, &self.cat, &batch, head, now).await?;
         tx.commit().await?;

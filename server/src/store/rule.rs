@@ -1,33 +1,27 @@
-//! The sequencing rule every store applies to one pushed change set, kept apart from SQL.
+//! The relay's side of the admission rule, kept apart from SQL.
 //!
-//! Both stores run it inside their sequencing transaction, after reading what it needs: the
-//! change set already stored under the same `(origin, origin_seq)` if any, the origin's
-//! highest `origin_seq`, the tracked scopes and compare-and-set stamps of the rows it
-//! touches, and the lease it is fenced by. The SQLite store reads these row by row through
-//! the [`RowScopes`] and [`CasIndex`] traits; the PostgreSQL store fetches them for the whole
-//! change set in one pipelined round trip and hands them over as maps ([`Fetched`]). Keeping
-//! the decision here means the two stores cannot drift apart on what they accept.
-//!
-//! The order of the checks is part of the contract (the first failing one names the error):
-//! idempotent retry → origin reuse → origin gap → scopes and write grants → fence → compare-and-set.
+//! Whether a change set is sequenced is decided by one function for every party that
+//! sequences, [`ferry_core::admission::admit`] (its module docs give the order of the
+//! checks). Both stores call [`decide`] inside their sequencing transaction, after reading
+//! what the rule needs: the change set already stored under the same `(origin, origin_seq)`
+//! if any, the origin's highest `origin_seq`, the tracked scopes and compare-and-set stamps of
+//! the rows it touches, and the lease it is fenced by. The SQLite store reads these row by
+//! row through the [`RowScopes`] and [`CasIndex`] traits; the PostgreSQL store fetches them
+//! for the whole change set in one pipelined round trip and hands them over as maps
+//! ([`Fetched`]). What the relay adds to the core rule is its catalog and its scopes and
+//! write grants ([`scoping::tag`]).
 
 use crate::auth::Grants;
 use crate::catalog::RelayCatalog;
 use crate::error::{RelayError, Result};
-use crate::scoping::{self, RowScope, RowScopes, RowTag};
-use ferry_core::cas::{self, CasIndex, CasUpdate, CellStamp, RowStamp};
-use ferry_core::lease::{self, LeaseState};
+use crate::scoping::{self, RowScope, RowScopes, RowTag, Tagged};
+use ferry_core::admission::{self, Bounds, Ledger, OriginState, Refusal};
+use ferry_core::cas::{self, CasConflict, CasIndex, CasUpdate, CellStamp, RowStamp};
+use ferry_core::lease::LeaseState;
+use ferry_core::protocol::ErrorCode;
+use ferry_core::schema::TableDecl;
 use ferry_core::{ChangeSet, Value};
 use std::collections::HashMap;
-
-/// What the store knows about a change set's origin before deciding.
-#[derive(Debug, Clone, Default)]
-pub struct OriginState {
-    /// `(server_seq, id)` of the change set stored under the same `(origin, origin_seq)`.
-    pub existing: Option<(u64, Vec<u8>)>,
-    /// Highest `origin_seq` stored for the origin (0 if none).
-    pub max_seq: u64,
-}
 
 /// What to do with a change set.
 #[derive(Debug)]
@@ -51,61 +45,85 @@ pub struct Accepted {
     pub stamps: Vec<CasUpdate>,
 }
 
-/// Decides one change set. `fence_lease` is the current state of the lease named by
-/// `cs.fence` (ignored when the change set is not fenced); `now_ms` is the store's clock.
-/// Store failures are errors; refusals are [`Decision::Refused`].
-#[allow(clippy::too_many_arguments)]
+/// What the relay knows when deciding one change set.
+pub struct Context<'a> {
+    /// The relay's tables.
+    pub cat: &'a RelayCatalog,
+    /// The pushing connection's grants.
+    pub grants: &'a Grants,
+    /// Tracked row scopes.
+    pub rows: &'a mut dyn RowScopes,
+    /// The lease named by the change set's fence (ignored when it is not fenced).
+    pub fence_lease: Option<LeaseState>,
+    /// The store's clock, which leases expire by.
+    pub now_ms: u64,
+    /// Compare-and-set stamps.
+    pub stamps: &'a mut dyn CasIndex,
+}
+
+impl Ledger for Context<'_> {
+    type Authorized = Tagged;
+    type Refused = RelayError;
+    type Error = RelayError;
+
+    fn table(&self, name: &str) -> std::result::Result<Option<&TableDecl>, Refusal> {
+        match self.cat.tables.get(name) {
+            Some(t) => Ok(Some(&t.decl)),
+            None => Err(Refusal::new(
+                ErrorCode::InvalidChangeSet,
+                format!("table `{name}` is not in the relay's schema"),
+            )),
+        }
+    }
+
+    fn authorize(&mut self, cs: &ChangeSet) -> Result<std::result::Result<Tagged, RelayError>> {
+        match scoping::tag(self.cat, self.grants, cs, self.rows) {
+            Ok(t) => Ok(Ok(t)),
+            Err(e) if e.code() == ErrorCode::Internal => Err(e),
+            Err(e) => Ok(Err(e)),
+        }
+    }
+
+    fn lease(&mut self, _name: &str) -> Result<(Option<LeaseState>, u64)> {
+        Ok((self.fence_lease, self.now_ms))
+    }
+
+    fn compare_and_set(
+        &mut self,
+        cs: &ChangeSet,
+    ) -> Result<std::result::Result<Vec<CasUpdate>, CasConflict>> {
+        let cat = self.cat;
+        Ok(cas::check(
+            |t| cat.tables.get(t).map(|t| &t.decl),
+            cs,
+            self.stamps,
+        )?)
+    }
+}
+
+/// Decides one change set by the admission rule. Store failures are errors; refusals are
+/// [`Decision::Refused`].
 pub fn decide(
-    cat: &RelayCatalog,
-    grants: &Grants,
     cs: &ChangeSet,
     origin: &OriginState,
-    rows: &mut dyn RowScopes,
-    fence_lease: Option<LeaseState>,
-    now_ms: u64,
-    stamps: &mut dyn CasIndex,
+    bounds: &Bounds,
+    cx: &mut Context<'_>,
 ) -> Result<Decision> {
-    if let Some((seq, id)) = &origin.existing {
-        if id.as_slice() == cs.id.as_slice() {
-            return Ok(Decision::Existing(*seq));
-        }
-        return Ok(Decision::Refused(RelayError::OriginReused(format!(
-            "origin {} already used origin_seq {} for a different change set (a restored or copied replica must take a new id)",
-            cs.origin, cs.origin_seq
-        ))));
-    }
-    if cs.origin_seq != origin.max_seq + 1 {
-        return Ok(Decision::Refused(RelayError::InvalidChangeSet(format!(
-            "origin {} sent origin_seq {} but the relay holds up to {}: change sets must arrive in order without gaps",
-            cs.origin, cs.origin_seq, origin.max_seq
-        ))));
-    }
-    let tagged = match scoping::tag(cat, grants, cs, rows) {
-        Ok(t) => t,
-        Err(e @ (RelayError::Store(_) | RelayError::Io(_) | RelayError::Core(_))) => {
-            return Err(e);
-        }
-        Err(e) => return Ok(Decision::Refused(e)),
-    };
-    if let Some(f) = &cs.fence
-        && let Err(m) = lease::check_fence(now_ms, fence_lease, f, cs.origin)
-    {
-        return Ok(Decision::Refused(RelayError::Fenced(m)));
-    }
-    let updates = match cas::check(|t| cat.tables.get(t).map(|t| &t.decl), cs, stamps)? {
-        Ok(u) => u,
-        Err(c) => {
-            return Ok(Decision::Refused(RelayError::Conflict {
-                message: c.to_string(),
-                seq: c.seq,
-            }));
-        }
-    };
-    Ok(Decision::Accept(Accepted {
-        tags: tagged.tags,
-        scopes: tagged.updates,
-        stamps: updates,
-    }))
+    Ok(match admission::admit(cs, origin, bounds, cx)? {
+        admission::Decision::Existing(seq) => Decision::Existing(seq),
+        admission::Decision::Refused(e) => Decision::Refused(e),
+        admission::Decision::Accept { authorized, stamps } => Decision::Accept(Accepted {
+            tags: authorized.tags,
+            scopes: authorized.updates,
+            stamps,
+        }),
+    })
+}
+
+/// The stored id of a change set as the admission rule compares it.
+pub fn stored_id(id: &[u8]) -> Result<[u8; 16]> {
+    id.try_into()
+        .map_err(|_| RelayError::Store("a stored change set id is not 16 bytes".into()))
 }
 
 /// `(table, pk key)` of every row of `cs` in a table with a scope column: the rows whose

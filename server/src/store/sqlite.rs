@@ -15,11 +15,12 @@ use crate::error::{RelayError, Result};
 use crate::feed::Feed;
 use crate::scoping::{self, RowScope, RowScopes};
 use crate::store::job::{self, Job, JobQueue, PushJob, lease_name};
-use crate::store::rule::{self, Decision, OriginState};
+use crate::store::rule::{self, Decision};
 use crate::store::{
     CompactReport, PushOutcome, Store, StoreStats, StoredSet, decode_set, encode_set,
 };
 use async_trait::async_trait;
+use ferry_core::admission::{Bounds, OriginState};
 use ferry_core::cas::{CasIndex, CasUpdate, CellStamp, RowStamp};
 use ferry_core::hlc::Hlc;
 use ferry_core::lease::{self, LeaseState};
@@ -223,8 +224,13 @@ impl JobQueue for SqliteStore {
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn push(&self, grants: Arc<Grants>, sets: Vec<ChangeSet>) -> Result<Vec<PushOutcome>> {
-        job::push(self, grants, sets).await
+    async fn push(
+        &self,
+        grants: Arc<Grants>,
+        bounds: Bounds,
+        sets: Vec<ChangeSet>,
+    ) -> Result<Vec<PushOutcome>> {
+        job::push(self, grants, bounds, sets).await
     }
 
     async fn read(
@@ -392,9 +398,10 @@ impl Writer {
                 match job.take() {
                     Some(Job::Push {
                         grants,
+                        bounds,
                         sets,
                         reply,
-                    }) => pushes.push((grants, sets, reply)),
+                    }) => pushes.push((grants, bounds, sets, reply)),
                     Some(Job::Rewrite {
                         sets,
                         horizon,
@@ -431,7 +438,7 @@ impl Writer {
         match self.sequence(&pushes) {
             Ok((outcomes, stored)) => {
                 self.feed.publish(stored);
-                for ((_, _, reply), out) in pushes.into_iter().zip(outcomes) {
+                for ((_, _, _, reply), out) in pushes.into_iter().zip(outcomes) {
                     let _ = reply.send(Ok(out));
                 }
             }
@@ -444,7 +451,7 @@ impl Writer {
                     tracing::error!(error = %e, "push transaction failed");
                 }
                 let msg = e.to_string();
-                for (_, _, reply) in pushes {
+                for (_, _, _, reply) in pushes {
                     let _ = reply.send(Err(if unavailable {
                         RelayError::StorageUnavailable(msg.clone())
                     } else {
@@ -466,10 +473,10 @@ impl Writer {
         let mut all = Vec::with_capacity(pushes.len());
         let mut stored = Vec::new();
         let mut head = self.head;
-        for (grants, sets, _) in pushes {
+        for (grants, bounds, sets, _) in pushes {
             let mut outcomes = Vec::with_capacity(sets.len());
             for cs in sets {
-                match sequence_one(&tx, &self.cat, grants, cs, head + 1)? {
+                match sequence_one(&tx, &self.cat, grants, bounds, cs, head + 1)? {
                     One::Existing(seq) => outcomes.push(PushOutcome::Acked(seq)),
                     One::New(s) => {
                         head += 1;
@@ -556,6 +563,7 @@ fn sequence_one(
     tx: &rusqlite::Transaction<'_>,
     cat: &RelayCatalog,
     grants: &Grants,
+    bounds: &Bounds,
     cs: &ChangeSet,
     next: u64,
 ) -> Result<One> {
@@ -572,23 +580,25 @@ fn sequence_one(
         .optional()?
         .unwrap_or(0);
     let state = OriginState {
-        existing: existing.map(|(seq, id)| (seq as u64, id)),
+        existing: match existing {
+            Some((seq, id)) => Some((seq as u64, rule::stored_id(&id)?)),
+            None => None,
+        },
         max_seq: max as u64,
     };
     let fence_lease = match &cs.fence {
         Some(f) => load_lease(tx, &f.lease)?,
         None => None,
     };
-    let accepted = match rule::decide(
+    let mut cx = rule::Context {
         cat,
         grants,
-        cs,
-        &state,
-        &mut SqlRows(tx),
+        rows: &mut SqlRows(tx),
         fence_lease,
-        now_ms(),
-        &mut SqlCas(tx),
-    )? {
+        now_ms: now_ms(),
+        stamps: &mut SqlCas(tx),
+    };
+    let accepted = match rule::decide(cs, &state, bounds, &mut cx)? {
         Decision::Existing(seq) => return Ok(One::Existing(seq)),
         Decision::Refused(e) => return Ok(One::Refused(e)),
         Decision::Accept(a) => a,
