@@ -25,6 +25,7 @@ pub mod checksum;
 mod conflict;
 mod db;
 mod engine;
+pub mod envelope;
 mod error;
 pub mod hlc;
 pub mod ids;

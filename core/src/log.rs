@@ -23,14 +23,14 @@ use crate::hlc::Hlc;
 use crate::ids::ReplicaId;
 use rusqlite::{Connection, OptionalExtension, params};
 
-/// Encodes a change set for the log's `wire` column.
+/// Encodes a change set for the log's `wire` column (sealed: see `envelope`).
 pub(crate) fn encode(cs: &ChangeSet) -> Result<Vec<u8>> {
-    Ok(rmp_serde::to_vec_named(cs)?)
+    crate::envelope::seal(cs)
 }
 
 /// Decodes a change set stored by [`encode`].
 pub(crate) fn decode(body: &[u8]) -> Result<ChangeSet> {
-    Ok(rmp_serde::from_slice(body)?)
+    crate::envelope::open(body)
 }
 
 /// The `origin_seq` the next local change set of origin `origin` gets (stored, so it

@@ -421,3 +421,306 @@ impl SyncClient {
             && replica.cursor()? >= self.head)
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    //! The client against a fake port: what it asks of the replica for each frame, and what
+    //! it sends back, without a database or a relay.
+    use super::*;
+    use crate::apply::ApplyReport;
+    use crate::changeset::{ChangeSet, Sequenced};
+    use crate::hlc::Hlc;
+    use crate::ids::ReplicaId;
+    use crate::protocol::{Ack, Limits, Move};
+    use std::cell::RefCell;
+
+    /// An in-memory replica that records every call the client makes.
+    #[derive(Default)]
+    struct FakePort {
+        id: RefCell<u8>,
+        cursor: RefCell<u64>,
+        /// Pending change sets (origin_seq), oldest first.
+        pending: RefCell<Vec<u64>>,
+        last_origin_seq: RefCell<u64>,
+        calls: RefCell<Vec<String>>,
+        refusal: RefCell<Option<RefusalAction>>,
+    }
+
+    impl FakePort {
+        fn with_pending(n: u64) -> FakePort {
+            let p = FakePort::default();
+            *p.pending.borrow_mut() = (1..=n).collect();
+            *p.last_origin_seq.borrow_mut() = n;
+            p
+        }
+        fn call(&self, c: String) {
+            self.calls.borrow_mut().push(c);
+        }
+        fn calls(&self) -> Vec<String> {
+            std::mem::take(&mut *self.calls.borrow_mut())
+        }
+        fn set(&self, origin_seq: u64) -> ChangeSet {
+            ChangeSet {
+                id: [origin_seq as u8; 16],
+                origin: ReplicaId([*self.id.borrow(); 16]),
+                origin_seq,
+                hlc: Hlc::new(1, 0),
+                base: 0,
+                schema_version: 1,
+                rows: Vec::new(),
+                fence: None,
+                guarded: false,
+            }
+        }
+    }
+
+    impl SyncPort for FakePort {
+        fn replica_id(&self) -> Result<ReplicaId> {
+            Ok(ReplicaId([*self.id.borrow(); 16]))
+        }
+        fn cursor(&self) -> Result<u64> {
+            Ok(*self.cursor.borrow())
+        }
+        fn schema_version(&self) -> Result<u32> {
+            Ok(7)
+        }
+        fn last_origin_seq(&self) -> Result<u64> {
+            Ok(*self.last_origin_seq.borrow())
+        }
+        fn pending_count(&self) -> Result<u64> {
+            Ok(self.pending.borrow().len() as u64)
+        }
+        fn prepare_push(&self, max_sets: usize, _max_bytes: usize) -> Result<Vec<ChangeSet>> {
+            let p = self.pending.borrow();
+            Ok(p.iter().take(max_sets).map(|o| self.set(*o)).collect())
+        }
+        fn acknowledge(&self, acks: &[(u64, u64)]) -> Result<()> {
+            self.call(format!("acknowledge {acks:?}"));
+            self.pending
+                .borrow_mut()
+                .retain(|o| !acks.iter().any(|(a, _)| a == o));
+            Ok(())
+        }
+        fn apply_changes(
+            &self,
+            after: u64,
+            up_to: u64,
+            sets: &[Sequenced],
+            _moves: &[Move],
+        ) -> Result<ApplyReport> {
+            self.call(format!("apply ({after}, {up_to}] {}", sets.len()));
+            *self.cursor.borrow_mut() = up_to;
+            Ok(ApplyReport {
+                applied: sets.len(),
+                cursor: up_to,
+                ..ApplyReport::default()
+            })
+        }
+        fn handle_refusal(
+            &self,
+            origin_seq: u64,
+            code: ErrorCode,
+            _message: &str,
+        ) -> Result<RefusalAction> {
+            self.call(format!("handle_refusal {origin_seq} {}", code.as_str()));
+            Ok(self
+                .refusal
+                .borrow_mut()
+                .take()
+                .unwrap_or(RefusalAction::Withdrawn(vec![origin_seq])))
+        }
+        fn rebase(&self, origin_seq: u64) -> Result<bool> {
+            self.call(format!("rebase {origin_seq}"));
+            Ok(true)
+        }
+        fn restamp(&self, origin_seq: u64) -> Result<usize> {
+            self.call(format!("restamp {origin_seq}"));
+            Ok(1)
+        }
+        fn rotate_identity(&self) -> Result<ReplicaId> {
+            self.call("rotate_identity".into());
+            *self.id.borrow_mut() += 1;
+            Ok(ReplicaId([*self.id.borrow(); 16]))
+        }
+        fn learn_relay_clock(&self, relay_ms: u64) -> Result<u64> {
+            self.call(format!("learn_relay_clock {relay_ms}"));
+            Ok(0)
+        }
+    }
+
+    fn welcome(head: u64, max_origin_seq: u64) -> ServerMsg {
+        ServerMsg::Welcome {
+            protocol: PROTOCOL_VERSION,
+            head,
+            server_time_ms: 42,
+            max_origin_seq,
+            limits: Limits::default(),
+            horizon: 0,
+        }
+    }
+
+    fn pushed(step: &Step) -> Vec<u64> {
+        step.send
+            .iter()
+            .flat_map(|m| match m {
+                ClientMsg::Push { change_sets } => {
+                    change_sets.iter().map(|c| c.origin_seq).collect()
+                }
+                _ => Vec::new(),
+            })
+            .collect()
+    }
+
+    fn refused(origin_seq: u64, code: ErrorCode, conflict_seq: u64) -> ServerMsg {
+        ServerMsg::Refused {
+            origin_seq,
+            code,
+            message: "no".into(),
+            conflict_seq,
+        }
+    }
+
+    #[test]
+    fn hello_names_the_replica_and_welcome_starts_pushing() {
+        let port = FakePort::with_pending(3);
+        let mut c = SyncClient::new().with_batch(2, 1 << 20);
+        match c.start(&port, "tok").unwrap() {
+            ClientMsg::Hello {
+                replica_id,
+                cursor,
+                schema_version,
+                token,
+                ..
+            } => {
+                assert_eq!(replica_id, ReplicaId([0; 16]));
+                assert_eq!((cursor, schema_version, token.as_str()), (0, 7, "tok"));
+            }
+            other => panic!("expected hello, got {other:?}"),
+        }
+        let step = c.handle(&port, welcome(5, 0)).unwrap();
+        assert_eq!(port.calls(), vec!["learn_relay_clock 42"]);
+        assert_eq!(pushed(&step), vec![1, 2], "one batch of at most two");
+        // In flight: not pushed again until acknowledged.
+        assert_eq!(c.poll_push(&port).unwrap().map(|_| ()), Some(()));
+        let step = c
+            .handle(
+                &port,
+                ServerMsg::Acks {
+                    acks: vec![Ack {
+                        origin_seq: 1,
+                        server_seq: 6,
+                    }],
+                },
+            )
+            .unwrap();
+        assert_eq!(port.calls(), vec!["acknowledge [(1, 6)]"]);
+        assert!(pushed(&step).is_empty(), "2 and 3 are still in flight");
+        assert_eq!(c.head(), 6);
+        assert!(!c.is_synced(&port).unwrap());
+    }
+
+    #[test]
+    fn a_relay_holding_more_of_this_id_than_the_file_rotates_it() {
+        let port = FakePort::with_pending(1);
+        let mut c = SyncClient::new();
+        c.start(&port, "t").unwrap();
+        let step = c.handle(&port, welcome(0, 5)).unwrap();
+        assert!(step.reconnect);
+        assert_eq!(
+            port.calls(),
+            vec!["learn_relay_clock 42", "rotate_identity"]
+        );
+        assert_eq!(c.phase(), Phase::Idle);
+    }
+
+    #[test]
+    fn changes_are_applied_and_sync_is_reached() {
+        let port = FakePort::default();
+        let mut c = SyncClient::new();
+        c.start(&port, "t").unwrap();
+        c.handle(&port, welcome(2, 0)).unwrap();
+        assert!(!c.is_synced(&port).unwrap(), "behind the head");
+        let other = Sequenced {
+            server_seq: 2,
+            change_set: ChangeSet {
+                origin: ReplicaId([9; 16]),
+                ..port.set(1)
+            },
+        };
+        let step = c
+            .handle(
+                &port,
+                ServerMsg::Changes {
+                    after: 0,
+                    up_to: 2,
+                    change_sets: vec![other],
+                    head: 2,
+                    moves: Vec::new(),
+                },
+            )
+            .unwrap();
+        assert_eq!(step.applied, 1);
+        assert_eq!(port.calls(), vec!["learn_relay_clock 42", "apply (0, 2] 1"]);
+        assert!(c.is_synced(&port).unwrap());
+    }
+
+    #[test]
+    fn refusals_reach_the_port_by_code() {
+        // Clock skew: re-stamped and pushed again.
+        let port = FakePort::with_pending(2);
+        let mut c = SyncClient::new();
+        c.start(&port, "t").unwrap();
+        c.handle(&port, welcome(0, 0)).unwrap();
+        port.calls();
+        let step = c
+            .handle(&port, refused(1, ErrorCode::ClockSkew, 0))
+            .unwrap();
+        assert_eq!(port.calls(), vec!["restamp 1"]);
+        assert_eq!(pushed(&step), vec![1, 2], "pushed again");
+        assert!(step.refused.is_none());
+
+        // A compare-and-set conflict: rolled back, pushing goes on.
+        let step = c.handle(&port, refused(1, ErrorCode::Conflict, 0)).unwrap();
+        assert_eq!(port.calls(), vec!["handle_refusal 1 conflict"]);
+        assert_eq!(step.withdrawn, vec![1]);
+
+        // A custom-column conflict: rebased once the cursor reaches the conflicting change.
+        *port.refusal.borrow_mut() = Some(RefusalAction::Rebase);
+        c.handle(&port, refused(2, ErrorCode::Conflict, 4)).unwrap();
+        assert_eq!(port.calls(), vec!["handle_refusal 2 conflict"]);
+        assert!(
+            c.poll_push(&port).unwrap().is_none(),
+            "waits for position 4"
+        );
+        *port.cursor.borrow_mut() = 4;
+        assert!(c.poll_push(&port).unwrap().is_some());
+        assert_eq!(port.calls(), vec!["rebase 2"]);
+
+        // Anything else stops uploads and is reported.
+        let step = c
+            .handle(&port, refused(2, ErrorCode::Forbidden, 0))
+            .unwrap();
+        assert_eq!(step.refused.map(|r| r.code), Some(ErrorCode::Forbidden));
+        assert!(c.poll_push(&port).unwrap().is_none());
+
+        // Origin reuse: a new identity and a new connection.
+        let step = c
+            .handle(&port, refused(2, ErrorCode::OriginReused, 0))
+            .unwrap();
+        assert!(step.reconnect);
+        assert_eq!(port.calls(), vec!["rotate_identity"]);
+    }
+
+    #[test]
+    fn data_before_welcome_is_a_protocol_error() {
+        let port = FakePort::default();
+        let mut c = SyncClient::new();
+        c.start(&port, "t").unwrap();
+        let e = c
+            .handle(&port, ServerMsg::Acks { acks: Vec::new() })
+            .unwrap_err();
+        assert!(matches!(e, Error::Protocol(_)));
+        assert!(port.calls().is_empty());
+    }
+}

@@ -79,3 +79,87 @@ fn sync_queries_use_the_unacked_index() {
         );
     }
 }
+
+/// The stored body of a change set (the device's change log; the relay seals its own the same
+/// way), frozen in `core/tests/golden/stored_change_set.hex`. A change to the wire form of a
+/// change set must not silently change what is stored: bump `envelope::STORED_VERSION` and
+/// keep a reader for the old one. `FERRY_BLESS=1` rewrites the file after a deliberate change.
+#[test]
+fn golden_stored_change_set() {
+    use ferry_core::changeset::{Cell, ChangeSet, Fence, RowChange, RowOp};
+    use ferry_core::{Hlc, ReplicaId, Value};
+    let cs = ChangeSet {
+        id: [2; 16],
+        origin: ReplicaId([1; 16]),
+        origin_seq: 3,
+        hlc: Hlc::new(1_700_000_000_000, 5),
+        base: 41,
+        schema_version: 2,
+        fence: Some(Fence {
+            lease: "leader".into(),
+            token: 4,
+        }),
+        guarded: true,
+        rows: vec![
+            RowChange {
+                table: "todo".into(),
+                pk: Value::Text("k1".into()),
+                cl: 1,
+                op: RowOp::Upsert(vec![
+                    Cell::Set("title".into(), Value::Text("milk".into())),
+                    Cell::Add("votes".into(), -2),
+                ]),
+            },
+            RowChange {
+                table: "todo".into(),
+                pk: Value::Blob(vec![9, 9]),
+                cl: 2,
+                op: RowOp::Delete,
+            },
+        ],
+    };
+    let sealed = ferry_core::envelope::seal(&cs).unwrap();
+    let hex: String = sealed.iter().map(|b| format!("{b:02x}")).collect();
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/stored_change_set.hex");
+    if std::env::var("FERRY_BLESS").is_ok() {
+        std::fs::write(&path, format!("{hex}\n")).unwrap();
+    }
+    let want = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(hex, want.trim(), "the stored form of a change set changed");
+    let bytes: Vec<u8> = (0..want.trim().len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&want.trim()[i..i + 2], 16).unwrap())
+        .collect();
+    assert_eq!(ferry_core::envelope::open::<ChangeSet>(&bytes).unwrap(), cs);
+}
+
+/// The device's change log stores sealed bodies (and reads the unsealed ones older builds
+/// wrote).
+#[test]
+fn the_change_log_stores_sealed_bodies() {
+    use ferry_core::SyncPort;
+    let d = tempfile::tempdir().unwrap();
+    let r = open(d.path(), "a.db");
+    r.execute("INSERT INTO todo(id, title) VALUES ('1', 'a')", &[])
+        .unwrap();
+    let pushed = r.prepare_push(10, usize::MAX).unwrap();
+    assert_eq!(pushed.len(), 1);
+    let c = rusqlite::Connection::open(d.path().join("a.db")).unwrap();
+    let wire: Vec<u8> = c
+        .query_row("SELECT wire FROM ferry_log", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        &wire[..2],
+        &[
+            ferry_core::envelope::MARKER,
+            ferry_core::envelope::STORED_VERSION
+        ]
+    );
+    // A body written before envelopes: the same change set, unsealed.
+    let unsealed = rmp_serde::to_vec_named(&pushed[0]).unwrap();
+    c.execute("UPDATE ferry_log SET wire = ?1", [unsealed])
+        .unwrap();
+    drop(c);
+    assert_eq!(r.prepare_push(10, usize::MAX).unwrap(), pushed);
+}

@@ -79,7 +79,7 @@ pub fn approx_row_bytes(rc: &ferry_core::RowChange) -> usize {
 
 /// A stored body back into a [`StoredSet`] at `seq`.
 pub(crate) fn decode_set(seq: i64, body: &[u8]) -> Result<StoredSet> {
-    let (change_set, tags): (ChangeSet, Vec<RowTag>) = rmp_serde::from_slice(body)?;
+    let (change_set, tags): (ChangeSet, Vec<RowTag>) = ferry_core::envelope::open(body)?;
     Ok(StoredSet {
         server_seq: seq as u64,
         change_set,
@@ -87,9 +87,10 @@ pub(crate) fn decode_set(seq: i64, body: &[u8]) -> Result<StoredSet> {
     })
 }
 
-/// The stored body of a change set (the same bytes in every store).
+/// The stored body of a change set (the same bytes in every store), sealed with its stored
+/// format's version (see `ferry_core::envelope`).
 pub(crate) fn encode_set(s: &StoredSet) -> Result<Vec<u8>> {
-    Ok(rmp_serde::to_vec_named(&(&s.change_set, &s.tags))?)
+    Ok(ferry_core::envelope::seal(&(&s.change_set, &s.tags))?)
 }
 
 /// What happened to one pushed change set.
@@ -170,4 +171,57 @@ pub trait Store: Send + Sync + 'static {
     fn feed(&self) -> &Arc<Feed>;
     /// Stops accepting pushes and waits for those in flight.
     async fn shutdown(&self);
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use ferry_core::changeset::{Cell, RowChange, RowOp};
+    use ferry_core::{Hlc, ReplicaId};
+
+    /// The stored body of a sequenced change set, frozen in `server/tests/golden/stored_set.hex`
+    /// (both stores write these bytes). `FERRY_BLESS=1` rewrites it after a deliberate change;
+    /// a change to the wire form must not change it silently (see `ferry_core::envelope`).
+    #[test]
+    fn golden_stored_set() {
+        let s = StoredSet {
+            server_seq: 9,
+            change_set: ChangeSet {
+                id: [2; 16],
+                origin: ReplicaId([1; 16]),
+                origin_seq: 3,
+                hlc: Hlc::new(1_700_000_000_000, 5),
+                base: 41,
+                schema_version: 1,
+                fence: None,
+                guarded: false,
+                rows: vec![RowChange {
+                    table: "todo".into(),
+                    pk: Value::Text("k1".into()),
+                    cl: 1,
+                    op: RowOp::Upsert(vec![Cell::Set("list".into(), Value::Text("home".into()))]),
+                }],
+            },
+            tags: vec![RowTag {
+                scope: "home".into(),
+                moved_from: Some("work".into()),
+            }],
+        };
+        let body = encode_set(&s).unwrap();
+        let hex: String = body.iter().map(|b| format!("{b:02x}")).collect();
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/stored_set.hex");
+        if std::env::var("FERRY_BLESS").is_ok() {
+            std::fs::write(&path, format!("{hex}\n")).unwrap();
+        }
+        let want = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(hex, want.trim(), "the stored form of a change set changed");
+        let back = decode_set(9, &body).unwrap();
+        assert_eq!(back.change_set, s.change_set);
+        assert_eq!(back.tags, s.tags);
+        // Bodies stored before envelopes still open.
+        let unsealed = rmp_serde::to_vec_named(&(&s.change_set, &s.tags)).unwrap();
+        assert_eq!(decode_set(9, &unsealed).unwrap().tags, s.tags);
+    }
 }
