@@ -85,7 +85,7 @@ pub enum Error {
     #[error("the relay refused a change set ({}): {message}", code.as_str())]
     Refused {
         /// The relay's error code.
-        code: crate::protocol::ErrorCode,
+        code: crate::error_code::ErrorCode,
         /// The relay's explanation.
         message: String,
     },

@@ -27,6 +27,7 @@ mod db;
 mod engine;
 pub mod envelope;
 mod error;
+mod error_code;
 pub mod hlc;
 pub mod ids;
 pub mod lease;

@@ -146,59 +146,7 @@ pub struct Ack {
     pub server_seq: u64,
 }
 
-/// Machine-readable error codes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
-    /// The frame could not be decoded.
-    BadFrame,
-    /// Protocol version not supported.
-    UnsupportedVersion,
-    /// Token missing, invalid, forged or expired.
-    Unauthorized,
-    /// Write outside the token's write scopes or to a read-only table.
-    Forbidden,
-    /// Frame or change set too large.
-    TooLarge,
-    /// Too many frames or connections.
-    RateLimited,
-    /// A change set is invalid (origin, sequence, content, unknown table).
-    InvalidChangeSet,
-    /// A change set's clock is further ahead of the relay's than it allows.
-    ClockSkew,
-    /// The origin id is already used by different changes (restored backup).
-    OriginReused,
-    /// The relay is shutting down; connect again (to it or another node).
-    ShuttingDown,
-    /// Compare-and-set failed: a change the pusher had not seen (see `conflict_seq`) touched
-    /// the same cells of a `server_checked` table or `custom` column since its `base`.
-    Conflict,
-    /// The change set's fencing token is not the lease's current grant.
-    Fenced,
-    /// Something failed on the relay.
-    Internal,
-}
-
-impl ErrorCode {
-    /// The code's wire name (as in `docs/protocol.md`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::BadFrame => "bad_frame",
-            ErrorCode::UnsupportedVersion => "unsupported_version",
-            ErrorCode::Unauthorized => "unauthorized",
-            ErrorCode::Forbidden => "forbidden",
-            ErrorCode::TooLarge => "too_large",
-            ErrorCode::RateLimited => "rate_limited",
-            ErrorCode::InvalidChangeSet => "invalid_change_set",
-            ErrorCode::ClockSkew => "clock_skew",
-            ErrorCode::OriginReused => "origin_reused",
-            ErrorCode::ShuttingDown => "shutting_down",
-            ErrorCode::Conflict => "conflict",
-            ErrorCode::Fenced => "fenced",
-            ErrorCode::Internal => "internal",
-        }
-    }
-}
+pub use crate::error_code::ErrorCode;
 
 /// Limits the relay enforces, announced at welcome so the client batches within them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

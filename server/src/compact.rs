@@ -16,7 +16,7 @@
 //! prefix followed by the uncompacted tail is the "snapshot + tail" a stale replica receives.
 
 use crate::catalog::RelayCatalog;
-use crate::store::StoredSet;
+use crate::stored::{StoredSet, decode_set, encode_set};
 use ferry_core::changeset::{Cell, RowOp};
 use ferry_core::hlc::Hlc;
 use ferry_core::{DeleteRule, ReplicaId, Value};
@@ -26,22 +26,22 @@ type CellKey = (String, Vec<u8>, String);
 
 /// One compaction pass over a store's log, fed newest first: what to rewrite and the report.
 #[derive(Debug)]
-pub struct Pass<'a> {
+pub struct Compaction<'a> {
     pruner: Pruner<'a>,
     horizon: u64,
     /// The report so far (`horizon` is the new horizon).
-    pub report: crate::store::CompactReport,
+    pub report: CompactReport,
     /// Rewritten change sets and the rows each no longer touches.
     pub rewrites: Vec<(StoredSet, Vec<(String, Value)>)>,
 }
 
-impl<'a> Pass<'a> {
+impl<'a> Compaction<'a> {
     /// A pass pruning at or below `horizon` of a store compacted up to `old` so far.
     pub fn new(cat: &'a RelayCatalog, horizon: u64, old: u64) -> Self {
-        Pass {
+        Compaction {
             pruner: Pruner::new(cat),
             horizon,
-            report: crate::store::CompactReport {
+            report: CompactReport {
                 horizon: horizon.max(old),
                 ..Default::default()
             },
@@ -52,12 +52,12 @@ impl<'a> Pass<'a> {
     /// Visits the next older stored body.
     pub fn visit(&mut self, seq: i64, body: &[u8]) -> crate::error::Result<()> {
         self.report.bytes_before += body.len() as u64;
-        let s = crate::store::decode_set(seq, body)?;
+        let s = decode_set(seq, body)?;
         match self.pruner.visit(&s, seq as u64 <= self.horizon) {
             Some(p) => {
                 self.report.rewritten += 1;
                 self.report.cells_dropped += p.cells_dropped;
-                self.report.bytes_after += crate::store::encode_set(&p.set)?.len() as u64;
+                self.report.bytes_after += encode_set(&p.set)?.len() as u64;
                 self.rewrites.push((p.set, p.rows_dropped));
             }
             None => self.report.bytes_after += body.len() as u64,
@@ -186,4 +186,19 @@ impl<'a> Pruner<'a> {
 
 fn key_bytes(v: &Value) -> Vec<u8> {
     rmp_serde::to_vec(v).unwrap_or_default()
+}
+
+/// What compaction did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CompactReport {
+    /// New horizon.
+    pub horizon: u64,
+    /// Change sets rewritten.
+    pub rewritten: u64,
+    /// Cell writes dropped.
+    pub cells_dropped: u64,
+    /// Bytes before and after.
+    pub bytes_before: u64,
+    /// Bytes after.
+    pub bytes_after: u64,
 }

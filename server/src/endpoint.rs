@@ -2,7 +2,7 @@
 //!
 //! [`Endpoint`] owns everything a connection knows (replica, grants, how far it has been
 //! told) and turns each decoded client frame into the frames to send back, consulting only
-//! the store. The WebSocket loop in [`crate::session`] adds the socket, timers and rate
+//! the store. The WebSocket loop in `session` adds the socket, timers and rate
 //! limiting; the deterministic simulation (`server/tests/simulation.rs`) drives the same
 //! code with messages it delays, drops and replays itself, so what it checks is what serves
 //! clients.
@@ -11,7 +11,7 @@ use crate::auth::Grants;
 use crate::error::RelayError;
 use crate::metrics as m;
 
-use crate::session::Shared;
+use crate::state::RelayState;
 use crate::store::{PushOutcome, StoredSet};
 use ferry_core::admission::Bounds;
 use ferry_core::protocol::{
@@ -67,7 +67,7 @@ pub fn decode(bytes: &[u8], max: usize) -> Result<ClientMsg, Close> {
 
 /// One authenticated connection's state.
 pub struct Endpoint {
-    shared: Arc<Shared>,
+    shared: Arc<RelayState>,
     replica: ReplicaId,
     label: String,
     grants: Arc<Grants>,
@@ -94,7 +94,7 @@ impl Endpoint {
     /// version with a valid token and a cursor the log holds, and returns the endpoint and
     /// the welcome.
     pub async fn open(
-        shared: &Arc<Shared>,
+        shared: &Arc<RelayState>,
         first: ClientMsg,
     ) -> Result<(Endpoint, ServerMsg), Close> {
         let (protocol, replica_id, token, cursor) = match first {
@@ -156,7 +156,7 @@ impl Endpoint {
     }
 
     /// What every connection shares.
-    pub fn shared(&self) -> &Arc<Shared> {
+    pub fn shared(&self) -> &Arc<RelayState> {
         &self.shared
     }
 
@@ -218,7 +218,7 @@ impl Endpoint {
                 out.push(ServerMsg::Lease { nonce, outcome });
             }
             ClientMsg::Checksum { nonce } => {
-                let Some(shadow) = self.shared.shadow.clone() else {
+                let Some(shadow) = self.shared.checksums.clone() else {
                     return Err(Close::new(
                         ErrorCode::Internal,
                         "checksums are disabled on this relay (checksums.enabled = false)",
@@ -498,14 +498,6 @@ fn lease_kind(o: &ferry_core::protocol::LeaseOutcome) -> &'static str {
         L::Released { .. } => "released",
         L::Lost { .. } => "lost",
     }
-}
-
-/// The system clock in milliseconds since the epoch (0 before 1970).
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Frames sent per turn of a connection's loop while it catches up.

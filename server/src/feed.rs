@@ -5,7 +5,7 @@
 //! connections without a thousand store reads; a connection that is further behind than the
 //! window reads from the store.
 
-use crate::store::StoredSet;
+use crate::stored::StoredSet;
 use parking_lot::RwLock;
 use std::collections::VecDeque;
 use std::sync::Arc;

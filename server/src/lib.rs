@@ -10,6 +10,8 @@
 
 pub mod auth;
 pub mod catalog;
+pub mod checksum_replica;
+pub mod clock;
 pub mod compact;
 pub mod config;
 pub mod endpoint;
@@ -19,8 +21,9 @@ pub mod metrics;
 pub mod scoping;
 pub mod server;
 pub mod session;
-pub mod shadow;
+pub mod state;
 pub mod store;
+pub mod stored;
 
 pub use config::Config;
 pub use error::{RelayError, Result};

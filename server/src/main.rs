@@ -143,7 +143,7 @@ fn run(cli: Cli) -> Result<(), RelayError> {
         }
         Command::CheckConfig(args) => {
             let cfg = load(&cli.config, &args)?;
-            cfg.validate()?;
+            ferry_relay::server::check_config(&cfg)?;
             let text = toml::to_string_pretty(&redacted(cfg))
                 .map_err(|e| RelayError::Config(e.to_string()))?;
             let mut out = std::io::stdout();

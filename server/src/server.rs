@@ -9,11 +9,12 @@
 
 use crate::auth::Verifier;
 use crate::catalog::RelayCatalog;
+use crate::checksum_replica::ChecksumReplica;
 use crate::config::{Config, StoreKind};
 use crate::error::{RelayError, Result};
 use crate::metrics as m;
-use crate::session::{self, Shared};
-use crate::shadow::Shadow;
+use crate::session;
+use crate::state::RelayState;
 use crate::store::Store;
 use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
@@ -24,7 +25,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -36,7 +37,7 @@ const FEED_WINDOW: usize = 4096;
 pub struct Relay {
     /// The address it listens on.
     pub addr: SocketAddr,
-    shared: Arc<Shared>,
+    shared: Arc<RelayState>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     background: TaskTracker,
 }
@@ -47,10 +48,22 @@ impl std::fmt::Debug for Relay {
     }
 }
 
+/// Checks everything in `cfg` that can be checked without starting: the settings, the
+/// PostgreSQL URL, and that the schema file and the token keys load.
+pub fn check_config(cfg: &Config) -> Result<()> {
+    cfg.validate()?;
+    if let StoreKind::Postgres(url) = cfg.store_kind()? {
+        crate::store::postgres::check_url(&url)?;
+    }
+    RelayCatalog::load(cfg)?;
+    Verifier::from_config(&cfg.auth)?;
+    Ok(())
+}
+
 impl Relay {
     /// Validates the configuration, opens the store, binds and starts serving.
     pub async fn start(cfg: Config) -> Result<Relay> {
-        cfg.validate()?;
+        check_config(&cfg)?;
         let cat = Arc::new(RelayCatalog::load(&cfg)?);
         let verifier = Verifier::from_config(&cfg.auth)?;
         let store: Arc<dyn Store> = match cfg.store_kind()? {
@@ -72,11 +85,12 @@ impl Relay {
             let dir = cfg.data.clone();
             let schema = cat.schema.clone();
             let head = store.feed().head();
-            let sh = tokio::task::spawn_blocking(move || Shadow::open(&dir, &schema, head))
-                .await
-                .map_err(|e| {
-                    RelayError::Store(format!("opening the checksum state failed: {e}"))
-                })??;
+            let sh =
+                tokio::task::spawn_blocking(move || ChecksumReplica::open(&dir, &schema, head))
+                    .await
+                    .map_err(|e| {
+                        RelayError::Store(format!("opening the checksum state failed: {e}"))
+                    })??;
             let sh = Arc::new(sh);
             background.spawn(Arc::clone(&sh).follow(Arc::clone(&store), shutdown.clone()));
             Some(sh)
@@ -93,18 +107,15 @@ impl Relay {
         }
         let addr = cfg.listen_addr()?;
         let cfg = Arc::new(cfg);
-        let shared = Arc::new(Shared {
-            cfg: Arc::clone(&cfg),
+        let shared = Arc::new(RelayState::new(
+            Arc::clone(&cfg),
             cat,
             verifier,
             store,
             shadow,
-            shutdown: shutdown.clone(),
-            connections: AtomicUsize::new(0),
-            tasks: TaskTracker::new(),
-            clock: Arc::new(crate::endpoint::now_ms),
-            sessions: Default::default(),
-        });
+            Arc::new(crate::clock::now_ms),
+            shutdown.clone(),
+        ));
         let app = axum::Router::new()
             .route("/sync", get(upgrade))
             .route("/healthz", get(|| async { "ok\n" }))
@@ -178,7 +189,7 @@ impl Relay {
     }
 }
 
-async fn upgrade(State(shared): State<Arc<Shared>>, ws: WebSocketUpgrade) -> impl IntoResponse {
+async fn upgrade(State(shared): State<Arc<RelayState>>, ws: WebSocketUpgrade) -> impl IntoResponse {
     let max = shared.cfg.limits.max_frame_bytes;
     ws.max_message_size(max)
         .max_frame_size(max)
@@ -210,7 +221,7 @@ async fn reject_busy(mut socket: axum::extract::ws::WebSocket, max: usize) {
     let _ = socket.send(Message::Close(None)).await;
 }
 
-async fn ready(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+async fn ready(State(shared): State<Arc<RelayState>>) -> impl IntoResponse {
     if shared.shutdown.is_cancelled() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,

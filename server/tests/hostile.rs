@@ -565,7 +565,7 @@ fn generated_hostile_corpus_harms_nothing() {
         .last()
         .map(|(_, _, _, body)| {
             let (cs, _): (ChangeSet, Vec<ferry_relay::scoping::RowTag>) =
-                rmp_serde::from_slice(body).unwrap();
+                ferry_core::envelope::open(body).unwrap();
             cs
         })
         .unwrap();

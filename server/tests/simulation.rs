@@ -43,7 +43,7 @@ use ferry_core::{
 use ferry_relay::auth::{Claims, Verifier, mint_hs256, now_secs};
 use ferry_relay::catalog::RelayCatalog;
 use ferry_relay::endpoint::{Close, Endpoint};
-use ferry_relay::session::Shared;
+use ferry_relay::state::RelayState;
 use ferry_relay::store::Store;
 use ferry_relay::store::sqlite::SqliteStore;
 use rand::{RngExt, SeedableRng, rngs::StdRng};
@@ -51,7 +51,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 const HOUR: i64 = 3_600_000;
@@ -178,7 +178,7 @@ struct Sim {
     dir: PathBuf,
     rt: tokio::runtime::Runtime,
     time: Arc<AtomicU64>,
-    shared: Option<Arc<Shared>>,
+    shared: Option<Arc<RelayState>>,
     nodes: Vec<Node>,
     links: Vec<Link>,
     step: u64,
@@ -286,18 +286,15 @@ impl Sim {
         let store: Arc<dyn Store> = SqliteStore::open(&self.dir.join("relay"), cat.clone(), 256)
             .expect("relay store opens");
         let time = Arc::clone(&self.time);
-        self.shared = Some(Arc::new(Shared {
-            cfg: Arc::new(cfg),
+        self.shared = Some(Arc::new(RelayState::new(
+            Arc::new(cfg),
             cat,
             verifier,
             store,
-            shadow: None,
-            shutdown: tokio_util::sync::CancellationToken::new(),
-            connections: AtomicUsize::new(0),
-            tasks: tokio_util::task::TaskTracker::new(),
-            clock: Arc::new(move || time.load(Ordering::SeqCst)),
-            sessions: Default::default(),
-        }));
+            None,
+            Arc::new(move || time.load(Ordering::SeqCst)),
+            tokio_util::sync::CancellationToken::new(),
+        )));
     }
 
     fn stop_relay(&mut self) {

@@ -16,18 +16,21 @@ mod listeners;
 mod replica;
 mod subscription;
 mod sync;
+mod transaction;
 mod types;
 
 pub use error::FerryError;
 pub use listeners::{
     ChangeListener, ConflictResolver, QueryListener, SyncStatusListener, TokenProvider,
 };
-pub use replica::{Replica, ReplicaOptions, WriteTransaction, ferry_version, new_id};
+pub use replica::{Replica, ReplicaOptions, ferry_version, new_id};
 pub use subscription::Subscription;
-pub use sync::{ConnState, SyncOptions, SyncSession, SyncStatus, Verification};
+pub use sync::{SyncOptions, SyncSession, Verification};
+pub use transaction::WriteTransaction;
 pub use types::{
     ChangeEvent, ChangeSource, ColumnDecl, ColumnType, ConflictInput, ConflictRecord, ConflictSide,
-    DeleteRule, Migration, Policy, QueryResult, Resolution, Schema, SqlValue, TableDecl, TableMode,
+    ConnState, DeleteRule, LeaseGrant, Migration, Policy, QueryResult, Resolution, Schema,
+    SqlValue, SyncStatus, TableDecl, TableMode,
 };
 
 uniffi::setup_scaffolding!();

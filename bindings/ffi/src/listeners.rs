@@ -5,8 +5,9 @@
 //! an error that is logged, never as a panic on one of Ferry's threads.
 
 use crate::error::FerryError;
-use crate::sync::SyncStatus;
-use crate::types::{ChangeEvent, ConflictInput, ConflictRecord, QueryResult, Resolution};
+use crate::types::{
+    ChangeEvent, ConflictInput, ConflictRecord, QueryResult, Resolution, SyncStatus,
+};
 use ferry_core as core;
 use std::sync::Arc;
 

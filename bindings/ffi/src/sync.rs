@@ -2,116 +2,12 @@
 
 use crate::error::{FerryError, Result};
 use crate::listeners::{Status, SyncStatusListener};
-use crate::replica::WriteTransaction;
 use crate::subscription::Subscription;
-use crate::types::mirror_enum;
+use crate::transaction::WriteTransaction;
+use crate::types::{LeaseGrant, SyncStatus, core_lease};
 use ferry_core as core;
 use std::sync::Arc;
 use std::time::Duration;
-
-mirror_enum!(
-    /// Connection state.
-    ConnState => core::ConnState {
-        /// Not connected; retrying after a backoff.
-        Offline,
-        /// Opening a connection.
-        Connecting,
-        /// Connected and streaming.
-        Online,
-        /// Paused by the app.
-        Paused,
-        /// Disconnected for good.
-        Stopped,
-    }
-);
-
-/// What the sync loop is doing.
-#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
-pub struct SyncStatus {
-    /// Connection state.
-    pub state: ConnState,
-    /// Change sets acknowledged this session…
-    pub uploaded: u64,
-    /// …of this many to upload.
-    pub upload_total: u64,
-    /// Relay positions applied this session…
-    pub downloaded: u64,
-    /// …of this many known.
-    pub download_total: u64,
-    /// Relay position applied.
-    pub cursor: u64,
-    /// Relay head as last heard.
-    pub head: u64,
-    /// Local change sets not yet acknowledged.
-    pub pending: u64,
-    /// The last error (cleared when a connection comes up).
-    pub last_error: Option<String>,
-    /// The relay's code for the last error, when it sent one (`unauthorized`, ...).
-    pub last_error_code: Option<String>,
-    /// A refused push that stops uploads, as `code: message`.
-    pub refused: Option<String>,
-    /// Connections opened so far.
-    pub connects: u64,
-    /// Change sets the relay refused (compare-and-set, stale lease) that were rolled back.
-    pub rolled_back: u64,
-}
-
-/// A lease this replica holds (see `SyncSession.acquireLease`).
-#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
-pub struct LeaseGrant {
-    /// Lease name.
-    pub name: String,
-    /// Fencing token of the grant.
-    pub token: u64,
-    /// Time to live granted, in milliseconds (expiry is decided by the relay's clock).
-    pub ttl_ms: u64,
-}
-
-impl From<core::Lease> for LeaseGrant {
-    fn from(l: core::Lease) -> Self {
-        LeaseGrant {
-            name: l.name,
-            token: l.token,
-            ttl_ms: l.ttl.as_millis() as u64,
-        }
-    }
-}
-
-fn core_lease(l: LeaseGrant) -> core::Lease {
-    core::Lease {
-        name: l.name,
-        token: l.token,
-        ttl: Duration::from_millis(l.ttl_ms),
-        granted_at: std::time::Instant::now(),
-    }
-}
-
-impl From<&core::SyncStatus> for SyncStatus {
-    fn from(s: &core::SyncStatus) -> Self {
-        SyncStatus {
-            state: s.state.into(),
-            uploaded: s.uploading.done,
-            upload_total: s.uploading.total,
-            downloaded: s.downloading.done,
-            download_total: s.downloading.total,
-            cursor: s.cursor,
-            head: s.head,
-            pending: s.pending,
-            last_error: s.last_error.as_ref().map(|e| e.message.clone()),
-            last_error_code: s
-                .last_error
-                .as_ref()
-                .and_then(|e| e.code)
-                .map(|c| c.as_str().to_owned()),
-            refused: s
-                .refused
-                .as_ref()
-                .map(|r| format!("{}: {}", r.code.as_str(), r.message)),
-            connects: s.connects,
-            rolled_back: s.rolled_back,
-        }
-    }
-}
 
 /// Tuning of the sync loop (every field has a sensible default).
 #[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]

@@ -24,74 +24,15 @@ pub mod sqlite;
 use crate::auth::Grants;
 use crate::error::{RelayError, Result};
 use crate::feed::Feed;
-use crate::scoping::RowTag;
 use async_trait::async_trait;
 use ferry_core::admission::Bounds;
 use ferry_core::protocol::{LeaseOutcome, LeaseRequest};
 use ferry_core::{ChangeSet, ReplicaId, Value};
-use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
-/// A change set as stored: its position, the change set, and the scope of each row.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StoredSet {
-    /// Position.
-    pub server_seq: u64,
-    /// The change set (rows may have been pruned by compaction).
-    pub change_set: ChangeSet,
-    /// One tag per row of `change_set`.
-    pub tags: Vec<RowTag>,
-}
-
-impl StoredSet {
-    /// Rough encoded size, for frame budgets and memory bounds.
-    pub fn approx_bytes(&self) -> usize {
-        self.change_set
-            .rows
-            .iter()
-            .map(approx_row_bytes)
-            .sum::<usize>()
-            + 96
-    }
-}
-
-/// Rough encoded size of a row change.
-pub fn approx_row_bytes(rc: &ferry_core::RowChange) -> usize {
-    fn value(v: &Value) -> usize {
-        match v {
-            Value::Text(s) => s.len() + 5,
-            Value::Blob(b) => b.len() + 5,
-            _ => 9,
-        }
-    }
-    let cells = match &rc.op {
-        ferry_core::RowOp::Upsert(cells) => cells
-            .iter()
-            .map(|c| match c {
-                ferry_core::Cell::Set(n, v) => n.len() + value(v) + 4,
-                ferry_core::Cell::Add(n, _) => n.len() + 13,
-            })
-            .sum(),
-        ferry_core::RowOp::Delete => 8,
-    };
-    rc.table.len() + value(&rc.pk) + cells + 24
-}
-
-/// A stored body back into a [`StoredSet`] at `seq`.
-pub(crate) fn decode_set(seq: i64, body: &[u8]) -> Result<StoredSet> {
-    let (change_set, tags): (ChangeSet, Vec<RowTag>) = ferry_core::envelope::open(body)?;
-    Ok(StoredSet {
-        server_seq: seq as u64,
-        change_set,
-        tags,
-    })
-}
-
-/// The stored body of a change set (the same bytes in every store), sealed with its stored
-/// format's version (see `ferry_core::envelope`).
-pub(crate) fn encode_set(s: &StoredSet) -> Result<Vec<u8>> {
-    Ok(ferry_core::envelope::seal(&(&s.change_set, &s.tags))?)
-}
+pub use crate::compact::CompactReport;
+pub use crate::stored::{StoredSet, approx_row_bytes};
+pub(crate) use crate::stored::{decode_set, encode_set};
 
 /// What happened to one pushed change set.
 #[derive(Debug)]
@@ -111,21 +52,6 @@ pub struct StoreStats {
     pub horizon: u64,
     /// Bytes of stored change sets.
     pub bytes: u64,
-}
-
-/// What compaction did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct CompactReport {
-    /// New horizon.
-    pub horizon: u64,
-    /// Change sets rewritten.
-    pub rewritten: u64,
-    /// Cell writes dropped.
-    pub cells_dropped: u64,
-    /// Bytes before and after.
-    pub bytes_before: u64,
-    /// Bytes after.
-    pub bytes_after: u64,
 }
 
 /// Durable, ordered storage of change sets.
@@ -171,57 +97,4 @@ pub trait Store: Send + Sync + 'static {
     fn feed(&self) -> &Arc<Feed>;
     /// Stops accepting pushes and waits for those in flight.
     async fn shutdown(&self);
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-    use ferry_core::changeset::{Cell, RowChange, RowOp};
-    use ferry_core::{Hlc, ReplicaId};
-
-    /// The stored body of a sequenced change set, frozen in `server/tests/golden/stored_set.hex`
-    /// (both stores write these bytes). `FERRY_BLESS=1` rewrites it after a deliberate change;
-    /// a change to the wire form must not change it silently (see `ferry_core::envelope`).
-    #[test]
-    fn golden_stored_set() {
-        let s = StoredSet {
-            server_seq: 9,
-            change_set: ChangeSet {
-                id: [2; 16],
-                origin: ReplicaId([1; 16]),
-                origin_seq: 3,
-                hlc: Hlc::new(1_700_000_000_000, 5),
-                base: 41,
-                schema_version: 1,
-                fence: None,
-                guarded: false,
-                rows: vec![RowChange {
-                    table: "todo".into(),
-                    pk: Value::Text("k1".into()),
-                    cl: 1,
-                    op: RowOp::Upsert(vec![Cell::Set("list".into(), Value::Text("home".into()))]),
-                }],
-            },
-            tags: vec![RowTag {
-                scope: "home".into(),
-                moved_from: Some("work".into()),
-            }],
-        };
-        let body = encode_set(&s).unwrap();
-        let hex: String = body.iter().map(|b| format!("{b:02x}")).collect();
-        let path =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/stored_set.hex");
-        if std::env::var("FERRY_BLESS").is_ok() {
-            std::fs::write(&path, format!("{hex}\n")).unwrap();
-        }
-        let want = std::fs::read_to_string(&path).unwrap();
-        assert_eq!(hex, want.trim(), "the stored form of a change set changed");
-        let back = decode_set(9, &body).unwrap();
-        assert_eq!(back.change_set, s.change_set);
-        assert_eq!(back.tags, s.tags);
-        // Bodies stored before envelopes still open.
-        let unsealed = rmp_serde::to_vec_named(&(&s.change_set, &s.tags)).unwrap();
-        assert_eq!(decode_set(9, &unsealed).unwrap().tags, s.tags);
-    }
 }

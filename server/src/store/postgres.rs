@@ -26,7 +26,7 @@
 
 use crate::auth::Grants;
 use crate::catalog::RelayCatalog;
-use crate::compact::Pass;
+use crate::compact::Compaction;
 use crate::error::{RelayError, Result};
 use crate::feed::Feed;
 use crate::scoping;
@@ -415,7 +415,7 @@ impl Store for PgStore {
             .await?
             .get(0);
         // Walk newest first in pages; bodies at or below the horizon only change here.
-        let mut pass = Pass::new(&self.cat, horizon, old as u64);
+        let mut pass = Compaction::new(&self.cat, horizon, old as u64);
         let mut below = i64::MAX;
         loop {
             let rows = c

@@ -9,8 +9,8 @@
 
 use crate::auth::Grants;
 use crate::catalog::RelayCatalog;
-use crate::compact::Pass;
-use crate::endpoint::now_ms;
+use crate::clock::now_ms;
+use crate::compact::Compaction;
 use crate::error::{RelayError, Result};
 use crate::feed::Feed;
 use crate::scoping::{self, RowScope, RowScopes};
@@ -307,7 +307,7 @@ impl Store for SqliteStore {
                     c.query_row("SELECT value FROM meta WHERE key = 'horizon'", [], |r| {
                         r.get(0)
                     })?;
-                let mut pass = Pass::new(&cat, horizon, old as u64);
+                let mut pass = Compaction::new(&cat, horizon, old as u64);
                 let mut st =
                     c.prepare("SELECT server_seq, body FROM sets ORDER BY server_seq DESC")?;
                 let mut rows = st.query([])?;

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 /// The materialized state.
-pub struct Shadow {
+pub struct ChecksumReplica {
     replica: Mutex<Replica>,
     catching_up: tokio::sync::Mutex<()>,
 }
@@ -31,16 +31,16 @@ const SETTLE: std::time::Duration = std::time::Duration::from_millis(1500);
 /// Longest the background catch-up waits for quiet.
 const SETTLE_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 
-impl std::fmt::Debug for Shadow {
+impl std::fmt::Debug for ChecksumReplica {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Shadow")
+        f.write_str("ChecksumReplica")
     }
 }
 
-impl Shadow {
+impl ChecksumReplica {
     /// Opens `dir/checksum.db`, rebuilding it when it is ahead of the store (a store restored
     /// from a backup).
-    pub fn open(dir: &Path, schema: &Schema, head: u64) -> Result<Shadow> {
+    pub fn open(dir: &Path, schema: &Schema, head: u64) -> Result<ChecksumReplica> {
         std::fs::create_dir_all(dir).map_err(|e| {
             RelayError::Store(format!(
                 "cannot create data directory {}: {e}",
@@ -66,7 +66,7 @@ impl Shadow {
         } else {
             replica
         };
-        Ok(Shadow {
+        Ok(ChecksumReplica {
             replica: Mutex::new(replica),
             catching_up: tokio::sync::Mutex::new(()),
         })
@@ -79,7 +79,7 @@ impl Shadow {
 
     /// Keeps the state close to the head without competing with pushes: after the head moves
     /// it waits until the log has been quiet for a moment (at most `SETTLE_MAX`), then
-    /// catches up. Checksum requests catch up on demand ([`Shadow::catch_up`]).
+    /// catches up. Checksum requests catch up on demand ([`ChecksumReplica::catch_up`]).
     pub async fn follow(self: Arc<Self>, store: Arc<dyn Store>, cancel: CancellationToken) {
         let mut head = store.feed().subscribe();
         loop {
