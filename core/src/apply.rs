@@ -22,7 +22,6 @@ use crate::log;
 use crate::observer::{ChangeEvent, ChangeSource, Notifications};
 use crate::protocol::Move;
 use crate::rows::{self, Origins, Stored};
-use crate::schema::Policy;
 use crate::value::Value;
 use crate::vv::{Version, happened_before};
 use rusqlite::Connection;
@@ -330,7 +329,7 @@ impl Merge<'_> {
                                     resolution: None,
                                 },
                             )?;
-                            if policy == Policy::Custom
+                            if policy.resolved_by_app()
                                 && self.is_pending_local(&cv, v.server_seq)?
                             {
                                 self.out.followups.push(Followup {

@@ -11,7 +11,6 @@
 use crate::catalog::{Catalog, TableInfo};
 use crate::changeset::MAX_COUNTER_DELTA;
 use crate::error::{Error, Result};
-use crate::schema::Policy;
 use crate::value::{Value, ref_eq};
 use parking_lot::Mutex;
 use rusqlite::Connection;
@@ -237,7 +236,7 @@ impl Accumulator {
         acc.alive = true;
         let mut bad = None;
         for (i, v) in new.into_iter().enumerate() {
-            if t.cols[i].policy == Policy::Counter {
+            if t.cols[i].policy.is_additive() {
                 match counter_value(v.as_ref()) {
                     Some(n) => acc.add(i, n),
                     None => bad = Some((i, v.describe())),
@@ -267,7 +266,7 @@ impl Accumulator {
         }
         acc.alive = false;
         for (i, v) in old.iter().enumerate() {
-            if t.cols[i].policy == Policy::Counter {
+            if t.cols[i].policy.is_additive() {
                 acc.add(i, counter_value(v.as_ref()).unwrap_or(0).wrapping_neg());
             }
         }
@@ -336,7 +335,7 @@ impl Accumulator {
                             .map(|(c, v)| RawCell::Set(c, v)),
                     );
                     for (i, c) in t.cols.iter().enumerate() {
-                        if c.policy == Policy::Counter {
+                        if c.policy.is_additive() {
                             let d = acc.delta(i);
                             if kind == LocalKind::Insert || d != 0 {
                                 cells.push(RawCell::Add(i as u16, d));
@@ -505,7 +504,7 @@ pub fn install_hook(conn: &mut Connection, state: Arc<Mutex<HookState>>) -> Resu
                         if ref_eq(a, b) {
                             continue;
                         }
-                        if t.cols[c].policy == Policy::Counter {
+                        if t.cols[c].policy.is_additive() {
                             match (counter_value(a), counter_value(b)) {
                                 (Some(x), Some(y)) => match y.checked_sub(x) {
                                     Some(d) if d.unsigned_abs() <= MAX_COUNTER_DELTA => {
@@ -651,8 +650,7 @@ pub fn fold_foreign(conn: &Connection, cat: &Catalog, acc: &mut Accumulator) -> 
                     }
                 }
                 e.reread(
-                    idx.into_iter()
-                        .filter(|i| t.cols[*i].policy != Policy::Counter),
+                    idx.into_iter().filter(|i| !t.cols[*i].policy.is_additive()),
                     n,
                 );
             }
@@ -682,7 +680,7 @@ pub fn fold_foreign(conn: &Connection, cat: &Catalog, acc: &mut Accumulator) -> 
             Some(vals) => {
                 e.alive = true;
                 for (i, v) in vals.into_iter().enumerate() {
-                    if cols[i] && i != t.pk && t.cols[i].policy != Policy::Counter {
+                    if cols[i] && i != t.pk && !t.cols[i].policy.is_additive() {
                         e.set(i, v);
                     }
                 }

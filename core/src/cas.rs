@@ -22,7 +22,7 @@
 use crate::changeset::{ChangeSet, RowOp};
 use crate::error::Result;
 use crate::ids::ReplicaId;
-use crate::schema::{Policy, TableDecl, TableMode};
+use crate::schema::{TableDecl, TableMode};
 use crate::value::Value;
 
 /// Who last wrote a cell, and where that write sits in the relay's order.
@@ -149,8 +149,8 @@ impl std::fmt::Display for CasConflict {
 pub fn is_checked(t: &TableDecl, column: &str) -> bool {
     t.columns.iter().any(|c| {
         c.name == column
-            && c.policy != Policy::Counter
-            && (t.mode == TableMode::ServerChecked || c.policy == Policy::Custom)
+            && c.policy
+                .checked_by_relay(t.mode == TableMode::ServerChecked)
     })
 }
 

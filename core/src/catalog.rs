@@ -121,7 +121,7 @@ impl Catalog {
                             decl.name, c.name
                         )));
                     }
-                    if c.not_null && c.default.is_none() && c.policy != Policy::Counter {
+                    if c.not_null && c.default.is_none() && !c.policy.is_additive() {
                         return Err(Error::InvalidSchema(format!(
                             "new column `{}.{}` is NOT NULL without a default: existing rows could not keep it",
                             decl.name, c.name
@@ -264,11 +264,7 @@ fn trigger_sql(t: &TableInfo) -> String {
         }
         return s;
     }
-    let counters: Vec<&ColInfo> = t
-        .cols
-        .iter()
-        .filter(|c| c.policy == Policy::Counter)
-        .collect();
+    let counters: Vec<&ColInfo> = t.cols.iter().filter(|c| c.policy.is_additive()).collect();
     let stash_vals = if counters.is_empty() {
         "NULL".to_owned()
     } else {

@@ -23,6 +23,24 @@ pub enum Cell {
 }
 
 impl Cell {
+    /// Whether this cell has the shape writes of `policy` take (see `policy`): an addition
+    /// for an additive policy, a value otherwise.
+    pub fn fits(&self, policy: Policy) -> bool {
+        matches!(self, Cell::Add(..)) == policy.is_additive()
+    }
+
+    /// The cell that writes `value` to column `name` of `policy` on a row that had none (a
+    /// whole row sent as it stands): an addition from zero for an additive policy.
+    pub fn whole(policy: Policy, name: String, value: Value) -> Cell {
+        if policy.is_additive() {
+            Cell::Add(name, value.as_i64().unwrap_or(0))
+        } else {
+            Cell::Set(name, value)
+        }
+    }
+}
+
+impl Cell {
     /// The column this cell writes.
     pub fn column(&self) -> &str {
         match self {
@@ -182,24 +200,24 @@ pub fn check_row_change(t: &TableDecl, rc: &RowChange) -> Result<()> {
                 return bad(format!("column `{name}` written twice in one row change"));
             }
             seen.push(name);
-            match (c, col.policy) {
-                (Cell::Add(_, d), Policy::Counter) => {
+            if !c.fits(col.policy) {
+                return bad(match c {
+                    Cell::Add(..) => format!("counter add on non-counter column `{name}`"),
+                    Cell::Set(..) => format!("plain set on counter column `{name}`"),
+                });
+            }
+            match c {
+                Cell::Add(_, d) => {
                     if d.unsigned_abs() > MAX_COUNTER_DELTA {
                         return bad(format!(
                             "counter `{name}` changes by {d}, beyond ±{MAX_COUNTER_DELTA} in one operation"
                         ));
                     }
                 }
-                (Cell::Set(_, v), Policy::Lww | Policy::Custom) => {
+                Cell::Set(_, v) => {
                     if col.not_null && *v == Value::Null {
                         return bad(format!("NULL written to NOT NULL column `{name}`"));
                     }
-                }
-                (Cell::Add(..), _) => {
-                    return bad(format!("counter add on non-counter column `{name}`"));
-                }
-                (Cell::Set(..), _) => {
-                    return bad(format!("plain set on counter column `{name}`"));
                 }
             }
         }

@@ -34,6 +34,7 @@ pub mod lease;
 mod log;
 mod materialize;
 mod observer;
+mod policy;
 pub mod port;
 pub mod protocol;
 mod refusal;

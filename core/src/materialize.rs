@@ -15,7 +15,6 @@ use crate::ids::ReplicaId;
 use crate::log;
 use crate::rows::read_row;
 use crate::rows::{self, Stored};
-use crate::schema::Policy;
 use crate::value::Value;
 use crate::vv::Version;
 use rusqlite::Connection;
@@ -162,14 +161,7 @@ pub fn full_row(t: &crate::catalog::TableInfo, vals: Vec<Value>) -> Vec<Cell> {
     vals.into_iter()
         .enumerate()
         .filter(|(i, _)| *i != t.pk)
-        .map(|(i, v)| {
-            let name = t.cols[i].name.clone();
-            if t.cols[i].policy == Policy::Counter {
-                Cell::Add(name, v.as_i64().unwrap_or(0))
-            } else {
-                Cell::Set(name, v)
-            }
-        })
+        .map(|(i, v)| Cell::whole(t.cols[i].policy, t.cols[i].name.clone(), v))
         .collect()
 }
 

@@ -20,7 +20,6 @@ use crate::hlc::{HlcState, WallClock};
 use crate::log;
 use crate::observer::{ChangeEvent, ChangeSource, Notifications};
 use crate::protocol::ErrorCode;
-use crate::schema::Policy;
 use crate::vv::Version;
 
 /// What handling a refusal did.
@@ -128,7 +127,7 @@ impl Engine {
                         continue;
                     };
                     let i = t.col(name)?;
-                    if t.cols[i].policy != Policy::Custom {
+                    if !t.cols[i].policy.resolved_by_app() {
                         continue;
                     }
                     if let Some(now) = current.as_ref().and_then(|r| r.get(i)) {

@@ -11,46 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::str::FromStr;
 
-/// How concurrent writes to one column merge.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Policy {
-    /// Last writer wins on `(hlc, origin)`.
-    #[default]
-    Lww,
-    /// Integer deltas add up; concurrent increments are never lost.
-    Counter,
-    /// Merged as `lww` everywhere; the app's resolver runs on the device whose pending write
-    /// met a concurrent one and its answer is written as a new change.
-    Custom,
-}
-
-impl FromStr for Policy {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "lww" => Ok(Policy::Lww),
-            "counter" => Ok(Policy::Counter),
-            "custom" => Ok(Policy::Custom),
-            _ => Err(Error::UnknownName {
-                kind: "merge policy",
-                name: s.to_owned(),
-                expected: "lww, counter, custom",
-            }),
-        }
-    }
-}
-
-impl Policy {
-    /// The policy's name as written in declarations.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Policy::Lww => "lww",
-            Policy::Counter => "counter",
-            Policy::Custom => "custom",
-        }
-    }
-}
+pub use crate::policy::Policy;
 
 /// Who may write a table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -256,7 +217,7 @@ impl TableDecl {
 
     pub(crate) fn column_sql(&self, c: &ColumnDecl) -> String {
         let mut s = format!("{} {}", quote(&c.name), c.ty.sql());
-        if c.policy == Policy::Counter {
+        if c.policy.is_additive() {
             s.push_str(" NOT NULL DEFAULT 0");
             return s;
         }
@@ -288,7 +249,7 @@ impl TableDecl {
                     c.name
                 )));
             }
-            if c.policy == Policy::Counter && c.ty != ColumnType::Integer {
+            if c.policy.is_additive() && c.ty != ColumnType::Integer {
                 return Err(Error::InvalidSchema(format!(
                     "counter column `{t}.{}` must have type integer",
                     c.name
@@ -329,7 +290,7 @@ impl TableDecl {
                     "scope column `{sc}` of table `{t}` is not among its columns"
                 )));
             };
-            if c.policy == Policy::Counter {
+            if c.policy.is_additive() {
                 return Err(Error::InvalidSchema(format!(
                     "scope column `{t}.{sc}` cannot be a counter"
                 )));
