@@ -3,7 +3,7 @@
 //! the corrected clock and pushes again, and every replica converges on the same values —
 //! the re-stamped writes win or lose against others by their new timestamps, locally too.
 //!
-//! Found by the deterministic simulation (`server/tests/simulation.rs`, seeds 1, 2 and 59
+//! Found by the deterministic simulation (`server/tests/simulation/`, seeds 1, 2 and 59
 //! before the fixes).
 #![allow(clippy::unwrap_used, missing_docs)]
 

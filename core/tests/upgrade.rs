@@ -3,7 +3,7 @@
 //! converges with replicas that were on the newer schema all along — including for rows it
 //! created itself before the upgrade, whose new columns it never wrote.
 //!
-//! Found by the deterministic simulation (`server/tests/simulation.rs`, seeds 1, 14 and 24
+//! Found by the deterministic simulation (`server/tests/simulation/`, seeds 1, 14 and 24
 //! before the fixes).
 #![allow(clippy::unwrap_used, missing_docs)]
 
