@@ -11,7 +11,7 @@
 //! before anything is decompressed, so a small frame cannot expand into a huge allocation.
 //!
 //! The full exchange is documented in `docs/protocol.md`; golden frames in
-//! `core/tests/protocol.rs` freeze the encoding.
+//! `core/tests/integration/protocol.rs` freeze the encoding.
 
 use crate::changeset::{ChangeSet, Sequenced};
 use crate::error::{Error, Result};

@@ -3,7 +3,7 @@
 //! [`Endpoint`] owns everything a connection knows (replica, grants, how far it has been
 //! told) and turns each decoded client frame into the frames to send back, consulting only
 //! the store. The WebSocket loop in `session` adds the socket, timers and rate
-//! limiting; the deterministic simulation (`server/tests/simulation/`) drives the same
+//! limiting; the deterministic simulation (`server/tests/integration/simulation/`) drives the same
 //! code with messages it delays, drops and replays itself, so what it checks is what serves
 //! clients.
 

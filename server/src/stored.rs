@@ -72,9 +72,8 @@ pub(crate) fn encode_set(s: &StoredSet) -> Result<Vec<u8>> {
 mod tests {
     use super::*;
     use crate::scoping::RowTag;
-    use ferry_core::Value;
-    use ferry_core::changeset::{Cell, RowChange, RowOp};
     use ferry_core::{Hlc, ReplicaId};
+    use ferry_testkit::change::{change_set, set};
 
     /// The stored body of a sequenced change set, frozen in `server/tests/golden/stored_set.hex`
     /// (both stores write these bytes). `FERRY_BLESS=1` rewrites it after a deliberate change;
@@ -83,36 +82,21 @@ mod tests {
     fn golden_stored_set() {
         let s = StoredSet {
             server_seq: 9,
-            change_set: ChangeSet {
-                id: [2; 16],
-                origin: ReplicaId([1; 16]),
-                origin_seq: 3,
-                hlc: Hlc::new(1_700_000_000_000, 5),
-                base: 41,
-                schema_version: 1,
-                fence: None,
-                guarded: false,
-                rows: vec![RowChange {
-                    table: "todo".into(),
-                    pk: Value::Text("k1".into()),
-                    cl: 1,
-                    op: RowOp::Upsert(vec![Cell::Set("list".into(), Value::Text("home".into()))]),
-                }],
-            },
+            change_set: change_set(ReplicaId([1; 16]), 3)
+                .id([2; 16])
+                .hlc(Hlc::new(1_700_000_000_000, 5))
+                .base(41)
+                .upsert("todo", "k1", 1, vec![set("list", "home")])
+                .build(),
             tags: vec![RowTag {
                 scope: "home".into(),
                 moved_from: Some("work".into()),
             }],
         };
         let body = encode_set(&s).unwrap();
-        let hex: String = body.iter().map(|b| format!("{b:02x}")).collect();
         let path =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/stored_set.hex");
-        if std::env::var("FERRY_BLESS").is_ok() {
-            std::fs::write(&path, format!("{hex}\n")).unwrap();
-        }
-        let want = std::fs::read_to_string(&path).unwrap();
-        assert_eq!(hex, want.trim(), "the stored form of a change set changed");
+        ferry_testkit::golden::check(&path, &body, "the stored form of a change set");
         let back = decode_set(9, &body).unwrap();
         assert_eq!(back.change_set, s.change_set);
         assert_eq!(back.tags, s.tags);
