@@ -11,7 +11,6 @@
 //! * delete vs a concurrent update follows the table's delete rule, using the two-entry
 //!   version vector to decide concurrency (see `vv`).
 
-use crate::catalog::{Catalog, TableInfo};
 use crate::changeset::{Cell, RowChange, RowOp, Sequenced};
 use crate::conflict::{self, Conflict, ConflictKind, Side, Winner};
 use crate::db;
@@ -22,6 +21,7 @@ use crate::log;
 use crate::observer::{ChangeEvent, ChangeSource, Notifications};
 use crate::protocol::Move;
 use crate::rows::{self, Origins, Stored};
+use crate::tables::{TableInfo, Tables};
 use crate::value::Value;
 use crate::vv::{Version, happened_before};
 use rusqlite::Connection;
@@ -60,7 +60,7 @@ pub(crate) struct Merge<'a> {
     /// The connection (inside a transaction).
     pub conn: &'a Connection,
     /// Synced tables.
-    pub cat: &'a Catalog,
+    pub cat: &'a Tables,
     /// Interned origins.
     pub origins: &'a mut Origins,
     /// What happened.

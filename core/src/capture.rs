@@ -8,9 +8,9 @@
 //! causal metadata (causal length, cell versions) is added later by `materialize`, off the
 //! app's write path.
 
-use crate::catalog::{Catalog, TableInfo};
 use crate::changeset::MAX_COUNTER_DELTA;
 use crate::error::{Error, Result};
+use crate::tables::{TableInfo, Tables};
 use crate::value::{Value, ref_eq};
 use parking_lot::Mutex;
 use rusqlite::Connection;
@@ -297,7 +297,7 @@ impl Accumulator {
     }
 
     /// Turns the accumulated rows into a local change record.
-    pub fn finish(&mut self, cat: &Catalog) -> Result<LocalChange> {
+    pub fn finish(&mut self, cat: &Tables) -> Result<LocalChange> {
         if let Some(e) = self.error.take() {
             self.clear();
             return Err(e);
@@ -393,7 +393,7 @@ pub struct HookState {
     /// Capture is on only inside an SDK write transaction.
     pub enabled: bool,
     /// The catalog (replaced after schema changes).
-    pub catalog: Arc<Catalog>,
+    pub catalog: Arc<Tables>,
     /// What the current transaction has changed.
     pub acc: Accumulator,
     /// Columns the running top-level statement can change, per table id, as SQLite's
@@ -542,7 +542,7 @@ pub fn install_hook(conn: &mut Connection, state: Arc<Mutex<HookState>>) -> Resu
 
 /// Folds writes made by other connections (logged by triggers) into an accumulator, and
 /// empties the log. Runs inside the SDK's write transaction.
-pub fn fold_foreign(conn: &Connection, cat: &Catalog, acc: &mut Accumulator) -> Result<bool> {
+pub fn fold_foreign(conn: &Connection, cat: &Tables, acc: &mut Accumulator) -> Result<bool> {
     let mut st = conn.prepare_cached(
         "SELECT seq, tbl, pk, op, newpk, cols, deltas, existed FROM ferry_foreign ORDER BY seq",
     )?;

@@ -10,10 +10,10 @@
 //! when their rows are equal; the relay computes the same function over its own materialized
 //! state.
 
-use crate::catalog::Catalog;
 use crate::error::Result;
 use crate::schema::quote;
 use crate::scope::{GLOBAL_SCOPE, scope_name};
+use crate::tables::Tables;
 use crate::value::Value;
 use rusqlite::Connection;
 use sha2::{Digest, Sha256};
@@ -37,7 +37,7 @@ impl StateChecksum {
 /// Sums the rows of every synced table whose scope passes `keep(table, scope)`.
 pub fn compute(
     conn: &Connection,
-    cat: &Catalog,
+    cat: &Tables,
     keep: &dyn Fn(&str, &str) -> bool,
 ) -> Result<StateChecksum> {
     let mut names: Vec<&String> = cat.tables.keys().collect();

@@ -6,9 +6,9 @@
 //! IMMEDIATE transaction per step, and a file written by a newer Ferry is refused rather than
 //! misread.
 
-use crate::catalog::Catalog;
 use crate::error::{Error, Result};
 use crate::schema::Schema;
+use crate::tables::Tables;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 /// The on-disk format this build writes.
@@ -177,7 +177,7 @@ pub fn meta_set(conn: &Connection, key: &str, value: impl rusqlite::ToSql) -> Re
 
 /// Runs the app's migrations and reconciles synced tables with the declaration, in one
 /// IMMEDIATE transaction, then returns the catalog.
-pub fn apply_schema(conn: &mut Connection, schema: &Schema) -> Result<Catalog> {
+pub fn apply_schema(conn: &mut Connection, schema: &Schema) -> Result<Tables> {
     schema.validate()?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let stored: u32 = meta_get::<i64>(&tx, "app_version").map(|v| v as u32)?;
@@ -189,9 +189,9 @@ pub fn apply_schema(conn: &mut Connection, schema: &Schema) -> Result<Catalog> {
     }
     // Migrations are not captured: every replica runs them itself.
     tx.execute("UPDATE ferry_gate SET sdk = 1", [])?;
-    crate::catalog::drop_triggers(&tx)?;
+    crate::tables::drop_triggers(&tx)?;
     // Synced tables first so migrations may backfill them.
-    let catalog = Catalog::reconcile(&tx, schema)?;
+    let catalog = Tables::reconcile(&tx, schema)?;
     for m in &schema.migrations {
         if m.version > stored {
             tracing::info!(version = m.version, "running app migration");
@@ -202,7 +202,7 @@ pub fn apply_schema(conn: &mut Connection, schema: &Schema) -> Result<Catalog> {
     }
     // Migrations may have touched synced tables: check they still match the declaration.
     let catalog = if schema.migrations.iter().any(|m| m.version > stored) {
-        Catalog::reconcile(&tx, schema)?
+        Tables::reconcile(&tx, schema)?
     } else {
         catalog
     };

@@ -13,7 +13,6 @@
 //! app's statements ([`Engine::begin_write`] / [`Engine::end_write`]).
 
 use crate::capture::{self, Accumulator, HookState, LocalChange};
-use crate::catalog::Catalog;
 use crate::changeset::Fence;
 use crate::db;
 use crate::error::{Error, Result};
@@ -24,6 +23,7 @@ use crate::observer::{ChangeEvent, ChangeSource, Notifications, Registry, Rows, 
 use crate::rows::Origins;
 use crate::schema::{Schema, TableMode};
 use crate::sqlgate::{Prepared, SqlGate};
+use crate::tables::Tables;
 use crate::value::Value;
 use parking_lot::Mutex;
 use rusqlite::{Connection, OptionalExtension};
@@ -37,7 +37,7 @@ pub(crate) struct Engine {
     pub(crate) conn: Connection,
     hook: Arc<Mutex<HookState>>,
     gate: SqlGate,
-    pub(crate) cat: Arc<Catalog>,
+    pub(crate) cat: Arc<Tables>,
     pub(crate) schema_version: u32,
     /// This replica's id and its number among the interned origins.
     pub(crate) me: ReplicaId,

@@ -19,7 +19,6 @@ pub mod admission;
 mod apply;
 mod capture;
 pub mod cas;
-mod catalog;
 pub mod changeset;
 pub mod checksum;
 mod conflict;
@@ -48,6 +47,7 @@ pub mod scope;
 pub mod sequencer;
 mod sqlgate;
 pub mod sync;
+mod tables;
 mod transaction;
 #[cfg(feature = "client")]
 pub mod transport;

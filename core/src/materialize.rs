@@ -8,13 +8,13 @@
 //! always includes every local write.
 
 use crate::capture::{LocalChange, LocalKind, RawCell};
-use crate::catalog::Catalog;
 use crate::changeset::{Cell, ChangeSet, RowChange, RowOp};
 use crate::error::{Error, Result};
 use crate::ids::ReplicaId;
 use crate::log;
 use crate::rows::read_row;
 use crate::rows::{self, Stored};
+use crate::tables::Tables;
 use crate::value::Value;
 use crate::vv::Version;
 use rusqlite::Connection;
@@ -22,7 +22,7 @@ use rusqlite::Connection;
 /// Materializes up to `limit` pending local records; returns how many.
 pub fn run(
     conn: &Connection,
-    cat: &Catalog,
+    cat: &Tables,
     me: ReplicaId,
     me_num: u32,
     schema_version: u32,
@@ -157,7 +157,7 @@ pub fn run(
 }
 
 /// Every non-key column of a row as cells (counters as additions from zero).
-pub fn full_row(t: &crate::catalog::TableInfo, vals: Vec<Value>) -> Vec<Cell> {
+pub fn full_row(t: &crate::tables::TableInfo, vals: Vec<Value>) -> Vec<Cell> {
     vals.into_iter()
         .enumerate()
         .filter(|(i, _)| *i != t.pk)
@@ -166,7 +166,7 @@ pub fn full_row(t: &crate::catalog::TableInfo, vals: Vec<Value>) -> Vec<Cell> {
 }
 
 /// Raw cells (column ids) to wire cells (column names).
-fn named(t: &crate::catalog::TableInfo, cells: Vec<RawCell>) -> Result<Vec<Cell>> {
+fn named(t: &crate::tables::TableInfo, cells: Vec<RawCell>) -> Result<Vec<Cell>> {
     cells
         .into_iter()
         .map(|c| {

@@ -29,7 +29,6 @@
 //! of a `server_checked` row) touch nothing the undo restores.
 
 use crate::capture::Before;
-use crate::catalog::{Catalog, TableInfo};
 use crate::changeset::{Cell, ChangeSet, RowChange, RowOp};
 use crate::conflict::{self, Conflict, ConflictKind, Side, Winner};
 use crate::error::Result;
@@ -40,6 +39,7 @@ use crate::rowmeta::RowMeta;
 use crate::rows::read_row;
 use crate::rows::{self, Stored};
 use crate::schema::TableMode;
+use crate::tables::{TableInfo, Tables};
 use crate::value::Value;
 use crate::vv::Version;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -181,7 +181,7 @@ pub(crate) struct Own {
 /// acknowledged).
 pub(crate) fn withdraw(
     conn: &Connection,
-    cat: &Catalog,
+    cat: &Tables,
     me: &Own,
     origin_seq: u64,
     policy: &str,
@@ -234,7 +234,7 @@ pub(crate) fn withdraw(
 
 fn undo_set(
     conn: &Connection,
-    cat: &Catalog,
+    cat: &Tables,
     me: &Own,
     p: &Pending,
     policy: &str,

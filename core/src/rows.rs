@@ -1,11 +1,11 @@
 //! Row-level storage helpers shared by materialize and apply: per-row metadata, tombs,
 //! origin interning and the SQL that writes user tables.
 
-use crate::catalog::TableInfo;
 use crate::error::{Error, Result};
 use crate::ids::ReplicaId;
 use crate::rowmeta::RowMeta;
 use crate::schema::quote;
+use crate::tables::TableInfo;
 use crate::value::Value;
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::HashMap;

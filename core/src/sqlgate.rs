@@ -9,9 +9,9 @@
 //! statements are never checked: they are prepared with `app_sql` off.
 
 use crate::capture::{HookState, StmtCols};
-use crate::catalog::Catalog;
 use crate::error::{Error, Result};
 use crate::observer::Rows;
+use crate::tables::Tables;
 use crate::value::Value;
 use parking_lot::Mutex;
 use rusqlite::Connection;
@@ -56,7 +56,7 @@ pub(crate) struct SqlGate {
 
 impl SqlGate {
     /// Installs the authorizer on `conn` for the tables of `cat`.
-    pub(crate) fn install(conn: &mut Connection, cat: &Catalog) -> Result<SqlGate> {
+    pub(crate) fn install(conn: &mut Connection, cat: &Tables) -> Result<SqlGate> {
         let auth = Arc::new(Mutex::new(AuthState {
             read_only: cat
                 .tables
@@ -91,11 +91,6 @@ impl SqlGate {
             (Err(_), Some(Denied::SyncedDdl(t))) => Err(Error::InvalidInput(format!(
                 "synced table `{t}` can only be changed by declaring a new schema version"
             ))),
-            // The capture triggers raise this for a row another connection wrote with a
-            // key Ferry cannot sync (see `catalog`); it is the caller's input that is wrong.
-            (Err(Error::Sqlite(e)), None) if e.to_string().contains("ferry: table") => {
-                Err(Error::InvalidInput(e.to_string()))
-            }
             (r, _) => r,
         }
     }
@@ -140,7 +135,7 @@ impl SqlGate {
         &self,
         conn: &Connection,
         hook: &Mutex<HookState>,
-        cat: &Catalog,
+        cat: &Tables,
         sql: &str,
         params: &[Value],
     ) -> Result<usize> {
@@ -157,7 +152,7 @@ impl SqlGate {
         &'c self,
         conn: &'c Connection,
         hook: &'c Mutex<HookState>,
-        cat: &Catalog,
+        cat: &Tables,
         sql: &str,
     ) -> Result<Prepared<'c>> {
         let cols = self.statement_cols(conn, cat, sql)?;
@@ -172,7 +167,7 @@ impl SqlGate {
 
     /// The columns `sql` updates per synced table, learnt once per SQL text by preparing it
     /// with the authorizer recording (bounded cache).
-    fn statement_cols(&self, conn: &Connection, cat: &Catalog, sql: &str) -> Result<Arc<StmtCols>> {
+    fn statement_cols(&self, conn: &Connection, cat: &Tables, sql: &str) -> Result<Arc<StmtCols>> {
         if let Some(c) = self.statement_cols.lock().get(sql) {
             return Ok(Arc::clone(c));
         }

@@ -57,7 +57,7 @@ pub enum Phase {
 /// A push the relay refused (the connection stays open; pushing stops until the origin
 /// withdraws the change set).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
+pub struct RefusedPush {
     /// The refused change set.
     pub origin_seq: u64,
     /// Why.
@@ -81,7 +81,7 @@ pub struct RemoteChecksum {
 
 /// What the driver should do after a message.
 #[derive(Debug, Default)]
-pub struct Step {
+pub struct Reaction {
     /// Frames to send, in order.
     pub send: Vec<ClientMsg>,
     /// The replica id changed (restored backup): close and connect again.
@@ -89,7 +89,7 @@ pub struct Step {
     /// Remote change sets applied.
     pub applied: usize,
     /// A push was refused.
-    pub refused: Option<Refusal>,
+    pub refused: Option<RefusedPush>,
     /// A checksum answer arrived.
     pub checksum: Option<RemoteChecksum>,
     /// Change sets the relay refused that were rolled back (by `origin_seq`).
@@ -107,7 +107,7 @@ pub struct SyncClient {
     max_sets: usize,
     max_bytes: usize,
     window: usize,
-    refused: Option<Refusal>,
+    refused: Option<RefusedPush>,
     /// A change set refused for its `custom` columns waits here until the cursor reaches the
     /// change it conflicted with: `(origin_seq, conflict_seq)`.
     rebase: Option<(u64, u64)>,
@@ -165,7 +165,7 @@ impl SyncClient {
     }
 
     /// The push refusal that stopped uploads on this connection, if any.
-    pub fn refused(&self) -> Option<&Refusal> {
+    pub fn refused(&self) -> Option<&RefusedPush> {
         self.refused.as_ref()
     }
 
@@ -237,8 +237,8 @@ impl SyncClient {
     }
 
     /// Handles one frame from the relay.
-    pub fn handle(&mut self, replica: &impl SyncPort, msg: ServerMsg) -> Result<Step> {
-        let mut step = Step::default();
+    pub fn handle(&mut self, replica: &impl SyncPort, msg: ServerMsg) -> Result<Reaction> {
+        let mut step = Reaction::default();
         match msg {
             ServerMsg::Welcome {
                 protocol,
@@ -358,7 +358,7 @@ impl SyncClient {
                         // refusal (a gap); the first one is the cause worth reporting.
                         return Ok(step);
                     }
-                    let refusal = Refusal {
+                    let refusal = RefusedPush {
                         origin_seq,
                         code,
                         message,
@@ -560,7 +560,7 @@ mod tests {
         }
     }
 
-    fn pushed(step: &Step) -> Vec<u64> {
+    fn pushed(step: &Reaction) -> Vec<u64> {
         step.send
             .iter()
             .flat_map(|m| match m {

@@ -32,7 +32,7 @@ use crate::protocol::{
     ClientMsg, ErrorCode, LeaseOutcome, LeaseRequest, MAX_FRAME_BYTES, ServerMsg,
 };
 use crate::replica::Replica;
-use crate::sync::{Phase, Refusal, RemoteChecksum, SyncClient};
+use crate::sync::{Phase, RefusedPush, RemoteChecksum, SyncClient};
 use crate::transaction::Transaction;
 use futures_util::{SinkExt, StreamExt};
 use parking_lot::Mutex;
@@ -112,7 +112,7 @@ pub struct SyncStatus {
     /// The last error (cleared when a connection comes up).
     pub last_error: Option<SyncError>,
     /// A push refusal that stops uploads until the change set is withdrawn.
-    pub refused: Option<Refusal>,
+    pub refused: Option<RefusedPush>,
     /// Connections opened so far.
     pub connects: u64,
     /// Keep-alive answers received so far (each carries a fresh relay head).
@@ -341,7 +341,7 @@ impl Replica {
         let wake = Arc::new(tokio::sync::Notify::new());
         let requests = Arc::new(AtomicU64::new(0));
         let sub = self.subscribe(Arc::new(LocalWrites(Arc::clone(&wake))));
-        let lp = Loop {
+        let lp = SyncTask {
             replica: Arc::clone(self),
             url: url.to_owned(),
             tokens,
@@ -637,7 +637,7 @@ impl Drop for SyncHandle {
     }
 }
 
-struct Loop {
+struct SyncTask {
     replica: Arc<Replica>,
     url: String,
     tokens: Arc<dyn TokenProvider>,
@@ -654,7 +654,7 @@ struct Loop {
 }
 
 /// Why a session ended.
-enum End {
+enum SessionEnd {
     /// Stop for good.
     Stop,
     /// Paused by the app.
@@ -672,7 +672,7 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
 }
 
-impl Loop {
+impl SyncTask {
     /// Sends a keep-alive ping, remembering which `sync_now` requests its pong answers.
     async fn ping(
         &self,
@@ -727,13 +727,13 @@ impl Loop {
             self.checksum_waiters.clear();
             self.lease_waiters.clear();
             match end {
-                End::Stop => break,
-                End::Paused => {
+                SessionEnd::Stop => break,
+                SessionEnd::Paused => {
                     self.paused = true;
                     failures = 0;
                 }
-                End::Now => failures = 0,
-                End::Failed(err) => {
+                SessionEnd::Now => failures = 0,
+                SessionEnd::Failed(err) => {
                     failures = failures.saturating_add(1);
                     tracing::info!(error = %err.message, failures, "sync connection failed");
                     self.publish(|s| {
@@ -777,26 +777,30 @@ impl Loop {
         Ok(ws)
     }
 
-    async fn session(&mut self) -> End {
+    async fn session(&mut self) -> SessionEnd {
         let tokens = Arc::clone(&self.tokens);
         let token = match tokio::task::spawn_blocking(move || tokens.token()).await {
             Ok(Ok(t)) => t,
-            Ok(Err(e)) => return End::Failed(transport_err(format!("token provider failed: {e}"))),
-            Err(e) => return End::Failed(transport_err(format!("token provider panicked: {e}"))),
+            Ok(Err(e)) => {
+                return SessionEnd::Failed(transport_err(format!("token provider failed: {e}")));
+            }
+            Err(e) => {
+                return SessionEnd::Failed(transport_err(format!("token provider panicked: {e}")));
+            }
         };
         let mut ws = match self.open().await {
             Ok(ws) => ws,
-            Err(e) => return End::Failed(e),
+            Err(e) => return SessionEnd::Failed(e),
         };
         let mut client =
             SyncClient::new().with_batch(self.opts.push_batch_sets, self.opts.push_batch_bytes);
         let replica = Arc::clone(&self.replica);
         let hello = match blocking(|| client.start(&*replica, &token)) {
             Ok(h) => h,
-            Err(e) => return End::Failed(local_err(&e)),
+            Err(e) => return SessionEnd::Failed(local_err(&e)),
         };
         if let Err(e) = send(&mut ws, &hello).await {
-            return End::Failed(e);
+            return SessionEnd::Failed(e);
         }
         let start_cursor = self.replica.cursor().unwrap_or(0);
         let mut acked_this_session = 0u64;
@@ -812,26 +816,28 @@ impl Loop {
         let welcome_deadline = Instant::now() + self.opts.connect_timeout;
         loop {
             if client.phase() == Phase::Handshake && Instant::now() > welcome_deadline {
-                return End::Failed(transport_err("no welcome from the relay in time".into()));
+                return SessionEnd::Failed(transport_err(
+                    "no welcome from the relay in time".into(),
+                ));
             }
             tokio::select! {
                 frame = ws.next() => {
                     let msg = match frame {
-                        None => return End::Failed(transport_err("the relay closed the connection".into())),
-                        Some(Err(e)) => return End::Failed(transport_err(format!("connection lost: {e}"))),
+                        None => return SessionEnd::Failed(transport_err("the relay closed the connection".into())),
+                        Some(Err(e)) => return SessionEnd::Failed(transport_err(format!("connection lost: {e}"))),
                         Some(Ok(Message::Binary(b))) => {
                             match ServerMsg::decode_limited(&b, self.opts.max_frame_bytes) {
                                 Ok(m) => m,
-                                Err(e) => return End::Failed(local_err(&e)),
+                                Err(e) => return SessionEnd::Failed(local_err(&e)),
                             }
                         }
-                        Some(Ok(Message::Close(_))) => return End::Failed(transport_err("the relay closed the connection".into())),
+                        Some(Ok(Message::Close(_))) => return SessionEnd::Failed(transport_err("the relay closed the connection".into())),
                         Some(Ok(_)) => continue,
                     };
                     last_heard = Instant::now();
                     if let ServerMsg::Error { code, message } = &msg {
                         let _ = ws.close(None).await;
-                        return End::Failed(SyncError { code: Some(*code), message: message.clone() });
+                        return SessionEnd::Failed(SyncError { code: Some(*code), message: message.clone() });
                     }
                     let was_handshake = client.phase() == Phase::Handshake;
                     let acks = match &msg { ServerMsg::Acks { acks } => acks.len() as u64, _ => 0 };
@@ -843,13 +849,13 @@ impl Loop {
                         Ok(s) => s,
                         Err(e) => {
                             let _ = ws.close(None).await;
-                            return End::Failed(local_err(&e));
+                            return SessionEnd::Failed(local_err(&e));
                         }
                     };
                     acked_this_session += acks;
                     if step.reconnect {
                         let _ = ws.close(None).await;
-                        return End::Now;
+                        return SessionEnd::Now;
                     }
                     if let Some(c) = step.checksum
                         && let Some(i) = self.checksum_waiters.iter().position(|(n, _)| *n == c.nonce)
@@ -869,7 +875,7 @@ impl Loop {
                     }
                     for m in &step.send {
                         if let Err(e) = send(&mut ws, m).await {
-                            return End::Failed(e);
+                            return SessionEnd::Failed(e);
                         }
                     }
                     if was_handshake && client.phase() == Phase::Streaming {
@@ -879,7 +885,7 @@ impl Loop {
                         });
                         // Answers any sync_now made before or while connecting.
                         if let Err(e) = self.ping(&mut ws, &mut nonce, &mut inflight).await {
-                            return End::Failed(e);
+                            return SessionEnd::Failed(e);
                         }
                     }
                     self.report(&client, start_cursor, acked_this_session);
@@ -918,27 +924,27 @@ impl Loop {
                 }
                 _ = ping.tick() => {
                     if last_heard.elapsed() > self.opts.ping_interval * 3 {
-                        return End::Failed(transport_err("the relay stopped answering".into()));
+                        return SessionEnd::Failed(transport_err("the relay stopped answering".into()));
                     }
                     if let Err(e) = self.ping(&mut ws, &mut nonce, &mut inflight).await {
-                        return End::Failed(e);
+                        return SessionEnd::Failed(e);
                     }
                 }
                 c = self.cmd.recv() => match c {
                     None | Some(Command::Stop) => {
                         let _ = ws.close(None).await;
-                        return End::Stop;
+                        return SessionEnd::Stop;
                     }
                     Some(Command::Pause) => {
                         let _ = ws.close(None).await;
-                        return End::Paused;
+                        return SessionEnd::Paused;
                     }
                     Some(Command::Resume) => {}
                     Some(Command::Wake) => {
                         if client.phase() == Phase::Streaming {
                             // A pong carries the relay's head as of now: sync_now waits for it.
                             if let Err(e) = self.ping(&mut ws, &mut nonce, &mut inflight).await {
-                                return End::Failed(e);
+                                return SessionEnd::Failed(e);
                             }
                             if let Err(e) = self.push_more(&mut ws, &mut client).await {
                                 return e;
@@ -949,14 +955,14 @@ impl Loop {
                         nonce += 1;
                         self.checksum_waiters.push((nonce, tx));
                         if let Err(e) = send(&mut ws, &ClientMsg::Checksum { nonce }).await {
-                            return End::Failed(e);
+                            return SessionEnd::Failed(e);
                         }
                     }
                     Some(Command::Lease(request, tx)) => {
                         nonce += 1;
                         self.lease_waiters.push((nonce, tx));
                         if let Err(e) = send(&mut ws, &ClientMsg::Lease { nonce, request }).await {
-                            return End::Failed(e);
+                            return SessionEnd::Failed(e);
                         }
                     }
                 }
@@ -968,14 +974,14 @@ impl Loop {
         &self,
         ws: &mut Ws,
         client: &mut SyncClient,
-    ) -> std::result::Result<(), End> {
+    ) -> std::result::Result<(), SessionEnd> {
         let replica = Arc::clone(&self.replica);
         loop {
             let next = blocking(|| client.poll_push(&*replica));
             match next {
-                Ok(Some(m)) => send(ws, &m).await.map_err(End::Failed)?,
+                Ok(Some(m)) => send(ws, &m).await.map_err(SessionEnd::Failed)?,
                 Ok(None) => return Ok(()),
-                Err(e) => return Err(End::Failed(local_err(&e))),
+                Err(e) => return Err(SessionEnd::Failed(local_err(&e))),
             }
         }
     }

@@ -102,12 +102,15 @@ fn kind(m: &Message) -> &'static str {
     }
 }
 
+/// A WebSocket error as a close: a frame or message over the size limit is `TooLarge` (told
+/// by the error's type, which axum wraps), anything else a `BadFrame`.
 fn ws_error(e: axum::Error) -> Close {
-    let msg = e.to_string();
-    if msg.contains("too long") || msg.contains("Space limit") || msg.contains("size") {
-        Close::new(ErrorCode::TooLarge, format!("frame too large: {msg}"))
-    } else {
-        Close::new(ErrorCode::BadFrame, format!("bad websocket frame: {msg}"))
+    let inner = e.into_inner();
+    match inner.downcast_ref::<tungstenite::Error>() {
+        Some(tungstenite::Error::Capacity(c)) => {
+            Close::new(ErrorCode::TooLarge, format!("frame too large: {c}"))
+        }
+        _ => Close::new(ErrorCode::BadFrame, format!("bad websocket frame: {inner}")),
     }
 }
 

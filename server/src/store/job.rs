@@ -1,7 +1,7 @@
-//! What a store's sequencer works through, one job at a time in arrival order.
+//! What a store's writer works through, one job at a time in arrival order.
 //!
 //! Both stores funnel every write — pushes, lease requests, compaction rewrites — through
-//! one sequencer per store (a thread for SQLite, a task per node for PostgreSQL), so that a
+//! one writer per store (a thread for SQLite, a task per node for PostgreSQL), so that a
 //! lease grant and a fence check, or a rewrite and a push, never interleave.
 
 use crate::auth::Grants;
@@ -13,7 +13,7 @@ use ferry_core::{ChangeSet, ReplicaId, Value};
 use std::sync::Arc;
 use tokio::sync::oneshot;
 
-/// One unit of sequencer work, with where to send its answer.
+/// One unit of the writer's work, with where to send its answer.
 pub enum Job {
     /// Sequence change sets (grouped with other pushes waiting at the same time).
     Push {
@@ -63,9 +63,9 @@ pub fn lease_name(request: &LeaseRequest) -> &str {
     }
 }
 
-/// Where a store's jobs go: its sequencer's queue.
+/// Where a store's jobs go: its writer's queue.
 pub trait JobQueue {
-    /// Queues `job`, or fails when the sequencer has stopped (shutdown).
+    /// Queues `job`, or fails when the writer has stopped (shutdown).
     fn put(&self, job: Job) -> Result<()>;
 }
 

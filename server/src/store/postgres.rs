@@ -482,7 +482,7 @@ impl Store for PgStore {
     }
 }
 
-/// The node's sequencer: batches the pushes waiting on this node into one locked transaction.
+/// The node's writer: batches the pushes waiting on this node into one locked transaction.
 struct Writer {
     pool: Pool,
     cat: Arc<RelayCatalog>,

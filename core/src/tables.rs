@@ -1,4 +1,4 @@
-//! The catalog: what Ferry knows about each synced table at run time, and the triggers that
+//! The synced tables: what Ferry knows about each synced table at run time, and the triggers that
 //! capture writes made by other connections.
 //!
 //! Column ids are SQLite column positions: columns are only ever appended to a synced table,
@@ -71,14 +71,14 @@ impl TableInfo {
 
 /// All synced tables.
 #[derive(Debug, Clone, Default)]
-pub struct Catalog {
+pub struct Tables {
     /// By name.
     pub tables: HashMap<String, TableInfo>,
     /// Name by id.
     pub names: HashMap<u32, String>,
 }
 
-impl Catalog {
+impl Tables {
     /// Looks up a table by name.
     pub fn get(&self, name: &str) -> Option<&TableInfo> {
         self.tables.get(name)
@@ -97,8 +97,8 @@ impl Catalog {
     }
 
     /// Creates missing synced tables, adds newly declared columns, checks existing ones.
-    pub fn reconcile(conn: &Connection, schema: &Schema) -> Result<Catalog> {
-        let mut cat = Catalog::default();
+    pub fn reconcile(conn: &Connection, schema: &Schema) -> Result<Tables> {
+        let mut cat = Tables::default();
         for decl in &schema.tables {
             let exists: bool = conn
                 .query_row(
