@@ -14,7 +14,7 @@
 //! - [`relay`]: real relay processes on 127.0.0.1 (one SQLite node, or several over a fresh
 //!   PostgreSQL database), replicas connected to them, and checks of a relay's stored log;
 //! - [`raw`]: a bare protocol client for hostile-input tests, [`proxy`]: a TCP fault proxy;
-//! - [`store_suite`]: the store properties every backend must have, and the
+//! - [`store_suite`](mod@store_suite): the store properties every backend must have, and the
 //!   [`store_suite!`] macro that runs them against a backend in one line.
 //!
 //! It is a dev-dependency only: tests may `unwrap`, and a failed step panics with what failed.
