@@ -136,6 +136,36 @@ impl ChangeSet {
             .sum()
     }
 
+    /// Its approximate size in a frame (MessagePack, before compression): the names and values
+    /// it carries plus a fixed overhead per row and cell. Flow control counts unacknowledged
+    /// pushes in these bytes.
+    pub fn approx_bytes(&self) -> usize {
+        let value = |v: &Value| match v {
+            Value::Null => 1,
+            Value::Integer(_) | Value::Real(_) => 9,
+            Value::Text(s) => s.len() + 5,
+            Value::Blob(b) => b.len() + 5,
+        };
+        let rows: usize = self
+            .rows
+            .iter()
+            .map(|r| {
+                let cells: usize = match &r.op {
+                    RowOp::Delete => 1,
+                    RowOp::Upsert(cells) => cells
+                        .iter()
+                        .map(|c| match c {
+                            Cell::Set(n, v) => 4 + n.len() + value(v),
+                            Cell::Add(n, _) => 13 + n.len(),
+                        })
+                        .sum(),
+                };
+                24 + r.table.len() + value(&r.pk) + cells
+            })
+            .sum();
+        96 + rows
+    }
+
     /// Tables this change set touches (sorted, unique).
     pub fn tables(&self) -> Vec<String> {
         let mut t: Vec<String> = self.rows.iter().map(|r| r.table.clone()).collect();

@@ -45,6 +45,8 @@ mod rows;
 pub mod schema;
 pub mod scope;
 pub mod sequencer;
+#[cfg(feature = "client")]
+mod socket;
 mod sqlgate;
 pub mod sync;
 mod tables;

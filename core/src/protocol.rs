@@ -157,6 +157,11 @@ pub struct Limits {
     pub max_change_set_ops: u64,
     /// Most change sets in one push frame.
     pub max_push_sets: u64,
+    /// Most bytes of change sets a client keeps pushed and unacknowledged (0 from relays
+    /// that predate it: the client's own bound applies). Keeps what one connection can leave
+    /// in socket buffers and relay queues bounded.
+    #[serde(default)]
+    pub push_window_bytes: u64,
 }
 
 impl Default for Limits {
@@ -165,6 +170,7 @@ impl Default for Limits {
             max_frame_bytes: 8 << 20,
             max_change_set_ops: 100_000,
             max_push_sets: 1024,
+            push_window_bytes: 4 << 20,
         }
     }
 }

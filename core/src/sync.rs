@@ -41,7 +41,7 @@ use crate::error::{Error, Result};
 use crate::port::SyncPort;
 use crate::protocol::{ClientMsg, ErrorCode, LeaseOutcome, PROTOCOL_VERSION, ServerMsg};
 use crate::refusal::RefusalAction;
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 /// Connection phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,11 +102,16 @@ pub struct Reaction {
 #[derive(Debug)]
 pub struct SyncClient {
     phase: Phase,
-    in_flight: BTreeSet<u64>,
+    in_flight: InFlight,
     head: u64,
     max_sets: usize,
     max_bytes: usize,
+    /// Most change sets unacknowledged at once.
     window: usize,
+    /// Most bytes of change sets unacknowledged at once ([`ChangeSet::approx_bytes`]): the
+    /// smaller of the client's choice and the relay's announced `push_window_bytes`. What a
+    /// push may leave in the socket buffers is bounded by it, whatever the sets' sizes.
+    window_bytes: usize,
     refused: Option<RefusedPush>,
     /// A change set refused for its `custom` columns waits here until the cursor reaches the
     /// change it conflicted with: `(origin_seq, conflict_seq)`.
@@ -133,11 +138,12 @@ impl SyncClient {
     pub fn new() -> Self {
         SyncClient {
             phase: Phase::Idle,
-            in_flight: BTreeSet::new(),
+            in_flight: InFlight::default(),
             head: 0,
             max_sets: 256,
             max_bytes: 1 << 20,
             window: 4 * 256,
+            window_bytes: DEFAULT_PUSH_WINDOW_BYTES,
             refused: None,
             rebase: None,
             frames: VecDeque::new(),
@@ -152,6 +158,20 @@ impl SyncClient {
         self.max_bytes = max_bytes.max(1);
         self.window = 4 * self.max_sets;
         self
+    }
+
+    /// Bounds what is pushed and not yet acknowledged: at most `max_sets` change sets and
+    /// `max_bytes` bytes (at least one change set is always allowed). The relay's announced
+    /// window can only lower the byte bound.
+    pub fn with_window(mut self, max_sets: usize, max_bytes: usize) -> Self {
+        self.window = max_sets.max(1);
+        self.window_bytes = max_bytes.max(1);
+        self
+    }
+
+    /// Bytes of change sets pushed and not yet acknowledged.
+    pub fn in_flight_bytes(&self) -> usize {
+        self.in_flight.bytes
     }
 
     /// Current phase.
@@ -198,6 +218,7 @@ impl SyncClient {
         if self.phase != Phase::Streaming
             || self.refused.is_some()
             || self.in_flight.len() >= self.window
+            || self.in_flight.bytes >= self.window_bytes
         {
             return Ok(None);
         }
@@ -215,25 +236,31 @@ impl SyncClient {
             if self.in_flight.contains(&cs.origin_seq) {
                 continue;
             }
-            let size = cs.op_count() * 16 + 64;
-            if !batch.is_empty() && (batch.len() >= self.max_sets || bytes + size > self.max_bytes)
+            let size = cs.approx_bytes();
+            if !batch.is_empty()
+                && (batch.len() >= self.max_sets
+                    || bytes + size > self.max_bytes
+                    || self.in_flight.len() + batch.len() >= self.window
+                    || self.in_flight.bytes + bytes + size > self.window_bytes)
             {
                 break;
             }
             bytes += size;
-            batch.push(cs);
+            batch.push((cs, size));
         }
         if batch.is_empty() {
             return Ok(None);
         }
-        for cs in &batch {
-            self.in_flight.insert(cs.origin_seq);
+        for (cs, size) in &batch {
+            self.in_flight.insert(cs.origin_seq, *size);
         }
-        if let Some(last) = batch.last() {
+        if let Some((last, _)) = batch.last() {
             self.frames.push_back((self.next_frame, last.origin_seq));
             self.next_frame += 1;
         }
-        Ok(Some(ClientMsg::Push { change_sets: batch }))
+        Ok(Some(ClientMsg::Push {
+            change_sets: batch.into_iter().map(|(cs, _)| cs).collect(),
+        }))
     }
 
     /// Handles one frame from the relay.
@@ -259,7 +286,11 @@ impl SyncClient {
                 self.max_bytes = self
                     .max_bytes
                     .min((limits.max_frame_bytes / 2).max(1024) as usize);
-                self.window = self.window.min(4 * self.max_sets);
+                if limits.push_window_bytes > 0 {
+                    self.window_bytes = self
+                        .window_bytes
+                        .min(usize::try_from(limits.push_window_bytes).unwrap_or(usize::MAX));
+                }
                 replica.learn_relay_clock(server_time_ms)?;
                 if max_origin_seq > replica.last_origin_seq()? {
                     // The relay holds changes from this id that this file does not: it was
@@ -319,7 +350,7 @@ impl SyncClient {
                     return Ok(step);
                 }
                 // Everything from the refused change set on was not sequenced.
-                self.in_flight.retain(|o| *o < origin_seq);
+                self.in_flight.retain_below(origin_seq);
                 // The refusal answers the oldest frame in flight.
                 let frame = self.frames.pop_front().map(|(n, _)| n);
                 let recover = |this: &mut Self| {
@@ -419,6 +450,55 @@ impl SyncClient {
             && self.in_flight.is_empty()
             && replica.pending_count()? == 0
             && replica.cursor()? >= self.head)
+    }
+}
+
+/// The client's default bound on unacknowledged push bytes (the relay may announce less).
+pub const DEFAULT_PUSH_WINDOW_BYTES: usize = 4 << 20;
+
+/// Change sets pushed on this connection and not yet acknowledged, with their sizes.
+#[derive(Debug, Default)]
+struct InFlight {
+    sets: BTreeMap<u64, usize>,
+    bytes: usize,
+}
+
+impl InFlight {
+    fn insert(&mut self, origin_seq: u64, bytes: usize) {
+        if let Some(old) = self.sets.insert(origin_seq, bytes) {
+            self.bytes -= old;
+        }
+        self.bytes += bytes;
+    }
+
+    fn remove(&mut self, origin_seq: &u64) {
+        if let Some(b) = self.sets.remove(origin_seq) {
+            self.bytes -= b;
+        }
+    }
+
+    /// Keeps the sets before `origin_seq` (a refusal: the rest were not sequenced).
+    fn retain_below(&mut self, origin_seq: u64) {
+        for (_, b) in self.sets.split_off(&origin_seq) {
+            self.bytes -= b;
+        }
+    }
+
+    fn contains(&self, origin_seq: &u64) -> bool {
+        self.sets.contains_key(origin_seq)
+    }
+
+    fn clear(&mut self) {
+        self.sets.clear();
+        self.bytes = 0;
+    }
+
+    fn len(&self) -> usize {
+        self.sets.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.sets.is_empty()
     }
 }
 
@@ -579,6 +659,94 @@ mod tests {
             message: "no".into(),
             conflict_seq,
         }
+    }
+
+    fn welcome_with(limits: Limits) -> ServerMsg {
+        ServerMsg::Welcome {
+            protocol: PROTOCOL_VERSION,
+            head: 0,
+            server_time_ms: 42,
+            max_origin_seq: 0,
+            limits,
+            horizon: 0,
+        }
+    }
+
+    /// Every push the client is willing to send now: the welcome's, then polls until `None`.
+    fn drain(c: &mut SyncClient, port: &FakePort, first: &Reaction) -> Vec<u64> {
+        let mut sent = pushed(first);
+        while let Some(m) = c.poll_push(port).unwrap() {
+            sent.extend(pushed(&Reaction {
+                send: vec![m],
+                ..Reaction::default()
+            }));
+        }
+        sent
+    }
+
+    fn acks(seqs: &[u64]) -> ServerMsg {
+        ServerMsg::Acks {
+            acks: seqs
+                .iter()
+                .map(|o| Ack {
+                    origin_seq: *o,
+                    server_seq: *o,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_relay_window_bounds_unacknowledged_bytes() {
+        let port = FakePort::with_pending(10);
+        let size = port.set(1).approx_bytes();
+        let mut c = SyncClient::new()
+            .with_batch(100, 1 << 20)
+            .with_window(100, 1 << 20);
+        c.start(&port, "tok").unwrap();
+        let limits = Limits {
+            push_window_bytes: (3 * size) as u64,
+            ..Limits::default()
+        };
+        let step = c.handle(&port, welcome_with(limits)).unwrap();
+        assert_eq!(drain(&mut c, &port, &step), vec![1, 2, 3]);
+        assert_eq!(c.in_flight_bytes(), 3 * size);
+        let step = c.handle(&port, acks(&[1, 2])).unwrap();
+        assert_eq!(
+            drain(&mut c, &port, &step),
+            vec![4, 5],
+            "two sets of room again"
+        );
+        assert_eq!(c.in_flight_bytes(), 3 * size);
+        // A refusal of 4 takes 4 and 5 out of flight.
+        // (A custom-column conflict: the client waits to catch up before pushing again.)
+        *port.refusal.borrow_mut() = Some(RefusalAction::Rebase);
+        c.handle(&port, refused(4, ErrorCode::Conflict, 100))
+            .unwrap();
+        assert_eq!(c.in_flight_bytes(), size, "only 3 is still in flight");
+    }
+
+    #[test]
+    fn the_set_window_holds_without_a_relay_window() {
+        let port = FakePort::with_pending(10);
+        let mut c = SyncClient::new()
+            .with_batch(100, 1 << 20)
+            .with_window(2, 1 << 30);
+        c.start(&port, "tok").unwrap();
+        // A relay from before the window was announced: the client's own bounds apply.
+        let limits = Limits {
+            push_window_bytes: 0,
+            ..Limits::default()
+        };
+        let step = c.handle(&port, welcome_with(limits)).unwrap();
+        assert_eq!(drain(&mut c, &port, &step), vec![1, 2]);
+        let step = c.handle(&port, acks(&[1])).unwrap();
+        assert_eq!(drain(&mut c, &port, &step), vec![3]);
+        // One set is always allowed, however large.
+        let mut one = SyncClient::new().with_window(1, 1);
+        one.start(&port, "tok").unwrap();
+        let step = one.handle(&port, welcome(0, 0)).unwrap();
+        assert_eq!(drain(&mut one, &port, &step), vec![2]);
     }
 
     #[test]

@@ -32,9 +32,10 @@ use crate::protocol::{
     ClientMsg, ErrorCode, LeaseOutcome, LeaseRequest, MAX_FRAME_BYTES, ServerMsg,
 };
 use crate::replica::Replica;
+use crate::socket::{self, Outbox, Ws};
 use crate::sync::{Phase, RefusedPush, RemoteChecksum, SyncClient};
 use crate::transaction::Transaction;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use parking_lot::Mutex;
 use rand::RngExt;
 use std::collections::VecDeque;
@@ -175,6 +176,16 @@ pub struct SyncOptions {
     pub max_frame_bytes: usize,
     /// How often local writes made by other connections are looked for while online.
     pub foreign_poll: Duration,
+    /// Most change sets pushed and not yet acknowledged.
+    pub push_window_sets: usize,
+    /// Most bytes of change sets pushed and not yet acknowledged (the relay may announce
+    /// less). With the session's separate writer this bounds what a backlog puts on the
+    /// wire ahead of the relay's answers, so no backlog can stall a connection.
+    pub push_window_bytes: usize,
+    /// TCP send and receive buffer size for the connection (`None`: the kernel's
+    /// autotuning). Small buffers save memory on constrained devices; flow control does not
+    /// depend on them.
+    pub socket_buffer_bytes: Option<usize>,
 }
 
 impl Default for SyncOptions {
@@ -188,6 +199,9 @@ impl Default for SyncOptions {
             push_batch_bytes: 1 << 20,
             max_frame_bytes: MAX_FRAME_BYTES,
             foreign_poll: Duration::from_secs(1),
+            push_window_sets: 1024,
+            push_window_bytes: crate::sync::DEFAULT_PUSH_WINDOW_BYTES,
+            socket_buffer_bytes: None,
         }
     }
 }
@@ -665,24 +679,21 @@ enum SessionEnd {
     Failed(SyncError),
 }
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
 }
 
 impl SyncTask {
     /// Sends a keep-alive ping, remembering which `sync_now` requests its pong answers.
-    async fn ping(
+    fn ping(
         &self,
-        ws: &mut Ws,
+        out: &Outbox,
         nonce: &mut u64,
         inflight: &mut VecDeque<(u64, u64)>,
     ) -> std::result::Result<(), SyncError> {
         *nonce += 1;
         inflight.push_back((*nonce, self.requests.load(Ordering::SeqCst)));
-        send(ws, &ClientMsg::Ping { nonce: *nonce }).await
+        send(out, &ClientMsg::Ping { nonce: *nonce })
     }
 
     fn publish(&self, f: impl FnOnce(&mut SyncStatus)) {
@@ -767,14 +778,13 @@ impl SyncTask {
         let cfg = WebSocketConfig::default()
             .max_message_size(Some(self.opts.max_frame_bytes))
             .max_frame_size(Some(self.opts.max_frame_bytes));
-        let (ws, _) = tokio::time::timeout(
+        tokio::time::timeout(
             self.opts.connect_timeout,
-            tokio_tungstenite::connect_async_with_config(&self.url, Some(cfg), true),
+            socket::open(&self.url, cfg, self.opts.socket_buffer_bytes),
         )
         .await
         .map_err(|_| transport_err(format!("connecting to {} timed out", self.url)))?
-        .map_err(|e| transport_err(format!("cannot connect to {}: {e}", self.url)))?;
-        Ok(ws)
+        .map_err(|e| transport_err(e.to_string()))
     }
 
     async fn session(&mut self) -> SessionEnd {
@@ -788,18 +798,19 @@ impl SyncTask {
                 return SessionEnd::Failed(transport_err(format!("token provider panicked: {e}")));
             }
         };
-        let mut ws = match self.open().await {
-            Ok(ws) => ws,
+        let (mut out, mut ws) = match self.open().await {
+            Ok(ws) => Outbox::start(ws),
             Err(e) => return SessionEnd::Failed(e),
         };
-        let mut client =
-            SyncClient::new().with_batch(self.opts.push_batch_sets, self.opts.push_batch_bytes);
+        let mut client = SyncClient::new()
+            .with_batch(self.opts.push_batch_sets, self.opts.push_batch_bytes)
+            .with_window(self.opts.push_window_sets, self.opts.push_window_bytes);
         let replica = Arc::clone(&self.replica);
         let hello = match blocking(|| client.start(&*replica, &token)) {
             Ok(h) => h,
             Err(e) => return SessionEnd::Failed(local_err(&e)),
         };
-        if let Err(e) = send(&mut ws, &hello).await {
+        if let Err(e) = send(&out, &hello) {
             return SessionEnd::Failed(e);
         }
         let start_cursor = self.replica.cursor().unwrap_or(0);
@@ -821,6 +832,7 @@ impl SyncTask {
                 ));
             }
             tokio::select! {
+                e = out.stopped() => return SessionEnd::Failed(transport_err(e.to_string())),
                 frame = ws.next() => {
                     let msg = match frame {
                         None => return SessionEnd::Failed(transport_err("the relay closed the connection".into())),
@@ -836,7 +848,7 @@ impl SyncTask {
                     };
                     last_heard = Instant::now();
                     if let ServerMsg::Error { code, message } = &msg {
-                        let _ = ws.close(None).await;
+                        out.close().await;
                         return SessionEnd::Failed(SyncError { code: Some(*code), message: message.clone() });
                     }
                     let was_handshake = client.phase() == Phase::Handshake;
@@ -848,13 +860,13 @@ impl SyncTask {
                     let step = match blocking(|| client.handle(&*replica, msg)) {
                         Ok(s) => s,
                         Err(e) => {
-                            let _ = ws.close(None).await;
+                            out.close().await;
                             return SessionEnd::Failed(local_err(&e));
                         }
                     };
                     acked_this_session += acks;
                     if step.reconnect {
-                        let _ = ws.close(None).await;
+                        out.close().await;
                         return SessionEnd::Now;
                     }
                     if let Some(c) = step.checksum
@@ -874,7 +886,7 @@ impl SyncTask {
                         self.publish(|s| s.rolled_back += n);
                     }
                     for m in &step.send {
-                        if let Err(e) = send(&mut ws, m).await {
+                        if let Err(e) = send(&out, m) {
                             return SessionEnd::Failed(e);
                         }
                     }
@@ -884,7 +896,7 @@ impl SyncTask {
                             s.last_error = None;
                         });
                         // Answers any sync_now made before or while connecting.
-                        if let Err(e) = self.ping(&mut ws, &mut nonce, &mut inflight).await {
+                        if let Err(e) = self.ping(&out, &mut nonce, &mut inflight) {
                             return SessionEnd::Failed(e);
                         }
                     }
@@ -909,14 +921,14 @@ impl SyncTask {
                     }
                 }
                 _ = self.wake.notified() => {
-                    if let Err(e) = self.push_more(&mut ws, &mut client).await {
+                    if let Err(e) = self.push_more(&out, &mut client) {
                         return e;
                     }
                     self.report(&client, start_cursor, acked_this_session);
                 }
                 _ = poll.tick() => {
                     if client.phase() == Phase::Streaming {
-                        if let Err(e) = self.push_more(&mut ws, &mut client).await {
+                        if let Err(e) = self.push_more(&out, &mut client) {
                             return e;
                         }
                         self.report(&client, start_cursor, acked_this_session);
@@ -926,27 +938,27 @@ impl SyncTask {
                     if last_heard.elapsed() > self.opts.ping_interval * 3 {
                         return SessionEnd::Failed(transport_err("the relay stopped answering".into()));
                     }
-                    if let Err(e) = self.ping(&mut ws, &mut nonce, &mut inflight).await {
+                    if let Err(e) = self.ping(&out, &mut nonce, &mut inflight) {
                         return SessionEnd::Failed(e);
                     }
                 }
                 c = self.cmd.recv() => match c {
                     None | Some(Command::Stop) => {
-                        let _ = ws.close(None).await;
+                        out.close().await;
                         return SessionEnd::Stop;
                     }
                     Some(Command::Pause) => {
-                        let _ = ws.close(None).await;
+                        out.close().await;
                         return SessionEnd::Paused;
                     }
                     Some(Command::Resume) => {}
                     Some(Command::Wake) => {
                         if client.phase() == Phase::Streaming {
                             // A pong carries the relay's head as of now: sync_now waits for it.
-                            if let Err(e) = self.ping(&mut ws, &mut nonce, &mut inflight).await {
+                            if let Err(e) = self.ping(&out, &mut nonce, &mut inflight) {
                                 return SessionEnd::Failed(e);
                             }
-                            if let Err(e) = self.push_more(&mut ws, &mut client).await {
+                            if let Err(e) = self.push_more(&out, &mut client) {
                                 return e;
                             }
                         }
@@ -954,14 +966,14 @@ impl SyncTask {
                     Some(Command::Checksum(tx)) => {
                         nonce += 1;
                         self.checksum_waiters.push((nonce, tx));
-                        if let Err(e) = send(&mut ws, &ClientMsg::Checksum { nonce }).await {
+                        if let Err(e) = send(&out, &ClientMsg::Checksum { nonce }) {
                             return SessionEnd::Failed(e);
                         }
                     }
                     Some(Command::Lease(request, tx)) => {
                         nonce += 1;
                         self.lease_waiters.push((nonce, tx));
-                        if let Err(e) = send(&mut ws, &ClientMsg::Lease { nonce, request }).await {
+                        if let Err(e) = send(&out, &ClientMsg::Lease { nonce, request }) {
                             return SessionEnd::Failed(e);
                         }
                     }
@@ -970,16 +982,17 @@ impl SyncTask {
         }
     }
 
-    async fn push_more(
+    /// Hands the writer every push frame the window allows (never waits on the network).
+    fn push_more(
         &self,
-        ws: &mut Ws,
+        out: &Outbox,
         client: &mut SyncClient,
     ) -> std::result::Result<(), SessionEnd> {
         let replica = Arc::clone(&self.replica);
         loop {
             let next = blocking(|| client.poll_push(&*replica));
             match next {
-                Ok(Some(m)) => send(ws, &m).await.map_err(SessionEnd::Failed)?,
+                Ok(Some(m)) => send(out, &m).map_err(SessionEnd::Failed)?,
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(SessionEnd::Failed(local_err(&e))),
             }
@@ -1023,13 +1036,8 @@ impl SyncTask {
     }
 }
 
-async fn send(ws: &mut Ws, msg: &ClientMsg) -> std::result::Result<(), SyncError> {
-    let bytes = msg
-        .encode()
-        .map_err(|e| transport_err(format!("cannot encode a frame: {e}")))?;
-    ws.send(Message::Binary(bytes.into()))
-        .await
-        .map_err(|e| transport_err(format!("connection lost: {e}")))
+fn send(out: &Outbox, msg: &ClientMsg) -> std::result::Result<(), SyncError> {
+    out.send(msg).map_err(|e| transport_err(e.to_string()))
 }
 
 fn transport_err(message: String) -> SyncError {

@@ -90,6 +90,14 @@ pub struct LimitsConfig {
     /// Most change sets in one push frame.
     #[serde(default = "default_max_push_sets")]
     pub max_push_sets: usize,
+    /// Most bytes of change sets a client keeps pushed and unacknowledged, announced at
+    /// welcome: what one connection can put ahead of the relay's answers.
+    #[serde(default = "default_push_window")]
+    pub push_window_bytes: usize,
+    /// TCP send and receive buffer size of client connections (unset: the kernel's
+    /// autotuning). Lowers memory per connection; flow control does not depend on it.
+    #[serde(default)]
+    pub socket_buffer_bytes: Option<usize>,
     /// Most concurrent connections.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
@@ -164,6 +172,9 @@ fn default_max_ops() -> usize {
 fn default_max_push_sets() -> usize {
     1024
 }
+fn default_push_window() -> usize {
+    4 << 20
+}
 fn default_max_connections() -> usize {
     20_000
 }
@@ -214,6 +225,8 @@ impl Default for LimitsConfig {
             max_frame_bytes: default_max_frame(),
             max_change_set_ops: default_max_ops(),
             max_push_sets: default_max_push_sets(),
+            push_window_bytes: default_push_window(),
+            socket_buffer_bytes: None,
             max_connections: default_max_connections(),
             frames_per_second: default_fps(),
             frame_burst: default_burst(),
@@ -391,10 +404,20 @@ impl Config {
                 "limits.max_frame_bytes must be at least 4096".into(),
             ));
         }
-        if l.max_change_set_ops == 0 || l.max_push_sets == 0 || l.max_connections == 0 {
+        if l.max_change_set_ops == 0
+            || l.max_push_sets == 0
+            || l.max_connections == 0
+            || l.push_window_bytes == 0
+        {
             return Err(RelayError::Config(
-                "limits.max_change_set_ops, max_push_sets and max_connections must be positive"
+                "limits.max_change_set_ops, max_push_sets, push_window_bytes and max_connections \
+                 must be positive"
                     .into(),
+            ));
+        }
+        if l.socket_buffer_bytes.is_some_and(|n| n < 4096) {
+            return Err(RelayError::Config(
+                "limits.socket_buffer_bytes must be at least 4096".into(),
             ));
         }
         if l.frames_per_second == 0 || l.frame_burst == 0 {

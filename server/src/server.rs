@@ -128,9 +128,19 @@ impl Relay {
         let addr = listener.local_addr()?;
         // Frames are small and often back to back (changes, then an ack): without
         // TCP_NODELAY, Nagle's algorithm holds the second until the peer's delayed ACK.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let buffer = shared.cfg.limits.socket_buffer_bytes;
+        let listener = axum::serve::ListenerExt::tap_io(listener, move |tcp| {
             if let Err(e) = tcp.set_nodelay(true) {
                 tracing::debug!(error = %e, "TCP_NODELAY not set");
+            }
+            if let Some(n) = buffer {
+                let sock = socket2::SockRef::from(&*tcp);
+                if let Err(e) = sock
+                    .set_send_buffer_size(n)
+                    .and_then(|()| sock.set_recv_buffer_size(n))
+                {
+                    tracing::debug!(error = %e, "socket buffer size not set");
+                }
             }
         });
         let stop = shutdown.clone();

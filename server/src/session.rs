@@ -10,16 +10,20 @@
 use crate::auth::now_secs;
 use crate::endpoint::{CATCH_UP_FRAMES, Close, Endpoint, decode};
 use crate::metrics as m;
+use crate::outbox::Outbox;
 use crate::state::RelayState;
 use axum::extract::ws::{Message, WebSocket};
 use ferry_core::protocol::{ErrorCode, ServerMsg};
+use futures_util::StreamExt;
+use futures_util::stream::SplitStream;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 struct Conn {
     ep: Endpoint,
-    ws: WebSocket,
+    ws: SplitStream<WebSocket>,
+    out: Outbox,
     last_frame: Instant,
     bucket: f64,
     bucket_at: Instant,
@@ -30,12 +34,15 @@ pub async fn serve(shared: Arc<RelayState>, mut ws: WebSocket) {
     shared.connections.fetch_add(1, Ordering::Relaxed);
     metrics::gauge!(m::CONNECTIONS).increment(1.0);
     metrics::counter!(m::CONNECTIONS_TOTAL).increment(1);
-    let result = match handshake(&shared, &mut ws).await {
+    let handshake = handshake(&shared, &mut ws).await;
+    let (out, result) = match handshake {
         Ok(ep) => {
             let bucket = f64::from(shared.cfg.limits.frame_burst);
+            let (out, read) = Outbox::start(ws);
             let mut c = Conn {
                 ep,
-                ws,
+                ws: read,
+                out,
                 last_frame: Instant::now(),
                 bucket,
                 bucket_at: Instant::now(),
@@ -43,25 +50,21 @@ pub async fn serve(shared: Arc<RelayState>, mut ws: WebSocket) {
             let r = c.run().await;
             shared.sessions.end(c.ep.replica(), c.ep.session());
             metrics::gauge!(m::REPLICA_LAG, "replica" => c.ep.replica().to_string()).set(0.0);
-            ws = c.ws;
-            r
+            (c.out, r)
         }
-        Err(close) => Err(close),
+        Err(close) => (Outbox::start(ws).0, Err(close)),
     };
-    if let Err(close) = result {
+    let last = result.err().and_then(|close| {
         metrics::counter!(m::ERRORS, "code" => close.code.as_str()).increment(1);
         tracing::info!(code = close.code.as_str(), message = %close.message, "closing connection with an error");
-        let frame = ServerMsg::Error {
+        ServerMsg::Error {
             code: close.code,
             message: close.message,
-        };
-        if let Ok(b) = frame.encode() {
-            let _ =
-                tokio::time::timeout(Duration::from_secs(2), ws.send(Message::Binary(b.into())))
-                    .await;
         }
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(2), ws.send(Message::Close(None))).await;
+        .encode()
+        .ok()
+    });
+    out.close(last).await;
     shared.connections.fetch_sub(1, Ordering::Relaxed);
     metrics::gauge!(m::CONNECTIONS).decrement(1.0);
 }
@@ -158,7 +161,11 @@ impl Conn {
                 _ = &mut expiry => {
                     return Err(Close::new(ErrorCode::Unauthorized, "token expired; connect again with a fresh token"));
                 }
-                frame = self.ws.recv() => self.on_frame(frame).await?,
+                e = self.out.stopped() => {
+                    tracing::debug!(error = %e, "connection lost while writing");
+                    return Ok(());
+                }
+                frame = self.ws.next() => self.on_frame(frame).await?,
                 r = head.changed() => {
                     if r.is_err() {
                         return Err(Close::new(ErrorCode::ShuttingDown, "the relay is shutting down"));
@@ -168,7 +175,8 @@ impl Conn {
                 }
                 // Catch-up goes a few frames at a time, so frames from the client (pushes,
                 // pings) are handled in between: a replica pushes while it pulls.
-                _ = std::future::ready(()), if behind => {
+                // Only while the client reads what it was sent (see `outbox`).
+                _ = self.out.room(), if behind => {
                     behind = self.changes(false, CATCH_UP_FRAMES).await?;
                     Turn::Continue
                 }
@@ -227,7 +235,7 @@ impl Conn {
         self.throttle().await;
         let msg = decode(&bytes, self.ep.shared().cfg.limits.max_frame_bytes)?;
         for reply in self.ep.handle(msg).await? {
-            send_raw(&mut self.ws, &reply).await?;
+            self.send(&reply).await?;
         }
         Ok(Turn::Continue)
     }
@@ -237,8 +245,21 @@ impl Conn {
         let mut out = Vec::new();
         let more = self.ep.changes(flush, frames, &mut out).await?;
         for msg in &out {
-            send_raw(&mut self.ws, msg).await?;
+            self.send(msg).await?;
         }
         Ok(more)
+    }
+
+    /// Queues a frame for the writer (waits while the client is not reading).
+    async fn send(&mut self, msg: &ServerMsg) -> Result<(), Close> {
+        let b = msg
+            .encode()
+            .map_err(|e| Close::new(ErrorCode::Internal, format!("cannot encode: {e}")))?;
+        metrics::counter!(m::BYTES_OUT).increment(b.len() as u64);
+        if self.out.send(b).await {
+            Ok(())
+        } else {
+            Err(Close::new(ErrorCode::BadFrame, "connection lost"))
+        }
     }
 }

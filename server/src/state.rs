@@ -150,6 +150,7 @@ impl RelayState {
             max_frame_bytes: l.max_frame_bytes as u64,
             max_change_set_ops: l.max_change_set_ops as u64,
             max_push_sets: l.max_push_sets as u64,
+            push_window_bytes: l.push_window_bytes as u64,
         }
     }
 }

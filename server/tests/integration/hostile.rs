@@ -500,15 +500,6 @@ async fn run_case(url: &str, case: &Case) -> Result<String, String> {
     }
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap()
-}
-
 #[test]
 fn generated_hostile_corpus_harms_nothing() {
     let d = tempfile::tempdir().unwrap();
@@ -517,7 +508,6 @@ fn generated_hostile_corpus_harms_nothing() {
         "[limits]\nmax_frame_bytes = 262144\nmax_push_sets = 64\nframes_per_second = 100000\nframe_burst = 100000\n",
     );
     let url = relay.url();
-    let pid = relay.child.as_ref().unwrap().id();
     // The well-behaved client and a follower.
     let w = open(d.path(), "w.db");
     let hw = connect(
@@ -552,7 +542,7 @@ fn generated_hostile_corpus_harms_nothing() {
         })
         .unwrap();
     let before = store_dump(&relay.dir);
-    let rss_before = rss_kib(pid);
+    let rss_before = relay.memory_kib("VmRSS");
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
         let w = Arc::clone(&w);
@@ -618,7 +608,7 @@ fn generated_hostile_corpus_harms_nothing() {
         );
     }
     check_log(&relay);
-    let rss_after = rss_kib(pid);
+    let rss_after = relay.memory_kib("VmRSS");
     eprintln!(
         "hostile: {} cases, relay RSS {} -> {} KiB; outcomes: {outcomes:?}",
         cases.len(),

@@ -12,6 +12,7 @@ mod consistency;
 mod convergence;
 mod crash;
 mod disk;
+mod flow;
 mod hostile;
 mod jwks;
 mod lifecycle;

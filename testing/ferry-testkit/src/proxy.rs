@@ -34,6 +34,12 @@ pub struct FaultProxy {
 impl FaultProxy {
     /// Starts forwarding to `upstream`, in [`Mode::Pass`].
     pub fn start(upstream: SocketAddr) -> FaultProxy {
+        Self::start_with(upstream, None)
+    }
+
+    /// Like [`FaultProxy::start`], with the TCP send and receive buffers of both of its sockets
+    /// of every connection set to `buffer` bytes (a small link: little in flight).
+    pub fn start_with(upstream: SocketAddr, buffer: Option<usize>) -> FaultProxy {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let state = Arc::new(Mutex::new(State {
@@ -52,6 +58,13 @@ impl FaultProxy {
                 };
                 let _ = client.set_nodelay(true);
                 let _ = server.set_nodelay(true);
+                if let Some(n) = buffer {
+                    for s in [&client, &server] {
+                        let s = socket2::SockRef::from(s);
+                        let _ = s.set_send_buffer_size(n);
+                        let _ = s.set_recv_buffer_size(n);
+                    }
+                }
                 {
                     let mut s = st.lock().unwrap();
                     s.conns.retain(|c| c.peer_addr().is_ok());
