@@ -148,14 +148,20 @@ pub(crate) fn set_materialized(conn: &Connection, seq: i64, cs: &ChangeSet) -> R
 /// `max_bytes` (always one if any).
 pub(crate) fn unacked(
     conn: &Connection,
+    after_origin_seq: u64,
     max_sets: usize,
     max_bytes: usize,
 ) -> Result<Vec<ChangeSet>> {
+    // Pending sets are the current identity's (older ones were re-issued under it), so
+    // their origin_seq grows with `seq`.
     let mut st = conn.prepare_cached(
         "SELECT wire FROM ferry_log WHERE server_seq IS NULL AND reissued IS NULL AND wire IS NOT NULL
-         ORDER BY seq LIMIT ?1",
+         AND origin_seq > ?2 ORDER BY seq LIMIT ?1",
     )?;
-    let mut rows = st.query([max_sets.clamp(1, i64::MAX as usize) as i64])?;
+    let mut rows = st.query(params![
+        max_sets.clamp(1, i64::MAX as usize) as i64,
+        i64::try_from(after_origin_seq).unwrap_or(i64::MAX)
+    ])?;
     let mut out = Vec::new();
     let mut bytes = 0usize;
     while let Some(r) = rows.next()? {

@@ -31,7 +31,18 @@ pub trait SyncPort {
     /// Prepares the oldest unacknowledged change sets for a push — folding other
     /// connections' writes and materializing recorded changes first, which writes — and
     /// returns at most `max_sets` of them and about `max_bytes` (always one if any).
-    fn prepare_push(&self, max_sets: usize, max_bytes: usize) -> Result<Vec<ChangeSet>>;
+    fn prepare_push(&self, max_sets: usize, max_bytes: usize) -> Result<Vec<ChangeSet>> {
+        self.prepare_push_after(0, max_sets, max_bytes)
+    }
+    /// [`SyncPort::prepare_push`] for the unacknowledged change sets after `origin_seq` (the
+    /// ones before it are already on their way): what a push costs does not grow with what
+    /// is in flight.
+    fn prepare_push_after(
+        &self,
+        origin_seq: u64,
+        max_sets: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<ChangeSet>>;
     /// Records the relay's acknowledgements `(origin_seq, server_seq)`.
     fn acknowledge(&self, acks: &[(u64, u64)]) -> Result<()>;
     /// Applies the relay's change sets covering positions `(after, up_to]`, in order, with

@@ -456,11 +456,16 @@ impl SyncPort for Replica {
         Replica::pending_count(self)
     }
 
-    fn prepare_push(&self, max_sets: usize, max_bytes: usize) -> Result<Vec<ChangeSet>> {
+    fn prepare_push_after(
+        &self,
+        origin_seq: u64,
+        max_sets: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<ChangeSet>> {
         self.capture_foreign()?;
         self.with_engine(|e| {
             e.materialize_all()?;
-            log::unacked(&e.conn, max_sets, max_bytes)
+            log::unacked(&e.conn, origin_seq, max_sets, max_bytes)
         })
     }
 

@@ -229,7 +229,10 @@ impl SyncClient {
             replica.rebase(origin_seq)?;
             self.rebase = None;
         }
-        let pending = replica.prepare_push(self.max_sets + self.in_flight.len(), usize::MAX)?;
+        let after = self.in_flight.last().unwrap_or(0);
+        // Bounded by what one frame may carry, so a poll decodes no more than it sends.
+        let room = self.window_bytes.saturating_sub(self.in_flight.bytes);
+        let pending = replica.prepare_push_after(after, self.max_sets, self.max_bytes.min(room))?;
         let mut batch = Vec::new();
         let mut bytes = 0;
         for cs in pending {
@@ -484,6 +487,11 @@ impl InFlight {
         }
     }
 
+    /// The newest change set in flight.
+    fn last(&self) -> Option<u64> {
+        self.sets.keys().next_back().copied()
+    }
+
     fn contains(&self, origin_seq: &u64) -> bool {
         self.sets.contains_key(origin_seq)
     }
@@ -571,9 +579,18 @@ mod tests {
         fn pending_count(&self) -> Result<u64> {
             Ok(self.pending.borrow().len() as u64)
         }
-        fn prepare_push(&self, max_sets: usize, _max_bytes: usize) -> Result<Vec<ChangeSet>> {
+        fn prepare_push_after(
+            &self,
+            after: u64,
+            max_sets: usize,
+            _max_bytes: usize,
+        ) -> Result<Vec<ChangeSet>> {
             let p = self.pending.borrow();
-            Ok(p.iter().take(max_sets).map(|o| self.set(*o)).collect())
+            Ok(p.iter()
+                .filter(|o| **o > after)
+                .take(max_sets)
+                .map(|o| self.set(*o))
+                .collect())
         }
         fn acknowledge(&self, acks: &[(u64, u64)]) -> Result<()> {
             self.call(format!("acknowledge {acks:?}"));

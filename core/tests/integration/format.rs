@@ -61,7 +61,7 @@ fn sync_queries_use_the_unacked_index() {
         .unwrap();
     let c = rusqlite::Connection::open(d.path().join("r.db")).unwrap();
     for q in [
-        "SELECT wire FROM ferry_log WHERE server_seq IS NULL AND reissued IS NULL AND wire IS NOT NULL ORDER BY seq LIMIT 10",
+        "SELECT wire FROM ferry_log WHERE server_seq IS NULL AND reissued IS NULL AND wire IS NOT NULL AND origin_seq > 5 ORDER BY seq LIMIT 10",
         "SELECT count(*) FROM ferry_log WHERE server_seq IS NULL AND reissued IS NULL",
         "SELECT seq FROM ferry_log WHERE server_seq IS NULL AND wire IS NULL AND raw IS NOT NULL AND reissued IS NULL ORDER BY seq LIMIT 10",
     ] {

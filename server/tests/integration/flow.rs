@@ -63,7 +63,7 @@ fn push_backlog(name: &str, opts: SyncOptions, txs: usize, rows: usize) {
             opts,
         )
         .unwrap();
-    h.sync_now_blocking(Duration::from_secs(300))
+    h.sync_now_blocking(Duration::from_secs(seeds("FERRY_FLOW_TIMEOUT", 300)))
         .unwrap_or_else(|e| panic!("{name}: backlog not pushed: {e}; status {:?}", h.status()));
     eprintln!(
         "flow: {name}: {} rows in {txs} transactions pushed in {:.1} s",
@@ -96,7 +96,8 @@ fn push_backlog(name: &str, opts: SyncOptions, txs: usize, rows: usize) {
 #[test]
 fn backlog_through_a_small_link_with_default_options() {
     let rows = seeds("FERRY_FLOW_ROWS_PER_TX", 100) as usize;
-    push_backlog("default", fast_opts(), 1_000, rows);
+    let txs = seeds("FERRY_FLOW_TXS", 1_000) as usize;
+    push_backlog("default", fast_opts(), txs, rows);
 }
 
 #[test]
