@@ -97,6 +97,13 @@ CREATE INDEX ferry_undo_seq ON ferry_undo(seq);
 
 /// Sets the connection-level pragmas Ferry relies on.
 pub fn configure(conn: &Connection) -> Result<()> {
+    let pages: i64 = conn.pragma_query_value(None, "page_count", |r| r.get(0))?;
+    if pages == 0 {
+        // A new file: free pages can only be given back incrementally (`reclaim_space`) if
+        // the file says so before anything is written to it. A file the app created first
+        // keeps its own setting.
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+    }
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
@@ -157,6 +164,30 @@ pub fn upgrade_format(conn: &mut Connection, new_id: Option<crate::ids::ReplicaI
     tx.pragma_update(None, "user_version", FORMAT_VERSION)?;
     tx.commit()?;
     Ok(())
+}
+
+/// Gives free pages back to the file system, a bounded number at a time, when enough have
+/// accumulated: bulk work (a pushed backlog's change-log bodies, a large apply) frees pages
+/// that SQLite would otherwise keep inside the file forever. Only files created with
+/// incremental auto-vacuum (every file Ferry creates); others are left as they are. Runs
+/// outside the app's transactions, at most `max_pages` per call. Returns the pages given back.
+pub fn reclaim_space(conn: &Connection, max_pages: i64) -> Result<i64> {
+    const AT_LEAST: i64 = 256;
+    let mode: i64 = conn.pragma_query_value(None, "auto_vacuum", |r| r.get(0))?;
+    if mode != 2 {
+        return Ok(0);
+    }
+    let free: i64 = conn.pragma_query_value(None, "freelist_count", |r| r.get(0))?;
+    let total: i64 = conn.pragma_query_value(None, "page_count", |r| r.get(0))?;
+    if free < AT_LEAST || free * 10 < total {
+        return Ok(0);
+    }
+    let n = free.min(max_pages.max(1));
+    // The pragma returns a row per page moved; drain them.
+    let mut st = conn.prepare(&format!("PRAGMA incremental_vacuum({n})"))?;
+    let mut rows = st.query([])?;
+    while rows.next()?.is_some() {}
+    Ok(n)
 }
 
 /// Reads a value from `ferry_meta`.

@@ -59,7 +59,9 @@ pub mod vv;
 pub use apply::ApplyReport;
 pub use changeset::{Cell, ChangeSet, Fence, RowChange, RowOp, Sequenced};
 pub use conflict::{Conflict, ConflictKind, Side, Winner};
-pub use db::{FORMAT_VERSION, configure as configure_sqlite};
+pub use db::{
+    FORMAT_VERSION, configure as configure_sqlite, reclaim_space as reclaim_sqlite_space,
+};
 pub use error::{Error, Result};
 pub use hlc::{Hlc, WallClock};
 pub use ids::{ChangeId, ReplicaId, new_id};

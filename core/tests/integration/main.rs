@@ -13,5 +13,6 @@ mod merge;
 mod primary;
 mod protocol;
 mod skew;
+mod space;
 mod transaction;
 mod upgrade;

@@ -101,6 +101,11 @@ impl std::fmt::Debug for SqliteStore {
 }
 
 fn configure(conn: &Connection) -> Result<()> {
+    let pages: i64 = conn.pragma_query_value(None, "page_count", |r| r.get(0))?;
+    if pages == 0 {
+        // A new store: compaction's freed pages can be given back (see `rewrite`).
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+    }
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
@@ -547,6 +552,14 @@ impl Writer {
             "UPDATE meta SET value = max(value, ?1) WHERE key = 'horizon'",
             [horizon as i64],
         )?;
+        // Compaction shrank bodies: give the freed pages back (64 MiB at most per pass, so
+        // pushes wait little; the next pass takes the rest).
+        // The compaction itself is committed; a failure here only leaves pages free.
+        match ferry_core::reclaim_sqlite_space(&self.conn, 16_384) {
+            Ok(0) => {}
+            Ok(pages) => tracing::info!(pages, "free pages given back after compaction"),
+            Err(e) => tracing::warn!(error = %e, "free pages not given back after compaction"),
+        }
         Ok(())
     }
 }

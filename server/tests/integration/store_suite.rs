@@ -5,8 +5,8 @@
 use ferry_core::Value;
 use ferry_core::admission::Bounds;
 use ferry_relay::catalog::RelayCatalog;
-use ferry_relay::store::PushOutcome;
 use ferry_relay::store::postgres::PgStore;
+use ferry_relay::store::{PushOutcome, Store};
 use ferry_testkit::raw;
 use ferry_testkit::store_suite::{PgStores, SqliteStores, StoreFactory, grants, origin, set};
 use std::collections::HashSet;
@@ -117,5 +117,46 @@ async fn postgres_schema_is_versioned() {
         bad.to_string()
             .contains("cannot connect to PostgreSQL at 127.0.0.1:1/none"),
         "{bad}"
+    );
+}
+
+/// Compaction shrinks stored bodies; the embedded store gives the freed pages back to the
+/// file system instead of keeping them inside `relay.db`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_gives_back_the_pages_compaction_frees() {
+    use ferry_relay::store::sqlite::SqliteStore;
+    use ferry_testkit::change::{change_set, set};
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), ferry_testkit::store_suite::catalog(), 4096).unwrap();
+    let long = "a name long enough that superseded copies of it take real room".repeat(4);
+    for i in 1..=300u64 {
+        let mut b = change_set(origin(1), i);
+        for k in 0..40 {
+            b = b.upsert(
+                "tag",
+                format!("t{k}").as_str(),
+                1,
+                vec![set("name", long.as_str())],
+            );
+        }
+        let out = store
+            .push(grants("a", &[]), Bounds::NONE, vec![b.build()])
+            .await
+            .unwrap();
+        assert!(matches!(out[0], PushOutcome::Acked(_)));
+    }
+    let head = store.head().await.unwrap();
+    let report = store.compact(head).await.unwrap();
+    assert!(report.cells_dropped > 0, "{report:?}");
+    store.shutdown().await;
+    let c = rusqlite::Connection::open(dir.path().join("relay.db")).unwrap();
+    let total: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0)).unwrap();
+    let free: i64 = c
+        .query_row("PRAGMA freelist_count", [], |r| r.get(0))
+        .unwrap();
+    eprintln!("relay store: {total} pages, {free} free after compaction");
+    assert!(
+        free * 10 < total,
+        "{free} of {total} pages free after compaction"
     );
 }
