@@ -130,7 +130,8 @@ async fn sqlite_gives_back_the_pages_compaction_frees() {
     let store = SqliteStore::open(dir.path(), ferry_testkit::store_suite::catalog(), 4096).unwrap();
     let long = "a name long enough that superseded copies of it take real room".repeat(4);
     for i in 1..=300u64 {
-        let mut b = change_set(origin(1), i);
+        // Distinct stamps, so each write supersedes the one before whatever the clock does.
+        let mut b = change_set(origin(1), i).hlc(ferry_core::Hlc::new(1_700_000_000_000 + i, 0));
         for k in 0..40 {
             b = b.upsert(
                 "tag",
