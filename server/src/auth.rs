@@ -94,6 +94,15 @@ impl Pattern {
         Ok(Pattern(segs))
     }
 
+    /// The literal text every matching scope starts with (empty when the pattern starts
+    /// with `*`).
+    pub fn prefix(&self) -> &str {
+        match self.0.first() {
+            Some(Seg::Lit(l)) => l,
+            _ => "",
+        }
+    }
+
     /// True when `scope` matches.
     pub fn matches(&self, scope: &str) -> bool {
         fn go(segs: &[Seg], s: &str) -> bool {
@@ -150,6 +159,27 @@ impl Grants {
     /// May the bearer read `scope`?
     pub fn can_read(&self, scope: &str) -> bool {
         self.read.iter().any(|p| p.matches(scope))
+    }
+
+    /// The literal prefixes of the readable patterns, shortest covering set first; `None`
+    /// when some pattern starts with `*` (any scope may be readable).
+    pub fn read_prefixes(&self) -> Option<Vec<String>> {
+        let mut all: Vec<&str> = Vec::with_capacity(self.read.len());
+        for p in &self.read {
+            if p.prefix().is_empty() {
+                return None;
+            }
+            all.push(p.prefix());
+        }
+        all.sort_unstable();
+        let mut out: Vec<String> = Vec::new();
+        for p in all {
+            // A prefix that extends a kept one names no scope the kept one does not.
+            if !out.last().is_some_and(|k| p.starts_with(k.as_str())) {
+                out.push(p.to_owned());
+            }
+        }
+        Some(out)
     }
 
     /// May the bearer write `scope`? (It must be readable too.)
@@ -409,5 +439,26 @@ mod tests {
         assert!(p.matches("abc") && p.matches("aXbYc") && !p.matches("acb"));
         assert!(Pattern::compile("{user}", "s").is_err());
         assert!(Pattern::compile("", "s").is_err());
+    }
+
+    #[test]
+    fn read_prefixes_cover_every_readable_scope() {
+        let g = grants(&["team:*", "user:{sub}", "team:a*", "global", "t*x"], &[]);
+        assert_eq!(
+            g.read_prefixes().unwrap(),
+            vec!["global", "t", "user:al*ce"],
+            "`team:` and `team:a` are covered by `t`"
+        );
+        for s in ["team:x", "user:al*ce", "global", "tux"] {
+            assert!(g.can_read(s));
+            assert!(
+                g.read_prefixes()
+                    .unwrap()
+                    .iter()
+                    .any(|p| s.starts_with(p.as_str()))
+            );
+        }
+        assert_eq!(grants(&["a", "*b"], &[]).read_prefixes(), None);
+        assert_eq!(grants(&[], &[]).read_prefixes(), Some(vec![]));
     }
 }

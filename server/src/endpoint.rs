@@ -12,7 +12,7 @@ use crate::error::RelayError;
 use crate::metrics as m;
 
 use crate::state::RelayState;
-use crate::store::{PushOutcome, StoredSet};
+use crate::store::{PushOutcome, ReadFilter, StoredSet};
 use ferry_core::admission::Bounds;
 use ferry_core::protocol::{
     Ack, ClientMsg, DecodeError, ErrorCode, Move, PROTOCOL_VERSION, RowKey, ServerMsg,
@@ -71,6 +71,7 @@ pub struct Endpoint {
     replica: ReplicaId,
     label: String,
     grants: Arc<Grants>,
+    filter: ReadFilter,
     /// Position up to which the client has been told everything.
     told: u64,
     /// Position up to which the log has been examined (nothing visible in `(told, scanned]`).
@@ -142,11 +143,13 @@ impl Endpoint {
         };
         tracing::debug!(replica = %replica_id, sub = %grants.sub, cursor, head, "replica connected");
         let session = shared.sessions.begin(replica_id).await;
+        let grants = Arc::new(grants);
         let ep = Endpoint {
             shared: Arc::clone(shared),
             replica: replica_id,
             label: replica_id.to_string(),
-            grants: Arc::new(grants),
+            filter: ReadFilter::new(Arc::clone(&grants)),
+            grants,
             told: cursor,
             scanned: cursor,
             readable: HashMap::new(),
@@ -350,17 +353,35 @@ impl Endpoint {
             if sent >= frames {
                 return Ok(true);
             }
-            let batch = match store.feed().window_after(self.scanned, 512) {
-                Some(b) if !b.is_empty() => b,
-                _ => store.read(self.scanned, 512, 4 << 20).await?,
+            // Recent positions come from the feed's window (memory, shared by every
+            // connection); older ones through the store's per-scope index, so a reconnect
+            // reads the device's own scopes, not every tenant's writes.
+            let (batch, complete_to) = match store.feed().window_after(self.scanned, 512) {
+                Some(b) if !b.is_empty() => {
+                    let last = b.last().map_or(self.scanned, |s| s.server_seq);
+                    (b, last)
+                }
+                _ => {
+                    let r = store
+                        .read_scoped(self.scanned, &self.filter, 512, 4 << 20)
+                        .await?;
+                    metrics::counter!(m::STORE_SETS_READ).increment(r.examined as u64);
+                    (r.sets, r.up_to)
+                }
             };
-            if batch.is_empty() {
+            if complete_to <= self.scanned {
                 break;
             }
             let (sets, moves, consumed) = self.filter(&batch, FRAME_BUDGET).await?;
-            let up_to = batch
-                .get(consumed.saturating_sub(1))
-                .map_or(self.scanned, |s| s.server_seq);
+            // All of the batch consumed: complete up to what the read covered (positions it
+            // skipped touch no readable scope); otherwise up to the last set consumed.
+            let up_to = if consumed >= batch.len() {
+                complete_to
+            } else {
+                batch
+                    .get(consumed.saturating_sub(1))
+                    .map_or(self.scanned, |s| s.server_seq)
+            };
             self.scanned = up_to;
             if sets.is_empty() && moves.is_empty() {
                 continue;

@@ -11,6 +11,8 @@ pub const CONNECTIONS_TOTAL: &str = "ferry_connections_total";
 pub const SETS_IN: &str = "ferry_change_sets_in_total";
 /// Change set parts sent (counter).
 pub const SETS_OUT: &str = "ferry_change_sets_out_total";
+/// Change sets read from the store for catch-up (counter): what reconnects cost.
+pub const STORE_SETS_READ: &str = "ferry_store_sets_read_total";
 /// Frame bytes received (counter).
 pub const BYTES_IN: &str = "ferry_bytes_in_total";
 /// Frame bytes sent (counter).

@@ -6,6 +6,12 @@
 //! * `w5`: C lightweight protocol clients subscribed to one scope; one write; time until every
 //!   client has it (p50/p99 over several writes), and the relay's resident memory per idle
 //!   connection.
+//! * `w6`: noisy neighbours. `--noise` change sets (1M by default) written to 1,000 other
+//!   scopes and 10 to the device's; a device of that scope connects: catch-up time and the
+//!   change sets the relay read from its store for it.
+//! * `b2`: backlog push. `--rows` rows (1M by default) written offline in `--txns`
+//!   transactions (1,000), then connect with the default options: time until every change
+//!   set is acknowledged, against plain rusqlite inserting the same rows the same way.
 //! * `wire`: bytes on the wire per changed cell against the raw value bytes.
 //! * `scale`: push throughput (change sets/s from P closed-loop pushers) and fan-out latency
 //!   (one write to S subscribers spread over the nodes) for one relay on SQLite and for 1, 2
@@ -33,15 +39,23 @@ const SECRET: &str = "bench-secret-bench-secret-bench-secret";
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 fn schema() -> Schema {
-    Schema::new(1).table(
-        TableDecl::new("t")
-            .text_key("id")
-            .text("a")
-            .integer("b")
-            .real("c")
-            .text("d")
-            .integer("e"),
-    )
+    Schema::new(1)
+        .table(
+            TableDecl::new("t")
+                .text_key("id")
+                .text("a")
+                .integer("b")
+                .real("c")
+                .text("d")
+                .integer("e"),
+        )
+        .table(
+            TableDecl::new("s")
+                .text_key("id")
+                .text("scope")
+                .integer("v")
+                .scope("scope"),
+        )
 }
 
 const INSERT: &str = "INSERT INTO t (id, a, b, c, d, e) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
@@ -126,6 +140,15 @@ impl RelayProc {
         Ok(line.split_whitespace().nth(1).ok_or("bad VmRSS")?.parse()?)
     }
 
+    fn peak_kib(&self) -> Res<u64> {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let line = s
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .ok_or("no VmHWM")?;
+        Ok(line.split_whitespace().nth(1).ok_or("bad VmHWM")?.parse()?)
+    }
+
     fn metric(&self, name: &str) -> Res<f64> {
         let mut s = std::net::TcpStream::connect(&self.addr)?;
         write!(
@@ -151,13 +174,19 @@ impl Drop for RelayProc {
 }
 
 fn token(sub: &str) -> Res<String> {
+    scoped_token(sub, &["*"])
+}
+
+/// A token reading and writing the scope patterns `scopes`.
+fn scoped_token(sub: &str, scopes: &[&str]) -> Res<String> {
+    let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
     Ok(mint_hs256(
         SECRET.as_bytes(),
         &Claims {
             sub: sub.into(),
             exp: now_secs() + 3600,
-            read: vec!["*".into()],
-            write: vec!["*".into()],
+            read: scopes.clone(),
+            write: scopes,
             primary: vec![],
             iss: None,
             aud: None,
@@ -452,6 +481,194 @@ async fn pusher(url: String, tok: String, n: usize, first: usize) -> Res<()> {
     Ok(())
 }
 
+/// One change set writing row `i` of the scoped table `s` into `scope`.
+fn scoped_set(origin: ReplicaId, oseq: u64, i: usize, scope: &str) -> ferry_core::ChangeSet {
+    ferry_core::ChangeSet {
+        id: ulid::Ulid::generate().to_bytes(),
+        origin,
+        origin_seq: oseq,
+        hlc: ferry_core::Hlc::new(now_secs() * 1000, 0),
+        base: 0,
+        schema_version: 1,
+        fence: None,
+        guarded: false,
+        rows: vec![ferry_core::RowChange {
+            table: "s".into(),
+            pk: Value::Text(format!("r{i}")),
+            cl: 1,
+            op: ferry_core::RowOp::Upsert(vec![
+                ferry_core::Cell::Set("scope".into(), Value::Text(scope.into())),
+                ferry_core::Cell::Set("v".into(), Value::Integer(i as i64)),
+            ]),
+        }],
+    }
+}
+
+/// Pushes `sets` in frames of up to 1,000, each after the previous one's acks (reading and
+/// dropping everything else the relay sends meanwhile).
+async fn push_all(ws: &mut Ws, sets: Vec<ferry_core::ChangeSet>) -> Res<()> {
+    let mut sets = sets.into_iter().peekable();
+    while sets.peek().is_some() {
+        let frame: Vec<_> = sets.by_ref().take(1000).collect();
+        let n = frame.len();
+        let push = ClientMsg::Push { change_sets: frame };
+        ws.send(Message::Binary(push.encode()?.into())).await?;
+        let mut acked = 0;
+        while acked < n {
+            match ws.next().await {
+                Some(Ok(Message::Binary(b))) => match ServerMsg::decode(&b)? {
+                    ServerMsg::Acks { acks } => acked += acks.len(),
+                    ServerMsg::Refused { message, .. } | ServerMsg::Error { message, .. } => {
+                        return Err(format!("push refused: {message}").into());
+                    }
+                    _ => {}
+                },
+                Some(Ok(_)) => {}
+                other => return Err(format!("pusher connection ended: {other:?}").into()),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// W6 noisy neighbours: `noise` change sets written to 1,000 other scopes with 10 of the
+/// device's own spread among them; then devices with the device's token connect and catch
+/// up. Reports the catch-up time (connect to caught up) and the change sets the relay read
+/// from its store to serve it.
+fn w6(dir: &Path, noise: usize, repeat: usize) -> Res<()> {
+    let relay = RelayProc::start(&dir.join("w6"))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let t0 = Instant::now();
+    let noisy = scoped_token("noisy", &["noise:*", "dev:1"])?;
+    rt.block_on(async {
+        let me = ReplicaId::generate();
+        // The pusher's cursor stays at the head it saw, so it is sent little besides acks.
+        let mut ws = subscriber_as(&relay.url(), &noisy, 0, me).await?;
+        let mut sets = Vec::with_capacity(noise + 10);
+        for i in 0..noise + 10 {
+            let scope = if i % (noise / 10 + 1) == 0 && sets.len() < noise + 10 {
+                "dev:1".to_owned()
+            } else {
+                format!("noise:{}", i % 1000)
+            };
+            sets.push(scoped_set(me, i as u64 + 1, i, &scope));
+        }
+        push_all(&mut ws, sets).await
+    })?;
+    println!(
+        "w6: {} change sets pushed in {:.1} s",
+        noise + 10,
+        t0.elapsed().as_secs_f64()
+    );
+    let own: i64 = (0..noise + 10)
+        .filter(|i| i % (noise / 10 + 1) == 0)
+        .count() as i64;
+    let tok = scoped_token("dev", &["dev:1"])?;
+    let mut ms = Vec::new();
+    let mut read = Vec::new();
+    for round in 0..repeat.max(1) {
+        let d = Replica::open(dir.join(format!("w6-device-{round}.db")), &schema())?;
+        let d = Arc::new(d);
+        let before = relay.metric("ferry_store_sets_read_total").unwrap_or(0.0);
+        let tok = tok.clone();
+        let t = Instant::now();
+        let h = d.connect(&relay.url(), Arc::new(move || Ok(tok.clone())))?;
+        h.sync_now_blocking(Duration::from_secs(60))?;
+        let took = t.elapsed().as_secs_f64() * 1e3;
+        let n = match &d.query("SELECT count(*) FROM s", &[])?.rows[0][0] {
+            Value::Integer(n) => *n,
+            _ => 0,
+        };
+        if n != own {
+            return Err(format!("w6: the device holds {n} rows, expected {own}").into());
+        }
+        // NaN from a relay that does not count store reads (an older build).
+        let r = relay
+            .metric("ferry_store_sets_read_total")
+            .unwrap_or(f64::NAN)
+            - before;
+        println!("w6 round {round}: catch-up {took:.1} ms, {r:.0} change sets read from the store");
+        ms.push(took);
+        read.push(r);
+        drop(h);
+    }
+    println!(
+        "W6 noisy neighbours: {noise} change sets in 1,000 other scopes, {own} in the device's: catch-up {:.1} ms (median of {}), {:.0} change sets read from the store",
+        median(ms),
+        repeat.max(1),
+        median(read)
+    );
+    Ok(())
+}
+
+/// B2 backlog push: a replica writes `rows` rows offline in `txns` transactions, then
+/// connects with the default options; timed from connect until every change set is
+/// acknowledged, against plain rusqlite inserting the same rows in the same transactions.
+fn b2(dir: &Path, rows: usize, txns: usize, repeat: usize) -> Res<()> {
+    let mut plain_ms = Vec::new();
+    let mut ferry_ms = Vec::new();
+    for round in 0..repeat.max(1) {
+        let d = dir.join(format!("b2-{round}"));
+        std::fs::create_dir_all(&d)?;
+        let p = plain_insert(&d.join("plain.db"), rows, txns)?;
+        let relay = RelayProc::start(&d.join("relay"))?;
+        let a = Arc::new(Replica::open(d.join("a.db"), &schema())?);
+        let per = rows / txns;
+        for k in 0..txns {
+            a.write(|tx| {
+                let mut st = tx.prepare(INSERT)?;
+                for i in k * per..(k + 1) * per {
+                    st.execute(&row(i))?;
+                }
+                Ok(())
+            })?;
+        }
+        let ta = token("a")?;
+        let t0 = Instant::now();
+        let ha = a.connect(&relay.url(), Arc::new(move || Ok(ta.clone())))?;
+        let deadline = Instant::now() + Duration::from_secs(1800);
+        loop {
+            let s = ha.status();
+            if s.pending == 0 && s.connects > 0 {
+                break;
+            }
+            if let Some(r) = s.refused {
+                return Err(format!("b2: push refused: {r:?}").into());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("b2: not acknowledged in 30 minutes: {s:?}").into());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let f = t0.elapsed();
+        let acked = relay.metric("ferry_change_sets_in_total")?;
+        if acked < txns as f64 {
+            return Err(format!("b2: the relay acknowledged {acked} of {txns} change sets").into());
+        }
+        println!(
+            "b2 round {round}: plain {:.0} ms, Ferry connect -> all acknowledged {:.0} ms, relay peak RSS {} MiB",
+            p.as_secs_f64() * 1e3,
+            f.as_secs_f64() * 1e3,
+            relay.peak_kib()? / 1024
+        );
+        plain_ms.push(p.as_secs_f64() * 1e3);
+        ferry_ms.push(f.as_secs_f64() * 1e3);
+        drop(ha);
+        drop(relay);
+        std::fs::remove_dir_all(&d)?;
+    }
+    let (p, f) = (median(plain_ms), median(ferry_ms));
+    println!(
+        "B2 backlog push, {rows} rows in {txns} transactions written offline: plain {p:.0} ms, Ferry {f:.0} ms, {:.0} rows/s, ratio {:.2}x",
+        rows as f64 / (f / 1e3),
+        f / p
+    );
+    Ok(())
+}
+
 /// The workload of `scale`, the same for every deployment.
 #[derive(Debug, Clone, Copy)]
 struct ScaleLoad {
@@ -643,6 +860,17 @@ fn main() -> Res<()> {
         }
         if what == "w5" || what == "all" {
             w5(&dir, clients, writes)?;
+        }
+        if what == "b2" {
+            b2(
+                &dir,
+                arg(&args, "--rows", 1_000_000usize),
+                arg(&args, "--txns", 1000usize),
+                repeat,
+            )?;
+        }
+        if what == "w6" || what == "all" {
+            w6(&dir, arg(&args, "--noise", 1_000_000usize), repeat)?;
         }
         if what == "wire" || what == "all" {
             wire()?;

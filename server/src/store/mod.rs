@@ -19,6 +19,7 @@ pub mod job;
 pub mod pg_batch;
 pub mod postgres;
 pub mod rule;
+pub mod scoped;
 pub mod sqlite;
 
 use crate::auth::Grants;
@@ -33,6 +34,7 @@ use std::sync::Arc;
 pub use crate::compact::CompactReport;
 pub use crate::stored::{StoredSet, approx_row_bytes};
 pub(crate) use crate::stored::{decode_set, encode_set};
+pub use scoped::{ReadFilter, ScopedRead};
 
 /// What happened to one pushed change set.
 #[derive(Debug)]
@@ -73,6 +75,16 @@ pub trait Store: Send + Sync + 'static {
         max_sets: usize,
         max_bytes: usize,
     ) -> Result<Vec<Arc<StoredSet>>>;
+    /// Change sets after `after` that touch a scope `filter` may read, at most `max_sets`
+    /// and about `max_bytes`, found through the per-scope index (see [`scoped`]): the cost
+    /// depends on the reader's scopes, not on other tenants' writes.
+    async fn read_scoped(
+        &self,
+        after: u64,
+        filter: &ReadFilter,
+        max_sets: usize,
+        max_bytes: usize,
+    ) -> Result<ScopedRead>;
     /// Change sets before `before` that touched a row (for backfill).
     async fn row_history(
         &self,

@@ -16,6 +16,7 @@ use crate::catalog::RelayCatalog;
 use crate::error::{RelayError, Result};
 use crate::scoping::{self, RowScope};
 use crate::store::rule::{self, Decision, Fetched, RowKey};
+use crate::store::scoped;
 use crate::store::{PushOutcome, StoredSet, encode_set};
 use ferry_core::admission::{Bounds, OriginState};
 use ferry_core::cas::{CasUpdate, CellStamp, RowStamp};
@@ -46,6 +47,59 @@ struct Batch {
     touched_cas: BTreeSet<RowKey>,
     sets: SetCols,
     hist: (Vec<String>, Vec<Vec<u8>>, Vec<i64>),
+    index: ScopeIndex,
+}
+
+/// Entries of the per-scope read index (see `store::scoped`) for some change sets, written
+/// in one pipelined round trip.
+#[derive(Default)]
+pub struct ScopeIndex {
+    scope: Vec<String>,
+    seq: Vec<i64>,
+    last: HashMap<String, i64>,
+}
+
+impl ScopeIndex {
+    /// Adds the scopes `s` touches.
+    pub fn add(&mut self, s: &StoredSet) {
+        let seq = s.server_seq as i64;
+        for scope in scoped::scopes_of(s) {
+            self.scope.push(scope.to_owned());
+            self.seq.push(seq);
+            let last = self.last.entry(scope.to_owned()).or_insert(seq);
+            *last = (*last).max(seq);
+        }
+    }
+
+    /// True when nothing was added.
+    pub fn is_empty(&self) -> bool {
+        self.scope.is_empty()
+    }
+
+    /// Writes the entries (each scope's last position only moves forward).
+    pub async fn write(&self, tx: &Tx<'_>) -> Result<()> {
+        let (names, lasts): (Vec<&String>, Vec<i64>) =
+            self.last.iter().map(|(k, v)| (k, *v)).unzip();
+        let entries: [&(dyn ToSql + Sync); 2] = [&self.scope, &self.seq];
+        let scopes: [&(dyn ToSql + Sync); 2] = [&names, &lasts];
+        futures_util::try_join!(
+            execute(
+                tx,
+                !self.scope.is_empty(),
+                "INSERT INTO ferry_set_scopes(scope, server_seq)
+                 SELECT * FROM unnest($1::text[], $2::int8[]) ON CONFLICT DO NOTHING",
+                &entries,
+            ),
+            execute(
+                tx,
+                !names.is_empty(),
+                "INSERT INTO ferry_scopes(name, last_seq) SELECT * FROM unnest($1::text[], $2::int8[])
+                 ON CONFLICT (name) DO UPDATE SET last_seq = greatest(ferry_scopes.last_seq, excluded.last_seq)",
+                &scopes,
+            ),
+        )?;
+        Ok(())
+    }
 }
 
 #[derive(Default)]
@@ -302,6 +356,7 @@ impl Batch {
         self.sets.oseq.push(cs.origin_seq as i64);
         self.sets.id.push(cs.id.to_vec());
         self.sets.body.push(encode_set(s)?);
+        self.index.add(s);
         for (t, pk) in rule::history_keys(cat, cs)? {
             self.hist.0.push(t);
             self.hist.1.push(pk);
@@ -470,6 +525,7 @@ impl Batch {
                  SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[], $4::int8[], $5::bytea[])",
                 &cell_params,
             ),
+            self.index.write(tx),
         )?;
         Ok(())
     }

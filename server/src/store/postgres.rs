@@ -32,6 +32,7 @@ use crate::feed::Feed;
 use crate::scoping;
 use crate::store::job::{self, Job, JobQueue, PushJob, lease_name};
 use crate::store::pg_batch;
+use crate::store::scoped::{self, ReadFilter, ScopedRead};
 use crate::store::{
     CompactReport, PushOutcome, Store, StoreStats, StoredSet, decode_set, encode_set,
 };
@@ -52,7 +53,7 @@ use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 /// Schema format this relay writes (`ferry_meta.format`).
-const FORMAT: i64 = 2;
+const FORMAT: i64 = 3;
 
 /// Advisory lock serializing sequencing (pushes, leases, compaction rewrites) across nodes.
 const SEQ_LOCK: i64 = 0x4665_7272_7953_6571; // "FerrySeq"
@@ -108,8 +109,17 @@ ALTER TABLE ferry_cas_rows ADD COLUMN o_seq BIGINT NOT NULL DEFAULT 0,
     ADD COLUMN o_origin BYTEA NOT NULL DEFAULT ''::bytea;
 ";
 
+/// Format 3: the per-scope read index (see `store::scoped`), filled from the stored bodies
+/// on upgrade. Byte-order collation, so a scope prefix is one index range.
+const SCHEMA_V3: &str = r#"
+CREATE TABLE ferry_set_scopes(
+    scope TEXT COLLATE "C" NOT NULL, server_seq BIGINT NOT NULL, PRIMARY KEY (scope, server_seq)
+);
+CREATE TABLE ferry_scopes(name TEXT COLLATE "C" PRIMARY KEY, last_seq BIGINT NOT NULL);
+"#;
+
 /// Migrations by the format they produce; each runs in the upgrade transaction.
-const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2)];
+const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2), (3, SCHEMA_V3)];
 
 const NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
@@ -299,6 +309,9 @@ async fn upgrade(c: &mut deadpool_postgres::Object) -> Result<()> {
             tracing::info!(format = to, "postgres store schema upgraded");
         }
     }
+    if v < 3 {
+        index_existing(&tx).await?;
+    }
     tx.execute(
         "UPDATE ferry_meta SET value = $1 WHERE key = 'format'",
         &[&FORMAT],
@@ -306,6 +319,151 @@ async fn upgrade(c: &mut deadpool_postgres::Object) -> Result<()> {
     .await?;
     tx.commit().await?;
     Ok(())
+}
+
+/// Fills the per-scope read index from the stored bodies (upgrade to format 3).
+async fn index_existing(tx: &deadpool_postgres::Transaction<'_>) -> Result<()> {
+    let mut after = 0i64;
+    let mut indexed = 0u64;
+    loop {
+        let rows = tx
+            .query(
+                "SELECT server_seq, body FROM ferry_sets WHERE server_seq > $1 ORDER BY server_seq LIMIT 1000",
+                &[&after],
+            )
+            .await?;
+        let Some(last) = rows.last() else { break };
+        after = last.get(0);
+        let mut index = pg_batch::ScopeIndex::default();
+        for r in &rows {
+            index.add(&decode_set(r.get(0), r.get::<_, &[u8]>(1))?);
+        }
+        index.write(tx).await?;
+        indexed += rows.len() as u64;
+    }
+    if indexed > 0 {
+        tracing::info!(change_sets = indexed, "per-scope read index built");
+    }
+    Ok(())
+}
+
+/// The change sets after `after` that `filter` may read (see `store::scoped`). The head is
+/// read first: every later statement sees the whole log up to it, index included.
+async fn read_scoped(
+    c: &deadpool_postgres::Object,
+    after: u64,
+    filter: &ReadFilter,
+    max_sets: usize,
+    max_bytes: usize,
+) -> Result<ScopedRead> {
+    let head = head_of(c).await?;
+    if after >= head {
+        return Ok(ScopedRead {
+            sets: Vec::new(),
+            up_to: after,
+            examined: 0,
+        });
+    }
+    let scopes = match filter.prefixes() {
+        Some(prefixes) => readable_scopes(c, prefixes, filter, after).await?,
+        None => None,
+    };
+    let Some(scopes) = scopes else {
+        return Ok(ScopedRead::in_order(
+            read_after(c, after, max_sets, max_bytes).await?,
+            head,
+            filter,
+        ));
+    };
+    let per = scoped::per_scope(scopes.len(), max_sets);
+    let mut lists = vec![Vec::new(); scopes.len()];
+    if !scopes.is_empty() {
+        let st = c
+            .prepare_cached(
+                r#"SELECT k.i, p.server_seq FROM unnest($1::text[]) WITH ORDINALITY AS k(name, i)
+                 CROSS JOIN LATERAL (
+                     SELECT s.server_seq FROM ferry_set_scopes s
+                     WHERE s.scope = k.name COLLATE "C" AND s.server_seq > $2 AND s.server_seq <= $3
+                     ORDER BY s.server_seq LIMIT $4
+                 ) p ORDER BY k.i, p.server_seq"#,
+            )
+            .await?;
+        let rows = c
+            .query(
+                &st,
+                &[&scopes, &(after as i64), &(head as i64), &(per as i64)],
+            )
+            .await?;
+        for r in rows {
+            let i: i64 = r.get(0);
+            let seq: i64 = r.get(1);
+            if let Some(l) = usize::try_from(i - 1).ok().and_then(|i| lists.get_mut(i)) {
+                l.push(seq as u64);
+            }
+        }
+    }
+    let plan = scoped::merge(head, per, &lists, max_sets);
+    let positions: Vec<i64> = plan.positions.iter().map(|p| *p as i64).collect();
+    let st = c
+        .prepare_cached(
+            "SELECT server_seq, body FROM ferry_sets WHERE server_seq = ANY($1) ORDER BY server_seq",
+        )
+        .await?;
+    let rows = c.query(&st, &[&positions]).await?;
+    let mut sets = Vec::with_capacity(rows.len());
+    let mut bytes = 0usize;
+    for r in rows {
+        let body: &[u8] = r.get(1);
+        if !sets.is_empty() && bytes + body.len() > max_bytes {
+            // Complete up to the last one read.
+            return Ok(ScopedRead::in_order(sets, head, filter));
+        }
+        bytes += body.len();
+        sets.push(Arc::new(decode_set(r.get(0), body)?));
+    }
+    Ok(ScopedRead::complete_to(sets, plan.up_to, filter))
+}
+
+/// The readable scopes with a write after `after`, or `None` when there are more than
+/// [`scoped::MAX_SCOPES`] (the log is then read in order).
+async fn readable_scopes(
+    c: &deadpool_postgres::Object,
+    prefixes: &[String],
+    filter: &ReadFilter,
+    after: u64,
+) -> Result<Option<Vec<String>>> {
+    let mut out = Vec::new();
+    for p in prefixes {
+        let rows = match scoped::prefix_end(p) {
+            Some(end) => {
+                let st = c
+                    .prepare_cached(
+                        r#"SELECT name FROM ferry_scopes WHERE name >= $1::text COLLATE "C"
+                         AND name < $2::text COLLATE "C" AND last_seq > $3"#,
+                    )
+                    .await?;
+                c.query(&st, &[p, &end, &(after as i64)]).await?
+            }
+            None => {
+                let st = c
+                    .prepare_cached(
+                        r#"SELECT name FROM ferry_scopes WHERE name >= $1::text COLLATE "C" AND last_seq > $2"#,
+                    )
+                    .await?;
+                c.query(&st, &[p, &(after as i64)]).await?
+            }
+        };
+        for r in rows {
+            let name: String = r.get(0);
+            if filter.can_read(&name) {
+                if out.len() == scoped::MAX_SCOPES {
+                    return Ok(None);
+                }
+                out.push(name);
+            }
+        }
+    }
+    Ok(Some(out))
 }
 
 async fn head_of(c: &impl GenericClient) -> Result<u64> {
@@ -370,6 +528,17 @@ impl Store for PgStore {
     ) -> Result<Vec<Arc<StoredSet>>> {
         let c = self.pool.get().await?;
         read_after(&c, after, max_sets, max_bytes).await
+    }
+
+    async fn read_scoped(
+        &self,
+        after: u64,
+        filter: &ReadFilter,
+        max_sets: usize,
+        max_bytes: usize,
+    ) -> Result<ScopedRead> {
+        let c = self.pool.get().await?;
+        read_scoped(&c, after, filter, max_sets, max_bytes).await
     }
 
     async fn row_history(

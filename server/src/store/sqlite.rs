@@ -16,6 +16,7 @@ use crate::feed::Feed;
 use crate::scoping::{self, RowScope, RowScopes};
 use crate::store::job::{self, Job, JobQueue, PushJob, lease_name};
 use crate::store::rule::{self, Decision};
+use crate::store::scoped::{self, ReadFilter, ScopedRead};
 use crate::store::{
     CompactReport, PushOutcome, Store, StoreStats, StoredSet, decode_set, encode_set,
 };
@@ -33,7 +34,7 @@ use std::sync::Arc;
 use std::sync::mpsc;
 
 /// Format version of the relay's SQLite file (`PRAGMA user_version`).
-const FORMAT: i64 = 3;
+const FORMAT: i64 = 4;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE sets(
@@ -80,6 +81,16 @@ CREATE TABLE leases(
 const SCHEMA_V3: &str = "
 ALTER TABLE cas_rows ADD COLUMN o_seq INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE cas_rows ADD COLUMN o_origin BLOB NOT NULL DEFAULT x'';
+";
+
+/// Version 4: the per-scope read index (see `store::scoped`), filled from the stored bodies
+/// on upgrade.
+const SCHEMA_V4: &str = "
+CREATE TABLE set_scopes(
+    block INTEGER NOT NULL, scope TEXT NOT NULL, server_seq INTEGER NOT NULL,
+    PRIMARY KEY (block, scope, server_seq)
+) WITHOUT ROWID;
+CREATE TABLE scopes(name TEXT PRIMARY KEY, last_seq INTEGER NOT NULL) WITHOUT ROWID;
 ";
 
 /// The SQLite store.
@@ -138,6 +149,22 @@ fn upgrade(conn: &mut Connection) -> Result<()> {
         }
         if v < 3 {
             tx.execute_batch(SCHEMA_V3)?;
+        }
+        if v < 4 {
+            tx.execute_batch(SCHEMA_V4)?;
+            let mut indexed = 0u64;
+            let mut st = tx.prepare("SELECT server_seq, body FROM sets ORDER BY server_seq")?;
+            let mut rows = st.query([])?;
+            while let Some(r) = rows.next()? {
+                let body: Vec<u8> = r.get(1)?;
+                index_scopes(&tx, &decode_set(r.get(0)?, &body)?)?;
+                indexed += 1;
+            }
+            drop(rows);
+            drop(st);
+            if indexed > 0 {
+                tracing::info!(change_sets = indexed, "per-scope read index built");
+            }
         }
         tx.pragma_update(None, "user_version", FORMAT)?;
         tx.commit()?;
@@ -244,24 +271,20 @@ impl Store for SqliteStore {
         max_sets: usize,
         max_bytes: usize,
     ) -> Result<Vec<Arc<StoredSet>>> {
-        self.with_reader(move |c| {
-            let mut st = c.prepare_cached(
-                "SELECT server_seq, body FROM sets WHERE server_seq > ?1 ORDER BY server_seq LIMIT ?2",
-            )?;
-            let mut rows = st.query(params![after as i64, max_sets.max(1) as i64])?;
-            let mut out = Vec::new();
-            let mut bytes = 0usize;
-            while let Some(r) = rows.next()? {
-                let body: Vec<u8> = r.get(1)?;
-                if !out.is_empty() && bytes + body.len() > max_bytes {
-                    break;
-                }
-                bytes += body.len();
-                out.push(Arc::new(decode_set(r.get(0)?, &body)?));
-            }
-            Ok(out)
-        })
-        .await
+        self.with_reader(move |c| read_in_order(c, after, max_sets, max_bytes))
+            .await
+    }
+
+    async fn read_scoped(
+        &self,
+        after: u64,
+        filter: &ReadFilter,
+        max_sets: usize,
+        max_bytes: usize,
+    ) -> Result<ScopedRead> {
+        let filter = filter.clone();
+        self.with_reader(move |c| read_scoped(c, after, &filter, max_sets, max_bytes))
+            .await
     }
 
     async fn row_history(
@@ -647,6 +670,7 @@ fn sequence_one(
         ])?;
     }
     record_stamps(tx, &accepted.stamps, next, cs.origin)?;
+    index_scopes(tx, &stored)?;
     for (table, pk) in rule::history_keys(cat, cs)? {
         tx.prepare_cached(
             "INSERT OR IGNORE INTO row_hist(tbl, pk, server_seq) VALUES (?1, ?2, ?3)",
@@ -654,6 +678,149 @@ fn sequence_one(
         .execute(params![table, pk, next as i64])?;
     }
     Ok(One::New(stored))
+}
+
+/// Indexes the scopes `s` touches (see `store::scoped`).
+fn index_scopes(tx: &Connection, s: &StoredSet) -> Result<()> {
+    let seq = s.server_seq as i64;
+    let block = (s.server_seq / scoped::BLOCK) as i64;
+    for scope in scoped::scopes_of(s) {
+        tx.prepare_cached(
+            "INSERT OR IGNORE INTO set_scopes(block, scope, server_seq) VALUES (?1, ?2, ?3)",
+        )?
+        .execute(params![block, scope, seq])?;
+        tx.prepare_cached(
+            "INSERT INTO scopes(name, last_seq) VALUES (?1, ?2)
+             ON CONFLICT(name) DO UPDATE SET last_seq = max(last_seq, excluded.last_seq)",
+        )?
+        .execute(params![scope, seq])?;
+    }
+    Ok(())
+}
+
+/// The change sets after `after` that `filter` may read (see `store::scoped`), on one
+/// read snapshot.
+fn read_scoped(
+    c: &Connection,
+    after: u64,
+    filter: &ReadFilter,
+    max_sets: usize,
+    max_bytes: usize,
+) -> Result<ScopedRead> {
+    let tx = c.unchecked_transaction()?;
+    let head = head_of(&tx)?;
+    if after >= head {
+        return Ok(ScopedRead {
+            sets: Vec::new(),
+            up_to: after,
+            examined: 0,
+        });
+    }
+    let scopes = match filter.prefixes() {
+        Some(prefixes) => readable_scopes(&tx, prefixes, filter, after)?,
+        None => None,
+    };
+    let Some(scopes) = scopes else {
+        return Ok(ScopedRead::in_order(
+            read_in_order(&tx, after, max_sets, max_bytes)?,
+            head,
+            filter,
+        ));
+    };
+    let per = scoped::per_scope(scopes.len(), max_sets);
+    let mut lists = Vec::with_capacity(scopes.len());
+    {
+        let mut st = tx.prepare_cached(
+            "SELECT server_seq FROM set_scopes WHERE block = ?1 AND scope = ?2
+             AND server_seq > ?3 AND server_seq <= ?4 ORDER BY server_seq LIMIT ?5",
+        )?;
+        for (scope, last) in &scopes {
+            // One probe per block from the cursor's to the scope's last write.
+            let mut l: Vec<u64> = Vec::new();
+            let upto = head.min(*last);
+            let mut block = (after + 1) / scoped::BLOCK;
+            while block <= upto / scoped::BLOCK && l.len() < per {
+                let mut rows = st.query(params![
+                    block as i64,
+                    scope,
+                    after as i64,
+                    upto as i64,
+                    (per - l.len()) as i64
+                ])?;
+                while let Some(r) = rows.next()? {
+                    l.push(r.get::<_, i64>(0)? as u64);
+                }
+                block += 1;
+            }
+            lists.push(l);
+        }
+    }
+    let plan = scoped::merge(head, per, &lists, max_sets);
+    let mut sets = Vec::with_capacity(plan.positions.len());
+    let mut bytes = 0usize;
+    let mut st = tx.prepare_cached("SELECT body FROM sets WHERE server_seq = ?1")?;
+    for p in &plan.positions {
+        let body: Vec<u8> = st.query_row([*p as i64], |r| r.get(0))?;
+        if !sets.is_empty() && bytes + body.len() > max_bytes {
+            // Complete up to the last one read.
+            return Ok(ScopedRead::in_order(sets, head, filter));
+        }
+        bytes += body.len();
+        sets.push(Arc::new(decode_set(*p as i64, &body)?));
+    }
+    Ok(ScopedRead::complete_to(sets, plan.up_to, filter))
+}
+
+/// The readable scopes with a write after `after` and their last positions, or `None` when
+/// there are more than [`scoped::MAX_SCOPES`] (the log is then read in order).
+fn readable_scopes(
+    c: &Connection,
+    prefixes: &[String],
+    filter: &ReadFilter,
+    after: u64,
+) -> Result<Option<Vec<(String, u64)>>> {
+    let mut out = Vec::new();
+    for p in prefixes {
+        let end = scoped::prefix_end(p);
+        let mut st = c.prepare_cached(
+            "SELECT name, last_seq FROM scopes WHERE name >= ?1 AND (?2 IS NULL OR name < ?2) AND last_seq > ?3",
+        )?;
+        let mut rows = st.query(params![p, end, after as i64])?;
+        while let Some(r) = rows.next()? {
+            let name: String = r.get(0)?;
+            if filter.can_read(&name) {
+                if out.len() == scoped::MAX_SCOPES {
+                    return Ok(None);
+                }
+                out.push((name, r.get::<_, i64>(1)? as u64));
+            }
+        }
+    }
+    Ok(Some(out))
+}
+
+/// Stored change sets after `after` in order, at most `max_sets` and about `max_bytes`.
+fn read_in_order(
+    c: &Connection,
+    after: u64,
+    max_sets: usize,
+    max_bytes: usize,
+) -> Result<Vec<Arc<StoredSet>>> {
+    let mut st = c.prepare_cached(
+        "SELECT server_seq, body FROM sets WHERE server_seq > ?1 ORDER BY server_seq LIMIT ?2",
+    )?;
+    let mut rows = st.query(params![after as i64, max_sets.max(1) as i64])?;
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    while let Some(r) = rows.next()? {
+        let body: Vec<u8> = r.get(1)?;
+        if !out.is_empty() && bytes + body.len() > max_bytes {
+            break;
+        }
+        bytes += body.len();
+        out.push(Arc::new(decode_set(r.get(0)?, &body)?));
+    }
+    Ok(out)
 }
 
 fn load_lease(tx: &Connection, name: &str) -> Result<Option<LeaseState>> {

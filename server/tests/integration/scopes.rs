@@ -23,6 +23,55 @@ fn hour() -> Duration {
     Duration::from_secs(3600)
 }
 
+/// A device reconnecting after others wrote to many other scopes reads its own change sets
+/// from the store, not theirs (the per-scope index), and still receives all of its own.
+#[test]
+fn a_reconnect_reads_only_its_own_scopes_from_the_store() {
+    let d = tempfile::tempdir().unwrap();
+    let mut relay = RelayProc::start(&d.path().join("relay"));
+    let url = relay.url();
+    let noisy = open(d.path(), "noisy.db");
+    let hn = connect(&noisy, &url, admin_token("noisy"));
+    for t in 0..10_000 {
+        let list = if t % 1000 == 999 {
+            "list:mine".to_owned()
+        } else {
+            format!("list:other{}", t % 1000)
+        };
+        noisy
+            .write(|tx| {
+                tx.execute(
+                    "INSERT INTO todo(id, list, title) VALUES (?1, ?2, 'x')",
+                    &[format!("r{t}").into(), list.into()],
+                )
+            })
+            .unwrap();
+    }
+    wait_synced(&hn);
+    drop(hn);
+    // A restarted relay holds nothing in memory: catch-up is served from the store.
+    relay.restart();
+    let url = relay.url();
+    assert_eq!(relay.metric("ferry_store_sets_read_total"), 0.0);
+    let device = open(d.path(), "device.db");
+    let hd = connect(
+        &device,
+        &url,
+        token_for("dev", &["list:mine"], &["list:mine"], hour()),
+    );
+    wait_synced(&hd);
+    assert_eq!(
+        device.query("SELECT count(*) FROM todo", &[]).unwrap().rows[0][0],
+        Value::Integer(10)
+    );
+    assert_eq!(lists(&device), ["list:mine"]);
+    let read = relay.metric("ferry_store_sets_read_total");
+    assert!(
+        read <= 20.0,
+        "catch-up read {read} change sets from the store for 10 of its own among 10,000"
+    );
+}
+
 #[test]
 fn clients_see_only_their_scopes_and_writes_outside_are_refused() {
     let d = tempfile::tempdir().unwrap();

@@ -138,6 +138,24 @@ impl RelayProc {
             .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
     }
 
+    /// The value of a metric without labels from the relay's `/metrics` (0 when it was never
+    /// recorded).
+    pub fn metric(&self, name: &str) -> f64 {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.addr).unwrap();
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out.lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .and_then(|l| l.split_whitespace().last())
+            .map_or(0.0, |v| v.parse().unwrap())
+    }
+
     /// SIGKILL.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
