@@ -460,23 +460,7 @@ async fn pusher(url: String, tok: String, n: usize, first: usize) -> Res<()> {
     let me = ReplicaId::generate();
     let mut ws = subscriber_as(&url, &tok, 0, me).await?;
     for k in 0..n {
-        let push = ClientMsg::Push {
-            change_sets: vec![bench_set(me, k as u64 + 1, first + k)],
-        };
-        ws.send(Message::Binary(push.encode()?.into())).await?;
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Binary(b))) => match ServerMsg::decode(&b)? {
-                    ServerMsg::Acks { .. } => break,
-                    ServerMsg::Refused { message, .. } | ServerMsg::Error { message, .. } => {
-                        return Err(format!("push refused: {message}").into());
-                    }
-                    _ => {}
-                },
-                Some(Ok(_)) => {}
-                other => return Err(format!("pusher connection ended: {other:?}").into()),
-            }
-        }
+        push_all(&mut ws, vec![bench_set(me, k as u64 + 1, first + k)]).await?;
     }
     Ok(())
 }

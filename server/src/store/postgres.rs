@@ -358,11 +358,7 @@ async fn read_scoped(
 ) -> Result<ScopedRead> {
     let head = head_of(c).await?;
     if after >= head {
-        return Ok(ScopedRead {
-            sets: Vec::new(),
-            up_to: after,
-            examined: 0,
-        });
+        return Ok(ScopedRead::at_head(after));
     }
     let scopes = match filter.prefixes() {
         Some(prefixes) => readable_scopes(c, prefixes, filter, after).await?,

@@ -79,6 +79,15 @@ pub struct ScopedRead {
 }
 
 impl ScopedRead {
+    /// Nothing after `after`: the cursor is at the head.
+    pub fn at_head(after: u64) -> ScopedRead {
+        ScopedRead {
+            sets: Vec::new(),
+            up_to: after,
+            examined: 0,
+        }
+    }
+
     /// The answer of a read of the log in order: the sets of `read` that touch a readable
     /// scope, complete up to the last set read, or to `head` when there was nothing to read.
     pub fn in_order(read: Vec<Arc<StoredSet>>, head: u64, filter: &ReadFilter) -> ScopedRead {

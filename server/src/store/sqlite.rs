@@ -710,11 +710,7 @@ fn read_scoped(
     let tx = c.unchecked_transaction()?;
     let head = head_of(&tx)?;
     if after >= head {
-        return Ok(ScopedRead {
-            sets: Vec::new(),
-            up_to: after,
-            examined: 0,
-        });
+        return Ok(ScopedRead::at_head(after));
     }
     let scopes = match filter.prefixes() {
         Some(prefixes) => readable_scopes(&tx, prefixes, filter, after)?,
