@@ -94,6 +94,12 @@ pub struct LimitsConfig {
     /// welcome: what one connection can put ahead of the relay's answers.
     #[serde(default = "default_push_window")]
     pub push_window_bytes: usize,
+    /// Frame bytes of pushes being decoded and sequenced at once, across every connection.
+    /// A connection whose push does not fit waits, unread, until earlier ones are answered:
+    /// a hundred devices returning with backlogs at the same time cost this much memory
+    /// (times the decoded size's factor, about 3), not a hundred push windows.
+    #[serde(default = "default_push_memory")]
+    pub push_memory_bytes: usize,
     /// TCP send and receive buffer size of client connections (unset: the kernel's
     /// autotuning). Lowers memory per connection; flow control does not depend on it.
     #[serde(default)]
@@ -175,6 +181,9 @@ fn default_max_push_sets() -> usize {
 fn default_push_window() -> usize {
     4 << 20
 }
+fn default_push_memory() -> usize {
+    16 << 20
+}
 fn default_max_connections() -> usize {
     20_000
 }
@@ -226,6 +235,7 @@ impl Default for LimitsConfig {
             max_change_set_ops: default_max_ops(),
             max_push_sets: default_max_push_sets(),
             push_window_bytes: default_push_window(),
+            push_memory_bytes: default_push_memory(),
             socket_buffer_bytes: None,
             max_connections: default_max_connections(),
             frames_per_second: default_fps(),
@@ -404,6 +414,13 @@ impl Config {
                 "limits.max_frame_bytes must be at least 4096".into(),
             ));
         }
+        if l.push_memory_bytes < l.max_frame_bytes || l.push_memory_bytes > u32::MAX as usize {
+            return Err(RelayError::Config(format!(
+                "limits.push_memory_bytes ({}) must hold one frame of limits.max_frame_bytes ({}) \
+                 and be below 4 GiB",
+                l.push_memory_bytes, l.max_frame_bytes
+            )));
+        }
         if l.max_change_set_ops == 0
             || l.max_push_sets == 0
             || l.max_connections == 0
@@ -449,6 +466,7 @@ mod tests {
         let d = Config::default();
         assert_eq!(c.listen, d.listen);
         assert_eq!(c.limits.max_frame_bytes, d.limits.max_frame_bytes);
+        assert_eq!(c.limits.push_memory_bytes, d.limits.push_memory_bytes);
         assert_eq!(c.limits.max_clock_skew, d.limits.max_clock_skew);
         assert_eq!(c.limits.idle_timeout, d.limits.idle_timeout);
         assert_eq!(c.auth.leeway, d.auth.leeway);
@@ -468,5 +486,8 @@ mod tests {
         assert!(c.store_kind().unwrap_err().to_string().contains("store"));
         let c = Config::from_toml("listen = \"nowhere\"").unwrap();
         assert!(c.listen_addr().unwrap_err().to_string().contains("listen"));
+        let c = Config::from_toml("schema = \"s.json\"\n[auth]\nhs256_secret = \"0123456789abcdef0123456789abcdef\"\n[limits]\npush_memory_bytes = 1000").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("push_memory_bytes"), "{e}");
     }
 }

@@ -28,7 +28,7 @@ struct Window {
 
 impl Feed {
     /// A feed starting at `head`, keeping up to `capacity` recent change sets and about
-    /// `max_bytes` of them.
+    /// `max_bytes` of memory for them (see [`StoredSet::heap_bytes`]).
     pub fn new(head: u64, capacity: usize, max_bytes: usize) -> Feed {
         Feed {
             head: watch::Sender::new(head),
@@ -63,12 +63,12 @@ impl Feed {
                 w.bytes = 0;
             }
             for s in sets {
-                w.bytes += s.approx_bytes();
+                w.bytes += s.heap_bytes();
                 w.sets.push_back(s);
             }
             while w.sets.len() > self.capacity || (w.bytes > self.max_bytes && w.sets.len() > 1) {
                 if let Some(old) = w.sets.pop_front() {
-                    w.bytes = w.bytes.saturating_sub(old.approx_bytes());
+                    w.bytes = w.bytes.saturating_sub(old.heap_bytes());
                 }
             }
         }
@@ -136,9 +136,44 @@ mod tests {
         })
     }
 
+    /// The window is bounded by what its sets hold in memory, where every cell is an
+    /// allocation or two: a set of many small cells counts far more than its encoded size
+    /// (a 64 MiB window of 1,000-row sets held ~190 MB before).
+    #[test]
+    fn window_bytes_count_allocations_not_encoded_size() {
+        let mut s = (*set(1, 1)).clone();
+        let rc = s.change_set.rows[0].clone();
+        s.change_set.rows = vec![rc; 1000];
+        s.tags = vec![
+            crate::scoping::RowTag {
+                scope: "global".into(),
+                moved_from: None
+            };
+            1000
+        ];
+        assert!(s.heap_bytes() >= 1000 * (96 + 48 + 48));
+        assert!(s.heap_bytes() > 3 * s.approx_bytes());
+        let f = Feed::new(0, 100, s.heap_bytes() * 2);
+        f.publish(
+            (1..=5)
+                .map(|i| {
+                    let mut x = s.clone();
+                    x.server_seq = i;
+                    Arc::new(x)
+                })
+                .collect(),
+        );
+        assert_eq!(
+            f.window_after(3, 10).map(|w| w.len()),
+            Some(2),
+            "two such sets fit"
+        );
+        assert!(f.window_after(2, 10).is_none(), "a third does not");
+    }
+
     #[test]
     fn window_serves_what_it_holds_and_stays_bounded() {
-        let f = Feed::new(0, 100, 10_000);
+        let f = Feed::new(0, 100, 12_000);
         f.publish((1..=5).map(|i| set(i, 10)).collect());
         assert_eq!(f.head(), 5);
         let w = f.window_after(2, 10).unwrap();

@@ -32,6 +32,9 @@ use tokio_util::task::TaskTracker;
 
 /// Change sets kept in memory for live fan-out.
 const FEED_WINDOW: usize = 4096;
+/// Memory they may hold: enough for a few seconds of heavy traffic, little beside a device's
+/// bulk upload (a connection further behind reads the store).
+const FEED_WINDOW_BYTES: usize = 32 << 20;
 
 /// A running relay.
 pub struct Relay {
@@ -70,12 +73,14 @@ impl Relay {
             StoreKind::Sqlite => {
                 let dir = cfg.data.clone();
                 let c = Arc::clone(&cat);
-                tokio::task::spawn_blocking(move || SqliteStore::open(&dir, c, FEED_WINDOW))
-                    .await
-                    .map_err(|e| RelayError::Store(format!("opening the store failed: {e}")))??
+                tokio::task::spawn_blocking(move || {
+                    SqliteStore::open_with_window_bytes(&dir, c, FEED_WINDOW, FEED_WINDOW_BYTES)
+                })
+                .await
+                .map_err(|e| RelayError::Store(format!("opening the store failed: {e}")))??
             }
             StoreKind::Postgres(url) => {
-                PgStore::open(&url, Arc::clone(&cat), FEED_WINDOW, 64 << 20).await?
+                PgStore::open(&url, Arc::clone(&cat), FEED_WINDOW, FEED_WINDOW_BYTES).await?
             }
         };
         let handle = m::handle();

@@ -233,8 +233,23 @@ impl Conn {
         self.last_frame = Instant::now();
         metrics::counter!(m::BYTES_IN).increment(bytes.len() as u64);
         self.throttle().await;
-        let msg = decode(&bytes, self.ep.shared().cfg.limits.max_frame_bytes)?;
-        for reply in self.ep.handle(msg).await? {
+        // Decoding and sequencing a frame takes a few times its size; frames being handled
+        // at once share one budget, so a hundred devices pushing backlogs together wait
+        // their turn (unread) rather than each holding a window's worth in memory.
+        let shared = Arc::clone(self.ep.shared());
+        let cost = u32::try_from(bytes.len())
+            .unwrap_or(u32::MAX)
+            .min(shared.cfg.limits.push_memory_bytes.min(u32::MAX as usize) as u32);
+        let memory = tokio::select! {
+            p = shared.frame_memory.acquire_many(cost) => p.map_err(|_| Close::new(ErrorCode::ShuttingDown, "the relay is shutting down"))?,
+            _ = shared.shutdown.cancelled() => return Err(Close::new(ErrorCode::ShuttingDown, "the relay is shutting down; connect again")),
+        };
+        let msg = decode(&bytes, shared.cfg.limits.max_frame_bytes)?;
+        drop(bytes);
+        let replies = self.ep.handle(msg).await?;
+        // Answers wait for the client to read them, which must not hold up other pushes.
+        drop(memory);
+        for reply in replies {
             self.send(&reply).await?;
         }
         Ok(Turn::Continue)

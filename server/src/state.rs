@@ -38,6 +38,9 @@ pub struct RelayState {
     pub clock: RelayClock,
     /// The latest connection of each replica (see [`Sessions`]).
     pub sessions: Sessions,
+    /// Frame bytes of client frames being handled, across connections
+    /// (`limits.push_memory_bytes`): what bounds the memory of many pushes at once.
+    pub frame_memory: Arc<tokio::sync::Semaphore>,
 }
 
 /// Which connection of each replica is current. A replica's new hello supersedes its older
@@ -130,7 +133,6 @@ impl RelayState {
         shutdown: CancellationToken,
     ) -> RelayState {
         RelayState {
-            cfg,
             cat,
             verifier,
             store,
@@ -138,6 +140,10 @@ impl RelayState {
             shutdown,
             connections: AtomicUsize::new(0),
             tasks: TaskTracker::new(),
+            frame_memory: Arc::new(tokio::sync::Semaphore::new(
+                cfg.limits.push_memory_bytes.min(u32::MAX as usize),
+            )),
+            cfg,
             clock,
             sessions: Sessions::default(),
         }

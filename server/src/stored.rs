@@ -29,6 +29,45 @@ impl StoredSet {
     }
 }
 
+impl StoredSet {
+    /// Rough memory held by this set once decoded: each row, cell and text value is its own
+    /// allocation, which the encoded size ([`StoredSet::approx_bytes`]) leaves out. Bounds
+    /// what the feed's window keeps.
+    pub fn heap_bytes(&self) -> usize {
+        fn value(v: &Value) -> usize {
+            match v {
+                Value::Text(s) => s.len() + 16,
+                Value::Blob(b) => b.len() + 16,
+                _ => 0,
+            }
+        }
+        let rows: usize = self
+            .change_set
+            .rows
+            .iter()
+            .map(|rc| {
+                let cells = match &rc.op {
+                    ferry_core::RowOp::Upsert(cells) => cells
+                        .iter()
+                        .map(|c| match c {
+                            ferry_core::Cell::Set(n, v) => 48 + n.len() + 16 + value(v),
+                            ferry_core::Cell::Add(n, _) => 48 + n.len() + 16,
+                        })
+                        .sum(),
+                    ferry_core::RowOp::Delete => 0,
+                };
+                96 + rc.table.len() + 16 + value(&rc.pk) + cells
+            })
+            .sum();
+        let tags: usize = self
+            .tags
+            .iter()
+            .map(|t| 48 + t.scope.len() + 16 + t.moved_from.as_ref().map_or(0, |m| m.len() + 16))
+            .sum();
+        std::mem::size_of::<StoredSet>() + rows + tags
+    }
+}
+
 /// Rough encoded size of a row change.
 pub fn approx_row_bytes(rc: &ferry_core::RowChange) -> usize {
     fn value(v: &Value) -> usize {
