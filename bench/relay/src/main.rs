@@ -429,14 +429,14 @@ fn w5(dir: &Path, clients: usize, writes: usize) -> Res<()> {
     Ok(())
 }
 
-/// One change set of one new row of `t`, as a replica would push it.
-fn bench_set(origin: ReplicaId, oseq: u64, i: usize) -> ferry_core::ChangeSet {
-    let cells = row(i)
-        .into_iter()
-        .zip(["id", "a", "b", "c", "d", "e"])
-        .skip(1)
-        .map(|(v, n)| ferry_core::Cell::Set(n.into(), v))
-        .collect();
+/// A change set of `origin` at `oseq` upserting one row, stamped now.
+fn one_row_set(
+    origin: ReplicaId,
+    oseq: u64,
+    table: &str,
+    pk: Value,
+    cells: Vec<ferry_core::Cell>,
+) -> ferry_core::ChangeSet {
     ferry_core::ChangeSet {
         id: ulid::Ulid::generate().to_bytes(),
         origin,
@@ -447,12 +447,23 @@ fn bench_set(origin: ReplicaId, oseq: u64, i: usize) -> ferry_core::ChangeSet {
         fence: None,
         guarded: false,
         rows: vec![ferry_core::RowChange {
-            table: "t".into(),
-            pk: row(i)[0].clone(),
+            table: table.into(),
+            pk,
             cl: 1,
             op: ferry_core::RowOp::Upsert(cells),
         }],
     }
+}
+
+/// One change set of one new row of `t`, as a replica would push it.
+fn bench_set(origin: ReplicaId, oseq: u64, i: usize) -> ferry_core::ChangeSet {
+    let [pk, rest @ ..] = row(i);
+    let cells = rest
+        .into_iter()
+        .zip(["a", "b", "c", "d", "e"])
+        .map(|(v, n)| ferry_core::Cell::Set(n.into(), v))
+        .collect();
+    one_row_set(origin, oseq, "t", pk, cells)
 }
 
 /// A closed-loop pusher: one change set per push, the next after its ack.
@@ -467,25 +478,11 @@ async fn pusher(url: String, tok: String, n: usize, first: usize) -> Res<()> {
 
 /// One change set writing row `i` of the scoped table `s` into `scope`.
 fn scoped_set(origin: ReplicaId, oseq: u64, i: usize, scope: &str) -> ferry_core::ChangeSet {
-    ferry_core::ChangeSet {
-        id: ulid::Ulid::generate().to_bytes(),
-        origin,
-        origin_seq: oseq,
-        hlc: ferry_core::Hlc::new(now_secs() * 1000, 0),
-        base: 0,
-        schema_version: 1,
-        fence: None,
-        guarded: false,
-        rows: vec![ferry_core::RowChange {
-            table: "s".into(),
-            pk: Value::Text(format!("r{i}")),
-            cl: 1,
-            op: ferry_core::RowOp::Upsert(vec![
-                ferry_core::Cell::Set("scope".into(), Value::Text(scope.into())),
-                ferry_core::Cell::Set("v".into(), Value::Integer(i as i64)),
-            ]),
-        }],
-    }
+    let cells = vec![
+        ferry_core::Cell::Set("scope".into(), Value::Text(scope.into())),
+        ferry_core::Cell::Set("v".into(), Value::Integer(i as i64)),
+    ];
+    one_row_set(origin, oseq, "s", Value::Text(format!("r{i}")), cells)
 }
 
 /// Pushes `sets` in frames of up to 1,000, each after the previous one's acks (reading and
