@@ -17,10 +17,12 @@ use crate::db;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::hlc::WallClock;
+use crate::ids::ReplicaId;
 use crate::log;
 use crate::observer::{ChangeEvent, ChangeSource, Notifications};
 use crate::protocol::Move;
 use crate::rows::{self, Origins, Stored};
+use crate::snapshot::SnapshotRow;
 use crate::tables::{TableInfo, Tables};
 use crate::value::Value;
 use crate::vv::{Version, happened_before};
@@ -53,6 +55,20 @@ pub struct Outcome {
     pub conflicts: Vec<Conflict>,
     /// Custom-policy conflicts on this device's pending writes.
     pub followups: Vec<Followup>,
+}
+
+impl Outcome {
+    /// Hands the tables touched and the conflicts logged to `notes`, for delivery once the
+    /// transaction committed.
+    fn notify(&mut self, notes: &mut Notifications) {
+        if !self.tables.is_empty() {
+            notes.events.push(ChangeEvent {
+                tables: std::mem::take(&mut self.tables),
+                source: ChangeSource::Remote,
+            });
+        }
+        notes.conflicts.append(&mut self.conflicts);
+    }
 }
 
 /// The merge of remote changes inside one transaction.
@@ -166,6 +182,42 @@ impl Merge<'_> {
         Ok(())
     }
 
+    /// Replays one snapshot row's pruned history (see `snapshot`) through the merge, as if
+    /// the change sets it comes from were applied one by one. Entries made by this replica
+    /// are skipped: its own writes are in its state already (a counter addition applied
+    /// twice would count twice).
+    pub fn apply_history(&mut self, row: &SnapshotRow, me: ReplicaId) -> Result<()> {
+        let t = self.cat.table(&row.table)?;
+        let changes: Vec<RowChange> = row
+            .history
+            .iter()
+            .map(|e| e.row_change(&row.table, &row.pk))
+            .collect();
+        for rc in &changes {
+            validate(t, rc)?;
+        }
+        let mut wrote = false;
+        for (e, rc) in row.history.iter().zip(&changes) {
+            if e.origin == me {
+                continue;
+            }
+            let origin = self.origins.intern(self.conn, e.origin)?;
+            let v = Version {
+                hlc: e.hlc,
+                origin,
+                origin_seq: e.origin_seq,
+                server_seq: e.server_seq,
+                base: e.base,
+            };
+            self.apply_row(t, rc, &v)?;
+            wrote = true;
+        }
+        if wrote && !self.out.tables.contains(&row.table) {
+            self.out.tables.insert(row.table.clone());
+        }
+        Ok(())
+    }
+
     /// Forgets a row that left this replica's read scopes: its values and its merge
     /// metadata go, so that if it comes back its history is replayed from scratch. Not a
     /// user delete: nothing is logged or pushed.
@@ -227,6 +279,18 @@ impl Merge<'_> {
                 rows::store(self.conn, t, &rc.pk, &s)
             }
             RowOp::Upsert(cells) => {
+                if stored.as_ref().is_some_and(|s| {
+                    s.meta
+                        .writes
+                        .iter()
+                        .any(|w| w.origin == v.origin && w.origin_seq >= v.origin_seq)
+                }) {
+                    // This write, or a later one of its origin, is in the row already: it
+                    // came in a snapshot whose rows are newer than the position the log
+                    // continues from (see `snapshot`). Applying it again would count a
+                    // counter twice; in log order an origin's writes come in sequence.
+                    return Ok(());
+                }
                 if rc.cl < cl_local {
                     let Some(mut s) = stored else { return Ok(()) };
                     let deleted = cl_local % 2 == 0;
@@ -640,14 +704,50 @@ impl Engine {
             return Err((failed_at, e));
         }
         *report = local_report;
-        if !out.tables.is_empty() {
-            notes.events.push(ChangeEvent {
-                tables: std::mem::take(&mut out.tables),
-                source: ChangeSource::Remote,
-            });
-        }
-        notes.conflicts.append(&mut out.conflicts);
+        out.notify(notes);
         Ok(out.followups)
+    }
+
+    /// Applies snapshot rows in one transaction (see `snapshot`): each row's pruned history
+    /// is replayed through the merge. The cursor does not move; the caller continues the log
+    /// from the snapshot's position.
+    pub(crate) fn apply_snapshot(
+        &mut self,
+        wall: &dyn WallClock,
+        rows: &[SnapshotRow],
+        report: &mut ApplyReport,
+        notes: &mut Notifications,
+    ) -> Result<()> {
+        let mut out = Outcome::default();
+        let clock_before = self.clock;
+        let remote_before = self.remote_hlc;
+        let r = self.in_txn(|e| {
+            e.begin_sdk_writes(wall, notes)?;
+            e.materialize_in_tx()?;
+            let me = e.me;
+            for row in rows {
+                e.merge(&mut out, None).apply_history(row, me)?;
+                for h in &row.history {
+                    e.clock.observe(h.hlc);
+                    e.remote_hlc = e.remote_hlc.max(h.hlc);
+                }
+            }
+            db::meta_set(&e.conn, "hlc", e.clock.last().0 as i64)?;
+            db::meta_set(&e.conn, "remote_hlc", e.remote_hlc.0 as i64)?;
+            e.sdk_writes(false)?;
+            Ok(())
+        });
+        if let Err(e) = r {
+            self.clock = clock_before;
+            self.remote_hlc = remote_before;
+            notes.discard();
+            return Err(e);
+        }
+        report.applied += rows.len();
+        report.conflicts += out.conflicts.len();
+        report.cursor = self.cursor;
+        out.notify(notes);
+        Ok(())
     }
 
     fn merge<'a>(

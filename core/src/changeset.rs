@@ -140,28 +140,10 @@ impl ChangeSet {
     /// it carries plus a fixed overhead per row and cell. Flow control counts unacknowledged
     /// pushes in these bytes.
     pub fn approx_bytes(&self) -> usize {
-        let value = |v: &Value| match v {
-            Value::Null => 1,
-            Value::Integer(_) | Value::Real(_) => 9,
-            Value::Text(s) => s.len() + 5,
-            Value::Blob(b) => b.len() + 5,
-        };
         let rows: usize = self
             .rows
             .iter()
-            .map(|r| {
-                let cells: usize = match &r.op {
-                    RowOp::Delete => 1,
-                    RowOp::Upsert(cells) => cells
-                        .iter()
-                        .map(|c| match c {
-                            Cell::Set(n, v) => 4 + n.len() + value(v),
-                            Cell::Add(n, _) => 13 + n.len(),
-                        })
-                        .sum(),
-                };
-                24 + r.table.len() + value(&r.pk) + cells
-            })
+            .map(|r| 24 + r.table.len() + approx_value_bytes(&r.pk) + approx_op_bytes(&r.op))
             .sum();
         96 + rows
     }
@@ -172,6 +154,30 @@ impl ChangeSet {
         t.sort();
         t.dedup();
         t
+    }
+}
+
+/// Approximate MessagePack size of a value.
+pub fn approx_value_bytes(v: &Value) -> usize {
+    match v {
+        Value::Null => 1,
+        Value::Integer(_) | Value::Real(_) => 9,
+        Value::Text(s) => s.len() + 5,
+        Value::Blob(b) => b.len() + 5,
+    }
+}
+
+/// Approximate MessagePack size of a row operation's cells.
+pub fn approx_op_bytes(op: &RowOp) -> usize {
+    match op {
+        RowOp::Delete => 1,
+        RowOp::Upsert(cells) => cells
+            .iter()
+            .map(|c| match c {
+                Cell::Set(n, v) => 4 + n.len() + approx_value_bytes(v),
+                Cell::Add(n, _) => 13 + n.len(),
+            })
+            .sum(),
     }
 }
 

@@ -45,6 +45,7 @@ mod rows;
 pub mod schema;
 pub mod scope;
 pub mod sequencer;
+pub mod snapshot;
 #[cfg(feature = "client")]
 mod socket;
 mod sqlgate;

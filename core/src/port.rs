@@ -15,6 +15,7 @@ use crate::error::Result;
 use crate::ids::ReplicaId;
 use crate::protocol::{ErrorCode, Move};
 use crate::refusal::RefusalAction;
+use crate::snapshot::SnapshotRow;
 
 /// What the sync client calls on a replica (see the module docs).
 pub trait SyncPort {
@@ -58,6 +59,9 @@ pub trait SyncPort {
     fn apply_remote(&self, after: u64, up_to: u64, sets: &[Sequenced]) -> Result<ApplyReport> {
         self.apply_changes(after, up_to, sets, &[])
     }
+    /// Applies rows of a snapshot (see [`crate::snapshot`]) in one transaction, without
+    /// moving the cursor.
+    fn apply_snapshot(&self, rows: &[SnapshotRow]) -> Result<ApplyReport>;
     /// Handles the relay's compare-and-set or fence refusal of own change set `origin_seq`.
     fn handle_refusal(
         &self,

@@ -507,6 +507,14 @@ impl SyncPort for Replica {
         applied.map(|()| report)
     }
 
+    fn apply_snapshot(&self, rows: &[crate::snapshot::SnapshotRow]) -> Result<ApplyReport> {
+        let mut report = ApplyReport::default();
+        self.notifying(|engine, notes| {
+            engine.apply_snapshot(&*self.wall, rows, &mut report, notes)
+        })?;
+        Ok(report)
+    }
+
     fn handle_refusal(
         &self,
         origin_seq: u64,

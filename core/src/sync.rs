@@ -614,6 +614,13 @@ mod tests {
                 ..ApplyReport::default()
             })
         }
+        fn apply_snapshot(&self, rows: &[crate::snapshot::SnapshotRow]) -> Result<ApplyReport> {
+            self.call(format!("apply snapshot {}", rows.len()));
+            Ok(ApplyReport {
+                applied: rows.len(),
+                ..ApplyReport::default()
+            })
+        }
         fn handle_refusal(
             &self,
             origin_seq: u64,

@@ -17,6 +17,7 @@ pub mod config;
 pub mod endpoint;
 pub mod error;
 pub mod feed;
+pub mod history;
 pub mod metrics;
 pub mod outbox;
 pub mod scoping;

@@ -31,6 +31,8 @@ pub const ERRORS: &str = "ferry_errors_total";
 pub const LEASES: &str = "ferry_lease_requests_total";
 /// Position the checksum state has applied (gauge).
 pub const SHADOW_POSITION: &str = "ferry_checksum_position";
+/// Position the row histories (snapshots) are folded up to (gauge).
+pub const ROWS_POSITION: &str = "ferry_rows_position";
 
 /// Installs the process-wide recorder once and returns its handle.
 pub fn handle() -> PrometheusHandle {

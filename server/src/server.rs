@@ -102,6 +102,7 @@ impl Relay {
         } else {
             None
         };
+        background.spawn(folder(Arc::clone(&store), shutdown.clone()));
         if cfg.retention.keep_change_sets > 0 {
             background.spawn(compactor(
                 Arc::clone(&store),
@@ -276,6 +277,63 @@ async fn compactor(store: Arc<dyn Store>, keep: u64, every: Duration, stop: Canc
         }
         if let Err(e) = store.compact(head - keep).await {
             tracing::warn!(error = %e, "compaction failed");
+        }
+    }
+}
+
+/// Row changes folded into the row histories per store transaction (a few tens of
+/// milliseconds of the writer's time, so pushes wait little behind it).
+const FOLD_ROWS: usize = 8192;
+
+/// While pushes keep coming, the fold waits for a pause this long…
+const FOLD_QUIET: Duration = Duration::from_millis(50);
+/// …but not longer than this between two folds.
+const FOLD_AT_LEAST_EVERY: Duration = Duration::from_secs(2);
+
+/// Keeps the row histories that snapshots read (see `history`) folded up to the head. Pushes
+/// come first: the fold runs when the head has been still for a moment, and at least every two
+/// seconds, so a burst of pushes is sequenced at full speed and folded after (a snapshot
+/// taken meanwhile is a little older and the device catches up the rest from the log).
+async fn folder(store: Arc<dyn Store>, stop: CancellationToken) {
+    let mut heads = store.feed().subscribe();
+    let mut last_fold = tokio::time::Instant::now();
+    loop {
+        let waited_from = tokio::time::Instant::now();
+        let mut seen = store.feed().head();
+        while waited_from.elapsed() < FOLD_AT_LEAST_EVERY
+            && last_fold.elapsed() < FOLD_AT_LEAST_EVERY
+        {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(FOLD_QUIET) => {}
+            }
+            let now = store.feed().head();
+            if now == seen {
+                break;
+            }
+            seen = now;
+        }
+        last_fold = tokio::time::Instant::now();
+        let idle = match store.fold_rows(FOLD_ROWS).await {
+            Ok(at) => {
+                metrics::gauge!(m::ROWS_POSITION).set(at as f64);
+                at >= store.feed().head()
+            }
+            Err(RelayError::ShuttingDown) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "folding row histories failed");
+                true
+            }
+        };
+        if idle {
+            // Caught up: wait for news (another node's commits reach this node's feed too).
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = heads.changed() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        } else if stop.is_cancelled() {
+            return;
         }
     }
 }

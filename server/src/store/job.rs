@@ -35,6 +35,13 @@ pub enum Job {
         /// Done.
         reply: oneshot::Sender<Result<()>>,
     },
+    /// Fold the log after the row histories' watermark into them (see `history`).
+    Fold {
+        /// About how many row changes to fold.
+        max_rows: usize,
+        /// The new watermark.
+        reply: oneshot::Sender<Result<u64>>,
+    },
     /// Decide a lease request.
     Lease {
         /// Who asks.
@@ -113,5 +120,12 @@ pub async fn rewrite(
         horizon,
         reply,
     })?;
+    rx.await.map_err(|_| RelayError::ShuttingDown)?
+}
+
+/// Queues a fold of the row histories and waits for the new watermark.
+pub async fn fold(q: &impl JobQueue, max_rows: usize) -> Result<u64> {
+    let (reply, rx) = oneshot::channel();
+    q.put(Job::Fold { max_rows, reply })?;
     rx.await.map_err(|_| RelayError::ShuttingDown)?
 }

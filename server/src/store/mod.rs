@@ -17,9 +17,11 @@
 
 pub mod job;
 pub mod pg_batch;
+pub mod pg_rows;
 pub mod postgres;
 pub mod rule;
 pub mod scoped;
+pub mod snapshot;
 pub mod sqlite;
 
 use crate::auth::Grants;
@@ -35,6 +37,7 @@ pub use crate::compact::CompactReport;
 pub use crate::stored::{StoredSet, approx_row_bytes};
 pub(crate) use crate::stored::{decode_set, encode_set};
 pub use scoped::{ReadFilter, ScopedRead};
+pub use snapshot::{SnapshotKey, SnapshotPage};
 
 /// What happened to one pushed change set.
 #[derive(Debug)]
@@ -92,6 +95,19 @@ pub trait Store: Send + Sync + 'static {
         pk: &Value,
         before: u64,
     ) -> Result<Vec<Arc<StoredSet>>>;
+    /// Folds the log after the row histories' watermark into them (see
+    /// [`crate::history`]), about `max_rows` row changes at most; returns the new
+    /// watermark. Over PostgreSQL one node folds at a time; the others return the watermark.
+    async fn fold_rows(&self, max_rows: usize) -> Result<u64>;
+    /// The next page of the current rows of the scopes `filter` may read, after `after`
+    /// (see [`snapshot`]): at most `max_rows` rows and about `max_bytes`.
+    async fn snapshot_page(
+        &self,
+        filter: &ReadFilter,
+        after: Option<SnapshotKey>,
+        max_rows: usize,
+        max_bytes: usize,
+    ) -> Result<SnapshotPage>;
     /// Decides a (validated) lease request by `holder` on the relay's clock, durably and in
     /// order with pushes (a grant and a fence check never race).
     async fn lease(&self, holder: ReplicaId, request: LeaseRequest) -> Result<LeaseOutcome>;

@@ -31,11 +31,12 @@ use crate::error::{RelayError, Result};
 use crate::feed::Feed;
 use crate::scoping;
 use crate::store::job::{self, Job, JobQueue, PushJob, lease_name};
-use crate::store::pg_batch;
 use crate::store::scoped::{self, ReadFilter, ScopedRead};
+use crate::store::snapshot::{SnapshotKey, SnapshotPage};
 use crate::store::{
     CompactReport, PushOutcome, Store, StoreStats, StoredSet, decode_set, encode_set,
 };
+use crate::store::{pg_batch, pg_rows};
 use async_trait::async_trait;
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use ferry_core::admission::Bounds;
@@ -53,7 +54,7 @@ use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 /// Schema format this relay writes (`ferry_meta.format`).
-const FORMAT: i64 = 3;
+const FORMAT: i64 = 4;
 
 /// Advisory lock serializing sequencing (pushes, leases, compaction rewrites) across nodes.
 const SEQ_LOCK: i64 = 0x4665_7272_7953_6571; // "FerrySeq"
@@ -119,7 +120,12 @@ CREATE TABLE ferry_scopes(name TEXT COLLATE "C" PRIMARY KEY, last_seq BIGINT NOT
 "#;
 
 /// Migrations by the format they produce; each runs in the upgrade transaction.
-const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2), (3, SCHEMA_V3)];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, SCHEMA_V1),
+    (2, SCHEMA_V2),
+    (3, SCHEMA_V3),
+    (4, pg_rows::SCHEMA_V4),
+];
 
 const NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
@@ -557,6 +563,20 @@ impl Store for PgStore {
             .collect()
     }
 
+    async fn fold_rows(&self, max_rows: usize) -> Result<u64> {
+        pg_rows::fold(&self.pool, &self.cat, max_rows).await
+    }
+
+    async fn snapshot_page(
+        &self,
+        filter: &ReadFilter,
+        after: Option<SnapshotKey>,
+        max_rows: usize,
+        max_bytes: usize,
+    ) -> Result<SnapshotPage> {
+        pg_rows::page(&self.pool, filter, after, max_rows, max_bytes).await
+    }
+
     async fn lease(&self, holder: ReplicaId, request: LeaseRequest) -> Result<LeaseOutcome> {
         job::lease(self, holder, request).await
     }
@@ -689,6 +709,9 @@ impl Writer {
                     reply,
                 } => {
                     let _ = reply.send(self.lease(holder, &request).await);
+                }
+                Job::Fold { max_rows, reply } => {
+                    let _ = reply.send(pg_rows::fold(&self.pool, &self.cat, max_rows).await);
                 }
             }
         }

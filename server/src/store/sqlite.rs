@@ -13,10 +13,12 @@ use crate::clock::now_ms;
 use crate::compact::Compaction;
 use crate::error::{RelayError, Result};
 use crate::feed::Feed;
+use crate::history::{self, Folder, RowHistory};
 use crate::scoping::{self, RowScope, RowScopes};
 use crate::store::job::{self, Job, JobQueue, PushJob, lease_name};
 use crate::store::rule::{self, Decision};
 use crate::store::scoped::{self, ReadFilter, ScopedRead};
+use crate::store::snapshot::{self, PageBuilder, SnapshotKey, SnapshotPage};
 use crate::store::{
     CompactReport, PushOutcome, Store, StoreStats, StoredSet, decode_set, encode_set,
 };
@@ -29,12 +31,13 @@ use ferry_core::protocol::{LeaseOutcome, LeaseRequest};
 use ferry_core::{ChangeSet, ReplicaId, Value};
 use parking_lot::Mutex;
 use rusqlite::{Connection, OptionalExtension, params};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc;
 
 /// Format version of the relay's SQLite file (`PRAGMA user_version`).
-const FORMAT: i64 = 4;
+const FORMAT: i64 = 5;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE sets(
@@ -92,6 +95,20 @@ CREATE TABLE set_scopes(
 ) WITHOUT ROWID;
 CREATE TABLE scopes(name TEXT PRIMARY KEY, last_seq INTEGER NOT NULL) WITHOUT ROWID;
 ";
+
+/// Version 5: row histories for snapshots (see `history`), folded from the log behind the
+/// `rows_seq` watermark; a store upgraded to it folds its existing log in the background.
+const SCHEMA_V5: &str = "
+CREATE TABLE rows(
+    tbl TEXT NOT NULL, pk BLOB NOT NULL, scope TEXT NOT NULL, seq INTEGER NOT NULL,
+    hist BLOB NOT NULL, PRIMARY KEY (tbl, pk)
+) WITHOUT ROWID;
+CREATE INDEX rows_scope ON rows(scope, tbl, pk);
+INSERT INTO meta VALUES ('rows_seq', 0);
+";
+
+/// Page cache of the writer's connection, in KiB.
+const WRITER_CACHE_KIB: i64 = 32 << 10;
 
 /// The SQLite store.
 pub struct SqliteStore {
@@ -166,6 +183,9 @@ fn upgrade(conn: &mut Connection) -> Result<()> {
                 tracing::info!(change_sets = indexed, "per-scope read index built");
             }
         }
+        if v < 5 {
+            tx.execute_batch(SCHEMA_V5)?;
+        }
         tx.pragma_update(None, "user_version", FORMAT)?;
         tx.commit()?;
     }
@@ -200,6 +220,9 @@ impl SqliteStore {
         })?;
         let path = dir.join("relay.db");
         let mut conn = open_file(&path)?;
+        // The writer's working set (the index pages a group commit and a fold touch) stays
+        // in memory instead of being read back from the OS and spilled mid-transaction.
+        conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
         upgrade(&mut conn)?;
         let head = head_of(&conn)?;
         let feed = Arc::new(Feed::new(head, window, window_bytes));
@@ -309,6 +332,22 @@ impl Store for SqliteStore {
             Ok(out)
         })
         .await
+    }
+
+    async fn fold_rows(&self, max_rows: usize) -> Result<u64> {
+        job::fold(self, max_rows).await
+    }
+
+    async fn snapshot_page(
+        &self,
+        filter: &ReadFilter,
+        after: Option<SnapshotKey>,
+        max_rows: usize,
+        max_bytes: usize,
+    ) -> Result<SnapshotPage> {
+        let filter = filter.clone();
+        self.with_reader(move |c| snapshot_page(c, &filter, after, max_rows, max_bytes))
+            .await
     }
 
     async fn lease(&self, holder: ReplicaId, request: LeaseRequest) -> Result<LeaseOutcome> {
@@ -446,6 +485,10 @@ impl Writer {
                         self.flush(std::mem::take(&mut pushes));
                         let _ = reply.send(self.lease(holder, &request));
                     }
+                    Some(Job::Fold { max_rows, reply }) => {
+                        self.flush(std::mem::take(&mut pushes));
+                        let _ = reply.send(self.fold(max_rows));
+                    }
                     None => break,
                 }
                 if pushes.len() >= 256 {
@@ -522,6 +565,82 @@ impl Writer {
         tx.commit()?;
         self.head = head;
         Ok((all, stored))
+    }
+
+    /// Folds the log after the watermark into the row histories, in one transaction.
+    fn fold(&mut self, max_rows: usize) -> Result<u64> {
+        let started = std::time::Instant::now();
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let from: i64 = tx.query_row("SELECT value FROM meta WHERE key = 'rows_seq'", [], |r| {
+            r.get(0)
+        })?;
+        let mut sets = Vec::new();
+        let mut rows = 0usize;
+        {
+            let mut st = tx.prepare_cached(
+                "SELECT server_seq, body FROM sets WHERE server_seq > ?1 ORDER BY server_seq",
+            )?;
+            let mut found = st.query([from])?;
+            while rows < max_rows
+                && let Some(r) = found.next()?
+            {
+                let body: Vec<u8> = r.get(1)?;
+                let s = decode_set(r.get(0)?, &body)?;
+                rows += s.change_set.rows.len();
+                sets.push(s);
+            }
+        }
+        let mut stored = HashMap::new();
+        {
+            let mut load =
+                tx.prepare_cached("SELECT scope, seq, hist FROM rows WHERE tbl = ?1 AND pk = ?2")?;
+            for (t, pk) in history::keys(&sets)? {
+                let found: Option<(String, i64, Vec<u8>)> = load
+                    .query_row(params![t, pk], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .optional()?;
+                if let Some((scope, seq, h)) = found {
+                    let row = RowHistory {
+                        scope,
+                        seq: seq as u64,
+                        history: history::decode(&h)?,
+                    };
+                    stored.insert((t, pk), row);
+                }
+            }
+        }
+        let folder = Folder::run(&self.cat, from as u64, &sets, stored)?;
+        if folder.position == from as u64 {
+            return Ok(folder.position);
+        }
+        let mut put = tx.prepare_cached(
+            "INSERT INTO rows(tbl, pk, scope, seq, hist) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(tbl, pk) DO UPDATE SET scope = excluded.scope, seq = excluded.seq,
+             hist = excluded.hist",
+        )?;
+        for ((t, pk), (_, row)) in &folder.rows {
+            put.execute(params![
+                t,
+                pk,
+                row.scope,
+                row.seq as i64,
+                history::encode(&row.history)?
+            ])?;
+        }
+        drop(put);
+        tx.execute(
+            "UPDATE meta SET value = ?1 WHERE key = 'rows_seq'",
+            [folder.position as i64],
+        )?;
+        tx.commit()?;
+        tracing::debug!(
+            rows,
+            position = folder.position,
+            ms = started.elapsed().as_millis() as u64,
+            "row histories folded"
+        );
+        Ok(folder.position)
     }
 
     fn lease(&mut self, holder: ReplicaId, request: &LeaseRequest) -> Result<LeaseOutcome> {
@@ -793,6 +912,89 @@ fn readable_scopes(
         }
     }
     Ok(Some(out))
+}
+
+/// One page of a snapshot walk (see `store::snapshot`), on one read snapshot.
+fn snapshot_page(
+    c: &Connection,
+    filter: &ReadFilter,
+    after: Option<SnapshotKey>,
+    max_rows: usize,
+    max_bytes: usize,
+) -> Result<SnapshotPage> {
+    let tx = c.unchecked_transaction()?;
+    let position: i64 = tx.query_row("SELECT value FROM meta WHERE key = 'rows_seq'", [], |r| {
+        r.get(0)
+    })?;
+    let ranges = snapshot::ranges(filter);
+    let mut page = PageBuilder::new(position as u64, max_rows, max_bytes);
+    let mut at = match after {
+        Some(k) => Some((k.scope, Some((k.table, k.pk)))),
+        None => next_scope(&tx, &ranges, filter, None)?.map(|s| (s, None)),
+    };
+    while let Some((scope, from)) = at {
+        let want = page.room();
+        let (t0, pk0) = from.unwrap_or_default();
+        let mut st = tx.prepare_cached(
+            "SELECT tbl, pk, hist FROM rows WHERE scope = ?1 AND (tbl, pk) > (?2, ?3)
+             ORDER BY tbl, pk LIMIT ?4",
+        )?;
+        let mut rows = st.query(params![scope, t0, pk0, want as i64])?;
+        let mut n = 0;
+        let mut last = None;
+        while let Some(r) = rows.next()? {
+            n += 1;
+            let t: String = r.get(0)?;
+            let pk: Vec<u8> = r.get(1)?;
+            let h: Vec<u8> = r.get(2)?;
+            last = Some((t.clone(), pk.clone()));
+            if !page.push(&scope, t, &pk, &h)? {
+                return Ok(page.finish(false));
+            }
+        }
+        at = if n < want {
+            next_scope(&tx, &ranges, filter, Some(&scope))?.map(|s| (s, None))
+        } else {
+            Some((scope, last))
+        };
+    }
+    Ok(page.finish(true))
+}
+
+/// The first readable scope after `after` (or the first of all) in the walk's ranges.
+fn next_scope(
+    c: &Connection,
+    ranges: &[(String, Option<String>)],
+    filter: &ReadFilter,
+    after: Option<&str>,
+) -> Result<Option<String>> {
+    let mut st = c.prepare_cached(
+        "SELECT name FROM scopes WHERE name >= ?1 AND name > ?2 AND (?3 IS NULL OR name < ?3)
+         ORDER BY name LIMIT 256",
+    )?;
+    for (start, end) in ranges {
+        if let (Some(a), Some(e)) = (after, end)
+            && a >= e.as_str()
+        {
+            continue;
+        }
+        let mut from = after.map(str::to_owned);
+        loop {
+            let names: Vec<String> = st
+                .query_map(params![start, from.as_deref().unwrap_or(""), end], |r| {
+                    r.get(0)
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            if let Some(found) = names.iter().find(|n| filter.can_read(n)) {
+                return Ok(Some(found.clone()));
+            }
+            match names.last() {
+                Some(l) if names.len() == 256 => from = Some(l.clone()),
+                _ => break,
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// Stored change sets after `after` in order, at most `max_sets` and about `max_bytes`.

@@ -19,6 +19,7 @@ mod lifecycle;
 mod multinode;
 mod scopes;
 mod simulation;
+mod snapshots;
 mod soak;
 mod store_suite;
 mod sync;

@@ -8,6 +8,7 @@ use ferry_relay::catalog::RelayCatalog;
 use ferry_relay::store::postgres::PgStore;
 use ferry_relay::store::{PushOutcome, Store};
 use ferry_testkit::raw;
+use ferry_testkit::store_snapshot::check_snapshot_rows;
 use ferry_testkit::store_suite::{
     PgStores, SqliteStores, StoreFactory, check_scoped_reads, grants, origin, push_scoped_traffic,
     set,
@@ -19,7 +20,8 @@ ferry_testkit::store_suite!(sqlite, SqliteStores::new());
 ferry_testkit::store_suite!(postgres, PgStores::fresh());
 
 /// A store written before the per-scope index (SQLite format 3) builds it from the stored
-/// bodies when a newer relay opens it: catch-up finds what it must.
+/// bodies when a newer relay opens it, and folds its row histories from the log after:
+/// catch-up and snapshots find what they must.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_upgrade_builds_the_scope_index() {
     let k = SqliteStores::new();
@@ -28,11 +30,15 @@ async fn sqlite_upgrade_builds_the_scope_index() {
     store.shutdown().await;
     drop(store);
     let c = rusqlite::Connection::open(k.dir().join("relay.db")).unwrap();
-    c.execute_batch("DROP TABLE set_scopes; DROP TABLE scopes; PRAGMA user_version = 3;")
-        .unwrap();
+    c.execute_batch(
+        "DROP TABLE set_scopes; DROP TABLE scopes; DROP TABLE rows;
+         DELETE FROM meta WHERE key = 'rows_seq'; PRAGMA user_version = 3;",
+    )
+    .unwrap();
     drop(c);
     let store = k.open().await;
     check_scoped_reads(&*store).await;
+    check_snapshot_rows(&*store).await;
     store.shutdown().await;
 }
 
@@ -49,13 +55,15 @@ async fn postgres_upgrade_builds_the_scope_index() {
         .unwrap();
     tokio::spawn(conn);
     c.batch_execute(
-        "DROP TABLE ferry_set_scopes; DROP TABLE ferry_scopes;
+        "DROP TABLE ferry_set_scopes; DROP TABLE ferry_scopes; DROP TABLE ferry_rows;
+         DELETE FROM ferry_meta WHERE key = 'rows_seq';
          UPDATE ferry_meta SET value = 2 WHERE key = 'format';",
     )
     .await
     .unwrap();
     let store = k.open().await;
     check_scoped_reads(&*store).await;
+    check_snapshot_rows(&*store).await;
     store.shutdown().await;
 }
 

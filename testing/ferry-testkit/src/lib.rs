@@ -28,6 +28,7 @@ pub mod proxy;
 pub mod raw;
 pub mod relay;
 pub mod schema;
+pub mod store_snapshot;
 pub mod store_suite;
 pub mod token;
 

@@ -11,6 +11,7 @@
 //! The caller needs `tokio` (with `macros` and `rt-multi-thread`) among its dev-dependencies.
 
 use crate::raw;
+pub use crate::store_snapshot::snapshots_replay_to_the_state_of_the_log;
 use ferry_core::admission::Bounds;
 use ferry_core::protocol::{LeaseOutcome, LeaseRequest};
 use ferry_core::{Cell, ChangeSet, Fence, ReplicaId, Value};
@@ -104,6 +105,7 @@ macro_rules! store_suite {
                 leases_and_fencing,
                 history_and_compaction,
                 scoped_reads_find_exactly_the_readable_sets,
+                snapshots_replay_to_the_state_of_the_log,
             );
             #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn concurrent_pushers_and_a_reader() {
@@ -703,6 +705,8 @@ pub async fn scoped_reads_find_exactly_the_readable_sets<F: StoreFactory>(kind: 
     let store = kind.open().await;
     push_scoped_traffic(&*store).await;
     check_scoped_reads(&*store).await;
+    // Rows that moved between scopes are in a snapshot of the scope they are in now.
+    crate::store_snapshot::check_snapshot_rows(&*store).await;
     let report = store.compact(6_000).await.unwrap();
     assert!(report.rewritten > 0, "{report:?}");
     check_scoped_reads(&*store).await;
