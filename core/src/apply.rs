@@ -146,29 +146,9 @@ impl Merge<'_> {
         for rc in &cs.rows {
             validate(self.cat.table(&rc.table)?, rc)?;
         }
-        if let Some(me) = self.strict {
-            for rc in &cs.rows {
-                let t = self.cat.table(&rc.table)?;
-                for doomed in crate::rollback::doomed(self.conn, t, rc)? {
-                    let policy = if t.mode() == crate::schema::TableMode::ServerChecked {
-                        "server_checked"
-                    } else {
-                        "guarded"
-                    };
-                    let reason = format!(
-                        "row {} of `{}` was changed first by replica {} (relay position {})",
-                        rc.pk.describe(),
-                        rc.table,
-                        cs.origin,
-                        s.server_seq
-                    );
-                    let w = crate::rollback::withdraw(
-                        self.conn, self.cat, me, doomed, policy, &reason,
-                    )?;
-                    self.out.tables.extend(w.tables);
-                    self.out.conflicts.extend(w.conflicts);
-                }
-            }
+        for rc in &cs.rows {
+            let t = self.cat.table(&rc.table)?;
+            self.withdraw_doomed(t, rc, cs.origin, s.server_seq)?;
         }
         let mut last_table: Option<&str> = None;
         for rc in &cs.rows {
@@ -178,6 +158,36 @@ impl Merge<'_> {
                 self.out.tables.insert(rc.table.clone());
             }
             last_table = Some(rc.table.as_str());
+        }
+        Ok(())
+    }
+
+    /// With guarded change sets pending (`strict`), withdraws those that remote change `rc`
+    /// (made by `origin`, sequenced at `server_seq`) dooms, before it is merged.
+    fn withdraw_doomed(
+        &mut self,
+        t: &TableInfo,
+        rc: &RowChange,
+        origin: ReplicaId,
+        server_seq: u64,
+    ) -> Result<()> {
+        let Some(me) = self.strict else {
+            return Ok(());
+        };
+        for doomed in crate::rollback::doomed(self.conn, t, rc)? {
+            let policy = if t.mode() == crate::schema::TableMode::ServerChecked {
+                "server_checked"
+            } else {
+                "guarded"
+            };
+            let reason = format!(
+                "row {} of `{}` was changed first by replica {origin} (relay position {server_seq})",
+                rc.pk.describe(),
+                rc.table,
+            );
+            let w = crate::rollback::withdraw(self.conn, self.cat, me, doomed, policy, &reason)?;
+            self.out.tables.extend(w.tables);
+            self.out.conflicts.extend(w.conflicts);
         }
         Ok(())
     }
@@ -201,6 +211,7 @@ impl Merge<'_> {
             if e.origin == me {
                 continue;
             }
+            self.withdraw_doomed(t, rc, e.origin, e.server_seq)?;
             let origin = self.origins.intern(self.conn, e.origin)?;
             let v = Version {
                 hlc: e.hlc,
@@ -715,18 +726,31 @@ impl Engine {
         &mut self,
         wall: &dyn WallClock,
         rows: &[SnapshotRow],
+        resume: &[u8],
+        continue_from: Option<u64>,
         report: &mut ApplyReport,
         notes: &mut Notifications,
     ) -> Result<()> {
         let mut out = Outcome::default();
         let clock_before = self.clock;
         let remote_before = self.remote_hlc;
+        let cursor_before = self.cursor;
         let r = self.in_txn(|e| {
             e.begin_sdk_writes(wall, notes)?;
             e.materialize_in_tx()?;
             let me = e.me;
             for row in rows {
-                e.merge(&mut out, None).apply_history(row, me)?;
+                // Remote writes doom the pending guarded change sets they overtake, as in
+                // the log (see `rollback`).
+                let own = e.guard_pending.then_some(crate::rollback::Own {
+                    id: e.me,
+                    num: e.me_num,
+                    cursor: e.cursor,
+                });
+                e.merge(&mut out, own.as_ref()).apply_history(row, me)?;
+                if own.is_some() {
+                    e.guard_pending = log::guard_pending(&e.conn)?;
+                }
                 for h in &row.history {
                     e.clock.observe(h.hlc);
                     e.remote_hlc = e.remote_hlc.max(h.hlc);
@@ -734,12 +758,22 @@ impl Engine {
             }
             db::meta_set(&e.conn, "hlc", e.clock.last().0 as i64)?;
             db::meta_set(&e.conn, "remote_hlc", e.remote_hlc.0 as i64)?;
+            match continue_from {
+                Some(p) => {
+                    // The snapshot is complete: the log continues from its position.
+                    e.cursor = e.cursor.max(p);
+                    db::meta_set(&e.conn, "cursor", e.cursor as i64)?;
+                    db::meta_delete(&e.conn, "snapshot_resume")?;
+                }
+                None => db::meta_set(&e.conn, "snapshot_resume", resume)?,
+            }
             e.sdk_writes(false)?;
             Ok(())
         });
         if let Err(e) = r {
             self.clock = clock_before;
             self.remote_hlc = remote_before;
+            self.cursor = cursor_before;
             notes.discard();
             return Err(e);
         }

@@ -199,6 +199,22 @@ pub fn meta_get<T: rusqlite::types::FromSql>(conn: &Connection, key: &str) -> Re
     .ok_or_else(|| Error::Corrupt(format!("ferry_meta has no `{key}`")))
 }
 
+/// Reads a value from `ferry_meta` that may be absent.
+pub fn meta_opt<T: rusqlite::types::FromSql>(conn: &Connection, key: &str) -> Result<Option<T>> {
+    Ok(conn
+        .query_row("SELECT value FROM ferry_meta WHERE key = ?1", [key], |r| {
+            r.get(0)
+        })
+        .optional()?)
+}
+
+/// Removes a value from `ferry_meta`.
+pub fn meta_delete(conn: &Connection, key: &str) -> Result<()> {
+    conn.prepare_cached("DELETE FROM ferry_meta WHERE key = ?1")?
+        .execute([key])?;
+    Ok(())
+}
+
 /// Writes a value into `ferry_meta`.
 pub fn meta_set(conn: &Connection, key: &str, value: impl rusqlite::ToSql) -> Result<()> {
     conn.prepare_cached("INSERT OR REPLACE INTO ferry_meta(key, value) VALUES (?1, ?2)")?

@@ -59,9 +59,17 @@ pub trait SyncPort {
     fn apply_remote(&self, after: u64, up_to: u64, sets: &[Sequenced]) -> Result<ApplyReport> {
         self.apply_changes(after, up_to, sets, &[])
     }
-    /// Applies rows of a snapshot (see [`crate::snapshot`]) in one transaction, without
-    /// moving the cursor.
-    fn apply_snapshot(&self, rows: &[SnapshotRow]) -> Result<ApplyReport>;
+    /// Applies one page of a snapshot (see [`crate::snapshot`]) in one transaction, with its
+    /// resume token; on the last page (`continue_from`), the cursor moves up to that
+    /// position and the token is dropped.
+    fn apply_snapshot(
+        &self,
+        rows: &[SnapshotRow],
+        resume: &[u8],
+        continue_from: Option<u64>,
+    ) -> Result<ApplyReport>;
+    /// The resume token of the snapshot page last applied, while a snapshot is unfinished.
+    fn snapshot_resume(&self) -> Result<Option<Vec<u8>>>;
     /// Handles the relay's compare-and-set or fence refusal of own change set `origin_seq`.
     fn handle_refusal(
         &self,

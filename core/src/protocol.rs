@@ -48,6 +48,14 @@ pub enum ClientMsg {
         cursor: u64,
         /// App schema version.
         schema_version: u32,
+        /// The client takes snapshots ([`ServerMsg::Snapshot`]): a replica that has applied
+        /// nothing receives the current rows of its scopes instead of the whole log.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        snapshots: bool,
+        /// The resume token of the last snapshot page this replica applied, while the
+        /// snapshot is unfinished: the relay continues after it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resume: Option<Vec<u8>>,
     },
     /// Change sets for the relay to sequence (oldest first).
     Push {
@@ -220,6 +228,11 @@ pub enum ServerMsg {
         /// History at or below this position is compacted (see `docs/protocol.md`).
         #[serde(default)]
         horizon: u64,
+        /// A snapshot follows ([`ServerMsg::Snapshot`]): the client pushes nothing until its
+        /// last page, so that none of its own change sets sits below the position the log
+        /// continues from.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        snapshot: bool,
     },
     /// Pushed change sets are durable.
     Acks {
@@ -253,6 +266,21 @@ pub enum ServerMsg {
         /// Rows entering or leaving the receiver's read scopes in this range, by position.
         #[serde(default)]
         moves: Vec<Move>,
+    },
+    /// One page of a snapshot: the current rows of the scopes this connection may read, each
+    /// as its pruned history (see [`crate::snapshot`]), sent before any `Changes` to a
+    /// replica that has applied nothing. Pages come in key order; apply each with its
+    /// `resume` token in one transaction.
+    Snapshot {
+        /// The position the replica continues the log from once the snapshot is complete
+        /// (its cursor then); the rows may be newer (see [`crate::snapshot`]).
+        position: u64,
+        /// The rows.
+        rows: Vec<crate::snapshot::SnapshotRow>,
+        /// Token to resume after this page on a later connection (empty on the last page).
+        resume: Vec<u8>,
+        /// The last page.
+        done: bool,
     },
     /// Keep-alive answer.
     Pong {

@@ -507,12 +507,21 @@ impl SyncPort for Replica {
         applied.map(|()| report)
     }
 
-    fn apply_snapshot(&self, rows: &[crate::snapshot::SnapshotRow]) -> Result<ApplyReport> {
+    fn apply_snapshot(
+        &self,
+        rows: &[crate::snapshot::SnapshotRow],
+        resume: &[u8],
+        continue_from: Option<u64>,
+    ) -> Result<ApplyReport> {
         let mut report = ApplyReport::default();
         self.notifying(|engine, notes| {
-            engine.apply_snapshot(&*self.wall, rows, &mut report, notes)
+            engine.apply_snapshot(&*self.wall, rows, resume, continue_from, &mut report, notes)
         })?;
         Ok(report)
+    }
+
+    fn snapshot_resume(&self) -> Result<Option<Vec<u8>>> {
+        self.with_engine(|e| crate::db::meta_opt(&e.conn, "snapshot_resume"))
     }
 
     fn handle_refusal(

@@ -188,6 +188,7 @@ impl Sequencer {
                     max_origin_seq: self.max_origin_seq(&replica_id),
                     limits: Limits::default(),
                     horizon: 0,
+                    snapshot: false,
                 });
             }
             ClientMsg::Push { change_sets } => {

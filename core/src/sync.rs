@@ -125,6 +125,8 @@ pub struct SyncClient {
     /// (rolled back, rebased or re-stamped change set): the relay refuses what they carry
     /// behind it for the gap it left, which is expected.
     stale_through: Option<u64>,
+    /// The relay is sending a snapshot: nothing is pushed until its last page.
+    bootstrapping: bool,
 }
 
 impl Default for SyncClient {
@@ -149,6 +151,7 @@ impl SyncClient {
             frames: VecDeque::new(),
             next_frame: 0,
             stale_through: None,
+            bootstrapping: false,
         }
     }
 
@@ -196,12 +199,15 @@ impl SyncClient {
         self.refused = None;
         self.frames.clear();
         self.stale_through = None;
+        self.bootstrapping = false;
         Ok(ClientMsg::Hello {
             protocol: PROTOCOL_VERSION,
             replica_id: replica.replica_id()?,
             token: token.to_owned(),
             cursor: replica.cursor()?,
             schema_version: replica.schema_version()?,
+            snapshots: true,
+            resume: replica.snapshot_resume()?,
         })
     }
 
@@ -216,6 +222,7 @@ impl SyncClient {
     /// The next push frame, if there is pending work and room in the window.
     pub fn poll_push(&mut self, replica: &impl SyncPort) -> Result<Option<ClientMsg>> {
         if self.phase != Phase::Streaming
+            || self.bootstrapping
             || self.refused.is_some()
             || self.in_flight.len() >= self.window
             || self.in_flight.bytes >= self.window_bytes
@@ -277,6 +284,7 @@ impl SyncClient {
                 max_origin_seq,
                 limits,
                 horizon: _,
+                snapshot,
             } => {
                 if self.phase != Phase::Handshake {
                     return Err(Error::Protocol("welcome outside the handshake".into()));
@@ -304,6 +312,7 @@ impl SyncClient {
                     return Ok(step);
                 }
                 self.phase = Phase::Streaming;
+                self.bootstrapping = snapshot;
             }
             ServerMsg::Acks { acks } => {
                 self.expect_streaming()?;
@@ -334,6 +343,21 @@ impl SyncClient {
                     if cs.change_set.origin == replica.replica_id()? {
                         self.in_flight.remove(&cs.change_set.origin_seq);
                     }
+                }
+            }
+            ServerMsg::Snapshot {
+                position,
+                rows,
+                resume,
+                done,
+            } => {
+                self.expect_streaming()?;
+                self.head = self.head.max(position);
+                let report = replica.apply_snapshot(&rows, &resume, done.then_some(position))?;
+                step.applied = report.applied;
+                if done {
+                    // Pushing starts now, above the position the log continues from.
+                    self.bootstrapping = false;
                 }
             }
             ServerMsg::Pong { head, .. } => {
@@ -614,12 +638,24 @@ mod tests {
                 ..ApplyReport::default()
             })
         }
-        fn apply_snapshot(&self, rows: &[crate::snapshot::SnapshotRow]) -> Result<ApplyReport> {
-            self.call(format!("apply snapshot {}", rows.len()));
+        fn apply_snapshot(
+            &self,
+            rows: &[crate::snapshot::SnapshotRow],
+            _resume: &[u8],
+            continue_from: Option<u64>,
+        ) -> Result<ApplyReport> {
+            self.call(format!("apply snapshot {} {continue_from:?}", rows.len()));
+            if let Some(p) = continue_from {
+                let mut c = self.cursor.borrow_mut();
+                *c = (*c).max(p);
+            }
             Ok(ApplyReport {
                 applied: rows.len(),
                 ..ApplyReport::default()
             })
+        }
+        fn snapshot_resume(&self) -> Result<Option<Vec<u8>>> {
+            Ok(None)
         }
         fn handle_refusal(
             &self,
@@ -661,6 +697,7 @@ mod tests {
             max_origin_seq,
             limits: Limits::default(),
             horizon: 0,
+            snapshot: false,
         }
     }
 
@@ -693,6 +730,7 @@ mod tests {
             max_origin_seq: 0,
             limits,
             horizon: 0,
+            snapshot: false,
         }
     }
 

@@ -20,6 +20,7 @@ use crate::config::AuthConfig;
 use crate::error::{RelayError, Result};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, jwk::JwkSet};
 use serde::{Deserialize, Serialize};
+use sha2::Digest;
 use std::collections::HashMap;
 
 /// The claims Ferry reads.
@@ -136,6 +137,8 @@ pub struct Grants {
     read: Vec<Pattern>,
     write: Vec<Pattern>,
     primary: Vec<String>,
+    /// SHA-256 of the subject and the readable patterns as written in the token.
+    read_digest: [u8; 32],
 }
 
 impl Grants {
@@ -147,13 +150,25 @@ impl Grants {
         let compile = |v: &[String]| -> Result<Vec<Pattern>> {
             v.iter().map(|p| Pattern::compile(p, &c.sub)).collect()
         };
+        let mut h = sha2::Sha256::new();
+        for part in std::iter::once(&c.sub).chain(&c.read) {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
         Ok(Grants {
             sub: c.sub.clone(),
             exp: c.exp,
             read: compile(&c.read)?,
             write: compile(&c.write)?,
             primary: c.primary.clone(),
+            read_digest: h.finalize().into(),
         })
+    }
+
+    /// A digest of what the bearer may read (subject and read patterns): two tokens with the
+    /// same digest read the same scopes.
+    pub fn read_digest(&self) -> [u8; 32] {
+        self.read_digest
     }
 
     /// May the bearer read `scope`?

@@ -11,8 +11,9 @@ use crate::auth::Grants;
 use crate::error::RelayError;
 use crate::metrics as m;
 
+use crate::resume::ResumeKey;
 use crate::state::RelayState;
-use crate::store::{PushOutcome, ReadFilter, StoredSet};
+use crate::store::{PushOutcome, ReadFilter, SnapshotKey, StoredSet};
 use ferry_core::admission::Bounds;
 use ferry_core::protocol::{
     Ack, ClientMsg, DecodeError, ErrorCode, Move, PROTOCOL_VERSION, RowKey, ServerMsg,
@@ -79,6 +80,18 @@ pub struct Endpoint {
     readable: HashMap<String, bool>,
     /// This connection's number among its replica's connections (see `Sessions`).
     session: u64,
+    /// The snapshot being sent, until its last page.
+    walk: Option<Walk>,
+}
+
+/// Where a snapshot being sent stands.
+#[derive(Debug)]
+struct Walk {
+    /// The position the replica continues the log from: the oldest of the pages' positions
+    /// (`None` before the first page).
+    position: Option<u64>,
+    /// The next page starts after this row.
+    after: Option<SnapshotKey>,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -98,14 +111,16 @@ impl Endpoint {
         shared: &Arc<RelayState>,
         first: ClientMsg,
     ) -> Result<(Endpoint, ServerMsg), Close> {
-        let (protocol, replica_id, token, cursor) = match first {
+        let (protocol, replica_id, token, cursor, snapshots, resume) = match first {
             ClientMsg::Hello {
                 protocol,
                 replica_id,
                 token,
                 cursor,
+                snapshots,
+                resume,
                 ..
-            } => (protocol, replica_id, token, cursor),
+            } => (protocol, replica_id, token, cursor, snapshots, resume),
             other => {
                 return Err(Close::new(
                     ErrorCode::BadFrame,
@@ -131,6 +146,28 @@ impl Endpoint {
                 ),
             ));
         }
+        // A replica that has applied nothing gets a snapshot of its scopes' rows rather than
+        // the whole log; one that was cut off during its snapshot continues it.
+        // Only for a replica none of whose change sets the log holds: its own change sets
+        // come back in the log as acknowledgements, and the client holds its pushes until
+        // the last page (`Welcome.snapshot`), so none sits below where the log continues.
+        let fresh = snapshots && shared.store.first_position(replica_id).await?.is_none();
+        let walk = match (fresh, resume) {
+            (true, Some(t)) => {
+                let r = ResumeKey::new(shared.store.secret())
+                    .open(&t, replica_id, &grants)
+                    .map_err(|e| Close::new(ErrorCode::BadFrame, e.to_string()))?;
+                Some(Walk {
+                    position: Some(r.position),
+                    after: r.after,
+                })
+            }
+            (true, None) if cursor == 0 && head > 0 => Some(Walk {
+                position: None,
+                after: None,
+            }),
+            _ => None,
+        };
         let max_origin_seq = shared.store.max_origin_seq(replica_id).await?;
         let horizon = shared.store.stats().await.map(|s| s.horizon).unwrap_or(0);
         let welcome = ServerMsg::Welcome {
@@ -140,6 +177,7 @@ impl Endpoint {
             max_origin_seq,
             limits: shared.limits(),
             horizon,
+            snapshot: walk.is_some(),
         };
         tracing::debug!(replica = %replica_id, sub = %grants.sub, cursor, head, "replica connected");
         let session = shared.sessions.begin(replica_id).await;
@@ -154,6 +192,7 @@ impl Endpoint {
             scanned: cursor,
             readable: HashMap::new(),
             session,
+            walk,
         };
         Ok((ep, welcome))
     }
@@ -345,6 +384,61 @@ impl Endpoint {
     ) -> Result<bool, Close> {
         let store = Arc::clone(&self.shared.store);
         let mut sent = 0;
+        while let Some(walk) = &mut self.walk {
+            if sent >= frames {
+                return Ok(true);
+            }
+            let page = store
+                .snapshot_page(
+                    &self.filter,
+                    walk.after.clone(),
+                    SNAPSHOT_PAGE_ROWS,
+                    FRAME_BUDGET,
+                )
+                .await?;
+            // Pages read after the fold moved on are newer; the log continues from the
+            // oldest (a replica replaying what it holds skips it, see `ferry_core::snapshot`).
+            let position = walk
+                .position
+                .map_or(page.position, |p| p.min(page.position));
+            walk.position = Some(position);
+            walk.after.clone_from(&page.next);
+            let done = page.next.is_none();
+            let position = if done {
+                // This replica's own change sets come back in the log as acknowledgements
+                // (and bring back any it withdrew but the relay sequenced): the log continues
+                // from before the first of them.
+                match store.first_position(self.replica).await? {
+                    Some(first) => position.min(first - 1),
+                    None => position,
+                }
+            } else {
+                position
+            };
+            let resume = match &page.next {
+                Some(next) => ResumeKey::new(store.secret()).seal(
+                    self.replica,
+                    &self.grants,
+                    position,
+                    Some(next.clone()),
+                ),
+                None => Vec::new(),
+            };
+            let rows: Vec<_> = page.rows.into_iter().map(|(_, r)| r).collect();
+            metrics::counter!(m::SNAPSHOT_ROWS).increment(rows.len() as u64);
+            out.push(ServerMsg::Snapshot {
+                position,
+                rows,
+                resume,
+                done,
+            });
+            sent += 1;
+            if done {
+                self.walk = None;
+                self.told = self.told.max(position);
+                self.scanned = self.scanned.max(position);
+            }
+        }
         loop {
             let head = store.feed().head();
             if self.scanned >= head {
@@ -523,6 +617,9 @@ fn lease_kind(o: &ferry_core::protocol::LeaseOutcome) -> &'static str {
 
 /// Frames sent per turn of a connection's loop while it catches up.
 pub const CATCH_UP_FRAMES: usize = 4;
+
+/// Most rows in one snapshot frame.
+const SNAPSHOT_PAGE_ROWS: usize = 4096;
 
 /// Target size of one changes frame (a single change set may exceed it).
 const FRAME_BUDGET: usize = 2 << 20;

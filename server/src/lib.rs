@@ -20,6 +20,7 @@ pub mod feed;
 pub mod history;
 pub mod metrics;
 pub mod outbox;
+pub mod resume;
 pub mod scoping;
 pub mod server;
 pub mod session;

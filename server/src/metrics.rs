@@ -31,6 +31,8 @@ pub const ERRORS: &str = "ferry_errors_total";
 pub const LEASES: &str = "ferry_lease_requests_total";
 /// Position the checksum state has applied (gauge).
 pub const SHADOW_POSITION: &str = "ferry_checksum_position";
+/// Rows sent in snapshots (counter).
+pub const SNAPSHOT_ROWS: &str = "ferry_snapshot_rows_total";
 /// Position the row histories (snapshots) are folded up to (gauge).
 pub const ROWS_POSITION: &str = "ferry_rows_position";
 

@@ -307,6 +307,8 @@ async fn subscriber_as(url: &str, tok: &str, head: u64, me: ReplicaId) -> Res<Ws
         token: tok.to_owned(),
         cursor: head,
         schema_version: 1,
+        snapshots: false,
+        resume: None,
     };
     ws.send(Message::Binary(hello.encode()?.into())).await?;
     match ws.next().await {

@@ -16,6 +16,8 @@ fn hello() -> ClientMsg {
         token: "t".into(),
         cursor: 7,
         schema_version: 1,
+        snapshots: false,
+        resume: None,
     }
 }
 
@@ -109,6 +111,18 @@ fn golden_frames_of_every_message() {
     let client: Vec<(&str, ClientMsg)> = vec![
         ("hello", hello()),
         (
+            "hello_resume",
+            ClientMsg::Hello {
+                protocol: PROTOCOL_VERSION,
+                replica_id: ReplicaId([1; 16]),
+                token: "t".into(),
+                cursor: 0,
+                schema_version: 1,
+                snapshots: true,
+                resume: Some(vec![1, 2, 3]),
+            },
+        ),
+        (
             "push",
             ClientMsg::Push {
                 change_sets: vec![cs.clone()],
@@ -171,6 +185,7 @@ fn golden_frames_of_every_message() {
                 max_origin_seq: 2,
                 limits: Limits::default(),
                 horizon: 10,
+                snapshot: false,
             },
         ),
         (
@@ -264,6 +279,41 @@ fn golden_frames_of_every_message() {
                     }],
                     backfill: vec![seq],
                 }],
+            },
+        ),
+        (
+            "snapshot",
+            ServerMsg::Snapshot {
+                position: 40,
+                rows: vec![ferry_core::snapshot::SnapshotRow {
+                    table: "todo".into(),
+                    pk: Value::Text("k1".into()),
+                    history: vec![
+                        ferry_core::snapshot::HistEntry {
+                            server_seq: 12,
+                            origin: ReplicaId([1; 16]),
+                            origin_seq: 2,
+                            hlc: Hlc::new(1_700_000_000_000, 1),
+                            base: 11,
+                            cl: 1,
+                            op: RowOp::Upsert(vec![
+                                Cell::Set("title".into(), Value::Text("milk".into())),
+                                Cell::Add("votes".into(), 3),
+                            ]),
+                        },
+                        ferry_core::snapshot::HistEntry {
+                            server_seq: 40,
+                            origin: ReplicaId([3; 16]),
+                            origin_seq: 9,
+                            hlc: Hlc::new(1_700_000_000_500, 0),
+                            base: 39,
+                            cl: 2,
+                            op: RowOp::Delete,
+                        },
+                    ],
+                }],
+                resume: vec![0xaa, 0xbb],
+                done: false,
             },
         ),
         ("pong", ServerMsg::Pong { nonce: 7, head: 43 }),
@@ -461,6 +511,7 @@ fn the_first_refusal_is_the_one_reported() {
         max_origin_seq: 0,
         limits: Limits::default(),
         horizon: 0,
+        snapshot: false,
     };
     let step = client.handle(&a, welcome).unwrap();
     assert_eq!(step.send.len(), 1);

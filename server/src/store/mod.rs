@@ -99,6 +99,9 @@ pub trait Store: Send + Sync + 'static {
     /// [`crate::history`]), about `max_rows` row changes at most; returns the new
     /// watermark. Over PostgreSQL one node folds at a time; the others return the watermark.
     async fn fold_rows(&self, max_rows: usize) -> Result<u64>;
+    /// The key snapshot resume tokens are sealed with, the same on every node of the store
+    /// (see [`crate::resume`]).
+    fn secret(&self) -> [u8; 32];
     /// The next page of the current rows of the scopes `filter` may read, after `after`
     /// (see [`snapshot`]): at most `max_rows` rows and about `max_bytes`.
     async fn snapshot_page(
@@ -111,6 +114,8 @@ pub trait Store: Send + Sync + 'static {
     /// Decides a (validated) lease request by `holder` on the relay's clock, durably and in
     /// order with pushes (a grant and a fence check never race).
     async fn lease(&self, holder: ReplicaId, request: LeaseRequest) -> Result<LeaseOutcome>;
+    /// Position of the first change set stored from `origin`, if any.
+    async fn first_position(&self, origin: ReplicaId) -> Result<Option<u64>>;
     /// Highest origin_seq stored for `origin`.
     async fn max_origin_seq(&self, origin: ReplicaId) -> Result<u64>;
     /// Compacts history at or below `horizon` (see `compact`).

@@ -29,7 +29,26 @@ CREATE TABLE ferry_rows(
 );
 CREATE INDEX ferry_rows_scope ON ferry_rows(scope, tbl, pk);
 INSERT INTO ferry_meta VALUES ('rows_seq', 0);
+CREATE TABLE ferry_secrets(name TEXT PRIMARY KEY, value BYTEA NOT NULL);
 "#;
+
+/// The key snapshot resume tokens are sealed with (see `resume`), made by the first node
+/// that needs it and shared by all.
+pub async fn secret(c: &impl deadpool_postgres::GenericClient) -> Result<[u8; 32]> {
+    let fresh = rand::random::<[u8; 32]>().to_vec();
+    c.execute(
+        "INSERT INTO ferry_secrets(name, value) VALUES ('resume', $1) ON CONFLICT (name) DO NOTHING",
+        &[&fresh],
+    )
+    .await?;
+    let v: Vec<u8> = c
+        .query_one("SELECT value FROM ferry_secrets WHERE name = 'resume'", &[])
+        .await?
+        .get(0);
+    v.try_into().map_err(|_| {
+        crate::error::RelayError::Store("the stored resume-token key is damaged".into())
+    })
+}
 
 async fn watermark(c: &impl deadpool_postgres::GenericClient) -> Result<u64> {
     let r = c

@@ -156,6 +156,7 @@ pub struct PgStore {
     stop: CancellationToken,
     feed: Arc<Feed>,
     cat: Arc<RelayCatalog>,
+    secret: [u8; 32],
 }
 
 impl std::fmt::Debug for PgStore {
@@ -239,6 +240,7 @@ impl PgStore {
             upgrade(&mut c).await?;
         }
         let head = head_of(&pool.get().await?).await?;
+        let secret = pg_rows::secret(&pool.get().await?).await?;
         let feed = Arc::new(Feed::new(head, window, window_bytes));
         let stop = CancellationToken::new();
         let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
@@ -266,6 +268,7 @@ impl PgStore {
             stop,
             feed,
             cat,
+            secret,
         }))
     }
 }
@@ -567,6 +570,10 @@ impl Store for PgStore {
         pg_rows::fold(&self.pool, &self.cat, max_rows).await
     }
 
+    fn secret(&self) -> [u8; 32] {
+        self.secret
+    }
+
     async fn snapshot_page(
         &self,
         filter: &ReadFilter,
@@ -579,6 +586,17 @@ impl Store for PgStore {
 
     async fn lease(&self, holder: ReplicaId, request: LeaseRequest) -> Result<LeaseOutcome> {
         job::lease(self, holder, request).await
+    }
+
+    async fn first_position(&self, origin: ReplicaId) -> Result<Option<u64>> {
+        let c = self.pool.get().await?;
+        let r = c
+            .query_opt(
+                "SELECT server_seq FROM ferry_sets WHERE origin = $1 ORDER BY origin_seq LIMIT 1",
+                &[&origin.0.to_vec()],
+            )
+            .await?;
+        Ok(r.map(|r| r.get::<_, i64>(0) as u64))
     }
 
     async fn max_origin_seq(&self, origin: ReplicaId) -> Result<u64> {

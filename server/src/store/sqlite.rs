@@ -105,6 +105,7 @@ CREATE TABLE rows(
 ) WITHOUT ROWID;
 CREATE INDEX rows_scope ON rows(scope, tbl, pk);
 INSERT INTO meta VALUES ('rows_seq', 0);
+CREATE TABLE secrets(name TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
 ";
 
 /// Page cache of the writer's connection, in KiB.
@@ -118,6 +119,7 @@ pub struct SqliteStore {
     readers: Mutex<Vec<Connection>>,
     feed: Arc<Feed>,
     cat: Arc<RelayCatalog>,
+    secret: [u8; 32],
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -185,11 +187,25 @@ fn upgrade(conn: &mut Connection) -> Result<()> {
         }
         if v < 5 {
             tx.execute_batch(SCHEMA_V5)?;
+            tx.execute(
+                "INSERT INTO secrets(name, value) VALUES ('resume', ?1)",
+                [rand::random::<[u8; 32]>().to_vec()],
+            )?;
         }
         tx.pragma_update(None, "user_version", FORMAT)?;
         tx.commit()?;
     }
     Ok(())
+}
+
+/// The key snapshot resume tokens are sealed with (see `resume`).
+fn read_secret(conn: &Connection) -> Result<[u8; 32]> {
+    let v: Vec<u8> =
+        conn.query_row("SELECT value FROM secrets WHERE name = 'resume'", [], |r| {
+            r.get(0)
+        })?;
+    v.try_into()
+        .map_err(|_| RelayError::Store("the stored resume-token key is damaged".into()))
 }
 
 fn head_of(conn: &Connection) -> Result<u64> {
@@ -225,6 +241,7 @@ impl SqliteStore {
         conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
         upgrade(&mut conn)?;
         let head = head_of(&conn)?;
+        let secret = read_secret(&conn)?;
         let feed = Arc::new(Feed::new(head, window, window_bytes));
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
@@ -244,6 +261,7 @@ impl SqliteStore {
             readers: Mutex::new(Vec::new()),
             feed,
             cat,
+            secret,
         }))
     }
 
@@ -338,6 +356,10 @@ impl Store for SqliteStore {
         job::fold(self, max_rows).await
     }
 
+    fn secret(&self) -> [u8; 32] {
+        self.secret
+    }
+
     async fn snapshot_page(
         &self,
         filter: &ReadFilter,
@@ -352,6 +374,19 @@ impl Store for SqliteStore {
 
     async fn lease(&self, holder: ReplicaId, request: LeaseRequest) -> Result<LeaseOutcome> {
         job::lease(self, holder, request).await
+    }
+
+    async fn first_position(&self, origin: ReplicaId) -> Result<Option<u64>> {
+        self.with_reader(move |c| {
+            let n: Option<i64> = c
+                .prepare_cached(
+                    "SELECT server_seq FROM sets WHERE origin = ?1 ORDER BY origin_seq LIMIT 1",
+                )?
+                .query_row([origin.0.to_vec()], |r| r.get(0))
+                .optional()?;
+            Ok(n.map(|n| n as u64))
+        })
+        .await
     }
 
     async fn max_origin_seq(&self, origin: ReplicaId) -> Result<u64> {

@@ -16,3 +16,185 @@ async fn snapshots_replay_to_the_logs_state_over_many_seeds() {
         store.shutdown().await;
     }
 }
+
+mod live {
+    //! Snapshots through a real relay process: a new device bootstraps from one, a cut
+    //! snapshot resumes after the last page applied, and a forged token is refused.
+    #![allow(clippy::unwrap_used)]
+
+    use ferry_core::protocol::{ClientMsg, ErrorCode, PROTOCOL_VERSION, ServerMsg};
+    use ferry_core::{ReplicaId, SyncPort, Value};
+    use ferry_testkit::relay::*;
+    use std::time::Duration;
+
+    /// A relay holding `rows` rows of `todo` over 8 lists, written in transactions of 500 with
+    /// counter additions, updates and deletes; its row histories folded up to its head.
+    /// Returns the relay, the writer's replica and the head.
+    fn loaded(
+        dir: &std::path::Path,
+        rows: usize,
+    ) -> (RelayProc, std::sync::Arc<ferry_core::Replica>, u64) {
+        let relay = RelayProc::start(&dir.join("relay"));
+        let w = open(dir, "writer.db");
+        let h = connect(&w, &relay.url(), admin_token("writer"));
+        for chunk in 0..rows.div_ceil(500) {
+            w.write(|tx| {
+                for i in chunk * 500..((chunk + 1) * 500).min(rows) {
+                    tx.execute(
+                        "INSERT INTO todo(id, list, title, votes) VALUES (?1, ?2, 't', 1)",
+                        &[format!("r{i:06}").into(), format!("list:{}", i % 8).into()],
+                    )?;
+                }
+                Ok(())
+            })
+            .unwrap();
+        }
+        w.write(|tx| {
+            tx.execute(
+                "UPDATE todo SET votes = votes + 2, title = 'u' WHERE id < 'r000100'",
+                &[],
+            )?;
+            tx.execute(
+                "DELETE FROM todo WHERE id >= 'r000100' AND id < 'r000150'",
+                &[],
+            )
+        })
+        .unwrap();
+        wait_synced(&h);
+        drop(h);
+        let head = w.cursor().unwrap();
+        eventually("row histories folded", Duration::from_secs(60), || {
+            relay.metric("ferry_rows_position") >= head as f64
+        });
+        (relay, w, head)
+    }
+
+    fn reader(dir: &std::path::Path, name: &str) -> std::sync::Arc<ferry_core::Replica> {
+        open(dir, name)
+    }
+
+    /// A new device receives the rows of its scopes in a snapshot, not the log, and ends in
+    /// the writer's state (values and checksum).
+    #[test]
+    fn a_new_device_bootstraps_from_a_snapshot() {
+        let d = tempfile::tempdir().unwrap();
+        let (relay, w, head) = loaded(d.path(), 3_000);
+        let read_before = relay.metric("ferry_store_sets_read_total");
+        let b = reader(d.path(), "b.db");
+        let hb = connect(&b, &relay.url(), admin_token("b"));
+        wait_synced(&hb);
+        assert_eq!(b.dump().unwrap(), w.dump().unwrap());
+        assert_eq!(b.checksum().unwrap(), w.checksum().unwrap());
+        assert!(b.cursor().unwrap() >= head);
+        let sent = relay.metric("ferry_snapshot_rows_total");
+        assert!(sent >= 3_000.0, "the rows came in a snapshot ({sent})");
+        let read = relay.metric("ferry_store_sets_read_total") - read_before;
+        assert!(
+            read < 5.0,
+            "the log was not replayed ({read} change sets read)"
+        );
+        // A device that may read one list receives only that list's rows.
+        let c = reader(d.path(), "c.db");
+        let hc = connect(
+            &c,
+            &relay.url(),
+            token_for("c", &["list:3"], &[], Duration::from_secs(3600)),
+        );
+        wait_synced(&hc);
+        let n = c.query("SELECT count(*) FROM todo", &[]).unwrap().rows[0][0].clone();
+        let truth = w
+            .query("SELECT count(*) FROM todo WHERE list = 'list:3'", &[])
+            .unwrap()
+            .rows[0][0]
+            .clone();
+        assert_eq!(n, truth);
+        assert!(matches!(n, Value::Integer(k) if k > 300));
+    }
+
+    fn hello(replica: ReplicaId, token: &str, resume: Option<Vec<u8>>) -> ClientMsg {
+        ClientMsg::Hello {
+            protocol: PROTOCOL_VERSION,
+            replica_id: replica,
+            token: token.to_owned(),
+            cursor: 0,
+            schema_version: 1,
+            snapshots: true,
+            resume,
+        }
+    }
+
+    /// A snapshot cut after its first page resumes after that page on the next connection:
+    /// the rest comes once, the device ends in the writer's state, and a forged or foreign
+    /// token is refused with a typed error before anything is sent.
+    #[test]
+    fn a_cut_snapshot_resumes_after_the_last_page_applied() {
+        let d = tempfile::tempdir().unwrap();
+        let (relay, w, _head) = loaded(d.path(), 10_000);
+        let device = reader(d.path(), "device.db");
+        let me = device.replica_id().unwrap();
+        let token = admin_token("device");
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (first, resume) = rt.block_on(async {
+            let mut ws = raw::connect(&relay.url()).await;
+            raw::send(&mut ws, &hello(me, &token, None)).await;
+            assert!(matches!(
+                raw::recv(&mut ws).await,
+                Some(ServerMsg::Welcome { .. })
+            ));
+            match raw::recv(&mut ws).await {
+                Some(ServerMsg::Snapshot {
+                    position,
+                    rows,
+                    resume,
+                    done,
+                }) => {
+                    assert!(!done, "10,000 rows take more than one page");
+                    assert!(!resume.is_empty());
+                    ((position, rows), resume)
+                }
+                other => panic!("expected a snapshot page, got {other:?}"),
+            }
+        });
+        // The device applied the first page, then the connection was cut.
+        device.apply_snapshot(&first.1, &resume, None).unwrap();
+        assert_eq!(device.snapshot_resume().unwrap(), Some(resume.clone()));
+        assert_eq!(device.cursor().unwrap(), 0);
+        rt.block_on(async {
+            // A token with a bit flipped, another replica's, and one for other read grants.
+            let mut forged = resume.clone();
+            let mid = forged.len() / 2;
+            forged[mid] ^= 0x40;
+            for (who, tok, t) in [
+                (me, token.clone(), forged),
+                (ReplicaId([9; 16]), token.clone(), resume.clone()),
+                (
+                    me,
+                    token_for("device", &["list:1"], &[], Duration::from_secs(60)),
+                    resume.clone(),
+                ),
+            ] {
+                let mut ws = raw::connect(&relay.url()).await;
+                raw::send(&mut ws, &hello(who, &tok, Some(t))).await;
+                match raw::recv(&mut ws).await {
+                    Some(ServerMsg::Error { code, message }) => {
+                        assert_eq!(code, ErrorCode::BadFrame, "{message}");
+                        assert!(message.contains("resume token"), "{message}");
+                    }
+                    other => panic!("expected a refusal, got {other:?}"),
+                }
+            }
+        });
+        let sent_before = relay.metric("ferry_snapshot_rows_total");
+        let h = connect(&device, &relay.url(), token);
+        wait_synced(&h);
+        let sent = relay.metric("ferry_snapshot_rows_total") - sent_before;
+        assert_eq!(
+            sent as usize,
+            10_000 - first.1.len(),
+            "the rest of the snapshot came once, after the first page"
+        );
+        assert_eq!(device.snapshot_resume().unwrap(), None);
+        assert_eq!(device.dump().unwrap(), w.dump().unwrap());
+        assert_eq!(device.checksum().unwrap(), w.checksum().unwrap());
+    }
+}

@@ -27,6 +27,8 @@ pub fn hello(replica: ReplicaId, token: &str, cursor: u64) -> ClientMsg {
         token: token.to_owned(),
         cursor,
         schema_version: 1,
+        snapshots: false,
+        resume: None,
     }
 }
 

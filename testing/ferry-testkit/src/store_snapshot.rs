@@ -232,7 +232,8 @@ pub async fn check_snapshots(store: &dyn Store, seed: u64, sets: usize) {
                     ferry_relay::scoping::pk_key(&r.pk).unwrap(),
                 ));
             }
-            from_snapshot.apply_snapshot(&rows).unwrap();
+            // The cursor stays at 0 (no `continue_from`): the whole log is replayed over it below.
+            from_snapshot.apply_snapshot(&rows, &[], None).unwrap();
             match page.next {
                 Some(k) => after = Some(k),
                 None => break,

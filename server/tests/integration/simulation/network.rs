@@ -145,6 +145,12 @@ impl Sim {
                 format!("changes ({after}, {up_to}] {} sets", change_sets.len())
             }
             ServerMsg::Acks { acks } => format!("acks {acks:?}"),
+            ServerMsg::Snapshot {
+                position,
+                rows,
+                done,
+                ..
+            } => format!("snapshot at {position}, {} rows, done={done}", rows.len()),
             other => format!("{:?}", std::mem::discriminant(other)),
         };
         let out = self.with_replica(node, "handle", |r, n| {

@@ -273,6 +273,18 @@ impl Sim {
                     self.note("token expiry", format!("node {i}"));
                 }
                 93..=94 => self.lease(i),
+                95..=96 => {
+                    // The relay folds its row histories some way forward, so a node's first
+                    // connection (and a reconnection cut off during it) gets a snapshot of
+                    // whatever the others wrote by then.
+                    if let Some(shared) = &self.shared {
+                        let rows = self.rng.random_range(1..400);
+                        let at = self.rt.block_on(shared.store.fold_rows(rows));
+                        if let Ok(at) = at {
+                            let _ = writeln!(self.trace, "{:>5} relay folded to {at}", self.step);
+                        }
+                    }
+                }
                 _ => {
                     // Delay: time passes with everything queued.
                     self.time
