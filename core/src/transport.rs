@@ -36,7 +36,7 @@ use crate::socket::{self, Outbox, Ws};
 use crate::sync::{Phase, RefusedPush, RemoteChecksum, SyncClient};
 use crate::transaction::Transaction;
 use futures_util::StreamExt;
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use rand::RngExt;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -294,6 +294,43 @@ pub struct SyncHandle {
     status: watch::Receiver<SyncStatus>,
     observers: Observers,
     next_observer: Mutex<u64>,
+    finished: Arc<Finished>,
+}
+
+/// How long [`SyncHandle::disconnect`] waits for the sync task to end.
+const DISCONNECT_WAIT: Duration = Duration::from_secs(3);
+
+/// Set once the sync task has ended and dropped what it held — the app's token provider and
+/// status listeners, which are foreign objects in the bindings. `disconnect` waits for it, so
+/// those objects are released while the app is still running: a Python interpreter that is
+/// shutting down aborts the process when another thread releases one of its objects.
+#[derive(Default)]
+struct Finished {
+    done: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Finished {
+    fn wait(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        let mut done = self.done.lock();
+        while !*done {
+            if self.cv.wait_until(&mut done, deadline).timed_out() {
+                tracing::warn!(?limit, "the sync task did not end in time after disconnect");
+                return;
+            }
+        }
+    }
+}
+
+/// Marks [`Finished`] when dropped, after everything the task owned.
+struct FinishOnDrop(Arc<Finished>);
+
+impl Drop for FinishOnDrop {
+    fn drop(&mut self) {
+        *self.0.done.lock() = true;
+        self.0.cv.notify_all();
+    }
 }
 
 /// Cancels a status subscription when dropped.
@@ -369,7 +406,10 @@ impl Replica {
             checksum_waiters: Vec::new(),
             lease_waiters: Vec::new(),
         };
+        let finished = Arc::new(Finished::default());
+        let signal = FinishOnDrop(Arc::clone(&finished));
         rt.spawn(async move {
+            let _signal = signal; // dropped last, after the task's own state
             let _sub = sub;
             lp.run().await;
         });
@@ -380,6 +420,7 @@ impl Replica {
             status: status_rx,
             observers,
             next_observer: Mutex::new(0),
+            finished,
         })
     }
 }
@@ -426,9 +467,14 @@ impl SyncHandle {
         let _ = self.cmd.send(Command::Resume);
     }
 
-    /// Disconnects for good (also done on drop).
+    /// Disconnects for good (also done on drop). Outside an async context it waits (a few
+    /// seconds at most) until the sync task has ended and released the token provider and
+    /// listeners it held.
     pub fn disconnect(&self) {
         let _ = self.cmd.send(Command::Stop);
+        if tokio::runtime::Handle::try_current().is_err() {
+            self.finished.wait(DISCONNECT_WAIT);
+        }
     }
 
     /// Completes when nothing is pending and the cursor has reached the relay's head as of
@@ -647,7 +693,7 @@ fn granted(outcome: LeaseOutcome, name: &str, token: u64) -> Result<Lease> {
 
 impl Drop for SyncHandle {
     fn drop(&mut self) {
-        let _ = self.cmd.send(Command::Stop);
+        self.disconnect();
     }
 }
 
@@ -1068,6 +1114,43 @@ fn backoff(opts: &SyncOptions, failures: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{Schema, TableDecl};
+
+    /// A token provider whose drop can be observed, like a foreign object in the bindings.
+    struct Tokens;
+    impl TokenProvider for Tokens {
+        fn token(&self) -> std::result::Result<String, String> {
+            Ok("t".into())
+        }
+    }
+
+    #[test]
+    fn disconnect_returns_after_the_task_released_the_token_provider() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let schema = Schema::new(1).table(TableDecl::new("todo").text_key("id").text("title"));
+        let replica = Arc::new(Replica::open(dir.path().join("a.db"), &schema).expect("open"));
+        for _ in 0..20 {
+            let tokens = Arc::new(Tokens);
+            let provider: Arc<dyn TokenProvider> = tokens.clone();
+            // Nothing listens on port 1: the task fails to connect and backs off.
+            let opts = SyncOptions {
+                backoff_min: Duration::from_millis(1),
+                backoff_max: Duration::from_millis(5),
+                ..SyncOptions::default()
+            };
+            let handle = replica
+                .connect_with("ws://127.0.0.1:1/sync", provider, opts)
+                .expect("connect");
+            std::thread::sleep(Duration::from_millis(3));
+            handle.disconnect();
+            assert_eq!(
+                Arc::strong_count(&tokens),
+                1,
+                "the task still holds the provider"
+            );
+            drop(handle);
+        }
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {
