@@ -196,35 +196,53 @@ impl Merge<'_> {
     /// the change sets it comes from were applied one by one. Entries made by this replica
     /// are skipped: its own writes are in its state already (a counter addition applied
     /// twice would count twice).
-    pub fn apply_history(&mut self, row: &SnapshotRow, me: ReplicaId) -> Result<()> {
+    pub fn apply_history(&mut self, row: SnapshotRow, me: ReplicaId) -> Result<()> {
         let t = self.cat.table(&row.table)?;
-        let changes: Vec<RowChange> = row
-            .history
-            .iter()
-            .map(|e| e.row_change(&row.table, &row.pk))
-            .collect();
-        for rc in &changes {
+        let SnapshotRow { table, pk, history } = row;
+        // The entries become row changes by move: a row's only entry (most rows) takes the
+        // row's table name and key too.
+        let n = history.len();
+        let mut table = Some(table);
+        let mut pk = Some(pk);
+        let mut changes = Vec::with_capacity(n);
+        for (i, e) in history.into_iter().enumerate() {
+            let last = i + 1 == n;
+            let (Some(tbl), Some(key)) = (take_last(&mut table, last), take_last(&mut pk, last))
+            else {
+                break;
+            };
+            let id = (e.origin, e.origin_seq, e.hlc, e.server_seq, e.base);
+            changes.push((
+                id,
+                RowChange {
+                    table: tbl,
+                    pk: key,
+                    cl: e.cl,
+                    op: e.op,
+                },
+            ));
+        }
+        for (_, rc) in &changes {
             validate(t, rc)?;
         }
         let mut wrote = false;
-        for (e, rc) in row.history.iter().zip(&changes) {
-            if e.origin == me {
+        for ((origin, origin_seq, hlc, server_seq, base), rc) in &changes {
+            if *origin == me {
                 continue;
             }
-            self.withdraw_doomed(t, rc, e.origin, e.server_seq)?;
-            let origin = self.origins.intern(self.conn, e.origin)?;
+            self.withdraw_doomed(t, rc, *origin, *server_seq)?;
             let v = Version {
-                hlc: e.hlc,
-                origin,
-                origin_seq: e.origin_seq,
-                server_seq: e.server_seq,
-                base: e.base,
+                hlc: *hlc,
+                origin: self.origins.intern(self.conn, *origin)?,
+                origin_seq: *origin_seq,
+                server_seq: *server_seq,
+                base: *base,
             };
             self.apply_row(t, rc, &v)?;
             wrote = true;
         }
-        if wrote && !self.out.tables.contains(&row.table) {
-            self.out.tables.insert(row.table.clone());
+        if wrote && !self.out.tables.contains(t.name()) {
+            self.out.tables.insert(t.name().to_owned());
         }
         Ok(())
     }
@@ -471,6 +489,14 @@ impl Merge<'_> {
 fn validate(t: &TableInfo, rc: &RowChange) -> Result<()> {
     crate::changeset::check_row_change(&t.decl, rc)
 }
+
+/// The value itself when `last`, else a copy.
+fn take_last<T: Clone>(o: &mut Option<T>, last: bool) -> Option<T> {
+    if last { o.take() } else { o.clone() }
+}
+
+/// Page cache while a snapshot is applied, as `PRAGMA cache_size` (negative: KiB).
+const BULK_CACHE_SIZE: i64 = -65_536;
 
 /// Result of applying a batch of remote change sets.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -725,7 +751,7 @@ impl Engine {
     pub(crate) fn apply_snapshot(
         &mut self,
         wall: &dyn WallClock,
-        rows: &[SnapshotRow],
+        rows: Vec<SnapshotRow>,
         resume: &[u8],
         continue_from: Option<u64>,
         report: &mut ApplyReport,
@@ -735,6 +761,17 @@ impl Engine {
         let clock_before = self.clock;
         let remote_before = self.remote_hlc;
         let cursor_before = self.cursor;
+        let count = rows.len();
+        if self.bulk_cache.is_none() {
+            // A snapshot writes rows by the hundred thousand: a page cache that holds the
+            // tables' upper levels keeps each insert from reading pages back.
+            let size: i64 = self
+                .conn
+                .pragma_query_value(None, "cache_size", |r| r.get(0))?;
+            self.conn
+                .pragma_update(None, "cache_size", BULK_CACHE_SIZE)?;
+            self.bulk_cache = Some(size);
+        }
         let r = self.in_txn(|e| {
             e.begin_sdk_writes(wall, notes)?;
             e.materialize_in_tx()?;
@@ -747,13 +784,13 @@ impl Engine {
                     num: e.me_num,
                     cursor: e.cursor,
                 });
-                e.merge(&mut out, own.as_ref()).apply_history(row, me)?;
-                if own.is_some() {
-                    e.guard_pending = log::guard_pending(&e.conn)?;
-                }
                 for h in &row.history {
                     e.clock.observe(h.hlc);
                     e.remote_hlc = e.remote_hlc.max(h.hlc);
+                }
+                e.merge(&mut out, own.as_ref()).apply_history(row, me)?;
+                if own.is_some() {
+                    e.guard_pending = log::guard_pending(&e.conn)?;
                 }
             }
             db::meta_set(&e.conn, "hlc", e.clock.last().0 as i64)?;
@@ -777,7 +814,12 @@ impl Engine {
             notes.discard();
             return Err(e);
         }
-        report.applied += rows.len();
+        if continue_from.is_some()
+            && let Some(size) = self.bulk_cache.take()
+        {
+            self.conn.pragma_update(None, "cache_size", size)?;
+        }
+        report.applied += count;
         report.conflicts += out.conflicts.len();
         report.cursor = self.cursor;
         out.notify(notes);

@@ -57,6 +57,9 @@ pub(crate) struct Engine {
     pub(crate) guard_pending: bool,
     /// The largest HLC of any change set received from the relay (see `refusal`).
     pub(crate) remote_hlc: Hlc,
+    /// While a snapshot is being applied: the page cache size to return to when it is done
+    /// (see `apply_snapshot`).
+    pub(crate) bulk_cache: Option<i64>,
 }
 
 /// The schema as this replica sees it: the `read_only` tables it is the primary of are
@@ -159,6 +162,7 @@ impl Engine {
             has_server_checked,
             guard_pending,
             remote_hlc: Hlc(remote_hlc as u64),
+            bulk_cache: None,
         };
         engine.sync_trigger_mode()?;
         Ok(engine)

@@ -64,7 +64,7 @@ pub trait SyncPort {
     /// position and the token is dropped.
     fn apply_snapshot(
         &self,
-        rows: &[SnapshotRow],
+        rows: Vec<SnapshotRow>,
         resume: &[u8],
         continue_from: Option<u64>,
     ) -> Result<ApplyReport>;

@@ -281,6 +281,16 @@ pub enum ServerMsg {
         resume: Vec<u8>,
         /// The last page.
         done: bool,
+        /// Rows the snapshot holds from this connection's first page on, announced with
+        /// every page for progress (the rows may grow a little while writers write).
+        #[serde(default)]
+        total_rows: u64,
+        /// The relay's stored bytes of those rows (the unit of `bytes`).
+        #[serde(default)]
+        total_bytes: u64,
+        /// The relay's stored bytes of this page's rows.
+        #[serde(default)]
+        bytes: u64,
     },
     /// Keep-alive answer.
     Pong {

@@ -241,6 +241,20 @@ impl Replica {
         self.with_engine(|e| Ok(e.cursor))
     }
 
+    /// When this replica was last caught up with a relay (milliseconds since the Unix
+    /// epoch): nothing pending and everything the relay had applied. `None` until the first
+    /// complete sync — the replica's rows are then not yet the relay's.
+    pub fn last_synced_at(&self) -> Result<Option<u64>> {
+        self.with_engine(|e| {
+            Ok(crate::db::meta_opt::<i64>(&e.conn, "last_synced_at")?.map(|v| v.max(0) as u64))
+        })
+    }
+
+    /// Records a complete sync at `at_ms` (see [`Replica::last_synced_at`]).
+    pub(crate) fn note_synced(&self, at_ms: u64) -> Result<()> {
+        self.with_engine(|e| crate::db::meta_set(&e.conn, "last_synced_at", at_ms as i64))
+    }
+
     /// The app schema version this replica runs.
     pub fn schema_version(&self) -> Result<u32> {
         self.with_engine(|e| Ok(e.schema_version))
@@ -509,7 +523,7 @@ impl SyncPort for Replica {
 
     fn apply_snapshot(
         &self,
-        rows: &[crate::snapshot::SnapshotRow],
+        rows: Vec<crate::snapshot::SnapshotRow>,
         resume: &[u8],
         continue_from: Option<u64>,
     ) -> Result<ApplyReport> {

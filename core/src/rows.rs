@@ -63,19 +63,41 @@ pub fn insert_row(
     pk: &Value,
     cells: &[(usize, Value)],
 ) -> Result<()> {
-    let mut names = vec![quote(&t.cols[t.pk].name)];
-    names.extend(cells.iter().map(|(i, _)| quote(&t.cols[*i].name)));
+    let whole = cells.len() + 1 == t.cols.len()
+        && cells
+            .iter()
+            .map(|(i, _)| *i)
+            .eq((0..t.cols.len()).filter(|i| *i != t.pk));
+    let built;
+    let sql = if whole {
+        t.insert_whole.as_str()
+    } else {
+        built = insert_sql(t.name(), &t.cols, t.pk, cells.iter().map(|(i, _)| *i));
+        built.as_str()
+    };
+    let mut vals: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(cells.len() + 1);
+    vals.push(pk);
+    vals.extend(cells.iter().map(|(_, v)| v as &dyn rusqlite::ToSql));
+    conn.prepare_cached(sql)?.execute(vals.as_slice())?;
+    Ok(())
+}
+
+/// The `INSERT OR REPLACE` statement of [`insert_row`] for the key and `columns`.
+pub(crate) fn insert_sql(
+    table: &str,
+    cols: &[crate::tables::ColInfo],
+    pk: usize,
+    columns: impl Iterator<Item = usize>,
+) -> String {
+    let mut names = vec![quote(&cols[pk].name)];
+    names.extend(columns.map(|i| quote(&cols[i].name)));
     let marks: Vec<String> = (1..=names.len()).map(|i| format!("?{i}")).collect();
-    let sql = format!(
+    format!(
         "INSERT OR REPLACE INTO {} ({}) VALUES ({}) /* ferry apply */",
-        quote(t.name()),
+        quote(table),
         names.join(", "),
         marks.join(", ")
-    );
-    let mut vals: Vec<&dyn rusqlite::ToSql> = vec![pk];
-    vals.extend(cells.iter().map(|(_, v)| v as &dyn rusqlite::ToSql));
-    conn.prepare_cached(&sql)?.execute(vals.as_slice())?;
-    Ok(())
+    )
 }
 
 /// Sets cells and adds counter deltas on an existing row.

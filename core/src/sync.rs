@@ -127,6 +127,24 @@ pub struct SyncClient {
     stale_through: Option<u64>,
     /// The relay is sending a snapshot: nothing is pushed until its last page.
     bootstrapping: bool,
+    /// The snapshot received on this connection so far, against what the relay announced.
+    snapshot: SnapshotProgress,
+    /// Bytes of the change sets acknowledged on this connection.
+    acked_bytes: u64,
+}
+
+/// A snapshot's progress on one connection: rows and the relay's stored bytes received, of
+/// the totals the relay announced with its first page (from where this connection resumed).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SnapshotProgress {
+    /// Rows applied.
+    pub rows: u64,
+    /// Rows announced.
+    pub total_rows: u64,
+    /// Bytes applied.
+    pub bytes: u64,
+    /// Bytes announced.
+    pub total_bytes: u64,
 }
 
 impl Default for SyncClient {
@@ -140,6 +158,8 @@ impl SyncClient {
     pub fn new() -> Self {
         SyncClient {
             phase: Phase::Idle,
+            snapshot: SnapshotProgress::default(),
+            acked_bytes: 0,
             in_flight: InFlight::default(),
             head: 0,
             max_sets: 256,
@@ -177,7 +197,23 @@ impl SyncClient {
         self.in_flight.bytes
     }
 
-    /// Current phase.
+    /// Bytes of the change sets acknowledged on this connection
+    /// ([`ChangeSet::approx_bytes`]).
+    pub fn acked_bytes(&self) -> u64 {
+        self.acked_bytes
+    }
+
+    /// The snapshot received on this connection so far (all zero when none was sent).
+    pub fn snapshot_progress(&self) -> SnapshotProgress {
+        self.snapshot
+    }
+
+    /// Whether a snapshot is being received (pushes wait for its last page).
+    pub fn bootstrapping(&self) -> bool {
+        self.bootstrapping
+    }
+
+    /// The connection's phase.
     pub fn phase(&self) -> Phase {
         self.phase
     }
@@ -324,7 +360,7 @@ impl SyncClient {
                     self.frames.pop_front();
                 }
                 for a in acks {
-                    self.in_flight.remove(&a.origin_seq);
+                    self.acked_bytes += self.in_flight.remove(&a.origin_seq) as u64;
                     self.head = self.head.max(a.server_seq);
                 }
             }
@@ -341,7 +377,7 @@ impl SyncClient {
                 step.applied = report.applied;
                 for cs in &change_sets {
                     if cs.change_set.origin == replica.replica_id()? {
-                        self.in_flight.remove(&cs.change_set.origin_seq);
+                        self.acked_bytes += self.in_flight.remove(&cs.change_set.origin_seq) as u64;
                     }
                 }
             }
@@ -350,10 +386,20 @@ impl SyncClient {
                 rows,
                 resume,
                 done,
+                total_rows,
+                total_bytes,
+                bytes,
             } => {
                 self.expect_streaming()?;
                 self.head = self.head.max(position);
-                let report = replica.apply_snapshot(&rows, &resume, done.then_some(position))?;
+                let n = rows.len() as u64;
+                let report = replica.apply_snapshot(rows, &resume, done.then_some(position))?;
+                let p = &mut self.snapshot;
+                p.rows += n;
+                p.bytes += bytes;
+                // Writers may add rows while the walk runs: the total never shows less.
+                p.total_rows = total_rows.max(p.rows);
+                p.total_bytes = total_bytes.max(p.bytes);
                 step.applied = report.applied;
                 if done {
                     // Pushing starts now, above the position the log continues from.
@@ -498,10 +544,11 @@ impl InFlight {
         self.bytes += bytes;
     }
 
-    fn remove(&mut self, origin_seq: &u64) {
-        if let Some(b) = self.sets.remove(origin_seq) {
-            self.bytes -= b;
-        }
+    /// Forgets an acknowledged change set; returns its bytes (0 if it was not in flight).
+    fn remove(&mut self, origin_seq: &u64) -> usize {
+        let b = self.sets.remove(origin_seq).unwrap_or(0);
+        self.bytes -= b;
+        b
     }
 
     /// Keeps the sets before `origin_seq` (a refusal: the rest were not sequenced).
@@ -640,7 +687,7 @@ mod tests {
         }
         fn apply_snapshot(
             &self,
-            rows: &[crate::snapshot::SnapshotRow],
+            rows: Vec<crate::snapshot::SnapshotRow>,
             _resume: &[u8],
             continue_from: Option<u64>,
         ) -> Result<ApplyReport> {

@@ -38,6 +38,10 @@ pub struct TableInfo {
     pub pk: usize,
     /// Column id by name.
     pub by_name: HashMap<String, usize>,
+    /// `INSERT OR REPLACE` of a whole row: the key, then every other column in order. Rows
+    /// arrive whole far more often than not (every insert, every snapshot row), so the
+    /// statement text is built once rather than per row.
+    pub insert_whole: String,
 }
 
 impl TableInfo {
@@ -193,12 +197,19 @@ impl Tables {
                 |r| r.get(0),
             )?;
             let id = id as u32;
+            let insert_whole = crate::rows::insert_sql(
+                &decl.name,
+                &cols,
+                pk,
+                (0..cols.len()).filter(|i| *i != pk),
+            );
             let info = TableInfo {
                 id,
                 decl: decl.clone(),
                 cols,
                 pk,
                 by_name,
+                insert_whole,
             };
             if exists && !added.is_empty() {
                 mark_unwritten(conn, &info, &added)?;

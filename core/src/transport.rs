@@ -33,7 +33,7 @@ use crate::protocol::{
 };
 use crate::replica::Replica;
 use crate::socket::{self, Outbox, Ws};
-use crate::sync::{Phase, RefusedPush, RemoteChecksum, SyncClient};
+use crate::sync::{Phase, RefusedPush, RemoteChecksum, SnapshotProgress, SyncClient};
 use crate::transaction::Transaction;
 use futures_util::StreamExt;
 use parking_lot::{Condvar, Mutex};
@@ -124,6 +124,15 @@ pub struct SyncStatus {
     /// Change sets the relay refused (compare-and-set conflict, stale lease) and that were
     /// rolled back, since this handle was created.
     pub rolled_back: u64,
+    /// The snapshot being received on this connection (see [`crate::snapshot`]): rows and
+    /// bytes of the totals the relay announced. All zero when none is sent.
+    pub snapshot: SnapshotProgress,
+    /// Bytes of change sets acknowledged this session ([`crate::ChangeSet::approx_bytes`]).
+    pub uploaded_bytes: u64,
+    /// The replica has been completely synced at least once (see `last_synced_at`).
+    pub has_synced: bool,
+    /// When the replica was last caught up with the relay (ms since the Unix epoch).
+    pub last_synced_at: Option<u64>,
 }
 
 impl SyncStatus {
@@ -141,6 +150,10 @@ impl SyncStatus {
             pongs: 0,
             answered: 0,
             rolled_back: 0,
+            snapshot: SnapshotProgress::default(),
+            uploaded_bytes: 0,
+            has_synced: false,
+            last_synced_at: None,
         }
     }
 }
@@ -387,6 +400,8 @@ impl Replica {
         let mut initial = SyncStatus::initial();
         initial.cursor = self.cursor()?;
         initial.pending = self.pending_count()?;
+        initial.last_synced_at = self.last_synced_at()?;
+        initial.has_synced = initial.last_synced_at.is_some();
         let (status_tx, status_rx) = watch::channel(initial);
         let observers: Observers = Arc::new(Mutex::new(Vec::new()));
         let wake = Arc::new(tokio::sync::Notify::new());
@@ -405,6 +420,7 @@ impl Replica {
             paused: false,
             checksum_waiters: Vec::new(),
             lease_waiters: Vec::new(),
+            synced_cursor: AtomicU64::new(u64::MAX),
         };
         let finished = Arc::new(Finished::default());
         let signal = FinishOnDrop(Arc::clone(&finished));
@@ -422,6 +438,63 @@ impl Replica {
             next_observer: Mutex::new(0),
             finished,
         })
+    }
+}
+
+/// Frames decoded ahead of the session loop.
+const DECODED_AHEAD: usize = 2;
+
+/// What the reader hands the session loop.
+enum Incoming {
+    Msg(ServerMsg),
+    Undecodable(Error),
+    Closed,
+    Lost(String),
+}
+
+/// Reads and decodes the relay's frames on its own task, a couple of frames ahead of the
+/// session loop: while the loop applies one snapshot page or batch of change sets, the next
+/// is decoded on the other core. The channel is bounded, so a loop that falls behind stops
+/// the reading and the relay's sends wait (flow control stays with the socket); the loop
+/// never waits on the reader while it has something to do, and the writer is separate.
+struct Reader {
+    rx: mpsc::Receiver<Incoming>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Reader {
+    fn start(mut ws: futures_util::stream::SplitStream<Ws>, max_frame_bytes: usize) -> Reader {
+        let (tx, rx) = mpsc::channel(DECODED_AHEAD);
+        let task = tokio::spawn(async move {
+            loop {
+                let item = match ws.next().await {
+                    None | Some(Ok(Message::Close(_))) => Incoming::Closed,
+                    Some(Err(e)) => Incoming::Lost(e.to_string()),
+                    Some(Ok(Message::Binary(b))) => {
+                        match ServerMsg::decode_limited(&b, max_frame_bytes) {
+                            Ok(m) => Incoming::Msg(m),
+                            Err(e) => Incoming::Undecodable(e),
+                        }
+                    }
+                    Some(Ok(_)) => continue,
+                };
+                let last = !matches!(item, Incoming::Msg(_));
+                if tx.send(item).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+        Reader { rx, task }
+    }
+
+    async fn next(&mut self) -> Incoming {
+        self.rx.recv().await.unwrap_or(Incoming::Closed)
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
@@ -711,6 +784,8 @@ struct SyncTask {
     paused: bool,
     checksum_waiters: Vec<(u64, oneshot::Sender<RemoteChecksum>)>,
     lease_waiters: Vec<(u64, oneshot::Sender<LeaseOutcome>)>,
+    /// The cursor the last complete sync was recorded at (`u64::MAX`: none this run).
+    synced_cursor: AtomicU64,
 }
 
 /// Why a session ended.
@@ -844,10 +919,11 @@ impl SyncTask {
                 return SessionEnd::Failed(transport_err(format!("token provider panicked: {e}")));
             }
         };
-        let (mut out, mut ws) = match self.open().await {
+        let (mut out, ws) = match self.open().await {
             Ok(ws) => Outbox::start(ws),
             Err(e) => return SessionEnd::Failed(e),
         };
+        let mut frames = Reader::start(ws, self.opts.max_frame_bytes);
         let mut client = SyncClient::new()
             .with_batch(self.opts.push_batch_sets, self.opts.push_batch_bytes)
             .with_window(self.opts.push_window_sets, self.opts.push_window_bytes);
@@ -879,18 +955,12 @@ impl SyncTask {
             }
             tokio::select! {
                 e = out.stopped() => return SessionEnd::Failed(transport_err(e.to_string())),
-                frame = ws.next() => {
+                frame = frames.next() => {
                     let msg = match frame {
-                        None => return SessionEnd::Failed(transport_err("the relay closed the connection".into())),
-                        Some(Err(e)) => return SessionEnd::Failed(transport_err(format!("connection lost: {e}"))),
-                        Some(Ok(Message::Binary(b))) => {
-                            match ServerMsg::decode_limited(&b, self.opts.max_frame_bytes) {
-                                Ok(m) => m,
-                                Err(e) => return SessionEnd::Failed(local_err(&e)),
-                            }
-                        }
-                        Some(Ok(Message::Close(_))) => return SessionEnd::Failed(transport_err("the relay closed the connection".into())),
-                        Some(Ok(_)) => continue,
+                        Incoming::Msg(m) => m,
+                        Incoming::Undecodable(e) => return SessionEnd::Failed(local_err(&e)),
+                        Incoming::Closed => return SessionEnd::Failed(transport_err("the relay closed the connection".into())),
+                        Incoming::Lost(e) => return SessionEnd::Failed(transport_err(format!("connection lost: {e}"))),
                     };
                     last_heard = Instant::now();
                     if let ServerMsg::Error { code, message } = &msg {
@@ -1056,7 +1126,31 @@ impl SyncTask {
         let head = client.head();
         let online = client.phase() == Phase::Streaming;
         let refused = client.refused().cloned();
+        // Caught up: nothing to push, everything the relay had applied, no snapshot pending.
+        let caught_up = online
+            && !client.bootstrapping()
+            && pending == 0
+            && cursor >= head
+            && refused.is_none();
+        let mut synced_at = None;
+        if caught_up && self.synced_cursor.swap(cursor, Ordering::Relaxed) != cursor {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            match blocking(|| replica.note_synced(now)) {
+                Ok(()) => synced_at = Some(now),
+                Err(e) => tracing::warn!(error = %e, "cannot record the time of the sync"),
+            }
+        }
+        let snapshot = client.snapshot_progress();
+        let uploaded_bytes = client.acked_bytes();
         self.publish(|s| {
+            if let Some(at) = synced_at {
+                s.last_synced_at = Some(at);
+                s.has_synced = true;
+            }
+            s.snapshot = snapshot;
+            s.uploaded_bytes = uploaded_bytes;
             if online {
                 s.state = ConnState::Online;
             }

@@ -128,8 +128,11 @@ pub struct LimitsConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetentionConfig {
-    /// Change sets kept uncompacted behind the head (0: never compact).
-    #[serde(default)]
+    /// Change sets kept uncompacted behind the head (0: never compact). New devices start
+    /// from a snapshot of the current rows, not from the log, so old history serves only
+    /// devices that were away long; compacted, it costs them the current state of what
+    /// changed rather than every write.
+    #[serde(default = "default_keep")]
     pub keep_change_sets: u64,
     /// How often compaction runs.
     #[serde(default = "default_compact_every", with = "humantime_serde")]
@@ -202,6 +205,9 @@ fn default_idle() -> Duration {
 fn default_hello() -> Duration {
     Duration::from_secs(10)
 }
+fn default_keep() -> u64 {
+    10_000
+}
 fn default_compact_every() -> Duration {
     Duration::from_secs(600)
 }
@@ -250,7 +256,7 @@ impl Default for LimitsConfig {
 impl Default for RetentionConfig {
     fn default() -> Self {
         RetentionConfig {
-            keep_change_sets: 0,
+            keep_change_sets: default_keep(),
             compact_every: default_compact_every(),
         }
     }

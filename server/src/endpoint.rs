@@ -92,6 +92,8 @@ struct Walk {
     position: Option<u64>,
     /// The next page starts after this row.
     after: Option<SnapshotKey>,
+    /// What the walk holds from this connection's first page on (announced for progress).
+    total: Option<crate::store::SnapshotSize>,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -160,11 +162,13 @@ impl Endpoint {
                 Some(Walk {
                     position: Some(r.position),
                     after: r.after,
+                    total: None,
                 })
             }
             (true, None) if cursor == 0 && head > 0 => Some(Walk {
                 position: None,
                 after: None,
+                total: None,
             }),
             _ => None,
         };
@@ -388,6 +392,16 @@ impl Endpoint {
             if sent >= frames {
                 return Ok(true);
             }
+            let total = match walk.total {
+                Some(t) => t,
+                None => {
+                    let t = store
+                        .snapshot_size(&self.filter, walk.after.clone())
+                        .await?;
+                    walk.total = Some(t);
+                    t
+                }
+            };
             let page = store
                 .snapshot_page(
                     &self.filter,
@@ -431,6 +445,9 @@ impl Endpoint {
                 rows,
                 resume,
                 done,
+                total_rows: total.rows,
+                total_bytes: total.bytes,
+                bytes: page.bytes,
             });
             sent += 1;
             if done {

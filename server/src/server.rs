@@ -25,7 +25,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -102,10 +102,16 @@ impl Relay {
         } else {
             None
         };
-        background.spawn(folder(Arc::clone(&store), shutdown.clone()));
+        let folded = Arc::new(AtomicU64::new(0));
+        background.spawn(folder(
+            Arc::clone(&store),
+            Arc::clone(&folded),
+            shutdown.clone(),
+        ));
         if cfg.retention.keep_change_sets > 0 {
             background.spawn(compactor(
                 Arc::clone(&store),
+                folded,
                 cfg.retention.keep_change_sets,
                 cfg.retention.compact_every,
                 shutdown.clone(),
@@ -263,7 +269,15 @@ async fn ready(State(shared): State<Arc<RelayState>>) -> impl IntoResponse {
     }
 }
 
-async fn compactor(store: Arc<dyn Store>, keep: u64, every: Duration, stop: CancellationToken) {
+/// Compacts history older than `keep` change sets behind the head, never past what the row
+/// histories have folded (`folded`): the fold reads change sets as they were written.
+async fn compactor(
+    store: Arc<dyn Store>,
+    folded: Arc<AtomicU64>,
+    keep: u64,
+    every: Duration,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(every.max(Duration::from_secs(1)));
     tick.tick().await;
     loop {
@@ -272,10 +286,13 @@ async fn compactor(store: Arc<dyn Store>, keep: u64, every: Duration, stop: Canc
             _ = tick.tick() => {}
         }
         let head = store.feed().head();
-        if head <= keep {
+        let horizon = head
+            .saturating_sub(keep)
+            .min(folded.load(Ordering::Relaxed));
+        if horizon == 0 {
             continue;
         }
-        if let Err(e) = store.compact(head - keep).await {
+        if let Err(e) = store.compact(horizon).await {
             tracing::warn!(error = %e, "compaction failed");
         }
     }
@@ -294,7 +311,7 @@ const FOLD_AT_LEAST_EVERY: Duration = Duration::from_secs(2);
 /// come first: the fold runs when the head has been still for a moment, and at least every two
 /// seconds, so a burst of pushes is sequenced at full speed and folded after (a snapshot
 /// taken meanwhile is a little older and the device catches up the rest from the log).
-async fn folder(store: Arc<dyn Store>, stop: CancellationToken) {
+async fn folder(store: Arc<dyn Store>, folded: Arc<AtomicU64>, stop: CancellationToken) {
     let mut heads = store.feed().subscribe();
     let mut last_fold = tokio::time::Instant::now();
     loop {
@@ -317,6 +334,7 @@ async fn folder(store: Arc<dyn Store>, stop: CancellationToken) {
         let idle = match store.fold_rows(FOLD_ROWS).await {
             Ok(at) => {
                 metrics::gauge!(m::ROWS_POSITION).set(at as f64);
+                folded.store(at, Ordering::Relaxed);
                 at >= store.feed().head()
             }
             Err(RelayError::ShuttingDown) => return,

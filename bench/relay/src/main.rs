@@ -12,6 +12,12 @@
 //! * `b2`: backlog push. `--rows` rows (1M by default) written offline in `--txns`
 //!   transactions (1,000), then connect with the default options: time until every change
 //!   set is acknowledged, against plain rusqlite inserting the same rows the same way.
+//! * `b1`: bootstrap. A relay holds `--rows` rows (1M by default, written in `--txns`
+//!   transactions); an empty replica in a separate process connects: time from connect to
+//!   caught up, against plain rusqlite inserting the same rows in one transaction; the
+//!   client's and the relay's peak RSS; replica file bytes per row against the plain table's.
+//!   With `--cuts K` (B3) the connection is also cut K times during the download, through a
+//!   proxy that counts the bytes: bytes downloaded against the clean run's.
 //! * `wire`: bytes on the wire per changed cell against the raw value bytes.
 //! * `scale`: push throughput (change sets/s from P closed-loop pushers) and fan-out latency
 //!   (one write to S subscribers spread over the nodes) for one relay on SQLite and for 1, 2
@@ -590,6 +596,289 @@ fn w6(dir: &Path, noise: usize, repeat: usize) -> Res<()> {
 /// B2 backlog push: a replica writes `rows` rows offline in `txns` transactions, then
 /// connects with the default options; timed from connect until every change set is
 /// acknowledged, against plain rusqlite inserting the same rows in the same transactions.
+/// Writes `rows` rows in `txns` transactions on a replica at `path` and pushes them all to
+/// `relay`.
+fn load_relay(path: &Path, relay: &RelayProc, rows: usize, txns: usize) -> Res<()> {
+    let a = Arc::new(Replica::open(path, &schema())?);
+    let per = rows / txns;
+    for k in 0..txns {
+        a.write(|tx| {
+            let mut st = tx.prepare(INSERT)?;
+            for i in k * per..(k + 1) * per {
+                st.execute(&row(i))?;
+            }
+            Ok(())
+        })?;
+    }
+    let ta = token("loader")?;
+    let h = a.connect(&relay.url(), Arc::new(move || Ok(ta.clone())))?;
+    h.sync_now_blocking(Duration::from_secs(1800))?;
+    Ok(())
+}
+
+/// Peak resident memory of this process, in KiB.
+fn own_peak_kib() -> Res<u64> {
+    let s = std::fs::read_to_string("/proc/self/status")?;
+    let line = s
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .ok_or("no VmHWM")?;
+    Ok(line.split_whitespace().nth(1).ok_or("bad VmHWM")?.parse()?)
+}
+
+/// File bytes of an SQLite database and its WAL.
+fn db_bytes(path: &Path) -> u64 {
+    let wal = PathBuf::from(format!("{}-wal", path.display()));
+    [path, wal.as_path()]
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// The bootstrap client of `b1`, run as its own process so its memory is its own: opens an
+/// empty replica, connects and waits until it holds `--rows` rows at relay position `--head`.
+/// Prints `elapsed_ms peak_kib`.
+fn b1_client(args: &[String]) -> Res<()> {
+    let s = |name: &str| -> Res<String> {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1).cloned())
+            .ok_or_else(|| format!("b1-client needs {name}").into())
+    };
+    let (url, db, tok) = (s("--url")?, s("--db")?, s("--token")?);
+    let head: u64 = s("--head")?.parse()?;
+    let rows: i64 = s("--rows")?.parse()?;
+    let replica = Arc::new(Replica::open(&db, &schema())?);
+    let t0 = Instant::now();
+    let h = replica.connect(&url, Arc::new(move || Ok(tok.clone())))?;
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    loop {
+        let st = h.status();
+        if st.cursor >= head && st.state == ferry_core::ConnState::Online {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("b1: not caught up in 30 minutes: {st:?}").into());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let elapsed = t0.elapsed();
+    let n: i64 = match &replica.query("SELECT count(*) FROM t", &[])?.rows[0][0] {
+        Value::Integer(n) => *n,
+        _ => -1,
+    };
+    if n != rows {
+        return Err(format!("b1: the replica holds {n} rows, expected {rows}").into());
+    }
+    h.disconnect();
+    println!("{} {}", elapsed.as_millis(), own_peak_kib()?);
+    Ok(())
+}
+
+/// A TCP proxy on 127.0.0.1 counting the bytes it forwards from the relay, able to cut every
+/// connection through it.
+struct CutProxy {
+    addr: std::net::SocketAddr,
+    down: Arc<std::sync::atomic::AtomicU64>,
+    live: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl CutProxy {
+    fn start(upstream: &str) -> Res<CutProxy> {
+        use std::net::{TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let down = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let live: Arc<std::sync::Mutex<Vec<TcpStream>>> = Arc::default();
+        let (d, l, up) = (Arc::clone(&down), Arc::clone(&live), upstream.to_owned());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(&up) else {
+                    continue;
+                };
+                let pipe =
+                    |mut from: TcpStream,
+                     mut to: TcpStream,
+                     count: Option<Arc<std::sync::atomic::AtomicU64>>| {
+                        std::thread::spawn(move || {
+                            let mut buf = vec![0u8; 64 * 1024];
+                            while let Ok(n) = from.read(&mut buf) {
+                                if n == 0 || to.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                                if let Some(c) = &count {
+                                    c.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                                }
+                            }
+                            let _ = to.shutdown(std::net::Shutdown::Both);
+                            let _ = from.shutdown(std::net::Shutdown::Both);
+                        });
+                    };
+                if let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) {
+                    if let Ok(mut v) = l.lock() {
+                        v.push(c2);
+                        v.push(s2);
+                    }
+                    if let (Ok(c3), Ok(s3)) = (client.try_clone(), server.try_clone()) {
+                        pipe(c3, s3, None);
+                        pipe(server, client, Some(Arc::clone(&d)));
+                    }
+                }
+            }
+        });
+        Ok(CutProxy { addr, down, live })
+    }
+
+    fn url(&self) -> String {
+        format!("ws://{}/sync", self.addr)
+    }
+
+    fn down(&self) -> u64 {
+        self.down.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn cut(&self) {
+        if let Ok(mut v) = self.live.lock() {
+            for s in v.drain(..) {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+/// One bootstrap through `proxy` in a child process, cutting the connection whenever the
+/// bytes downloaded pass one of `cut_at`. Returns (elapsed, client peak KiB).
+fn bootstrap_once(
+    proxy: &CutProxy,
+    db: &Path,
+    head: u64,
+    rows: usize,
+    cut_at: &[u64],
+) -> Res<(Duration, u64)> {
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new(exe)
+        .args([
+            "b1-client",
+            "--url",
+            &proxy.url(),
+            "--token",
+            &token("fresh")?,
+        ])
+        .arg("--db")
+        .arg(db)
+        .args(["--head", &head.to_string(), "--rows", &rows.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let start = proxy.down();
+    let mut cuts = cut_at.iter().peekable();
+    while child.try_wait()?.is_none() {
+        if let Some(&&at) = cuts.peek()
+            && proxy.down() - start >= at
+        {
+            proxy.cut();
+            cuts.next();
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .ok_or("stdout")?
+        .read_to_string(&mut out)?;
+    if !child.wait()?.success() {
+        return Err("b1: the bootstrap client failed".into());
+    }
+    if cuts.next().is_some() {
+        return Err("b1: the bootstrap ended before every cut was made".into());
+    }
+    let mut it = out.split_whitespace();
+    let ms: u64 = it.next().ok_or("b1-client printed nothing")?.parse()?;
+    let kib: u64 = it.next().ok_or("b1-client printed no memory")?.parse()?;
+    Ok((Duration::from_millis(ms), kib))
+}
+
+fn b1(dir: &Path, rows: usize, txns: usize, repeat: usize, cuts: usize) -> Res<()> {
+    let d = dir.join("b1");
+    std::fs::create_dir_all(&d)?;
+    {
+        let relay = RelayProc::start(&d.join("relay"))?;
+        let t0 = Instant::now();
+        load_relay(&d.join("loader.db"), &relay, rows, txns)?;
+        let deadline = Instant::now() + Duration::from_secs(1800);
+        while relay.metric("ferry_rows_position")? < txns as f64 {
+            if Instant::now() > deadline {
+                return Err("b1: the relay did not fold its log in 30 minutes".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        println!(
+            "b1: relay loaded with {rows} rows in {txns} change sets and folded in {:.1} s",
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    // A fresh relay process on the same data, so its peak memory is the bootstrap's.
+    let relay = RelayProc::start(&d.join("relay"))?;
+    let proxy = CutProxy::start(&relay.addr)?;
+    let head = txns as u64;
+    let mut plain_ms = Vec::new();
+    let mut ferry_ms = Vec::new();
+    let mut clean_bytes = Vec::new();
+    let mut client_peak = 0;
+    let (mut plain_size, mut replica_size) = (0, 0);
+    for round in 0..repeat.max(1) {
+        let plain_db = d.join(format!("plain-{round}.db"));
+        let p = plain_insert(&plain_db, rows, 1)?;
+        plain_size = db_bytes(&plain_db);
+        let db = d.join(format!("fresh-{round}.db"));
+        let before = proxy.down();
+        let (f, kib) = bootstrap_once(&proxy, &db, head, rows, &[])?;
+        clean_bytes.push((proxy.down() - before) as f64);
+        replica_size = db_bytes(&db);
+        client_peak = client_peak.max(kib);
+        println!(
+            "b1 round {round}: plain {:.0} ms, Ferry connect -> caught up {:.0} ms, client peak RSS {} MiB",
+            p.as_secs_f64() * 1e3,
+            f.as_secs_f64() * 1e3,
+            kib / 1024
+        );
+        plain_ms.push(p.as_secs_f64() * 1e3);
+        ferry_ms.push(f.as_secs_f64() * 1e3);
+        std::fs::remove_file(&plain_db)?;
+    }
+    let (p, f) = (median(plain_ms), median(ferry_ms));
+    println!(
+        "B1 bootstrap, {rows} rows: plain (one transaction) {p:.0} ms, Ferry {f:.0} ms, {:.0} rows/s, ratio {:.2}x; client peak RSS {} MiB, relay peak RSS {} MiB; replica file {:.0} B/row, plain {:.0} B/row ({:.2}x); downloaded {:.1} MiB",
+        rows as f64 / (f / 1e3),
+        f / p,
+        client_peak / 1024,
+        relay.peak_kib()? / 1024,
+        replica_size as f64 / rows as f64,
+        plain_size as f64 / rows as f64,
+        replica_size as f64 / plain_size.max(1) as f64,
+        median(clean_bytes.clone()) / (1024.0 * 1024.0)
+    );
+    if cuts > 0 {
+        let clean = median(clean_bytes);
+        let at: Vec<u64> = (1..=cuts)
+            .map(|k| (clean * k as f64 / (cuts + 1) as f64) as u64)
+            .collect();
+        let before = proxy.down();
+        let (f, _) = bootstrap_once(&proxy, &d.join("cut.db"), head, rows, &at)?;
+        let bytes = (proxy.down() - before) as f64;
+        println!(
+            "B3 interrupted bootstrap, {rows} rows, {cuts} cuts: {:.1} MiB downloaded against {:.1} MiB clean ({:.2}x), {:.0} ms",
+            bytes / (1024.0 * 1024.0),
+            clean / (1024.0 * 1024.0),
+            bytes / clean,
+            f.as_secs_f64() * 1e3
+        );
+    }
+    Ok(())
+}
+
 fn b2(dir: &Path, rows: usize, txns: usize, repeat: usize) -> Res<()> {
     let mut plain_ms = Vec::new();
     let mut ferry_ms = Vec::new();
@@ -843,6 +1132,18 @@ fn main() -> Res<()> {
         }
         if what == "w5" || what == "all" {
             w5(&dir, clients, writes)?;
+        }
+        if what == "b1" {
+            b1(
+                &dir,
+                arg(&args, "--rows", 1_000_000usize),
+                arg(&args, "--txns", 1000usize),
+                repeat,
+                arg(&args, "--cuts", 0usize),
+            )?;
+        }
+        if what == "b1-client" {
+            return b1_client(&args);
         }
         if what == "b2" {
             b2(

@@ -97,6 +97,12 @@ impl Replica {
         Ok(self.inner.cursor()?)
     }
 
+    /// When this replica was last completely synced with a relay (ms since the Unix
+    /// epoch); `None` before its first complete sync (its rows are not yet the relay's).
+    pub fn last_synced_at_ms(&self) -> Result<Option<u64>> {
+        Ok(self.inner.last_synced_at()?)
+    }
+
     /// Local change sets not yet acknowledged by the relay.
     pub fn pending_count(&self) -> Result<u64> {
         Ok(self.inner.pending_count()?)

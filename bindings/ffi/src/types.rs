@@ -409,6 +409,58 @@ mirror_enum!(
     }
 );
 
+mirror_enum!(
+    /// Why the relay refused a frame, a connection or a change set.
+    RelayCode => core::protocol::ErrorCode {
+        /// The frame could not be decoded.
+        BadFrame,
+        /// Protocol version not supported.
+        UnsupportedVersion,
+        /// Token missing, invalid, forged or expired.
+        Unauthorized,
+        /// Write outside the token's write scopes or to a read-only table.
+        Forbidden,
+        /// Frame or change set too large.
+        TooLarge,
+        /// Too many frames or connections.
+        RateLimited,
+        /// A change set is invalid.
+        InvalidChangeSet,
+        /// A change set's clock is too far ahead of the relay's.
+        ClockSkew,
+        /// The replica id is used by different changes (a restored copy).
+        OriginReused,
+        /// The relay is shutting down.
+        ShuttingDown,
+        /// Compare-and-set failed.
+        Conflict,
+        /// The fencing token is not the lease's current grant.
+        Fenced,
+        /// Something failed on the relay.
+        Internal,
+    }
+);
+
+/// The last error the sync loop met.
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+pub struct SyncError {
+    /// The relay's code, when the relay sent one (`None`: the network or this device).
+    pub code: Option<RelayCode>,
+    /// What happened, for people.
+    pub message: String,
+}
+
+/// A push the relay refused, which stops uploads until the app deals with it.
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+pub struct RefusedPush {
+    /// The refused change set's origin sequence number.
+    pub origin_seq: u64,
+    /// Why.
+    pub code: RelayCode,
+    /// The relay's explanation.
+    pub message: String,
+}
+
 /// What the sync loop is doing.
 #[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
 pub struct SyncStatus {
@@ -418,22 +470,34 @@ pub struct SyncStatus {
     pub uploaded: u64,
     /// …of this many to upload.
     pub upload_total: u64,
+    /// Bytes of the change sets acknowledged this session.
+    pub uploaded_bytes: u64,
     /// Relay positions applied this session…
     pub downloaded: u64,
     /// …of this many known.
     pub download_total: u64,
+    /// Snapshot rows applied on this connection (a new device's first sync)…
+    pub snapshot_rows: u64,
+    /// …of this many the relay announced (0: no snapshot).
+    pub snapshot_total_rows: u64,
+    /// Snapshot bytes received (the relay's stored size)…
+    pub snapshot_bytes: u64,
+    /// …of this many announced.
+    pub snapshot_total_bytes: u64,
     /// Relay position applied.
     pub cursor: u64,
     /// Relay head as last heard.
     pub head: u64,
     /// Local change sets not yet acknowledged.
     pub pending: u64,
+    /// The replica has been completely synced at least once.
+    pub has_synced: bool,
+    /// When it was last caught up with the relay (ms since the Unix epoch).
+    pub last_synced_at_ms: Option<u64>,
     /// The last error (cleared when a connection comes up).
-    pub last_error: Option<String>,
-    /// The relay's code for the last error, when it sent one (`unauthorized`, ...).
-    pub last_error_code: Option<String>,
-    /// A refused push that stops uploads, as `code: message`.
-    pub refused: Option<String>,
+    pub last_error: Option<SyncError>,
+    /// A refused push that stops uploads.
+    pub refused: Option<RefusedPush>,
     /// Connections opened so far.
     pub connects: u64,
     /// Change sets the relay refused (compare-and-set, stale lease) that were rolled back.
@@ -476,21 +540,27 @@ impl From<&core::SyncStatus> for SyncStatus {
             state: s.state.into(),
             uploaded: s.uploading.done,
             upload_total: s.uploading.total,
+            uploaded_bytes: s.uploaded_bytes,
             downloaded: s.downloading.done,
             download_total: s.downloading.total,
+            snapshot_rows: s.snapshot.rows,
+            snapshot_total_rows: s.snapshot.total_rows,
+            snapshot_bytes: s.snapshot.bytes,
+            snapshot_total_bytes: s.snapshot.total_bytes,
             cursor: s.cursor,
             head: s.head,
             pending: s.pending,
-            last_error: s.last_error.as_ref().map(|e| e.message.clone()),
-            last_error_code: s
-                .last_error
-                .as_ref()
-                .and_then(|e| e.code)
-                .map(|c| c.as_str().to_owned()),
-            refused: s
-                .refused
-                .as_ref()
-                .map(|r| format!("{}: {}", r.code.as_str(), r.message)),
+            has_synced: s.has_synced,
+            last_synced_at_ms: s.last_synced_at,
+            last_error: s.last_error.as_ref().map(|e| SyncError {
+                code: e.code.map(Into::into),
+                message: e.message.clone(),
+            }),
+            refused: s.refused.as_ref().map(|r| RefusedPush {
+                origin_seq: r.origin_seq,
+                code: r.code.into(),
+                message: r.message.clone(),
+            }),
             connects: s.connects,
             rolled_back: s.rolled_back,
         }

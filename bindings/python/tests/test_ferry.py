@@ -60,6 +60,11 @@ def test_a_write_in_one_replica_appears_in_the_others_watch(relay: Relay, open_r
         v = await asyncio.wait_for(sb.verify(), T)
         assert v.matches and v.local_rows == 1
         assert a.checksum() == b.checksum()
+        # A complete sync is recorded, in the status and in the file.
+        st = sb.status()
+        assert st.has_synced and st.last_synced_at_ms is not None
+        assert b.last_synced_at_ms() is not None
+        assert st.snapshot_rows == st.snapshot_total_rows
 
     asyncio.run(main())
 
@@ -149,7 +154,9 @@ def test_errors_are_typed(relay: Relay, open_replica, tmp_path: pathlib.Path) ->
         a.exec("INSERT INTO notes(id, folder, title) VALUES (?, 'someone-else', 'x')", ferry.new_id())
         with pytest.raises(FerryError.Unauthorized):
             await sync(s)
-        assert (s.status().refused or "").startswith("forbidden")
+        refused = s.status().refused
+        assert refused is not None and refused.code == ferry.RelayCode.FORBIDDEN, refused
+        assert s.status().last_error.code == ferry.RelayCode.FORBIDDEN
 
     asyncio.run(main())
     a.close()

@@ -37,7 +37,7 @@ pub use crate::compact::CompactReport;
 pub use crate::stored::{StoredSet, approx_row_bytes};
 pub(crate) use crate::stored::{decode_set, encode_set};
 pub use scoped::{ReadFilter, ScopedRead};
-pub use snapshot::{SnapshotKey, SnapshotPage};
+pub use snapshot::{SnapshotKey, SnapshotPage, SnapshotSize};
 
 /// What happened to one pushed change set.
 #[derive(Debug)]
@@ -111,6 +111,13 @@ pub trait Store: Send + Sync + 'static {
         max_rows: usize,
         max_bytes: usize,
     ) -> Result<SnapshotPage>;
+    /// Rows and stored bytes the walk of `filter`'s scopes holds after `after` (the whole
+    /// walk for `None`), as of the current watermark.
+    async fn snapshot_size(
+        &self,
+        filter: &ReadFilter,
+        after: Option<SnapshotKey>,
+    ) -> Result<SnapshotSize>;
     /// Decides a (validated) lease request by `holder` on the relay's clock, durably and in
     /// order with pushes (a grant and a fence check never race).
     async fn lease(&self, holder: ReplicaId, request: LeaseRequest) -> Result<LeaseOutcome>;

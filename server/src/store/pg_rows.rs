@@ -10,7 +10,7 @@ use crate::error::Result;
 use crate::history::{self, Folder, RowHistory};
 use crate::store::ReadFilter;
 use crate::store::decode_set;
-use crate::store::snapshot::{self, PageBuilder, SnapshotKey, SnapshotPage};
+use crate::store::snapshot::{self, PageBuilder, SnapshotKey, SnapshotPage, SnapshotSize};
 use deadpool_postgres::Pool;
 use std::collections::HashMap;
 
@@ -204,6 +204,46 @@ pub async fn page(
     }
     tx.commit().await?;
     Ok(page.finish(true))
+}
+
+/// Rows and stored bytes of the walk after `after` (see `Store::snapshot_size`).
+pub async fn size(
+    pool: &Pool,
+    filter: &ReadFilter,
+    after: Option<SnapshotKey>,
+) -> Result<SnapshotSize> {
+    let mut c = pool.get().await?;
+    let tx = c
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    let ranges = snapshot::ranges(filter);
+    let mut size = SnapshotSize::default();
+    let mut at = match after {
+        Some(k) => Some((k.scope, Some((k.table, k.pk)))),
+        None => next_scope(&tx, &ranges, filter, None)
+            .await?
+            .map(|s| (s, None)),
+    };
+    while let Some((scope, from)) = at {
+        let (t0, pk0) = from.unwrap_or_default();
+        let r = tx
+            .query_one(
+                r#"SELECT count(*), coalesce(sum(length(hist)), 0)::bigint FROM ferry_rows
+                   WHERE scope = $1::text COLLATE "C" AND (tbl, pk) > ($2::text COLLATE "C", $3::bytea)"#,
+                &[&scope, &t0, &pk0],
+            )
+            .await?;
+        size.rows += r.get::<_, i64>(0) as u64;
+        size.bytes += r.get::<_, i64>(1) as u64;
+        at = next_scope(&tx, &ranges, filter, Some(&scope))
+            .await?
+            .map(|s| (s, None));
+    }
+    tx.commit().await?;
+    Ok(size)
 }
 
 /// The first readable scope after `after` (or the first of all) in the walk's ranges.

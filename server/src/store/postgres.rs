@@ -32,7 +32,7 @@ use crate::feed::Feed;
 use crate::scoping;
 use crate::store::job::{self, Job, JobQueue, PushJob, lease_name};
 use crate::store::scoped::{self, ReadFilter, ScopedRead};
-use crate::store::snapshot::{SnapshotKey, SnapshotPage};
+use crate::store::snapshot::{SnapshotKey, SnapshotPage, SnapshotSize};
 use crate::store::{
     CompactReport, PushOutcome, Store, StoreStats, StoredSet, decode_set, encode_set,
 };
@@ -582,6 +582,14 @@ impl Store for PgStore {
         max_bytes: usize,
     ) -> Result<SnapshotPage> {
         pg_rows::page(&self.pool, filter, after, max_rows, max_bytes).await
+    }
+
+    async fn snapshot_size(
+        &self,
+        filter: &ReadFilter,
+        after: Option<SnapshotKey>,
+    ) -> Result<SnapshotSize> {
+        pg_rows::size(&self.pool, filter, after).await
     }
 
     async fn lease(&self, holder: ReplicaId, request: LeaseRequest) -> Result<LeaseOutcome> {

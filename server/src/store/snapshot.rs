@@ -36,6 +36,18 @@ pub struct SnapshotPage {
     pub rows: Vec<(String, SnapshotRow)>,
     /// Where the next page starts; `None` when the walk is complete.
     pub next: Option<SnapshotKey>,
+    /// Stored bytes of the rows' histories (the unit of [`SnapshotSize::bytes`]).
+    pub bytes: u64,
+}
+
+/// How much a walk will return: announced to the device before its first page, so it can
+/// show progress.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SnapshotSize {
+    /// Rows.
+    pub rows: u64,
+    /// Bytes of their stored histories.
+    pub bytes: u64,
 }
 
 /// The ranges of scope names to walk, in order and without overlaps: one per literal
@@ -112,6 +124,7 @@ impl PageBuilder {
             pk: pk.to_vec(),
         };
         self.page.rows.push((scope.to_owned(), row));
+        self.page.bytes += history.len() as u64;
         self.page.next = Some(key);
         Ok(self.room() > 0)
     }

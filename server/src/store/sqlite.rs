@@ -18,7 +18,7 @@ use crate::scoping::{self, RowScope, RowScopes};
 use crate::store::job::{self, Job, JobQueue, PushJob, lease_name};
 use crate::store::rule::{self, Decision};
 use crate::store::scoped::{self, ReadFilter, ScopedRead};
-use crate::store::snapshot::{self, PageBuilder, SnapshotKey, SnapshotPage};
+use crate::store::snapshot::{self, PageBuilder, SnapshotKey, SnapshotPage, SnapshotSize};
 use crate::store::{
     CompactReport, PushOutcome, Store, StoreStats, StoredSet, decode_set, encode_set,
 };
@@ -369,6 +369,16 @@ impl Store for SqliteStore {
     ) -> Result<SnapshotPage> {
         let filter = filter.clone();
         self.with_reader(move |c| snapshot_page(c, &filter, after, max_rows, max_bytes))
+            .await
+    }
+
+    async fn snapshot_size(
+        &self,
+        filter: &ReadFilter,
+        after: Option<SnapshotKey>,
+    ) -> Result<SnapshotSize> {
+        let filter = filter.clone();
+        self.with_reader(move |c| snapshot_size(c, &filter, after))
             .await
     }
 
@@ -994,6 +1004,33 @@ fn snapshot_page(
         };
     }
     Ok(page.finish(true))
+}
+
+fn snapshot_size(
+    c: &Connection,
+    filter: &ReadFilter,
+    after: Option<SnapshotKey>,
+) -> Result<SnapshotSize> {
+    let tx = c.unchecked_transaction()?;
+    let ranges = snapshot::ranges(filter);
+    let mut size = SnapshotSize::default();
+    let mut at = match after {
+        Some(k) => Some((k.scope, Some((k.table, k.pk)))),
+        None => next_scope(&tx, &ranges, filter, None)?.map(|s| (s, None)),
+    };
+    while let Some((scope, from)) = at {
+        let (t0, pk0) = from.unwrap_or_default();
+        let (rows, bytes): (i64, i64) = tx
+            .prepare_cached(
+                "SELECT count(*), coalesce(sum(length(hist)), 0) FROM rows
+                 WHERE scope = ?1 AND (tbl, pk) > (?2, ?3)",
+            )?
+            .query_row(params![scope, t0, pk0], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        size.rows += rows as u64;
+        size.bytes += bytes as u64;
+        at = next_scope(&tx, &ranges, filter, Some(&scope))?.map(|s| (s, None));
+    }
+    Ok(size)
 }
 
 /// The first readable scope after `after` (or the first of all) in the walk's ranges.

@@ -81,8 +81,16 @@ mod live {
         let (relay, w, head) = loaded(d.path(), 3_000);
         let read_before = relay.metric("ferry_store_sets_read_total");
         let b = reader(d.path(), "b.db");
+        assert_eq!(b.last_synced_at().unwrap(), None);
         let hb = connect(&b, &relay.url(), admin_token("b"));
         wait_synced(&hb);
+        // Progress: every row announced up front arrived; the complete sync is recorded.
+        let st = hb.status();
+        assert_eq!(st.snapshot.rows, 3_000, "{st:?}");
+        assert_eq!(st.snapshot.total_rows, 3_000, "{st:?}");
+        assert!(st.snapshot.bytes > 0 && st.snapshot.bytes == st.snapshot.total_bytes);
+        assert!(st.has_synced && st.last_synced_at.is_some(), "{st:?}");
+        assert_eq!(b.last_synced_at().unwrap(), st.last_synced_at);
         assert_eq!(b.dump().unwrap(), w.dump().unwrap());
         assert_eq!(b.checksum().unwrap(), w.checksum().unwrap());
         assert!(b.cursor().unwrap() >= head);
@@ -147,16 +155,27 @@ mod live {
                     rows,
                     resume,
                     done,
+                    total_rows,
+                    total_bytes,
+                    bytes,
                 }) => {
                     assert!(!done, "10,000 rows take more than one page");
                     assert!(!resume.is_empty());
+                    // The whole walk is announced with the first page.
+                    assert_eq!(total_rows, 10_000);
+                    assert!(
+                        bytes > 0 && total_bytes > bytes * 2,
+                        "{bytes} of {total_bytes}"
+                    );
                     ((position, rows), resume)
                 }
                 other => panic!("expected a snapshot page, got {other:?}"),
             }
         });
         // The device applied the first page, then the connection was cut.
-        device.apply_snapshot(&first.1, &resume, None).unwrap();
+        device
+            .apply_snapshot(first.1.clone(), &resume, None)
+            .unwrap();
         assert_eq!(device.snapshot_resume().unwrap(), Some(resume.clone()));
         assert_eq!(device.cursor().unwrap(), 0);
         rt.block_on(async {
@@ -193,6 +212,10 @@ mod live {
             10_000 - first.1.len(),
             "the rest of the snapshot came once, after the first page"
         );
+        // What the resumed walk announced is the rest, not the whole.
+        let st = h.status().snapshot;
+        assert_eq!(st.rows as usize, 10_000 - first.1.len(), "{st:?}");
+        assert_eq!(st.total_rows, st.rows, "{st:?}");
         assert_eq!(device.snapshot_resume().unwrap(), None);
         assert_eq!(device.dump().unwrap(), w.dump().unwrap());
         assert_eq!(device.checksum().unwrap(), w.checksum().unwrap());

@@ -209,7 +209,11 @@ pub async fn check_snapshots(store: &dyn Store, seed: u64, sets: usize) {
         let from_snapshot = Replica::open(dir.path().join(format!("s{k}.db")), &schema).unwrap();
         let mut after: Option<SnapshotKey> = None;
         let mut keys = Vec::new();
+        // What each page's start announces, against what the walk then returns.
+        let mut announced = Vec::new();
+        let mut returned = Vec::new();
         loop {
+            announced.push(store.snapshot_size(&filter, after.clone()).await.unwrap());
             let page = store
                 .snapshot_page(
                     &filter,
@@ -224,6 +228,7 @@ pub async fn check_snapshots(store: &dyn Store, seed: u64, sets: usize) {
                 "{read:?}: pages are as of the watermark"
             );
             let rows: Vec<_> = page.rows.iter().map(|(_, r)| r.clone()).collect();
+            returned.push((page.rows.len() as u64, page.bytes));
             for (scope, r) in &page.rows {
                 assert!(filter.can_read(scope), "{read:?}: {scope} is not readable");
                 keys.push((
@@ -233,11 +238,23 @@ pub async fn check_snapshots(store: &dyn Store, seed: u64, sets: usize) {
                 ));
             }
             // The cursor stays at 0 (no `continue_from`): the whole log is replayed over it below.
-            from_snapshot.apply_snapshot(&rows, &[], None).unwrap();
+            from_snapshot
+                .apply_snapshot(rows.clone(), &[], None)
+                .unwrap();
             match page.next {
                 Some(k) => after = Some(k),
                 None => break,
             }
+        }
+        for (i, size) in announced.iter().enumerate() {
+            let rest = &returned[i..];
+            let rows: u64 = rest.iter().map(|r| r.0).sum();
+            let bytes: u64 = rest.iter().map(|r| r.1).sum();
+            assert_eq!(
+                (size.rows, size.bytes),
+                (rows, bytes),
+                "{read:?}: the size announced before page {i} is what the walk returns from there"
+            );
         }
         let mut sorted = keys.clone();
         sorted.sort();

@@ -11,6 +11,7 @@ import kotlinx.coroutines.withTimeout
 import org.junit.After
 import org.junit.Assert.assertEquals
 import org.junit.Assert.assertFalse
+import org.junit.Assert.assertNotNull
 import org.junit.Assert.assertTrue
 import org.junit.Assert.fail
 import org.junit.Before
@@ -78,6 +79,12 @@ class FerryTest {
                 withTimeout(20_000) { sb.syncNow() }
                 assertTrue(withTimeout(20_000) { sb.verify() }.matches)
                 assertEquals(a.checksum(), b.checksum())
+                // A complete sync is recorded, in the status and in the file.
+                val st = sb.status()
+                assertTrue(st.hasSynced)
+                assertNotNull(st.lastSyncedAtMs)
+                assertNotNull(b.lastSyncedAtMs())
+                assertEquals(st.snapshotTotalRows, st.snapshotRows)
                 sa.close(); sb.close()
             }
         }
@@ -162,7 +169,8 @@ class FerryTest {
             val s = a.sync("mallory", write = "mine")
             a.exec("INSERT INTO notes(id, folder, title) VALUES (?, 'someone-else', 'x')", newId())
             assertThrows<FerryException.Unauthorized> { withTimeout(20_000) { s.syncNow() } }
-            assertTrue(s.status().refused!!.startsWith("forbidden"))
+            assertEquals(RelayCode.FORBIDDEN, s.status().refused!!.code)
+            assertEquals(RelayCode.FORBIDDEN, s.status().lastError!!.code)
             s.close()
             a.closeDatabase()
             assertThrows<FerryException.Closed> { a.select("SELECT 1") }
