@@ -400,6 +400,10 @@ impl SyncClient {
                 // Writers may add rows while the walk runs: the total never shows less.
                 p.total_rows = total_rows.max(p.rows);
                 p.total_bytes = total_bytes.max(p.bytes);
+                if done {
+                    // The byte total was an estimate; what arrived is the truth.
+                    p.total_bytes = p.bytes;
+                }
                 step.applied = report.applied;
                 if done {
                     // Pushing starts now, above the position the log continues from.

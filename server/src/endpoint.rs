@@ -92,8 +92,9 @@ struct Walk {
     position: Option<u64>,
     /// The next page starts after this row.
     after: Option<SnapshotKey>,
-    /// What the walk holds from this connection's first page on (announced for progress).
-    total: Option<crate::store::SnapshotSize>,
+    /// Rows and (estimated) stored bytes the walk holds from this connection's first page
+    /// on, announced for progress.
+    total: Option<(u64, u64)>,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -392,15 +393,13 @@ impl Endpoint {
             if sent >= frames {
                 return Ok(true);
             }
-            let total = match walk.total {
-                Some(t) => t,
-                None => {
-                    let t = store
+            let counted = match walk.total {
+                Some(_) => None,
+                None => Some(
+                    store
                         .snapshot_size(&self.filter, walk.after.clone())
-                        .await?;
-                    walk.total = Some(t);
-                    t
-                }
+                        .await?,
+                ),
             };
             let page = store
                 .snapshot_page(
@@ -438,6 +437,14 @@ impl Endpoint {
                 ),
                 None => Vec::new(),
             };
+            if let Some(size) = counted {
+                // Bytes are known once rows are read: the first page's average per row,
+                // times the rows counted (exact when the walk is one page).
+                let per_row = page.bytes as f64 / page.rows.len().max(1) as f64;
+                let bytes = (per_row * size.rows as f64) as u64;
+                walk.total = Some((size.rows, bytes.max(page.bytes)));
+            }
+            let (total_rows, total_bytes) = walk.total.unwrap_or_default();
             let rows: Vec<_> = page.rows.into_iter().map(|(_, r)| r).collect();
             metrics::counter!(m::SNAPSHOT_ROWS).increment(rows.len() as u64);
             out.push(ServerMsg::Snapshot {
@@ -445,8 +452,8 @@ impl Endpoint {
                 rows,
                 resume,
                 done,
-                total_rows: total.rows,
-                total_bytes: total.bytes,
+                total_rows,
+                total_bytes,
                 bytes: page.bytes,
             });
             sent += 1;

@@ -111,8 +111,8 @@ pub trait Store: Send + Sync + 'static {
         max_rows: usize,
         max_bytes: usize,
     ) -> Result<SnapshotPage>;
-    /// Rows and stored bytes the walk of `filter`'s scopes holds after `after` (the whole
-    /// walk for `None`), as of the current watermark.
+    /// Rows the walk of `filter`'s scopes holds after `after` (the whole walk for `None`),
+    /// as of the current watermark, counted from the scope index only.
     async fn snapshot_size(
         &self,
         filter: &ReadFilter,

@@ -206,7 +206,7 @@ pub async fn page(
     Ok(page.finish(true))
 }
 
-/// Rows and stored bytes of the walk after `after` (see `Store::snapshot_size`).
+/// Rows of the walk after `after` (see `Store::snapshot_size`).
 pub async fn size(
     pool: &Pool,
     filter: &ReadFilter,
@@ -231,13 +231,12 @@ pub async fn size(
         let (t0, pk0) = from.unwrap_or_default();
         let r = tx
             .query_one(
-                r#"SELECT count(*), coalesce(sum(length(hist)), 0)::bigint FROM ferry_rows
+                r#"SELECT count(*) FROM ferry_rows
                    WHERE scope = $1::text COLLATE "C" AND (tbl, pk) > ($2::text COLLATE "C", $3::bytea)"#,
                 &[&scope, &t0, &pk0],
             )
             .await?;
         size.rows += r.get::<_, i64>(0) as u64;
-        size.bytes += r.get::<_, i64>(1) as u64;
         at = next_scope(&tx, &ranges, filter, Some(&scope))
             .await?
             .map(|s| (s, None));

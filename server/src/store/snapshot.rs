@@ -41,13 +41,12 @@ pub struct SnapshotPage {
 }
 
 /// How much a walk will return: announced to the device before its first page, so it can
-/// show progress.
+/// show progress. Counted from the scope index alone (a page's bytes are known only once
+/// its rows are read, so the endpoint estimates the total bytes from the first page).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SnapshotSize {
     /// Rows.
     pub rows: u64,
-    /// Bytes of their stored histories.
-    pub bytes: u64,
 }
 
 /// The ranges of scope names to walk, in order and without overlaps: one per literal

