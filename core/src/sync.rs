@@ -198,7 +198,7 @@ impl SyncClient {
     }
 
     /// Bytes of the change sets acknowledged on this connection
-    /// ([`ChangeSet::approx_bytes`]).
+    /// ([`crate::ChangeSet::approx_bytes`]).
     pub fn acked_bytes(&self) -> u64 {
         self.acked_bytes
     }

@@ -244,17 +244,8 @@ fn w4(dir: &Path, rows: usize, txns: usize, repeat: usize) -> Res<()> {
         let hb = b.connect(&relay.url(), Arc::new(move || Ok(tb.clone())))?;
         ha.sync_now_blocking(Duration::from_secs(30))?;
         hb.sync_now_blocking(Duration::from_secs(30))?;
-        let per = rows / txns;
         let t0 = Instant::now();
-        for k in 0..txns {
-            a.write(|tx| {
-                let mut st = tx.prepare(INSERT)?;
-                for i in k * per..(k + 1) * per {
-                    st.execute(&row(i))?;
-                }
-                Ok(())
-            })?;
-        }
+        write_rows(&a, rows, txns)?;
         let deadline = Instant::now() + Duration::from_secs(600);
         while hb.status().cursor < txns as u64 {
             if Instant::now() > deadline {
@@ -593,13 +584,15 @@ fn w6(dir: &Path, noise: usize, repeat: usize) -> Res<()> {
     Ok(())
 }
 
-/// B2 backlog push: a replica writes `rows` rows offline in `txns` transactions, then
-/// connects with the default options; timed from connect until every change set is
-/// acknowledged, against plain rusqlite inserting the same rows in the same transactions.
-/// Writes `rows` rows in `txns` transactions on a replica at `path` and pushes them all to
-/// `relay`.
-fn load_relay(path: &Path, relay: &RelayProc, rows: usize, txns: usize) -> Res<()> {
+/// A replica at `path` holding `rows` rows written offline in `txns` transactions.
+fn written_offline(path: &Path, rows: usize, txns: usize) -> Res<Arc<Replica>> {
     let a = Arc::new(Replica::open(path, &schema())?);
+    write_rows(&a, rows, txns)?;
+    Ok(a)
+}
+
+/// Writes rows `0..rows` on `a` in `txns` transactions.
+fn write_rows(a: &Replica, rows: usize, txns: usize) -> Res<()> {
     let per = rows / txns;
     for k in 0..txns {
         a.write(|tx| {
@@ -610,6 +603,13 @@ fn load_relay(path: &Path, relay: &RelayProc, rows: usize, txns: usize) -> Res<(
             Ok(())
         })?;
     }
+    Ok(())
+}
+
+/// Writes `rows` rows in `txns` transactions on a replica at `path` and pushes them all to
+/// `relay`.
+fn load_relay(path: &Path, relay: &RelayProc, rows: usize, txns: usize) -> Res<()> {
+    let a = written_offline(path, rows, txns)?;
     let ta = token("loader")?;
     let h = a.connect(&relay.url(), Arc::new(move || Ok(ta.clone())))?;
     h.sync_now_blocking(Duration::from_secs(1800))?;
@@ -879,6 +879,9 @@ fn b1(dir: &Path, rows: usize, txns: usize, repeat: usize, cuts: usize) -> Res<(
     Ok(())
 }
 
+/// B2 backlog push: a replica writes `rows` rows offline in `txns` transactions, then
+/// connects with the default options; timed from connect until every change set is
+/// acknowledged, against plain rusqlite inserting the same rows in the same transactions.
 fn b2(dir: &Path, rows: usize, txns: usize, repeat: usize) -> Res<()> {
     let mut plain_ms = Vec::new();
     let mut ferry_ms = Vec::new();
@@ -887,17 +890,7 @@ fn b2(dir: &Path, rows: usize, txns: usize, repeat: usize) -> Res<()> {
         std::fs::create_dir_all(&d)?;
         let p = plain_insert(&d.join("plain.db"), rows, txns)?;
         let relay = RelayProc::start(&d.join("relay"))?;
-        let a = Arc::new(Replica::open(d.join("a.db"), &schema())?);
-        let per = rows / txns;
-        for k in 0..txns {
-            a.write(|tx| {
-                let mut st = tx.prepare(INSERT)?;
-                for i in k * per..(k + 1) * per {
-                    st.execute(&row(i))?;
-                }
-                Ok(())
-            })?;
-        }
+        let a = written_offline(&d.join("a.db"), rows, txns)?;
         let ta = token("a")?;
         let t0 = Instant::now();
         let ha = a.connect(&relay.url(), Arc::new(move || Ok(ta.clone())))?;

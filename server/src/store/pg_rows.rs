@@ -149,6 +149,15 @@ pub async fn fold(pool: &Pool, cat: &RelayCatalog, max_rows: usize) -> Result<u6
     Ok(folder.position)
 }
 
+/// A read-only repeatable-read transaction: one consistent view of the row histories.
+async fn read_tx(c: &mut deadpool_postgres::Object) -> Result<deadpool_postgres::Transaction<'_>> {
+    Ok(c.build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?)
+}
+
 /// One page of a snapshot walk, read in one repeatable-read transaction.
 pub async fn page(
     pool: &Pool,
@@ -158,21 +167,11 @@ pub async fn page(
     max_bytes: usize,
 ) -> Result<SnapshotPage> {
     let mut c = pool.get().await?;
-    let tx = c
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await?;
+    let tx = read_tx(&mut c).await?;
     let position = watermark(&tx).await?;
     let ranges = snapshot::ranges(filter);
     let mut page = PageBuilder::new(position, max_rows, max_bytes);
-    let mut at = match after {
-        Some(k) => Some((k.scope, Some((k.table, k.pk)))),
-        None => next_scope(&tx, &ranges, filter, None)
-            .await?
-            .map(|s| (s, None)),
-    };
+    let mut at = walk_start(&tx, &ranges, filter, after).await?;
     while let Some((scope, from)) = at {
         let want = page.room();
         let (t0, pk0) = from.unwrap_or_default();
@@ -213,20 +212,10 @@ pub async fn size(
     after: Option<SnapshotKey>,
 ) -> Result<SnapshotSize> {
     let mut c = pool.get().await?;
-    let tx = c
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await?;
+    let tx = read_tx(&mut c).await?;
     let ranges = snapshot::ranges(filter);
     let mut size = SnapshotSize::default();
-    let mut at = match after {
-        Some(k) => Some((k.scope, Some((k.table, k.pk)))),
-        None => next_scope(&tx, &ranges, filter, None)
-            .await?
-            .map(|s| (s, None)),
-    };
+    let mut at = walk_start(&tx, &ranges, filter, after).await?;
     while let Some((scope, from)) = at {
         let (t0, pk0) = from.unwrap_or_default();
         let r = tx
@@ -243,6 +232,21 @@ pub async fn size(
     }
     tx.commit().await?;
     Ok(size)
+}
+
+/// Where a walk after `after` begins: a scope, and the row in it to continue after.
+async fn walk_start(
+    tx: &deadpool_postgres::Transaction<'_>,
+    ranges: &[(String, Option<String>)],
+    filter: &ReadFilter,
+    after: Option<SnapshotKey>,
+) -> Result<Option<(String, Option<(String, Vec<u8>)>)>> {
+    Ok(match after {
+        Some(k) => Some((k.scope, Some((k.table, k.pk)))),
+        None => next_scope(tx, ranges, filter, None)
+            .await?
+            .map(|s| (s, None)),
+    })
 }
 
 /// The first readable scope after `after` (or the first of all) in the walk's ranges.

@@ -36,7 +36,7 @@ pub struct SnapshotPage {
     pub rows: Vec<(String, SnapshotRow)>,
     /// Where the next page starts; `None` when the walk is complete.
     pub next: Option<SnapshotKey>,
-    /// Stored bytes of the rows' histories (the unit of [`SnapshotSize::bytes`]).
+    /// Stored bytes of the rows' histories (the unit of the byte progress devices show).
     pub bytes: u64,
 }
 
