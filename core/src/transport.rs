@@ -36,7 +36,7 @@ use crate::socket::{self, Outbox, Ws};
 use crate::sync::{Phase, RefusedPush, RemoteChecksum, SnapshotProgress, SyncClient};
 use crate::transaction::Transaction;
 use futures_util::StreamExt;
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, ReentrantMutex};
 use rand::RngExt;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -308,6 +308,9 @@ pub struct SyncHandle {
     observers: Observers,
     next_observer: Mutex<u64>,
     finished: Arc<Finished>,
+    /// Held while a status is published and while a new observer is given the current one,
+    /// so an observer added during a change sees it (reentrant: an observer may observe).
+    delivery: Arc<ReentrantMutex<()>>,
 }
 
 /// How long [`SyncHandle::disconnect`] waits for the sync task to end.
@@ -404,6 +407,7 @@ impl Replica {
         initial.has_synced = initial.last_synced_at.is_some();
         let (status_tx, status_rx) = watch::channel(initial);
         let observers: Observers = Arc::new(Mutex::new(Vec::new()));
+        let delivery = Arc::new(ReentrantMutex::new(()));
         let wake = Arc::new(tokio::sync::Notify::new());
         let requests = Arc::new(AtomicU64::new(0));
         let sub = self.subscribe(Arc::new(LocalWrites(Arc::clone(&wake))));
@@ -415,6 +419,7 @@ impl Replica {
             cmd: cmd_rx,
             status: status_tx,
             observers: Arc::clone(&observers),
+            delivery: Arc::clone(&delivery),
             wake,
             requests: Arc::clone(&requests),
             paused: false,
@@ -436,6 +441,7 @@ impl Replica {
             status: status_rx,
             observers,
             next_observer: Mutex::new(0),
+            delivery,
             finished,
         })
     }
@@ -517,13 +523,18 @@ impl SyncHandle {
     /// Calls `observer` with the current status now and on every change until the returned
     /// handle is dropped.
     pub fn observe(&self, observer: Arc<dyn StatusObserver>) -> StatusSubscription {
-        observer.on_status(&self.status.borrow());
+        // Registered and given the current status as one step against `publish`: otherwise
+        // a change published between the two is never seen (the observer would wait for the
+        // next one, forever when the loop is paused).
+        let _delivering = self.delivery.lock();
         let id = {
             let mut n = self.next_observer.lock();
             *n += 1;
             *n
         };
-        self.observers.lock().push((id, observer));
+        self.observers.lock().push((id, Arc::clone(&observer)));
+        let now = self.status.borrow().clone();
+        observer.on_status(&now);
         StatusSubscription {
             observers: Arc::downgrade(&self.observers),
             id,
@@ -778,6 +789,8 @@ struct SyncTask {
     cmd: mpsc::UnboundedReceiver<Command>,
     status: watch::Sender<SyncStatus>,
     observers: Observers,
+    /// See [`SyncHandle`]'s field of the same name.
+    delivery: Arc<ReentrantMutex<()>>,
     wake: Arc<tokio::sync::Notify>,
     /// `sync_now` requests made so far, shared with the handle.
     requests: Arc<AtomicU64>,
@@ -818,6 +831,7 @@ impl SyncTask {
     }
 
     fn publish(&self, f: impl FnOnce(&mut SyncStatus)) {
+        let _delivering = self.delivery.lock();
         let mut changed = false;
         self.status.send_if_modified(|s| {
             let before = s.clone();
@@ -1215,6 +1229,47 @@ mod tests {
     impl TokenProvider for Tokens {
         fn token(&self) -> std::result::Result<String, String> {
             Ok("t".into())
+        }
+    }
+
+    /// An observer added while the loop pauses sees the pause, however the two interleave
+    /// (it used to miss a change published between reading the status and registering).
+    #[test]
+    fn an_observer_added_during_a_change_sees_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let schema = Schema::new(1).table(TableDecl::new("todo").text_key("id").text("title"));
+        let replica = Arc::new(Replica::open(dir.path().join("a.db"), &schema).expect("open"));
+        let opts = SyncOptions {
+            backoff_min: Duration::from_millis(1),
+            backoff_max: Duration::from_millis(2),
+            ..SyncOptions::default()
+        };
+        let handle = replica
+            .connect_with("ws://127.0.0.1:1/sync", Arc::new(Tokens), opts)
+            .expect("connect");
+        for round in 0..300 {
+            handle.resume();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while handle.status().state == ConnState::Paused {
+                assert!(Instant::now() < deadline, "round {round}: never resumed");
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            handle.pause();
+            let seen = Arc::new(Mutex::new(None));
+            let s2 = Arc::clone(&seen);
+            let _sub = handle.observe(Arc::new(move |s: &SyncStatus| {
+                *s2.lock() = Some(s.state);
+            }));
+            // The pause is published once; the observer must have it, now or soon.
+            let deadline = Instant::now() + Duration::from_millis(500);
+            while *seen.lock() != Some(ConnState::Paused) {
+                assert!(
+                    Instant::now() < deadline,
+                    "round {round}: the observer missed the pause ({:?})",
+                    handle.status().state
+                );
+                std::thread::sleep(Duration::from_micros(200));
+            }
         }
     }
 
