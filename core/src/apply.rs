@@ -29,6 +29,19 @@ use crate::vv::{Version, happened_before};
 use rusqlite::Connection;
 use std::collections::BTreeSet;
 
+/// One page of a snapshot, as the engine applies it.
+pub(crate) struct SnapshotPage<'a> {
+    /// The rows.
+    pub rows: Vec<SnapshotRow>,
+    /// Where the walk continues after this page (kept until the last page).
+    pub resume: &'a [u8],
+    /// Rows held already are replaced (a back-fill of gained scopes, or a walk that may have
+    /// started over), not merged.
+    pub replace: bool,
+    /// Set on the last page.
+    pub end: Option<crate::port::SnapshotEnd>,
+}
+
 /// A custom-policy conflict to hand to the app's resolver after the apply commits.
 #[derive(Debug, Clone)]
 pub struct Followup {
@@ -60,7 +73,7 @@ pub struct Outcome {
 impl Outcome {
     /// Hands the tables touched and the conflicts logged to `notes`, for delivery once the
     /// transaction committed.
-    fn notify(&mut self, notes: &mut Notifications) {
+    pub(crate) fn notify(&mut self, notes: &mut Notifications) {
         if !self.tables.is_empty() {
             notes.events.push(ChangeEvent {
                 tables: std::mem::take(&mut self.tables),
@@ -193,10 +206,12 @@ impl Merge<'_> {
     }
 
     /// Replays one snapshot row's pruned history (see `snapshot`) through the merge, as if
-    /// the change sets it comes from were applied one by one. Entries made by this replica
-    /// are skipped: its own writes are in its state already (a counter addition applied
-    /// twice would count twice).
-    pub fn apply_history(&mut self, row: SnapshotRow, me: ReplicaId) -> Result<()> {
+    /// the change sets it comes from were applied one by one. An entry whose write the row
+    /// already notes (this replica's own, or one the log delivered) is skipped by the merge:
+    /// a counter addition applied twice would count twice. This replica's own entries are
+    /// replayed like any other, because a back-fill may bring a row whose metadata was
+    /// evicted since its own write to it.
+    pub fn apply_history(&mut self, row: SnapshotRow) -> Result<()> {
         let t = self.cat.table(&row.table)?;
         let SnapshotRow { table, pk, history } = row;
         // The entries become row changes by move: a row's only entry (most rows) takes the
@@ -227,9 +242,6 @@ impl Merge<'_> {
         }
         let mut wrote = false;
         for ((origin, origin_seq, hlc, server_seq, base), rc) in &changes {
-            if *origin == me {
-                continue;
-            }
             self.withdraw_doomed(t, rc, *origin, *server_seq)?;
             let v = Version {
                 hlc: *hlc,
@@ -243,6 +255,34 @@ impl Merge<'_> {
         }
         if wrote && !self.out.tables.contains(t.name()) {
             self.out.tables.insert(t.name().to_owned());
+        }
+        Ok(())
+    }
+
+    /// Merges the changes own pending change set `p` made to row `table`/`pk` again, after
+    /// the row was replaced by a back-fill.
+    fn reapply_own(
+        &mut self,
+        p: &log::Pending,
+        me_num: u32,
+        table: &str,
+        pk: &Value,
+    ) -> Result<()> {
+        let cs = &p.cs;
+        let v = Version {
+            hlc: cs.hlc,
+            origin: me_num,
+            origin_seq: cs.origin_seq,
+            server_seq: 0,
+            base: cs.base,
+        };
+        for rc in cs
+            .rows
+            .iter()
+            .filter(|rc| rc.table == table && rc.pk == *pk)
+        {
+            let t = self.cat.table(table)?;
+            self.apply_row(t, rc, &v)?;
         }
         Ok(())
     }
@@ -745,18 +785,23 @@ impl Engine {
         Ok(out.followups)
     }
 
-    /// Applies snapshot rows in one transaction (see `snapshot`): each row's pruned history
-    /// is replayed through the merge. The cursor does not move; the caller continues the log
-    /// from the snapshot's position.
+    /// Applies one page of snapshot rows in one transaction (see `snapshot`): each row's
+    /// pruned history is replayed through the merge. On the last page of a first snapshot
+    /// the cursor moves up to its position; a back-fill's leaves it (see `holding`).
     pub(crate) fn apply_snapshot(
         &mut self,
         wall: &dyn WallClock,
-        rows: Vec<SnapshotRow>,
-        resume: &[u8],
-        continue_from: Option<u64>,
+        page: SnapshotPage<'_>,
         report: &mut ApplyReport,
         notes: &mut Notifications,
     ) -> Result<()> {
+        let SnapshotPage {
+            rows,
+            resume,
+            replace,
+            end,
+        } = page;
+        let done = end.is_some();
         let mut out = Outcome::default();
         let clock_before = self.clock;
         let remote_before = self.remote_hlc;
@@ -775,7 +820,8 @@ impl Engine {
         let r = self.in_txn(|e| {
             e.begin_sdk_writes(wall, notes)?;
             e.materialize_in_tx()?;
-            let me = e.me;
+            // Own pending change sets, loaded only if a back-fill replaces a row they touch.
+            let mut pending: Option<Vec<log::Pending>> = None;
             for row in rows {
                 // Remote writes doom the pending guarded change sets they overtake, as in
                 // the log (see `rollback`).
@@ -788,19 +834,46 @@ impl Engine {
                     e.clock.observe(h.hlc);
                     e.remote_hlc = e.remote_hlc.max(h.hlc);
                 }
-                e.merge(&mut out, own.as_ref()).apply_history(row, me)?;
+                let replace = replace && {
+                    let t = e.cat.table(&row.table)?;
+                    rows::load(&e.conn, t, &row.pk)?.is_some()
+                };
+                if replace {
+                    // A row this replica holds already (it moved into a gained scope, was
+                    // written here, or came in an earlier walk): its history is replayed from scratch,
+                    // because a history folds each origin's counter additions into one and
+                    // part of them may be in the row (see `holding`). Own writes not yet
+                    // pushed go back on top.
+                    let (table, pk) = (row.table.clone(), row.pk.clone());
+                    if pending.is_none() {
+                        pending = Some(log::pending_live(&e.conn)?);
+                    }
+                    let me_num = e.me_num;
+                    let mut merge = e.merge(&mut out, own.as_ref());
+                    merge.evict(&table, &pk)?;
+                    merge.apply_history(row)?;
+                    for p in pending.iter().flatten() {
+                        merge.reapply_own(p, me_num, &table, &pk)?;
+                    }
+                } else {
+                    e.merge(&mut out, own.as_ref()).apply_history(row)?;
+                }
                 if own.is_some() {
                     e.guard_pending = log::guard_pending(&e.conn)?;
                 }
             }
             db::meta_set(&e.conn, "hlc", e.clock.last().0 as i64)?;
             db::meta_set(&e.conn, "remote_hlc", e.remote_hlc.0 as i64)?;
-            match continue_from {
-                Some(p) => {
-                    // The snapshot is complete: the log continues from its position.
-                    e.cursor = e.cursor.max(p);
-                    db::meta_set(&e.conn, "cursor", e.cursor as i64)?;
+            match &end {
+                Some(end) => {
+                    // The snapshot is complete. A first one: the log continues from its
+                    // position. A back-fill: from the cursor, as before (see `holding`).
+                    if !end.backfill {
+                        e.cursor = e.cursor.max(end.position);
+                        db::meta_set(&e.conn, "cursor", e.cursor as i64)?;
+                    }
                     db::meta_delete(&e.conn, "snapshot_resume")?;
+                    crate::holding::snapshot_done(&e.conn, end, e.cursor)?;
                 }
                 None => db::meta_set(&e.conn, "snapshot_resume", resume)?,
             }
@@ -814,9 +887,7 @@ impl Engine {
             notes.discard();
             return Err(e);
         }
-        if continue_from.is_some()
-            && let Some(size) = self.bulk_cache.take()
-        {
+        if done && let Some(size) = self.bulk_cache.take() {
             self.conn.pragma_update(None, "cache_size", size)?;
         }
         report.applied += count;
@@ -861,7 +932,15 @@ impl Engine {
         if evict {
             let mut merge = self.merge(out, None);
             for k in &m.evict {
-                merge.evict(&k.table, &k.pk)?;
+                let t = merge.cat.table(&k.table)?;
+                // A row whose state already includes a change at or after the move (a
+                // snapshot page read later brought it) is where the move took it and back
+                // again: the eviction is history. In log order this never happens.
+                let newer = rows::load(merge.conn, t, &k.pk)?
+                    .is_some_and(|s| s.meta.versions().any(|v| v.server_seq >= m.server_seq));
+                if !newer {
+                    merge.evict(&k.table, &k.pk)?;
+                }
             }
         }
         Ok(())

@@ -12,7 +12,7 @@ use crate::tables::Tables;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 /// The on-disk format this build writes.
-pub const FORMAT_VERSION: i64 = 3;
+pub const FORMAT_VERSION: i64 = 4;
 
 const FORMAT_V1: &str = "
 CREATE TABLE ferry_meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -95,6 +95,17 @@ CREATE TABLE ferry_undo(
 CREATE INDEX ferry_undo_seq ON ferry_undo(seq);
 ";
 
+/// Evictions of scopes the replica no longer holds (see `holding`).
+const FORMAT_V4: &str = "
+CREATE TABLE ferry_evictions(
+    id INTEGER PRIMARY KEY,
+    scope TEXT NOT NULL,
+    rows INTEGER NOT NULL,
+    pending_writes INTEGER NOT NULL,
+    at_ms INTEGER NOT NULL
+);
+";
+
 /// Sets the connection-level pragmas Ferry relies on.
 pub fn configure(conn: &Connection) -> Result<()> {
     let pages: i64 = conn.pragma_query_value(None, "page_count", |r| r.get(0))?;
@@ -159,6 +170,9 @@ pub fn upgrade_format(conn: &mut Connection, new_id: Option<crate::ids::ReplicaI
     }
     if found < 3 {
         tx.execute_batch(FORMAT_V3)?;
+    }
+    if found < 4 {
+        tx.execute_batch(FORMAT_V4)?;
     }
     // Future format steps go here, each guarded by `found < N`.
     tx.pragma_update(None, "user_version", FORMAT_VERSION)?;

@@ -16,7 +16,7 @@
 //! log, the write engine, merge, rollback, storage — is private.
 
 pub mod admission;
-mod apply;
+pub(crate) mod apply;
 mod capture;
 pub mod cas;
 pub mod changeset;
@@ -28,6 +28,7 @@ pub mod envelope;
 mod error;
 mod error_code;
 pub mod hlc;
+mod holding;
 pub mod ids;
 pub mod lease;
 mod log;
@@ -65,6 +66,7 @@ pub use db::{
 };
 pub use error::{Error, Result};
 pub use hlc::{Hlc, WallClock};
+pub use holding::Eviction;
 pub use ids::{ChangeId, ReplicaId, new_id};
 pub use log::Verdict;
 pub use observer::{ChangeEvent, ChangeSource, Observer, Rows, Subscription, WatchCallback};

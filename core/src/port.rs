@@ -15,7 +15,20 @@ use crate::error::Result;
 use crate::ids::ReplicaId;
 use crate::protocol::{ErrorCode, Move};
 use crate::refusal::RefusalAction;
+use crate::scope::{HeldScopes, ScopeSet};
 use crate::snapshot::SnapshotRow;
+
+/// How a snapshot ends (its last page).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotEnd {
+    /// The position the log continues from (the oldest of the pages').
+    pub position: u64,
+    /// A back-fill of gained scopes: the cursor stays (the log continues from it). Otherwise
+    /// a first snapshot: the cursor moves up to `position`.
+    pub backfill: bool,
+    /// The scopes the replica holds once it is applied (`Welcome.scopes`).
+    pub scopes: Option<ScopeSet>,
+}
 
 /// What the sync client calls on a replica (see the module docs).
 pub trait SyncPort {
@@ -60,14 +73,35 @@ pub trait SyncPort {
         self.apply_changes(after, up_to, sets, &[])
     }
     /// Applies one page of a snapshot (see [`crate::snapshot`]) in one transaction, with its
-    /// resume token; on the last page (`continue_from`), the cursor moves up to that
-    /// position and the token is dropped.
+    /// resume token; on the last page (`end`), the token is dropped, the held scopes become
+    /// the announced ones, and after a first snapshot the cursor moves up to its position.
+    /// With `replace` (a back-fill, or a walk that may have started over), rows the replica
+    /// holds already are replaced by their history, not merged with it.
     fn apply_snapshot(
         &self,
         rows: Vec<SnapshotRow>,
         resume: &[u8],
-        continue_from: Option<u64>,
+        replace: bool,
+        end: Option<SnapshotEnd>,
     ) -> Result<ApplyReport>;
+    /// The app's subscriptions (`None`: every scope the token may read).
+    fn subscriptions(&self) -> Result<Option<Vec<String>>> {
+        Ok(None)
+    }
+    /// The scopes this replica holds, for the hello ([`crate::scope::HeldScopes`]).
+    fn held_scopes(&self) -> Result<Option<HeldScopes>> {
+        Ok(None)
+    }
+    /// The relay announced the scopes this connection delivers; `snapshot` when a snapshot
+    /// follows (a first one, or a back-fill of gained scopes).
+    fn scopes_announced(&self, _scopes: &ScopeSet, _snapshot: bool) -> Result<()> {
+        Ok(())
+    }
+    /// Evicts the rows of scopes no longer held, once no local write waits to be pushed
+    /// (or at once when uploads stopped at a `refused` push); returns the rows evicted.
+    fn settle_scopes(&self, _refused: bool) -> Result<u64> {
+        Ok(0)
+    }
     /// The resume token of the snapshot page last applied, while a snapshot is unfinished.
     fn snapshot_resume(&self) -> Result<Option<Vec<u8>>>;
     /// Handles the relay's compare-and-set or fence refusal of own change set `origin_seq`.

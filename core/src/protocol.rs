@@ -16,6 +16,7 @@
 use crate::changeset::{ChangeSet, Sequenced};
 use crate::error::{Error, Result};
 use crate::ids::ReplicaId;
+use crate::scope::{HeldScopes, ScopeSet};
 use crate::value::Value;
 use serde::{Deserialize, Serialize};
 
@@ -56,6 +57,15 @@ pub enum ClientMsg {
         /// snapshot is unfinished: the relay continues after it.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         resume: Option<Vec<u8>>,
+        /// The scope patterns the app subscribes to (`None`: every scope the token may
+        /// read). The relay sends the scopes both allow.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        subscriptions: Option<Vec<String>>,
+        /// The scopes this replica holds (what the relay last announced in
+        /// [`ServerMsg::Welcome`]`.scopes`): scopes the connection may read beyond them
+        /// are back-filled by a snapshot.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        held: Option<HeldScopes>,
     },
     /// Change sets for the relay to sequence (oldest first).
     Push {
@@ -233,6 +243,11 @@ pub enum ServerMsg {
         /// continues from.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         snapshot: bool,
+        /// The scopes this connection delivers (the token's read grants and the
+        /// subscriptions): the replica evicts rows outside them, and holds exactly these
+        /// once the snapshot (if any) is applied.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        scopes: Option<ScopeSet>,
     },
     /// Pushed change sets are durable.
     Acks {

@@ -250,7 +250,69 @@ impl Replica {
         })
     }
 
+    /// The scope patterns this replica subscribes to; `None` (the default) syncs every scope
+    /// its token may read. Kept in the file.
+    pub fn subscriptions(&self) -> Result<Option<Vec<String>>> {
+        self.with_engine(|e| crate::holding::subscriptions(&e.conn))
+    }
+
+    /// Replaces the subscriptions (`None`: every scope the token may read). Each is a scope
+    /// name or a pattern with `*` (`project:42`, `project:*`). A connected
+    /// [`SyncHandle`](crate::SyncHandle) reconnects to apply them: scopes newly subscribed
+    /// are back-filled by a snapshot; rows of scopes dropped are evicted once this replica's
+    /// pending writes are pushed (see [`Replica::evictions`]).
+    pub fn set_subscriptions(&self, subscriptions: Option<Vec<String>>) -> Result<()> {
+        self.with_engine(|e| crate::holding::set_subscriptions(&e.conn, subscriptions.as_deref()))
+    }
+
+    /// Adds `scope` to the subscriptions. When the replica synced every permitted scope,
+    /// it now syncs `scope` alone (and the others it subscribes to later).
+    pub fn subscribe_scope(&self, scope: &str) -> Result<()> {
+        self.with_engine(|e| {
+            let mut subs = crate::holding::subscriptions(&e.conn)?.unwrap_or_default();
+            subs.push(scope.to_owned());
+            crate::holding::set_subscriptions(&e.conn, Some(&subs))
+        })
+    }
+
+    /// Removes `scope` from the subscriptions. A replica that syncs every permitted scope
+    /// (no subscriptions) has nothing to remove it from: that is an
+    /// [`Error::InvalidInput`]; subscribe to what it should keep instead.
+    pub fn unsubscribe_scope(&self, scope: &str) -> Result<()> {
+        self.with_engine(|e| {
+            let Some(mut subs) = crate::holding::subscriptions(&e.conn)? else {
+                return Err(Error::InvalidInput(format!(
+                    "cannot unsubscribe from `{scope}`: this replica syncs every scope its token may read (no subscriptions); subscribe to the scopes to keep instead"
+                )));
+            };
+            let before = subs.len();
+            subs.retain(|s| s != scope);
+            if subs.len() == before {
+                return Err(Error::InvalidInput(format!(
+                    "cannot unsubscribe from `{scope}`: not subscribed (subscriptions: {})",
+                    subs.join(", ")
+                )));
+            }
+            crate::holding::set_subscriptions(&e.conn, Some(&subs))
+        })
+    }
+
+    /// True when this replica holds `scope`'s rows, complete as of its cursor: the relay
+    /// announced it (token and subscriptions allow it) and its back-fill, if it needed one,
+    /// was applied and caught up with. Before a first sync, or for a scope it may not read or
+    /// did not subscribe to, false.
+    pub fn holds_scope(&self, scope: &str) -> Result<bool> {
+        self.with_engine(|e| crate::holding::holds(&e.conn, scope, e.cursor))
+    }
+
+    /// Rows evicted because their scope was no longer held (the token lost it, or the app
+    /// unsubscribed), newest first, at most `limit`.
+    pub fn evictions(&self, limit: usize) -> Result<Vec<crate::Eviction>> {
+        self.with_engine(|e| crate::holding::evictions(&e.conn, limit))
+    }
+
     /// Records a complete sync at `at_ms` (see [`Replica::last_synced_at`]).
+    #[cfg(feature = "client")]
     pub(crate) fn note_synced(&self, at_ms: u64) -> Result<()> {
         self.with_engine(|e| crate::db::meta_set(&e.conn, "last_synced_at", at_ms as i64))
     }
@@ -525,13 +587,48 @@ impl SyncPort for Replica {
         &self,
         rows: Vec<crate::snapshot::SnapshotRow>,
         resume: &[u8],
-        continue_from: Option<u64>,
+        replace: bool,
+        end: Option<crate::port::SnapshotEnd>,
     ) -> Result<ApplyReport> {
         let mut report = ApplyReport::default();
         self.notifying(|engine, notes| {
-            engine.apply_snapshot(&*self.wall, rows, resume, continue_from, &mut report, notes)
+            let page = crate::apply::SnapshotPage {
+                rows,
+                resume,
+                replace,
+                end,
+            };
+            engine.apply_snapshot(&*self.wall, page, &mut report, notes)
         })?;
         Ok(report)
+    }
+
+    fn subscriptions(&self) -> Result<Option<Vec<String>>> {
+        Replica::subscriptions(self)
+    }
+
+    fn held_scopes(&self) -> Result<Option<crate::scope::HeldScopes>> {
+        self.with_engine(|e| crate::holding::for_hello(&e.conn, e.cursor))
+    }
+
+    fn scopes_announced(&self, scopes: &crate::scope::ScopeSet, snapshot: bool) -> Result<()> {
+        let pending = self.pending_count()?;
+        self.with_engine(|e| {
+            crate::holding::announced(&e.conn, scopes, snapshot, e.cursor, pending)
+        })
+    }
+
+    fn settle_scopes(&self, refused: bool) -> Result<u64> {
+        if self
+            .with_engine(|e| crate::holding::evict_target(&e.conn))?
+            .is_none()
+        {
+            return Ok(0);
+        }
+        let pending = if refused { 0 } else { self.pending_count()? };
+        let evicted =
+            self.notifying(|engine, notes| engine.settle_scopes(&*self.wall, pending, notes))?;
+        Ok(evicted.iter().map(|e| e.rows).sum())
     }
 
     fn snapshot_resume(&self) -> Result<Option<Vec<u8>>> {

@@ -36,6 +36,14 @@ impl RowMeta {
             .or(self.row)
     }
 
+    /// Every version the metadata holds (row, cells, latest writes).
+    pub fn versions(&self) -> impl Iterator<Item = &Version> {
+        self.row
+            .iter()
+            .chain(self.cells.iter().map(|(_, v)| v))
+            .chain(self.writes.iter())
+    }
+
     /// Records a cell's new version.
     pub fn set_cell(&mut self, col: u32, v: Version) {
         match self.cells.iter_mut().find(|(c, _)| *c == col) {

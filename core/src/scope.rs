@@ -5,8 +5,15 @@
 //! Rows of tables without a scope column, and rows whose scope column is NULL, are in the
 //! global scope, named [`GLOBAL_SCOPE`]. The relay and the clients derive scopes with this one
 //! function so that filtering and checksums agree.
+//!
+//! Which scopes a replica holds is a [`ScopeSet`]: the intersection of unions of
+//! [`Pattern`]s (a token's read patterns, the app's subscriptions). The relay announces the
+//! set each connection delivers, the replica keeps it ([`HeldScopes`]) and names it in its
+//! next hello, so that a scope it gains is back-filled by a snapshot and rows of a scope it
+//! lost are evicted. Both sides match scopes with this one type so they agree on every row.
 
 use crate::value::Value;
+use serde::{Deserialize, Serialize};
 
 /// The scope of tables without a scope column (and of rows whose scope value is NULL).
 pub const GLOBAL_SCOPE: &str = "global";
@@ -22,9 +29,356 @@ pub fn scope_name(v: &Value) -> String {
     }
 }
 
+/// Why a scope pattern was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PatternError {
+    /// The pattern is empty.
+    #[error("empty scope pattern")]
+    Empty,
+    /// The pattern has a `{...}` placeholder other than `{sub}` (or `{sub}` where none is
+    /// substituted).
+    #[error("scope pattern `{0}` has a placeholder other than {{sub}}")]
+    Placeholder(String),
+    /// The pattern is longer than [`MAX_PATTERN_BYTES`].
+    #[error("scope pattern of {0} bytes is longer than {MAX_PATTERN_BYTES}")]
+    TooLong(usize),
+}
+
+/// Longest scope pattern accepted from a device (subscriptions, held scopes).
+pub const MAX_PATTERN_BYTES: usize = 512;
+
+/// One segment of a compiled pattern.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Seg {
+    /// Literal text.
+    Lit(String),
+    /// Any text, including none.
+    Star,
+}
+
+/// A compiled scope pattern: literal text with `*` matching any text (`list:*`, `*`,
+/// `user:alice`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Pattern(Vec<Seg>);
+
+impl Pattern {
+    /// Compiles `text`, substituting `{sub}` with `sub` literally (a token's patterns).
+    pub fn compile(text: &str, sub: &str) -> Result<Pattern, PatternError> {
+        Self::build(text, Some(sub))
+    }
+
+    /// Compiles `text`, which has no placeholder (an app's subscription).
+    pub fn parse(text: &str) -> Result<Pattern, PatternError> {
+        if text.len() > MAX_PATTERN_BYTES {
+            return Err(PatternError::TooLong(text.len()));
+        }
+        Self::build(text, None)
+    }
+
+    fn build(text: &str, sub: Option<&str>) -> Result<Pattern, PatternError> {
+        if text.is_empty() {
+            return Err(PatternError::Empty);
+        }
+        let mut segs = Vec::new();
+        let mut lit = String::new();
+        let mut rest = text;
+        while let Some(c) = rest.chars().next() {
+            if let (Some(after), Some(sub)) = (rest.strip_prefix("{sub}"), sub) {
+                lit.push_str(sub);
+                rest = after;
+                continue;
+            }
+            if c == '{' || c == '}' {
+                return Err(PatternError::Placeholder(text.to_owned()));
+            }
+            if c == '*' {
+                if !lit.is_empty() {
+                    segs.push(Seg::Lit(std::mem::take(&mut lit)));
+                }
+                if segs.last() != Some(&Seg::Star) {
+                    segs.push(Seg::Star);
+                }
+            } else {
+                lit.push(c);
+            }
+            rest = &rest[c.len_utf8()..];
+        }
+        if !lit.is_empty() {
+            segs.push(Seg::Lit(lit));
+        }
+        Ok(Pattern(segs))
+    }
+
+    /// The pattern naming exactly `scope`.
+    pub fn literal(scope: &str) -> Pattern {
+        Pattern(vec![Seg::Lit(scope.to_owned())])
+    }
+
+    /// The literal text every matching scope starts with (empty when the pattern starts
+    /// with `*`).
+    pub fn prefix(&self) -> &str {
+        match self.0.first() {
+            Some(Seg::Lit(l)) => l,
+            _ => "",
+        }
+    }
+
+    /// True when the pattern has no `*` (it names one scope).
+    pub fn is_literal(&self) -> bool {
+        !self.0.contains(&Seg::Star)
+    }
+
+    /// True when the pattern matches every scope (`*`).
+    pub fn is_universal(&self) -> bool {
+        self.0 == [Seg::Star]
+    }
+
+    /// Encoded length (bounds what a device may send).
+    fn text_len(&self) -> usize {
+        self.0
+            .iter()
+            .map(|s| match s {
+                Seg::Lit(l) => l.len(),
+                Seg::Star => 1,
+            })
+            .sum()
+    }
+
+    /// True when `scope` matches.
+    pub fn matches(&self, scope: &str) -> bool {
+        fn go(segs: &[Seg], s: &str) -> bool {
+            match segs.split_first() {
+                None => s.is_empty(),
+                Some((Seg::Lit(l), rest)) => {
+                    s.strip_prefix(l.as_str()).is_some_and(|t| go(rest, t))
+                }
+                Some((Seg::Star, rest)) => {
+                    if rest.is_empty() {
+                        return true;
+                    }
+                    s.char_indices()
+                        .map(|(i, _)| i)
+                        .chain(std::iter::once(s.len()))
+                        .any(|i| go(rest, &s[i..]))
+                }
+            }
+        }
+        go(&self.0, scope)
+    }
+}
+
+impl std::fmt::Display for Pattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for s in &self.0 {
+            match s {
+                Seg::Lit(l) => f.write_str(l)?,
+                Seg::Star => f.write_str("*")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Most unions one [`ScopeSet`] intersects, and most patterns per union, accepted from a
+/// device.
+pub const MAX_SET_PARTS: usize = 8;
+/// Most patterns in one union of a [`ScopeSet`] accepted from a device.
+pub const MAX_SET_PATTERNS: usize = 256;
+
+/// A set of scopes: the intersection of unions of patterns (`all_of: [[a, b], [c]]` is
+/// "(a or b) and c"). No unions at all is every scope.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ScopeSet {
+    /// The unions intersected.
+    pub all_of: Vec<Vec<Pattern>>,
+}
+
+impl ScopeSet {
+    /// Every scope.
+    pub fn everything() -> ScopeSet {
+        ScopeSet { all_of: Vec::new() }
+    }
+
+    /// The scopes matching any of `patterns` (none: no scope).
+    pub fn any_of(patterns: Vec<Pattern>) -> ScopeSet {
+        ScopeSet {
+            all_of: vec![patterns],
+        }
+    }
+
+    /// The scopes in both sets.
+    pub fn and(&self, other: &ScopeSet) -> ScopeSet {
+        let mut all_of = self.all_of.clone();
+        for part in &other.all_of {
+            if !all_of.contains(part) {
+                all_of.push(part.clone());
+            }
+        }
+        ScopeSet { all_of }
+    }
+
+    /// True when `scope` is in the set.
+    pub fn matches(&self, scope: &str) -> bool {
+        self.all_of
+            .iter()
+            .all(|union| union.iter().any(|p| p.matches(scope)))
+    }
+
+    /// True when every scope of `self` is certainly in `other`, judged from the patterns
+    /// (each union of `other` contains, pattern for pattern, a union of `self`, or matches
+    /// everything). A `false` may be wrong (the sets may still be nested); callers treat it
+    /// as "maybe not", which costs a back-fill that finds nothing new, never a missed row.
+    pub fn is_within(&self, other: &ScopeSet) -> bool {
+        other.all_of.iter().all(|theirs| {
+            theirs.iter().any(Pattern::is_universal)
+                || self
+                    .all_of
+                    .iter()
+                    .any(|ours| ours.iter().all(|p| theirs.contains(p)))
+        })
+    }
+
+    /// Literal prefixes covering every scope of the set, shortest covering list, or `None`
+    /// when some scope may start with anything. Any one union's prefixes cover the
+    /// intersection; the union with the fewest is taken, of those the most specific.
+    pub fn prefixes(&self) -> Option<Vec<String>> {
+        self.all_of
+            .iter()
+            .filter_map(|union| union_prefixes(union))
+            .min_by_key(|p| {
+                let chars: usize = p.iter().map(String::len).sum();
+                (p.len(), std::cmp::Reverse(chars))
+            })
+    }
+
+    /// Checks the bounds a device's set must keep (the relay decodes it from a hello).
+    pub fn check_bounds(&self) -> Result<(), PatternError> {
+        if self.all_of.len() > MAX_SET_PARTS
+            || self.all_of.iter().any(|u| u.len() > MAX_SET_PATTERNS)
+        {
+            return Err(PatternError::TooLong(
+                self.all_of.iter().map(Vec::len).sum::<usize>(),
+            ));
+        }
+        for p in self.all_of.iter().flatten() {
+            let n = p.text_len();
+            if n > MAX_PATTERN_BYTES || n == 0 {
+                return Err(if n == 0 {
+                    PatternError::Empty
+                } else {
+                    PatternError::TooLong(n)
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for ScopeSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.all_of.is_empty() {
+            return f.write_str("every scope");
+        }
+        for (i, union) in self.all_of.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" and ")?;
+            }
+            f.write_str("(")?;
+            for (j, p) in union.iter().enumerate() {
+                if j > 0 {
+                    f.write_str(" or ")?;
+                }
+                write!(f, "{p}")?;
+            }
+            f.write_str(")")?;
+        }
+        Ok(())
+    }
+}
+
+/// The literal prefixes of one union of patterns, shortest covering list; `None` when one
+/// starts with `*`.
+fn union_prefixes(union: &[Pattern]) -> Option<Vec<String>> {
+    let mut all: Vec<&str> = Vec::with_capacity(union.len());
+    for p in union {
+        if p.prefix().is_empty() {
+            return None;
+        }
+        all.push(p.prefix());
+    }
+    all.sort_unstable();
+    let mut out: Vec<String> = Vec::new();
+    for p in all {
+        // A prefix that extends a kept one names no scope the kept one does not.
+        if !out.last().is_some_and(|k| p.starts_with(k.as_str())) {
+            out.push(p.to_owned());
+        }
+    }
+    Some(out)
+}
+
+/// What a replica holds, as it tells the relay in its hello.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct HeldScopes {
+    /// The scopes whose rows the replica holds, complete up to its cursor (the set the
+    /// relay last announced, once its back-fill, if any, was applied).
+    pub scopes: ScopeSet,
+    /// After a back-fill: the replica's cursor is still below the position the back-fill
+    /// was read at (`at`), and for positions up to there it holds only `scopes` (the set it
+    /// held before). The relay filters those positions by both, so that rows the back-fill
+    /// brought are not sent again, and scope moves into the new scopes come with history.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub below: Option<(u64, ScopeSet)>,
+}
+
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+
+    fn set(parts: &[&[&str]]) -> ScopeSet {
+        ScopeSet {
+            all_of: parts
+                .iter()
+                .map(|u| u.iter().map(|p| Pattern::parse(p).unwrap()).collect())
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn patterns() {
+        let p = Pattern::compile("a*b*c", "s").unwrap();
+        assert!(p.matches("abc") && p.matches("aXbYc") && !p.matches("acb"));
+        assert!(Pattern::compile("{user}", "s").is_err());
+        assert!(Pattern::parse("{sub}").is_err());
+        assert!(Pattern::parse("").is_err());
+        assert_eq!(
+            Pattern::compile("user:{sub}:*", "a*").unwrap().to_string(),
+            "user:a*:*"
+        );
+        assert!(Pattern::compile("user:{sub}", "a*").unwrap().is_literal());
+    }
+
+    #[test]
+    fn sets_intersect_and_nest() {
+        let grants = set(&[&["list:*", "global"]]);
+        let subs = set(&[&["list:1", "list:2"]]);
+        let view = grants.and(&subs);
+        assert!(view.matches("list:1") && !view.matches("list:3") && !view.matches("global"));
+        assert!(view.is_within(&grants) && view.is_within(&subs));
+        assert!(!grants.is_within(&view));
+        assert!(set(&[&["a"]]).is_within(&set(&[&["*"]])));
+        assert!(set(&[&["a"]]).is_within(&ScopeSet::everything()));
+        assert!(!ScopeSet::everything().is_within(&set(&[&["a"]])));
+        assert_eq!(
+            view.prefixes(),
+            Some(vec!["list:1".to_owned(), "list:2".to_owned()])
+        );
+        assert_eq!(set(&[&["*"]]).prefixes(), None);
+        assert!(ScopeSet::everything().matches("anything"));
+        assert!(!ScopeSet::any_of(Vec::new()).matches("x"));
+    }
 
     #[test]
     fn names() {

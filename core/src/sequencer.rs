@@ -189,6 +189,7 @@ impl Sequencer {
                     limits: Limits::default(),
                     horizon: 0,
                     snapshot: false,
+                    scopes: None,
                 });
             }
             ClientMsg::Push { change_sets } => {

@@ -38,9 +38,10 @@
 //! ```
 
 use crate::error::{Error, Result};
-use crate::port::SyncPort;
+use crate::port::{SnapshotEnd, SyncPort};
 use crate::protocol::{ClientMsg, ErrorCode, LeaseOutcome, PROTOCOL_VERSION, ServerMsg};
 use crate::refusal::RefusalAction;
+use crate::scope::ScopeSet;
 use std::collections::{BTreeMap, VecDeque};
 
 /// Connection phase.
@@ -127,6 +128,13 @@ pub struct SyncClient {
     stale_through: Option<u64>,
     /// The relay is sending a snapshot: nothing is pushed until its last page.
     bootstrapping: bool,
+    /// The snapshot being received back-fills scopes the replica gained (its cursor was
+    /// above zero): the cursor stays where it is.
+    backfill: bool,
+    /// The hello carried a resume token: pages of an earlier walk may be applied already.
+    resumed: bool,
+    /// The scopes this connection delivers, as the relay announced them.
+    scopes: Option<ScopeSet>,
     /// The snapshot received on this connection so far, against what the relay announced.
     snapshot: SnapshotProgress,
     /// Bytes of the change sets acknowledged on this connection.
@@ -172,6 +180,9 @@ impl SyncClient {
             next_frame: 0,
             stale_through: None,
             bootstrapping: false,
+            backfill: false,
+            resumed: false,
+            scopes: None,
         }
     }
 
@@ -236,6 +247,10 @@ impl SyncClient {
         self.frames.clear();
         self.stale_through = None;
         self.bootstrapping = false;
+        self.backfill = false;
+        self.scopes = None;
+        let resume = replica.snapshot_resume()?;
+        self.resumed = resume.is_some();
         Ok(ClientMsg::Hello {
             protocol: PROTOCOL_VERSION,
             replica_id: replica.replica_id()?,
@@ -243,7 +258,9 @@ impl SyncClient {
             cursor: replica.cursor()?,
             schema_version: replica.schema_version()?,
             snapshots: true,
-            resume: replica.snapshot_resume()?,
+            resume,
+            subscriptions: replica.subscriptions()?,
+            held: replica.held_scopes()?,
         })
     }
 
@@ -321,6 +338,7 @@ impl SyncClient {
                 limits,
                 horizon: _,
                 snapshot,
+                scopes,
             } => {
                 if self.phase != Phase::Handshake {
                     return Err(Error::Protocol("welcome outside the handshake".into()));
@@ -349,12 +367,24 @@ impl SyncClient {
                 }
                 self.phase = Phase::Streaming;
                 self.bootstrapping = snapshot;
+                // A snapshot for a replica that has applied some of the log back-fills the
+                // scopes it gained; its cursor stays (see `holding`).
+                self.backfill = snapshot && replica.cursor()? > 0;
+                if let Some(s) = &scopes {
+                    // With a snapshot to come, the replica holds the scopes once its last
+                    // page is applied.
+                    replica.scopes_announced(s, snapshot)?;
+                    replica.settle_scopes(self.refused.is_some())?;
+                }
+                self.scopes = scopes;
             }
             ServerMsg::Acks { acks } => {
                 self.expect_streaming()?;
                 let pairs: Vec<(u64, u64)> =
                     acks.iter().map(|a| (a.origin_seq, a.server_seq)).collect();
                 replica.acknowledge(&pairs)?;
+                // Rows of scopes no longer held go once nothing waits to be pushed.
+                replica.settle_scopes(self.refused.is_some())?;
                 let top = acks.iter().map(|a| a.origin_seq).max().unwrap_or(0);
                 while self.frames.front().is_some_and(|(_, last)| *last <= top) {
                     self.frames.pop_front();
@@ -393,7 +423,15 @@ impl SyncClient {
                 self.expect_streaming()?;
                 self.head = self.head.max(position);
                 let n = rows.len() as u64;
-                let report = replica.apply_snapshot(rows, &resume, done.then_some(position))?;
+                let end = done.then(|| SnapshotEnd {
+                    position,
+                    backfill: self.backfill,
+                    scopes: self.scopes.clone(),
+                });
+                // Rows the replica may hold already (a back-fill, or a walk the relay started
+                // over because the scopes changed) are replaced rather than merged.
+                let replace = self.backfill || self.resumed;
+                let report = replica.apply_snapshot(rows, &resume, replace, end)?;
                 let p = &mut self.snapshot;
                 p.rows += n;
                 p.bytes += bytes;
@@ -474,6 +512,9 @@ impl SyncClient {
                     tracing::warn!(origin_seq, code = code.as_str(), message = %refusal.message, "push refused by the relay");
                     self.refused = Some(refusal.clone());
                     step.refused = Some(refusal);
+                    // Uploads stop here: an eviction waiting for them goes ahead (the
+                    // refused change sets stay in the log, reported).
+                    replica.settle_scopes(true)?;
                     return Ok(step);
                 }
             }
@@ -693,8 +734,10 @@ mod tests {
             &self,
             rows: Vec<crate::snapshot::SnapshotRow>,
             _resume: &[u8],
-            continue_from: Option<u64>,
+            _replace: bool,
+            end: Option<SnapshotEnd>,
         ) -> Result<ApplyReport> {
+            let continue_from = end.map(|e| e.position);
             self.call(format!("apply snapshot {} {continue_from:?}", rows.len()));
             if let Some(p) = continue_from {
                 let mut c = self.cursor.borrow_mut();
@@ -749,6 +792,7 @@ mod tests {
             limits: Limits::default(),
             horizon: 0,
             snapshot: false,
+            scopes: None,
         }
     }
 
@@ -782,6 +826,7 @@ mod tests {
             limits,
             horizon: 0,
             snapshot: false,
+            scopes: None,
         }
     }
 

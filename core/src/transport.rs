@@ -245,6 +245,8 @@ enum Command {
     Pause,
     Resume,
     Wake,
+    /// Connect again at once (the subscriptions changed).
+    Reconnect,
     Checksum(oneshot::Sender<RemoteChecksum>),
     Lease(LeaseRequest, oneshot::Sender<LeaseOutcome>),
     Stop,
@@ -561,6 +563,68 @@ impl SyncHandle {
         }
     }
 
+    /// Syncs `scope` too (see [`Replica::subscribe_scope`]): reconnects at once, and the relay
+    /// back-fills the scope by a snapshot. [`SyncHandle::wait_for_first_sync`] waits for it.
+    pub fn subscribe(&self, scope: &str) -> Result<()> {
+        self.replica.subscribe_scope(scope)?;
+        let _ = self.cmd.send(Command::Reconnect);
+        Ok(())
+    }
+
+    /// Stops syncing `scope` (see [`Replica::unsubscribe_scope`]): reconnects at once; its
+    /// rows are evicted once this replica's pending writes are pushed.
+    pub fn unsubscribe(&self, scope: &str) -> Result<()> {
+        self.replica.unsubscribe_scope(scope)?;
+        let _ = self.cmd.send(Command::Reconnect);
+        Ok(())
+    }
+
+    /// Replaces the subscriptions (`None`: every scope the token may read) and reconnects.
+    pub fn set_subscriptions(&self, subscriptions: Option<Vec<String>>) -> Result<()> {
+        self.replica.set_subscriptions(subscriptions)?;
+        let _ = self.cmd.send(Command::Reconnect);
+        Ok(())
+    }
+
+    /// True once `scope`'s rows are complete on this replica (see [`Replica::holds_scope`]).
+    pub fn has_synced(&self, scope: &str) -> Result<bool> {
+        self.replica.holds_scope(scope)
+    }
+
+    /// Waits until [`SyncHandle::has_synced`]`(scope)`; fails with [`Error::Transport`]
+    /// after `timeout` or when the sync loop stops first.
+    pub async fn wait_for_first_sync(&self, scope: &str, timeout: Duration) -> Result<()> {
+        let mut rx = self.status.clone();
+        let wait = async {
+            loop {
+                {
+                    let state = rx.borrow_and_update().state;
+                    if self.replica.holds_scope(scope)? {
+                        return Ok(());
+                    }
+                    if state == ConnState::Stopped {
+                        return Err(Error::Transport(format!(
+                            "the sync loop stopped before scope `{scope}` synced"
+                        )));
+                    }
+                }
+                if rx.changed().await.is_err() {
+                    return Err(Error::Transport(format!(
+                        "the sync loop ended before scope `{scope}` synced"
+                    )));
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.map_err(|_| {
+            Error::Transport(format!("scope `{scope}` did not sync within {timeout:?}"))
+        })?
+    }
+
+    /// Blocking [`SyncHandle::wait_for_first_sync`] for callers outside an async context.
+    pub fn wait_for_first_sync_blocking(&self, scope: &str, timeout: Duration) -> Result<()> {
+        runtime()?.block_on(self.wait_for_first_sync(scope, timeout))
+    }
+
     /// Completes when nothing is pending and the cursor has reached the relay's head as of
     /// this call (a ping's answer), or fails when a push was refused or the loop stopped.
     /// While offline it waits for the connection: wrap it in a timeout if that matters.
@@ -864,6 +928,7 @@ impl SyncTask {
                     Some(Command::Checksum(_))
                     | Some(Command::Lease(..))
                     | Some(Command::Pause)
+                    | Some(Command::Reconnect)
                     | Some(Command::Wake) => {}
                 }
                 continue;
@@ -898,7 +963,7 @@ impl SyncTask {
                                     return;
                                 }
                                 Some(Command::Pause) => { self.paused = true; break; }
-                                Some(Command::Resume) | Some(Command::Wake) => break,
+                                Some(Command::Resume) | Some(Command::Wake) | Some(Command::Reconnect) => break,
                                 Some(Command::Checksum(_)) | Some(Command::Lease(..)) => {}
                             }
                         }
@@ -1082,6 +1147,10 @@ impl SyncTask {
                         return SessionEnd::Paused;
                     }
                     Some(Command::Resume) => {}
+                    Some(Command::Reconnect) => {
+                        out.close().await;
+                        return SessionEnd::Now;
+                    }
                     Some(Command::Wake) => {
                         if client.phase() == Phase::Streaming {
                             // A pong carries the relay's head as of now: sync_now waits for it.

@@ -47,85 +47,8 @@ pub struct Claims {
     pub aud: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Seg {
-    Lit(String),
-    Star,
-}
-
-/// A compiled scope pattern.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pattern(Vec<Seg>);
-
-impl Pattern {
-    /// Compiles `text`, substituting `{sub}` with `sub` literally.
-    pub fn compile(text: &str, sub: &str) -> Result<Pattern> {
-        if text.is_empty() {
-            return Err(RelayError::Unauthorized("empty scope pattern".into()));
-        }
-        let mut segs = Vec::new();
-        let mut lit = String::new();
-        let mut rest = text;
-        while let Some(c) = rest.chars().next() {
-            if let Some(after) = rest.strip_prefix("{sub}") {
-                lit.push_str(sub);
-                rest = after;
-                continue;
-            }
-            if c == '{' || c == '}' {
-                return Err(RelayError::Unauthorized(format!(
-                    "scope pattern `{text}` has a placeholder other than {{sub}}"
-                )));
-            }
-            if c == '*' {
-                if !lit.is_empty() {
-                    segs.push(Seg::Lit(std::mem::take(&mut lit)));
-                }
-                if segs.last() != Some(&Seg::Star) {
-                    segs.push(Seg::Star);
-                }
-            } else {
-                lit.push(c);
-            }
-            rest = &rest[c.len_utf8()..];
-        }
-        if !lit.is_empty() {
-            segs.push(Seg::Lit(lit));
-        }
-        Ok(Pattern(segs))
-    }
-
-    /// The literal text every matching scope starts with (empty when the pattern starts
-    /// with `*`).
-    pub fn prefix(&self) -> &str {
-        match self.0.first() {
-            Some(Seg::Lit(l)) => l,
-            _ => "",
-        }
-    }
-
-    /// True when `scope` matches.
-    pub fn matches(&self, scope: &str) -> bool {
-        fn go(segs: &[Seg], s: &str) -> bool {
-            match segs.split_first() {
-                None => s.is_empty(),
-                Some((Seg::Lit(l), rest)) => {
-                    s.strip_prefix(l.as_str()).is_some_and(|t| go(rest, t))
-                }
-                Some((Seg::Star, rest)) => {
-                    if rest.is_empty() {
-                        return true;
-                    }
-                    s.char_indices()
-                        .map(|(i, _)| i)
-                        .chain(std::iter::once(s.len()))
-                        .any(|i| go(rest, &s[i..]))
-                }
-            }
-        }
-        go(&self.0, scope)
-    }
-}
+pub use ferry_core::scope::Pattern;
+use ferry_core::scope::ScopeSet;
 
 /// What a verified token allows.
 #[derive(Debug, Clone)]
@@ -148,7 +71,11 @@ impl Grants {
             return Err(RelayError::Unauthorized("token has an empty `sub`".into()));
         }
         let compile = |v: &[String]| -> Result<Vec<Pattern>> {
-            v.iter().map(|p| Pattern::compile(p, &c.sub)).collect()
+            v.iter()
+                .map(|p| {
+                    Pattern::compile(p, &c.sub).map_err(|e| RelayError::Unauthorized(e.to_string()))
+                })
+                .collect()
         };
         let mut h = sha2::Sha256::new();
         for part in std::iter::once(&c.sub).chain(&c.read) {
@@ -176,25 +103,9 @@ impl Grants {
         self.read.iter().any(|p| p.matches(scope))
     }
 
-    /// The literal prefixes of the readable patterns, shortest covering set first; `None`
-    /// when some pattern starts with `*` (any scope may be readable).
-    pub fn read_prefixes(&self) -> Option<Vec<String>> {
-        let mut all: Vec<&str> = Vec::with_capacity(self.read.len());
-        for p in &self.read {
-            if p.prefix().is_empty() {
-                return None;
-            }
-            all.push(p.prefix());
-        }
-        all.sort_unstable();
-        let mut out: Vec<String> = Vec::new();
-        for p in all {
-            // A prefix that extends a kept one names no scope the kept one does not.
-            if !out.last().is_some_and(|k| p.starts_with(k.as_str())) {
-                out.push(p.to_owned());
-            }
-        }
-        Some(out)
+    /// The scopes the bearer may read.
+    pub fn read_set(&self) -> ScopeSet {
+        ScopeSet::any_of(self.read.clone())
     }
 
     /// May the bearer write `scope`? (It must be readable too.)
@@ -206,6 +117,21 @@ impl Grants {
     pub fn is_primary_for(&self, table: &str) -> bool {
         self.primary.iter().any(|t| t == "*" || t == table)
     }
+}
+
+/// Grants of subject `sub` reading `read` (nothing written), for unit tests.
+#[cfg(test)]
+pub(crate) fn reading(sub: &str, read: &[&str]) -> Grants {
+    Grants::from_claims(&Claims {
+        sub: sub.into(),
+        exp: u64::MAX,
+        read: read.iter().map(|s| s.to_string()).collect(),
+        write: Vec::new(),
+        primary: Vec::new(),
+        iss: None,
+        aud: None,
+    })
+    .unwrap_or_else(|e| panic!("test grants: {e}"))
 }
 
 /// Verifies tokens with the configured keys.
@@ -460,20 +386,21 @@ mod tests {
     fn read_prefixes_cover_every_readable_scope() {
         let g = grants(&["team:*", "user:{sub}", "team:a*", "global", "t*x"], &[]);
         assert_eq!(
-            g.read_prefixes().unwrap(),
+            g.read_set().prefixes().unwrap(),
             vec!["global", "t", "user:al*ce"],
             "`team:` and `team:a` are covered by `t`"
         );
         for s in ["team:x", "user:al*ce", "global", "tux"] {
             assert!(g.can_read(s));
             assert!(
-                g.read_prefixes()
+                g.read_set()
+                    .prefixes()
                     .unwrap()
                     .iter()
                     .any(|p| s.starts_with(p.as_str()))
             );
         }
-        assert_eq!(grants(&["a", "*b"], &[]).read_prefixes(), None);
-        assert_eq!(grants(&[], &[]).read_prefixes(), Some(vec![]));
+        assert_eq!(grants(&["a", "*b"], &[]).read_set().prefixes(), None);
+        assert_eq!(grants(&[], &[]).read_set().prefixes(), Some(vec![]));
     }
 }

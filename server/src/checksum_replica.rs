@@ -8,12 +8,12 @@
 //! asking token may read, at the position the state has reached; a replica at that cursor with
 //! nothing pending computes the same digest over what it holds (`ferry_core::checksum`).
 
-use crate::auth::Grants;
 use crate::error::{RelayError, Result};
 use crate::metrics as m;
 use crate::store::Store;
 use ferry_core::SyncPort;
 use ferry_core::checksum::StateChecksum;
+use ferry_core::scope::ScopeSet;
 use ferry_core::{Replica, Schema, Sequenced};
 use parking_lot::Mutex;
 use std::path::Path;
@@ -138,12 +138,13 @@ impl ChecksumReplica {
         }
     }
 
-    /// The checksum of what `grants` may read, and the position it describes.
-    pub fn checksum(&self, grants: &Grants) -> Result<(u64, StateChecksum)> {
+    /// The checksum of the scopes of `view` (what a connection delivers), and the position
+    /// it describes.
+    pub fn checksum(&self, view: &ScopeSet) -> Result<(u64, StateChecksum)> {
         let r = self.replica.lock();
         let pos = r.cursor()?;
         let sum = r
-            .checksum_where(&|_, scope| grants.can_read(scope))
+            .checksum_where(&|_, scope| view.matches(scope))
             .map_err(RelayError::Core)?;
         Ok((pos, sum))
     }

@@ -11,13 +11,15 @@ use crate::auth::Grants;
 use crate::error::RelayError;
 use crate::metrics as m;
 
-use crate::resume::ResumeKey;
+use crate::holding;
+use crate::resume::{ResumeKey, TokenError};
 use crate::state::RelayState;
 use crate::store::{PushOutcome, ReadFilter, SnapshotKey, StoredSet};
 use ferry_core::admission::Bounds;
 use ferry_core::protocol::{
     Ack, ClientMsg, DecodeError, ErrorCode, Move, PROTOCOL_VERSION, RowKey, ServerMsg,
 };
+use ferry_core::scope::ScopeSet;
 use ferry_core::{ChangeSet, ReplicaId, Sequenced};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -82,6 +84,9 @@ pub struct Endpoint {
     session: u64,
     /// The snapshot being sent, until its last page.
     walk: Option<Walk>,
+    /// After a back-fill: positions up to `.0` are filtered by `.1` too (what the replica
+    /// held before), see `ferry_core::scope::HeldScopes::below`.
+    below: Option<(u64, ScopeSet)>,
 }
 
 /// Where a snapshot being sent stands.
@@ -95,6 +100,12 @@ struct Walk {
     /// Rows and (estimated) stored bytes the walk holds from this connection's first page
     /// on, announced for progress.
     total: Option<(u64, u64)>,
+    /// What the walk reads: the connection's filter, less what the replica holds for a
+    /// back-fill.
+    filter: ReadFilter,
+    /// A back-fill of gained scopes: the replica keeps its cursor, and the log continues
+    /// from it with the scopes held before for positions up to the walk's.
+    backfill: Option<ScopeSet>,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -114,22 +125,23 @@ impl Endpoint {
         shared: &Arc<RelayState>,
         first: ClientMsg,
     ) -> Result<(Endpoint, ServerMsg), Close> {
-        let (protocol, replica_id, token, cursor, snapshots, resume) = match first {
-            ClientMsg::Hello {
-                protocol,
-                replica_id,
-                token,
-                cursor,
-                snapshots,
-                resume,
-                ..
-            } => (protocol, replica_id, token, cursor, snapshots, resume),
-            other => {
-                return Err(Close::new(
-                    ErrorCode::BadFrame,
-                    format!("the first frame must be hello, got {}", other.kind()),
-                ));
-            }
+        let kind = first.kind();
+        let ClientMsg::Hello {
+            protocol,
+            replica_id,
+            token,
+            cursor,
+            snapshots,
+            resume,
+            subscriptions,
+            held,
+            ..
+        } = first
+        else {
+            return Err(Close::new(
+                ErrorCode::BadFrame,
+                format!("the first frame must be hello, got {kind}"),
+            ));
         };
         if protocol != PROTOCOL_VERSION {
             return Err(Close::new(
@@ -138,6 +150,10 @@ impl Endpoint {
             ));
         }
         let grants = shared.verifier.verify(&token)?;
+        let view = holding::view(&grants, subscriptions.as_deref())?;
+        if let Some(h) = &held {
+            holding::check_held(h)?;
+        }
         // The log's head, not this node's feed: a replica that synced through another node may
         // hold a cursor this node has not published yet.
         let head = shared.store.head().await?;
@@ -149,30 +165,47 @@ impl Endpoint {
                 ),
             ));
         }
+        let plan = holding::plan(view, cursor, snapshots, held);
+        let filter = ReadFilter::of(&grants, plan.view.clone());
         // A replica that has applied nothing gets a snapshot of its scopes' rows rather than
         // the whole log; one that was cut off during its snapshot continues it.
         // Only for a replica none of whose change sets the log holds: its own change sets
         // come back in the log as acknowledgements, and the client holds its pushes until
         // the last page (`Welcome.snapshot`), so none sits below where the log continues.
-        let fresh = snapshots && shared.store.first_position(replica_id).await?.is_none();
-        let walk = match (fresh, resume) {
-            (true, Some(t)) => {
-                let r = ResumeKey::new(shared.store.secret())
-                    .open(&t, replica_id, &grants)
-                    .map_err(|e| Close::new(ErrorCode::BadFrame, e.to_string()))?;
-                Some(Walk {
-                    position: Some(r.position),
-                    after: r.after,
-                    total: None,
-                })
+        // A replica that gained scopes gets a back-fill of them (see `holding`).
+        let walk_filter = match &plan.backfill {
+            Some(held) => filter.clone().except(held.clone()),
+            None => filter.clone(),
+        };
+        let wants_walk = match &plan.backfill {
+            Some(_) => true,
+            None => {
+                snapshots && cursor == 0 && shared.store.first_position(replica_id).await?.is_none()
             }
-            (true, None) if cursor == 0 && head > 0 => Some(Walk {
-                position: None,
-                after: None,
-                total: None,
-            }),
+        };
+        let resumed = match (wants_walk, resume) {
+            (true, Some(t)) => {
+                match ResumeKey::new(shared.store.secret()).open(&t, replica_id, &walk_filter) {
+                    Ok(r) => Some(r),
+                    // The grants or subscriptions changed since: the walk starts over.
+                    Err(TokenError::Stale) => None,
+                    Err(e) => return Err(Close::new(ErrorCode::BadFrame, e.to_string())),
+                }
+            }
             _ => None,
         };
+        let start = match resumed {
+            Some(r) => Some((Some(r.position), r.after)),
+            None if wants_walk && head > 0 => Some((None, None)),
+            None => None,
+        };
+        let walk = start.map(|(position, after)| Walk {
+            position,
+            after,
+            total: None,
+            filter: walk_filter,
+            backfill: plan.backfill,
+        });
         let max_origin_seq = shared.store.max_origin_seq(replica_id).await?;
         let horizon = shared.store.stats().await.map(|s| s.horizon).unwrap_or(0);
         let welcome = ServerMsg::Welcome {
@@ -183,21 +216,23 @@ impl Endpoint {
             limits: shared.limits(),
             horizon,
             snapshot: walk.is_some(),
+            scopes: Some(plan.view),
         };
-        tracing::debug!(replica = %replica_id, sub = %grants.sub, cursor, head, "replica connected");
+        tracing::debug!(replica = %replica_id, sub = %grants.sub, cursor, head, backfill = walk.as_ref().is_some_and(|w| w.backfill.is_some()), "replica connected");
         let session = shared.sessions.begin(replica_id).await;
         let grants = Arc::new(grants);
         let ep = Endpoint {
             shared: Arc::clone(shared),
             replica: replica_id,
             label: replica_id.to_string(),
-            filter: ReadFilter::new(Arc::clone(&grants)),
+            filter,
             grants,
             told: cursor,
             scanned: cursor,
             readable: HashMap::new(),
             session,
             walk,
+            below: plan.below,
         };
         Ok((ep, welcome))
     }
@@ -274,8 +309,8 @@ impl Endpoint {
                 // Everything this connection was told about is in the state summed.
                 self.changes(true, 1, &mut out).await?;
                 shadow.catch_up(&self.shared.store, Some(self.told)).await?;
-                let grants = Arc::clone(&self.grants);
-                let (position, sum) = tokio::task::spawn_blocking(move || shadow.checksum(&grants))
+                let view = self.filter.view().clone();
+                let (position, sum) = tokio::task::spawn_blocking(move || shadow.checksum(&view))
                     .await
                     .map_err(|e| {
                         Close::new(ErrorCode::Internal, format!("checksum failed: {e}"))
@@ -367,11 +402,20 @@ impl Endpoint {
         Ok(())
     }
 
-    fn can_read(&mut self, scope: &str) -> bool {
+    /// May the connection read `scope` in the change set at `position`?
+    fn can_read(&mut self, scope: &str, position: u64) -> bool {
+        let below = match &self.below {
+            Some((at, held)) if position <= *at => held.matches(scope),
+            _ => true,
+        };
+        below && self.can_read_now(scope)
+    }
+
+    fn can_read_now(&mut self, scope: &str) -> bool {
         if let Some(v) = self.readable.get(scope) {
             return *v;
         }
-        let v = self.grants.can_read(scope);
+        let v = self.filter.can_read(scope);
         if self.readable.len() < 10_000 {
             self.readable.insert(scope.to_owned(), v);
         }
@@ -393,17 +437,23 @@ impl Endpoint {
             if sent >= frames {
                 return Ok(true);
             }
+            if walk.backfill.is_some() && walk.position.is_none() {
+                // A back-fill's rows must be as of the replica's cursor or later: the log
+                // continues from the cursor, so what the fold has not reached yet would be
+                // missed. Fold (or wait for the node that folds) until it has.
+                catch_up_fold(&*store, self.told).await?;
+            }
             let counted = match walk.total {
                 Some(_) => None,
                 None => Some(
                     store
-                        .snapshot_size(&self.filter, walk.after.clone())
+                        .snapshot_size(&walk.filter, walk.after.clone())
                         .await?,
                 ),
             };
             let page = store
                 .snapshot_page(
-                    &self.filter,
+                    &walk.filter,
                     walk.after.clone(),
                     SNAPSHOT_PAGE_ROWS,
                     FRAME_BUDGET,
@@ -417,7 +467,7 @@ impl Endpoint {
             walk.position = Some(position);
             walk.after.clone_from(&page.next);
             let done = page.next.is_none();
-            let position = if done {
+            let position = if done && walk.backfill.is_none() {
                 // This replica's own change sets come back in the log as acknowledgements
                 // (and bring back any it withdrew but the relay sequenced): the log continues
                 // from before the first of them.
@@ -431,7 +481,7 @@ impl Endpoint {
             let resume = match &page.next {
                 Some(next) => ResumeKey::new(store.secret()).seal(
                     self.replica,
-                    &self.grants,
+                    &walk.filter,
                     position,
                     Some(next.clone()),
                 ),
@@ -458,9 +508,19 @@ impl Endpoint {
             });
             sent += 1;
             if done {
-                self.walk = None;
-                self.told = self.told.max(position);
-                self.scanned = self.scanned.max(position);
+                match self.walk.take().and_then(|w| w.backfill) {
+                    // The log continues from the replica's cursor; up to the walk's position
+                    // only for what it held before (the walk brought the rest).
+                    Some(held) => {
+                        if position > self.told {
+                            self.below = Some((position, held));
+                        }
+                    }
+                    None => {
+                        self.told = self.told.max(position);
+                        self.scanned = self.scanned.max(position);
+                    }
+                }
             }
         }
         loop {
@@ -555,9 +615,9 @@ impl Endpoint {
             let mut entering = Vec::new();
             for (i, rc) in cs.rows.iter().enumerate() {
                 let Some(tag) = s.tags.get(i) else { continue };
-                let now = self.can_read(&tag.scope);
+                let now = self.can_read(&tag.scope, s.server_seq);
                 let before = match &tag.moved_from {
-                    Some(from) => self.can_read(from),
+                    Some(from) => self.can_read(from, s.server_seq),
                     None => now,
                 };
                 if now {
@@ -628,6 +688,32 @@ impl Endpoint {
         Ok((sets, moves, consumed))
     }
 }
+
+/// Folds the row histories (see [`crate::history`]) until they are as of `position` or
+/// later; over PostgreSQL another node may be the one folding, so this polls.
+async fn catch_up_fold(store: &dyn crate::store::Store, position: u64) -> Result<(), Close> {
+    let deadline = Instant::now() + FOLD_WAIT;
+    loop {
+        let at = store.fold_rows(FOLD_ROWS).await?;
+        if at >= position {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(Close::new(
+                ErrorCode::ShuttingDown,
+                format!(
+                    "the relay's row histories are at position {at}, behind this replica's cursor {position}, after {FOLD_WAIT:?}: try again"
+                ),
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// Row changes folded per call while a back-fill waits for the fold.
+const FOLD_ROWS: usize = 50_000;
+/// How long a back-fill waits for the fold to reach the replica's cursor.
+const FOLD_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 fn lease_kind(o: &ferry_core::protocol::LeaseOutcome) -> &'static str {
     use ferry_core::protocol::LeaseOutcome as L;

@@ -18,6 +18,7 @@ pub mod endpoint;
 pub mod error;
 pub mod feed;
 pub mod history;
+pub mod holding;
 pub mod metrics;
 pub mod outbox;
 pub mod resume;

@@ -4,12 +4,13 @@
 //! A device keeps the token of the last snapshot page it applied and sends it back in its
 //! next hello; any relay node over the same store continues the walk after that row, and the
 //! device continues the log from the token's position (see ADR 0003). The token names the
-//! replica and a digest of what its bearer may read, and carries an HMAC-SHA256 under a key
-//! kept in the store, so a forged token, another replica's token, or one from a token that
-//! read other scopes is refused with a typed error before anything is sent.
+//! replica and a digest of the walk's read filter (subject, scopes, and what a back-fill
+//! skips), and carries an HMAC-SHA256 under a key kept in the store, so a forged token or
+//! another replica's token is refused with a typed error before anything is sent. A genuine
+//! token for other scopes (the grants or subscriptions changed since) is stale: the walk
+//! starts over.
 
-use crate::auth::Grants;
-use crate::store::SnapshotKey;
+use crate::store::{ReadFilter, SnapshotKey};
 use ferry_core::ReplicaId;
 use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Serialize};
@@ -49,9 +50,12 @@ pub enum TokenError {
     /// The MAC does not match: not made by a relay of this store, or altered.
     #[error("the snapshot resume token was not issued by this relay's store")]
     Forged,
-    /// Made for another replica, or for a token that reads other scopes.
-    #[error("the snapshot resume token belongs to another replica or to other read grants")]
+    /// Made for another replica.
+    #[error("the snapshot resume token belongs to another replica")]
     Foreign,
+    /// Made for a walk of other scopes: the grants or subscriptions changed since.
+    #[error("the snapshot resume token is for other scopes than this connection reads")]
+    Stale,
 }
 
 /// The key tokens are sealed with.
@@ -76,19 +80,19 @@ impl ResumeKey {
             .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"))
     }
 
-    /// The token for a walk of `replica` reading with `grants` that continues after `after`
-    /// and whose log continues from `position`.
+    /// The token for a walk of `replica` reading through `filter` that continues after
+    /// `after` and whose log continues from `position`.
     pub fn seal(
         &self,
         replica: ReplicaId,
-        grants: &Grants,
+        filter: &ReadFilter,
         position: u64,
         after: Option<SnapshotKey>,
     ) -> Vec<u8> {
         let body = Body {
             v: VERSION,
             replica,
-            read: grants.read_digest(),
+            read: filter.digest(),
             position,
             after,
         };
@@ -99,12 +103,12 @@ impl ResumeKey {
         out
     }
 
-    /// Opens a token sent by `replica` reading with `grants`.
+    /// Opens a token sent by `replica` reading through `filter`.
     pub fn open(
         &self,
         token: &[u8],
         replica: ReplicaId,
-        grants: &Grants,
+        filter: &ReadFilter,
     ) -> Result<Resume, TokenError> {
         if token.len() <= MAC_BYTES || token.len() > MAX_TOKEN_BYTES {
             return Err(TokenError::Malformed);
@@ -117,8 +121,11 @@ impl ResumeKey {
         if b.v != VERSION {
             return Err(TokenError::Malformed);
         }
-        if b.replica != replica || b.read != grants.read_digest() {
+        if b.replica != replica {
             return Err(TokenError::Foreign);
+        }
+        if b.read != filter.digest() {
+            return Err(TokenError::Stale);
         }
         Ok(Resume {
             position: b.position,
@@ -131,19 +138,10 @@ impl ResumeKey {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::auth::Claims;
+    use std::sync::Arc;
 
-    fn grants(sub: &str, read: &[&str]) -> Grants {
-        Grants::from_claims(&Claims {
-            sub: sub.into(),
-            exp: u64::MAX,
-            read: read.iter().map(|s| s.to_string()).collect(),
-            write: Vec::new(),
-            primary: Vec::new(),
-            iss: None,
-            aud: None,
-        })
-        .unwrap()
+    fn grants(sub: &str, read: &[&str]) -> ReadFilter {
+        ReadFilter::new(Arc::new(crate::auth::reading(sub, read)))
     }
 
     #[test]
@@ -174,7 +172,14 @@ mod tests {
         );
         assert_eq!(
             key.open(&t, me, &grants("u", &["list:a"])),
-            Err(TokenError::Foreign)
+            Err(TokenError::Stale)
+        );
+        let g2 = grants("u", &["list:*"]);
+        let held = g2.view().clone();
+        assert_eq!(
+            key.open(&t, me, &g2.except(held)),
+            Err(TokenError::Stale),
+            "a back-fill's walk is another walk"
         );
         for i in 0..t.len() {
             let mut bad = t.clone();

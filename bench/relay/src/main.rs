@@ -306,6 +306,8 @@ async fn subscriber_as(url: &str, tok: &str, head: u64, me: ReplicaId) -> Res<Ws
         schema_version: 1,
         snapshots: false,
         resume: None,
+        subscriptions: None,
+        held: None,
     };
     ws.send(Message::Binary(hello.encode()?.into())).await?;
     match ws.next().await {

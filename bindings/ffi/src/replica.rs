@@ -9,7 +9,7 @@ use crate::listeners::{
 use crate::subscription::Subscription;
 use crate::sync::{SyncOptions, SyncSession};
 use crate::transaction::WriteTransaction;
-use crate::types::{ConflictRecord, QueryResult, Schema, SqlValue};
+use crate::types::{ConflictRecord, Eviction, QueryResult, Schema, SqlValue};
 use ferry_core as core;
 use parking_lot::Mutex;
 use std::sync::{Arc, Weak};
@@ -101,6 +101,34 @@ impl Replica {
     /// epoch); `None` before its first complete sync (its rows are not yet the relay's).
     pub fn last_synced_at_ms(&self) -> Result<Option<u64>> {
         Ok(self.inner.last_synced_at()?)
+    }
+
+    /// The scope patterns this replica subscribes to; `None` (the default) syncs every scope
+    /// the token may read.
+    pub fn subscriptions(&self) -> Result<Option<Vec<String>>> {
+        Ok(self.inner.subscriptions()?)
+    }
+
+    /// Replaces the subscriptions (`None`: every scope the token may read); kept in the file.
+    /// A connected session applies them at its next connection (`SyncSession.subscribe` and
+    /// friends reconnect at once).
+    pub fn set_subscriptions(&self, subscriptions: Option<Vec<String>>) -> Result<()> {
+        Ok(self.inner.set_subscriptions(subscriptions)?)
+    }
+
+    /// True when this replica holds `scope`'s rows, complete as of its cursor.
+    pub fn holds_scope(&self, scope: String) -> Result<bool> {
+        Ok(self.inner.holds_scope(&scope)?)
+    }
+
+    /// Scopes evicted (newest first, at most `limit`).
+    pub fn evictions(&self, limit: u32) -> Result<Vec<Eviction>> {
+        Ok(self
+            .inner
+            .evictions(limit as usize)?
+            .into_iter()
+            .map(Eviction::from)
+            .collect())
     }
 
     /// Local change sets not yet acknowledged by the relay.

@@ -111,6 +111,37 @@ impl SyncSession {
         self.handle.disconnect()
     }
 
+    /// Syncs `scope` too (a scope name or a `*` pattern the token may read): reconnects, and
+    /// the relay back-fills it. When the replica synced every permitted scope, it now syncs
+    /// the subscribed ones only.
+    pub fn subscribe(&self, scope: String) -> Result<()> {
+        Ok(self.handle.subscribe(&scope)?)
+    }
+
+    /// Stops syncing `scope`: reconnects; its rows are evicted once pending writes are pushed.
+    /// `InvalidInput` when the replica has no subscriptions (it syncs every permitted scope).
+    pub fn unsubscribe(&self, scope: String) -> Result<()> {
+        Ok(self.handle.unsubscribe(&scope)?)
+    }
+
+    /// Replaces the subscriptions (`None`: every scope the token may read) and reconnects.
+    pub fn set_subscriptions(&self, subscriptions: Option<Vec<String>>) -> Result<()> {
+        Ok(self.handle.set_subscriptions(subscriptions)?)
+    }
+
+    /// True once `scope`'s rows are complete on this replica.
+    pub fn has_synced(&self, scope: String) -> Result<bool> {
+        Ok(self.handle.has_synced(&scope)?)
+    }
+
+    /// Waits until `hasSynced(scope)`; `Offline` after `timeout_ms` or when the session ends.
+    pub async fn wait_for_first_sync(&self, scope: String, timeout_ms: u64) -> Result<()> {
+        Ok(self
+            .handle
+            .wait_for_first_sync(&scope, std::time::Duration::from_millis(timeout_ms))
+            .await?)
+    }
+
     /// Completes when nothing is pending and the replica has caught up with the relay's head
     /// as of this call. Waits while offline: cancel it (or use a timeout) if that matters.
     /// Fails with `Unauthorized`/`ConflictRejected` when a push was refused, `Offline` when

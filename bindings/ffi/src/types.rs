@@ -450,6 +450,32 @@ pub struct SyncError {
     pub message: String,
 }
 
+/// Rows of a scope evicted because the replica no longer holds it (the token lost it, or the
+/// app unsubscribed).
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+pub struct Eviction {
+    /// The scope.
+    pub scope: String,
+    /// Rows removed.
+    pub rows: u64,
+    /// Local change sets waiting to be pushed when the scope was lost (pushed before the rows
+    /// went, unless the relay refused one: `SyncStatus.refused` reports it).
+    pub pending_writes: u64,
+    /// When (ms since the Unix epoch).
+    pub at_ms: u64,
+}
+
+impl From<core::Eviction> for Eviction {
+    fn from(e: core::Eviction) -> Self {
+        Eviction {
+            scope: e.scope,
+            rows: e.rows,
+            pending_writes: e.pending_writes,
+            at_ms: e.at_ms,
+        }
+    }
+}
+
 /// A push the relay refused, which stops uploads until the app deals with it.
 #[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
 pub struct RefusedPush {

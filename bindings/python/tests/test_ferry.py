@@ -302,3 +302,44 @@ def test_checked_writes_and_leases_cross_the_ffi(relay: Relay, open_replica) -> 
         sb.disconnect()
 
     asyncio.run(main())
+
+
+def test_subscriptions_back_fill_and_evict_scopes(relay: Relay, open_replica) -> None:
+    a, b = open_replica("a.db"), open_replica("b.db")
+
+    async def main() -> None:
+        sa = session(relay, a, "alice")
+        for folder in ("home", "work"):
+            for i in range(20):
+                a.exec("INSERT INTO notes(id, folder, title) VALUES (?, ?, 't')", f"{folder}{i}", folder)
+        await sync(sa)
+        b.set_subscriptions(["work"])
+        assert b.subscriptions() == ["work"]
+        sb = session(relay, b, "bob")
+        await asyncio.wait_for(sb.wait_for_first_sync("work", 20_000), T)
+        assert sb.has_synced("work") and not sb.has_synced("home")
+        assert b.select("SELECT DISTINCT folder FROM notes") == [("work",)]
+        # Open another folder on demand: back-filled (its rows are older than b's cursor).
+        sb.subscribe("home")
+        await asyncio.wait_for(sb.wait_for_first_sync("home", 20_000), T)
+        assert b.select("SELECT count(*) FROM notes") == [(40,)]
+        # Drop one: its rows go, nothing is pushed or deleted upstream.
+        sb.unsubscribe("work")
+        await until(sb.statuses(), lambda st: b.select("SELECT count(*) FROM notes WHERE folder = 'work'") == [(0,)])
+        await sync(sb)
+        ev = b.evictions(10)
+        assert [(e.scope, e.rows, e.pending_writes) for e in ev] == [("work", 20, 0)]
+        v = await asyncio.wait_for(sb.verify(), T)
+        assert v.matches and v.local_rows == 20
+        assert a.select("SELECT count(*) FROM notes") == [(40,)]
+        # Subscribing to a scope the token may not read is refused with a typed code.
+        c = open_replica("c.db")
+        c.set_subscriptions(["home"])
+        sc = c.sync_with(relay.url, relay.token("carol", read="work"), SyncOptions(backoff_min_ms=50, backoff_max_ms=500))
+        st = await until(sc.statuses(), lambda st: st.last_error is not None)
+        assert st.last_error.code == ferry.RelayCode.FORBIDDEN
+        sc.disconnect()
+        with pytest.raises(FerryError.InvalidInput):
+            b.set_subscriptions(["{sub}"])
+
+    asyncio.run(main())

@@ -26,10 +26,10 @@ fn a_version_1_file_upgrades_to_the_fresh_layout() {
     old.close().unwrap();
     {
         // What a version 1 file looked like: no unacked-log index, no strict-write columns
-        // or undo table.
+        // or undo table, no eviction record.
         let c = rusqlite::Connection::open(d.path().join("old.db")).unwrap();
         c.execute_batch(
-            "DROP INDEX ferry_log_unacked; DROP TABLE ferry_undo;
+            "DROP INDEX ferry_log_unacked; DROP TABLE ferry_undo; DROP TABLE ferry_evictions;
              ALTER TABLE ferry_log DROP COLUMN rejected; ALTER TABLE ferry_log DROP COLUMN guarded;
              PRAGMA user_version = 1;",
         )

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use ferry_core::protocol::{Ack, ClientMsg, ErrorCode, PROTOCOL_VERSION, ServerMsg};
+use ferry_core::scope::{HeldScopes, Pattern, ScopeSet};
 use ferry_core::sequencer::Sequencer;
 use ferry_core::sync::SyncClient;
 use ferry_core::{Error, ReplicaId};
@@ -18,6 +19,8 @@ fn hello() -> ClientMsg {
         schema_version: 1,
         snapshots: false,
         resume: None,
+        subscriptions: None,
+        held: None,
     }
 }
 
@@ -120,6 +123,25 @@ fn golden_frames_of_every_message() {
                 schema_version: 1,
                 snapshots: true,
                 resume: Some(vec![1, 2, 3]),
+                subscriptions: None,
+                held: None,
+            },
+        ),
+        (
+            "hello_scopes",
+            ClientMsg::Hello {
+                protocol: PROTOCOL_VERSION,
+                replica_id: ReplicaId([1; 16]),
+                token: "t".into(),
+                cursor: 7,
+                schema_version: 1,
+                snapshots: true,
+                resume: None,
+                subscriptions: Some(vec!["project:42".into(), "project:7*".into()]),
+                held: Some(HeldScopes {
+                    scopes: ScopeSet::any_of(vec![Pattern::parse("project:*").unwrap()]),
+                    below: Some((5, ScopeSet::any_of(vec![Pattern::literal("project:7")]))),
+                }),
             },
         ),
         (
@@ -186,6 +208,23 @@ fn golden_frames_of_every_message() {
                 limits: Limits::default(),
                 horizon: 10,
                 snapshot: false,
+                scopes: None,
+            },
+        ),
+        (
+            "welcome_scopes",
+            ServerMsg::Welcome {
+                protocol: 1,
+                head: 42,
+                server_time_ms: 1_700_000_000_123,
+                max_origin_seq: 2,
+                limits: Limits::default(),
+                horizon: 10,
+                snapshot: true,
+                scopes: Some(
+                    ScopeSet::any_of(vec![Pattern::parse("project:*").unwrap()])
+                        .and(&ScopeSet::any_of(vec![Pattern::literal("project:42")])),
+                ),
             },
         ),
         (
@@ -515,6 +554,7 @@ fn the_first_refusal_is_the_one_reported() {
         limits: Limits::default(),
         horizon: 0,
         snapshot: false,
+        scopes: None,
     };
     let step = client.handle(&a, welcome).unwrap();
     assert_eq!(step.send.len(), 1);

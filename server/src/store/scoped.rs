@@ -29,6 +29,7 @@
 
 use crate::auth::Grants;
 use crate::stored::StoredSet;
+use ferry_core::scope::ScopeSet;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
@@ -41,18 +42,60 @@ pub const MAX_SCOPES: usize = 256;
 /// The least positions read per scope in one merge.
 const MIN_PER_SCOPE: usize = 64;
 
-/// What a connection may read, as the stores need it.
+/// What a connection may read, as the stores need it: the scopes its token and its
+/// subscriptions allow (its view), less those a back-fill skips because the replica holds
+/// them already.
 #[derive(Debug, Clone)]
 pub struct ReadFilter {
-    grants: Arc<Grants>,
+    sub: String,
+    view: Arc<ScopeSet>,
+    except: Option<Arc<ScopeSet>>,
     prefixes: Option<Vec<String>>,
 }
 
 impl ReadFilter {
-    /// The filter of a token's grants.
+    /// The filter of a token's grants: everything it may read.
     pub fn new(grants: Arc<Grants>) -> ReadFilter {
-        let prefixes = grants.read_prefixes();
-        ReadFilter { grants, prefixes }
+        Self::of(&grants, grants.read_set())
+    }
+
+    /// The filter of `grants` reading the scopes of `view` (already narrowed to what the
+    /// grants may read).
+    pub fn of(grants: &Grants, view: ScopeSet) -> ReadFilter {
+        let prefixes = view.prefixes();
+        ReadFilter {
+            sub: grants.sub.clone(),
+            view: Arc::new(view),
+            except: None,
+            prefixes,
+        }
+    }
+
+    /// The same filter without the scopes of `held` (a back-fill of what a replica gained).
+    pub fn except(mut self, held: ScopeSet) -> ReadFilter {
+        self.except = Some(Arc::new(held));
+        self
+    }
+
+    /// The scopes the connection reads (not narrowed by [`ReadFilter::except`]).
+    pub fn view(&self) -> &ScopeSet {
+        &self.view
+    }
+
+    /// A digest of what the filter lets through (subject, view and exception): a snapshot
+    /// resume token is bound to it.
+    pub fn digest(&self) -> [u8; 32] {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        for part in [
+            self.sub.as_bytes().to_vec(),
+            rmp_serde::to_vec(&*self.view).unwrap_or_default(),
+            rmp_serde::to_vec(&self.except.as_deref()).unwrap_or_default(),
+        ] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(&part);
+        }
+        h.finalize().into()
     }
 
     /// Literal prefixes covering every readable scope, or `None` for "any scope".
@@ -62,7 +105,7 @@ impl ReadFilter {
 
     /// May the connection read `scope`?
     pub fn can_read(&self, scope: &str) -> bool {
-        self.grants.can_read(scope)
+        self.view.matches(scope) && !self.except.as_ref().is_some_and(|e| e.matches(scope))
     }
 }
 

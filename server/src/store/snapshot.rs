@@ -141,20 +141,10 @@ impl PageBuilder {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::auth::{Claims, Grants};
     use std::sync::Arc;
 
     fn filter(read: &[&str]) -> ReadFilter {
-        let claims = Claims {
-            sub: "u".into(),
-            exp: u64::MAX,
-            read: read.iter().map(|s| s.to_string()).collect(),
-            write: Vec::new(),
-            primary: Vec::new(),
-            iss: None,
-            aud: None,
-        };
-        ReadFilter::new(Arc::new(Grants::from_claims(&claims).unwrap()))
+        ReadFilter::new(Arc::new(crate::auth::reading("u", read)))
     }
 
     #[test]

@@ -13,6 +13,7 @@ mod convergence;
 mod crash;
 mod disk;
 mod flow;
+mod holding;
 mod hostile;
 mod jwks;
 mod lifecycle;

@@ -182,7 +182,61 @@ mod live {
             schema_version: 1,
             snapshots: true,
             resume,
+            subscriptions: None,
+            held: None,
         }
+    }
+
+    /// A walk cut after its first page, whose device then changes its subscriptions, starts
+    /// over for the new scopes; rows the first walk brought are replaced, not merged (their
+    /// histories fold counter additions that the device partly holds), and rows of scopes
+    /// no longer subscribed are evicted.
+    #[test]
+    fn a_walk_started_over_for_other_scopes_replaces_the_rows_it_brought() {
+        let d = tempfile::tempdir().unwrap();
+        let (relay, w, _head) = loaded(d.path(), 10_000);
+        let device = reader(d.path(), "device.db");
+        let me = device.replica_id().unwrap();
+        let token = admin_token("device");
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (page, resume) = first_page(&rt, &relay.url(), me, &token, 10_000);
+        device
+            .apply_snapshot(page.clone(), &resume, false, None)
+            .unwrap();
+        // The writer adds to counters of rows of that page; the histories fold them.
+        let hw = connect(&w, &relay.url(), admin_token("writer"));
+        w.execute(
+            "UPDATE todo SET votes = votes + 5 WHERE id < 'r000400'",
+            &[],
+        )
+        .unwrap();
+        wait_synced(&hw);
+        folded(&relay, w.cursor().unwrap());
+        device
+            .set_subscriptions(Some(vec!["list:0".into(), "list:1".into()]))
+            .unwrap();
+        let h = connect(&device, &relay.url(), token);
+        wait_synced(&h);
+        ferry_testkit::eventually("other lists evicted", Duration::from_secs(30), || {
+            device
+                .query(
+                    "SELECT count(*) FROM todo WHERE list NOT IN ('list:0', 'list:1')",
+                    &[],
+                )
+                .unwrap()
+                .rows[0][0]
+                == Value::Integer(0)
+        });
+        let q = "SELECT id, list, title, votes FROM todo WHERE list IN ('list:0', 'list:1') ORDER BY id";
+        assert_eq!(
+            device.query(q, &[]).unwrap().rows,
+            w.query(q, &[]).unwrap().rows
+        );
+        assert!(
+            h.verify_blocking(&device, Duration::from_secs(30))
+                .unwrap()
+                .matches()
+        );
     }
 
     /// A snapshot cut after its first page resumes after that page on the next connection:
@@ -198,22 +252,19 @@ mod live {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let (page, resume) = first_page(&rt, &relay.url(), me, &token, 10_000);
         // The device applied the first page, then the connection was cut.
-        device.apply_snapshot(page.clone(), &resume, None).unwrap();
+        device
+            .apply_snapshot(page.clone(), &resume, false, None)
+            .unwrap();
         assert_eq!(device.snapshot_resume().unwrap(), Some(resume.clone()));
         assert_eq!(device.cursor().unwrap(), 0);
         rt.block_on(async {
-            // A token with a bit flipped, another replica's, and one for other read grants.
+            // A token with a bit flipped, and another replica's, are refused.
             let mut forged = resume.clone();
             let mid = forged.len() / 2;
             forged[mid] ^= 0x40;
             for (who, tok, t) in [
                 (me, token.clone(), forged),
                 (ReplicaId([9; 16]), token.clone(), resume.clone()),
-                (
-                    me,
-                    token_for("device", &["list:1"], &[], Duration::from_secs(60)),
-                    resume.clone(),
-                ),
             ] {
                 let mut ws = raw::connect(&relay.url()).await;
                 raw::send(&mut ws, &hello(who, &tok, Some(t))).await;
@@ -224,6 +275,21 @@ mod live {
                     }
                     other => panic!("expected a refusal, got {other:?}"),
                 }
+            }
+            // A genuine token for other read grants is stale: the walk of the scopes this
+            // token reads starts over (from its first row, with its own total).
+            let other = token_for("device", &["list:1"], &[], Duration::from_secs(60));
+            let mut ws = raw::connect(&relay.url()).await;
+            raw::send(&mut ws, &hello(me, &other, Some(resume.clone()))).await;
+            match raw::recv(&mut ws).await {
+                Some(ServerMsg::Welcome { snapshot, .. }) => assert!(snapshot),
+                other => panic!("expected a welcome, got {other:?}"),
+            }
+            match raw::recv(&mut ws).await {
+                Some(ServerMsg::Snapshot { total_rows, .. }) => {
+                    assert!(total_rows < 10_000, "a walk of list:1 only: {total_rows}")
+                }
+                other => panic!("expected a snapshot page, got {other:?}"),
             }
         });
         let sent_before = relay.metric("ferry_snapshot_rows_total");
@@ -259,7 +325,9 @@ mod live {
         let token = admin_token("device");
         let rt = tokio::runtime::Runtime::new().unwrap();
         let (page, resume) = first_page(&rt, &cluster.url(1), me, &token, 6_000);
-        device.apply_snapshot(page.clone(), &resume, None).unwrap();
+        device
+            .apply_snapshot(page.clone(), &resume, false, None)
+            .unwrap();
         cluster.nodes[1].kill();
         let h = connect(&device, &cluster.url(2), token);
         wait_synced(&h);

@@ -29,6 +29,8 @@ pub fn hello(replica: ReplicaId, token: &str, cursor: u64) -> ClientMsg {
         schema_version: 1,
         snapshots: false,
         resume: None,
+        subscriptions: None,
+        held: None,
     }
 }
 

@@ -239,7 +239,7 @@ pub async fn check_snapshots(store: &dyn Store, seed: u64, sets: usize) {
             }
             // The cursor stays at 0 (no `continue_from`): the whole log is replayed over it below.
             from_snapshot
-                .apply_snapshot(rows.clone(), &[], None)
+                .apply_snapshot(rows.clone(), &[], false, None)
                 .unwrap();
             match page.next {
                 Some(k) => after = Some(k),

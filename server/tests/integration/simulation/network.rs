@@ -58,6 +58,13 @@ impl Sim {
         );
     }
 
+    /// Whether the relay reads link `l` now: a frame waits and its answers have room (the
+    /// relay stops reading a client that does not read its answers).
+    pub(crate) fn relay_reads(&self, l: usize) -> bool {
+        let k = &self.links[l];
+        !k.up.is_empty() && (k.down.len() < self.cap || !k.live || k.relay_closed)
+    }
+
     /// The relay reads one frame of link `l`.
     pub(crate) fn deliver_up(&mut self, l: usize) {
         let Some(shared) = self.shared.clone() else {
@@ -217,6 +224,10 @@ impl Sim {
             if !self.links[l].live || self.links[l].relay_closed {
                 continue;
             }
+            // Catch-up only while half of the link is free (the relay's bounded outbox).
+            if self.links[l].down.len() > self.cap / 2 {
+                continue;
+            }
             let Some(ep) = self.links[l].ep.as_mut() else {
                 continue;
             };
@@ -231,6 +242,9 @@ impl Sim {
 
     pub(crate) fn pump(&mut self, i: usize) {
         let Some(l) = self.nodes[i].link else { return };
+        if self.links[l].up.len() >= self.cap {
+            return; // the socket is full: the client's writer waits, its reader goes on
+        }
         if let Some(Some(push)) = self.with_replica(i, "push", |r, n| n.client.poll_push(r)) {
             self.links[l].up.push_back(push);
         }
@@ -241,7 +255,7 @@ impl Sim {
             .filter(|&l| {
                 let k = &self.links[l];
                 if up {
-                    !k.up.is_empty()
+                    self.relay_reads(l)
                 } else {
                     k.live && !k.down.is_empty()
                 }

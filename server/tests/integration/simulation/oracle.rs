@@ -128,7 +128,9 @@ impl Sim {
                         if let Some(a) = &c.cas {
                             *balance.entry(a.clone()).or_default() += 1;
                         }
-                        markers.insert(c.marker.clone());
+                        if !c.marker.starts_with(BACKLOG_MARKER) {
+                            markers.insert(c.marker.clone());
+                        }
                     }
                     Verdict::Rejected(why) => {
                         assert!(

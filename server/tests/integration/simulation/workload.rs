@@ -162,6 +162,49 @@ impl Sim {
         }
     }
 
+    /// `n` small transactions on node `i` before it first connects (a title and a counter in
+    /// its own list each): a backlog to push through bounded links. They carry no atomicity
+    /// markers (one row each, and the check reads every marker after every step); the
+    /// oracle still requires each in the log exactly once and counts their counters.
+    pub(crate) fn backlog(&mut self, i: usize, n: usize) {
+        let list = list_of(i);
+        let res = self.with_replica(i, "backlog", |r, node| {
+            for t in 0..n {
+                let id = format!("{list}/b{}", t % 500);
+                let mut tx = r.begin()?;
+                let mut votes = Vec::new();
+                if tx.execute(
+                    "UPDATE todo SET title = ?, votes = votes + 1 WHERE id = ?",
+                    &[Value::Text(format!("t{t}")), Value::Text(id.clone())],
+                )? == 1
+                {
+                    votes.push((id, 1));
+                } else {
+                    tx.execute(
+                        "INSERT INTO todo (id, list, title, votes) VALUES (?, ?, ?, 0)",
+                        &[
+                            Value::Text(id),
+                            Value::Text(list.clone()),
+                            Value::Text(format!("t{t}")),
+                        ],
+                    )?;
+                }
+                let id = tx.commit_change()?.expect("synced rows were written");
+                node.committed.push(Committed {
+                    id,
+                    votes,
+                    checked: false,
+                    cas: None,
+                    marker: format!("{BACKLOG_MARKER}{i}/{t}"),
+                });
+            }
+            Ok(())
+        });
+        if res.is_some() {
+            self.note("backlog", format!("node {i}: {n} change sets"));
+        }
+    }
+
     pub(crate) fn lease(&mut self, i: usize) {
         let Some(l) = self.nodes[i].link else { return };
         if self.nodes[i].lease_pending || self.links[l].ep.is_none() && self.links[l].up.is_empty()

@@ -7,6 +7,7 @@ impl Sim {
     pub(crate) fn new(seed: u64, dir: &Path) -> Sim {
         let mut rng = StdRng::seed_from_u64(seed);
         let n = rng.random_range(2..=8usize);
+        let cap = rng.random_range(2..=16usize);
         let start = (now_secs() * 1000 / HOUR as u64) * HOUR as u64;
         let time = Arc::new(AtomicU64::new(start));
         let mut sim = Sim {
@@ -25,6 +26,7 @@ impl Sim {
             trace: String::new(),
             seen_pushes: Vec::new(),
             faults: BTreeMap::new(),
+            cap,
         };
         for i in 0..n {
             let skew = match sim.rng.random_range(0..6) {
@@ -55,7 +57,7 @@ impl Sim {
             assert!(sim.nodes[i].replica.is_some(), "node {i} failed to open");
         }
         sim.start_relay();
-        let _ = writeln!(sim.trace, "seed {seed}: {n} nodes");
+        let _ = writeln!(sim.trace, "seed {seed}: {n} nodes, links of {cap} frames");
         sim
     }
 
@@ -326,7 +328,7 @@ impl Sim {
                 }
             }
             for l in 0..self.links.len() {
-                while !self.links[l].up.is_empty() {
+                while self.relay_reads(l) {
                     self.deliver_up(l);
                     busy = true;
                 }
@@ -339,7 +341,10 @@ impl Sim {
                 }
             }
             for i in 0..self.nodes.len() {
-                self.pump(i);
+                // As many pushes as the link and the client's window take.
+                for _ in 0..self.cap {
+                    self.pump(i);
+                }
             }
             let all_synced = (0..self.nodes.len()).all(|i| {
                 let n = &self.nodes[i];

@@ -91,6 +91,38 @@ class FerryTest {
     }
 
     @Test
+    fun subscriptionsBackFillAndEvictScopes() = runBlocking<Unit> {
+        open("a.db").use { a ->
+            open("b.db").use { b ->
+                val sa = a.sync("alice")
+                for (folder in listOf("home", "work")) {
+                    for (i in 0 until 10) {
+                        a.exec("INSERT INTO notes(id, folder, title) VALUES (?, ?, 't')", "$folder$i", folder)
+                    }
+                }
+                withTimeout(20_000) { sa.syncNow() }
+                b.setSubscriptions(listOf("work"))
+                val sb = b.sync("bob")
+                withTimeout(20_000) { sb.waitForFirstSync("work", 20_000u) }
+                assertFalse(sb.hasSynced("home"))
+                assertEquals(listOf(listOf<Any?>(10L)), b.select("SELECT count(*) FROM notes"))
+                sb.subscribe("home")
+                withTimeout(20_000) { sb.waitForFirstSync("home", 20_000u) }
+                assertEquals(listOf(listOf<Any?>(20L)), b.select("SELECT count(*) FROM notes"))
+                sb.unsubscribe("work")
+                withTimeout(20_000) {
+                    while (b.evictions(10u).isEmpty()) delay(20)
+                }
+                val ev = b.evictions(10u).single()
+                assertEquals("work", ev.scope)
+                assertEquals(10uL, ev.rows)
+                assertTrue(withTimeout(20_000) { sb.verify() }.matches)
+                sa.close(); sb.close()
+            }
+        }
+    }
+
+    @Test
     fun aResolverWrittenInKotlinDecidesARealConflict() = runBlocking<Unit> {
         open("a.db").use { a ->
             open("b.db").use { b ->
