@@ -4,6 +4,7 @@
 //! evicted after its pending writes are pushed.
 #![allow(clippy::unwrap_used, missing_docs)]
 
+use super::scopes::lists;
 use ferry_core::protocol::ErrorCode;
 use ferry_core::{Replica, SyncHandle, Value};
 use ferry_testkit::relay::*;
@@ -22,18 +23,6 @@ fn todos(r: &Replica, lists: &[String]) -> Vec<Vec<Value>> {
         .rows
         .into_iter()
         .filter(|row| matches!(&row[1], Value::Text(l) if lists.contains(l)))
-        .collect()
-}
-
-fn all_lists(r: &Replica) -> Vec<String> {
-    r.query("SELECT DISTINCT list FROM todo ORDER BY list", &[])
-        .unwrap()
-        .rows
-        .into_iter()
-        .map(|row| match &row[0] {
-            Value::Text(s) => s.clone(),
-            other => format!("{other:?}"),
-        })
         .collect()
 }
 
@@ -72,7 +61,7 @@ fn a_gained_scope_is_back_filled_and_a_lost_one_evicted_after_its_writes_are_pus
         token_for("dev", &["list:a"], &["list:a"], hour()),
     );
     verified(&h, &device, "list:a only");
-    assert_eq!(all_lists(&device), ["list:a"]);
+    assert_eq!(lists(&device), ["list:a"]);
     assert!(h.has_synced("list:a").unwrap() && !h.has_synced("list:b").unwrap());
     drop(h);
     // Rows change in both lists, some move from b to a and back, counters grow.
@@ -104,7 +93,7 @@ fn a_gained_scope_is_back_filled_and_a_lost_one_evicted_after_its_writes_are_pus
         token_for("dev", &["list:b"], &["list:b"], hour()),
     );
     verified(&h, &device, "after losing list:a");
-    assert_eq!(all_lists(&device), ["list:b"]);
+    assert_eq!(lists(&device), ["list:b"]);
     let ev = device.evictions(10).unwrap();
     assert_eq!(ev.len(), 1, "{ev:?}");
     assert_eq!(ev[0].scope, "list:a");
@@ -137,7 +126,7 @@ fn a_gained_scope_is_back_filled_and_a_lost_one_evicted_after_its_writes_are_pus
         token_for("dev", &["list:a"], &["list:a"], hour()),
     );
     ferry_testkit::eventually("list:b evicted", Duration::from_secs(30), || {
-        all_lists(&device) == ["list:a"]
+        lists(&device) == ["list:a"]
     });
     let refused = h.status().refused.unwrap();
     assert_eq!(refused.code, ErrorCode::Forbidden);
@@ -170,13 +159,13 @@ fn subscriptions_choose_among_the_permitted_scopes_at_run_time() {
         .unwrap();
     assert_eq!(todos(&device, &["list:p0".into()]).len(), 50);
     verified(&h, &device, "subscribed to p0");
-    assert_eq!(all_lists(&device), ["list:p0"]);
+    assert_eq!(lists(&device), ["list:p0"]);
     // Open a project on demand, and a pattern of them.
     h.subscribe("list:p1").unwrap();
     h.wait_for_first_sync_blocking("list:p1", Duration::from_secs(60))
         .unwrap();
     verified(&h, &device, "subscribed to p0, p1");
-    assert_eq!(all_lists(&device), ["list:p0", "list:p1"]);
+    assert_eq!(lists(&device), ["list:p0", "list:p1"]);
     // Drop one while a write to it waits: pushed, then evicted.
     h.pause();
     pause(&h);
@@ -185,7 +174,7 @@ fn subscriptions_choose_among_the_permitted_scopes_at_run_time() {
     h.unsubscribe("list:p0").unwrap();
     wait_synced(&h);
     ferry_testkit::eventually("p0 evicted", Duration::from_secs(30), || {
-        all_lists(&device) == ["list:p1"]
+        lists(&device) == ["list:p1"]
     });
     verified(&h, &device, "subscribed to p1");
     wait_synced(&ha);
@@ -203,8 +192,8 @@ fn subscriptions_choose_among_the_permitted_scopes_at_run_time() {
         h.has_synced("list:p3").unwrap()
     });
     verified(&h, &device, "every scope");
-    let lists: Vec<String> = (0..4).map(|i| format!("list:p{i}")).collect();
-    assert_eq!(todos(&device, &lists), todos(&admin, &lists));
+    let every: Vec<String> = (0..4).map(|i| format!("list:p{i}")).collect();
+    assert_eq!(todos(&device, &every), todos(&admin, &every));
     // Unsubscribing with no subscriptions, or subscribing to what the token may not read,
     // is refused with a typed error.
     assert!(matches!(
@@ -217,7 +206,7 @@ fn subscriptions_choose_among_the_permitted_scopes_at_run_time() {
             .last_error
             .is_some_and(|e| e.code == Some(ErrorCode::Forbidden))
     });
-    assert_eq!(all_lists(&device), lists, "nothing was evicted or applied");
+    assert_eq!(lists(&device), every, "nothing was evicted or applied");
 }
 
 /// Random grant changes and subscriptions between connections while writers keep writing
@@ -299,7 +288,7 @@ fn random_grant_and_subscription_changes_end_with_exactly_the_allowed_rows() {
                 wait_synced(w);
             }
             ferry_testkit::eventually("evictions settle", Duration::from_secs(30), || {
-                all_lists(&device).iter().all(|l| allowed.contains(l))
+                lists(&device).iter().all(|l| allowed.contains(l))
             });
             assert_eq!(
                 todos(&device, &allowed),

@@ -7,7 +7,8 @@ use ferry_core::{Error, ReplicaId, Value};
 use ferry_testkit::relay::*;
 use std::time::Duration;
 
-fn lists(r: &ferry_core::Replica) -> Vec<String> {
+/// The distinct lists of `r`'s todo rows, sorted.
+pub(crate) fn lists(r: &ferry_core::Replica) -> Vec<String> {
     r.query("SELECT DISTINCT list FROM todo ORDER BY list", &[])
         .unwrap()
         .rows

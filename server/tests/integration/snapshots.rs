@@ -187,6 +187,36 @@ mod live {
         }
     }
 
+    /// A device that applied the first page of its snapshot (of every list, with an admin
+    /// token), then lost the connection.
+    struct Cut {
+        device: std::sync::Arc<ferry_core::Replica>,
+        me: ReplicaId,
+        token: String,
+        rt: tokio::runtime::Runtime,
+        page: Vec<ferry_core::snapshot::SnapshotRow>,
+        resume: Vec<u8>,
+    }
+
+    fn cut_after_first_page(relay: &RelayProc, dir: &std::path::Path) -> Cut {
+        let device = reader(dir, "device.db");
+        let me = device.replica_id().unwrap();
+        let token = admin_token("device");
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (page, resume) = first_page(&rt, &relay.url(), me, &token, 10_000);
+        device
+            .apply_snapshot(page.clone(), &resume, false, None)
+            .unwrap();
+        Cut {
+            device,
+            me,
+            token,
+            rt,
+            page,
+            resume,
+        }
+    }
+
     /// A walk cut after its first page, whose device then changes its subscriptions, starts
     /// over for the new scopes; rows the first walk brought are replaced, not merged (their
     /// histories fold counter additions that the device partly holds), and rows of scopes
@@ -195,14 +225,7 @@ mod live {
     fn a_walk_started_over_for_other_scopes_replaces_the_rows_it_brought() {
         let d = tempfile::tempdir().unwrap();
         let (relay, w, _head) = loaded(d.path(), 10_000);
-        let device = reader(d.path(), "device.db");
-        let me = device.replica_id().unwrap();
-        let token = admin_token("device");
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let (page, resume) = first_page(&rt, &relay.url(), me, &token, 10_000);
-        device
-            .apply_snapshot(page.clone(), &resume, false, None)
-            .unwrap();
+        let Cut { device, token, .. } = cut_after_first_page(&relay, d.path());
         // The writer adds to counters of rows of that page; the histories fold them.
         let hw = connect(&w, &relay.url(), admin_token("writer"));
         w.execute(
@@ -246,15 +269,14 @@ mod live {
     fn a_cut_snapshot_resumes_after_the_last_page_applied() {
         let d = tempfile::tempdir().unwrap();
         let (relay, w, _head) = loaded(d.path(), 10_000);
-        let device = reader(d.path(), "device.db");
-        let me = device.replica_id().unwrap();
-        let token = admin_token("device");
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let (page, resume) = first_page(&rt, &relay.url(), me, &token, 10_000);
-        // The device applied the first page, then the connection was cut.
-        device
-            .apply_snapshot(page.clone(), &resume, false, None)
-            .unwrap();
+        let Cut {
+            device,
+            me,
+            token,
+            rt,
+            page,
+            resume,
+        } = cut_after_first_page(&relay, d.path());
         assert_eq!(device.snapshot_resume().unwrap(), Some(resume.clone()));
         assert_eq!(device.cursor().unwrap(), 0);
         rt.block_on(async {
