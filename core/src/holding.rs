@@ -38,6 +38,7 @@ const HELD: &str = "scopes_held";
 const EVICT: &str = "scopes_evict";
 const EVICT_PENDING: &str = "scopes_evict_pending";
 const SUBSCRIPTIONS: &str = "subscriptions";
+const COMPLETE_AT: &str = "scopes_complete_at";
 
 /// Most subscriptions an app may hold (the relay refuses more).
 pub const MAX_SUBSCRIPTIONS: usize = 256;
@@ -154,6 +155,7 @@ pub(crate) fn snapshot_done(conn: &Connection, end: &SnapshotEnd, cursor: u64) -
     } else {
         None
     };
+    db::meta_set(conn, COMPLETE_AT, end.complete_at.max(end.position) as i64)?;
     set_held(conn, scopes, below)
 }
 
@@ -165,8 +167,14 @@ fn set_held(conn: &Connection, scopes: &ScopeSet, below: Option<(u64, ScopeSet)>
     encode(conn, HELD, &held)
 }
 
-/// True when `scope` is held and its rows are complete up to `cursor`.
+/// True when `scope` is held and its rows are complete: the last snapshot was applied and
+/// the cursor has since reached the relay's head as it was then (a snapshot is read at the
+/// relay's fold, which may lag its log; what was written in between comes through the log).
 pub(crate) fn holds(conn: &Connection, scope: &str, cursor: u64) -> Result<bool> {
+    let complete_at = db::meta_opt::<i64>(conn, COMPLETE_AT)?.unwrap_or(0) as u64;
+    if cursor < complete_at {
+        return Ok(false);
+    }
     Ok(for_hello(conn, cursor)?.is_some_and(|h| h.scopes.matches(scope) && h.below.is_none()))
 }
 

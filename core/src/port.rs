@@ -28,6 +28,10 @@ pub struct SnapshotEnd {
     pub backfill: bool,
     /// The scopes the replica holds once it is applied (`Welcome.scopes`).
     pub scopes: Option<ScopeSet>,
+    /// The relay's head as the client last heard it: the snapshot was read at `position`,
+    /// which may lie below it (the relay's fold lags its log), and rows written between the
+    /// two arrive through the log. The scopes count as synced once the cursor reaches it.
+    pub complete_at: u64,
 }
 
 /// What the sync client calls on a replica (see the module docs).

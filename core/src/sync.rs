@@ -427,6 +427,7 @@ impl SyncClient {
                     position,
                     backfill: self.backfill,
                     scopes: self.scopes.clone(),
+                    complete_at: self.head,
                 });
                 // Rows the replica may hold already (a back-fill, or a walk the relay started
                 // over because the scopes changed) are replaced rather than merged.

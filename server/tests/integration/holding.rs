@@ -6,7 +6,7 @@
 
 use super::scopes::lists;
 use ferry_core::protocol::ErrorCode;
-use ferry_core::{Replica, SyncHandle, Value};
+use ferry_core::{Replica, SyncHandle, SyncPort, Value};
 use ferry_testkit::relay::*;
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 use std::sync::Arc;
@@ -41,6 +41,33 @@ fn verified(h: &SyncHandle, r: &Replica, what: &str) {
         v.matches(),
         "{what}: the replica differs from the relay: {v:?}"
     );
+}
+
+/// A snapshot is read at the relay's fold, which may lag its log: rows written between the
+/// snapshot's position and the head the client heard come through the log after the last
+/// page, so the scope is not synced until the cursor reaches that head.
+#[test]
+fn a_scope_counts_as_synced_once_the_log_reaches_the_head_heard_with_its_snapshot() {
+    let d = tempfile::tempdir().unwrap();
+    let device = open(d.path(), "device.db");
+    let end = ferry_core::port::SnapshotEnd {
+        position: 5,
+        backfill: false,
+        scopes: Some(ferry_core::scope::ScopeSet::everything()),
+        complete_at: 9,
+    };
+    device
+        .apply_snapshot(Vec::new(), b"", false, Some(end))
+        .unwrap();
+    assert_eq!(device.cursor().unwrap(), 5);
+    assert!(
+        !device.holds_scope("list:a").unwrap(),
+        "positions 6..=9 are still to come"
+    );
+    device.apply_changes(5, 8, &[], &[]).unwrap();
+    assert!(!device.holds_scope("list:a").unwrap());
+    device.apply_changes(8, 9, &[], &[]).unwrap();
+    assert!(device.holds_scope("list:a").unwrap());
 }
 
 #[test]
