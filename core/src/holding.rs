@@ -40,7 +40,7 @@ const EVICT_PENDING: &str = "scopes_evict_pending";
 const SUBSCRIPTIONS: &str = "subscriptions";
 const COMPLETE_AT: &str = "scopes_complete_at";
 
-/// Most subscriptions an app may hold (the relay refuses more).
+/// Most subscriptions an app may hold (the relay refuses more: it uses the same bound).
 pub const MAX_SUBSCRIPTIONS: usize = 256;
 
 /// Rows of one scope evicted because the replica may no longer hold it.

@@ -66,7 +66,7 @@ pub use db::{
 };
 pub use error::{Error, Result};
 pub use hlc::{Hlc, WallClock};
-pub use holding::Eviction;
+pub use holding::{Eviction, MAX_SUBSCRIPTIONS};
 pub use ids::{ChangeId, ReplicaId, new_id};
 pub use log::Verdict;
 pub use observer::{ChangeEvent, ChangeSource, Observer, Rows, Subscription, WatchCallback};

@@ -42,6 +42,17 @@ pub enum PatternError {
     /// The pattern is longer than [`MAX_PATTERN_BYTES`].
     #[error("scope pattern of {0} bytes is longer than {MAX_PATTERN_BYTES}")]
     TooLong(usize),
+    /// A scope set has more parts than [`MAX_SET_PARTS`] or a part more patterns than
+    /// [`MAX_SET_PATTERNS`].
+    #[error(
+        "scope set of {parts} parts and up to {patterns} patterns in one; at most {MAX_SET_PARTS} and {MAX_SET_PATTERNS}"
+    )]
+    TooMany {
+        /// Parts (intersected unions).
+        parts: usize,
+        /// Patterns in the largest part.
+        patterns: usize,
+    },
 }
 
 /// Longest scope pattern accepted from a device (subscriptions, held scopes).
@@ -257,9 +268,10 @@ impl ScopeSet {
         if self.all_of.len() > MAX_SET_PARTS
             || self.all_of.iter().any(|u| u.len() > MAX_SET_PATTERNS)
         {
-            return Err(PatternError::TooLong(
-                self.all_of.iter().map(Vec::len).sum::<usize>(),
-            ));
+            return Err(PatternError::TooMany {
+                parts: self.all_of.len(),
+                patterns: self.all_of.iter().map(Vec::len).max().unwrap_or(0),
+            });
         }
         for p in self.all_of.iter().flatten() {
             let n = p.text_len();
@@ -344,6 +356,35 @@ mod tests {
                 .map(|u| u.iter().map(|p| Pattern::parse(p).unwrap()).collect())
                 .collect(),
         }
+    }
+
+    /// A set from a device is bounded in parts, patterns per part and bytes per pattern,
+    /// each refusal naming which.
+    #[test]
+    fn bounds_name_what_was_too_large() {
+        assert_eq!(set(&[&["a", "b:*"], &["*"]]).check_bounds(), Ok(()));
+        let wide: Vec<String> = (0..=MAX_SET_PATTERNS).map(|i| format!("s{i}")).collect();
+        let wide: Vec<&str> = wide.iter().map(String::as_str).collect();
+        assert_eq!(
+            set(&[&wide]).check_bounds(),
+            Err(PatternError::TooMany {
+                parts: 1,
+                patterns: MAX_SET_PATTERNS + 1
+            })
+        );
+        let deep = vec![&["a"][..]; MAX_SET_PARTS + 1];
+        assert!(matches!(
+            set(&deep).check_bounds(),
+            Err(PatternError::TooMany { parts, .. }) if parts == MAX_SET_PARTS + 1
+        ));
+        // Parsing refuses it too; a set decoded from a hello is checked here.
+        let long = ScopeSet {
+            all_of: vec![vec![Pattern::literal(&"x".repeat(MAX_PATTERN_BYTES + 1))]],
+        };
+        assert_eq!(
+            long.check_bounds(),
+            Err(PatternError::TooLong(MAX_PATTERN_BYTES + 1))
+        );
     }
 
     #[test]

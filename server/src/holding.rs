@@ -17,8 +17,8 @@ use crate::endpoint::Close;
 use ferry_core::protocol::ErrorCode;
 use ferry_core::scope::{HeldScopes, Pattern, ScopeSet};
 
-/// Most subscriptions one hello may carry.
-pub const MAX_SUBSCRIPTIONS: usize = 256;
+/// Most subscriptions one hello may carry (the bound the device keeps to as well).
+pub use ferry_core::MAX_SUBSCRIPTIONS;
 
 /// The scopes a connection delivers: the token's grants, narrowed by the subscriptions.
 pub fn view(grants: &Grants, subscriptions: Option<&[String]>) -> Result<ScopeSet, Close> {
@@ -63,7 +63,12 @@ pub fn view(grants: &Grants, subscriptions: Option<&[String]>) -> Result<ScopeSe
 /// Checks the bounds of the held scopes a hello names.
 pub fn check_held(held: &HeldScopes) -> Result<(), Close> {
     let bad = |e: ferry_core::scope::PatternError| {
-        Close::new(ErrorCode::BadFrame, format!("hello's held scopes: {e}"))
+        use ferry_core::scope::PatternError as P;
+        let code = match e {
+            P::TooLong(_) | P::TooMany { .. } => ErrorCode::TooLarge,
+            P::Empty | P::Placeholder(_) => ErrorCode::BadFrame,
+        };
+        Close::new(code, format!("hello's held scopes: {e}"))
     };
     held.scopes.check_bounds().map_err(bad)?;
     if let Some((_, below)) = &held.below {
@@ -121,6 +126,43 @@ mod tests {
 
     fn subs(s: &[&str]) -> Vec<String> {
         s.iter().map(|x| x.to_string()).collect()
+    }
+
+    /// Held scopes named in a hello are bounded: too many or too long is `too_large`, an
+    /// empty pattern `bad_frame`.
+    #[test]
+    fn held_scopes_out_of_bounds_are_refused_with_a_code_naming_why() {
+        let held = |all_of: Vec<Vec<Pattern>>, below: bool| HeldScopes {
+            scopes: if below {
+                ScopeSet::everything()
+            } else {
+                ScopeSet {
+                    all_of: all_of.clone(),
+                }
+            },
+            below: below.then(|| (7, ScopeSet { all_of })),
+        };
+        let ok = vec![vec![Pattern::literal("list:1")]];
+        assert!(check_held(&held(ok, false)).is_ok());
+        let wide = vec![
+            (0..300)
+                .map(|i| Pattern::literal(&format!("s{i}")))
+                .collect(),
+        ];
+        for below in [false, true] {
+            let e = check_held(&held(wide.clone(), below)).unwrap_err();
+            assert_eq!(e.code, ErrorCode::TooLarge, "{}", e.message);
+        }
+        let long = vec![vec![Pattern::literal(&"x".repeat(600))]];
+        assert_eq!(
+            check_held(&held(long, false)).unwrap_err().code,
+            ErrorCode::TooLarge
+        );
+        let empty = vec![vec![Pattern::literal("")]];
+        assert_eq!(
+            check_held(&held(empty, true)).unwrap_err().code,
+            ErrorCode::BadFrame
+        );
     }
 
     #[test]
