@@ -140,7 +140,7 @@ mod tests {
                     all_of: all_of.clone(),
                 }
             },
-            below: below.then(|| (7, ScopeSet { all_of })),
+            below: below.then_some((7, ScopeSet { all_of })),
         };
         let ok = vec![vec![Pattern::literal("list:1")]];
         assert!(check_held(&held(ok, false)).is_ok());
