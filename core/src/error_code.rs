@@ -36,6 +36,10 @@ pub enum ErrorCode {
     Fenced,
     /// Something failed on the relay.
     Internal,
+    /// The hello's replica id belongs to another subject (the `sub` of the token it first
+    /// connected with): another user signed in on this replica file, or a forged hello. The
+    /// replica takes a new id.
+    IdentityMismatch,
 }
 
 impl ErrorCode {
@@ -55,6 +59,7 @@ impl ErrorCode {
             ErrorCode::Conflict => "conflict",
             ErrorCode::Fenced => "fenced",
             ErrorCode::Internal => "internal",
+            ErrorCode::IdentityMismatch => "identity_mismatch",
         }
     }
 }

@@ -153,6 +153,12 @@ pub enum LeaseOutcome {
         /// The current grant's token (0 when none).
         current: u64,
     },
+    /// The connection's token may not take this lease (it must be able to write a scope of
+    /// the lease's name). Says nothing about the lease itself.
+    Forbidden {
+        /// Lease name.
+        name: String,
+    },
 }
 
 /// One acknowledgement.

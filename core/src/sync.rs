@@ -402,7 +402,15 @@ impl SyncClient {
                 moves,
             } => {
                 self.expect_streaming()?;
-                self.head = self.head.max(head).max(up_to);
+                // A frame covering positions beyond the head it names, or beyond what any
+                // store can number, would move the cursor past everything the real relay
+                // holds (a device then refused at every hello): refused, nothing applied.
+                if up_to > head || up_to > MAX_POSITION {
+                    return Err(Error::Protocol(format!(
+                        "changes up to position {up_to} beyond the relay's head {head}: refused, nothing applied"
+                    )));
+                }
+                self.head = self.head.max(head);
                 let report = replica.apply_changes(after, up_to, &change_sets, &moves)?;
                 step.applied = report.applied;
                 for cs in &change_sets {
@@ -421,7 +429,14 @@ impl SyncClient {
                 bytes,
             } => {
                 self.expect_streaming()?;
-                self.head = self.head.max(position);
+                // A snapshot is read at a position the relay had sequenced when it welcomed
+                // this connection.
+                if position > self.head {
+                    return Err(Error::Protocol(format!(
+                        "snapshot at position {position} beyond the relay's head {}: refused, nothing applied",
+                        self.head
+                    )));
+                }
                 let n = rows.len() as u64;
                 let end = done.then(|| SnapshotEnd {
                     position,
@@ -539,7 +554,10 @@ impl SyncClient {
             }
             ServerMsg::Error { code, message } => {
                 self.disconnected();
-                if code == ErrorCode::OriginReused {
+                if code == ErrorCode::OriginReused || code == ErrorCode::IdentityMismatch {
+                    if code == ErrorCode::IdentityMismatch {
+                        tracing::warn!(%message, "the relay binds this replica id to another user: taking a new id");
+                    }
                     replica.rotate_identity()?;
                     step.reconnect = true;
                     return Ok(step);
@@ -574,6 +592,10 @@ impl SyncClient {
 
 /// The client's default bound on unacknowledged push bytes (the relay may announce less).
 pub const DEFAULT_PUSH_WINDOW_BYTES: usize = 4 << 20;
+
+/// Highest relay position a frame may name: both stores number positions with signed
+/// 64-bit integers.
+pub const MAX_POSITION: u64 = i64::MAX as u64;
 
 /// Change sets pushed on this connection and not yet acknowledged, with their sizes.
 #[derive(Debug, Default)]
@@ -1049,5 +1071,76 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, Error::Protocol(_)));
         assert!(port.calls().is_empty());
+    }
+
+    /// A relay (or someone in the middle) naming positions beyond its head, or beyond what a
+    /// store can number, is refused before anything reaches the replica: applied, the cursor
+    /// would sit past the real relay's head and every later hello would be refused.
+    #[test]
+    fn positions_beyond_the_head_are_refused_and_nothing_applied() {
+        for (up_to, head) in [(1 << 62, 3), (5, 4), (MAX_POSITION + 1, u64::MAX)] {
+            let port = FakePort::default();
+            let mut c = SyncClient::new();
+            c.start(&port, "t").unwrap();
+            c.handle(&port, welcome(3, 0)).unwrap();
+            port.calls();
+            let e = c
+                .handle(
+                    &port,
+                    ServerMsg::Changes {
+                        after: 0,
+                        up_to,
+                        change_sets: Vec::new(),
+                        head,
+                        moves: Vec::new(),
+                    },
+                )
+                .unwrap_err();
+            assert!(matches!(e, Error::Protocol(_)), "{e}");
+            assert!(port.calls().is_empty(), "nothing applied");
+            assert_eq!(c.head(), 3);
+        }
+        // A snapshot read at a position beyond the head the welcome named.
+        let port = FakePort::default();
+        let mut c = SyncClient::new();
+        c.start(&port, "t").unwrap();
+        c.handle(&port, welcome(3, 0)).unwrap();
+        port.calls();
+        let e = c
+            .handle(
+                &port,
+                ServerMsg::Snapshot {
+                    position: 1 << 40,
+                    rows: Vec::new(),
+                    resume: Vec::new(),
+                    done: true,
+                    total_rows: 0,
+                    total_bytes: 0,
+                    bytes: 0,
+                },
+            )
+            .unwrap_err();
+        assert!(matches!(e, Error::Protocol(_)), "{e}");
+        assert!(port.calls().is_empty(), "nothing applied");
+    }
+
+    /// A hello refused because the replica id belongs to another user: the replica takes a
+    /// new id and connects again.
+    #[test]
+    fn an_id_owned_by_another_subject_is_replaced() {
+        let port = FakePort::with_pending(1);
+        let mut c = SyncClient::new();
+        c.start(&port, "t").unwrap();
+        let step = c
+            .handle(
+                &port,
+                ServerMsg::Error {
+                    code: ErrorCode::IdentityMismatch,
+                    message: "another subject".into(),
+                },
+            )
+            .unwrap();
+        assert!(step.reconnect);
+        assert_eq!(port.calls(), vec!["rotate_identity"]);
     }
 }

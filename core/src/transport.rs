@@ -795,6 +795,7 @@ impl SyncHandle {
             .await?
         {
             LeaseOutcome::Released { .. } => Ok(()),
+            f @ LeaseOutcome::Forbidden { .. } => granted(f, &lease.name, lease.token).map(|_| ()),
             _ => Err(Error::LeaseLost {
                 name: lease.name.clone(),
                 token: lease.token,
@@ -835,6 +836,12 @@ fn granted(outcome: LeaseOutcome, name: &str, token: u64) -> Result<Lease> {
         LeaseOutcome::Lost { .. } | LeaseOutcome::Released { .. } => Err(Error::LeaseLost {
             name: name.to_owned(),
             token,
+        }),
+        LeaseOutcome::Forbidden { name } => Err(Error::Refused {
+            code: ErrorCode::Forbidden,
+            message: format!(
+                "this token may not take lease `{name}`: it needs a write grant covering that name"
+            ),
         }),
     }
 }
@@ -1042,7 +1049,11 @@ impl SyncTask {
                         Incoming::Lost(e) => return SessionEnd::Failed(transport_err(format!("connection lost: {e}"))),
                     };
                     last_heard = Instant::now();
-                    if let ServerMsg::Error { code, message } = &msg {
+                    // An id the relay will not take (reused, or another user's) is the
+                    // client's to replace: it takes a new one and connects again at once.
+                    if let ServerMsg::Error { code, message } = &msg
+                        && !matches!(code, ErrorCode::OriginReused | ErrorCode::IdentityMismatch)
+                    {
                         out.close().await;
                         return SessionEnd::Failed(SyncError { code: Some(*code), message: message.clone() });
                     }

@@ -42,9 +42,45 @@ pub struct Claims {
     /// Issuer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
-    /// Audience.
+    /// Audience: one, or several (as Auth0 and others issue).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aud: Option<String>,
+    pub aud: Option<Audience>,
+    /// Not before (seconds since the epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
+    /// Issued at (seconds since the epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
+}
+
+/// A token's `aud`: a string or an array of strings (RFC 7519 §4.1.3).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Audience {
+    /// One audience.
+    One(String),
+    /// Several.
+    Many(Vec<String>),
+}
+
+impl From<&str> for Audience {
+    fn from(s: &str) -> Self {
+        Audience::One(s.to_owned())
+    }
+}
+
+/// A key id as it may appear in a message or a log line: printable, escaped, at most 64
+/// characters (a token's header is the sender's to choose).
+fn shown(kid: &str) -> String {
+    let mut s: String = kid
+        .chars()
+        .take(64)
+        .flat_map(char::escape_default)
+        .collect();
+    if kid.chars().count() > 64 {
+        s.push('…');
+    }
+    s
 }
 
 pub use ferry_core::scope::Pattern;
@@ -113,6 +149,19 @@ impl Grants {
         self.can_read(scope) && self.write.iter().any(|p| p.matches(scope))
     }
 
+    /// Does the token grant any write scope? One without may store nothing, not even an
+    /// empty change set (whose position every reader would be told about).
+    pub fn writes_anything(&self) -> bool {
+        !self.write.is_empty()
+    }
+
+    /// May the bearer take the lease `name`? Lease names are authorized like scopes: the
+    /// token must be able to write a scope of that name (a write grant `lease:*` covers
+    /// every lease named `lease:…`).
+    pub fn may_lease(&self, name: &str) -> bool {
+        self.can_write(name)
+    }
+
     /// May the bearer write the `read_only` table `table`?
     pub fn is_primary_for(&self, table: &str) -> bool {
         self.primary.iter().any(|t| t == "*" || t == table)
@@ -130,6 +179,8 @@ pub(crate) fn reading(sub: &str, read: &[&str]) -> Grants {
         primary: Vec::new(),
         iss: None,
         aud: None,
+        nbf: None,
+        iat: None,
     })
     .unwrap_or_else(|e| panic!("test grants: {e}"))
 }
@@ -143,6 +194,7 @@ pub struct Verifier {
     issuer: Option<String>,
     audience: Option<String>,
     leeway: u64,
+    max_lifetime: u64,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -257,6 +309,7 @@ impl Verifier {
             issuer: cfg.issuer.clone(),
             audience: cfg.audience.clone(),
             leeway: cfg.leeway.as_secs(),
+            max_lifetime: cfg.max_token_lifetime.as_secs(),
         })
     }
 
@@ -277,7 +330,10 @@ impl Verifier {
             Algorithm::RS256 | Algorithm::ES256 => {
                 let (k, a) = match &header.kid {
                     Some(kid) => self.jwks.get(kid).ok_or_else(|| {
-                        RelayError::Unauthorized(format!("token key id `{kid}` is not in the JWKS"))
+                        RelayError::Unauthorized(format!(
+                            "token key id `{}` is not in the JWKS",
+                            shown(kid)
+                        ))
                     })?,
                     None => self.jwks_single.as_ref().ok_or_else(|| {
                         RelayError::Unauthorized(
@@ -301,24 +357,59 @@ impl Verifier {
         };
         let mut v = Validation::new(alg);
         v.leeway = self.leeway;
-        v.set_required_spec_claims(&["exp", "sub"]);
+        v.validate_nbf = true;
+        // A configured issuer or audience must be present, not merely right when present.
+        // Without a configured audience, a token naming one is refused (it was meant for
+        // another service: RFC 7519 §4.1.3).
+        let mut required = vec!["exp", "sub"];
         if let Some(i) = &self.issuer {
             v.set_issuer(&[i]);
+            required.push("iss");
         }
-        match &self.audience {
-            Some(a) => v.set_audience(&[a]),
-            None => v.validate_aud = false,
+        if let Some(a) = &self.audience {
+            v.set_audience(&[a]);
+            required.push("aud");
         }
+        v.set_required_spec_claims(&required);
         let data = jsonwebtoken::decode::<Claims>(token, key, &v).map_err(|e| {
             RelayError::Unauthorized(match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => "token expired".to_owned(),
                 jsonwebtoken::errors::ErrorKind::InvalidSignature => {
                     "token signature is invalid (forged or signed with another key)".to_owned()
                 }
+                jsonwebtoken::errors::ErrorKind::ImmatureSignature => {
+                    "token is not valid yet (nbf)".to_owned()
+                }
+                jsonwebtoken::errors::ErrorKind::InvalidAudience if self.audience.is_none() => {
+                    "token names an audience and this relay has none configured (auth.audience)"
+                        .to_owned()
+                }
                 _ => format!("token refused: {e}"),
             })
         })?;
+        self.check_lifetime(&data.claims, now_secs())?;
         Grants::from_claims(&data.claims)
+    }
+
+    /// A token lives at most `max_token_lifetime`: from now to `exp`, and from `iat` (which
+    /// may not lie in the future beyond the leeway) to `exp`.
+    fn check_lifetime(&self, c: &Claims, now: u64) -> Result<()> {
+        if let Some(iat) = c.iat
+            && iat > now.saturating_add(self.leeway)
+        {
+            return Err(RelayError::Unauthorized(
+                "token issued in the future (iat)".into(),
+            ));
+        }
+        let from = c.iat.unwrap_or(now).min(now);
+        if c.exp.saturating_sub(from) > self.max_lifetime {
+            return Err(RelayError::Unauthorized(format!(
+                "token lives {} s; this relay accepts at most {} s (auth.max_token_lifetime)",
+                c.exp.saturating_sub(from),
+                self.max_lifetime
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -355,6 +446,8 @@ mod tests {
             primary: vec!["prices".into()],
             iss: None,
             aud: None,
+            nbf: None,
+            iat: None,
         })
         .unwrap()
     }
@@ -402,5 +495,94 @@ mod tests {
         }
         assert_eq!(grants(&["a", "*b"], &[]).read_set().prefixes(), None);
         assert_eq!(grants(&[], &[]).read_set().prefixes(), Some(vec![]));
+    }
+
+    fn verifier(issuer: Option<&str>, audience: Option<&str>) -> Verifier {
+        let cfg = AuthConfig {
+            hs256_secret: Some("0123456789abcdef0123456789abcdef".into()),
+            issuer: issuer.map(str::to_owned),
+            audience: audience.map(str::to_owned),
+            ..AuthConfig::default()
+        };
+        Verifier::from_config(&cfg).unwrap()
+    }
+
+    fn claims(now: u64) -> Claims {
+        Claims {
+            sub: "u".into(),
+            exp: now + 600,
+            read: vec!["*".into()],
+            write: Vec::new(),
+            primary: Vec::new(),
+            iss: None,
+            aud: None,
+            nbf: None,
+            iat: None,
+        }
+    }
+
+    fn token(c: &Claims) -> String {
+        mint_hs256(b"0123456789abcdef0123456789abcdef", c).unwrap()
+    }
+
+    fn refused(v: &Verifier, c: &Claims) -> String {
+        match v.verify(&token(c)) {
+            Err(RelayError::Unauthorized(m)) => m,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    /// Issuer and audience are required when configured (not only checked when present),
+    /// `aud` may be an array, a token naming an audience is refused by a relay with none,
+    /// `nbf` and `iat` are honoured and a token lives at most `max_token_lifetime`.
+    #[test]
+    fn token_claims_are_checked_as_configured() {
+        let now = now_secs();
+        let plain = verifier(None, None);
+        assert!(plain.verify(&token(&claims(now))).is_ok());
+        let strict = verifier(Some("https://id.example"), Some("ferry"));
+        let m = refused(&strict, &claims(now));
+        assert!(m.contains("iss") || m.contains("aud"), "{m}");
+        let mut c = claims(now);
+        c.iss = Some("https://id.example".into());
+        assert!(refused(&strict, &c).contains("aud"), "aud required");
+        c.aud = Some("ferry".into());
+        assert!(strict.verify(&token(&c)).is_ok());
+        c.aud = Some(Audience::Many(vec!["other".into(), "ferry".into()]));
+        assert!(strict.verify(&token(&c)).is_ok(), "aud as an array");
+        c.aud = Some(Audience::Many(vec!["other".into()]));
+        refused(&strict, &c);
+        c.iss = Some("https://evil.example".into());
+        c.aud = Some("ferry".into());
+        refused(&strict, &c);
+        let mut c = claims(now);
+        c.aud = Some("someone-else".into());
+        assert!(refused(&plain, &c).contains("auth.audience"));
+        let mut c = claims(now);
+        c.nbf = Some(now + 120);
+        assert!(refused(&plain, &c).contains("nbf"));
+        let mut c = claims(now);
+        c.iat = Some(now + 120);
+        assert!(refused(&plain, &c).contains("iat"));
+        let mut c = claims(now);
+        c.exp = 1 << 62;
+        assert!(refused(&plain, &c).contains("max_token_lifetime"));
+        let mut c = claims(now);
+        c.iat = Some(now - 3 * 24 * 3600);
+        c.exp = now + 600;
+        assert!(
+            refused(&plain, &c).contains("max_token_lifetime"),
+            "issued three days ago for three days"
+        );
+    }
+
+    /// A key id is the sender's to choose: it reaches messages and logs escaped and cut.
+    #[test]
+    fn key_ids_are_shown_escaped_and_cut() {
+        assert_eq!(shown("k1"), "k1");
+        assert_eq!(shown("a\nfake log line"), "a\\nfake log line");
+        assert!(!shown("x\u{1b}[31m").contains('\u{1b}'));
+        let long = shown(&"k".repeat(500));
+        assert!(long.chars().count() <= 65 && long.ends_with('…'));
     }
 }

@@ -72,9 +72,12 @@ pub struct AuthConfig {
     /// Required `aud`, if set.
     #[serde(default)]
     pub audience: Option<String>,
-    /// Clock leeway for `exp`/`nbf`.
+    /// Clock leeway for `exp`/`nbf`/`iat` (at most 5 minutes).
     #[serde(default = "default_leeway", with = "humantime_serde")]
     pub leeway: Duration,
+    /// Longest a token may live, from its `iat` (or now) to its `exp`.
+    #[serde(default = "default_max_token_lifetime", with = "humantime_serde")]
+    pub max_token_lifetime: Duration,
 }
 
 /// Limits protecting the relay and other clients.
@@ -172,6 +175,11 @@ fn default_store() -> String {
 fn default_leeway() -> Duration {
     Duration::from_secs(5)
 }
+fn default_max_token_lifetime() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+/// Largest clock leeway accepted for tokens.
+pub const MAX_LEEWAY: Duration = Duration::from_secs(300);
 fn default_max_frame() -> usize {
     8 << 20
 }
@@ -230,6 +238,7 @@ impl Default for AuthConfig {
             issuer: None,
             audience: None,
             leeway: default_leeway(),
+            max_token_lifetime: default_max_token_lifetime(),
         }
     }
 }
@@ -414,6 +423,17 @@ impl Config {
                 self.log.format
             )));
         }
+        if self.auth.leeway > MAX_LEEWAY {
+            return Err(RelayError::Config(format!(
+                "auth.leeway is {:?}; at most {MAX_LEEWAY:?} (a longer one accepts expired tokens)",
+                self.auth.leeway
+            )));
+        }
+        if self.auth.max_token_lifetime.is_zero() {
+            return Err(RelayError::Config(
+                "auth.max_token_lifetime must be positive".into(),
+            ));
+        }
         let l = &self.limits;
         if l.max_frame_bytes < 4096 {
             return Err(RelayError::Config(
@@ -495,5 +515,15 @@ mod tests {
         let c = Config::from_toml("schema = \"s.json\"\n[auth]\nhs256_secret = \"0123456789abcdef0123456789abcdef\"\n[limits]\npush_memory_bytes = 1000").unwrap();
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("push_memory_bytes"), "{e}");
+        let base =
+            "schema = \"s.json\"\n[auth]\nhs256_secret = \"0123456789abcdef0123456789abcdef\"\n";
+        let c = Config::from_toml(&format!("{base}leeway = \"10m\"")).unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("auth.leeway"), "{e}");
+        let c = Config::from_toml(&format!("{base}max_token_lifetime = \"0s\"")).unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("max_token_lifetime"), "{e}");
+        let c = Config::from_toml(&format!("{base}max_token_lifetime = \"7d\"")).unwrap();
+        assert_eq!(c.auth.max_token_lifetime, Duration::from_secs(7 * 86400));
     }
 }

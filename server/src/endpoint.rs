@@ -150,6 +150,16 @@ impl Endpoint {
             ));
         }
         let grants = shared.verifier.verify(&token)?;
+        // A replica id is its first subject's: a hello for it under another subject (another
+        // user on the same file, or someone who read the id off a change set) is refused
+        // before it can supersede the owner's connection, push under its origin or take its
+        // leases.
+        if !shared.store.claim(replica_id, &grants.sub).await? {
+            return Err(Close::new(
+                ErrorCode::IdentityMismatch,
+                "this replica id belongs to another subject; take a new replica id",
+            ));
+        }
         let view = holding::view(&grants, subscriptions.as_deref())?;
         if let Some(h) = &held {
             holding::check_held(h)?;
@@ -295,7 +305,16 @@ impl Endpoint {
                 ferry_core::lease::validate(&request).map_err(|e| {
                     Close::new(ErrorCode::BadFrame, format!("lease request refused: {e}"))
                 })?;
-                let outcome = self.shared.store.lease(self.replica, request).await?;
+                // Decided before the store is asked, so a token without the grant learns
+                // nothing of the lease (held or not, for how long) and leaves no row.
+                let name = crate::store::job::lease_name(&request);
+                let outcome = if self.grants.may_lease(name) {
+                    self.shared.store.lease(self.replica, request).await?
+                } else {
+                    ferry_core::protocol::LeaseOutcome::Forbidden {
+                        name: name.to_owned(),
+                    }
+                };
                 metrics::counter!(m::LEASES, "outcome" => lease_kind(&outcome)).increment(1);
                 out.push(ServerMsg::Lease { nonce, outcome });
             }
@@ -356,7 +375,14 @@ impl Endpoint {
         };
         let mut refusal: Option<(u64, RelayError)> = None;
         let mut acks = Vec::new();
-        if !sets.is_empty() {
+        if let Some(first) = sets.first().filter(|_| !self.grants.writes_anything()) {
+            refusal = Some((
+                first.origin_seq,
+                RelayError::Forbidden(
+                    "this token grants no write scopes: it may push nothing".into(),
+                ),
+            ));
+        } else if !sets.is_empty() {
             let oseqs: Vec<u64> = sets.iter().map(|c| c.origin_seq).collect();
             let outcomes = self
                 .shared
@@ -569,7 +595,9 @@ impl Endpoint {
                 after: self.told,
                 up_to,
                 change_sets: sets,
-                head,
+                // Over PostgreSQL the store may hold positions this node's feed has not
+                // published yet; a frame never names a head below what it covers.
+                head: head.max(up_to),
                 moves,
             });
             metrics::counter!(m::SETS_OUT).increment(n as u64);
@@ -582,13 +610,13 @@ impl Endpoint {
                 after: self.told,
                 up_to,
                 change_sets: Vec::new(),
-                head: store.feed().head(),
+                head: store.feed().head().max(up_to),
                 moves: Vec::new(),
             });
             self.told = up_to;
         }
         let lag = store.feed().head().saturating_sub(self.told);
-        metrics::gauge!(m::REPLICA_LAG, "replica" => self.label.clone()).set(lag as f64);
+        metrics::histogram!(m::REPLICA_LAG).record(lag as f64);
         Ok(false)
     }
 
@@ -722,6 +750,7 @@ fn lease_kind(o: &ferry_core::protocol::LeaseOutcome) -> &'static str {
         L::Busy { .. } => "busy",
         L::Released { .. } => "released",
         L::Lost { .. } => "lost",
+        L::Forbidden { .. } => "forbidden",
     }
 }
 

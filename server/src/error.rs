@@ -84,7 +84,8 @@ impl From<ferry_core::admission::Refusal> for RelayError {
             ErrorCode::InvalidChangeSet
             | ErrorCode::BadFrame
             | ErrorCode::UnsupportedVersion
-            | ErrorCode::RateLimited => RelayError::InvalidChangeSet(m),
+            | ErrorCode::RateLimited
+            | ErrorCode::IdentityMismatch => RelayError::InvalidChangeSet(m),
         }
     }
 }

@@ -162,14 +162,23 @@ fn run(cli: Cli) -> Result<(), RelayError> {
                         .into(),
                 )
             })?;
+            if t.ttl > cfg.auth.max_token_lifetime {
+                return Err(RelayError::Config(format!(
+                    "--ttl {:?} is longer than auth.max_token_lifetime ({:?}): the relay would refuse the token",
+                    t.ttl, cfg.auth.max_token_lifetime
+                )));
+            }
+            let now = now_secs();
             let claims = Claims {
                 sub: t.sub,
-                exp: now_secs() + t.ttl.as_secs(),
+                exp: now + t.ttl.as_secs(),
                 read: t.read,
                 write: t.write,
                 primary: t.primary,
                 iss: cfg.auth.issuer.clone(),
-                aud: cfg.auth.audience.clone(),
+                aud: cfg.auth.audience.as_deref().map(Into::into),
+                nbf: None,
+                iat: Some(now),
             };
             let token = mint_hs256(&secret, &claims)?;
             let mut out = std::io::stdout();

@@ -19,7 +19,9 @@ pub const BYTES_IN: &str = "ferry_bytes_in_total";
 pub const BYTES_OUT: &str = "ferry_bytes_out_total";
 /// Push handling time, receive to durable ack (histogram, seconds).
 pub const PUSH_SECONDS: &str = "ferry_push_seconds";
-/// Relay positions a connected replica has not been sent yet (gauge, label `replica`).
+/// Relay positions a connection had not been sent yet, observed at each catch-up step
+/// (histogram). No replica label: replica ids are not for the public (see
+/// `docs/security.md`), and a series per replica grows with the fleet.
 pub const REPLICA_LAG: &str = "ferry_replica_lag";
 /// Highest sequenced position (gauge).
 pub const HEAD: &str = "ferry_head";
@@ -51,6 +53,12 @@ pub fn handle() -> PrometheusHandle {
                     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                 ],
             )
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full(REPLICA_LAG.to_owned()),
+                    &[0.0, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6],
+                )
+            })
             .map(|b| b.build_recorder())
             .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
         let handle = recorder.handle();

@@ -112,12 +112,23 @@ pub fn tag(
         if let Some(b) = &before
             && !grants.can_write(b)
         {
-            return Err(RelayError::Forbidden(format!(
-                "row `{}` of table `{}` is in scope `{b}`, which this token ({}) may not write",
-                pk_text(&rc.pk),
-                rc.table,
-                grants.sub
-            )));
+            // Naming a scope the token cannot read would tell it where the row lives (often
+            // a user id): the refusal then says only that this token may not write the row.
+            return Err(RelayError::Forbidden(if grants.can_read(b) {
+                format!(
+                    "row `{}` of table `{}` is in scope `{b}`, which this token ({}) may not write",
+                    pk_text(&rc.pk),
+                    rc.table,
+                    grants.sub
+                )
+            } else {
+                format!(
+                    "row `{}` of table `{}` may not be written with this token ({})",
+                    pk_text(&rc.pk),
+                    rc.table,
+                    grants.sub
+                )
+            }));
         }
         if !grants.can_write(&after) {
             return Err(RelayError::Forbidden(format!(

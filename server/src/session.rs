@@ -49,7 +49,6 @@ pub async fn serve(shared: Arc<RelayState>, mut ws: WebSocket) {
             };
             let r = c.run().await;
             shared.sessions.end(c.ep.replica(), c.ep.session());
-            metrics::gauge!(m::REPLICA_LAG, "replica" => c.ep.replica().to_string()).set(0.0);
             (c.out, r)
         }
         Err(close) => (Outbox::start(ws).0, Err(close)),

@@ -196,6 +196,8 @@ fn scoped_token(sub: &str, scopes: &[&str]) -> Res<String> {
             primary: vec![],
             iss: None,
             aud: None,
+            nbf: None,
+            iat: None,
         },
     )?)
 }

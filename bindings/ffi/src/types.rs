@@ -438,6 +438,8 @@ mirror_enum!(
         Fenced,
         /// Something failed on the relay.
         Internal,
+        /// The replica id belongs to another user; the replica took a new id.
+        IdentityMismatch,
     }
 );
 

@@ -42,6 +42,15 @@ pub enum Job {
         /// The new watermark.
         reply: oneshot::Sender<Result<u64>>,
     },
+    /// Record which subject owns a replica id, if none does yet (see `Store::claim`).
+    Claim {
+        /// The replica id.
+        replica: ReplicaId,
+        /// The token's subject.
+        sub: String,
+        /// The owner's subject, as stored after this job.
+        reply: oneshot::Sender<Result<String>>,
+    },
     /// Decide a lease request.
     Lease {
         /// Who asks.
@@ -103,6 +112,17 @@ pub async fn lease(
     q.put(Job::Lease {
         holder,
         request,
+        reply,
+    })?;
+    rx.await.map_err(|_| RelayError::ShuttingDown)?
+}
+
+/// Queues a claim of `replica` for `sub` and waits for the owner's subject.
+pub async fn claim(q: &impl JobQueue, replica: ReplicaId, sub: String) -> Result<String> {
+    let (reply, rx) = oneshot::channel();
+    q.put(Job::Claim {
+        replica,
+        sub,
         reply,
     })?;
     rx.await.map_err(|_| RelayError::ShuttingDown)?

@@ -121,6 +121,11 @@ pub trait Store: Send + Sync + 'static {
     /// Decides a (validated) lease request by `holder` on the relay's clock, durably and in
     /// order with pushes (a grant and a fence check never race).
     async fn lease(&self, holder: ReplicaId, request: LeaseRequest) -> Result<LeaseOutcome>;
+    /// Binds `replica` to the subject `sub` at its first accepted hello and returns true, or
+    /// returns whether it is already bound to `sub` (a hello under another subject is then
+    /// refused). Durable, and atomic across connections and relay nodes: of two first
+    /// hellos with different subjects, exactly one owns the id.
+    async fn claim(&self, replica: ReplicaId, sub: &str) -> Result<bool>;
     /// Position of the first change set stored from `origin`, if any.
     async fn first_position(&self, origin: ReplicaId) -> Result<Option<u64>>;
     /// Highest origin_seq stored for `origin`.

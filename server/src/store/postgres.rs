@@ -54,7 +54,7 @@ use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 /// Schema format this relay writes (`ferry_meta.format`).
-const FORMAT: i64 = 4;
+const FORMAT: i64 = 5;
 
 /// Advisory lock serializing sequencing (pushes, leases, compaction rewrites) across nodes.
 const SEQ_LOCK: i64 = 0x4665_7272_7953_6571; // "FerrySeq"
@@ -119,13 +119,38 @@ CREATE TABLE ferry_set_scopes(
 CREATE TABLE ferry_scopes(name TEXT COLLATE "C" PRIMARY KEY, last_seq BIGINT NOT NULL);
 "#;
 
+/// Format 5: which subject owns each replica id (see `Store::claim`).
+const SCHEMA_V5: &str = "
+CREATE TABLE ferry_owners(replica BYTEA PRIMARY KEY, sub TEXT NOT NULL, since_ms BIGINT NOT NULL);
+";
+
 /// Migrations by the format they produce; each runs in the upgrade transaction.
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, SCHEMA_V1),
     (2, SCHEMA_V2),
     (3, SCHEMA_V3),
     (4, pg_rows::SCHEMA_V4),
+    (5, SCHEMA_V5),
 ];
+
+/// The subject owning `replica`, binding it to `sub` if none does. Needs no writer: of
+/// concurrent first hellos on any nodes, the primary key lets one insert win and the others
+/// read the winner's row.
+async fn claim_owner(pool: &Pool, replica: ReplicaId, sub: &str) -> Result<String> {
+    let c = pool.get().await?;
+    let find = c
+        .prepare_cached("SELECT sub FROM ferry_owners WHERE replica = $1")
+        .await?;
+    let id = replica.0.as_slice();
+    if let Some(r) = c.query_opt(&find, &[&id]).await? {
+        return Ok(r.get(0));
+    }
+    let insert = format!(
+        "INSERT INTO ferry_owners(replica, sub, since_ms) VALUES ($1, $2, {NOW_MS}) ON CONFLICT (replica) DO NOTHING"
+    );
+    c.execute(insert.as_str(), &[&id, &sub]).await?;
+    Ok(c.query_one(&find, &[&id]).await?.get(0))
+}
 
 const NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
@@ -607,6 +632,10 @@ impl Store for PgStore {
         Ok(r.map(|r| r.get::<_, i64>(0) as u64))
     }
 
+    async fn claim(&self, replica: ReplicaId, sub: &str) -> Result<bool> {
+        Ok(claim_owner(&self.pool, replica, sub).await? == sub)
+    }
+
     async fn max_origin_seq(&self, origin: ReplicaId) -> Result<u64> {
         let c = self.pool.get().await?;
         let st = c
@@ -738,6 +767,13 @@ impl Writer {
                 }
                 Job::Fold { max_rows, reply } => {
                     let _ = reply.send(pg_rows::fold(&self.pool, &self.cat, max_rows).await);
+                }
+                Job::Claim {
+                    replica,
+                    sub,
+                    reply,
+                } => {
+                    let _ = reply.send(claim_owner(&self.pool, replica, &sub).await);
                 }
             }
         }

@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::sync::mpsc;
 
 /// Format version of the relay's SQLite file (`PRAGMA user_version`).
-const FORMAT: i64 = 5;
+const FORMAT: i64 = 6;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE sets(
@@ -106,6 +106,12 @@ CREATE TABLE rows(
 CREATE INDEX rows_scope ON rows(scope, tbl, pk);
 INSERT INTO meta VALUES ('rows_seq', 0);
 CREATE TABLE secrets(name TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
+";
+
+/// Version 6: which subject owns each replica id (see `Store::claim`). Replicas that
+/// connected before the upgrade are bound at their next hello.
+const SCHEMA_V6: &str = "
+CREATE TABLE owners(replica BLOB PRIMARY KEY, sub TEXT NOT NULL, since_ms INTEGER NOT NULL) WITHOUT ROWID;
 ";
 
 /// Page cache of the writer's connection, in KiB.
@@ -191,6 +197,9 @@ fn upgrade(conn: &mut Connection) -> Result<()> {
                 "INSERT INTO secrets(name, value) VALUES ('resume', ?1)",
                 [rand::random::<[u8; 32]>().to_vec()],
             )?;
+        }
+        if v < 6 {
+            tx.execute_batch(SCHEMA_V6)?;
         }
         tx.pragma_update(None, "user_version", FORMAT)?;
         tx.commit()?;
@@ -399,6 +408,25 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn claim(&self, replica: ReplicaId, sub: &str) -> Result<bool> {
+        // Every hello after the first finds the owner on a reader; only a first one waits
+        // for the writer.
+        let owner = self
+            .with_reader(move |c| {
+                Ok(
+                    c.prepare_cached("SELECT sub FROM owners WHERE replica = ?1")?
+                        .query_row([replica.0.to_vec()], |r| r.get::<_, String>(0))
+                        .optional()?,
+                )
+            })
+            .await?;
+        let owner = match owner {
+            Some(o) => o,
+            None => job::claim(self, replica, sub.to_owned()).await?,
+        };
+        Ok(owner == sub)
+    }
+
     async fn max_origin_seq(&self, origin: ReplicaId) -> Result<u64> {
         self.with_reader(move |c| {
             let n: Option<i64> = c
@@ -533,6 +561,14 @@ impl Writer {
                     Some(Job::Fold { max_rows, reply }) => {
                         self.flush(std::mem::take(&mut pushes));
                         let _ = reply.send(self.fold(max_rows));
+                    }
+                    Some(Job::Claim {
+                        replica,
+                        sub,
+                        reply,
+                    }) => {
+                        self.flush(std::mem::take(&mut pushes));
+                        let _ = reply.send(self.claim(replica, sub));
                     }
                     None => break,
                 }
@@ -686,6 +722,21 @@ impl Writer {
             "row histories folded"
         );
         Ok(folder.position)
+    }
+
+    fn claim(&mut self, replica: ReplicaId, sub: String) -> Result<String> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.prepare_cached(
+            "INSERT INTO owners(replica, sub, since_ms) VALUES (?1, ?2, ?3) ON CONFLICT(replica) DO NOTHING",
+        )?
+        .execute(params![replica.0.to_vec(), sub, now_ms() as i64])?;
+        let owner: String = tx
+            .prepare_cached("SELECT sub FROM owners WHERE replica = ?1")?
+            .query_row([replica.0.to_vec()], |r| r.get(0))?;
+        tx.commit()?;
+        Ok(owner)
     }
 
     fn lease(&mut self, holder: ReplicaId, request: &LeaseRequest) -> Result<LeaseOutcome> {

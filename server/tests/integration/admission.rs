@@ -38,6 +38,8 @@ fn grants() -> Arc<Grants> {
             primary: vec!["price".into()],
             iss: None,
             aud: None,
+            nbf: None,
+            iat: None,
         })
         .unwrap(),
     )

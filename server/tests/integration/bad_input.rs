@@ -32,6 +32,8 @@ fn claims(sub: &str, exp: u64) -> Claims {
         primary: vec![],
         iss: None,
         aud: None,
+        nbf: None,
+        iat: None,
     }
 }
 

@@ -23,6 +23,8 @@ fn grants() -> Arc<Grants> {
             primary: vec!["*".into()],
             iss: None,
             aud: None,
+            nbf: None,
+            iat: None,
         })
         .unwrap(),
     )

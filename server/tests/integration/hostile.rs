@@ -177,6 +177,8 @@ fn corpus(rng: &mut StdRng, replay: &ChangeSet) -> Vec<Case> {
             primary: vec!["*".into()],
             iss: None,
             aud: None,
+            nbf: None,
+            iat: None,
         };
         mint_hs256(b"not-the-relay-secret-not-the-relay-secret", &claims).unwrap()
     };

@@ -25,6 +25,8 @@ fn claims() -> Claims {
         primary: vec![],
         iss: None,
         aud: None,
+        nbf: None,
+        iat: None,
     }
 }
 

@@ -42,6 +42,8 @@ fn an_expired_token_ends_the_connection_and_a_fresh_one_resumes() {
             primary: vec![],
             iss: None,
             aud: None,
+            nbf: None,
+            iat: None,
         };
         ferry_relay::auth::mint_hs256(SECRET.as_bytes(), &claims).map_err(|e| e.to_string())
     });
@@ -114,6 +116,12 @@ fn sigterm_finishes_in_flight_work_and_exits_cleanly() {
     ] {
         assert!(metrics.contains(name), "metrics lack {name}:\n{metrics}");
     }
+    // Replica ids are not published: they would let anyone name a device in a hello.
+    let me = a.replica_id().unwrap().to_string();
+    assert!(
+        !metrics.contains("replica=") && !metrics.contains(&me),
+        "metrics name replicas:\n{metrics}"
+    );
     let status = relay.terminate();
     assert!(status.success(), "graceful exit: {status:?}");
     ferry_core::transport::runtime().unwrap();

@@ -24,3 +24,4 @@ mod snapshots;
 mod soak;
 mod store_suite;
 mod sync;
+mod trust;

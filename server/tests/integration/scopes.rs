@@ -205,9 +205,10 @@ fn clients_see_only_their_scopes_and_writes_outside_are_refused() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         use ferry_core::changeset::Cell;
-        let me = ReplicaId::generate();
+        // A replica id per subject: an id is bound to the first subject it connected as.
         let push = |tok: String| {
             let url = url.clone();
+            let me = ReplicaId::generate();
             async move {
                 let mut ws = raw::connect(&url).await;
                 raw::send(&mut ws, &raw::hello(me, &tok, 0)).await;
@@ -249,6 +250,8 @@ fn clients_see_only_their_scopes_and_writes_outside_are_refused() {
             primary: vec!["price".into()],
             iss: None,
             aud: None,
+            nbf: None,
+            iat: None,
         };
         let tok = ferry_relay::auth::mint_hs256(SECRET.as_bytes(), &claims).unwrap();
         push(tok).await.unwrap();
@@ -535,6 +538,8 @@ fn a_primary_device_writes_a_read_only_table_that_others_receive_read_only() {
             primary: tables,
             iss: None,
             aud: None,
+            nbf: None,
+            iat: None,
         };
         ferry_relay::auth::mint_hs256(SECRET.as_bytes(), &claims).unwrap()
     };

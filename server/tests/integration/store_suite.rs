@@ -31,7 +31,7 @@ async fn sqlite_upgrade_builds_the_scope_index() {
     drop(store);
     let c = rusqlite::Connection::open(k.dir().join("relay.db")).unwrap();
     c.execute_batch(
-        "DROP TABLE set_scopes; DROP TABLE scopes; DROP TABLE rows; DROP TABLE secrets;
+        "DROP TABLE set_scopes; DROP TABLE scopes; DROP TABLE rows; DROP TABLE secrets; DROP TABLE owners;
          DELETE FROM meta WHERE key = 'rows_seq'; PRAGMA user_version = 3;",
     )
     .unwrap();
@@ -56,7 +56,7 @@ async fn postgres_upgrade_builds_the_scope_index() {
     tokio::spawn(conn);
     c.batch_execute(
         "DROP TABLE ferry_set_scopes; DROP TABLE ferry_scopes; DROP TABLE ferry_rows;
-         DROP TABLE ferry_secrets;
+         DROP TABLE ferry_secrets; DROP TABLE ferry_owners;
          DELETE FROM ferry_meta WHERE key = 'rows_seq';
          UPDATE ferry_meta SET value = 2 WHERE key = 'format';",
     )

@@ -138,8 +138,8 @@ impl RelayProc {
             .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
     }
 
-    /// The value of a metric without labels from the relay's `/metrics` (0 when it was never
-    /// recorded).
+    /// The value of a metric from the relay's `/metrics` (0 when it was never recorded):
+    /// `name` as the line starts, labels included (`name{label="value"}`).
     pub fn metric(&self, name: &str) -> f64 {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(self.addr).unwrap();

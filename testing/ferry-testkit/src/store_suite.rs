@@ -134,6 +134,8 @@ pub fn grants(sub: &str, primary: &[&str]) -> Arc<Grants> {
             primary: primary.iter().map(|s| s.to_string()).collect(),
             iss: None,
             aud: None,
+            nbf: None,
+            iat: None,
         })
         .unwrap(),
     )
@@ -657,6 +659,8 @@ pub fn readers(sub: &str, read: &[&str]) -> Arc<Grants> {
             primary: vec![],
             iss: None,
             aud: None,
+            nbf: None,
+            iat: None,
         })
         .unwrap(),
     )

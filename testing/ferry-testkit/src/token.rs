@@ -21,6 +21,8 @@ impl Token {
             primary: vec![],
             iss: None,
             aud: None,
+            nbf: None,
+            iat: None,
         })
     }
 

@@ -175,6 +175,10 @@ impl Sim {
                         LeaseOutcome::Granted { token, .. } => n.lease = Some(token),
                         LeaseOutcome::Released { .. } | LeaseOutcome::Lost { .. } => n.lease = None,
                         LeaseOutcome::Busy { .. } => {}
+                        LeaseOutcome::Forbidden { name } => panic!(
+                            "seed {}: lease {name} refused to a token with every grant\n{}",
+                            self.seed, self.trace
+                        ),
                     }
                 }
                 if let Some(refused) = step.refused {

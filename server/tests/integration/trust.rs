@@ -1,0 +1,306 @@
+//! Trust: what a token lets its bearer do to others. A replica id is bound to the subject it
+//! first connected as; pushing needs a write grant; leases need one too, and tell a token
+//! without it nothing; metrics publish no replica ids. Real relay processes, raw protocol
+//! frames for the attacker's side.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use ferry_core::ReplicaId;
+use ferry_core::protocol::{ClientMsg, ErrorCode, LeaseOutcome, LeaseRequest, ServerMsg};
+use ferry_testkit::relay::*;
+use std::time::Duration;
+
+fn hour() -> Duration {
+    Duration::from_secs(3600)
+}
+
+async fn welcomed(url: &str, replica: ReplicaId, token: &str) -> raw::Ws {
+    let mut ws = raw::connect(url).await;
+    raw::send(&mut ws, &raw::hello(replica, token, 0)).await;
+    loop {
+        match raw::recv(&mut ws).await {
+            Some(ServerMsg::Welcome { .. }) => return ws,
+            Some(ServerMsg::Error { code, message }) => panic!("refused: {code:?} {message}"),
+            Some(_) => continue,
+            None => panic!("closed before the welcome"),
+        }
+    }
+}
+
+async fn lease(ws: &mut raw::Ws, request: LeaseRequest) -> LeaseOutcome {
+    raw::send(ws, &ClientMsg::Lease { nonce: 5, request }).await;
+    loop {
+        match raw::recv(ws).await {
+            Some(ServerMsg::Lease { nonce: 5, outcome }) => return outcome,
+            Some(ServerMsg::Error { code, message }) => panic!("closed: {code:?} {message}"),
+            Some(_) => continue,
+            None => panic!("closed before the lease answer"),
+        }
+    }
+}
+
+fn acquire(name: &str) -> LeaseRequest {
+    LeaseRequest::Acquire {
+        name: name.into(),
+        ttl_ms: 60_000,
+    }
+}
+
+/// The takeover found in review: a token with no scopes said hello under a device's id,
+/// superseded its connection, had an empty change set acked at its next `origin_seq` and
+/// took its lease. Now the hello is refused (`identity_mismatch`) before any of that; the
+/// device keeps its connection, its sequence and its lease.
+#[test]
+fn another_subject_cannot_speak_as_a_replica() {
+    let d = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(&d.path().join("relay"));
+    let url = relay.url();
+    let device = open(d.path(), "device.db");
+    let me = device.replica_id().unwrap();
+    let alice = token_for(
+        "alice",
+        &["list:a", "lease:*"],
+        &["list:a", "lease:*"],
+        hour(),
+    );
+    let h = connect(&device, &url, alice);
+    device
+        .execute(
+            "INSERT INTO todo(id, list, title) VALUES ('t1', 'list:a', 'x')",
+            &[],
+        )
+        .unwrap();
+    wait_synced(&h);
+    let sdk = ferry_core::transport::runtime().unwrap();
+    let lease_held = sdk
+        .block_on(h.acquire_lease("lease:payroll", Duration::from_secs(60)))
+        .unwrap();
+    let connects = h.status().connects;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mallory = token_for("mallory", &[], &[], hour());
+        let mut ws = raw::connect(&url).await;
+        raw::send(&mut ws, &raw::hello(me, &mallory, 0)).await;
+        let (code, message) = raw::recv_error(&mut ws).await.unwrap();
+        assert_eq!(code, ErrorCode::IdentityMismatch, "{message}");
+        assert!(raw::closed(&mut ws).await);
+        // Even with every grant, another subject is not the device.
+        let admin = admin_token("mallory");
+        let mut ws = raw::connect(&url).await;
+        raw::send(&mut ws, &raw::hello(me, &admin, 0)).await;
+        assert_eq!(
+            raw::recv_error(&mut ws).await.unwrap().0,
+            ErrorCode::IdentityMismatch
+        );
+    });
+    // The device was not superseded: same connection, it still pushes, its lease holds.
+    device
+        .execute(
+            "INSERT INTO todo(id, list, title) VALUES ('t2', 'list:a', 'y')",
+            &[],
+        )
+        .unwrap();
+    wait_synced(&h);
+    assert_eq!(
+        h.status().connects,
+        connects,
+        "the device kept its connection"
+    );
+    assert!(h.status().refused.is_none());
+    assert_eq!(device.replica_id().unwrap(), me, "no rotation was forced");
+    sdk.block_on(h.renew_lease(&lease_held, Duration::from_secs(60)))
+        .unwrap();
+}
+
+/// Another user signing in on the same replica file: the relay refuses the old id under the
+/// new subject, the SDK takes a new id, and syncing goes on (the new user's writes upload).
+#[test]
+fn a_new_user_on_the_same_file_takes_a_new_id() {
+    let d = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(&d.path().join("relay"));
+    let device = open(d.path(), "device.db");
+    let first = device.replica_id().unwrap();
+    let h = connect(&device, &relay.url(), admin_token("alice"));
+    wait_synced(&h);
+    drop(h);
+    device
+        .execute(
+            "INSERT INTO todo(id, list, title) VALUES ('b1', 'l', 'x')",
+            &[],
+        )
+        .unwrap();
+    let h = connect(&device, &relay.url(), admin_token("bob"));
+    wait_synced(&h);
+    let second = device.replica_id().unwrap();
+    assert_ne!(first, second, "a new id for bob");
+    assert_eq!(device.pending_count().unwrap(), 0, "bob's write uploaded");
+    // And the new id is bob's from now on: alice may not use it.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut ws = raw::connect(&relay.url()).await;
+        raw::send(&mut ws, &raw::hello(second, &admin_token("alice"), 0)).await;
+        assert_eq!(
+            raw::recv_error(&mut ws).await.unwrap().0,
+            ErrorCode::IdentityMismatch
+        );
+    });
+}
+
+/// A token without write grants stores nothing: 10,240 empty change sets from a read-only
+/// token were acked in review, each moving every client's positions. Now the first is
+/// refused (`forbidden`) and the head does not move.
+#[test]
+fn a_read_only_token_stores_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(&d.path().join("relay"));
+    let url = relay.url();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let reader = ReplicaId([7; 16]);
+        let tok = token_for("reader", &["*"], &[], hour());
+        let mut ws = welcomed(&url, reader, &tok).await;
+        let empty: Vec<_> = (1..=64)
+            .map(|i| ferry_testkit::change::change_set(reader, i).build())
+            .collect();
+        raw::send(&mut ws, &ClientMsg::Push { change_sets: empty }).await;
+        loop {
+            match raw::recv(&mut ws).await {
+                Some(ServerMsg::Refused {
+                    origin_seq,
+                    code,
+                    message,
+                    ..
+                }) => {
+                    assert_eq!((origin_seq, code), (1, ErrorCode::Forbidden), "{message}");
+                    assert!(message.contains("no write scopes"), "{message}");
+                    break;
+                }
+                Some(ServerMsg::Acks { acks }) => panic!("acked: {acks:?}"),
+                Some(_) => continue,
+                None => panic!("closed"),
+            }
+        }
+        raw::send(&mut ws, &ClientMsg::Ping { nonce: 1 }).await;
+        loop {
+            match raw::recv(&mut ws).await {
+                Some(ServerMsg::Pong { head, .. }) => {
+                    assert_eq!(head, 0, "nothing was stored");
+                    break;
+                }
+                Some(_) => continue,
+                None => panic!("closed"),
+            }
+        }
+    });
+}
+
+/// Leases need a write grant covering their name. A read-only token was granted
+/// `payroll-leader` for a day in review, and probing another's lease told its remaining
+/// time; now both get `Forbidden`, which says nothing of the lease, and leave no row.
+#[test]
+fn leases_need_a_grant_and_tell_others_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(&d.path().join("relay"));
+    let url = relay.url();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let holder = ReplicaId([1; 16]);
+        let granted = token_for("holder", &["lease:*"], &["lease:*"], hour());
+        let mut ws = welcomed(&url, holder, &granted).await;
+        assert!(matches!(
+            lease(&mut ws, acquire("lease:payroll")).await,
+            LeaseOutcome::Granted { token: 1, .. }
+        ));
+        // Outside its grant, even the holder's token is refused.
+        assert!(matches!(
+            lease(&mut ws, acquire("payroll-leader")).await,
+            LeaseOutcome::Forbidden { .. }
+        ));
+        let prober = ReplicaId([2; 16]);
+        let read_only = token_for("prober", &["*"], &[], hour());
+        let mut ws2 = welcomed(&url, prober, &read_only).await;
+        for name in ["lease:payroll", "payroll-leader", "lease:unused"] {
+            match lease(&mut ws2, acquire(name)).await {
+                LeaseOutcome::Forbidden { name: n } => assert_eq!(n, name),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        // A writer of other scopes is refused as well, and the holder's grant stands.
+        let other = token_for("other", &["list:*"], &["list:*"], hour());
+        let mut ws3 = welcomed(&url, ReplicaId([3; 16]), &other).await;
+        assert!(matches!(
+            lease(&mut ws3, acquire("lease:payroll")).await,
+            LeaseOutcome::Forbidden { .. }
+        ));
+        assert!(matches!(
+            lease(
+                &mut ws,
+                LeaseRequest::Renew {
+                    name: "lease:payroll".into(),
+                    token: 1,
+                    ttl_ms: 60_000,
+                }
+            )
+            .await,
+            LeaseOutcome::Granted { token: 1, .. }
+        ));
+    });
+    let v = relay.metric("ferry_lease_requests_total{outcome=\"forbidden\"}");
+    assert!(v >= 5.0, "forbidden lease requests counted: {v}");
+}
+
+/// A refusal names no scope the token cannot read: a `list:a` writer touching a row that lives
+/// in `list:b` learns that it may not write that row, not where the row lives.
+#[test]
+fn refusals_name_no_scope_the_token_cannot_read() {
+    use ferry_core::Cell;
+    use ferry_core::Value;
+    let d = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(&d.path().join("relay"));
+    let url = relay.url();
+    let admin = open(d.path(), "admin.db");
+    let ha = connect(&admin, &url, admin_token("admin"));
+    admin
+        .execute(
+            "INSERT INTO todo(id, list, title) VALUES ('secret-1', 'list:bob-private', 'x')",
+            &[],
+        )
+        .unwrap();
+    wait_synced(&ha);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let me = ReplicaId([4; 16]);
+        let tok = token_for("alice", &["list:a"], &["list:a"], hour());
+        let mut ws = welcomed(&url, me, &tok).await;
+        let cs = raw::change_set(
+            me,
+            1,
+            "todo",
+            "secret-1",
+            1,
+            vec![
+                Cell::Set("list".into(), Value::Text("list:a".into())),
+                Cell::Set("title".into(), Value::Text("mine now".into())),
+            ],
+        );
+        raw::send(
+            &mut ws,
+            &ClientMsg::Push {
+                change_sets: vec![cs],
+            },
+        )
+        .await;
+        loop {
+            match raw::recv(&mut ws).await {
+                Some(ServerMsg::Refused { code, message, .. }) => {
+                    assert_eq!(code, ErrorCode::Forbidden, "{message}");
+                    assert!(!message.contains("bob"), "the scope leaked: {message}");
+                    assert!(message.contains("may not be written"), "{message}");
+                    break;
+                }
+                Some(ServerMsg::Acks { acks }) => panic!("acked: {acks:?}"),
+                Some(_) => continue,
+                None => panic!("closed"),
+            }
+        }
+    });
+}
