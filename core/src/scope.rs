@@ -58,6 +58,10 @@ pub enum PatternError {
 /// Longest scope pattern accepted from a device (subscriptions, held scopes).
 pub const MAX_PATTERN_BYTES: usize = 512;
 
+/// Longest scope a row may be written into (its scope column's text): the relay refuses
+/// longer ones (`invalid_change_set`). Scopes are matched against every reader's patterns.
+pub const MAX_SCOPE_BYTES: usize = 512;
+
 /// One segment of a compiled pattern.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Seg {
@@ -157,25 +161,42 @@ impl Pattern {
     }
 
     /// True when `scope` matches.
+    ///
+    /// Linear in the scope's length: the literals before the first `*` are a prefix, those
+    /// after the last a suffix, and each literal between two stars is taken at its leftmost
+    /// match (any later match leaves less for the rest, so it can only fail where the leftmost
+    /// succeeds). A backtracking matcher spent 21.6 s of relay CPU on one 80 KB scope against
+    /// patterns like `list:*:z*:q`.
     pub fn matches(&self, scope: &str) -> bool {
-        fn go(segs: &[Seg], s: &str) -> bool {
-            match segs.split_first() {
-                None => s.is_empty(),
-                Some((Seg::Lit(l), rest)) => {
-                    s.strip_prefix(l.as_str()).is_some_and(|t| go(rest, t))
-                }
-                Some((Seg::Star, rest)) => {
-                    if rest.is_empty() {
-                        return true;
-                    }
-                    s.char_indices()
-                        .map(|(i, _)| i)
-                        .chain(std::iter::once(s.len()))
-                        .any(|i| go(rest, &s[i..]))
-                }
+        let segs = &self.0;
+        let mut s = scope;
+        let (mut i, mut j) = (0, segs.len());
+        while let Some(Seg::Lit(l)) = segs.get(i).filter(|_| i < j) {
+            let Some(t) = s.strip_prefix(l.as_str()) else {
+                return false;
+            };
+            s = t;
+            i += 1;
+        }
+        if i == j {
+            return s.is_empty();
+        }
+        while let Some(Seg::Lit(l)) = segs.get(j - 1).filter(|_| j > i) {
+            let Some(t) = s.strip_suffix(l.as_str()) else {
+                return false;
+            };
+            s = t;
+            j -= 1;
+        }
+        for seg in &segs[i..j] {
+            if let Seg::Lit(l) = seg {
+                let Some(k) = s.find(l.as_str()) else {
+                    return false;
+                };
+                s = &s[k + l.len()..];
             }
         }
-        go(&self.0, scope)
+        true
     }
 }
 
@@ -427,5 +448,46 @@ mod tests {
         assert_eq!(scope_name(&Value::Integer(-4)), "-4");
         assert_eq!(scope_name(&Value::Blob(vec![0, 255])), "00ff");
         assert_eq!(scope_name(&Value::Null), GLOBAL_SCOPE);
+    }
+
+    /// The linear matcher agrees with the definition (a backtracking search over every split)
+    /// on random patterns and scopes over a small alphabet, where stars and literals overlap
+    /// most; and an 80 KB scope against star-heavy patterns finishes at once (the backtracking
+    /// matcher took seconds).
+    #[test]
+    fn matching_agrees_with_backtracking_and_is_linear() {
+        fn reference(segs: &[Seg], s: &str) -> bool {
+            match segs.split_first() {
+                None => s.is_empty(),
+                Some((Seg::Lit(l), rest)) => s
+                    .strip_prefix(l.as_str())
+                    .is_some_and(|t| reference(rest, t)),
+                Some((Seg::Star, rest)) => (0..=s.len())
+                    .filter(|i| s.is_char_boundary(*i))
+                    .any(|i| reference(rest, &s[i..])),
+            }
+        }
+        use rand::{RngExt, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let alphabet = ['a', 'b', ':', '*'];
+        for _ in 0..20_000 {
+            let plen = rng.random_range(1..8);
+            let pat: String = (0..plen)
+                .map(|_| alphabet[rng.random_range(0..4)])
+                .collect();
+            let Ok(p) = Pattern::parse(&pat) else {
+                continue;
+            };
+            let slen = rng.random_range(0..10);
+            let s: String = (0..slen)
+                .map(|_| alphabet[rng.random_range(0..3)])
+                .collect();
+            assert_eq!(p.matches(&s), reference(&p.0, &s), "`{pat}` on `{s}`");
+        }
+        let big = format!("list:{}", "z:".repeat(40_000));
+        for pat in ["list:*:z*:q", "*z*z*z*z*z*z*q", "l*:*:*:*:*:*x"] {
+            assert!(!Pattern::parse(pat).unwrap().matches(&big), "{pat}");
+        }
+        assert!(Pattern::parse("list:*:z*:").unwrap().matches(&big));
     }
 }

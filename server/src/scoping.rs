@@ -109,6 +109,15 @@ pub fn tag(
         let after = next
             .as_ref()
             .map_or_else(|| GLOBAL_SCOPE.to_owned(), |n| n.scope.clone());
+        if after.len() > ferry_core::scope::MAX_SCOPE_BYTES {
+            return Err(RelayError::InvalidChangeSet(format!(
+                "row `{}` of table `{}` is written into a scope of {} bytes; at most {}",
+                pk_text(&rc.pk),
+                rc.table,
+                after.len(),
+                ferry_core::scope::MAX_SCOPE_BYTES
+            )));
+        }
         if let Some(b) = &before
             && !grants.can_write(b)
         {

@@ -304,3 +304,50 @@ fn refusals_name_no_scope_the_token_cannot_read() {
         }
     });
 }
+
+/// A row written into an 80 KB scope (which a backtracking matcher took 21.6 s of relay CPU
+/// to match against readers' patterns) is refused: scopes are at most 512 bytes.
+#[test]
+fn a_scope_longer_than_the_limit_is_refused() {
+    use ferry_core::{Cell, Value};
+    let d = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(&d.path().join("relay"));
+    let url = relay.url();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let me = ReplicaId([5; 16]);
+        let tok = token_for("w", &["list:*"], &["list:*"], hour());
+        let mut ws = welcomed(&url, me, &tok).await;
+        let huge = format!("list:{}", "z:".repeat(40_000));
+        let cs = raw::change_set(
+            me,
+            1,
+            "todo",
+            "t1",
+            1,
+            vec![
+                Cell::Set("list".into(), Value::Text(huge)),
+                Cell::Set("title".into(), Value::Text("x".into())),
+            ],
+        );
+        raw::send(
+            &mut ws,
+            &ClientMsg::Push {
+                change_sets: vec![cs],
+            },
+        )
+        .await;
+        loop {
+            match raw::recv(&mut ws).await {
+                Some(ServerMsg::Refused { code, message, .. }) => {
+                    assert_eq!(code, ErrorCode::InvalidChangeSet, "{message}");
+                    assert!(message.contains("at most 512"), "{message}");
+                    break;
+                }
+                Some(ServerMsg::Acks { acks }) => panic!("acked: {acks:?}"),
+                Some(_) => continue,
+                None => panic!("closed"),
+            }
+        }
+    });
+}
