@@ -41,13 +41,9 @@ impl ChecksumReplica {
     /// Opens `dir/checksum.db`, rebuilding it when it is ahead of the store (a store restored
     /// from a backup).
     pub fn open(dir: &Path, schema: &Schema, head: u64) -> Result<ChecksumReplica> {
-        std::fs::create_dir_all(dir).map_err(|e| {
-            RelayError::Store(format!(
-                "cannot create data directory {}: {e}",
-                dir.display()
-            ))
-        })?;
+        crate::private::dir(dir)?;
         let path = dir.join("checksum.db");
+        crate::private::file(&path)?;
         let replica = Replica::open(&path, schema)?;
         let replica = if replica.cursor()? > head {
             tracing::warn!(

@@ -125,6 +125,10 @@ pub struct LimitsConfig {
     /// Time allowed between connect and a valid hello.
     #[serde(default = "default_hello", with = "humantime_serde")]
     pub hello_timeout: Duration,
+    /// Time allowed for a request's HTTP headers to arrive (slowloris): the socket is closed
+    /// after it.
+    #[serde(default = "default_header_timeout", with = "humantime_serde")]
+    pub header_timeout: Duration,
 }
 
 /// History retention.
@@ -171,6 +175,9 @@ fn default_data() -> PathBuf {
 }
 fn default_store() -> String {
     "sqlite".into()
+}
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 fn default_leeway() -> Duration {
     Duration::from_secs(5)
@@ -258,6 +265,7 @@ impl Default for LimitsConfig {
             max_clock_skew: default_skew(),
             idle_timeout: default_idle(),
             hello_timeout: default_hello(),
+            header_timeout: default_header_timeout(),
         }
     }
 }

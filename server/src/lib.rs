@@ -8,6 +8,7 @@
 //! The binary `ferry-relay` wraps [`server::run`]; `docs/operations.md` covers running it and
 //! `docs/protocol.md` the wire protocol.
 
+pub mod accept;
 pub mod auth;
 pub mod catalog;
 pub mod checksum_replica;
@@ -21,6 +22,7 @@ pub mod history;
 pub mod holding;
 pub mod metrics;
 pub mod outbox;
+pub mod private;
 pub mod resume;
 pub mod scoping;
 pub mod server;

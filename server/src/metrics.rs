@@ -5,6 +5,8 @@ use std::sync::OnceLock;
 
 /// Open connections (gauge).
 pub const CONNECTIONS: &str = "ferry_connections";
+/// Sockets closed as soon as accepted because the relay was at `max_connections` (counter).
+pub const SOCKETS_REFUSED: &str = "ferry_sockets_refused_total";
 /// Connections accepted (counter).
 pub const CONNECTIONS_TOTAL: &str = "ferry_connections_total";
 /// Change sets received and sequenced (counter).

@@ -41,7 +41,7 @@ pub struct Relay {
     /// The address it listens on.
     pub addr: SocketAddr,
     shared: Arc<RelayState>,
-    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    server: tokio::task::JoinHandle<()>,
     background: TaskTracker,
 }
 
@@ -138,29 +138,12 @@ impl Relay {
             .await
             .map_err(|e| RelayError::Config(format!("cannot listen on {addr}: {e}")))?;
         let addr = listener.local_addr()?;
-        // Frames are small and often back to back (changes, then an ack): without
-        // TCP_NODELAY, Nagle's algorithm holds the second until the peer's delayed ACK.
-        let buffer = shared.cfg.limits.socket_buffer_bytes;
-        let listener = axum::serve::ListenerExt::tap_io(listener, move |tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "TCP_NODELAY not set");
-            }
-            if let Some(n) = buffer {
-                let sock = socket2::SockRef::from(&*tcp);
-                if let Err(e) = sock
-                    .set_send_buffer_size(n)
-                    .and_then(|()| sock.set_recv_buffer_size(n))
-                {
-                    tracing::debug!(error = %e, "socket buffer size not set");
-                }
-            }
-        });
-        let stop = shutdown.clone();
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-        });
+        let server = tokio::spawn(crate::accept::serve(
+            listener,
+            app,
+            Arc::clone(&shared),
+            shutdown.clone(),
+        ));
         metrics::gauge!(m::HEAD).set(shared.store.feed().head() as f64);
         tracing::info!(%addr, "relay listening");
         Ok(Relay {
@@ -222,8 +205,13 @@ async fn upgrade(State(shared): State<Arc<RelayState>>, ws: WebSocketUpgrade) ->
             let s = Arc::clone(&shared);
             let tasks = shared.tasks.clone();
             async move {
-                if s.connections.load(Ordering::Relaxed) >= s.cfg.limits.max_connections {
-                    reject_busy(socket, s.cfg.limits.max_connections).await;
+                // Counted before it is checked, so two upgrades at the limit cannot both
+                // pass (sockets not yet upgraded count too, see `accept`).
+                let max = s.cfg.limits.max_connections;
+                let before = s.connections.fetch_add(1, Ordering::AcqRel);
+                if before + s.sockets.load(Ordering::Acquire) >= max {
+                    s.connections.fetch_sub(1, Ordering::AcqRel);
+                    reject_busy(socket, max).await;
                     return;
                 }
                 tasks.track_future(session::serve(s, socket)).await;

@@ -29,9 +29,9 @@ struct Conn {
     bucket_at: Instant,
 }
 
-/// Serves one upgraded WebSocket until it closes.
+/// Serves one upgraded WebSocket until it closes. The caller counted it in
+/// `RelayState::connections` (admission is one atomic step there); it is uncounted here.
 pub async fn serve(shared: Arc<RelayState>, mut ws: WebSocket) {
-    shared.connections.fetch_add(1, Ordering::Relaxed);
     metrics::gauge!(m::CONNECTIONS).increment(1.0);
     metrics::counter!(m::CONNECTIONS_TOTAL).increment(1);
     let handshake = handshake(&shared, &mut ws).await;

@@ -31,6 +31,9 @@ pub struct RelayState {
     pub shutdown: CancellationToken,
     /// Open connections.
     pub connections: AtomicUsize,
+    /// Accepted sockets not (yet) upgraded to a sync connection: bare TCP, HTTP requests,
+    /// slow headers. They count against `max_connections` with `connections`.
+    pub sockets: AtomicUsize,
     /// Connection tasks still running (shutdown waits for them).
     pub tasks: tokio_util::task::TaskTracker,
     /// The relay's wall clock in milliseconds (welcome time, clock-skew checks); the system
@@ -139,6 +142,7 @@ impl RelayState {
             checksums,
             shutdown,
             connections: AtomicUsize::new(0),
+            sockets: AtomicUsize::new(0),
             tasks: TaskTracker::new(),
             frame_memory: Arc::new(tokio::sync::Semaphore::new(
                 cfg.limits.push_memory_bytes.min(u32::MAX as usize),

@@ -237,13 +237,9 @@ impl SqliteStore {
         window: usize,
         window_bytes: usize,
     ) -> Result<Arc<SqliteStore>> {
-        std::fs::create_dir_all(dir).map_err(|e| {
-            RelayError::Store(format!(
-                "cannot create data directory {}: {e}",
-                dir.display()
-            ))
-        })?;
+        crate::private::dir(dir)?;
         let path = dir.join("relay.db");
+        crate::private::file(&path)?;
         let mut conn = open_file(&path)?;
         // The writer's working set (the index pages a group commit and a fold touch) stays
         // in memory instead of being read back from the OS and spilled mid-transaction.

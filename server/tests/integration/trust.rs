@@ -351,3 +351,64 @@ fn a_scope_longer_than_the_limit_is_refused() {
         }
     });
 }
+
+/// Sockets count against `max_connections` from the moment they are accepted, and headers
+/// must arrive within `header_timeout`. In review, 1,500 sockets sending partial headers
+/// outlived every timeout, bare ones were never closed, and none counted toward the limit.
+/// Here 1,000 such sockets against a limit of 50: those over the limit are closed at once,
+/// the rest when their headers time out, and a good client then connects and syncs.
+#[test]
+fn slow_and_bare_sockets_are_counted_and_closed() {
+    use std::io::{Read, Write};
+    let d = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start_with(
+        &d.path().join("relay"),
+        "[limits]\nmax_connections = 50\nheader_timeout = \"1s\"\n",
+    );
+    let mut socks = Vec::new();
+    for i in 0..1_000 {
+        let Ok(mut s) = std::net::TcpStream::connect(relay.addr) else {
+            continue;
+        };
+        if i % 2 == 0 {
+            // Slowloris: a request line and part of the headers, never finished.
+            let _ = s.write_all(b"GET /sync HTTP/1.1\r\nHost: x\r\nX-Slow: ");
+        }
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        socks.push(s);
+    }
+    assert!(socks.len() > 900, "only {} sockets connected", socks.len());
+    // Every one of them is closed by the relay: at once over the limit, after the header
+    // timeout below it (a read then returns end of file or a reset, never times out).
+    let started = std::time::Instant::now();
+    for s in &mut socks {
+        let mut buf = [0u8; 512];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) if started.elapsed() < Duration::from_secs(9) => break,
+                Ok(0) => break,
+                Ok(_) => continue, // a 408 answer to the slow request, then the close
+                Err(e) => panic!("a socket outlived the header timeout: {e}"),
+            }
+        }
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "closing took {:?}",
+        started.elapsed()
+    );
+    // Fewer than 950: the first ones' headers time out (freeing places) while the rest are
+    // still being opened.
+    let refused = relay.metric("ferry_sockets_refused_total");
+    assert!(refused >= 500.0, "sockets over the limit: {refused}");
+    drop(socks);
+    let device = open(d.path(), "device.db");
+    let h = connect(&device, &relay.url(), admin_token("good"));
+    device
+        .execute(
+            "INSERT INTO todo(id, list, title) VALUES ('t', 'l', 'x')",
+            &[],
+        )
+        .unwrap();
+    wait_synced(&h);
+}
