@@ -64,7 +64,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 const HOUR: i64 = 3_600_000;
-const LEASE: &str = "sim-lease";
+const LEASE: &str = "lease:sim";
 
 /// The app schema at `version` 1 or 2 (2 adds `note.prio` and a local table).
 fn schema(version: u32) -> Schema {
@@ -167,9 +167,12 @@ struct Sim {
 fn token(sub: &str, read: &[String], primary: bool, expired: bool) -> String {
     let now = now_secs();
     let primary: &[&str] = if primary { &["price"] } else { &[] };
+    // Every node may take the simulation's lease (leases need a write grant on their name).
+    let mut grants = read.to_vec();
+    grants.push("lease:*".to_owned());
     Token::new(sub)
-        .read(read)
-        .write(read)
+        .read(&grants)
+        .write(&grants)
         .primary(primary)
         .expires_at(if expired { now - 3600 } else { now + 3600 })
         .mint()
