@@ -38,6 +38,23 @@ async fn lease(ws: &mut raw::Ws, request: LeaseRequest) -> LeaseOutcome {
     }
 }
 
+/// The refusal answering a push (acks or a closed connection fail the test).
+async fn refusal(ws: &mut raw::Ws) -> (u64, ErrorCode, String) {
+    loop {
+        match raw::recv(ws).await {
+            Some(ServerMsg::Refused {
+                origin_seq,
+                code,
+                message,
+                ..
+            }) => return (origin_seq, code, message),
+            Some(ServerMsg::Acks { acks }) => panic!("acked: {acks:?}"),
+            Some(_) => continue,
+            None => panic!("closed before the refusal"),
+        }
+    }
+}
+
 fn acquire(name: &str) -> LeaseRequest {
     LeaseRequest::Acquire {
         name: name.into(),
@@ -162,23 +179,9 @@ fn a_read_only_token_stores_nothing() {
             .map(|i| ferry_testkit::change::change_set(reader, i).build())
             .collect();
         raw::send(&mut ws, &ClientMsg::Push { change_sets: empty }).await;
-        loop {
-            match raw::recv(&mut ws).await {
-                Some(ServerMsg::Refused {
-                    origin_seq,
-                    code,
-                    message,
-                    ..
-                }) => {
-                    assert_eq!((origin_seq, code), (1, ErrorCode::Forbidden), "{message}");
-                    assert!(message.contains("no write scopes"), "{message}");
-                    break;
-                }
-                Some(ServerMsg::Acks { acks }) => panic!("acked: {acks:?}"),
-                Some(_) => continue,
-                None => panic!("closed"),
-            }
-        }
+        let (origin_seq, code, message) = refusal(&mut ws).await;
+        assert_eq!((origin_seq, code), (1, ErrorCode::Forbidden), "{message}");
+        assert!(message.contains("no write scopes"), "{message}");
         raw::send(&mut ws, &ClientMsg::Ping { nonce: 1 }).await;
         loop {
             match raw::recv(&mut ws).await {
@@ -289,19 +292,10 @@ fn refusals_name_no_scope_the_token_cannot_read() {
             },
         )
         .await;
-        loop {
-            match raw::recv(&mut ws).await {
-                Some(ServerMsg::Refused { code, message, .. }) => {
-                    assert_eq!(code, ErrorCode::Forbidden, "{message}");
-                    assert!(!message.contains("bob"), "the scope leaked: {message}");
-                    assert!(message.contains("may not be written"), "{message}");
-                    break;
-                }
-                Some(ServerMsg::Acks { acks }) => panic!("acked: {acks:?}"),
-                Some(_) => continue,
-                None => panic!("closed"),
-            }
-        }
+        let (_, code, message) = refusal(&mut ws).await;
+        assert_eq!(code, ErrorCode::Forbidden, "{message}");
+        assert!(!message.contains("bob"), "the scope leaked: {message}");
+        assert!(message.contains("may not be written"), "{message}");
     });
 }
 
@@ -337,18 +331,9 @@ fn a_scope_longer_than_the_limit_is_refused() {
             },
         )
         .await;
-        loop {
-            match raw::recv(&mut ws).await {
-                Some(ServerMsg::Refused { code, message, .. }) => {
-                    assert_eq!(code, ErrorCode::InvalidChangeSet, "{message}");
-                    assert!(message.contains("at most 512"), "{message}");
-                    break;
-                }
-                Some(ServerMsg::Acks { acks }) => panic!("acked: {acks:?}"),
-                Some(_) => continue,
-                None => panic!("closed"),
-            }
-        }
+        let (_, code, message) = refusal(&mut ws).await;
+        assert_eq!(code, ErrorCode::InvalidChangeSet, "{message}");
+        assert!(message.contains("at most 512"), "{message}");
     });
 }
 
