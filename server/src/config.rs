@@ -185,6 +185,9 @@ fn default_leeway() -> Duration {
 fn default_max_token_lifetime() -> Duration {
     Duration::from_secs(24 * 3600)
 }
+/// The development secret `config.example.toml` shows: refused unless the relay listens on
+/// loopback only.
+pub const EXAMPLE_SECRET: &str = "change-me-change-me-change-me-change-me";
 /// Largest clock leeway accepted for tokens.
 pub const MAX_LEEWAY: Duration = Duration::from_secs(300);
 fn default_max_frame() -> usize {
@@ -431,6 +434,14 @@ impl Config {
                 self.log.format
             )));
         }
+        if self.auth.hs256_secret.as_deref() == Some(EXAMPLE_SECRET)
+            && !self.listen_addr()?.ip().is_loopback()
+        {
+            return Err(RelayError::Config(format!(
+                "auth.hs256_secret is the example's development secret and the relay listens on {}: anyone could mint tokens; set a secret of your own (FERRY_JWT_SECRET or auth.hs256_secret_file)",
+                self.listen
+            )));
+        }
         if self.auth.leeway > MAX_LEEWAY {
             return Err(RelayError::Config(format!(
                 "auth.leeway is {:?}; at most {MAX_LEEWAY:?} (a longer one accepts expired tokens)",
@@ -531,6 +542,12 @@ mod tests {
         let c = Config::from_toml(&format!("{base}max_token_lifetime = \"0s\"")).unwrap();
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("max_token_lifetime"), "{e}");
+        let example = format!("schema = \"s.json\"\n[auth]\nhs256_secret = \"{EXAMPLE_SECRET}\"\n");
+        let c = Config::from_toml(&format!("listen = \"0.0.0.0:9000\"\n{example}")).unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("development secret"), "{e}");
+        let c = Config::from_toml(&format!("listen = \"127.0.0.1:9000\"\n{example}")).unwrap();
+        c.validate().unwrap();
         let c = Config::from_toml(&format!("{base}max_token_lifetime = \"7d\"")).unwrap();
         assert_eq!(c.auth.max_token_lifetime, Duration::from_secs(7 * 86400));
     }

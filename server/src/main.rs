@@ -42,9 +42,6 @@ struct ServeArgs {
     /// App schema JSON.
     #[arg(long)]
     schema: Option<PathBuf>,
-    /// HS256 secret (development).
-    #[arg(long)]
-    jwt_secret: Option<String>,
     /// `sqlite` or a postgres:// URL.
     #[arg(long)]
     store: Option<String>,
@@ -67,9 +64,6 @@ struct TokenArgs {
     /// Lifetime, e.g. `1h`, `30m`, `7d`.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     ttl: Duration,
-    /// HS256 secret (else the configured one).
-    #[arg(long)]
-    jwt_secret: Option<String>,
 }
 
 fn load(cli_config: &Option<PathBuf>, args: &ServeArgs) -> Result<Config, RelayError> {
@@ -86,9 +80,6 @@ fn load(cli_config: &Option<PathBuf>, args: &ServeArgs) -> Result<Config, RelayE
     }
     if let Some(v) = &args.schema {
         cfg.schema = Some(v.clone());
-    }
-    if let Some(v) = &args.jwt_secret {
-        cfg.auth.hs256_secret = Some(v.clone());
     }
     if let Some(v) = &args.store {
         cfg.store = v.clone();
@@ -151,14 +142,11 @@ fn run(cli: Cli) -> Result<(), RelayError> {
             Ok(())
         }
         Command::Token(t) => {
-            let mut cfg = load(&cli.config, &ServeArgs::default())?;
-            if let Some(s) = t.jwt_secret {
-                cfg.auth.hs256_secret = Some(s);
-                cfg.auth.hs256_secret_file = None;
-            }
+            // Secrets come from the file or the environment, never a flag: flags show in `ps`.
+            let cfg = load(&cli.config, &ServeArgs::default())?;
             let secret = hs256_secret(&cfg.auth)?.ok_or_else(|| {
                 RelayError::Config(
-                    "no HS256 secret: pass --jwt-secret, set FERRY_JWT_SECRET or auth.hs256_secret"
+                    "no HS256 secret: set FERRY_JWT_SECRET, auth.hs256_secret_file or auth.hs256_secret"
                         .into(),
                 )
             })?;
