@@ -12,7 +12,7 @@ use crate::tables::Tables;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 /// The on-disk format this build writes.
-pub const FORMAT_VERSION: i64 = 4;
+pub const FORMAT_VERSION: i64 = 5;
 
 const FORMAT_V1: &str = "
 CREATE TABLE ferry_meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -106,6 +106,19 @@ CREATE TABLE ferry_evictions(
 );
 ";
 
+/// Change sets the relay refused for a permanent reason, set aside (see `quarantine`).
+const FORMAT_V5: &str = "
+CREATE TABLE ferry_quarantine(
+    id INTEGER PRIMARY KEY,
+    origin INTEGER NOT NULL,
+    origin_seq INTEGER NOT NULL,
+    code TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    wire BLOB NOT NULL,
+    at_ms INTEGER NOT NULL
+);
+";
+
 /// Sets the connection-level pragmas Ferry relies on.
 pub fn configure(conn: &Connection) -> Result<()> {
     let pages: i64 = conn.pragma_query_value(None, "page_count", |r| r.get(0))?;
@@ -173,6 +186,9 @@ pub fn upgrade_format(conn: &mut Connection, new_id: Option<crate::ids::ReplicaI
     }
     if found < 4 {
         tx.execute_batch(FORMAT_V4)?;
+    }
+    if found < 5 {
+        tx.execute_batch(FORMAT_V5)?;
     }
     // Future format steps go here, each guarded by `found < N`.
     tx.pragma_update(None, "user_version", FORMAT_VERSION)?;

@@ -46,7 +46,7 @@ pub(crate) struct Engine {
     pub(crate) clock: HlcState,
     /// The highest relay position applied with everything before it.
     pub(crate) cursor: u64,
-    next_oseq: u64,
+    pub(crate) next_oseq: u64,
     /// `PRAGMA schema_version` when the trigger mode was last decided.
     schema_cookie: i64,
     /// Whether SQLite runs triggers on this connection (see `sync_trigger_mode`).
@@ -60,6 +60,9 @@ pub(crate) struct Engine {
     /// While a snapshot is being applied: the page cache size to return to when it is done
     /// (see `apply_snapshot`).
     pub(crate) bulk_cache: Option<i64>,
+    /// The relay's limits as last announced, `(max_change_set_ops, max_frame_bytes)`: a
+    /// transaction beyond them is refused at commit (it could never be uploaded).
+    relay_limits: Option<(u64, u64)>,
 }
 
 /// The schema as this replica sees it: the `read_only` tables it is the primary of are
@@ -163,6 +166,14 @@ impl Engine {
             guard_pending,
             remote_hlc: Hlc(remote_hlc as u64),
             bulk_cache: None,
+            relay_limits: None,
+        };
+        engine.relay_limits = match (
+            db::meta_opt::<i64>(&engine.conn, "relay_max_ops")?,
+            db::meta_opt::<i64>(&engine.conn, "relay_max_frame_bytes")?,
+        ) {
+            (Some(ops), Some(bytes)) => Some((ops as u64, bytes as u64)),
+            _ => None,
         };
         engine.sync_trigger_mode()?;
         Ok(engine)
@@ -328,6 +339,7 @@ impl Engine {
             };
             let mut id = None;
             if !change.rows.is_empty() {
+                self.check_size(&change)?;
                 notes.events.push(ChangeEvent {
                     tables: self.table_names(&change),
                     source: ChangeSource::Local,
@@ -342,6 +354,60 @@ impl Engine {
             notes.events.clear();
         }
         r
+    }
+
+    /// Stores the relay's announced limits (see `relay_limits`).
+    pub(crate) fn learn_limits(&mut self, limits: &crate::protocol::Limits) -> Result<()> {
+        let now = (limits.max_change_set_ops, limits.max_frame_bytes);
+        if self.relay_limits == Some(now) {
+            return Ok(());
+        }
+        db::meta_set(
+            &self.conn,
+            "relay_max_ops",
+            now.0.min(i64::MAX as u64) as i64,
+        )?;
+        db::meta_set(
+            &self.conn,
+            "relay_max_frame_bytes",
+            now.1.min(i64::MAX as u64) as i64,
+        )?;
+        self.relay_limits = Some(now);
+        Ok(())
+    }
+
+    /// Refuses a transaction the relay would refuse as too large (by its last announced
+    /// limits): measured as the change set it becomes ([`crate::ChangeSet::approx_bytes`]),
+    /// against 7/8 of the frame limit (the frame around it, and what the estimate misses).
+    fn check_size(&self, change: &LocalChange) -> Result<()> {
+        let Some((max_ops, max_frame)) = self.relay_limits else {
+            return Ok(());
+        };
+        let mut ops = 0u64;
+        let mut bytes = 96u64;
+        for r in &change.rows {
+            let t = self.cat.by_id(r.table)?;
+            ops += r.cells.len().max(1) as u64;
+            bytes += (24 + t.name().len() + crate::changeset::approx_value_bytes(&r.pk)) as u64;
+            for c in &r.cells {
+                let (col, v) = match c {
+                    capture::RawCell::Set(i, v) => (*i, crate::changeset::approx_value_bytes(v)),
+                    capture::RawCell::Add(i, _) => (*i, 9),
+                };
+                let name = t.cols.get(usize::from(col)).map_or(0, |c| c.name.len());
+                bytes += (4 + name + v) as u64;
+            }
+        }
+        let max_bytes = max_frame / 8 * 7;
+        if ops > max_ops || bytes > max_bytes {
+            return Err(Error::TransactionTooLarge {
+                ops,
+                bytes,
+                max_ops,
+                max_bytes,
+            });
+        }
+        Ok(())
     }
 
     /// Guards the open write transaction with a lease grant.

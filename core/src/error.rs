@@ -109,6 +109,35 @@ pub enum Error {
         /// The token that was presented.
         token: u64,
     },
+    /// No quarantined change set has this id (discarded or retried already).
+    #[error("no quarantined change set {0}")]
+    NotQuarantined(i64),
+    /// The quarantined change set kept no before-images (an unguarded write), so it cannot
+    /// be taken back exactly: retry it, or overwrite its rows.
+    #[error(
+        "quarantined change set {id} (origin_seq {origin_seq}) cannot be discarded: no before-images were kept for it (only server_checked and lease-guarded writes keep them); retry it or overwrite its rows"
+    )]
+    CannotDiscard {
+        /// The quarantine id.
+        id: i64,
+        /// The `origin_seq` it was refused under.
+        origin_seq: u64,
+    },
+    /// A transaction is larger than the relay accepts (its limits as last announced): it
+    /// could never be uploaded, so it was refused at commit and nothing was written.
+    #[error(
+        "transaction too large for the relay: {ops} cell operations and about {bytes} bytes; the relay accepts {max_ops} and {max_bytes}; nothing was written (split it)"
+    )]
+    TransactionTooLarge {
+        /// Cell operations in the transaction.
+        ops: u64,
+        /// Its approximate encoded size.
+        bytes: u64,
+        /// The relay's `max_change_set_ops`.
+        max_ops: u64,
+        /// What one change set may take of the relay's `max_frame_bytes`.
+        max_bytes: u64,
+    },
     /// The replica was closed.
     #[error("the replica is closed")]
     Closed,

@@ -62,4 +62,42 @@ impl ErrorCode {
             ErrorCode::IdentityMismatch => "identity_mismatch",
         }
     }
+
+    /// Every code, in declaration order.
+    pub const ALL: [ErrorCode; 14] = [
+        ErrorCode::BadFrame,
+        ErrorCode::UnsupportedVersion,
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
+        ErrorCode::TooLarge,
+        ErrorCode::RateLimited,
+        ErrorCode::InvalidChangeSet,
+        ErrorCode::ClockSkew,
+        ErrorCode::OriginReused,
+        ErrorCode::ShuttingDown,
+        ErrorCode::Conflict,
+        ErrorCode::Fenced,
+        ErrorCode::Internal,
+        ErrorCode::IdentityMismatch,
+    ];
+
+    /// The code with wire name `name` ([`ErrorCode::as_str`]).
+    pub fn parse(name: &str) -> Option<ErrorCode> {
+        ErrorCode::ALL.into_iter().find(|c| c.as_str() == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ErrorCode;
+
+    #[test]
+    fn every_code_parses_back_from_its_wire_name() {
+        for c in ErrorCode::ALL {
+            assert_eq!(ErrorCode::parse(c.as_str()), Some(c));
+            let json = serde_json::to_string(&c).unwrap_or_default();
+            assert_eq!(json, format!("\"{}\"", c.as_str()), "serde agrees");
+        }
+        assert_eq!(ErrorCode::parse("nonsense"), None);
+    }
 }

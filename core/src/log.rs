@@ -79,6 +79,29 @@ pub(crate) fn append(conn: &Connection, r: &Recorded<'_>) -> Result<()> {
     Ok(())
 }
 
+/// Appends a materialized change set of origin `origin` (a quarantined one issued again);
+/// returns its log row.
+pub(crate) fn append_materialized(
+    conn: &Connection,
+    origin: u32,
+    cs: &ChangeSet,
+    guarded: bool,
+) -> Result<i64> {
+    conn.prepare_cached(
+        "INSERT INTO ferry_log(origin, origin_seq, id, hlc, base, wire, guarded) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        origin,
+        cs.origin_seq as i64,
+        cs.id.to_vec(),
+        cs.hlc.0 as i64,
+        cs.base as i64,
+        encode(cs)?,
+        guarded
+    ])?;
+    Ok(conn.last_insert_rowid())
+}
+
 /// A recorded change set waiting to be materialized.
 pub(crate) struct RawRecord {
     pub seq: i64,

@@ -115,6 +115,19 @@ pub trait SyncPort {
         code: ErrorCode,
         message: &str,
     ) -> Result<RefusalAction>;
+    /// Sets own change set `origin_seq` aside after a permanent refusal (see
+    /// `quarantine`), keeping its place in the sequence with an empty placeholder. False
+    /// when there is nothing to set aside (it is a placeholder already).
+    fn quarantine(&self, origin_seq: u64, code: ErrorCode, message: &str) -> Result<bool>;
+    /// Number of change sets in quarantine.
+    fn quarantined_count(&self) -> Result<u64> {
+        Ok(0)
+    }
+    /// The relay announced its limits: transactions that would exceed them are refused at
+    /// commit from now on.
+    fn learn_limits(&self, _limits: &crate::protocol::Limits) -> Result<()> {
+        Ok(())
+    }
     /// Re-issues a change set refused for its `custom` columns on top of what the replica
     /// now holds. False if it is no longer pending.
     fn rebase(&self, origin_seq: u64) -> Result<bool>;

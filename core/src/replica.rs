@@ -22,6 +22,7 @@ use crate::observer::{
 };
 use crate::port::SyncPort;
 use crate::protocol::{ErrorCode, Move};
+use crate::quarantine::Quarantined;
 use crate::refusal::RefusalAction;
 use crate::resolver::{ConflictInput, Resolution, Resolver};
 use crate::schema::{Schema, quote};
@@ -381,6 +382,30 @@ impl Replica {
         self.with_engine(|e| conflict::clear(&e.conn, up_to_id))
     }
 
+    /// Change sets the relay refused for a permanent reason and that were set aside so the
+    /// uploads behind them go on, oldest first (see [`Quarantined`]). Each waits for
+    /// [`Replica::discard_quarantined`] or [`Replica::retry_quarantined`].
+    pub fn quarantined(&self) -> Result<Vec<Quarantined>> {
+        self.with_engine(|e| crate::quarantine::list(&e.conn))
+    }
+
+    /// Takes quarantined change set `id` back, exactly as a refused compare-and-set write is
+    /// rolled back (each withdrawn cell written to the conflict log); observers and watches
+    /// are told. Fails with [`Error::CannotDiscard`] when it kept no before-images (see
+    /// [`Quarantined::discardable`]), [`Error::NotQuarantined`] for an unknown id.
+    pub fn discard_quarantined(&self, id: i64) -> Result<()> {
+        self.notifying(|engine, notes| engine.in_txn(|e| e.discard_quarantined(id, notes)))
+    }
+
+    /// Issues quarantined change set `id` again, at the end of the upload queue with a fresh
+    /// clock, with the cells nothing has overwritten since (after the cause was fixed, e.g.
+    /// a token with a wider grant). Returns its new `origin_seq`, or `None` when nothing of
+    /// it was left to push.
+    pub fn retry_quarantined(&self, id: i64) -> Result<Option<u64>> {
+        let wall = Arc::clone(&self.wall);
+        self.with_engine(|e| e.in_txn(|e| e.retry_quarantined(id, &*wall)))
+    }
+
     /// Subscribes to table changes and conflicts until the handle is dropped.
     pub fn subscribe(&self, observer: Arc<dyn Observer>) -> Subscription {
         let id = self.registry.lock().add_observer(observer);
@@ -644,6 +669,19 @@ impl SyncPort for Replica {
         self.notifying(|engine, notes| {
             engine.in_txn(|e| e.handle_refusal(origin_seq, code, message, notes))
         })
+    }
+
+    fn quarantine(&self, origin_seq: u64, code: ErrorCode, message: &str) -> Result<bool> {
+        let wall = Arc::clone(&self.wall);
+        self.with_engine(|e| e.in_txn(|e| e.quarantine(origin_seq, code, message, &*wall)))
+    }
+
+    fn quarantined_count(&self) -> Result<u64> {
+        self.with_engine(|e| crate::quarantine::count(&e.conn))
+    }
+
+    fn learn_limits(&self, limits: &crate::protocol::Limits) -> Result<()> {
+        self.with_engine(|e| e.learn_limits(limits))
     }
 
     fn rebase(&self, origin_seq: u64) -> Result<bool> {

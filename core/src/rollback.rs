@@ -214,7 +214,7 @@ pub(crate) fn withdraw(
                 "withdrawn with change set {origin_seq}, which it was written on top of: {reason}"
             )
         };
-        undo_set(conn, cat, me, p, policy, &why, &mut out)?;
+        undo_set(conn, cat, me, p, p.seq, (policy, &why), &mut out)?;
         let placeholder = ChangeSet {
             rows: Vec::new(),
             base: me.cursor,
@@ -232,13 +232,16 @@ pub(crate) fn withdraw(
     Ok(out)
 }
 
-fn undo_set(
+/// Takes back what pending change set `p` (at log row `p.seq`) did, from the undo records
+/// kept under `undo_seq` (its log row, or where a quarantine moved them).
+/// `(policy, why)` name the mechanism and the reason, for the conflict log.
+pub(crate) fn undo_set(
     conn: &Connection,
     cat: &Tables,
     me: &Own,
     p: &Pending,
-    policy: &str,
-    why: &str,
+    undo_seq: i64,
+    (policy, why): (&str, &str),
     out: &mut Withdrawal,
 ) -> Result<()> {
     // Whether a version is this change set's (following a re-issue); a lookup that fails
@@ -280,7 +283,7 @@ fn undo_set(
             out.conflicts.push(c);
             Ok(())
         };
-        let Some(undo) = load_undo(conn, p.seq, t, &rc.pk)? else {
+        let Some(undo) = load_undo(conn, undo_seq, t, &rc.pk)? else {
             tracing::error!(table = %rc.table, pk = %rc.pk.describe(), "no before-image kept; the row cannot be rolled back");
             log(
                 None,

@@ -39,7 +39,7 @@
 
 use crate::error::{Error, Result};
 use crate::port::{SnapshotEnd, SyncPort};
-use crate::protocol::{ClientMsg, ErrorCode, LeaseOutcome, PROTOCOL_VERSION, ServerMsg};
+use crate::protocol::{ClientMsg, ErrorCode, LeaseOutcome, Limits, PROTOCOL_VERSION, ServerMsg};
 use crate::refusal::RefusalAction;
 use crate::scope::ScopeSet;
 use std::collections::{BTreeMap, VecDeque};
@@ -97,6 +97,9 @@ pub struct Reaction {
     pub withdrawn: Vec<u64>,
     /// A lease answer arrived: `(nonce, outcome)`.
     pub lease: Option<(u64, LeaseOutcome)>,
+    /// Change sets set aside after a permanent refusal (by `origin_seq`; see
+    /// `quarantine`): the uploads behind them go on.
+    pub quarantined: Vec<u64>,
 }
 
 /// Client side of one sync connection.
@@ -128,6 +131,9 @@ pub struct SyncClient {
     stale_through: Option<u64>,
     /// The relay is sending a snapshot: nothing is pushed until its last page.
     bootstrapping: bool,
+    /// The relay's limits (announced in the welcome): a change set beyond them is
+    /// quarantined here rather than sent to be refused, or to close the connection.
+    limits: Limits,
     /// The snapshot being received back-fills scopes the replica gained (its cursor was
     /// above zero): the cursor stays where it is.
     backfill: bool,
@@ -180,6 +186,7 @@ impl SyncClient {
             next_frame: 0,
             stale_through: None,
             bootstrapping: false,
+            limits: Limits::default(),
             backfill: false,
             resumed: false,
             scopes: None,
@@ -300,6 +307,18 @@ impl SyncClient {
                 continue;
             }
             let size = cs.approx_bytes();
+            if let Some(why) = self.beyond_limits(&cs, size) {
+                if !batch.is_empty() {
+                    break; // sent first; this one is set aside at the next poll
+                }
+                // The relay would refuse it (or close the connection on its frame): set it
+                // aside, and go on with what is behind it.
+                if replica.quarantine(cs.origin_seq, ErrorCode::TooLarge, &why)? {
+                    tracing::warn!(origin_seq = cs.origin_seq, %why, "change set beyond the relay's limits quarantined");
+                    return self.poll_push(replica);
+                }
+                break;
+            }
             if !batch.is_empty()
                 && (batch.len() >= self.max_sets
                     || bytes + size > self.max_bytes
@@ -326,6 +345,25 @@ impl SyncClient {
         }))
     }
 
+    /// Why change set `cs` (of about `size` bytes) can never pass the relay's announced
+    /// limits, if it cannot.
+    fn beyond_limits(&self, cs: &crate::changeset::ChangeSet, size: usize) -> Option<String> {
+        let ops = cs.op_count() as u64;
+        let max_bytes = self.limits.max_frame_bytes / 8 * 7;
+        if ops > self.limits.max_change_set_ops {
+            Some(format!(
+                "change set of {ops} cell operations; the relay accepts {}",
+                self.limits.max_change_set_ops
+            ))
+        } else if size as u64 > max_bytes {
+            Some(format!(
+                "change set of about {size} bytes; the relay's frames carry {max_bytes}"
+            ))
+        } else {
+            None
+        }
+    }
+
     /// Handles one frame from the relay.
     pub fn handle(&mut self, replica: &impl SyncPort, msg: ServerMsg) -> Result<Reaction> {
         let mut step = Reaction::default();
@@ -347,6 +385,8 @@ impl SyncClient {
                     return Err(Error::Protocol(format!("relay speaks protocol {protocol}")));
                 }
                 self.head = head;
+                replica.learn_limits(&limits)?;
+                self.limits = limits;
                 self.max_sets = self.max_sets.min(limits.max_push_sets.max(1) as usize);
                 self.max_bytes = self
                     .max_bytes
@@ -510,6 +550,14 @@ impl SyncClient {
                     recover(self);
                 } else if code == ErrorCode::InvalidChangeSet && stale {
                     // Sent before a refusal above reached us; refused for the gap it left.
+                } else if crate::quarantine::is_permanent(code)
+                    && !stale
+                    && replica.quarantine(origin_seq, code, &message)?
+                {
+                    // Pushing it again cannot help: set aside (the app decides), its place in
+                    // the sequence kept by a placeholder; the uploads behind it go on.
+                    step.quarantined.push(origin_seq);
+                    recover(self);
                 } else {
                     if self
                         .refused
@@ -672,6 +720,10 @@ mod tests {
         last_origin_seq: RefCell<u64>,
         calls: RefCell<Vec<String>>,
         refusal: RefCell<Option<RefusalAction>>,
+        /// What `quarantine` answers (false: a placeholder already, nothing to set aside).
+        quarantines: RefCell<bool>,
+        /// The frame limit last announced.
+        frame_limit: RefCell<u64>,
     }
 
     impl FakePort {
@@ -774,6 +826,10 @@ mod tests {
         fn snapshot_resume(&self) -> Result<Option<Vec<u8>>> {
             Ok(None)
         }
+        fn learn_limits(&self, limits: &Limits) -> Result<()> {
+            *self.frame_limit.borrow_mut() = limits.max_frame_bytes;
+            Ok(())
+        }
         fn handle_refusal(
             &self,
             origin_seq: u64,
@@ -786,6 +842,15 @@ mod tests {
                 .borrow_mut()
                 .take()
                 .unwrap_or(RefusalAction::Withdrawn(vec![origin_seq])))
+        }
+        fn quarantine(&self, origin_seq: u64, code: ErrorCode, _message: &str) -> Result<bool> {
+            self.call(format!("quarantine {origin_seq} {}", code.as_str()));
+            let set_aside = *self.quarantines.borrow();
+            if set_aside {
+                // Its placeholder takes its place: still pending, with no rows.
+                *self.quarantines.borrow_mut() = false;
+            }
+            Ok(set_aside)
         }
         fn rebase(&self, origin_seq: u64) -> Result<bool> {
             self.call(format!("rebase {origin_seq}"));
@@ -1046,10 +1111,23 @@ mod tests {
         assert!(c.poll_push(&port).unwrap().is_some());
         assert_eq!(port.calls(), vec!["rebase 2"]);
 
-        // Anything else stops uploads and is reported.
+        // A permanent refusal: set aside, and the uploads behind it go on (its placeholder
+        // first).
+        *port.quarantines.borrow_mut() = true;
         let step = c
             .handle(&port, refused(2, ErrorCode::Forbidden, 0))
             .unwrap();
+        assert_eq!(port.calls(), vec!["quarantine 2 forbidden"]);
+        assert_eq!(step.quarantined, vec![2]);
+        assert!(step.refused.is_none());
+        assert_eq!(pushed(&step), vec![2], "the placeholder is pushed");
+
+        // Refused again with nothing left to set aside (a token that may write nothing):
+        // uploads stop and it is reported.
+        let step = c
+            .handle(&port, refused(2, ErrorCode::Forbidden, 0))
+            .unwrap();
+        assert_eq!(port.calls(), vec!["quarantine 2 forbidden"]);
         assert_eq!(step.refused.map(|r| r.code), Some(ErrorCode::Forbidden));
         assert!(c.poll_push(&port).unwrap().is_none());
 
@@ -1059,6 +1137,49 @@ mod tests {
             .unwrap();
         assert!(step.reconnect);
         assert_eq!(port.calls(), vec!["rotate_identity"]);
+    }
+
+    #[test]
+    fn a_set_beyond_the_relays_limits_is_set_aside_not_sent() {
+        let port = FakePort::with_pending(3);
+        *port.quarantines.borrow_mut() = true;
+        let mut c = SyncClient::new();
+        c.start(&port, "t").unwrap();
+        // Frames of 64 bytes: every set (about 96 bytes) is beyond them, but the fake's
+        // placeholder answer lets only the first be set aside.
+        let limits = Limits {
+            max_frame_bytes: 64,
+            ..Limits::default()
+        };
+        let step = c
+            .handle(
+                &port,
+                ServerMsg::Welcome {
+                    protocol: PROTOCOL_VERSION,
+                    head: 0,
+                    server_time_ms: 42,
+                    max_origin_seq: 0,
+                    limits,
+                    horizon: 0,
+                    snapshot: false,
+                    scopes: None,
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            *port.frame_limit.borrow(),
+            64,
+            "the replica learns the limits"
+        );
+        let calls = port.calls();
+        assert!(
+            calls.contains(&"quarantine 1 too_large".to_owned()),
+            "{calls:?}"
+        );
+        assert!(
+            pushed(&step).is_empty(),
+            "nothing beyond the limits is sent"
+        );
     }
 
     #[test]

@@ -124,6 +124,9 @@ pub struct SyncStatus {
     /// Change sets the relay refused (compare-and-set conflict, stale lease) and that were
     /// rolled back, since this handle was created.
     pub rolled_back: u64,
+    /// Change sets the relay refused for a permanent reason and that wait in quarantine for
+    /// the app's decision ([`crate::Replica::quarantined`]); the uploads behind them go on.
+    pub quarantined: u64,
     /// The snapshot being received on this connection (see [`crate::snapshot`]): rows and
     /// bytes of the totals the relay announced. All zero when none is sent.
     pub snapshot: SnapshotProgress,
@@ -150,6 +153,7 @@ impl SyncStatus {
             pongs: 0,
             answered: 0,
             rolled_back: 0,
+            quarantined: 0,
             snapshot: SnapshotProgress::default(),
             uploaded_bytes: 0,
             has_synced: false,
@@ -1090,6 +1094,12 @@ impl SyncTask {
                     if !step.withdrawn.is_empty() {
                         let n = step.withdrawn.len() as u64;
                         self.publish(|s| s.rolled_back += n);
+                    }
+                    if !step.quarantined.is_empty() || was_handshake {
+                        match blocking(|| crate::port::SyncPort::quarantined_count(&*replica)) {
+                            Ok(n) => self.publish(|s| s.quarantined = n),
+                            Err(e) => tracing::warn!(error = %e, "cannot count quarantined change sets"),
+                        }
                     }
                     for m in &step.send {
                         if let Err(e) = send(&out, m) {

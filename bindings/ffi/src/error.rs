@@ -59,6 +59,19 @@ pub enum FerryError {
         /// Which version was found and which is supported.
         reason: String,
     },
+    /// A quarantined change set cannot be discarded (it kept no before-images) or no longer
+    /// exists: retry it, or overwrite its rows.
+    #[error("cannot discard: {reason}")]
+    CannotDiscard {
+        /// Why.
+        reason: String,
+    },
+    /// A transaction larger than the relay accepts: nothing was written; split it.
+    #[error("transaction too large: {reason}")]
+    TransactionTooLarge {
+        /// Its size and the relay's limits.
+        reason: String,
+    },
     /// The replica (or the object) was closed; open it again.
     #[error("closed")]
     Closed,
@@ -102,6 +115,10 @@ impl From<Core> for FerryError {
             Core::LeaseBusy { name, .. } | Core::LeaseLost { name, .. } => {
                 FerryError::LeaseUnavailable { name, reason }
             }
+            Core::CannotDiscard { .. } | Core::NotQuarantined(_) => {
+                FerryError::CannotDiscard { reason }
+            }
+            Core::TransactionTooLarge { .. } => FerryError::TransactionTooLarge { reason },
             Core::Closed => FerryError::Closed,
             Core::Sqlite(ref s) if sql_from_app(s) => FerryError::InvalidInput { reason },
             _ => {

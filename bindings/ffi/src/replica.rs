@@ -9,7 +9,7 @@ use crate::listeners::{
 use crate::subscription::Subscription;
 use crate::sync::{SyncOptions, SyncSession};
 use crate::transaction::WriteTransaction;
-use crate::types::{ConflictRecord, Eviction, QueryResult, Schema, SqlValue};
+use crate::types::{ConflictRecord, Eviction, QuarantinedChange, QueryResult, Schema, SqlValue};
 use ferry_core as core;
 use parking_lot::Mutex;
 use std::sync::{Arc, Weak};
@@ -204,6 +204,31 @@ impl Replica {
     /// Clears the conflict log up to and including `up_to_id` (all when None).
     pub fn clear_conflicts(&self, up_to_id: Option<i64>) -> Result<u64> {
         Ok(self.inner.clear_conflicts(up_to_id)? as u64)
+    }
+
+    /// Change sets the relay refused for a permanent reason (a scope the token may no longer
+    /// write, beyond the relay's limits), set aside so the uploads behind them go on.
+    pub fn quarantined(&self) -> Result<Vec<QuarantinedChange>> {
+        Ok(self
+            .inner
+            .quarantined()?
+            .into_iter()
+            .map(Into::into)
+            .collect())
+    }
+
+    /// Takes quarantined change set `id` back, as a refused compare-and-set write is rolled
+    /// back (logged in the conflict log). Fails with `CannotDiscard` when it kept no
+    /// before-images (`QuarantinedChange.discardable`).
+    pub fn discard_quarantined(&self, id: i64) -> Result<()> {
+        Ok(self.inner.discard_quarantined(id)?)
+    }
+
+    /// Issues quarantined change set `id` again at the end of the upload queue (after the
+    /// cause was fixed, e.g. a token with a wider grant). Returns its new `origin_seq`, or
+    /// None when nothing of it was left to push.
+    pub fn retry_quarantined(&self, id: i64) -> Result<Option<u64>> {
+        Ok(self.inner.retry_quarantined(id)?)
     }
 
     /// A digest of every synced row (equal on replicas holding the same data).

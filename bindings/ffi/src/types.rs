@@ -285,6 +285,44 @@ pub struct ConflictSide {
     pub origin: String,
 }
 
+/// A change set the relay refused for a permanent reason, set aside so the uploads behind
+/// it go on: discard it (`Replica.discardQuarantined`) or retry it
+/// (`Replica.retryQuarantined`).
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+pub struct QuarantinedChange {
+    /// Handle for discard and retry.
+    pub id: i64,
+    /// The `origin_seq` it was refused under.
+    pub origin_seq: u64,
+    /// Why the relay refused it.
+    pub code: RelayCode,
+    /// The relay's explanation.
+    pub reason: String,
+    /// Tables it writes.
+    pub tables: Vec<String>,
+    /// Rows it writes.
+    pub rows: u64,
+    /// Whether discarding can take it back (server-checked and lease-guarded writes).
+    pub discardable: bool,
+    /// When it was set aside (ms since the Unix epoch).
+    pub at_ms: u64,
+}
+
+impl From<core::Quarantined> for QuarantinedChange {
+    fn from(q: core::Quarantined) -> Self {
+        QuarantinedChange {
+            id: q.id,
+            origin_seq: q.origin_seq,
+            code: q.code.into(),
+            reason: q.reason,
+            tables: q.tables,
+            rows: q.rows,
+            discardable: q.discardable,
+            at_ms: q.at_ms,
+        }
+    }
+}
+
 /// A logged conflict.
 #[derive(Debug, Clone, PartialEq, uniffi::Record)]
 pub struct ConflictRecord {
@@ -530,6 +568,9 @@ pub struct SyncStatus {
     pub connects: u64,
     /// Change sets the relay refused (compare-and-set, stale lease) that were rolled back.
     pub rolled_back: u64,
+    /// Change sets the relay refused for a permanent reason, waiting in quarantine for the
+    /// app's decision (`Replica.quarantined`); the uploads behind them go on.
+    pub quarantined: u64,
 }
 
 /// A lease this replica holds (see `SyncSession.acquireLease`).
@@ -591,6 +632,7 @@ impl From<&core::SyncStatus> for SyncStatus {
             }),
             connects: s.connects,
             rolled_back: s.rolled_back,
+            quarantined: s.quarantined,
         }
     }
 }

@@ -150,13 +150,25 @@ def test_errors_are_typed(relay: Relay, open_replica, tmp_path: pathlib.Path) ->
         a.sync_with(relay.url, "t", SyncOptions(ping_interval_ms=0))
 
     async def main() -> None:
+        # A write outside the token's write scopes is refused by the relay and quarantined:
+        # the uploads behind it go on, and the app decides.
         s = session(relay, a, "mallory", write="mine")
         a.exec("INSERT INTO notes(id, folder, title) VALUES (?, 'someone-else', 'x')", ferry.new_id())
-        with pytest.raises(FerryError.Unauthorized):
-            await sync(s)
-        refused = s.status().refused
-        assert refused is not None and refused.code == ferry.RelayCode.FORBIDDEN, refused
-        assert s.status().last_error.code == ferry.RelayCode.FORBIDDEN
+        a.exec("INSERT INTO seats(id, taken_by) VALUES ('1A', 'mallory')")
+        a.exec("INSERT INTO notes(id, folder, title) VALUES (?, 'mine', 'behind')", ferry.new_id())
+        await sync(s)
+        assert s.status().refused is None
+        assert s.status().quarantined == 2
+        note, seat = a.quarantined()
+        assert note.code == ferry.RelayCode.FORBIDDEN and note.tables == ["notes"]
+        assert not note.discardable and seat.discardable
+        with pytest.raises(FerryError.CannotDiscard):
+            a.discard_quarantined(note.id)
+        a.discard_quarantined(seat.id)
+        assert a.select("SELECT count(*) FROM seats") == [(0,)]
+        with pytest.raises(FerryError.CannotDiscard):
+            a.discard_quarantined(seat.id)
+        assert [q.id for q in a.quarantined()] == [note.id]
 
     asyncio.run(main())
     a.close()

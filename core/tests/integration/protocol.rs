@@ -565,15 +565,17 @@ fn the_first_refusal_is_the_one_reported() {
         message: m.into(),
         conflict_seq: 0,
     };
+    // (A refusal that is neither permanent, which would quarantine the change set, nor one
+    // the device recovers from by itself.)
     let first = client
-        .handle(&a, refused(1, ErrorCode::Forbidden, "scope `x`"))
+        .handle(&a, refused(1, ErrorCode::Internal, "store failed"))
         .unwrap();
-    assert_eq!(first.refused.map(|r| r.code), Some(ErrorCode::Forbidden));
+    assert_eq!(first.refused.map(|r| r.code), Some(ErrorCode::Internal));
     let later = client
         .handle(&a, refused(2, ErrorCode::InvalidChangeSet, "gap"))
         .unwrap();
     assert!(later.refused.is_none());
-    assert_eq!(client.refused().map(|r| r.code), Some(ErrorCode::Forbidden));
+    assert_eq!(client.refused().map(|r| r.code), Some(ErrorCode::Internal));
     assert!(
         client.poll_push(&a).unwrap().is_none(),
         "uploads stop after a refusal"

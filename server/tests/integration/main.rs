@@ -18,6 +18,7 @@ mod hostile;
 mod jwks;
 mod lifecycle;
 mod multinode;
+mod quarantine;
 mod scopes;
 mod simulation;
 mod snapshots;

@@ -176,12 +176,17 @@ final class FerryTests: XCTestCase {
             guard case let FerryError.ReadOnlyTable(table) = e else { return XCTFail("\(e)") }
             XCTAssertEqual(table, "announcements")
         }
+        // A write outside the token's write scopes is refused by the relay and quarantined:
+        // the uploads behind it go on, and the app decides.
         let s = try session(a, "mallory", write: "mine")
         try a.exec("INSERT INTO notes(id, folder, title) VALUES (?, 'someone-else', 'x')", .text(value: newId()))
-        do {
-            try await s.syncNow()
-            XCTFail("the relay should refuse a write outside the token's scopes")
-        } catch FerryError.Unauthorized {
+        try await s.syncNow()
+        XCTAssertNil(s.status().refused)
+        let q = try a.quarantined()
+        XCTAssertEqual(q.count, 1)
+        XCTAssertEqual(q[0].code, .forbidden)
+        XCTAssertThrowsError(try a.discardQuarantined(id: q[0].id)) { e in
+            guard case FerryError.CannotDiscard = e else { return XCTFail("\(e)") }
         }
         try a.closeDatabase()
         XCTAssertThrowsError(try a.select("SELECT 1")) { e in

@@ -12,6 +12,7 @@ import org.junit.After
 import org.junit.Assert.assertEquals
 import org.junit.Assert.assertFalse
 import org.junit.Assert.assertNotNull
+import org.junit.Assert.assertNull
 import org.junit.Assert.assertTrue
 import org.junit.Assert.fail
 import org.junit.Before
@@ -197,12 +198,20 @@ class FerryTest {
                 Replica.open(File(dir, "bad.db").path, Schema(1u, listOf(table("t", "missing", column("id"))), emptyList()))
             }
             assertThrows<FerryException.InvalidInput> { a.connect("http://not-a-relay", null) { "t" } }
-            // Writing outside the token's write scopes is refused by the relay.
+            // Writing outside the token's write scopes is refused by the relay and quarantined:
+            // the uploads behind it go on, and the app decides.
             val s = a.sync("mallory", write = "mine")
             a.exec("INSERT INTO notes(id, folder, title) VALUES (?, 'someone-else', 'x')", newId())
-            assertThrows<FerryException.Unauthorized> { withTimeout(20_000) { s.syncNow() } }
-            assertEquals(RelayCode.FORBIDDEN, s.status().refused!!.code)
-            assertEquals(RelayCode.FORBIDDEN, s.status().lastError!!.code)
+            a.exec("INSERT INTO notes(id, folder, title) VALUES (?, 'mine', 'behind')", newId())
+            withTimeout(20_000) { s.syncNow() }
+            assertNull(s.status().refused)
+            assertEquals(1uL, s.status().quarantined)
+            val note = a.quarantined().single()
+            assertEquals(RelayCode.FORBIDDEN, note.code)
+            assertEquals(listOf("notes"), note.tables)
+            assertFalse(note.discardable)
+            assertThrows<FerryException.CannotDiscard> { a.discardQuarantined(note.id) }
+            assertEquals(listOf(note.id), a.quarantined().map { it.id })
             s.close()
             a.closeDatabase()
             assertThrows<FerryException.Closed> { a.select("SELECT 1") }
