@@ -44,16 +44,26 @@ pub(crate) enum SocketError {
 
 /// Opens a WebSocket to `url`; `buffer` sets the TCP send and receive buffers (`None`: the
 /// kernel's autotuning).
+/// The upgrade request carries `token` (`Authorization: Bearer`), so that the relay lets
+/// the connection send full-size frames before its hello is verified.
 pub(crate) async fn open(
     url: &str,
     config: WebSocketConfig,
     buffer: Option<usize>,
+    token: &str,
 ) -> Result<Ws, SocketError> {
     let bad = |why: String| SocketError::Url {
         url: url.to_owned(),
         why,
     };
-    let request = url.into_client_request().map_err(|e| bad(e.to_string()))?;
+    let mut request = url.into_client_request().map_err(|e| bad(e.to_string()))?;
+    let bearer = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| bad("the token cannot be sent in an HTTP header".into()))?;
+    request.headers_mut().insert(
+        tokio_tungstenite::tungstenite::http::header::AUTHORIZATION,
+        bearer,
+    );
     let uri = request.uri();
     let host = uri
         .host()

@@ -67,6 +67,17 @@ pub struct RefusedPush {
     pub message: String,
 }
 
+/// The relay sent a change this app's schema cannot hold (a column a newer app version
+/// added): downloads pause there until the replica is opened with the newer schema; the
+/// connection stays up and uploads go on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchemaOutdated {
+    /// The table written.
+    pub table: String,
+    /// The column this app schema does not declare.
+    pub column: String,
+}
+
 /// The relay's checksum of what this replica should hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RemoteChecksum {
@@ -131,6 +142,10 @@ pub struct SyncClient {
     stale_through: Option<u64>,
     /// The relay is sending a snapshot: nothing is pushed until its last page.
     bootstrapping: bool,
+    /// Downloads paused at a change this app's schema cannot hold (see [`SchemaOutdated`]):
+    /// later `Changes` and snapshot pages are dropped unapplied, and sent again once the
+    /// replica reconnects with the newer schema.
+    outdated: Option<SchemaOutdated>,
     /// The relay's limits (announced in the welcome): a change set beyond them is
     /// quarantined here rather than sent to be refused, or to close the connection.
     limits: Limits,
@@ -187,6 +202,7 @@ impl SyncClient {
             stale_through: None,
             bootstrapping: false,
             limits: Limits::default(),
+            outdated: None,
             backfill: false,
             resumed: false,
             scopes: None,
@@ -251,6 +267,7 @@ impl SyncClient {
         self.phase = Phase::Handshake;
         self.in_flight.clear();
         self.refused = None;
+        self.outdated = None;
         self.frames.clear();
         self.stale_through = None;
         self.bootstrapping = false;
@@ -343,6 +360,25 @@ impl SyncClient {
         Ok(Some(ClientMsg::Push {
             change_sets: batch.into_iter().map(|(cs, _)| cs).collect(),
         }))
+    }
+
+    /// Downloads pause at a change this app's schema cannot hold (a typed state, not a
+    /// connection failure: reconnecting would only download the same frame again); any
+    /// other error is returned.
+    fn pause_if_outdated(&mut self, e: Error) -> Result<()> {
+        match e {
+            Error::AppSchemaOutdated { table, column } => {
+                tracing::warn!(%table, %column, "a change needs a newer app schema: downloads paused, uploads go on");
+                self.outdated = Some(SchemaOutdated { table, column });
+                Ok(())
+            }
+            e => Err(e),
+        }
+    }
+
+    /// Downloads paused at a change this app's schema cannot hold, if they did.
+    pub fn schema_outdated(&self) -> Option<&SchemaOutdated> {
+        self.outdated.as_ref()
     }
 
     /// Why change set `cs` (of about `size` bytes) can never pass the relay's announced
@@ -451,8 +487,13 @@ impl SyncClient {
                     )));
                 }
                 self.head = self.head.max(head);
-                let report = replica.apply_changes(after, up_to, &change_sets, &moves)?;
-                step.applied = report.applied;
+                // Paused at a change this app's schema cannot hold: nothing after it.
+                if self.outdated.is_none() {
+                    match replica.apply_changes(after, up_to, &change_sets, &moves) {
+                        Ok(report) => step.applied = report.applied,
+                        Err(e) => self.pause_if_outdated(e)?,
+                    }
+                }
                 for cs in &change_sets {
                     if cs.change_set.origin == replica.replica_id()? {
                         self.acked_bytes += self.in_flight.remove(&cs.change_set.origin_seq) as u64;
@@ -487,7 +528,16 @@ impl SyncClient {
                 // Rows the replica may hold already (a back-fill, or a walk the relay started
                 // over because the scopes changed) are replaced rather than merged.
                 let replace = self.backfill || self.resumed;
-                let report = replica.apply_snapshot(rows, &resume, replace, end)?;
+                if self.outdated.is_some() {
+                    return Ok(step); // paused: the rest is sent again after the upgrade
+                }
+                let report = match replica.apply_snapshot(rows, &resume, replace, end) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        self.pause_if_outdated(e)?;
+                        return Ok(step);
+                    }
+                };
                 let p = &mut self.snapshot;
                 p.rows += n;
                 p.bytes += bytes;

@@ -124,6 +124,10 @@ pub struct SyncStatus {
     /// Change sets the relay refused (compare-and-set conflict, stale lease) and that were
     /// rolled back, since this handle was created.
     pub rolled_back: u64,
+    /// Downloads are paused at a change this app's schema cannot hold (a newer app version
+    /// wrote it): open the replica with the newer schema to resume. The connection stays up
+    /// and uploads go on; [`SyncHandle::sync_now`] fails with [`Error::AppSchemaOutdated`].
+    pub schema_outdated: Option<crate::sync::SchemaOutdated>,
     /// Change sets the relay refused for a permanent reason and that wait in quarantine for
     /// the app's decision ([`crate::Replica::quarantined`]); the uploads behind them go on.
     pub quarantined: u64,
@@ -154,6 +158,7 @@ impl SyncStatus {
             answered: 0,
             rolled_back: 0,
             quarantined: 0,
+            schema_outdated: None,
             snapshot: SnapshotProgress::default(),
             uploaded_bytes: 0,
             has_synced: false,
@@ -203,6 +208,10 @@ pub struct SyncOptions {
     /// autotuning). Small buffers save memory on constrained devices; flow control does not
     /// depend on them.
     pub socket_buffer_bytes: Option<usize>,
+    /// Allows `ws://` (unencrypted) to a host other than loopback. Off by default: anyone on
+    /// the path could read the token and the data, and change what the device receives.
+    /// Turn it on only for a trusted network (an emulator's host bridge, a lab).
+    pub allow_insecure: bool,
 }
 
 impl Default for SyncOptions {
@@ -219,7 +228,38 @@ impl Default for SyncOptions {
             push_window_sets: 1024,
             push_window_bytes: crate::sync::DEFAULT_PUSH_WINDOW_BYTES,
             socket_buffer_bytes: None,
+            allow_insecure: false,
         }
+    }
+}
+
+/// Checks a relay URL: `wss://`, or `ws://` to a loopback host (or to any host when the app
+/// opted in with [`SyncOptions::allow_insecure`]).
+fn check_relay_url(url: &str, allow_insecure: bool) -> Result<()> {
+    let parsed = url.parse::<tokio_tungstenite::tungstenite::http::Uri>();
+    let uri = match parsed {
+        Ok(u) if matches!(u.scheme_str(), Some("ws") | Some("wss")) => u,
+        _ => {
+            return Err(Error::InvalidInput(format!(
+                "relay url `{url}` must start with ws:// or wss://"
+            )));
+        }
+    };
+    if uri.scheme_str() == Some("wss") || allow_insecure {
+        return Ok(());
+    }
+    let host = uri.host().unwrap_or("");
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = bare.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if loopback {
+        Ok(())
+    } else {
+        Err(Error::InvalidInput(format!(
+            "relay url `{url}` is unencrypted (ws://) to a host other than loopback: use wss://, or set SyncOptions::allow_insecure for a trusted network"
+        )))
     }
 }
 
@@ -395,15 +435,7 @@ impl Replica {
         tokens: Arc<dyn TokenProvider>,
         opts: SyncOptions,
     ) -> Result<SyncHandle> {
-        let parsed = url.parse::<tokio_tungstenite::tungstenite::http::Uri>();
-        match parsed.as_ref().map(|u| u.scheme_str()) {
-            Ok(Some("ws")) | Ok(Some("wss")) => {}
-            _ => {
-                return Err(Error::InvalidInput(format!(
-                    "relay url `{url}` must start with ws:// or wss://"
-                )));
-            }
-        }
+        check_relay_url(url, opts.allow_insecure)?;
         let rt = runtime()?;
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let mut initial = SyncStatus::initial();
@@ -650,6 +682,12 @@ impl SyncHandle {
                     return Err(Error::Refused {
                         code: r.code,
                         message: r.message.clone(),
+                    });
+                }
+                if let Some(o) = &s.schema_outdated {
+                    return Err(Error::AppSchemaOutdated {
+                        table: o.table.clone(),
+                        column: o.column.clone(),
                     });
                 }
                 let fresh = s.answered >= me;
@@ -985,13 +1023,13 @@ impl SyncTask {
         self.publish(|s| s.state = ConnState::Stopped);
     }
 
-    async fn open(&self) -> std::result::Result<Ws, SyncError> {
+    async fn open(&self, token: &str) -> std::result::Result<Ws, SyncError> {
         let cfg = WebSocketConfig::default()
             .max_message_size(Some(self.opts.max_frame_bytes))
             .max_frame_size(Some(self.opts.max_frame_bytes));
         tokio::time::timeout(
             self.opts.connect_timeout,
-            socket::open(&self.url, cfg, self.opts.socket_buffer_bytes),
+            socket::open(&self.url, cfg, self.opts.socket_buffer_bytes, token),
         )
         .await
         .map_err(|_| transport_err(format!("connecting to {} timed out", self.url)))?
@@ -1009,7 +1047,7 @@ impl SyncTask {
                 return SessionEnd::Failed(transport_err(format!("token provider panicked: {e}")));
             }
         };
-        let (mut out, ws) = match self.open().await {
+        let (mut out, ws) = match self.open(&token).await {
             Ok(ws) => Outbox::start(ws),
             Err(e) => return SessionEnd::Failed(e),
         };
@@ -1230,12 +1268,14 @@ impl SyncTask {
         let head = client.head();
         let online = client.phase() == Phase::Streaming;
         let refused = client.refused().cloned();
+        let outdated = client.schema_outdated().cloned();
         // Caught up: nothing to push, everything the relay had applied, no snapshot pending.
         let caught_up = online
             && !client.bootstrapping()
             && pending == 0
             && cursor >= head
-            && refused.is_none();
+            && refused.is_none()
+            && outdated.is_none();
         let mut synced_at = None;
         if caught_up && self.synced_cursor.swap(cursor, Ordering::Relaxed) != cursor {
             let now = std::time::SystemTime::now()
@@ -1276,6 +1316,7 @@ impl SyncTask {
                 });
             }
             s.refused = refused;
+            s.schema_outdated = outdated;
         });
     }
 }
@@ -1413,5 +1454,36 @@ mod tests {
             late.iter().any(|d| *d < Duration::from_millis(1000)),
             "jitter spreads"
         );
+    }
+
+    #[test]
+    fn unencrypted_urls_are_for_loopback_unless_allowed() {
+        for ok in [
+            "wss://relay.example.com/sync",
+            "ws://127.0.0.1:7070/sync",
+            "ws://127.8.9.10/sync",
+            "ws://localhost:1/sync",
+            "ws://[::1]:7070/sync",
+        ] {
+            assert!(check_relay_url(ok, false).is_ok(), "{ok}");
+        }
+        for bad in [
+            "ws://relay.example.com/sync",
+            "ws://10.0.2.2:7070/sync",
+            "ws://[2001:db8::1]/sync",
+            "ws://localhost.evil.com/sync",
+            "ws://127.0.0.1.nip.io/sync",
+        ] {
+            let e = check_relay_url(bad, false).expect_err(bad);
+            assert!(matches!(e, Error::InvalidInput(_)), "{bad}: {e}");
+            assert!(e.to_string().contains("unencrypted"), "{e}");
+            assert!(
+                check_relay_url(bad, true).is_ok(),
+                "{bad} allowed by opt-in"
+            );
+        }
+        for never in ["http://relay.example.com", "relay:7070", ""] {
+            assert!(check_relay_url(never, true).is_err(), "{never}");
+        }
     }
 }

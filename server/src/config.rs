@@ -87,6 +87,11 @@ pub struct LimitsConfig {
     /// Largest frame accepted (bytes, after decompression).
     #[serde(default = "default_max_frame")]
     pub max_frame_bytes: usize,
+    /// Largest frame accepted on a connection whose upgrade request carried no valid token
+    /// (`Authorization: Bearer`), i.e. before its hello is verified: what a stranger can make
+    /// the relay buffer per socket. Ferry's SDK presents its token on the upgrade.
+    #[serde(default = "default_preauth_frame")]
+    pub preauth_frame_bytes: usize,
     /// Largest change set (cell operations).
     #[serde(default = "default_max_ops")]
     pub max_change_set_ops: usize,
@@ -176,6 +181,9 @@ fn default_data() -> PathBuf {
 fn default_store() -> String {
     "sqlite".into()
 }
+fn default_preauth_frame() -> usize {
+    64 << 10
+}
 fn default_header_timeout() -> Duration {
     Duration::from_secs(10)
 }
@@ -257,6 +265,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_frame_bytes: default_max_frame(),
+            preauth_frame_bytes: default_preauth_frame(),
             max_change_set_ops: default_max_ops(),
             max_push_sets: default_max_push_sets(),
             push_window_bytes: default_push_window(),
@@ -459,6 +468,12 @@ impl Config {
                 "limits.max_frame_bytes must be at least 4096".into(),
             ));
         }
+        if l.preauth_frame_bytes < 4096 || l.preauth_frame_bytes > l.max_frame_bytes {
+            return Err(RelayError::Config(format!(
+                "limits.preauth_frame_bytes ({}) must be at least 4096 and at most limits.max_frame_bytes ({})",
+                l.preauth_frame_bytes, l.max_frame_bytes
+            )));
+        }
         if l.push_memory_bytes < l.max_frame_bytes || l.push_memory_bytes > u32::MAX as usize {
             return Err(RelayError::Config(format!(
                 "limits.push_memory_bytes ({}) must hold one frame of limits.max_frame_bytes ({}) \
@@ -550,5 +565,11 @@ mod tests {
         c.validate().unwrap();
         let c = Config::from_toml(&format!("{base}max_token_lifetime = \"7d\"")).unwrap();
         assert_eq!(c.auth.max_token_lifetime, Duration::from_secs(7 * 86400));
+        for bad in ["100", "16777216"] {
+            let c =
+                Config::from_toml(&format!("{base}[limits]\npreauth_frame_bytes = {bad}")).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("preauth_frame_bytes"), "{e}");
+        }
     }
 }

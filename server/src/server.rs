@@ -194,8 +194,25 @@ impl Relay {
     }
 }
 
-async fn upgrade(State(shared): State<Arc<RelayState>>, ws: WebSocketUpgrade) -> impl IntoResponse {
-    let max = shared.cfg.limits.max_frame_bytes;
+async fn upgrade(
+    State(shared): State<Arc<RelayState>>,
+    headers: axum::http::HeaderMap,
+    ws: WebSocketUpgrade,
+) -> impl IntoResponse {
+    // Before its hello is verified a connection may only send small frames, unless its
+    // upgrade request presented a valid token: a stranger cannot make the relay buffer
+    // `max_frame_bytes` per socket. (The hello's token is verified again, as always.)
+    let presented = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| shared.verifier.verify(t.trim()).is_ok());
+    let limits = &shared.cfg.limits;
+    let max = if presented {
+        limits.max_frame_bytes
+    } else {
+        limits.preauth_frame_bytes
+    };
     ws.max_message_size(max)
         .max_frame_size(max)
         .read_buffer_size(4096)

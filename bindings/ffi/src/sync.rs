@@ -24,6 +24,10 @@ pub struct SyncOptions {
     /// Limit for opening a connection.
     #[uniffi(default = 10000)]
     pub connect_timeout_ms: u64,
+    /// Allows `ws://` (unencrypted) to a host other than loopback, e.g. an emulator's host
+    /// bridge (`10.0.2.2`) on a trusted network. Off: such URLs are refused (`InvalidInput`).
+    #[uniffi(default = false)]
+    pub allow_insecure: bool,
 }
 
 impl TryFrom<SyncOptions> for core::SyncOptions {
@@ -51,6 +55,7 @@ impl TryFrom<SyncOptions> for core::SyncOptions {
             backoff_max: Duration::from_millis(o.backoff_max_ms),
             ping_interval: Duration::from_millis(o.ping_interval_ms),
             connect_timeout: Duration::from_millis(o.connect_timeout_ms),
+            allow_insecure: o.allow_insecure,
             ..core::SyncOptions::default()
         })
     }

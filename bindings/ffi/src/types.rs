@@ -571,6 +571,18 @@ pub struct SyncStatus {
     /// Change sets the relay refused for a permanent reason, waiting in quarantine for the
     /// app's decision (`Replica.quarantined`); the uploads behind them go on.
     pub quarantined: u64,
+    /// Downloads are paused at a change this app version's schema cannot hold: open the
+    /// replica with the newer schema (upgrade the app) to resume. Uploads go on.
+    pub schema_outdated: Option<SchemaOutdated>,
+}
+
+/// A change written by a newer app version, which this app's schema cannot hold.
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+pub struct SchemaOutdated {
+    /// The table written.
+    pub table: String,
+    /// The column this app's schema does not declare.
+    pub column: String,
 }
 
 /// A lease this replica holds (see `SyncSession.acquireLease`).
@@ -633,6 +645,10 @@ impl From<&core::SyncStatus> for SyncStatus {
             connects: s.connects,
             rolled_back: s.rolled_back,
             quarantined: s.quarantined,
+            schema_outdated: s.schema_outdated.as_ref().map(|o| SchemaOutdated {
+                table: o.table.clone(),
+                column: o.column.clone(),
+            }),
         }
     }
 }

@@ -142,6 +142,10 @@ def test_errors_are_typed(relay: Relay, open_replica, tmp_path: pathlib.Path) ->
         ferry.Replica.open(str(tmp_path / "bad.db"), bad)
     with pytest.raises(FerryError.InvalidInput):
         a.sync_with("http://not-a-relay", "t")
+    # Unencrypted to a host other than loopback: refused unless the app opts in.
+    with pytest.raises(FerryError.InvalidInput):
+        a.sync_with("ws://relay.example.com/sync", "t")
+    a.sync_with("ws://relay.example.com/sync", "t", SyncOptions(allow_insecure=True)).disconnect()
     with pytest.raises(TypeError):
         a.exec("SELECT ?", object())
     with pytest.raises(FerryError.InvalidInput):

@@ -18,6 +18,7 @@ mod hostile;
 mod jwks;
 mod lifecycle;
 mod multinode;
+mod outdated;
 mod quarantine;
 mod scopes;
 mod simulation;

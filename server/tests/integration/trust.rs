@@ -397,3 +397,102 @@ fn slow_and_bare_sockets_are_counted_and_closed() {
         .unwrap();
     wait_synced(&h);
 }
+
+/// Writes an upgrade request (with `token` as `Authorization: Bearer` when given) and reads
+/// the relay's answer head; true when it switched protocols.
+fn raw_upgrade(s: &mut std::net::TcpStream, token: Option<&str>) -> bool {
+    use std::io::{Read, Write};
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let req = format!(
+        "GET /sync HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{auth}\r\n"
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut b) {
+            Ok(1) => head.push(b[0]),
+            _ => return false,
+        }
+    }
+    head.starts_with(b"HTTP/1.1 101")
+}
+
+/// A masked binary frame header announcing `len` payload bytes.
+fn frame_header(len: u64) -> Vec<u8> {
+    let mut h = vec![0x82, 0x80 | 127];
+    h.extend_from_slice(&len.to_be_bytes());
+    h.extend_from_slice(&[1, 2, 3, 4]);
+    h
+}
+
+/// Before its hello is verified, a connection may only send small frames (64 KiB), unless
+/// its upgrade presented a valid token. The review's attack: 100 unauthenticated sockets
+/// each sending 7 MiB of an unfinished frame raised the relay's memory by ~730 MB; now each
+/// is closed at the frame's header and the relay's peak memory stays flat. A token on the
+/// upgrade (as the SDK sends) still allows full-size frames.
+#[test]
+fn unauthenticated_sockets_cannot_make_the_relay_buffer_large_frames() {
+    use std::io::Write;
+    let d = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(&d.path().join("relay"));
+    let before = relay.memory_kib("VmHWM");
+    let chunk = vec![0u8; 256 << 10];
+    let threads: Vec<_> = (0..100)
+        .map(|_| {
+            let addr = relay.addr;
+            let chunk = chunk.clone();
+            std::thread::spawn(move || {
+                let mut s = std::net::TcpStream::connect(addr).unwrap();
+                s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+                assert!(raw_upgrade(&mut s, None), "upgrade refused");
+                let mut sent = 0usize;
+                if s.write_all(&frame_header(7 << 20)).is_ok() {
+                    while sent < 7 << 20 {
+                        if s.write_all(&chunk).is_err() {
+                            break;
+                        }
+                        sent += chunk.len();
+                    }
+                }
+                sent
+            })
+        })
+        .collect();
+    let sent: Vec<usize> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let grown_mib = relay.memory_kib("VmHWM").saturating_sub(before) / 1024;
+    assert!(
+        grown_mib < 64,
+        "peak memory grew by {grown_mib} MiB for 100 unauthenticated frames (sent {:?} bytes of the first)",
+        sent.first()
+    );
+    assert!(
+        relay.metric("ferry_errors_total{code=\"too_large\"}") >= 1.0
+            || sent.iter().any(|s| *s < 7 << 20),
+        "the frames were refused"
+    );
+    // With a valid token on the upgrade, a frame above 64 KiB is read (and answered as the
+    // protocol says: this one is no valid hello, so `bad_frame`, not `too_large`).
+    let mut s = std::net::TcpStream::connect(relay.addr).unwrap();
+    assert!(raw_upgrade(&mut s, Some(&admin_token("ok"))));
+    let len = 200 << 10;
+    s.write_all(&frame_header(len as u64)).unwrap();
+    s.write_all(&vec![0u8; len]).unwrap();
+    let mut buf = Vec::new();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = std::io::Read::read_to_end(&mut s, &mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.contains("bad_frame"), "{text}");
+    assert!(!text.contains("too_large"), "{text}");
+    // And the SDK, which presents its token, pushes a transaction of about 1 MiB.
+    let device = open(d.path(), "device.db");
+    let h = connect(&device, &relay.url(), admin_token("dev"));
+    device
+        .execute(
+            "INSERT INTO todo(id, list, title) VALUES ('big', 'l', ?1)",
+            &[ferry_core::Value::Text("x".repeat(1 << 20))],
+        )
+        .unwrap();
+    wait_synced(&h);
+}

@@ -194,6 +194,9 @@ fn run_seed(seed: u64) -> BTreeMap<&'static str, u64> {
     let steps = 300 + sim.rng.random_range(0..400);
     sim.run(steps);
     sim.settle();
+    if std::env::var_os("FERRY_SIM_DUMP").is_some() {
+        eprintln!("{}", sim.trace);
+    }
     sim.check();
     sim.stop_relay();
     std::mem::take(&mut sim.faults)
