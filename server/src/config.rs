@@ -26,6 +26,11 @@ pub struct Config {
     /// Address to listen on (`127.0.0.1:0` picks a free port).
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// Address of the admin listener (`/metrics`, `/readyz`), kept off the sync port. When
+    /// unset: loopback, on the sync port + 1 (`127.0.0.1:7071` beside the default; a free
+    /// port when the sync port is 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_listen: Option<String>,
     /// Data directory (the SQLite store and the checksum state live here).
     #[serde(default = "default_data")]
     pub data: PathBuf,
@@ -310,6 +315,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: default_listen(),
+            admin_listen: None,
             data: default_data(),
             store: default_store(),
             schema: None,
@@ -424,12 +430,40 @@ impl Config {
         })
     }
 
+    /// The admin listener's address (see `admin_listen`).
+    pub fn admin_addr(&self) -> Result<SocketAddr> {
+        match &self.admin_listen {
+            Some(a) => a.parse().map_err(|e| {
+                RelayError::Config(format!(
+                    "admin_listen = `{a}` is not an address like 127.0.0.1:7071: {e}"
+                ))
+            }),
+            None => {
+                let port = match self.listen_addr()?.port() {
+                    0 => 0,
+                    p => p.checked_add(1).ok_or_else(|| {
+                        RelayError::Config(
+                            "listen uses port 65535: set admin_listen explicitly".into(),
+                        )
+                    })?,
+                };
+                Ok(SocketAddr::from(([127, 0, 0, 1], port)))
+            }
+        }
+    }
+
     /// Checks the settings themselves (addresses parse, limits are positive, a schema is
     /// named). What needs the rest of the relay — the schema file, the token keys, the
     /// PostgreSQL URL — is checked by `server::check_config`; this module stays a
     /// leaf that nothing else is reached from.
     pub fn validate(&self) -> Result<()> {
-        self.listen_addr()?;
+        let listen = self.listen_addr()?;
+        let admin = self.admin_addr()?;
+        if admin.port() != 0 && admin == listen {
+            return Err(RelayError::Config(format!(
+                "admin_listen ({admin}) must differ from listen: metrics and readiness stay off the sync port"
+            )));
+        }
         self.store_kind()?;
         if self.schema.is_none() {
             return Err(RelayError::Config(

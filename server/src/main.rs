@@ -126,9 +126,10 @@ fn run(cli: Cli) -> Result<(), RelayError> {
                 .enable_all()
                 .thread_name("ferry-relay")
                 .build()?;
-            rt.block_on(ferry_relay::server::run(cfg, |addr| {
+            rt.block_on(ferry_relay::server::run(cfg, |addr, admin| {
                 let mut out = std::io::stdout();
                 let _ = writeln!(out, "ferry-relay listening on {addr}");
+                let _ = writeln!(out, "ferry-relay admin (metrics, readiness) on {admin}");
                 let _ = out.flush();
             }))
         }

@@ -1,7 +1,9 @@
 //! The relay process: HTTP routes, WebSocket upgrades, background tasks, graceful shutdown.
 //!
-//! Routes: `/sync` (the WebSocket protocol), `/healthz` (the process answers), `/readyz` (the
-//! store answers and the relay is not shutting down), `/metrics` (Prometheus text).
+//! Routes on the sync listener: `/sync` (the WebSocket protocol) and `/healthz` (the process
+//! answers); nothing else is served to the public. On the admin listener (loopback by
+//! default, see `admin_listen`): `/readyz` (the store answers and the relay is not shutting
+//! down) and `/metrics` (Prometheus text), which tell an outsider about the relay's traffic.
 //!
 //! Shutdown (SIGTERM, SIGINT, or [`Relay::shutdown`]): stop accepting connections; every
 //! connection finishes the frame it is handling (a push in flight is stored and acknowledged)
@@ -40,6 +42,8 @@ const FEED_WINDOW_BYTES: usize = 32 << 20;
 pub struct Relay {
     /// The address it listens on.
     pub addr: SocketAddr,
+    /// The admin listener's address (`/metrics`, `/readyz`).
+    pub admin_addr: SocketAddr,
     shared: Arc<RelayState>,
     server: tokio::task::JoinHandle<()>,
     background: TaskTracker,
@@ -131,23 +135,42 @@ impl Relay {
         let app = axum::Router::new()
             .route("/sync", get(upgrade))
             .route("/healthz", get(|| async { "ok\n" }))
+            .with_state(Arc::clone(&shared));
+        let admin = axum::Router::new()
+            .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(ready))
             .route("/metrics", get(move || async move { handle.render() }))
             .with_state(Arc::clone(&shared));
+        let admin_addr = cfg.admin_addr()?;
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| RelayError::Config(format!("cannot listen on {addr}: {e}")))?;
+        let admin_listener = tokio::net::TcpListener::bind(admin_addr)
+            .await
+            .map_err(|e| {
+                RelayError::Config(format!("cannot listen on {admin_addr} (admin_listen): {e}"))
+            })?;
         let addr = listener.local_addr()?;
+        let admin_addr = admin_listener.local_addr()?;
         let server = tokio::spawn(crate::accept::serve(
             listener,
             app,
             Arc::clone(&shared),
             shutdown.clone(),
         ));
+        // The admin listener shares the socket accounting: its sockets count against
+        // `max_connections` like any other.
+        background.spawn(crate::accept::serve(
+            admin_listener,
+            admin,
+            Arc::clone(&shared),
+            shutdown.clone(),
+        ));
         metrics::gauge!(m::HEAD).set(shared.store.feed().head() as f64);
-        tracing::info!(%addr, "relay listening");
+        tracing::info!(%addr, %admin_addr, "relay listening");
         Ok(Relay {
             addr,
+            admin_addr,
             shared,
             server,
             background,
@@ -263,10 +286,14 @@ async fn ready(State(shared): State<Arc<RelayState>>) -> impl IntoResponse {
                 format!("ready head={} horizon={}\n", s.head, s.horizon),
             )
         }
-        Ok(Err(e)) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("store error: {e}\n"),
-        ),
+        Ok(Err(e)) => {
+            // The details stay in the log: they may name hosts, paths or database users.
+            tracing::warn!(error = %e, "readiness check: the store failed");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store unavailable (see the relay's log)\n".to_owned(),
+            )
+        }
         Err(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
             "store did not answer\n".to_owned(),
@@ -362,9 +389,10 @@ async fn folder(store: Arc<dyn Store>, folded: Arc<AtomicU64>, stop: Cancellatio
 }
 
 /// Runs a relay until SIGTERM or SIGINT, then shuts it down gracefully.
-pub async fn run(cfg: Config, on_listening: impl FnOnce(SocketAddr)) -> Result<()> {
+/// `on_listening` gets the sync and the admin addresses.
+pub async fn run(cfg: Config, on_listening: impl FnOnce(SocketAddr, SocketAddr)) -> Result<()> {
     let relay = Relay::start(cfg).await?;
-    on_listening(relay.addr);
+    on_listening(relay.addr, relay.admin_addr);
     let token = relay.shutdown_token();
     tokio::spawn(async move {
         wait_for_signal().await;

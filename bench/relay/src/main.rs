@@ -93,6 +93,8 @@ fn raw_value_bytes(i: usize) -> usize {
 struct RelayProc {
     child: Child,
     addr: String,
+    /// The admin listener (`/metrics`).
+    admin: String,
 }
 
 impl RelayProc {
@@ -122,15 +124,20 @@ impl RelayProc {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()?;
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().ok_or("stdout")?).read_line(&mut line)?;
-        let addr = line
-            .trim()
-            .rsplit(' ')
-            .next()
-            .ok_or("no address")?
-            .to_owned();
-        Ok(RelayProc { child, addr })
+        let mut reader = BufReader::new(child.stdout.take().ok_or("stdout")?);
+        let mut last = || -> Res<String> {
+            let mut line = String::new();
+            reader.read_line(&mut line)?;
+            Ok(line
+                .trim()
+                .rsplit(' ')
+                .next()
+                .ok_or("no address")?
+                .to_owned())
+        };
+        let addr = last()?;
+        let admin = last()?;
+        Ok(RelayProc { child, addr, admin })
     }
 
     fn url(&self) -> String {
@@ -156,7 +163,7 @@ impl RelayProc {
     }
 
     fn metric(&self, name: &str) -> Res<f64> {
-        let mut s = std::net::TcpStream::connect(&self.addr)?;
+        let mut s = std::net::TcpStream::connect(&self.admin)?;
         write!(
             s,
             "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"

@@ -91,9 +91,15 @@ fn sigterm_finishes_in_flight_work_and_exits_cleanly() {
     let mut relay = RelayProc::start(&d.path().join("relay"));
     let (code, body) = http_get(relay.addr, "/healthz");
     assert_eq!(code, 200, "{body}");
-    let (code, body) = http_get(relay.addr, "/readyz");
+    let (code, body) = http_get(relay.admin, "/readyz");
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("head=0"), "{body}");
+    // Metrics and readiness are on the admin listener (loopback) only, not the sync port.
+    assert!(relay.admin.ip().is_loopback());
+    for path in ["/metrics", "/readyz"] {
+        let (code, _) = http_get(relay.addr, path);
+        assert_eq!(code, 404, "{path} is served on the sync port");
+    }
     let a = open(d.path(), "a.db");
     let ha = connect(&a, &relay.url(), admin_token("a"));
     for n in 0..50 {
@@ -104,7 +110,7 @@ fn sigterm_finishes_in_flight_work_and_exits_cleanly() {
         .unwrap();
     }
     wait_synced(&ha);
-    let (code, metrics) = http_get(relay.addr, "/metrics");
+    let (code, metrics) = http_get(relay.admin, "/metrics");
     assert_eq!(code, 200);
     for name in [
         "ferry_connections",

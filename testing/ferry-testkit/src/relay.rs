@@ -47,6 +47,8 @@ pub struct RelayProc {
     pub dir: PathBuf,
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Its admin listener (`/metrics`, `/readyz`).
+    pub admin: SocketAddr,
     /// The process, while it runs.
     pub child: Option<Child>,
     extra: String,
@@ -77,6 +79,7 @@ impl RelayProc {
         let mut r = RelayProc {
             dir: dir.to_path_buf(),
             addr: "127.0.0.1:0".parse().unwrap(),
+            admin: "127.0.0.1:0".parse().unwrap(),
             child: None,
             extra: extra.to_owned(),
             store: store.to_owned(),
@@ -88,7 +91,7 @@ impl RelayProc {
     fn config(&self) -> PathBuf {
         let p = self.dir.join("relay.toml");
         let text = format!(
-            "listen = \"{}\"\nstore = \"{}\"\ndata = \"{}\"\nschema = \"{}\"\n[log]\nlevel = \"warn\"\n[auth]\nhs256_secret = \"{SECRET}\"\n{}",
+            "listen = \"{}\"\nadmin_listen = \"127.0.0.1:0\"\nstore = \"{}\"\ndata = \"{}\"\nschema = \"{}\"\n[log]\nlevel = \"warn\"\n[auth]\nhs256_secret = \"{SECRET}\"\n{}",
             self.addr,
             self.store,
             self.dir.join("data").display(),
@@ -111,14 +114,19 @@ impl RelayProc {
             .expect("spawn relay");
         let out = child.stdout.take().unwrap();
         let mut line = String::new();
-        BufReader::new(out).read_line(&mut line).unwrap();
-        let addr = line
-            .trim()
-            .rsplit(' ')
-            .next()
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("relay did not report its address: {line:?}"));
-        self.addr = addr;
+        let mut reader = BufReader::new(out);
+        reader.read_line(&mut line).unwrap();
+        let last = |line: &str| -> SocketAddr {
+            line.trim()
+                .rsplit(' ')
+                .next()
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("relay did not report its address: {line:?}"))
+        };
+        self.addr = last(&line);
+        let mut admin = String::new();
+        reader.read_line(&mut admin).unwrap();
+        self.admin = last(&admin);
         self.child = Some(child);
     }
 
@@ -142,7 +150,7 @@ impl RelayProc {
     /// `name` as the line starts, labels included (`name{label="value"}`).
     pub fn metric(&self, name: &str) -> f64 {
         use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(self.addr).unwrap();
+        let mut s = std::net::TcpStream::connect(self.admin).unwrap();
         write!(
             s,
             "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
