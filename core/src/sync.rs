@@ -1201,21 +1201,7 @@ mod tests {
             max_frame_bytes: 64,
             ..Limits::default()
         };
-        let step = c
-            .handle(
-                &port,
-                ServerMsg::Welcome {
-                    protocol: PROTOCOL_VERSION,
-                    head: 0,
-                    server_time_ms: 42,
-                    max_origin_seq: 0,
-                    limits,
-                    horizon: 0,
-                    snapshot: false,
-                    scopes: None,
-                },
-            )
-            .unwrap();
+        let step = c.handle(&port, welcome_with(limits)).unwrap();
         assert_eq!(
             *port.frame_limit.borrow(),
             64,

@@ -34,6 +34,20 @@ fn count(r: &Replica, sql: &str) -> i64 {
     }
 }
 
+/// Resumes a paused sync until everything uploaded, and returns the quarantine: the one
+/// change set the relay refused as `forbidden`.
+fn resume_until_quarantined(
+    h: &ferry_core::SyncHandle,
+    device: &Replica,
+) -> Vec<ferry_core::Quarantined> {
+    h.resume();
+    wait_synced(h);
+    let q = device.quarantined().unwrap();
+    assert_eq!(q.len(), 1, "{q:?}");
+    assert_eq!(q[0].code, ErrorCode::Forbidden);
+    q
+}
+
 /// The wedge found in review: a user edits a row offline while an admin moves it to a scope
 /// the user may not write. The edit is refused as `forbidden`; before, every later write of
 /// the user stayed pending forever. Now it is quarantined, later writes upload, it cannot be
@@ -73,11 +87,7 @@ fn a_forbidden_edit_is_set_aside_and_later_writes_upload() {
             &[],
         )
         .unwrap();
-    h.resume();
-    wait_synced(&h);
-    let q = device.quarantined().unwrap();
-    assert_eq!(q.len(), 1, "{q:?}");
-    assert_eq!(q[0].code, ErrorCode::Forbidden);
+    let q = resume_until_quarantined(&h, &device);
     assert_eq!(q[0].tables, vec!["todo".to_owned()]);
     assert!(!q[0].discardable);
     assert!(q[0].reason.contains("t1"), "{}", q[0].reason);
@@ -165,11 +175,7 @@ fn a_quarantined_guarded_write_is_discarded_exactly() {
             &[],
         )
         .unwrap();
-    h.resume();
-    wait_synced(&h);
-    let q = device.quarantined().unwrap();
-    assert_eq!(q.len(), 1, "{q:?}");
-    assert_eq!(q[0].code, ErrorCode::Forbidden);
+    let q = resume_until_quarantined(&h, &device);
     assert!(q[0].discardable);
     eventually(
         "the write behind it uploads",
