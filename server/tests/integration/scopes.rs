@@ -146,20 +146,16 @@ fn clients_see_only_their_scopes_and_writes_outside_are_refused() {
         &[],
     )
     .unwrap();
-    match hbo.sync_now_blocking(Duration::from_secs(30)) {
-        Err(Error::Refused { code, message }) => {
-            assert_eq!(code, ferry_core::protocol::ErrorCode::Forbidden);
-            assert!(message.contains("list:alice"), "{message}");
-        }
-        other => panic!("expected a refusal, got {other:?}"),
-    }
+    // It is quarantined (his later writes would go on uploading), with the relay's reason.
+    wait_synced(&hbo);
+    let q = bob.quarantined().unwrap();
+    assert_eq!(q.len(), 1, "{q:?}");
+    assert_eq!(q[0].code, ferry_core::protocol::ErrorCode::Forbidden);
+    assert!(q[0].reason.contains("list:alice"), "{}", q[0].reason);
     let st = hbo.status();
-    assert_eq!(
-        st.refused.as_ref().map(|r| r.code.as_str()),
-        Some("forbidden")
-    );
-    assert!(st.last_error.is_some());
-    // Bob still receives others' writes while his upload is blocked.
+    assert_eq!(st.quarantined, 1);
+    assert!(st.refused.is_none(), "{st:?}");
+    // Bob still receives others' writes.
     alice
         .execute(
             "INSERT INTO todo(id, list, title) VALUES ('5', 'list:shared', 'y')",
@@ -188,10 +184,12 @@ fn clients_see_only_their_scopes_and_writes_outside_are_refused() {
             .rows[0][0],
         Value::Integer(0)
     );
+    // Alice's write, and the empty placeholder that keeps bob's sequence gap-free where his
+    // refused write was (it carries no row).
     assert_eq!(
         store_dump(&relay.dir).len(),
-        before + 1,
-        "only alice's write was stored"
+        before + 2,
+        "only alice's write and bob's placeholder were stored"
     );
 
     // A read_only table: refused at once on the replica, and by the relay for a raw client.
@@ -568,11 +566,11 @@ fn a_primary_device_writes_a_read_only_table_that_others_receive_read_only() {
     rogue
         .execute("UPDATE price SET cents = 1 WHERE id = 'tea'", &[])
         .unwrap();
-    let e = hr.sync_now_blocking(Duration::from_secs(30)).unwrap_err();
-    assert!(
-        matches!(e, Error::Refused { code: ferry_core::protocol::ErrorCode::Forbidden, ref message } if message.contains("read_only")),
-        "{e}"
-    );
+    wait_synced(&hr);
+    let q = rogue.quarantined().unwrap();
+    assert_eq!(q.len(), 1, "{q:?}");
+    assert_eq!(q[0].code, ferry_core::protocol::ErrorCode::Forbidden);
+    assert!(q[0].reason.contains("read_only"), "{}", q[0].reason);
     wait_synced(&hd);
     assert_eq!(
         dash.query("SELECT cents FROM price", &[]).unwrap().rows,

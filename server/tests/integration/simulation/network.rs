@@ -187,6 +187,14 @@ impl Sim {
                         self.seed, self.trace
                     );
                 }
+                // Every token here holds every grant and no set nears a limit: a permanent
+                // refusal (which the client quarantines and pushes on) would be a bug.
+                if !step.quarantined.is_empty() {
+                    panic!(
+                        "seed {}: node {node} had change sets {:?} quarantined\n{}",
+                        self.seed, step.quarantined, self.trace
+                    );
+                }
                 // Downloads paused at a change from a newer app schema (the documented policy:
                 // until the app is upgraded). By default the link is then dropped, each time,
                 // as the schedules of every seed were drawn before the client kept such a
