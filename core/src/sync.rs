@@ -955,6 +955,16 @@ mod tests {
         }
     }
 
+    /// A client welcomed by a relay at `head`, its port's calls so far cleared.
+    fn welcomed_at(head: u64) -> (FakePort, SyncClient) {
+        let port = FakePort::default();
+        let mut c = SyncClient::new();
+        c.start(&port, "t").unwrap();
+        c.handle(&port, welcome(head, 0)).unwrap();
+        port.calls();
+        (port, c)
+    }
+
     fn welcome_with(limits: Limits) -> ServerMsg {
         ServerMsg::Welcome {
             protocol: PROTOCOL_VERSION,
@@ -1236,11 +1246,7 @@ mod tests {
     #[test]
     fn positions_beyond_the_head_are_refused_and_nothing_applied() {
         for (up_to, head) in [(1 << 62, 3), (5, 4), (MAX_POSITION + 1, u64::MAX)] {
-            let port = FakePort::default();
-            let mut c = SyncClient::new();
-            c.start(&port, "t").unwrap();
-            c.handle(&port, welcome(3, 0)).unwrap();
-            port.calls();
+            let (port, mut c) = welcomed_at(3);
             let e = c
                 .handle(
                     &port,
@@ -1258,11 +1264,7 @@ mod tests {
             assert_eq!(c.head(), 3);
         }
         // A snapshot at a position no store can number.
-        let port = FakePort::default();
-        let mut c = SyncClient::new();
-        c.start(&port, "t").unwrap();
-        c.handle(&port, welcome(3, 0)).unwrap();
-        port.calls();
+        let (port, mut c) = welcomed_at(3);
         let e = c
             .handle(
                 &port,

@@ -55,6 +55,15 @@ async fn refusal(ws: &mut raw::Ws) -> (u64, ErrorCode, String) {
     }
 }
 
+/// Pushes `change_sets` and returns the refusal answering them.
+async fn push_refused(
+    ws: &mut raw::Ws,
+    change_sets: Vec<ferry_core::ChangeSet>,
+) -> (u64, ErrorCode, String) {
+    raw::send(ws, &ClientMsg::Push { change_sets }).await;
+    refusal(ws).await
+}
+
 fn acquire(name: &str) -> LeaseRequest {
     LeaseRequest::Acquire {
         name: name.into(),
@@ -178,8 +187,7 @@ fn a_read_only_token_stores_nothing() {
         let empty: Vec<_> = (1..=64)
             .map(|i| ferry_testkit::change::change_set(reader, i).build())
             .collect();
-        raw::send(&mut ws, &ClientMsg::Push { change_sets: empty }).await;
-        let (origin_seq, code, message) = refusal(&mut ws).await;
+        let (origin_seq, code, message) = push_refused(&mut ws, empty).await;
         assert_eq!((origin_seq, code), (1, ErrorCode::Forbidden), "{message}");
         assert!(message.contains("no write scopes"), "{message}");
         raw::send(&mut ws, &ClientMsg::Ping { nonce: 1 }).await;
@@ -285,14 +293,7 @@ fn refusals_name_no_scope_the_token_cannot_read() {
                 Cell::Set("title".into(), Value::Text("mine now".into())),
             ],
         );
-        raw::send(
-            &mut ws,
-            &ClientMsg::Push {
-                change_sets: vec![cs],
-            },
-        )
-        .await;
-        let (_, code, message) = refusal(&mut ws).await;
+        let (_, code, message) = push_refused(&mut ws, vec![cs]).await;
         assert_eq!(code, ErrorCode::Forbidden, "{message}");
         assert!(!message.contains("bob"), "the scope leaked: {message}");
         assert!(message.contains("may not be written"), "{message}");
@@ -324,14 +325,7 @@ fn a_scope_longer_than_the_limit_is_refused() {
                 Cell::Set("title".into(), Value::Text("x".into())),
             ],
         );
-        raw::send(
-            &mut ws,
-            &ClientMsg::Push {
-                change_sets: vec![cs],
-            },
-        )
-        .await;
-        let (_, code, message) = refusal(&mut ws).await;
+        let (_, code, message) = push_refused(&mut ws, vec![cs]).await;
         assert_eq!(code, ErrorCode::InvalidChangeSet, "{message}");
         assert!(message.contains("at most 512"), "{message}");
     });
