@@ -11,6 +11,13 @@
 //!
 //! The state per name is one small record; stores persist it in the same transaction that
 //! sequences change sets, so a fence check and a grant are totally ordered.
+//!
+//! Lease names are chosen by clients, so records of names nobody uses any more must not pile
+//! up: a record expired for longer than [`FORGET_AFTER_MS`] is deleted, a few at a time by
+//! each later lease request ([`FORGET_PER_REQUEST`], so the work is bounded and paid by those
+//! who create records). Forgetting must not let a token be granted twice: a store keeps the
+//! largest token it ever forgot (the *floor*), and a name without a record starts above it.
+//! A write fenced by a forgotten grant finds no record and is refused as never granted.
 
 use crate::changeset::Fence;
 use crate::error::{Error, Result};
@@ -19,6 +26,18 @@ use crate::protocol::{LeaseOutcome, LeaseRequest};
 
 /// Longest time-to-live a lease may be granted for (24 hours).
 pub const MAX_TTL_MS: u64 = 24 * 3600 * 1000;
+
+/// How long after its expiry a lease record is kept (7 days): a holder that comes back
+/// within it is told `Lost` with the current token rather than being granted afresh.
+pub const FORGET_AFTER_MS: u64 = 7 * 24 * 3600 * 1000;
+
+/// How many long-expired records one lease request deletes at most.
+pub const FORGET_PER_REQUEST: usize = 4;
+
+/// The relay time (ms) before which an expired record may be forgotten at `now_ms`.
+pub fn forget_before(now_ms: u64) -> u64 {
+    now_ms.saturating_sub(FORGET_AFTER_MS)
+}
 
 /// The stored state of one lease name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,14 +83,16 @@ pub fn validate(req: &LeaseRequest) -> Result<()> {
 }
 
 /// Decides a (validated) request by `holder` at relay time `now_ms` against the current
-/// state. Returns the answer and the new state to store, if it changed.
+/// state; `floor` is the largest token of any record the store forgot (0 if none). Returns
+/// the answer and the new state to store, if it changed.
 pub fn decide(
     now_ms: u64,
     state: Option<LeaseState>,
+    floor: u64,
     holder: ReplicaId,
     req: &LeaseRequest,
 ) -> (LeaseOutcome, Option<LeaseState>) {
-    let current = |s: Option<LeaseState>| s.map_or(0, |s| s.token);
+    let current = |s: Option<LeaseState>| s.map_or(floor, |s| s.token);
     match req {
         LeaseRequest::Acquire { name, ttl_ms } => match state {
             Some(s) if s.live(now_ms) && s.holder != holder => (
@@ -186,9 +207,9 @@ mod tests {
     #[test]
     fn tokens_grow_and_expiry_is_by_the_given_clock() {
         let (a, b) = (ReplicaId([1; 16]), ReplicaId([2; 16]));
-        let (out, s1) = decide(1000, None, a, &acquire("l", 100));
+        let (out, s1) = decide(1000, None, 0, a, &acquire("l", 100));
         assert!(matches!(out, LeaseOutcome::Granted { token: 1, .. }));
-        let (out, none) = decide(1050, s1, b, &acquire("l", 100));
+        let (out, none) = decide(1050, s1, 0, b, &acquire("l", 100));
         assert!(matches!(
             out,
             LeaseOutcome::Busy {
@@ -203,7 +224,7 @@ mod tests {
         };
         assert!(check_fence(1099, s1, &fence, a).is_ok());
         assert!(check_fence(1099, s1, &fence, b).is_err());
-        let (out, s2) = decide(1100, s1, b, &acquire("l", 100));
+        let (out, s2) = decide(1100, s1, 0, b, &acquire("l", 100));
         assert!(matches!(out, LeaseOutcome::Granted { token: 2, .. }));
         let err = check_fence(1101, s2, &fence, a).unwrap_err();
         assert!(err.contains("stale"), "{err}");
@@ -213,14 +234,14 @@ mod tests {
             ttl_ms: 100,
         };
         assert!(matches!(
-            decide(1101, s2, a, &renew).0,
+            decide(1101, s2, 0, a, &renew).0,
             LeaseOutcome::Lost { current: 2, .. }
         ));
         let release = LeaseRequest::Release {
             name: "l".into(),
             token: 2,
         };
-        let (out, s3) = decide(1150, s2, b, &release);
+        let (out, s3) = decide(1150, s2, 0, b, &release);
         assert!(matches!(out, LeaseOutcome::Released { .. }));
         let f2 = Fence {
             lease: "l".into(),
@@ -231,8 +252,28 @@ mod tests {
                 .unwrap_err()
                 .contains("expired")
         );
-        let (out, _) = decide(1151, s3, a, &acquire("l", 100));
+        let (out, _) = decide(1151, s3, 0, a, &acquire("l", 100));
         assert!(matches!(out, LeaseOutcome::Granted { token: 3, .. }));
+    }
+
+    #[test]
+    fn a_forgotten_name_starts_above_the_floor() {
+        let (a, b) = (ReplicaId([1; 16]), ReplicaId([2; 16]));
+        // The record of `l` (token 7) was forgotten: the floor is 7.
+        let (out, s) = decide(5000, None, 7, b, &acquire("l", 100));
+        assert!(matches!(out, LeaseOutcome::Granted { token: 8, .. }));
+        let old = Fence {
+            lease: "l".into(),
+            token: 7,
+        };
+        assert!(check_fence(5001, s, &old, a).unwrap_err().contains("stale"));
+        assert!(
+            check_fence(5001, None, &old, a)
+                .unwrap_err()
+                .contains("never")
+        );
+        assert_eq!(forget_before(FORGET_AFTER_MS + 10), 10);
+        assert_eq!(forget_before(10), 0);
     }
 
     #[test]

@@ -387,15 +387,13 @@ pub(crate) fn undo_set(
                             sets.push((i, restored.clone()));
                         }
                         s.meta.cells.retain(|(col, _)| *col != i as u32);
-                        let prior_cell = undo.prior.as_ref().and_then(|p| {
-                            p.meta
-                                .cells
-                                .iter()
-                                .find(|(col, _)| *col == i as u32)
-                                .copied()
-                        });
+                        // The cell's version before the change set, pinned explicitly: where
+                        // it was implicit (the row's creation version) the row version may
+                        // have changed since (a delete voided by a concurrent update unpins
+                        // it), and the cell must not fall back to another one.
+                        let prior_cell = undo.prior.as_ref().and_then(|p| p.meta.cell(i as u32));
                         if let Some(pc) = prior_cell {
-                            s.meta.cells.push(pc);
+                            s.meta.cells.push((i as u32, pc));
                         }
                         log(Some(name), v.clone(), restored)?;
                     }

@@ -123,6 +123,7 @@ impl Sequencer {
         let (outcome, next) = lease::decide(
             self.now_ms,
             self.leases.get(&name).copied(),
+            0,
             holder,
             request,
         );

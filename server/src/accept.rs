@@ -9,10 +9,15 @@
 //! as soon as it is accepted. A socket is counted in `RelayState::sockets` until its HTTP
 //! connection ends or is upgraded. From the upgrade on, the session counts it in
 //! `connections` (see `session`), and the check is one atomic step in both places.
+//!
+//! Each socket also holds a place among its peer address's (`limits.max_connections_per_ip`)
+//! for its whole life: the place ([`IpSlot`]) travels with the request into the upgrade and
+//! is given back when both the HTTP connection and the sync session have ended.
 
 use crate::state::RelayState;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -38,6 +43,41 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.sockets.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A socket's place among those of its peer address, given back when the last holder (the
+/// HTTP connection, the sync session) drops it.
+pub struct IpSlot {
+    shared: Arc<RelayState>,
+    ip: IpAddr,
+}
+
+impl IpSlot {
+    /// Takes a place if `ip` holds fewer than `limits.max_connections_per_ip` sockets.
+    fn take(shared: &Arc<RelayState>, ip: IpAddr) -> Option<Arc<IpSlot>> {
+        let mut per_ip = shared.per_ip.lock();
+        let n = per_ip.entry(ip).or_insert(0);
+        if *n >= shared.cfg.limits.max_connections_per_ip {
+            return None;
+        }
+        *n += 1;
+        Some(Arc::new(IpSlot {
+            shared: Arc::clone(shared),
+            ip,
+        }))
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut per_ip = self.shared.per_ip.lock();
+        if let Some(n) = per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -67,8 +107,14 @@ pub async fn serve(
             _ = stop.cancelled() => break,
         };
         let Some(slot) = Slot::take(&shared) else {
-            metrics::counter!(crate::metrics::SOCKETS_REFUSED).increment(1);
+            metrics::counter!(crate::metrics::SOCKETS_REFUSED, "limit" => "total").increment(1);
             tracing::debug!(%peer, "socket refused: at the connection limit");
+            drop(tcp);
+            continue;
+        };
+        let Some(ip_slot) = IpSlot::take(&shared, peer.ip()) else {
+            metrics::counter!(crate::metrics::SOCKETS_REFUSED, "limit" => "per_ip").increment(1);
+            tracing::debug!(%peer, "socket refused: at the limit for its address");
             drop(tcp);
             continue;
         };
@@ -86,8 +132,21 @@ pub async fn serve(
                 tracing::debug!(error = %e, "socket buffer size not set");
             }
         }
+        // Every request of the connection carries its address's place, so an upgrade hands
+        // it on to the session.
+        let with_slot = {
+            let app = app.clone();
+            let ip_slot = Arc::clone(&ip_slot);
+            tower::service_fn(
+                move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(Arc::clone(&ip_slot));
+                    let mut app = app.clone();
+                    async move { tower::Service::call(&mut app, req).await }
+                },
+            )
+        };
         let conn = http
-            .serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app.clone()))
+            .serve_connection(TokioIo::new(tcp), TowerToHyperService::new(with_slot))
             .with_upgrades();
         let stop = stop.clone();
         // Tracked with the sessions: shutdown waits for both.
@@ -106,6 +165,7 @@ pub async fn serve(
                 tracing::debug!(%peer, error = %e, "HTTP connection ended");
             }
             drop(slot);
+            drop(ip_slot);
         });
     }
 }

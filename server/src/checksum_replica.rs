@@ -16,6 +16,7 @@ use ferry_core::checksum::StateChecksum;
 use ferry_core::scope::ScopeSet;
 use ferry_core::{Replica, Schema, Sequenced};
 use parking_lot::Mutex;
+use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -24,7 +25,13 @@ use tokio_util::sync::CancellationToken;
 pub struct ChecksumReplica {
     replica: Mutex<Replica>,
     catching_up: tokio::sync::Mutex<()>,
+    /// Recent answers by position and scopes: many devices of one user (or one device asking
+    /// again) at a quiet position cost one scan.
+    cache: Mutex<VecDeque<(u64, ScopeSet, StateChecksum)>>,
 }
+
+/// Answers kept in the cache.
+const CACHED: usize = 256;
 
 /// Quiet time before the background catch-up.
 const SETTLE: std::time::Duration = std::time::Duration::from_millis(1500);
@@ -65,6 +72,7 @@ impl ChecksumReplica {
         Ok(ChecksumReplica {
             replica: Mutex::new(replica),
             catching_up: tokio::sync::Mutex::new(()),
+            cache: Mutex::new(VecDeque::new()),
         })
     }
 
@@ -139,9 +147,27 @@ impl ChecksumReplica {
     pub fn checksum(&self, view: &ScopeSet) -> Result<(u64, StateChecksum)> {
         let r = self.replica.lock();
         let pos = r.cursor()?;
+        let cached = self
+            .cache
+            .lock()
+            .iter()
+            .find(|(p, v, _)| *p == pos && v == view)
+            .map(|(_, _, sum)| *sum);
+        if let Some(sum) = cached {
+            metrics::counter!(m::CHECKSUMS, "cached" => "true").increment(1);
+            return Ok((pos, sum));
+        }
         let sum = r
             .checksum_where(&|_, scope| view.matches(scope))
             .map_err(RelayError::Core)?;
+        metrics::counter!(m::CHECKSUMS, "cached" => "false").increment(1);
+        let mut cache = self.cache.lock();
+        // Answers for older positions are of no use once the state moved on.
+        cache.retain(|(p, _, _)| *p == pos);
+        if cache.len() >= CACHED {
+            cache.pop_front();
+        }
+        cache.push_back((pos, view.clone(), sum));
         Ok((pos, sum))
     }
 }

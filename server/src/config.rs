@@ -120,12 +120,23 @@ pub struct LimitsConfig {
     /// Most concurrent connections.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Most open sockets (upgraded or not) from one IP address, so that one host cannot take
+    /// every place. Generous by default: many devices share an address behind carrier NAT.
+    /// Behind a reverse proxy every connection comes from the proxy's address: raise it (or
+    /// limit at the proxy).
+    #[serde(default = "default_max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
     /// Sustained frames per second per connection (above it the relay stops reading).
     #[serde(default = "default_fps")]
     pub frames_per_second: u32,
     /// Burst of frames allowed above the sustained rate.
     #[serde(default = "default_burst")]
     pub frame_burst: u32,
+    /// Checksum requests per minute per connection (after a burst of 3); more wait. Each
+    /// sums every row the token may read, unless the answer for that position and those
+    /// scopes is cached.
+    #[serde(default = "default_checksums_per_minute")]
+    pub checksums_per_minute: u32,
     /// How far ahead of the relay's clock a change set's HLC may be.
     #[serde(default = "default_skew", with = "humantime_serde")]
     pub max_clock_skew: Duration,
@@ -221,6 +232,12 @@ fn default_push_memory() -> usize {
 fn default_max_connections() -> usize {
     20_000
 }
+fn default_max_connections_per_ip() -> usize {
+    1_000
+}
+fn default_checksums_per_minute() -> u32 {
+    12
+}
 fn default_fps() -> u32 {
     500
 }
@@ -277,6 +294,8 @@ impl Default for LimitsConfig {
             push_memory_bytes: default_push_memory(),
             socket_buffer_bytes: None,
             max_connections: default_max_connections(),
+            max_connections_per_ip: default_max_connections_per_ip(),
+            checksums_per_minute: default_checksums_per_minute(),
             frames_per_second: default_fps(),
             frame_burst: default_burst(),
             max_clock_skew: default_skew(),

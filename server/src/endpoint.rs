@@ -8,6 +8,7 @@
 //! clients.
 
 use crate::auth::Grants;
+use crate::bucket::Bucket;
 use crate::error::RelayError;
 use crate::metrics as m;
 
@@ -87,7 +88,13 @@ pub struct Endpoint {
     /// After a back-fill: positions up to `.0` are filtered by `.1` too (what the replica
     /// held before), see `ferry_core::scope::HeldScopes::below`.
     below: Option<(u64, ScopeSet)>,
+    /// Checksum requests (`limits.checksums_per_minute`): each one may read the whole
+    /// checksum state.
+    checksums: Bucket,
 }
+
+/// Checksum requests a connection may make at once before the per-minute rate holds.
+const CHECKSUM_BURST: f64 = 3.0;
 
 /// Where a snapshot being sent stands.
 #[derive(Debug)]
@@ -243,6 +250,10 @@ impl Endpoint {
             session,
             walk,
             below: plan.below,
+            checksums: Bucket::new(
+                f64::from(shared.cfg.limits.checksums_per_minute) / 60.0,
+                CHECKSUM_BURST,
+            ),
         };
         Ok((ep, welcome))
     }
@@ -325,6 +336,7 @@ impl Endpoint {
                         "checksums are disabled on this relay (checksums.enabled = false)",
                     ));
                 };
+                self.checksums.take().await;
                 // Everything this connection was told about is in the state summed.
                 self.changes(true, 1, &mut out).await?;
                 shadow.catch_up(&self.shared.store, Some(self.told)).await?;

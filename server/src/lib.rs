@@ -10,6 +10,7 @@
 
 pub mod accept;
 pub mod auth;
+pub mod bucket;
 pub mod catalog;
 pub mod checksum_replica;
 pub mod clock;

@@ -5,7 +5,8 @@ use std::sync::OnceLock;
 
 /// Open connections (gauge).
 pub const CONNECTIONS: &str = "ferry_connections";
-/// Sockets closed as soon as accepted because the relay was at `max_connections` (counter).
+/// Sockets closed as soon as accepted (counter, label `limit`: `total` at
+/// `max_connections`, `per_ip` at `max_connections_per_ip`).
 pub const SOCKETS_REFUSED: &str = "ferry_sockets_refused_total";
 /// Connections accepted (counter).
 pub const CONNECTIONS_TOTAL: &str = "ferry_connections_total";
@@ -33,6 +34,8 @@ pub const REFUSED: &str = "ferry_refused_total";
 pub const ERRORS: &str = "ferry_errors_total";
 /// Lease requests answered (counter, label `outcome`).
 pub const LEASES: &str = "ferry_lease_requests_total";
+/// Checksums answered (counter, label `cached`: from the cache or by a scan).
+pub const CHECKSUMS: &str = "ferry_checksums_total";
 /// Position the checksum state has applied (gauge).
 pub const SHADOW_POSITION: &str = "ferry_checksum_position";
 /// Rows sent in snapshots (counter).

@@ -219,6 +219,7 @@ impl Relay {
 
 async fn upgrade(
     State(shared): State<Arc<RelayState>>,
+    ip_slot: Option<axum::Extension<Arc<crate::accept::IpSlot>>>,
     headers: axum::http::HeaderMap,
     ws: WebSocketUpgrade,
 ) -> impl IntoResponse {
@@ -245,6 +246,8 @@ async fn upgrade(
             let s = Arc::clone(&shared);
             let tasks = shared.tasks.clone();
             async move {
+                // The socket keeps its address's place for the session's life.
+                let _ip_slot = ip_slot;
                 // Counted before it is checked, so two upgrades at the limit cannot both
                 // pass (sockets not yet upgraded count too, see `accept`).
                 let max = s.cfg.limits.max_connections;

@@ -8,6 +8,7 @@
 //! shared but the store handle, so other connections are unaffected.
 
 use crate::auth::now_secs;
+use crate::bucket::Bucket;
 use crate::endpoint::{CATCH_UP_FRAMES, Close, Endpoint, decode};
 use crate::metrics as m;
 use crate::outbox::Outbox;
@@ -25,8 +26,8 @@ struct Conn {
     ws: SplitStream<WebSocket>,
     out: Outbox,
     last_frame: Instant,
-    bucket: f64,
-    bucket_at: Instant,
+    /// Frames (protocol frames and WebSocket pings and pongs alike).
+    frames: Bucket,
 }
 
 /// Serves one upgraded WebSocket until it closes. The caller counted it in
@@ -37,15 +38,15 @@ pub async fn serve(shared: Arc<RelayState>, mut ws: WebSocket) {
     let handshake = handshake(&shared, &mut ws).await;
     let (out, result) = match handshake {
         Ok(ep) => {
-            let bucket = f64::from(shared.cfg.limits.frame_burst);
+            let l = &shared.cfg.limits;
+            let frames = Bucket::new(f64::from(l.frames_per_second), f64::from(l.frame_burst));
             let (out, read) = Outbox::start(ws);
             let mut c = Conn {
                 ep,
                 ws: read,
                 out,
                 last_frame: Instant::now(),
-                bucket,
-                bucket_at: Instant::now(),
+                frames,
             };
             let r = c.run().await;
             shared.sessions.end(c.ep.replica(), c.ep.session());
@@ -193,23 +194,6 @@ impl Conn {
         }
     }
 
-    async fn throttle(&mut self) {
-        let l = &self.ep.shared().cfg.limits;
-        let rate = f64::from(l.frames_per_second);
-        let burst = f64::from(l.frame_burst);
-        let now = Instant::now();
-        self.bucket =
-            (self.bucket + now.duration_since(self.bucket_at).as_secs_f64() * rate).min(burst);
-        self.bucket_at = now;
-        if self.bucket < 1.0 {
-            let wait = (1.0 - self.bucket) / rate;
-            tokio::time::sleep(Duration::from_secs_f64(wait)).await;
-            self.bucket = 1.0;
-            self.bucket_at = Instant::now();
-        }
-        self.bucket -= 1.0;
-    }
-
     async fn on_frame(
         &mut self,
         frame: Option<Result<Message, axum::Error>>,
@@ -219,7 +203,9 @@ impl Conn {
             Some(Err(e)) => return Err(ws_error(e)),
             Some(Ok(Message::Binary(b))) => b,
             Some(Ok(Message::Ping(_))) | Some(Ok(Message::Pong(_))) => {
+                // Pings are answered as they are read: they share the frame rate.
                 self.last_frame = Instant::now();
+                self.frames.take().await;
                 return Ok(Turn::Continue);
             }
             Some(Ok(Message::Text(_))) => {
@@ -231,7 +217,7 @@ impl Conn {
         };
         self.last_frame = Instant::now();
         metrics::counter!(m::BYTES_IN).increment(bytes.len() as u64);
-        self.throttle().await;
+        self.frames.take().await;
         // Decoding and sequencing a frame takes a few times its size; frames being handled
         // at once share one budget, so a hundred devices pushing backlogs together wait
         // their turn (unread) rather than each holding a window's worth in memory.

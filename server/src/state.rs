@@ -34,6 +34,8 @@ pub struct RelayState {
     /// Accepted sockets not (yet) upgraded to a sync connection: bare TCP, HTTP requests,
     /// slow headers. They count against `max_connections` with `connections`.
     pub sockets: AtomicUsize,
+    /// Open sockets per peer address, upgraded or not (`limits.max_connections_per_ip`).
+    pub per_ip: parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
     /// Connection tasks still running (shutdown waits for them).
     pub tasks: tokio_util::task::TaskTracker,
     /// The relay's wall clock in milliseconds (welcome time, clock-skew checks); the system
@@ -143,6 +145,7 @@ impl RelayState {
             shutdown,
             connections: AtomicUsize::new(0),
             sockets: AtomicUsize::new(0),
+            per_ip: parking_lot::Mutex::new(std::collections::HashMap::new()),
             tasks: TaskTracker::new(),
             frame_memory: Arc::new(tokio::sync::Semaphore::new(
                 cfg.limits.push_memory_bytes.min(u32::MAX as usize),

@@ -54,7 +54,7 @@ use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 /// Schema format this relay writes (`ferry_meta.format`).
-const FORMAT: i64 = 5;
+const FORMAT: i64 = 6;
 
 /// Advisory lock serializing sequencing (pushes, leases, compaction rewrites) across nodes.
 const SEQ_LOCK: i64 = 0x4665_7272_7953_6571; // "FerrySeq"
@@ -124,6 +124,13 @@ const SCHEMA_V5: &str = "
 CREATE TABLE ferry_owners(replica BYTEA PRIMARY KEY, sub TEXT NOT NULL, since_ms BIGINT NOT NULL);
 ";
 
+/// Format 6: lease records are forgotten a while after they expire (`lease` module of
+/// ferry-core); the index finds them, the `lease_floor` keeps tokens growing.
+const SCHEMA_V6: &str = "
+CREATE INDEX IF NOT EXISTS ferry_leases_expiry ON ferry_leases(expires_ms);
+INSERT INTO ferry_meta VALUES ('lease_floor', 0) ON CONFLICT DO NOTHING;
+";
+
 /// Migrations by the format they produce; each runs in the upgrade transaction.
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, SCHEMA_V1),
@@ -131,6 +138,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (3, SCHEMA_V3),
     (4, pg_rows::SCHEMA_V4),
     (5, SCHEMA_V5),
+    (6, SCHEMA_V6),
 ];
 
 /// The subject owning `replica`, binding it to `sub` if none does. Needs no writer: of
@@ -854,8 +862,9 @@ impl Writer {
         let mut c = self.pool.get().await?;
         let tx = c.transaction().await?;
         let (_, now) = lock(&tx, false).await?;
+        let floor = forget_leases(&tx, now).await?;
         let state = load_lease(&tx, name).await?;
-        let (outcome, next) = lease::decide(now, state, holder, request);
+        let (outcome, next) = lease::decide(now, state, floor, holder, request);
         if let Some(n) = next {
             tx.execute(
                 "INSERT INTO ferry_leases(name, token, holder, expires_ms) VALUES ($1, $2, $3, $4)
@@ -935,6 +944,29 @@ async fn lock(tx: &deadpool_postgres::Transaction<'_>, notify: bool) -> Result<(
         },
     )?;
     Ok((r.get::<_, i64>(0) as u64, r.get::<_, i64>(1).max(0) as u64))
+}
+
+/// Deletes a few long-expired lease records (see the `lease` module of ferry-core) and
+/// returns the floor: the largest token ever forgotten. Runs under the sequencing lock.
+async fn forget_leases(tx: &deadpool_postgres::Transaction<'_>, now_ms: u64) -> Result<u64> {
+    let st = tx
+        .prepare_cached(
+            "WITH gone AS (DELETE FROM ferry_leases WHERE name IN (SELECT name FROM ferry_leases
+             WHERE expires_ms < $1 ORDER BY expires_ms LIMIT $2) RETURNING token)
+             UPDATE ferry_meta SET value = GREATEST(value, COALESCE((SELECT max(token) FROM gone), 0))
+             WHERE key = 'lease_floor' RETURNING value",
+        )
+        .await?;
+    let r = tx
+        .query_one(
+            &st,
+            &[
+                &(lease::forget_before(now_ms) as i64),
+                &(lease::FORGET_PER_REQUEST as i64),
+            ],
+        )
+        .await?;
+    Ok(r.get::<_, i64>(0) as u64)
 }
 
 async fn load_lease(

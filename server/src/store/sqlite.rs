@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::sync::mpsc;
 
 /// Format version of the relay's SQLite file (`PRAGMA user_version`).
-const FORMAT: i64 = 6;
+const FORMAT: i64 = 7;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE sets(
@@ -112,6 +112,13 @@ CREATE TABLE secrets(name TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
 /// connected before the upgrade are bound at their next hello.
 const SCHEMA_V6: &str = "
 CREATE TABLE owners(replica BLOB PRIMARY KEY, sub TEXT NOT NULL, since_ms INTEGER NOT NULL) WITHOUT ROWID;
+";
+
+/// Version 7: lease records are forgotten a while after they expire (`lease` module of
+/// ferry-core); the index finds them, the `lease_floor` keeps tokens growing.
+const SCHEMA_V7: &str = "
+CREATE INDEX IF NOT EXISTS leases_expiry ON leases(expires_ms);
+INSERT OR IGNORE INTO meta VALUES ('lease_floor', 0);
 ";
 
 /// Page cache of the writer's connection, in KiB.
@@ -200,6 +207,9 @@ fn upgrade(conn: &mut Connection) -> Result<()> {
         }
         if v < 6 {
             tx.execute_batch(SCHEMA_V6)?;
+        }
+        if v < 7 {
+            tx.execute_batch(SCHEMA_V7)?;
         }
         tx.pragma_update(None, "user_version", FORMAT)?;
         tx.commit()?;
@@ -740,8 +750,10 @@ impl Writer {
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let now = now_ms();
+        let floor = forget_leases(&tx, now)?;
         let state = load_lease(&tx, name)?;
-        let (outcome, next) = lease::decide(now_ms(), state, holder, request);
+        let (outcome, next) = lease::decide(now, state, floor, holder, request);
         if let Some(n) = next {
             tx.prepare_cached(
                 "INSERT OR REPLACE INTO leases(name, token, holder, expires_ms) VALUES (?1, ?2, ?3, ?4)",
@@ -1138,6 +1150,34 @@ fn read_in_order(
         out.push(Arc::new(decode_set(r.get(0)?, &body)?));
     }
     Ok(out)
+}
+
+/// Deletes a few long-expired lease records (see the `lease` module of ferry-core) and
+/// returns the floor: the largest token ever forgotten.
+fn forget_leases(tx: &Connection, now_ms: u64) -> Result<u64> {
+    let forgotten: Option<i64> = tx
+        .prepare_cached(
+            "DELETE FROM leases WHERE name IN (SELECT name FROM leases WHERE expires_ms < ?1
+             ORDER BY expires_ms LIMIT ?2) RETURNING token",
+        )?
+        .query_map(
+            params![
+                lease::forget_before(now_ms) as i64,
+                lease::FORGET_PER_REQUEST as i64
+            ],
+            |r| r.get(0),
+        )?
+        .collect::<rusqlite::Result<Vec<i64>>>()?
+        .into_iter()
+        .max();
+    if let Some(t) = forgotten {
+        tx.prepare_cached("UPDATE meta SET value = max(value, ?1) WHERE key = 'lease_floor'")?
+            .execute([t])?;
+    }
+    let floor: i64 = tx
+        .prepare_cached("SELECT value FROM meta WHERE key = 'lease_floor'")?
+        .query_row([], |r| r.get(0))?;
+    Ok(floor as u64)
 }
 
 fn load_lease(tx: &Connection, name: &str) -> Result<Option<LeaseState>> {

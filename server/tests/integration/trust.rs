@@ -378,7 +378,7 @@ fn slow_and_bare_sockets_are_counted_and_closed() {
     );
     // Fewer than 950: the first ones' headers time out (freeing places) while the rest are
     // still being opened.
-    let refused = relay.metric("ferry_sockets_refused_total");
+    let refused = relay.metric("ferry_sockets_refused_total{limit=\"total\"}");
     assert!(refused >= 500.0, "sockets over the limit: {refused}");
     drop(socks);
     let device = open(d.path(), "device.db");
@@ -489,4 +489,187 @@ fn unauthenticated_sockets_cannot_make_the_relay_buffer_large_frames() {
         )
         .unwrap();
     wait_synced(&h);
+}
+
+/// A WebSocket to `url` from the loopback address `source` (127.0.0.x), or `None` when the
+/// relay closed the socket before the handshake completed.
+async fn connect_from(url: &str, source: [u8; 4]) -> Option<raw::Ws> {
+    let addr: std::net::SocketAddr = url
+        .trim_start_matches("ws://")
+        .trim_end_matches("/sync")
+        .parse()
+        .unwrap();
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind((std::net::Ipv4Addr::from(source), 0).into())
+        .unwrap();
+    let tcp = sock.connect(addr).await.ok()?;
+    let stream = tokio_tungstenite::MaybeTlsStream::Plain(tcp);
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::client_async(url, stream),
+    )
+    .await
+    .ok()?
+    .ok()
+    .map(|(ws, _)| ws)
+}
+
+/// Says hello on `ws`; true when welcomed.
+async fn says_hello(ws: &mut raw::Ws, name: &str) -> bool {
+    let token = admin_token(name);
+    raw::send(ws, &raw::hello(ReplicaId::generate(), &token, 0)).await;
+    matches!(raw::recv(ws).await, Some(ServerMsg::Welcome { .. }))
+}
+
+/// One address cannot take every place: sockets from one IP (bare ones and upgraded sync
+/// connections alike, for their whole life) count against `max_connections_per_ip`; over it
+/// a socket is closed at once, while another address is served. A place is given back when
+/// its connection ends.
+#[test]
+fn one_address_cannot_take_every_place() {
+    let d = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start_with(
+        &d.path().join("relay"),
+        "[limits]\nmax_connections_per_ip = 5\n",
+    );
+    let url = relay.url();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // Five sync connections from 127.0.0.3 hold its places.
+        let mut held = Vec::new();
+        for i in 0..5 {
+            let mut ws = connect_from(&url, [127, 0, 0, 3]).await.expect("connects");
+            assert!(says_hello(&mut ws, &format!("d{i}")).await);
+            held.push(ws);
+        }
+        assert!(
+            connect_from(&url, [127, 0, 0, 3]).await.is_none(),
+            "a sixth socket from the same address is closed"
+        );
+        // Bare sockets count too: four of them from 127.0.0.4, then one sync connection.
+        let mut bare = Vec::new();
+        for _ in 0..4 {
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.bind(([127, 0, 0, 4], 0).into()).unwrap();
+            bare.push(sock.connect(relay.addr).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut ws = connect_from(&url, [127, 0, 0, 4]).await.expect("a fifth");
+        assert!(says_hello(&mut ws, "e").await);
+        assert!(connect_from(&url, [127, 0, 0, 4]).await.is_none());
+        // Another address is served meanwhile.
+        let mut other = connect_from(&url, [127, 0, 0, 5]).await.expect("connects");
+        assert!(says_hello(&mut other, "f").await);
+        // Places come back when connections end.
+        for mut ws in held {
+            let _ = ws.close(None).await;
+            assert!(raw::closed(&mut ws).await);
+        }
+        let mut back = None;
+        for _ in 0..50 {
+            back = connect_from(&url, [127, 0, 0, 3]).await;
+            if back.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut back = back.expect("the address's places were given back");
+        assert!(says_hello(&mut back, "g").await);
+    });
+    assert!(relay.metric("ferry_sockets_refused_total{limit=\"per_ip\"}") >= 2.0);
+}
+
+/// WebSocket pings share the connection's frame rate: a flood of them is answered at that
+/// rate (the relay stops reading), not as fast as they come. Protocol frames already were.
+#[test]
+fn a_ping_flood_is_answered_at_the_frame_rate() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let d = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start_with(
+        &d.path().join("relay"),
+        "[limits]\nframes_per_second = 20\nframe_burst = 20\n",
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut ws = raw::connect(&relay.url()).await;
+        assert!(says_hello(&mut ws, "p").await);
+        for _ in 0..400 {
+            ws.send(Message::Ping(vec![1, 2, 3].into())).await.unwrap();
+        }
+        // Pongs that arrive within two seconds: at 20 per second after a burst of 20, about
+        // 60; unthrottled, all 400.
+        let mut pongs = 0;
+        let until = tokio::time::Instant::now() + Duration::from_secs(2);
+        while let Ok(Some(Ok(m))) = tokio::time::timeout_at(until, ws.next()).await {
+            if matches!(m, Message::Pong(_)) {
+                pongs += 1;
+            }
+        }
+        assert!(pongs > 0, "pings are answered");
+        assert!(
+            pongs < 150,
+            "{pongs} pongs in 2 s: pings are not rate-limited"
+        );
+    });
+}
+
+/// Checksum requests are rate-limited per connection (`checksums_per_minute`, after a burst
+/// of 3; more wait) and answers are cached per position and scopes: asking again at a quiet
+/// position sums nothing.
+#[test]
+fn checksum_requests_are_rate_limited_and_cached() {
+    let d = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start_with(
+        &d.path().join("relay"),
+        "[limits]\nchecksums_per_minute = 120\n",
+    );
+    let device = open(d.path(), "device.db");
+    let h = connect(&device, &relay.url(), admin_token("c"));
+    device
+        .execute(
+            "INSERT INTO todo(id, list, title) VALUES ('t', 'l', 'x')",
+            &[],
+        )
+        .unwrap();
+    wait_synced(&h);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut ws = raw::connect(&relay.url()).await;
+        assert!(says_hello(&mut ws, "c").await);
+        let started = std::time::Instant::now();
+        for nonce in 0..7 {
+            raw::send(&mut ws, &ClientMsg::Checksum { nonce }).await;
+        }
+        let mut answers = Vec::new();
+        while answers.len() < 7 {
+            match raw::recv(&mut ws).await {
+                Some(ServerMsg::Checksum {
+                    nonce,
+                    position,
+                    digest,
+                    rows,
+                }) => answers.push((nonce, position, digest, rows)),
+                Some(_) => continue,
+                None => panic!("closed after {} answers", answers.len()),
+            }
+        }
+        // Three at once, then two per second: the 7th after about two seconds.
+        assert!(
+            started.elapsed() >= Duration::from_millis(1800),
+            "7 checksums answered in {:?}",
+            started.elapsed()
+        );
+        assert!(
+            answers
+                .iter()
+                .all(|a| a.1 == answers[0].1 && a.2 == answers[0].2)
+        );
+        assert_eq!(answers[0].3, 1, "one row summed");
+    });
+    assert!(relay.metric("ferry_checksums_total{cached=\"false\"}") >= 1.0);
+    assert!(
+        relay.metric("ferry_checksums_total{cached=\"true\"}") >= 6.0,
+        "repeated checksums at one position are answered from the cache"
+    );
 }

@@ -33,6 +33,11 @@ use std::time::Duration;
 pub trait StoreFactory: Clone + Send + Sync + 'static {
     /// A store over this factory's data.
     fn open(&self) -> impl Future<Output = Arc<dyn Store>> + Send;
+
+    /// Moves the expiry of lease `name` back by `ms` in the stored data, as if that much
+    /// time had passed since (stores judge expiry by the relay's or database's clock).
+    /// Returns how many records matched (0 once the store forgot it).
+    fn age_lease(&self, name: &str, ms: u64) -> impl Future<Output = u64> + Send;
 }
 
 /// Embedded SQLite stores in one temporary directory.
@@ -63,6 +68,18 @@ impl StoreFactory for SqliteStores {
     async fn open(&self) -> Arc<dyn Store> {
         SqliteStore::open(self.0.path(), catalog(), 4096).unwrap()
     }
+
+    async fn age_lease(&self, name: &str, ms: u64) -> u64 {
+        let c = rusqlite::Connection::open(self.0.path().join("relay.db")).unwrap();
+        c.busy_timeout(Duration::from_secs(10)).unwrap();
+        let n = c
+            .execute(
+                "UPDATE leases SET expires_ms = expires_ms - ?2 WHERE name = ?1",
+                rusqlite::params![name, ms as i64],
+            )
+            .unwrap();
+        n as u64
+    }
 }
 
 /// PostgreSQL stores over one database.
@@ -81,6 +98,21 @@ impl StoreFactory for PgStores {
         PgStore::open(&self.0, catalog(), 4096, 64 << 20)
             .await
             .unwrap()
+    }
+
+    async fn age_lease(&self, name: &str, ms: u64) -> u64 {
+        let (c, conn) = tokio_postgres::connect(&self.0, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let n = c
+            .execute(
+                "UPDATE ferry_leases SET expires_ms = expires_ms - $2 WHERE name = $1",
+                &[&name, &(ms as i64)],
+            )
+            .await
+            .unwrap();
+        n as u64
     }
 }
 
@@ -103,6 +135,7 @@ macro_rules! store_suite {
                 compare_and_set,
                 guarded_sees_an_unseen_write_behind_its_own,
                 leases_and_fencing,
+                idle_leases_are_forgotten_and_tokens_keep_growing,
                 history_and_compaction,
                 scoped_reads_find_exactly_the_readable_sets,
                 snapshots_replay_to_the_state_of_the_log,
@@ -525,6 +558,116 @@ pub async fn guarded_sees_an_unseen_write_behind_its_own<F: StoreFactory>(kind: 
         RelayError::Conflict { seq, .. } => assert_eq!(*seq, 1, "the other origin's write"),
         e => panic!("expected a conflict, got {e}"),
     }
+    store.shutdown().await;
+}
+
+/// Lease records expired for longer than `FORGET_AFTER_MS` are deleted by later lease
+/// requests, a few at a time and oldest first, and a forgotten name's next grant still gets a
+/// larger token than any it had (a write fenced by an old token stays refused). Records
+/// expired more recently are kept.
+pub async fn idle_leases_are_forgotten_and_tokens_keep_growing<F: StoreFactory>(kind: F) {
+    use ferry_core::lease::{FORGET_AFTER_MS, FORGET_PER_REQUEST};
+    let store = kind.open().await;
+    let acquire = |name: &str| LeaseRequest::Acquire {
+        name: name.into(),
+        ttl_ms: 60_000,
+    };
+    let release = |name: &str, token| LeaseRequest::Release {
+        name: name.into(),
+        token,
+    };
+    let fenced_push = |oseq: u64, token: u64| {
+        let mut cs = tag(origin(1), oseq, &format!("old-{oseq}"));
+        cs.fence = Some(Fence {
+            lease: "old".into(),
+            token,
+        });
+        let store = store.clone();
+        async move {
+            store
+                .push(grants("a", &[]), Bounds::NONE, vec![cs])
+                .await
+                .unwrap()
+        }
+    };
+    // `old` is granted three times and released; it expired long ago.
+    let mut t = 0;
+    for _ in 0..3 {
+        t = lease_token(&store.lease(origin(1), acquire("old")).await.unwrap());
+        store.lease(origin(1), release("old", t)).await.unwrap();
+    }
+    assert_eq!(t, 3);
+    // Names nobody uses any more, and one that expired only recently. Aged together after
+    // all were made (every lease request forgets a few).
+    let idle = 3 * FORGET_PER_REQUEST;
+    for i in 0..idle {
+        let name = format!("idle-{i}");
+        let ti = lease_token(&store.lease(origin(2), acquire(&name)).await.unwrap());
+        store.lease(origin(2), release(&name, ti)).await.unwrap();
+    }
+    let recent = lease_token(&store.lease(origin(2), acquire("recent")).await.unwrap());
+    store
+        .lease(origin(2), release("recent", recent))
+        .await
+        .unwrap();
+    assert_eq!(kind.age_lease("old", FORGET_AFTER_MS + 60_000).await, 1);
+    for i in 0..idle {
+        let aged = kind
+            .age_lease(&format!("idle-{i}"), FORGET_AFTER_MS + 1000)
+            .await;
+        assert_eq!(aged, 1);
+    }
+    assert_eq!(kind.age_lease("recent", FORGET_AFTER_MS - 60_000).await, 1);
+    // One request forgets a few, oldest first: `old` and some idle ones, not the newest.
+    let probe = lease_token(&store.lease(origin(3), acquire("probe")).await.unwrap());
+    assert_eq!(
+        kind.age_lease("old", 0).await,
+        0,
+        "the oldest record is forgotten"
+    );
+    let last = format!("idle-{}", idle - 1);
+    assert_eq!(
+        kind.age_lease(&last, 0).await,
+        1,
+        "a request forgets a bounded number"
+    );
+    // A write fenced by the forgotten grant is refused.
+    assert!(matches!(
+        refused(&fenced_push(1, 3).await[0]),
+        RelayError::Fenced(_)
+    ));
+    for _ in 0..idle / FORGET_PER_REQUEST {
+        store
+            .lease(
+                origin(3),
+                LeaseRequest::Renew {
+                    name: "probe".into(),
+                    token: probe,
+                    ttl_ms: 60_000,
+                },
+            )
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        kind.age_lease(&last, 0).await,
+        0,
+        "every idle record is forgotten"
+    );
+    assert_eq!(kind.age_lease("recent", 0).await, 1, "a recent one is kept");
+    // `old` starts above every token it ever had; the old one stays refused.
+    let again = lease_token(&store.lease(origin(2), acquire("old")).await.unwrap());
+    assert!(
+        again > 3,
+        "a forgotten name's tokens keep growing (got {again})"
+    );
+    assert!(matches!(
+        refused(&fenced_push(1, 3).await[0]),
+        RelayError::Fenced(_)
+    ));
+    // A kept record goes on from its own token.
+    let r2 = lease_token(&store.lease(origin(3), acquire("recent")).await.unwrap());
+    assert_eq!(r2, recent + 1);
     store.shutdown().await;
 }
 

@@ -196,12 +196,16 @@ impl Sim {
                     );
                 }
                 // Downloads paused at a change from a newer app schema (the documented policy:
-                // until the app is upgraded). By default the link is then dropped, each time,
-                // as the schedules of every seed were drawn before the client kept such a
-                // connection up; `FERRY_SIM_OUTDATED=stay` keeps it (uploads go on), which
-                // draws other schedules (see docs/testing.md for the seed that then diverges).
+                // until the app is upgraded). The client keeps such a connection up (uploads
+                // go on): odd seeds do so; even seeds drop the link at each pause, the
+                // schedules they were drawn with before the client kept it.
+                // `FERRY_SIM_OUTDATED=stay|drop` sets one mode for every seed.
                 let paused = self.nodes[node].client.schema_outdated().is_some();
-                let stay = std::env::var("FERRY_SIM_OUTDATED").is_ok_and(|v| v == "stay");
+                let stay = match std::env::var("FERRY_SIM_OUTDATED").as_deref() {
+                    Ok("stay") => true,
+                    Ok("drop") => false,
+                    _ => self.seed % 2 == 1,
+                };
                 if step.reconnect || (paused && !stay) {
                     self.close_link(l);
                 } else {
