@@ -53,6 +53,8 @@ mod socket;
 mod sqlgate;
 pub mod sync;
 mod tables;
+#[cfg(feature = "client")]
+pub mod tls;
 mod transaction;
 #[cfg(feature = "client")]
 pub mod transport;

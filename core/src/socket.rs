@@ -13,6 +13,7 @@ use crate::protocol::ClientMsg;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
@@ -45,12 +46,14 @@ pub(crate) enum SocketError {
 /// Opens a WebSocket to `url`; `buffer` sets the TCP send and receive buffers (`None`: the
 /// kernel's autotuning).
 /// The upgrade request carries `token` (`Authorization: Bearer`), so that the relay lets
-/// the connection send full-size frames before its hello is verified.
+/// the connection send full-size frames before its hello is verified. `tls` decides which
+/// certificates a `wss://` relay may present (see [`crate::tls`]).
 pub(crate) async fn open(
     url: &str,
     config: WebSocketConfig,
     buffer: Option<usize>,
     token: &str,
+    tls: Arc<rustls::ClientConfig>,
 ) -> Result<Ws, SocketError> {
     let bad = |why: String| SocketError::Url {
         url: url.to_owned(),
@@ -85,9 +88,15 @@ pub(crate) async fn open(
     let tcp = connect_tcp(&host, port, buffer)
         .await
         .map_err(|e| failed(e.to_string()))?;
-    let (ws, _) = tokio_tungstenite::client_async_tls_with_config(request, tcp, Some(config), None)
-        .await
-        .map_err(|e| failed(e.to_string()))?;
+    let connector = tokio_tungstenite::Connector::Rustls(tls);
+    let (ws, _) = tokio_tungstenite::client_async_tls_with_config(
+        request,
+        tcp,
+        Some(config),
+        Some(connector),
+    )
+    .await
+    .map_err(|e| failed(e.to_string()))?;
     Ok(ws)
 }
 

@@ -212,6 +212,9 @@ pub struct SyncOptions {
     /// the path could read the token and the data, and change what the device receives.
     /// Turn it on only for a trusted network (an emulator's host bridge, a lab).
     pub allow_insecure: bool,
+    /// What the device trusts over `wss://` beyond the operating system's roots: the app's
+    /// own CAs and public-key pins (see [`crate::tls`]).
+    pub trust: crate::tls::Trust,
 }
 
 impl Default for SyncOptions {
@@ -229,6 +232,7 @@ impl Default for SyncOptions {
             push_window_bytes: crate::sync::DEFAULT_PUSH_WINDOW_BYTES,
             socket_buffer_bytes: None,
             allow_insecure: false,
+            trust: crate::tls::Trust::default(),
         }
     }
 }
@@ -436,6 +440,7 @@ impl Replica {
         opts: SyncOptions,
     ) -> Result<SyncHandle> {
         check_relay_url(url, opts.allow_insecure)?;
+        let tls = opts.trust.client_config()?;
         let rt = runtime()?;
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let mut initial = SyncStatus::initial();
@@ -452,6 +457,7 @@ impl Replica {
         let lp = SyncTask {
             replica: Arc::clone(self),
             url: url.to_owned(),
+            tls,
             tokens,
             opts,
             cmd: cmd_rx,
@@ -899,6 +905,8 @@ struct SyncTask {
     url: String,
     tokens: Arc<dyn TokenProvider>,
     opts: SyncOptions,
+    /// TLS configuration built from `opts.trust` (once: it reads the OS trust store).
+    tls: Arc<rustls::ClientConfig>,
     cmd: mpsc::UnboundedReceiver<Command>,
     status: watch::Sender<SyncStatus>,
     observers: Observers,
@@ -1029,7 +1037,13 @@ impl SyncTask {
             .max_frame_size(Some(self.opts.max_frame_bytes));
         tokio::time::timeout(
             self.opts.connect_timeout,
-            socket::open(&self.url, cfg, self.opts.socket_buffer_bytes, token),
+            socket::open(
+                &self.url,
+                cfg,
+                self.opts.socket_buffer_bytes,
+                token,
+                Arc::clone(&self.tls),
+            ),
         )
         .await
         .map_err(|_| transport_err(format!("connecting to {} timed out", self.url)))?

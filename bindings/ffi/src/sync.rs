@@ -28,6 +28,14 @@ pub struct SyncOptions {
     /// bridge (`10.0.2.2`) on a trusted network. Off: such URLs are refused (`InvalidInput`).
     #[uniffi(default = false)]
     pub allow_insecure: bool,
+    /// Extra root certificates (PEM) to trust for `wss://`, beyond the operating system's:
+    /// a private CA. A PEM without a certificate is `InvalidInput`.
+    #[uniffi(default = [])]
+    pub ca_certificates_pem: Vec<String>,
+    /// Public-key pins, `sha256/<base64 SHA-256 of the SubjectPublicKeyInfo>`: when given,
+    /// the relay's certificate chain must hold one of these keys. Pin a backup key too.
+    #[uniffi(default = [])]
+    pub pinned_keys: Vec<String>,
 }
 
 impl TryFrom<SyncOptions> for core::SyncOptions {
@@ -56,6 +64,10 @@ impl TryFrom<SyncOptions> for core::SyncOptions {
             ping_interval: Duration::from_millis(o.ping_interval_ms),
             connect_timeout: Duration::from_millis(o.connect_timeout_ms),
             allow_insecure: o.allow_insecure,
+            trust: core::tls::Trust {
+                ca_certificates_pem: o.ca_certificates_pem,
+                pinned_keys: o.pinned_keys,
+            },
             ..core::SyncOptions::default()
         })
     }

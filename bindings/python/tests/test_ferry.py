@@ -152,6 +152,11 @@ def test_errors_are_typed(relay: Relay, open_replica, tmp_path: pathlib.Path) ->
         a.sync_with(relay.url, "t", SyncOptions(backoff_min_ms=500, backoff_max_ms=100))
     with pytest.raises(FerryError.InvalidInput):
         a.sync_with(relay.url, "t", SyncOptions(ping_interval_ms=0))
+    # Trust: a CA that is no PEM certificate, a pin that is no SHA-256, are named at once.
+    with pytest.raises(FerryError.InvalidInput):
+        a.sync_with(relay.url, "t", SyncOptions(ca_certificates_pem=["nope"]))
+    with pytest.raises(FerryError.InvalidInput):
+        a.sync_with(relay.url, "t", SyncOptions(pinned_keys=["sha256/AAAA"]))
 
     async def main() -> None:
         # A write outside the token's write scopes is refused by the relay and quarantined:

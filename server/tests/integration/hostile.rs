@@ -8,7 +8,7 @@
 
 use ferry_core::changeset::{Cell, ChangeSet};
 use ferry_core::hlc::Hlc;
-use ferry_core::protocol::{ClientMsg, LeaseRequest, ServerMsg};
+use ferry_core::protocol::{ClientMsg, LeaseOutcome, LeaseRequest, ServerMsg};
 use ferry_core::{ReplicaId, RowChange, RowOp, Value};
 use ferry_relay::auth::{Claims, mint_hs256, now_secs};
 use ferry_testkit::change::*;
@@ -29,6 +29,8 @@ enum Send {
     After(ClientMsg),
     /// A valid hello, then these bytes.
     AfterRaw(Vec<u8>),
+    /// A valid hello as replica `R` with this (read-only) token, then this frame.
+    AfterAs(String, ClientMsg),
 }
 
 struct Case {
@@ -39,6 +41,12 @@ struct Case {
 }
 
 const H: ReplicaId = ReplicaId([0x66; 16]);
+/// The replica of the read-only subject's cases (ids are bound to their first subject).
+const R: ReplicaId = ReplicaId([0x67; 16]);
+
+fn reader() -> String {
+    token_until("reader", &["list:m"], &[], now_secs() + 3600)
+}
 
 fn mallory() -> String {
     token_until(
@@ -464,6 +472,55 @@ fn corpus(rng: &mut StdRng, replay: &ChangeSet) -> Vec<Case> {
             );
         }
     }
+    // Operations the token has no grant for: empty change sets from a read-only token (which
+    // used to be stored), pushes of any kind from it, and leases outside the write grants.
+    for oseq in [1, 2, 1 << 40] {
+        add(
+            "empty change set without a write grant",
+            Send::AfterAs(reader(), push(vec![set_of(R, oseq, Vec::new())])),
+            false,
+        );
+        add(
+            "push without a write grant",
+            Send::AfterAs(
+                reader(),
+                push(vec![set_of(
+                    R,
+                    oseq,
+                    vec![row(
+                        "todo",
+                        Value::Text("r".into()),
+                        1,
+                        RowOp::Upsert(todo_cells("list:m")),
+                    )],
+                )]),
+            ),
+            false,
+        );
+    }
+    for name in ["payroll", "list:w", "list:m:x", "*"] {
+        for request in [
+            LeaseRequest::Acquire {
+                name: name.into(),
+                ttl_ms: 1000,
+            },
+            LeaseRequest::Renew {
+                name: name.into(),
+                token: 1,
+                ttl_ms: 1000,
+            },
+            LeaseRequest::Release {
+                name: name.into(),
+                token: 1,
+            },
+        ] {
+            add(
+                "lease outside the write grants",
+                Send::After(ClientMsg::Lease { nonce: 1, request }),
+                false,
+            );
+        }
+    }
     c
 }
 
@@ -473,8 +530,12 @@ async fn run_case(url: &str, case: &Case) -> Result<String, String> {
     match &case.send {
         Send::Raw(b) => raw::send_bytes(&mut ws, b.clone()).await,
         Send::Hello(t) => raw::send(&mut ws, &raw::hello(H, t, 0)).await,
-        Send::After(_) | Send::AfterRaw(_) => {
-            raw::send(&mut ws, &raw::hello(H, &mallory(), 0)).await;
+        Send::After(_) | Send::AfterRaw(_) | Send::AfterAs(..) => {
+            let hello = match &case.send {
+                Send::AfterAs(token, _) => raw::hello(R, token, 0),
+                _ => raw::hello(H, &mallory(), 0),
+            };
+            raw::send(&mut ws, &hello).await;
             match raw::recv(&mut ws).await {
                 Some(ServerMsg::Welcome { .. }) => {}
                 other => return Err(format!("no welcome: {other:?}")),
@@ -482,6 +543,7 @@ async fn run_case(url: &str, case: &Case) -> Result<String, String> {
             match &case.send {
                 Send::After(m) => raw::send_bytes(&mut ws, m.encode().unwrap()).await,
                 Send::AfterRaw(b) => raw::send_bytes(&mut ws, b.clone()).await,
+                Send::AfterAs(_, m) => raw::send_bytes(&mut ws, m.encode().unwrap()).await,
                 _ => unreachable!(),
             }
         }
@@ -496,6 +558,11 @@ async fn run_case(url: &str, case: &Case) -> Result<String, String> {
                 return Ok(format!("{code:?}"));
             }
             Some(ServerMsg::Acks { .. }) if case.ack_ok => return Ok("acked (replay)".into()),
+            // A lease the token has no grant for: a typed answer that says nothing about it.
+            Some(ServerMsg::Lease {
+                outcome: LeaseOutcome::Forbidden { .. },
+                ..
+            }) => return Ok("lease forbidden".into()),
             Some(ServerMsg::Changes { .. }) | Some(ServerMsg::Welcome { .. }) => continue,
             other => return Err(format!("{other:?}")),
         }

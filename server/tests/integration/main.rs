@@ -26,4 +26,5 @@ mod snapshots;
 mod soak;
 mod store_suite;
 mod sync;
+mod tls;
 mod trust;

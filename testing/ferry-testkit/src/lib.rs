@@ -30,6 +30,7 @@ pub mod relay;
 pub mod schema;
 pub mod store_snapshot;
 pub mod store_suite;
+pub mod tls;
 pub mod token;
 
 use std::time::{Duration, Instant};
