@@ -381,8 +381,13 @@ fn slow_and_bare_sockets_are_counted_and_closed() {
     let refused = relay.metric("ferry_sockets_refused_total{limit=\"total\"}");
     assert!(refused >= 500.0, "sockets over the limit: {refused}");
     drop(socks);
-    let device = open(d.path(), "device.db");
-    let h = connect(&device, &relay.url(), admin_token("good"));
+    one_row_synced(d.path(), &relay.url(), "good");
+}
+
+/// A device in `dir` writes one row as `sub` and syncs it through the relay at `url`.
+fn one_row_synced(dir: &std::path::Path, url: &str, sub: &str) {
+    let device = open(dir, "device.db");
+    let h = connect(&device, url, admin_token(sub));
     device
         .execute(
             "INSERT INTO todo(id, list, title) VALUES ('t', 'l', 'x')",
@@ -624,15 +629,7 @@ fn checksum_requests_are_rate_limited_and_cached() {
         &d.path().join("relay"),
         "[limits]\nchecksums_per_minute = 120\n",
     );
-    let device = open(d.path(), "device.db");
-    let h = connect(&device, &relay.url(), admin_token("c"));
-    device
-        .execute(
-            "INSERT INTO todo(id, list, title) VALUES ('t', 'l', 'x')",
-            &[],
-        )
-        .unwrap();
-    wait_synced(&h);
+    one_row_synced(d.path(), &relay.url(), "c");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let mut ws = raw::connect(&relay.url()).await;
