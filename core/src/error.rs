@@ -123,6 +123,16 @@ pub enum Error {
         /// The `origin_seq` it was refused under.
         origin_seq: u64,
     },
+    /// The quarantined change set kept no before-images and a checked (guarded) change set
+    /// is pending: retried now it would sit behind that one with nothing to take it back
+    /// should the relay refuse it, so the retry waits until the checked writes are decided.
+    #[error(
+        "quarantined change set {id} cannot be retried yet: it kept no before-images and checked writes are pending; retry once they are acknowledged"
+    )]
+    RetryWaits {
+        /// The quarantine id.
+        id: i64,
+    },
     /// A transaction is larger than the relay accepts (its limits as last announced): it
     /// could never be uploaded, so it was refused at commit and nothing was written.
     #[error(

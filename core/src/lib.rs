@@ -74,7 +74,7 @@ pub use ids::{ChangeId, ReplicaId, new_id};
 pub use log::Verdict;
 pub use observer::{ChangeEvent, ChangeSource, Observer, Rows, Subscription, WatchCallback};
 pub use port::SyncPort;
-pub use quarantine::Quarantined;
+pub use quarantine::{Quarantined, SetAside};
 pub use refusal::RefusalAction;
 pub use replica::{OpenOptions, Replica};
 pub use resolver::{ConflictInput, Resolution, Resolver};

@@ -14,6 +14,7 @@ use crate::changeset::{ChangeSet, Sequenced};
 use crate::error::Result;
 use crate::ids::ReplicaId;
 use crate::protocol::{ErrorCode, Move};
+use crate::quarantine::SetAside;
 use crate::refusal::RefusalAction;
 use crate::scope::{HeldScopes, ScopeSet};
 use crate::snapshot::SnapshotRow;
@@ -116,9 +117,8 @@ pub trait SyncPort {
         message: &str,
     ) -> Result<RefusalAction>;
     /// Sets own change set `origin_seq` aside after a permanent refusal (see
-    /// `quarantine`), keeping its place in the sequence with an empty placeholder. False
-    /// when there is nothing to set aside (it is a placeholder already).
-    fn quarantine(&self, origin_seq: u64, code: ErrorCode, message: &str) -> Result<bool>;
+    /// `quarantine`), keeping its place in the sequence with an empty placeholder.
+    fn quarantine(&self, origin_seq: u64, code: ErrorCode, message: &str) -> Result<SetAside>;
     /// Number of change sets in quarantine.
     fn quarantined_count(&self) -> Result<u64> {
         Ok(0)

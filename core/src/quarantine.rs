@@ -17,10 +17,22 @@
 //!   to the conflict log. That needs the rows' before-images, which are kept for guarded
 //!   change sets only (`server_checked` tables, lease-guarded transactions): keeping them
 //!   for every write would double the write path's cost. Discarding an unguarded change set
-//!   is refused with [`Error::CannotDiscard`]; retry it or overwrite its rows.
+//!   is refused with [`Error::CannotDiscard`]; retry it or overwrite its rows. (Guarded
+//!   change sets are not set aside at all, below: only entries an earlier version set aside
+//!   hold before-images.)
 //! * **retry** issues the change set again at the end of the queue, with a fresh
 //!   `origin_seq` and clock, carrying only the cells nothing has overwritten since (after
-//!   the app fixed the cause, e.g. a token with a wider grant).
+//!   the app fixed the cause, e.g. a token with a wider grant). While a guarded change set
+//!   is pending it waits ([`Error::RetryWaits`]): issued behind that one unguarded, it
+//!   could not be withdrawn with it were the relay to refuse it (`rollback` withdraws what
+//!   was written on top).
+//!
+//! A **guarded** change set refused for good is not set aside ([`SetAside::Guarded`]): the
+//! relay decides strict writes, so the sync client rolls it back with what was written on
+//! top of it, as for a compare-and-set conflict (see `refusal`). Set aside, a later write on
+//! top of it (a `server_checked` balance read from it) would upload a value computed from
+//! one the relay never took, and remote changes merged under it would leave its
+//! before-images stale.
 //!
 //! Undo records of a quarantined change set are kept under `-id` (not its log row, which
 //! the placeholder's acknowledgement would clear).
@@ -51,10 +63,28 @@ pub struct Quarantined {
     pub tables: Vec<String>,
     /// Rows it writes.
     pub rows: u64,
-    /// Whether discarding can take it back (its before-images were kept).
+    /// Whether discarding can take it back (its before-images were kept: only entries an
+    /// earlier version set aside for a guarded write; guarded ones are rolled back now).
     pub discardable: bool,
     /// When it was set aside (ms since the Unix epoch).
     pub at_ms: u64,
+}
+
+/// What became of a change set the relay refused for good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetAside {
+    /// Its rows were set aside; an empty placeholder now holds its place in the sequence.
+    Rows,
+    /// It had been withdrawn here already (rolled back by a change it lost to, after it was
+    /// sent): its placeholder holds its place, and the refusal was about rows it no longer
+    /// carries.
+    Withdrawn,
+    /// It is guarded (a strict write: `server_checked`, lease-guarded, or written while
+    /// one was pending): nothing was set aside; the caller rolls it back, with what was
+    /// written on top of it, as a compare-and-set refusal is (see `refusal`).
+    Guarded,
+    /// Nothing to set aside: an empty change set was refused.
+    Nothing,
 }
 
 /// True for the refusal codes that quarantine a change set: pushing it again cannot help.
@@ -134,15 +164,16 @@ pub(crate) fn count(conn: &Connection) -> Result<u64> {
 
 impl Engine {
     /// Sets own pending change set `origin_seq` aside after a permanent refusal (inside the
-    /// caller's transaction). False when it is not pending with rows any more (already a
-    /// placeholder: nothing can be set aside, the refusal stops uploads).
+    /// caller's transaction), unless it is guarded. A change set withdrawn already (a
+    /// placeholder) has nothing left to set aside: whether its placeholder was what the
+    /// relay refused only the sync client knows (it sent the frames).
     pub(crate) fn quarantine(
         &mut self,
         origin_seq: u64,
         code: ErrorCode,
         reason: &str,
         wall: &dyn WallClock,
-    ) -> Result<bool> {
+    ) -> Result<SetAside> {
         self.materialize_in_tx()?;
         match log::standing(&self.conn, self.me_num, origin_seq)? {
             None => {
@@ -158,17 +189,18 @@ impl Engine {
                     "the relay refused origin_seq {origin_seq}, which it had acknowledged at {s}"
                 )));
             }
-            Some(s) if s.rejected.is_some() => return Ok(false),
+            Some(s) if s.rejected.is_some() => return Ok(SetAside::Withdrawn),
+            Some(s) if s.guarded => return Ok(SetAside::Guarded),
             Some(_) => {}
         }
         let Some(Pending { seq, cs }) = log::pending_one(&self.conn, self.me_num, origin_seq)?
         else {
-            return Ok(false);
+            return Ok(SetAside::Nothing);
         };
         if cs.rows.is_empty() {
             // An empty set refused: there is nothing to set aside, and its placeholder would
             // be the same empty set.
-            return Ok(false);
+            return Ok(SetAside::Nothing);
         }
         self.conn
             .prepare_cached(
@@ -208,7 +240,7 @@ impl Engine {
             reason,
             "change set quarantined; the uploads behind it go on"
         );
-        Ok(true)
+        Ok(SetAside::Rows)
     }
 
     /// Takes quarantined change set `id` back (see the module docs; inside the caller's
@@ -275,6 +307,13 @@ impl Engine {
     ) -> Result<Option<u64>> {
         self.materialize_in_tx()?;
         let e = load(&self.conn, id)?;
+        let undo = has_undo(&self.conn, id)?;
+        if !undo && self.guard_pending {
+            // Issued now it would follow a pending guarded change set without being guarded
+            // itself: were that one refused, what it wrote on top could not be taken back
+            // with it (see `rollback`).
+            return Err(Error::RetryWaits { id });
+        }
         let seq = log::entry_of(&self.conn, e.origin, e.origin_seq)?;
         let origin_seq = self.next_oseq;
         let hlc = self.clock.tick(wall.now_millis());
@@ -329,7 +368,6 @@ impl Engine {
         if let Some(err) = failed.into_inner() {
             return Err(err);
         }
-        let undo = has_undo(conn, id)?;
         self.conn
             .prepare_cached("DELETE FROM ferry_quarantine WHERE id = ?1")?
             .execute([id])?;

@@ -1,10 +1,13 @@
 //! What the device does when the relay refuses one of its change sets.
 //!
 //! Three refusals change what the device holds; the others (bad input, limits, scopes) are
-//! the sync client's business and never reach here:
+//! the sync client's business (see `quarantine`) and reach here only for a guarded change
+//! set:
 //!
-//! * **compare-and-set conflict or stale fence** on a guarded change set: it is withdrawn
-//!   with those written on top of it (see `rollback`), observers are told;
+//! * **compare-and-set conflict or stale fence** on a guarded change set — or any refusal
+//!   for good of one (a scope it may no longer write, a size beyond the relay's limits): the
+//!   relay decides strict writes, so it is withdrawn with those written on top of it (see
+//!   `rollback`), observers are told;
 //! * **conflict on `custom` columns** of an unguarded change set: once caught up past the
 //!   conflicting change, the change set is *rebased* — new base, fresh clock, the custom
 //!   cells carrying the values the replica now shows — and pushed again;
@@ -33,8 +36,8 @@ pub enum RefusalAction {
 }
 
 impl Engine {
-    /// Handles a compare-and-set or fence refusal of own change set `origin_seq` (inside
-    /// the caller's transaction).
+    /// Handles a compare-and-set or fence refusal of own change set `origin_seq`, or a
+    /// refusal for good of a guarded one (inside the caller's transaction).
     pub(crate) fn handle_refusal(
         &mut self,
         origin_seq: u64,
@@ -64,6 +67,9 @@ impl Engine {
             ErrorCode::Fenced => "lease",
             ErrorCode::Conflict if guarded => "server_checked",
             ErrorCode::Conflict => return Ok(RefusalAction::Rebase),
+            // A strict write refused for good (see `quarantine`): the relay decides strict
+            // writes, whatever the reason, so it is rolled back like a conflict.
+            other if guarded && crate::quarantine::is_permanent(other) => other.as_str(),
             other => {
                 return Err(Error::InvalidInput(format!(
                     "a `{}` refusal is not rolled back",

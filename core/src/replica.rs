@@ -400,7 +400,8 @@ impl Replica {
     /// Issues quarantined change set `id` again, at the end of the upload queue with a fresh
     /// clock, with the cells nothing has overwritten since (after the cause was fixed, e.g.
     /// a token with a wider grant). Returns its new `origin_seq`, or `None` when nothing of
-    /// it was left to push.
+    /// it was left to push. Fails with [`Error::RetryWaits`] for one that kept no
+    /// before-images while a checked write is pending (retry once it is acknowledged).
     pub fn retry_quarantined(&self, id: i64) -> Result<Option<u64>> {
         let wall = Arc::clone(&self.wall);
         self.with_engine(|e| e.in_txn(|e| e.retry_quarantined(id, &*wall)))
@@ -671,7 +672,12 @@ impl SyncPort for Replica {
         })
     }
 
-    fn quarantine(&self, origin_seq: u64, code: ErrorCode, message: &str) -> Result<bool> {
+    fn quarantine(
+        &self,
+        origin_seq: u64,
+        code: ErrorCode,
+        message: &str,
+    ) -> Result<crate::quarantine::SetAside> {
         let wall = Arc::clone(&self.wall);
         self.with_engine(|e| e.in_txn(|e| e.quarantine(origin_seq, code, message, &*wall)))
     }

@@ -40,9 +40,10 @@
 use crate::error::{Error, Result};
 use crate::port::{SnapshotEnd, SyncPort};
 use crate::protocol::{ClientMsg, ErrorCode, LeaseOutcome, Limits, PROTOCOL_VERSION, ServerMsg};
+use crate::quarantine::SetAside;
 use crate::refusal::RefusalAction;
 use crate::scope::ScopeSet;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// Connection phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,6 +161,9 @@ pub struct SyncClient {
     snapshot: SnapshotProgress,
     /// Bytes of the change sets acknowledged on this connection.
     acked_bytes: u64,
+    /// Change sets (by `origin_seq`) refused for good whose empty placeholder was pushed in
+    /// their place: a refusal of one of them is final.
+    placeholders: BTreeSet<u64>,
 }
 
 /// A snapshot's progress on one connection: rows and the relay's stored bytes received, of
@@ -189,6 +193,7 @@ impl SyncClient {
             phase: Phase::Idle,
             snapshot: SnapshotProgress::default(),
             acked_bytes: 0,
+            placeholders: BTreeSet::new(),
             in_flight: InFlight::default(),
             head: 0,
             max_sets: 256,
@@ -330,9 +335,19 @@ impl SyncClient {
                 }
                 // The relay would refuse it (or close the connection on its frame): set it
                 // aside, and go on with what is behind it.
-                if replica.quarantine(cs.origin_seq, ErrorCode::TooLarge, &why)? {
-                    tracing::warn!(origin_seq = cs.origin_seq, %why, "change set beyond the relay's limits quarantined");
-                    return self.poll_push(replica);
+                // (A placeholder is never beyond them: `Withdrawn` here would mean it is, and
+                // stops like `Nothing` rather than going round.)
+                match replica.quarantine(cs.origin_seq, ErrorCode::TooLarge, &why)? {
+                    SetAside::Rows => {
+                        tracing::warn!(origin_seq = cs.origin_seq, %why, "change set beyond the relay's limits quarantined");
+                        return self.poll_push(replica);
+                    }
+                    SetAside::Guarded => {
+                        replica.handle_refusal(cs.origin_seq, ErrorCode::TooLarge, &why)?;
+                        tracing::warn!(origin_seq = cs.origin_seq, %why, "guarded change set beyond the relay's limits rolled back");
+                        return self.poll_push(replica);
+                    }
+                    SetAside::Withdrawn | SetAside::Nothing => {}
                 }
                 break;
             }
@@ -383,6 +398,28 @@ impl SyncClient {
 
     /// Why change set `cs` (of about `size` bytes) can never pass the relay's announced
     /// limits, if it cannot.
+    /// Sets refused change set `origin_seq` aside if the refusal is permanent and about its
+    /// rows (not a stale frame, not the placeholder this client pushed in its place).
+    fn set_aside(
+        &self,
+        replica: &impl SyncPort,
+        origin_seq: u64,
+        code: ErrorCode,
+        message: &str,
+        stale: bool,
+    ) -> Result<Option<SetAside>> {
+        if !crate::quarantine::is_permanent(code)
+            || stale
+            || self.placeholders.contains(&origin_seq)
+        {
+            return Ok(None);
+        }
+        Ok(match replica.quarantine(origin_seq, code, message)? {
+            SetAside::Nothing => None,
+            outcome => Some(outcome),
+        })
+    }
+
     fn beyond_limits(&self, cs: &crate::changeset::ChangeSet, size: usize) -> Option<String> {
         let ops = cs.op_count() as u64;
         let max_bytes = self.limits.max_frame_bytes / 8 * 7;
@@ -466,6 +503,7 @@ impl SyncClient {
                     self.frames.pop_front();
                 }
                 for a in acks {
+                    self.placeholders.remove(&a.origin_seq);
                     self.acked_bytes += self.in_flight.remove(&a.origin_seq) as u64;
                     self.head = self.head.max(a.server_seq);
                 }
@@ -496,6 +534,7 @@ impl SyncClient {
                 }
                 for cs in &change_sets {
                     if cs.change_set.origin == replica.replica_id()? {
+                        self.placeholders.remove(&cs.change_set.origin_seq);
                         self.acked_bytes += self.in_flight.remove(&cs.change_set.origin_seq) as u64;
                     }
                 }
@@ -598,15 +637,34 @@ impl SyncClient {
                         RefusalAction::Rebase => self.rebase = Some((origin_seq, conflict_seq)),
                     }
                     recover(self);
-                } else if code == ErrorCode::InvalidChangeSet && stale {
-                    // Sent before a refusal above reached us; refused for the gap it left.
-                } else if crate::quarantine::is_permanent(code)
-                    && !stale
-                    && replica.quarantine(origin_seq, code, &message)?
+                } else if stale
+                    && (code == ErrorCode::InvalidChangeSet
+                        || crate::quarantine::is_permanent(code))
                 {
-                    // Pushing it again cannot help: set aside (the app decides), its place in
-                    // the sequence kept by a placeholder; the uploads behind it go on.
-                    step.quarantined.push(origin_seq);
+                    // Sent before a refusal above reached us: refused for the gap it left, or
+                    // for what it carried then — sent again since (or set aside), and the
+                    // new push gets its own answer.
+                } else if let Some(outcome) =
+                    self.set_aside(replica, origin_seq, code, &message, stale)?
+                {
+                    // Pushing it again cannot help: set aside (the app decides), rolled back
+                    // (a strict write), or withdrawn here already while it was in flight
+                    // (rolled back by a change it lost to). Either way a placeholder keeps
+                    // its place in the sequence and the uploads behind it go on; a refusal of that placeholder (this client
+                    // remembers sending it) stops them below instead of going round again.
+                    match outcome {
+                        SetAside::Rows => step.quarantined.push(origin_seq),
+                        SetAside::Guarded => {
+                            // A strict write: rolled back with what was written on top.
+                            if let RefusalAction::Withdrawn(list) =
+                                replica.handle_refusal(origin_seq, code, &message)?
+                            {
+                                step.withdrawn = list;
+                            }
+                        }
+                        SetAside::Withdrawn | SetAside::Nothing => {}
+                    }
+                    self.placeholders.insert(origin_seq);
                     recover(self);
                 } else {
                     if self
@@ -770,8 +828,13 @@ mod tests {
         last_origin_seq: RefCell<u64>,
         calls: RefCell<Vec<String>>,
         refusal: RefCell<Option<RefusalAction>>,
-        /// What `quarantine` answers (false: a placeholder already, nothing to set aside).
+        /// Whether a change set that is not a placeholder yet has rows to set aside (else it
+        /// is empty: nothing to set aside).
         quarantines: RefCell<bool>,
+        /// Change sets held as placeholders (set aside or withdrawn).
+        placeholders: RefCell<BTreeSet<u64>>,
+        /// Guarded change sets (rolled back rather than set aside).
+        guarded: RefCell<BTreeSet<u64>>,
         /// The frame limit last announced.
         frame_limit: RefCell<u64>,
     }
@@ -893,14 +956,19 @@ mod tests {
                 .take()
                 .unwrap_or(RefusalAction::Withdrawn(vec![origin_seq])))
         }
-        fn quarantine(&self, origin_seq: u64, code: ErrorCode, _message: &str) -> Result<bool> {
+        fn quarantine(&self, origin_seq: u64, code: ErrorCode, _message: &str) -> Result<SetAside> {
             self.call(format!("quarantine {origin_seq} {}", code.as_str()));
-            let set_aside = *self.quarantines.borrow();
-            if set_aside {
-                // Its placeholder takes its place: still pending, with no rows.
-                *self.quarantines.borrow_mut() = false;
+            if self.placeholders.borrow().contains(&origin_seq) {
+                return Ok(SetAside::Withdrawn);
             }
-            Ok(set_aside)
+            if self.guarded.borrow().contains(&origin_seq) {
+                return Ok(SetAside::Guarded);
+            }
+            if !*self.quarantines.borrow() {
+                return Ok(SetAside::Nothing);
+            }
+            self.placeholders.borrow_mut().insert(origin_seq);
+            Ok(SetAside::Rows)
         }
         fn rebase(&self, origin_seq: u64) -> Result<bool> {
             self.call(format!("rebase {origin_seq}"));
@@ -953,6 +1021,24 @@ mod tests {
             message: "no".into(),
             conflict_seq,
         }
+    }
+
+    /// A client holding `n` pending sets (the first `quarantines`-answer set), welcomed by an
+    /// empty relay: the port, the client and the welcome's reaction (its calls cleared).
+    fn welcomed_pending(n: u64, quarantines: bool) -> (FakePort, SyncClient, Reaction) {
+        let port = FakePort::with_pending(n);
+        *port.quarantines.borrow_mut() = quarantines;
+        let mut c = SyncClient::new();
+        c.start(&port, "t").unwrap();
+        let step = c.handle(&port, welcome(0, 0)).unwrap();
+        port.calls();
+        (port, c, step)
+    }
+
+    /// The relay's `forbidden` refusal of `origin_seq`, handled.
+    fn forbid(c: &mut SyncClient, port: &FakePort, origin_seq: u64) -> Reaction {
+        c.handle(port, refused(origin_seq, ErrorCode::Forbidden, 0))
+            .unwrap()
     }
 
     /// A client welcomed by a relay at `head`, its port's calls so far cleared.
@@ -1174,20 +1260,16 @@ mod tests {
         // A permanent refusal: set aside, and the uploads behind it go on (its placeholder
         // first).
         *port.quarantines.borrow_mut() = true;
-        let step = c
-            .handle(&port, refused(2, ErrorCode::Forbidden, 0))
-            .unwrap();
+        let step = forbid(&mut c, &port, 2);
         assert_eq!(port.calls(), vec!["quarantine 2 forbidden"]);
         assert_eq!(step.quarantined, vec![2]);
         assert!(step.refused.is_none());
         assert_eq!(pushed(&step), vec![2], "the placeholder is pushed");
 
-        // Refused again with nothing left to set aside (a token that may write nothing):
-        // uploads stop and it is reported.
-        let step = c
-            .handle(&port, refused(2, ErrorCode::Forbidden, 0))
-            .unwrap();
-        assert_eq!(port.calls(), vec!["quarantine 2 forbidden"]);
+        // Its placeholder refused too (a token that may write nothing): uploads stop and it
+        // is reported.
+        let step = forbid(&mut c, &port, 2);
+        assert!(port.calls().is_empty(), "nothing left to set aside");
         assert_eq!(step.refused.map(|r| r.code), Some(ErrorCode::Forbidden));
         assert!(c.poll_push(&port).unwrap().is_none());
 
@@ -1197,6 +1279,102 @@ mod tests {
             .unwrap();
         assert!(step.reconnect);
         assert_eq!(port.calls(), vec!["rotate_identity"]);
+    }
+
+    #[test]
+    fn a_set_withdrawn_while_in_flight_and_then_refused_does_not_stop_uploads() {
+        // Sets 1–3 are in flight when a remote change dooms 2 (rolled back here: its
+        // placeholder now holds its place); then the relay refuses the frame's 2 for good.
+        let (port, mut c, step) = welcomed_pending(3, true);
+        assert_eq!(pushed(&step), vec![1, 2, 3]);
+        port.placeholders.borrow_mut().insert(2);
+        c.handle(&port, acks(&[1])).unwrap();
+        port.calls();
+        let step = forbid(&mut c, &port, 2);
+        assert_eq!(port.calls(), vec!["quarantine 2 forbidden"]);
+        assert!(
+            step.refused.is_none(),
+            "the refusal was about rows withdrawn already"
+        );
+        assert!(step.quarantined.is_empty(), "nothing new set aside");
+        assert_eq!(
+            pushed(&step),
+            vec![2, 3],
+            "the placeholder goes, and what is behind it"
+        );
+        assert!(c.refused().is_none());
+
+        // The gap's refusal of the stale 3 changes nothing; the placeholder and 3 are acked.
+        c.handle(&port, refused(3, ErrorCode::InvalidChangeSet, 0))
+            .unwrap();
+        c.handle(&port, acks(&[2, 3])).unwrap();
+        assert!(c.refused().is_none());
+        assert_eq!(port.pending_count().unwrap(), 0);
+
+        // A set refused for good whose placeholder is refused as well (the token may write
+        // nothing) is reported, once, and uploads stop: no refusal loop.
+        port.pending.borrow_mut().push(4);
+        *port.last_origin_seq.borrow_mut() = 4;
+        port.placeholders.borrow_mut().insert(4);
+        let push = c.poll_push(&port).unwrap();
+        assert!(push.is_some());
+        let step = forbid(&mut c, &port, 4);
+        assert_eq!(pushed(&step), vec![4], "its placeholder is pushed");
+        let step = forbid(&mut c, &port, 4);
+        assert_eq!(step.refused.map(|r| r.origin_seq), Some(4));
+        assert!(c.poll_push(&port).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_permanent_refusal_of_a_frame_sent_before_a_recovery_is_not_final() {
+        // One set per frame: 1 and 2 go in two frames.
+        let port = FakePort::with_pending(2);
+        *port.quarantines.borrow_mut() = true;
+        let mut c = SyncClient::new().with_batch(1, 1 << 20);
+        c.start(&port, "t").unwrap();
+        let step = c.handle(&port, welcome(0, 0)).unwrap();
+        assert_eq!(pushed(&step), vec![1]);
+        assert!(c.poll_push(&port).unwrap().is_some(), "2 in a second frame");
+        port.calls();
+        // 1 is set aside; its placeholder and 2 go again.
+        let step = forbid(&mut c, &port, 1);
+        assert_eq!(step.quarantined, vec![1]);
+        assert_eq!(pushed(&step), vec![1]);
+        assert!(c.poll_push(&port).unwrap().is_some(), "2 again");
+        port.calls();
+        // The first frame carrying 2 is refused for what it carried then: 2 was sent again.
+        let step = forbid(&mut c, &port, 2);
+        assert!(
+            port.calls().is_empty(),
+            "nothing set aside for a stale frame"
+        );
+        assert!(step.refused.is_none() && c.refused().is_none());
+        // The placeholder is acked; 2 refused again, now answering its new push: set aside.
+        c.handle(&port, acks(&[1])).unwrap();
+        port.calls();
+        let step = forbid(&mut c, &port, 2);
+        assert_eq!(port.calls(), vec!["quarantine 2 forbidden"]);
+        assert_eq!(step.quarantined, vec![2]);
+        assert!(c.refused().is_none());
+    }
+
+    #[test]
+    fn a_guarded_set_refused_for_good_is_rolled_back_not_set_aside() {
+        let (port, mut c, _) = welcomed_pending(2, false);
+        port.guarded.borrow_mut().insert(1);
+        let step = forbid(&mut c, &port, 1);
+        assert_eq!(
+            port.calls(),
+            vec!["quarantine 1 forbidden", "handle_refusal 1 forbidden"]
+        );
+        assert!(step.quarantined.is_empty());
+        assert_eq!(step.withdrawn, vec![1]);
+        assert!(step.refused.is_none());
+        assert_eq!(
+            pushed(&step),
+            vec![1, 2],
+            "its placeholder, and what is behind"
+        );
     }
 
     #[test]

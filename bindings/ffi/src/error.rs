@@ -66,6 +66,13 @@ pub enum FerryError {
         /// Why.
         reason: String,
     },
+    /// A quarantined change set that kept no before-images cannot be retried while checked
+    /// writes are pending: retry once they are acknowledged.
+    #[error("retry waits: {reason}")]
+    RetryWaits {
+        /// Why.
+        reason: String,
+    },
     /// A transaction larger than the relay accepts: nothing was written; split it.
     #[error("transaction too large: {reason}")]
     TransactionTooLarge {
@@ -118,6 +125,7 @@ impl From<Core> for FerryError {
             Core::CannotDiscard { .. } | Core::NotQuarantined(_) => {
                 FerryError::CannotDiscard { reason }
             }
+            Core::RetryWaits { .. } => FerryError::RetryWaits { reason },
             Core::TransactionTooLarge { .. } => FerryError::TransactionTooLarge { reason },
             Core::Closed => FerryError::Closed,
             Core::Sqlite(ref s) if sql_from_app(s) => FerryError::InvalidInput { reason },

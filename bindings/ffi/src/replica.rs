@@ -226,7 +226,8 @@ impl Replica {
 
     /// Issues quarantined change set `id` again at the end of the upload queue (after the
     /// cause was fixed, e.g. a token with a wider grant). Returns its new `origin_seq`, or
-    /// None when nothing of it was left to push.
+    /// None when nothing of it was left to push. Fails with `RetryWaits` for one that kept no
+    /// before-images while a checked write is pending (retry once it is acknowledged).
     pub fn retry_quarantined(&self, id: i64) -> Result<Option<u64>> {
         Ok(self.inner.retry_quarantined(id)?)
     }

@@ -302,7 +302,8 @@ pub struct QuarantinedChange {
     pub tables: Vec<String>,
     /// Rows it writes.
     pub rows: u64,
-    /// Whether discarding can take it back (server-checked and lease-guarded writes).
+    /// Whether discarding can take it back (its before-images were kept; guarded writes are
+    /// rolled back rather than set aside, so only entries an earlier version set aside).
     pub discardable: bool,
     /// When it was set aside (ms since the Unix epoch).
     pub at_ms: u64,

@@ -15,7 +15,9 @@
 //! ack, during a schema migration) through `OpenOptions::crash_countdown`; relay crash and
 //! restart (in-flight answers lost); device clocks hours behind or ahead; expired tokens at
 //! hello and mid-connection; schema upgrades on some replicas but not others; leases taken,
-//! released and lost, with fenced writes. Links hold a few frames each way (2 to 16, per
+//! released and lost, with fenced writes; tokens that lose the grant to write a shared
+//! list for a while, so that writes made offline are refused for good, quarantined, and
+//! afterwards discarded or retried by the app. Links hold a few frames each way (2 to 16, per
 //! seed), so flow control is part of every run, and one seed in 75 starts with a node
 //! holding a backlog of 10,000 change sets.
 //!
@@ -23,7 +25,9 @@
 //! * convergence: every replica holds exactly what a fresh replica with full read rights
 //!   receives, restricted to its own read scopes (isolation), on the columns its schema has;
 //! * no lost writes: every transaction an app committed is either in the relay log exactly
-//!   once or was refused (compare-and-set, fence) and rolled back, as documented;
+//!   once or was refused (compare-and-set, fence) and rolled back, or quarantined (then
+//!   discarded, or retried as a new change set that is itself held to these rules), as
+//!   documented; no refusal ever stops a node's uploads;
 //! * counters exact: every counter equals the sum of the accepted increments;
 //! * compare-and-set: each balance equals the number of accepted increments on it;
 //! * fencing: fenced change sets are sequenced with non-decreasing tokens;
@@ -107,6 +111,9 @@ struct Committed {
     /// Checked by the relay (compare-and-set, fenced, or written while such was pending).
     checked: bool,
     marker: String,
+    /// Issued again from quarantine: the change set it re-issues (whose verdict stays
+    /// `Rejected`).
+    retry_of: Option<ChangeId>,
 }
 
 struct Node {
@@ -129,6 +136,11 @@ struct Node {
     outdated: bool,
     seq: u64,
     primary: bool,
+    /// Its token may not write `list:shared` until this step (an app whose user lost a
+    /// grant while offline): such writes are refused for good and quarantined. Zero: never
+    /// narrowed, and a quarantine is a bug. Once the step has passed, the app decides about
+    /// each quarantined change set (discard or retry).
+    narrow_until: u64,
 }
 
 struct Link {
@@ -164,15 +176,19 @@ struct Sim {
     cap: usize,
 }
 
-fn token(sub: &str, read: &[String], primary: bool, expired: bool) -> String {
+/// A token reading `read` and writing `write`; every node may also take the simulation's
+/// lease (leases need a grant on their name, read to probe and write to hold).
+fn token(sub: &str, read: &[String], write: &[String], primary: bool, expired: bool) -> String {
     let now = now_secs();
     let primary: &[&str] = if primary { &["price"] } else { &[] };
-    // Every node may take the simulation's lease (leases need a write grant on their name).
-    let mut grants = read.to_vec();
-    grants.push("lease:*".to_owned());
+    let lease = |scopes: &[String]| {
+        let mut s = scopes.to_vec();
+        s.push("lease:*".to_owned());
+        s
+    };
     Token::new(sub)
-        .read(&grants)
-        .write(&grants)
+        .read(&lease(read))
+        .write(&lease(write))
         .primary(primary)
         .expires_at(if expired { now - 3600 } else { now + 3600 })
         .mint()

@@ -60,7 +60,7 @@ impl Sim {
         .unwrap();
         let shared = Arc::clone(self.shared.as_ref().unwrap());
         let mut client = SyncClient::new();
-        let tok = token("reference", &["*".into()], false, false);
+        let tok = token("reference", &["*".into()], &["*".into()], false, false);
         let mut outbox = VecDeque::from([client.start(&reference, &tok).unwrap()]);
         let mut ep: Option<Endpoint> = None;
         while let Some(msg) = outbox.pop_front() {
@@ -113,6 +113,14 @@ impl Sim {
         for (i, node) in self.nodes.iter().enumerate() {
             let r = node.replica.as_ref().unwrap();
             for c in &node.committed {
+                if let Some(old) = &c.retry_of {
+                    assert!(
+                        matches!(r.verdict(old).unwrap(), Verdict::Rejected(why) if why.starts_with("quarantined")),
+                        "seed {seed}: node {i} retried {} from quarantine, yet the original stands\n{}",
+                        c.marker,
+                        self.trace
+                    );
+                }
                 match r.verdict(&c.id).unwrap() {
                     Verdict::Accepted(_) => {
                         assert_eq!(
@@ -135,6 +143,7 @@ impl Sim {
                     Verdict::Rejected(why) => {
                         assert!(
                             c.checked
+                                || why.starts_with("quarantined")
                                 || why.contains("fence")
                                 || why.contains("lease")
                                 || why.contains("written on top of"),

@@ -1,5 +1,5 @@
 //! What the apps do: transactions in every table mode (with markers for the atomicity
-//! check), and lease requests.
+//! check), lease requests, and decisions about quarantined change sets.
 
 use super::*;
 
@@ -148,6 +148,7 @@ impl Sim {
                 checked: cas.is_some() || fenced || behind_checked,
                 cas,
                 marker: marker.clone(),
+                retry_of: None,
             });
             Ok(())
         });
@@ -196,6 +197,7 @@ impl Sim {
                     checked: false,
                     cas: None,
                     marker: format!("{BACKLOG_MARKER}{i}/{t}"),
+                    retry_of: None,
                 });
             }
             Ok(())
@@ -227,5 +229,74 @@ impl Sim {
             request,
         });
         self.note("lease request", format!("node {i}"));
+    }
+
+    /// The app decides about each change set quarantined on node `i`: a discardable one is
+    /// discarded or retried, at random; one that kept no before-images is retried (the only
+    /// way on). A retry is a new change set, held to every invariant like any other. True
+    /// when something was decided.
+    pub(crate) fn decide_quarantined(&mut self, i: usize) -> bool {
+        let discards: Vec<bool> = (0..64).map(|_| self.rng.random_bool(0.5)).collect();
+        let path = self.nodes[i].path.clone();
+        let decided = self.with_replica(i, "quarantine decision", |r, node| {
+            let mut decided = Vec::new();
+            let quarantined = r.quarantined()?;
+            if quarantined.is_empty() {
+                return Ok(decided);
+            }
+            let file = rusqlite::Connection::open(&path).map_err(ferry_core::Error::from)?;
+            let change_id = |sql: &str, key: i64| -> ferry_core::Result<ChangeId> {
+                let id: Vec<u8> = file
+                    .query_row(sql, [key], |row| row.get(0))
+                    .map_err(ferry_core::Error::from)?;
+                Ok(ChangeId(id.try_into().expect("a change id is 16 bytes")))
+            };
+            for (k, q) in quarantined.into_iter().enumerate() {
+                let old = change_id(
+                    "SELECT l.id FROM ferry_quarantine q JOIN ferry_log l \
+                     ON l.origin = q.origin AND l.origin_seq = q.origin_seq WHERE q.id = ?1",
+                    q.id,
+                )?;
+                let Some(c) = node.committed.iter().find(|c| c.id == old).cloned() else {
+                    panic!(
+                        "node {} quarantined a change set it never committed",
+                        path.display()
+                    );
+                };
+                if q.discardable && discards[k % discards.len()] {
+                    r.discard_quarantined(q.id)?;
+                    decided.push(format!("discarded {}", c.marker));
+                    continue;
+                }
+                let retried = match r.retry_quarantined(q.id) {
+                    // It kept no before-images and checked writes are pending: later.
+                    Err(ferry_core::Error::RetryWaits { .. }) => continue,
+                    other => other?,
+                };
+                if let Some(origin_seq) = retried {
+                    let id = change_id(
+                        "SELECT id FROM ferry_log WHERE origin_seq = ?1 ORDER BY seq DESC LIMIT 1",
+                        origin_seq as i64,
+                    )?;
+                    decided.push(format!("retried {} as #{origin_seq}", c.marker));
+                    node.committed.push(Committed {
+                        id,
+                        retry_of: Some(old),
+                        ..c
+                    });
+                } else {
+                    decided.push(format!("retried {}: nothing left", c.marker));
+                }
+            }
+            Ok(decided)
+        });
+        let Some(decided) = decided else {
+            return false;
+        };
+        for d in &decided {
+            self.note("quarantine decision", format!("node {i} {d}"));
+        }
+        self.check_atomic(i);
+        !decided.is_empty()
     }
 }

@@ -52,6 +52,7 @@ impl Sim {
                 outdated: false,
                 seq: 0,
                 primary: i == 0,
+                narrow_until: 0,
             });
             sim.open_node(i);
             assert!(sim.nodes[i].replica.is_some(), "node {i} failed to open");
@@ -287,6 +288,26 @@ impl Sim {
                         }
                     }
                 }
+                97 => {
+                    // The user loses the grant to write the shared list for a while (the
+                    // next hello shows it); once it is back, the app decides about what was
+                    // quarantined meanwhile.
+                    let until = self.nodes[i].narrow_until;
+                    if until > self.step {
+                        // Still narrowed: nothing changes.
+                    } else if until != 0 && self.rng.random_bool(0.7) {
+                        self.decide_quarantined(i);
+                    } else {
+                        self.nodes[i].narrow_until = self.step + self.rng.random_range(20..200);
+                        if let Some(l) = self.nodes[i].link {
+                            self.close_link(l);
+                        }
+                        self.note(
+                            "narrowed token",
+                            format!("node {i} until {}", self.nodes[i].narrow_until),
+                        );
+                    }
+                }
                 _ => {
                     // Delay: time passes with everything queued.
                     self.time
@@ -303,6 +324,13 @@ impl Sim {
             self.start_relay();
         }
         for i in 0..self.nodes.len() {
+            if self.nodes[i].narrow_until > 1 {
+                // The grant is back: the next hello shows it.
+                self.nodes[i].narrow_until = 1;
+                if let Some(l) = self.nodes[i].link {
+                    self.close_link(l);
+                }
+            }
             self.nodes[i].cut_until = 0;
             self.nodes[i].stale_token = false;
             self.nodes[i].countdown.store(i64::MAX, Ordering::SeqCst);
@@ -322,6 +350,9 @@ impl Sim {
                 }
             }
             for i in 0..self.nodes.len() {
+                if self.nodes[i].narrow_until != 0 && self.decide_quarantined(i) {
+                    busy = true;
+                }
                 if self.nodes[i].link.is_none() {
                     self.connect(i);
                     busy = true;
@@ -348,9 +379,10 @@ impl Sim {
             }
             let all_synced = (0..self.nodes.len()).all(|i| {
                 let n = &self.nodes[i];
-                n.replica
-                    .as_ref()
-                    .is_some_and(|r| n.client.is_synced(r).unwrap_or(false))
+                n.replica.as_ref().is_some_and(|r| {
+                    n.client.is_synced(r).unwrap_or(false)
+                        && r.quarantined().is_ok_and(|q| q.is_empty())
+                })
             });
             if all_synced && !busy {
                 // Ping so every cursor reaches the head.
