@@ -10,8 +10,10 @@ use thiserror::Error;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong inside Ferry's core.
+///
+/// Deliberately exhaustive: the FFI maps each kind to its own public error in one `match`
+/// without a catch-all, so a new kind does not compile until it has one.
 #[derive(Debug, Error)]
-#[non_exhaustive]
 pub enum Error {
     /// The declared schema is not acceptable (names the table/column and the reason).
     #[error("invalid schema: {0}")]

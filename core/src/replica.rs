@@ -367,7 +367,12 @@ impl Replica {
 
     /// Registers the resolver for `custom` columns of `table`.
     pub fn set_resolver(&self, table: &str, resolver: Arc<dyn Resolver>) -> Result<()> {
-        self.with_engine(|e| e.cat.table(table).map(|_| ()))?;
+        self.with_engine(|e| match e.cat.get(table) {
+            Some(_) => Ok(()),
+            None => Err(Error::InvalidInput(format!(
+                "no resolver for `{table}`: it is not a synced table of this schema"
+            ))),
+        })?;
         self.resolvers.lock().insert(table.to_owned(), resolver);
         Ok(())
     }

@@ -98,6 +98,7 @@ impl ColumnType {
 
 /// One declared column.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ColumnDecl {
     /// Column name.
     pub name: String,
@@ -116,6 +117,7 @@ pub struct ColumnDecl {
 
 /// One synced table.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TableDecl {
     /// Table name.
     pub name: String,
@@ -302,6 +304,7 @@ impl TableDecl {
 
 /// A migration step: SQL run once when the stored app schema version is below `version`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Migration {
     /// The app schema version this step upgrades to.
     pub version: u32,
@@ -311,6 +314,7 @@ pub struct Migration {
 
 /// Everything the app declares at open.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub struct Schema {
     /// App schema version (starts at 1, only grows).
     pub version: u32,
@@ -323,6 +327,38 @@ pub struct Schema {
 }
 
 impl Schema {
+    /// Each table with its mode, key, scope column, delete rule and each column's type and
+    /// policy, one line per table and one per column (what `ferry-relay check-config` prints).
+    pub fn describe(&self) -> String {
+        fn name<T: Serialize>(v: &T) -> String {
+            serde_json::to_string(v)
+                .unwrap_or_default()
+                .trim_matches('"')
+                .to_owned()
+        }
+        let mut out = String::new();
+        for t in &self.tables {
+            out.push_str(&format!(
+                "table {}: mode {}, key {}, scope {}, deletes {}\n",
+                t.name,
+                name(&t.mode),
+                t.primary_key.as_deref().unwrap_or("(none)"),
+                t.scope_column.as_deref().unwrap_or("(global)"),
+                name(&t.delete_rule),
+            ));
+            for c in &t.columns {
+                out.push_str(&format!(
+                    "  {} {} {}{}\n",
+                    c.name,
+                    name(&c.ty),
+                    name(&c.policy),
+                    if c.not_null { " not null" } else { "" }
+                ));
+            }
+        }
+        out
+    }
+
     /// A schema at `version` with no tables.
     pub fn new(version: u32) -> Self {
         Schema {
@@ -443,6 +479,33 @@ mod tests {
         t.primary_key = Some("id".into());
         assert!(
             matches!(t.validate(), Err(Error::InvalidSchema(m)) if m.contains("integer primary key"))
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_not_ignored() {
+        // A typo in a mode key used to pass silently and leave the table multi-writer.
+        let json = r#"{"name":"t","columns":[{"name":"id","ty":"text"}],"primary_key":"id","write_mode":"server_checked"}"#;
+        let err = serde_json::from_str::<TableDecl>(json)
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        assert!(err.is_err_and(|e| e.contains("write_mode")));
+        let json = r#"{"name":"id","ty":"text","polciy":"lww"}"#;
+        assert!(serde_json::from_str::<ColumnDecl>(json).is_err());
+        let json = r#"{"version":1,"tables":[],"migration":[]}"#;
+        assert!(serde_json::from_str::<Schema>(json).is_err());
+        let ok = r#"{"name":"t","columns":[{"name":"id","ty":"text"},{"name":"n","ty":"integer","policy":"counter"}],"primary_key":"id","mode":"server_checked"}"#;
+        let t: TableDecl = serde_json::from_str(ok).unwrap_or_else(|e| panic!("{e}"));
+        let shown = Schema {
+            version: 1,
+            tables: vec![t],
+            migrations: Vec::new(),
+        }
+        .describe();
+        assert!(
+            shown.contains("table t: mode server_checked, key id, scope (global)")
+                && shown.contains("  n integer counter"),
+            "{shown}"
         );
     }
 

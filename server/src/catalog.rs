@@ -31,22 +31,29 @@ pub struct RelayCatalog {
     pub tables: HashMap<String, RelayTable>,
 }
 
+/// Reads the schema file the configuration names (unknown keys refused): its path and
+/// the schema.
+pub fn read_schema(config: &Config) -> Result<(&std::path::Path, Schema)> {
+    let path = config
+        .schema
+        .as_deref()
+        .ok_or_else(|| RelayError::Config("schema is not set".into()))?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        RelayError::Config(format!("cannot read schema file {}: {e}", path.display()))
+    })?;
+    let schema: Schema = serde_json::from_str(&text).map_err(|e| {
+        RelayError::Config(format!(
+            "schema file {} is not a Ferry schema: {e}",
+            path.display()
+        ))
+    })?;
+    Ok((path, schema))
+}
+
 impl RelayCatalog {
     /// Loads the schema named by the configuration.
     pub fn load(config: &Config) -> Result<Self> {
-        let path = config
-            .schema
-            .as_ref()
-            .ok_or_else(|| RelayError::Config("schema is not set".into()))?;
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            RelayError::Config(format!("cannot read schema file {}: {e}", path.display()))
-        })?;
-        let schema: Schema = serde_json::from_str(&text).map_err(|e| {
-            RelayError::Config(format!(
-                "schema file {} is not a Ferry schema: {e}",
-                path.display()
-            ))
-        })?;
+        let (path, schema) = read_schema(config)?;
         Self::from_schema(schema)
             .map_err(|e| RelayError::Config(format!("schema file {}: {e}", path.display())))
     }

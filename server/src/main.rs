@@ -136,10 +136,22 @@ fn run(cli: Cli) -> Result<(), RelayError> {
         Command::CheckConfig(args) => {
             let cfg = load(&cli.config, &args)?;
             ferry_relay::server::check_config(&cfg)?;
+            let (path, schema) = ferry_relay::catalog::read_schema(&cfg)?;
+            let path = path.to_path_buf();
             let text = toml::to_string_pretty(&redacted(cfg))
                 .map_err(|e| RelayError::Config(e.to_string()))?;
+            let tables: String = schema
+                .describe()
+                .lines()
+                .map(|l| format!("#   {l}\n"))
+                .collect();
             let mut out = std::io::stdout();
-            let _ = writeln!(out, "# configuration is valid; effective settings:\n{text}");
+            let _ = writeln!(
+                out,
+                "# configuration is valid; effective settings:\n{text}\n# tables of {} (app schema version {}):\n{tables}",
+                path.display(),
+                schema.version
+            );
             Ok(())
         }
         Command::Token(t) => {

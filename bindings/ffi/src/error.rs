@@ -79,13 +79,68 @@ pub enum FerryError {
         /// Its size and the relay's limits.
         reason: String,
     },
+    /// No quarantined change set has this id (discarded or retried already): list them again.
+    #[error("not quarantined: {reason}")]
+    NotQuarantined {
+        /// Which id.
+        reason: String,
+    },
+    /// Downloads paused at a change from a newer app version (a column this schema lacks):
+    /// upgrade the app; uploads go on.
+    #[error("app schema outdated: {reason}")]
+    SchemaOutdated {
+        /// The table and column the change needs.
+        reason: String,
+    },
+    /// The disk is full: nothing was written; free space and retry.
+    #[error("storage full: {reason}")]
+    StorageFull {
+        /// What SQLite said.
+        reason: String,
+    },
+    /// The replica's file or folder cannot be written (read-only storage, permissions):
+    /// nothing was written; reads still work.
+    #[error("storage read-only: {reason}")]
+    StorageReadOnly {
+        /// What SQLite said.
+        reason: String,
+    },
+    /// The replica's file cannot be opened (missing or unwritable folder).
+    #[error("cannot open: {reason}")]
+    CannotOpen {
+        /// What SQLite said.
+        reason: String,
+    },
+    /// The file is not a Ferry replica or is damaged (or a stored record cannot be read).
+    #[error("corrupt: {reason}")]
+    Corrupt {
+        /// What is damaged.
+        reason: String,
+    },
+    /// The relay sent something no correct relay sends (nothing was applied); the sync loop
+    /// reconnects. Worth reporting.
+    #[error("protocol: {reason}")]
+    Protocol {
+        /// What was wrong.
+        reason: String,
+    },
+    /// SQLite failed for a reason that is neither the app's statement nor a full, read-only
+    /// or damaged store (an I/O error, a lock held elsewhere): retry; worth reporting.
+    #[error("storage: {reason}")]
+    Storage {
+        /// What SQLite said.
+        reason: String,
+    },
+    /// A callback the app implemented (token provider, resolver, listener) failed.
+    #[error("app callback failed: {reason}")]
+    Callback {
+        /// What the host language reported.
+        reason: String,
+    },
     /// The replica (or the object) was closed; open it again.
-    #[error("closed")]
-    Closed,
-    /// Anything else (disk, corruption, internal); worth reporting.
-    #[error("{reason}")]
-    Other {
-        /// What happened.
+    #[error("closed: {reason}")]
+    Closed {
+        /// What was closed.
         reason: String,
     },
 }
@@ -101,15 +156,17 @@ impl From<Core> for FerryError {
             | Core::UnknownName { .. }
             | Core::InvalidInput(_)
             | Core::InvalidCounter { .. } => FerryError::InvalidInput { reason },
-            Core::SchemaTooNew { .. }
-            | Core::AppSchemaTooNew { .. }
-            | Core::AppSchemaOutdated { .. } => FerryError::SchemaTooNew { reason },
+            Core::SchemaTooNew { .. } | Core::AppSchemaTooNew { .. } => {
+                FerryError::SchemaTooNew { reason }
+            }
+            Core::AppSchemaOutdated { .. } => FerryError::SchemaOutdated { reason },
             Core::ReadOnlyTable(table) => FerryError::ReadOnlyTable { table },
             Core::Transport(_) => FerryError::Offline { reason },
             Core::Refused { code, message } => match code {
                 ErrorCode::Unauthorized | ErrorCode::Forbidden => {
                     FerryError::Unauthorized { reason: message }
                 }
+                ErrorCode::TooLarge => FerryError::TransactionTooLarge { reason: message },
                 _ => FerryError::ConflictRejected {
                     code: code.as_str().to_owned(),
                     reason: message,
@@ -122,19 +179,32 @@ impl From<Core> for FerryError {
             Core::LeaseBusy { name, .. } | Core::LeaseLost { name, .. } => {
                 FerryError::LeaseUnavailable { name, reason }
             }
-            Core::CannotDiscard { .. } | Core::NotQuarantined(_) => {
-                FerryError::CannotDiscard { reason }
-            }
+            Core::CannotDiscard { .. } => FerryError::CannotDiscard { reason },
+            Core::NotQuarantined(_) => FerryError::NotQuarantined { reason },
             Core::RetryWaits { .. } => FerryError::RetryWaits { reason },
             Core::TransactionTooLarge { .. } => FerryError::TransactionTooLarge { reason },
-            Core::Closed => FerryError::Closed,
+            Core::StorageFull(_) => FerryError::StorageFull { reason },
+            Core::StorageReadOnly(_) => FerryError::StorageReadOnly { reason },
+            Core::CannotOpen(_) => FerryError::CannotOpen { reason },
+            Core::Corrupt(_) | Core::Codec(_) => FerryError::Corrupt { reason },
+            Core::Protocol(_) | Core::InvalidChangeSet(_) => FerryError::Protocol { reason },
+            Core::Closed => FerryError::Closed { reason },
             Core::Sqlite(ref s) if sql_from_app(s) => FerryError::InvalidInput { reason },
-            _ => {
-                tracing::error!(error = %reason, "ferry call failed");
-                FerryError::Other { reason }
+            Core::Sqlite(ref s) if sql_corrupt(s) => FerryError::Corrupt { reason },
+            Core::Sqlite(_) => {
+                tracing::error!(error = %reason, "ferry call failed in SQLite");
+                FerryError::Storage { reason }
             }
         }
     }
+}
+
+/// SQLite errors that say the file is damaged or not a database.
+fn sql_corrupt(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+    )
 }
 
 /// SQLite errors caused by the statement or values the app passed (syntax, unknown column,
@@ -169,9 +239,7 @@ fn sql_from_app(e: &rusqlite::Error) -> bool {
 
 impl From<uniffi::UnexpectedUniFFICallbackError> for FerryError {
     fn from(e: uniffi::UnexpectedUniFFICallbackError) -> Self {
-        FerryError::Other {
-            reason: format!("a callback implemented by the app failed: {}", e.reason),
-        }
+        FerryError::Callback { reason: e.reason }
     }
 }
 
@@ -241,16 +309,33 @@ mod tests {
                 },
                 |e| matches!(e, FerryError::ConflictRejected { code, .. } if code == "invalid_change_set"),
             ),
-            (Core::Closed, |e| matches!(e, FerryError::Closed)),
+            (
+                Core::Closed,
+                |e| matches!(e, FerryError::Closed { reason } if !reason.is_empty()),
+            ),
             (Core::Corrupt("bad page".into()), |e| {
-                matches!(e, FerryError::Other { .. })
+                matches!(e, FerryError::Corrupt { .. })
             }),
             (
                 Core::Sqlite(rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_NOTADB),
+                    None,
+                )),
+                |e| matches!(e, FerryError::Corrupt { .. }),
+            ),
+            (
+                Core::Sqlite(rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
+                    None,
+                )),
+                |e| matches!(e, FerryError::Storage { .. }),
+            ),
+            (
+                Core::from(rusqlite::Error::SqliteFailure(
                     rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
                     None,
                 )),
-                |e| matches!(e, FerryError::Other { .. }),
+                |e| matches!(e, FerryError::StorageFull { .. }),
             ),
         ];
         for (core, ok) in cases {
@@ -258,5 +343,130 @@ mod tests {
             let mapped = FerryError::from(core);
             assert!(ok(&mapped), "{shown} mapped to {mapped:?}");
         }
+    }
+
+    /// One error of every core kind. The match below has no catch-all: a new core kind does
+    /// not compile until it is listed here, and so checked by the test after it.
+    fn every_kind() -> Vec<Core> {
+        let all = vec![
+            Core::InvalidSchema("s".into()),
+            Core::UnknownName {
+                kind: "mode",
+                name: "n".into(),
+                expected: "m",
+            },
+            Core::SchemaTooNew {
+                found: 9,
+                supported: 2,
+            },
+            Core::AppSchemaTooNew {
+                found: 3,
+                declared: 2,
+            },
+            Core::AppSchemaOutdated {
+                table: "t".into(),
+                column: "c".into(),
+            },
+            Core::ReadOnlyTable("t".into()),
+            Core::InvalidInput("i".into()),
+            Core::InvalidCounter {
+                table: "t".into(),
+                column: "c".into(),
+                got: "g".into(),
+            },
+            Core::InvalidChangeSet("c".into()),
+            Core::Protocol("p".into()),
+            Core::Transport("t".into()),
+            Core::Refused {
+                code: ErrorCode::Conflict,
+                message: "m".into(),
+            },
+            Core::Refused {
+                code: ErrorCode::Forbidden,
+                message: "m".into(),
+            },
+            Core::Rejected("r".into()),
+            Core::LeaseBusy {
+                name: "l".into(),
+                retry_after_ms: 5,
+            },
+            Core::LeaseLost {
+                name: "l".into(),
+                token: 1,
+            },
+            Core::NotQuarantined(1),
+            Core::CannotDiscard {
+                id: 1,
+                origin_seq: 2,
+            },
+            Core::RetryWaits { id: 1 },
+            Core::TransactionTooLarge {
+                ops: 1,
+                bytes: 2,
+                max_ops: 0,
+                max_bytes: 0,
+            },
+            Core::Closed,
+            Core::Sqlite(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
+                None,
+            )),
+            Core::StorageFull("f".into()),
+            Core::StorageReadOnly("r".into()),
+            Core::CannotOpen("o".into()),
+            Core::Codec("c".into()),
+            Core::Corrupt("c".into()),
+        ];
+        for e in &all {
+            match e {
+                Core::InvalidSchema(_)
+                | Core::UnknownName { .. }
+                | Core::SchemaTooNew { .. }
+                | Core::AppSchemaTooNew { .. }
+                | Core::AppSchemaOutdated { .. }
+                | Core::ReadOnlyTable(_)
+                | Core::InvalidInput(_)
+                | Core::InvalidCounter { .. }
+                | Core::InvalidChangeSet(_)
+                | Core::Protocol(_)
+                | Core::Transport(_)
+                | Core::Refused { .. }
+                | Core::Rejected(_)
+                | Core::LeaseBusy { .. }
+                | Core::LeaseLost { .. }
+                | Core::NotQuarantined(_)
+                | Core::CannotDiscard { .. }
+                | Core::RetryWaits { .. }
+                | Core::TransactionTooLarge { .. }
+                | Core::Closed
+                | Core::Sqlite(_)
+                | Core::StorageFull(_)
+                | Core::StorageReadOnly(_)
+                | Core::CannotOpen(_)
+                | Core::Codec(_)
+                | Core::Corrupt(_) => {}
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn every_core_kind_has_its_own_error_and_a_message() {
+        let mut seen = std::collections::BTreeSet::new();
+        for core in every_kind() {
+            let shown = core.to_string();
+            let mapped = FerryError::from(core);
+            let name = format!("{mapped:?}");
+            let variant = name.split([' ', '{', '(']).next().unwrap_or("").to_owned();
+            assert!(
+                !mapped.to_string().trim().is_empty(),
+                "{shown}: an empty message"
+            );
+            seen.insert(variant);
+        }
+        // Every variant the bindings declare is reached (but `Callback`, which only an app's
+        // callback raises): no kind shares a catch-all.
+        assert_eq!(seen.len(), 19, "{seen:?}");
+        assert!(!seen.contains("Callback"), "{seen:?}");
     }
 }

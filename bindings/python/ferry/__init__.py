@@ -10,10 +10,9 @@ package adds a thin Pythonic layer on top:
 * ``db.watch_rows(sql, *params)`` and ``session.statuses()`` are async iterators;
 * ``db.sync_with(url, token)`` and ``db.resolve_with(table, fn)`` accept plain callables.
 
-Everything Ferry raises is a ``FerryError`` subclass (``FerryError.InvalidInput``,
-``FerryError.ReadOnlyTable``, ``FerryError.Unauthorized``, ``FerryError.Offline``,
-``FerryError.ConflictRejected``, ``FerryError.SchemaTooNew``, ``FerryError.Closed``,
-``FerryError.Other``).
+Everything Ferry raises is a ``FerryError`` subclass, one per action the app takes
+(``FerryError.InvalidInput``, ``FerryError.Unauthorized``, ``FerryError.Offline``,
+``FerryError.StorageFull``, ``FerryError.Closed``, ...; the table is in ``docs/bindings.md``).
 """
 
 from __future__ import annotations

@@ -78,6 +78,8 @@ def test_a_resolver_written_in_python_decides_a_real_conflict(relay: Relay, open
         return Resolution.VALUE(sql_value(f"{ferry.py_value(c.local)} & {ferry.py_value(c.remote)}"))
 
     b.resolve_with("notes", resolve)
+    with pytest.raises(FerryError.InvalidInput):  # a table the schema does not sync
+        b.resolve_with("nope", resolve)
 
     async def main() -> None:
         sa, sb = session(relay, a, "alice"), session(relay, b, "bob")
@@ -180,8 +182,12 @@ def test_errors_are_typed(relay: Relay, open_replica, tmp_path: pathlib.Path) ->
 
     asyncio.run(main())
     a.close()
-    with pytest.raises(FerryError.Closed):
+    with pytest.raises(FerryError.Closed) as closed:
         a.select("SELECT 1")
+    assert "closed" in str(closed.value), "every error says what happened"
+    # A file that cannot be opened says so (not a generic error).
+    with pytest.raises(FerryError.CannotOpen):
+        ferry.Replica.open("/nonexistent-ferry-dir/x.db", notes_schema())
 
 
 def test_transaction_rolls_back_when_the_block_raises(open_replica) -> None:

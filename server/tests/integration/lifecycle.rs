@@ -163,12 +163,15 @@ fn cli_token_and_check_config() {
     let relay = RelayProc::start(&d.path().join("relay"));
     let cfg = relay.dir.join("relay.toml");
     let bin = env!("CARGO_BIN_EXE_ferry-relay");
-    let out = Command::new(bin)
-        .args(["--config"])
-        .arg(&cfg)
-        .arg("check-config")
-        .output()
-        .unwrap();
+    let check_config = || {
+        Command::new(bin)
+            .args(["--config"])
+            .arg(&cfg)
+            .arg("check-config")
+            .output()
+            .unwrap()
+    };
+    let out = check_config();
     assert!(
         out.status.success(),
         "{}",
@@ -179,6 +182,23 @@ fn cli_token_and_check_config() {
         text.contains("valid") && text.contains("<redacted>"),
         "{text}"
     );
+    // It prints each table with its mode, key and scope, and each column's policy.
+    assert!(
+        text.contains("#   table acct: mode server_checked, key id, scope (global)")
+            && text.contains("#   table todo: mode multi_writer, key id, scope list")
+            && text.contains("#     votes integer counter"),
+        "{text}"
+    );
+    // A typo in a schema key is refused, not ignored (it once left a table multi-writer).
+    let schema_path = relay.dir.join("schema.json");
+    let good = std::fs::read_to_string(&schema_path).unwrap();
+    let typo = good.replacen("\"mode\"", "\"write_mode\"", 1);
+    assert_ne!(typo, good, "the test schema names a mode");
+    std::fs::write(&schema_path, typo).unwrap();
+    let out = check_config();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("write_mode"), "{err}");
+    std::fs::write(&schema_path, good).unwrap();
     let out = Command::new(bin)
         .args(["--config"])
         .arg(&cfg)
