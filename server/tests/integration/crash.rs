@@ -5,6 +5,7 @@
 
 use ferry_core::SyncPort;
 use ferry_core::{Replica, Value};
+use ferry_testkit::proxy::{FaultProxy, Mode};
 use ferry_testkit::relay::*;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -159,15 +160,9 @@ fn batches_whole(r: &Replica) {
     }
 }
 
-#[test]
-fn client_killed_mid_download_reopens_consistent() {
-    let d = tempfile::tempdir().unwrap();
-    let relay = RelayProc::start(&d.path().join("relay"));
-    let url = relay.url();
-    let src = open(d.path(), "src.db");
-    let hsrc = connect(&src, &url, admin_token("src"));
-    let sets = 4000;
-    for b in 0..sets {
+/// Writes change sets `range` of `BATCH` rows each on `src`.
+fn write_batches(src: &Replica, range: std::ops::Range<u64>) {
+    for b in range {
         src.write(|tx| {
             let mut st = tx.prepare("INSERT INTO todo(id, list, title) VALUES (?1, 'bulk', ?2)")?;
             for i in 0..BATCH {
@@ -180,49 +175,118 @@ fn client_killed_mid_download_reopens_consistent() {
         })
         .unwrap();
     }
+}
+
+/// Starts a child process syncing the replica at `path` through `url`, SIGKILLs it once
+/// `ready` holds for its progress (or after a minute), and returns the progress then.
+fn kill_child_when(
+    path: &std::path::Path,
+    url: &str,
+    ready: impl Fn((u64, u64)) -> bool,
+) -> (u64, u64) {
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "crash::child_download",
+            "--nocapture",
+        ])
+        .env(
+            CHILD_ENV,
+            format!("{}|{url}|{}", path.display(), admin_token("victim")),
+        )
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let at = loop {
+        let at = downloaded(path);
+        if ready(at) || Instant::now() > deadline {
+            break at;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    at
+}
+
+/// Reopens the victim after a kill: nothing it had applied is gone, and (`whole`) no change
+/// set is there in part.
+fn reopen_after_kill(path: &std::path::Path, at: (u64, u64), whole: bool) {
+    let r = Replica::open(path, &schema()).unwrap();
+    if whole {
+        batches_whole(&r);
+    }
+    let after = downloaded(path);
+    assert!(
+        after.0 >= at.0 && after.1 >= at.1,
+        "progress went back: {at:?} -> {after:?}"
+    );
+    r.close().unwrap();
+}
+
+/// A device process SIGKILLed while it downloads, first during its snapshot, then during a
+/// catch-up from the log, reopens with everything it had applied and converges. A page of a
+/// snapshot follows key order, not transactions, so a device cut mid-snapshot may hold part
+/// of a change set until the snapshot ends (ADR 0003); a catch-up applies whole change sets.
+#[test]
+fn client_killed_mid_download_reopens_consistent() {
+    let d = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(&d.path().join("relay"));
+    let src = open(d.path(), "src.db");
+    let hsrc = connect(&src, &relay.url(), admin_token("src"));
+    let sets = 4000;
+    write_batches(&src, 0..sets);
     wait_synced(&hsrc);
     let path = d.path().join("victim.db");
     drop(Replica::open(&path, &schema()).unwrap());
-    let mut killed_at = Vec::new();
-    for attempt in 0..3 {
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--ignored",
-                "--exact",
-                "crash::child_download",
-                "--nocapture",
-            ])
-            .env(
-                CHILD_ENV,
-                format!("{}|{url}|{}", path.display(), admin_token("victim")),
-            )
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        // Kill once the download is under way but not finished.
-        let floor = (attempt as u64 + 1) * sets / 5;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let cursor = loop {
-            let c = read_cursor(&path);
-            if c > floor || Instant::now() > deadline {
-                break c;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        };
-        child.kill().unwrap();
-        child.wait().unwrap();
-        killed_at.push(cursor);
-        let r = Replica::open(&path, &schema()).unwrap();
-        batches_whole(&r);
-        assert!(r.cursor().unwrap() >= cursor, "cursor went back");
-        r.close().unwrap();
+    // A slow link (small socket buffers, a pause per chunk), so that each download takes long
+    // enough for the kills to land inside it.
+    let proxy = FaultProxy::start_with(relay.addr, Some(4096));
+    proxy.set_mode(Mode::Delay(Duration::from_millis(2)));
+    let total = sets * BATCH as u64;
+    // The snapshot: killed twice part way.
+    let mut snapshot_kills = Vec::new();
+    for k in 1..=2 {
+        let at = kill_child_when(&path, &proxy.url(), |(rows, cursor)| {
+            rows > k * total / 4 || cursor > 0
+        });
+        reopen_after_kill(&path, at, at.1 > 0);
+        snapshot_kills.push(at);
     }
     assert!(
-        killed_at.iter().any(|c| *c > 0 && *c < sets),
-        "the kills should land mid-download: {killed_at:?}"
+        snapshot_kills
+            .iter()
+            .any(|(rows, cursor)| *rows > 0 && *rows < total && *cursor == 0),
+        "a kill should land mid-snapshot: {snapshot_kills:?}"
     );
     let victim = Arc::new(Replica::open(&path, &schema()).unwrap());
-    let hv = connect(&victim, &url, admin_token("victim"));
+    let hv = connect(&victim, &proxy.url(), admin_token("victim"));
+    wait_synced(&hv);
+    batches_whole(&victim);
+    let from = victim.cursor().unwrap();
+    drop(hv);
+    victim.close().unwrap();
+    drop(victim);
+    // A catch-up from the log: killed three times part way.
+    write_batches(&src, sets..2 * sets);
+    wait_synced(&hsrc);
+    let head = src.cursor().unwrap();
+    let mut log_kills = Vec::new();
+    for k in 1..=3 {
+        let at = kill_child_when(&path, &proxy.url(), |(_, cursor)| {
+            cursor > from + k * (head - from) / 5
+        });
+        reopen_after_kill(&path, at, true);
+        log_kills.push(at);
+    }
+    assert!(
+        log_kills.iter().any(|(_, c)| *c > from && *c < head),
+        "a kill should land mid-catch-up: {log_kills:?} ({from}..{head})"
+    );
+    let victim = Arc::new(Replica::open(&path, &schema()).unwrap());
+    let hv = connect(&victim, &relay.url(), admin_token("victim"));
     wait_synced(&hv);
     batches_whole(&victim);
     assert_eq!(victim.dump().unwrap(), src.dump().unwrap());
@@ -231,20 +295,30 @@ fn client_killed_mid_download_reopens_consistent() {
             .unwrap()
             .matches()
     );
-    eprintln!("killed at cursors {killed_at:?} of {sets}");
+    eprintln!(
+        "killed at (rows, cursor) {snapshot_kills:?} of ({total}, snapshot), {log_kills:?} of \
+         ({from}..{head})"
+    );
 }
 
-fn read_cursor(path: &std::path::Path) -> u64 {
+/// The victim's progress as a reader sees it: bulk rows held, and its cursor.
+fn downloaded(path: &std::path::Path) -> (u64, u64) {
     let Ok(c) =
         rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
     else {
-        return 0;
+        return (0, 0);
     };
-    c.query_row(
-        "SELECT value FROM ferry_meta WHERE key = 'cursor'",
-        [],
-        |r| r.get::<_, i64>(0),
-    )
-    .map(|v| v as u64)
-    .unwrap_or(0)
+    let rows = c
+        .query_row("SELECT count(*) FROM todo WHERE list = 'bulk'", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .unwrap_or(0);
+    let cursor = c
+        .query_row(
+            "SELECT value FROM ferry_meta WHERE key = 'cursor'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap_or(0);
+    (rows as u64, cursor as u64)
 }
