@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import sys
+import typing
 
 import ferry
 from ferry import ColumnDecl, ColumnType, DeleteRule, Policy, Schema, TableDecl, TableMode
@@ -53,6 +55,17 @@ async def sync(db: ferry.Replica) -> None:
         session.disconnect()
 
 
+@dataclasses.dataclass
+class Note:
+    """A note as the app sees it (rows mapped with ``db.select_as(Note, sql)``)."""
+
+    id: str
+    folder: str
+    title: typing.Optional[str]
+    body: typing.Optional[str]
+    likes: int
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description="Ferry notes")
     p.add_argument("--db", required=True)
@@ -71,14 +84,13 @@ def main() -> None:
             if args.cmd == "add":
                 note = db.new_id()
                 with db.transaction() as tx:
-                    tx.exec("INSERT INTO notes(id, folder, title, body) VALUES (?, ?, ?, ?)",
-                            note, args.folder, args.title, args.body)
+                    tx.exec("INSERT INTO notes(id, folder, title, body) VALUES (?, ?, ?, ?)", (note, args.folder, args.title, args.body))
                 print(f"added {note}")
             elif args.cmd == "list":
-                for r in db.select("SELECT id, folder, title, coalesce(body, ''), likes FROM notes ORDER BY folder, title, id"):
-                    print(f"{r[0]}  [{r[1]}] {r[2]}  {r[3]}  ({r[4]} likes)")
+                for n in db.select_as(Note, "SELECT id, folder, title, body, likes FROM notes ORDER BY folder, title, id"):
+                    print(f"{n.id}  [{n.folder}] {n.title}  {n.body or ''}  ({n.likes} likes)")
             elif args.cmd == "like":
-                if db.exec("UPDATE notes SET likes = likes + 1 WHERE id = ?", args.id) == 0:
+                if db.exec("UPDATE notes SET likes = likes + 1 WHERE id = ?", (args.id,)) == 0:
                     sys.exit(f"notes: no note {args.id}")
             elif args.cmd == "sync":
                 asyncio.run(sync(db))

@@ -5,6 +5,7 @@
 //! refused write, upgrade the app. Each variant is one such action, carrying the core's
 //! explanation in `reason` (host exceptions show fields, so the text lives in a field).
 
+use crate::num::Signed;
 use ferry_core::Error as Core;
 use ferry_core::protocol::ErrorCode;
 
@@ -52,6 +53,9 @@ pub enum FerryError {
         name: String,
         /// Why.
         reason: String,
+        /// When another replica holds it: how long until its grant runs out (ms); try
+        /// again then. None when this replica's grant was lost.
+        retry_after_ms: Option<i64>,
     },
     /// The file or its app schema is newer than this build: upgrade the app.
     #[error("schema too new: {reason}")]
@@ -176,9 +180,19 @@ impl From<Core> for FerryError {
                 code: "rejected".to_owned(),
                 reason: why,
             },
-            Core::LeaseBusy { name, .. } | Core::LeaseLost { name, .. } => {
-                FerryError::LeaseUnavailable { name, reason }
-            }
+            Core::LeaseBusy {
+                name,
+                retry_after_ms,
+            } => FerryError::LeaseUnavailable {
+                name,
+                reason,
+                retry_after_ms: Some(retry_after_ms.signed()),
+            },
+            Core::LeaseLost { name, .. } => FerryError::LeaseUnavailable {
+                name,
+                reason,
+                retry_after_ms: None,
+            },
             Core::CannotDiscard { .. } => FerryError::CannotDiscard { reason },
             Core::NotQuarantined(_) => FerryError::NotQuarantined { reason },
             Core::RetryWaits { .. } => FerryError::RetryWaits { reason },
@@ -467,6 +481,20 @@ mod tests {
         // Every variant the bindings declare is reached (but `Callback`, which only an app's
         // callback raises): no kind shares a catch-all.
         assert_eq!(seen.len(), 19, "{seen:?}");
+        let busy = FerryError::from(Core::LeaseBusy {
+            name: "l".into(),
+            retry_after_ms: 5,
+        });
+        assert!(
+            matches!(
+                busy,
+                FerryError::LeaseUnavailable {
+                    retry_after_ms: Some(5),
+                    ..
+                }
+            ),
+            "{busy:?}"
+        );
         assert!(!seen.contains("Callback"), "{seen:?}");
     }
 }

@@ -13,6 +13,7 @@
 
 mod error;
 mod listeners;
+mod num;
 mod replica;
 mod subscription;
 mod sync;

@@ -6,6 +6,7 @@ use crate::listeners::{
     ChangeListener, Changes, ConflictResolver, QueryListener, Resolver, TokenProvider, Tokens,
     query_callback,
 };
+use crate::num::{self, Signed};
 use crate::subscription::Subscription;
 use crate::sync::{SyncOptions, SyncSession};
 use crate::transaction::WriteTransaction;
@@ -58,7 +59,7 @@ impl Replica {
             primary_tables: options.primary_tables,
             ..Default::default()
         };
-        let inner = core::Replica::open_with(&path, &schema.into(), opts)?;
+        let inner = core::Replica::open_with(&path, &schema.try_into()?, opts)?;
         Ok(Arc::new(Replica {
             inner: Arc::new(inner),
             sessions: Mutex::new(Vec::new()),
@@ -88,19 +89,19 @@ impl Replica {
     }
 
     /// The app schema version this replica runs.
-    pub fn schema_version(&self) -> Result<u32> {
-        Ok(self.inner.schema_version()?)
+    pub fn schema_version(&self) -> Result<i32> {
+        Ok(i32::try_from(self.inner.schema_version()?).unwrap_or(i32::MAX))
     }
 
     /// The relay position applied.
-    pub fn cursor(&self) -> Result<u64> {
-        Ok(self.inner.cursor()?)
+    pub fn cursor(&self) -> Result<i64> {
+        Ok(self.inner.cursor()?.signed())
     }
 
     /// When this replica was last completely synced with a relay (ms since the Unix
     /// epoch); `None` before its first complete sync (its rows are not yet the relay's).
-    pub fn last_synced_at_ms(&self) -> Result<Option<u64>> {
-        Ok(self.inner.last_synced_at()?)
+    pub fn last_synced_at_ms(&self) -> Result<Option<i64>> {
+        Ok(self.inner.last_synced_at()?.map(Signed::signed))
     }
 
     /// The scope patterns this replica subscribes to; `None` (the default) syncs every scope
@@ -122,18 +123,19 @@ impl Replica {
     }
 
     /// Scopes evicted (newest first, at most `limit`).
-    pub fn evictions(&self, limit: u32) -> Result<Vec<Eviction>> {
+    pub fn evictions(&self, limit: i32) -> Result<Vec<Eviction>> {
+        let limit = num::unsigned32("limit", limit)? as usize;
         Ok(self
             .inner
-            .evictions(limit as usize)?
+            .evictions(limit)?
             .into_iter()
             .map(Eviction::from)
             .collect())
     }
 
     /// Local change sets not yet acknowledged by the relay.
-    pub fn pending_count(&self) -> Result<u64> {
-        Ok(self.inner.pending_count()?)
+    pub fn pending_count(&self) -> Result<i64> {
+        Ok(self.inner.pending_count()?.signed())
     }
 
     /// A new ULID, for primary keys.
@@ -142,8 +144,11 @@ impl Replica {
     }
 
     /// Runs one statement as its own write transaction; returns rows changed.
-    pub fn execute(&self, sql: String, params: Vec<SqlValue>) -> Result<u64> {
-        Ok(self.inner.execute(&sql, &crate::types::params(params))? as u64)
+    pub fn execute(&self, sql: String, params: Vec<SqlValue>) -> Result<i64> {
+        Ok(self
+            .inner
+            .execute(&sql, &crate::types::params(params))?
+            .signed())
     }
 
     /// Runs a read-only query.
@@ -202,8 +207,8 @@ impl Replica {
     }
 
     /// Clears the conflict log up to and including `up_to_id` (all when None).
-    pub fn clear_conflicts(&self, up_to_id: Option<i64>) -> Result<u64> {
-        Ok(self.inner.clear_conflicts(up_to_id)? as u64)
+    pub fn clear_conflicts(&self, up_to_id: Option<i64>) -> Result<i64> {
+        Ok(self.inner.clear_conflicts(up_to_id)?.signed())
     }
 
     /// Change sets the relay refused for a permanent reason (a scope the token may no longer
@@ -228,8 +233,8 @@ impl Replica {
     /// cause was fixed, e.g. a token with a wider grant). Returns its new `origin_seq`, or
     /// None when nothing of it was left to push. Fails with `RetryWaits` for one that kept no
     /// before-images while a checked write is pending (retry once it is acknowledged).
-    pub fn retry_quarantined(&self, id: i64) -> Result<Option<u64>> {
-        Ok(self.inner.retry_quarantined(id)?)
+    pub fn retry_quarantined(&self, id: i64) -> Result<Option<i64>> {
+        Ok(self.inner.retry_quarantined(id)?.map(Signed::signed))
     }
 
     /// A digest of every synced row (equal on replicas holding the same data).

@@ -2,28 +2,28 @@
 
 use crate::error::{FerryError, Result};
 use crate::listeners::{Status, SyncStatusListener};
+use crate::num::{self, Signed};
 use crate::subscription::Subscription;
 use crate::transaction::WriteTransaction;
 use crate::types::{LeaseGrant, SyncStatus, core_lease};
 use ferry_core as core;
 use std::sync::Arc;
-use std::time::Duration;
 
 /// Tuning of the sync loop (every field has a sensible default).
 #[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
 pub struct SyncOptions {
     /// First reconnect delay.
     #[uniffi(default = 200)]
-    pub backoff_min_ms: u64,
+    pub backoff_min_ms: i64,
     /// Largest reconnect delay.
     #[uniffi(default = 30000)]
-    pub backoff_max_ms: u64,
+    pub backoff_max_ms: i64,
     /// Keep-alive interval.
     #[uniffi(default = 15000)]
-    pub ping_interval_ms: u64,
+    pub ping_interval_ms: i64,
     /// Limit for opening a connection.
     #[uniffi(default = 10000)]
-    pub connect_timeout_ms: u64,
+    pub connect_timeout_ms: i64,
     /// Allows `ws://` (unencrypted) to a host other than loopback, e.g. an emulator's host
     /// bridge (`10.0.2.2`) on a trusted network. Off: such URLs are refused (`InvalidInput`).
     #[uniffi(default = false)]
@@ -59,10 +59,10 @@ impl TryFrom<SyncOptions> for core::SyncOptions {
             }
         }
         Ok(core::SyncOptions {
-            backoff_min: Duration::from_millis(o.backoff_min_ms),
-            backoff_max: Duration::from_millis(o.backoff_max_ms),
-            ping_interval: Duration::from_millis(o.ping_interval_ms),
-            connect_timeout: Duration::from_millis(o.connect_timeout_ms),
+            backoff_min: num::millis("backoff_min_ms", o.backoff_min_ms)?,
+            backoff_max: num::millis("backoff_max_ms", o.backoff_max_ms)?,
+            ping_interval: num::millis("ping_interval_ms", o.ping_interval_ms)?,
+            connect_timeout: num::millis("connect_timeout_ms", o.connect_timeout_ms)?,
             allow_insecure: o.allow_insecure,
             trust: core::tls::Trust {
                 ca_certificates_pem: o.ca_certificates_pem,
@@ -79,11 +79,11 @@ pub struct Verification {
     /// True when this replica holds exactly what the relay says it should.
     pub matches: bool,
     /// Relay position both digests describe.
-    pub position: u64,
+    pub position: i64,
     /// Rows the relay counted.
-    pub relay_rows: u64,
+    pub relay_rows: i64,
     /// Rows this replica counted.
-    pub local_rows: u64,
+    pub local_rows: i64,
 }
 
 /// A running connection to a relay (see `Replica.connect`). Dropping it, `disconnect()` or
@@ -152,11 +152,9 @@ impl SyncSession {
     }
 
     /// Waits until `hasSynced(scope)`; `Offline` after `timeout_ms` or when the session ends.
-    pub async fn wait_for_first_sync(&self, scope: String, timeout_ms: u64) -> Result<()> {
-        Ok(self
-            .handle
-            .wait_for_first_sync(&scope, std::time::Duration::from_millis(timeout_ms))
-            .await?)
+    pub async fn wait_for_first_sync(&self, scope: String, timeout_ms: i64) -> Result<()> {
+        let timeout = num::millis("timeout_ms", timeout_ms)?;
+        Ok(self.handle.wait_for_first_sync(&scope, timeout).await?)
     }
 
     /// Completes when nothing is pending and the replica has caught up with the relay's head
@@ -169,42 +167,40 @@ impl SyncSession {
 
     /// Commits `tx` and waits for the relay's verdict: the relay position it was sequenced
     /// at, or `ConflictRejected` once it was refused and rolled back.
-    pub async fn commit_checked(&self, tx: Arc<WriteTransaction>) -> Result<u64> {
+    pub async fn commit_checked(&self, tx: Arc<WriteTransaction>) -> Result<i64> {
         let id = tx.inner.lock().commit_change()?.ok_or_else(|| FerryError::InvalidInput {
             reason: "the transaction wrote nothing to synced tables: there is no verdict to wait for"
                 .into(),
         })?;
-        Ok(self.handle.verdict(id).await?)
+        Ok(self.handle.verdict(id).await?.signed())
     }
 
     /// Waits for the relay's verdict on the change set `change_id` (from `commitChange`).
-    pub async fn verdict(&self, change_id: String) -> Result<u64> {
+    pub async fn verdict(&self, change_id: String) -> Result<i64> {
         let id: core::ChangeId = change_id.parse()?;
-        Ok(self.handle.verdict(id).await?)
+        Ok(self.handle.verdict(id).await?.signed())
     }
 
     /// Acquires the lease `name` for `ttl_ms`; `LeaseUnavailable` while another replica
     /// holds it.
-    pub async fn acquire_lease(&self, name: String, ttl_ms: u64) -> Result<LeaseGrant> {
-        Ok(self
-            .handle
-            .acquire_lease(&name, Duration::from_millis(ttl_ms))
-            .await?
-            .into())
+    pub async fn acquire_lease(&self, name: String, ttl_ms: i64) -> Result<LeaseGrant> {
+        let ttl = num::millis("ttl_ms", ttl_ms)?;
+        Ok(self.handle.acquire_lease(&name, ttl).await?.into())
     }
 
     /// Extends a grant by `ttl_ms` from now; `LeaseUnavailable` when it was lost.
-    pub async fn renew_lease(&self, lease: LeaseGrant, ttl_ms: u64) -> Result<LeaseGrant> {
+    pub async fn renew_lease(&self, lease: LeaseGrant, ttl_ms: i64) -> Result<LeaseGrant> {
+        let ttl = num::millis("ttl_ms", ttl_ms)?;
         Ok(self
             .handle
-            .renew_lease(&core_lease(lease), Duration::from_millis(ttl_ms))
+            .renew_lease(&core_lease(lease)?, ttl)
             .await?
             .into())
     }
 
     /// Gives a grant up.
     pub async fn release_lease(&self, lease: LeaseGrant) -> Result<()> {
-        Ok(self.handle.release_lease(&core_lease(lease)).await?)
+        Ok(self.handle.release_lease(&core_lease(lease)?).await?)
     }
 
     /// Syncs, then compares this replica's checksum with the relay's.
@@ -212,9 +208,9 @@ impl SyncSession {
         let v = self.handle.verify(&self.replica).await?;
         Ok(Verification {
             matches: v.matches(),
-            position: v.position,
-            relay_rows: v.relay_rows,
-            local_rows: v.local_rows,
+            position: v.position.signed(),
+            relay_rows: v.relay_rows.signed(),
+            local_rows: v.local_rows.signed(),
         })
     }
 }

@@ -1,6 +1,7 @@
 //! The app's write transaction across the FFI: a thin object over `ferry_core::Transaction`.
 
 use crate::error::Result;
+use crate::num::{self, Signed};
 use crate::types::{LeaseGrant, QueryResult, SqlValue};
 use ferry_core as core;
 use parking_lot::Mutex;
@@ -14,18 +15,19 @@ pub struct WriteTransaction {
 #[uniffi::export]
 impl WriteTransaction {
     /// Runs one statement; returns rows changed.
-    pub fn execute(&self, sql: String, params: Vec<SqlValue>) -> Result<u64> {
+    pub fn execute(&self, sql: String, params: Vec<SqlValue>) -> Result<i64> {
         Ok(self
             .inner
             .lock()
-            .execute(&sql, &crate::types::params(params))? as u64)
+            .execute(&sql, &crate::types::params(params))?
+            .signed())
     }
 
     /// Runs one statement once per parameter row, prepared once: the fast way to write many
     /// rows (one call across the FFI instead of one per row). Returns rows changed in all.
-    pub fn execute_many(&self, sql: String, rows: Vec<Vec<SqlValue>>) -> Result<u64> {
+    pub fn execute_many(&self, sql: String, rows: Vec<Vec<SqlValue>>) -> Result<i64> {
         let rows: Vec<Vec<core::Value>> = rows.into_iter().map(crate::types::params).collect();
-        Ok(self.inner.lock().execute_many(&sql, &rows)? as u64)
+        Ok(self.inner.lock().execute_many(&sql, &rows)?.signed())
     }
 
     /// Runs a query that sees this transaction's writes.
@@ -51,9 +53,10 @@ impl WriteTransaction {
     /// Guards this transaction with a lease grant (call before writing): the relay refuses
     /// its change set, and the replica rolls it back, unless the grant is still current.
     pub fn guard(&self, lease: LeaseGrant) -> Result<()> {
+        let token = num::unsigned("lease token", lease.token)?;
         Ok(self.inner.lock().guard(core::Fence {
             lease: lease.name,
-            token: lease.token,
+            token,
         })?)
     }
 

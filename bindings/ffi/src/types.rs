@@ -3,6 +3,8 @@
 //! Core types carry no FFI attributes (they stay plain Rust); these mirrors are the FFI's
 //! vocabulary. Schemas are declared as records, never as strings to parse.
 
+use crate::error::{FerryError, Result};
+use crate::num::{self, Signed};
 use ferry_core as core;
 
 /// One SQLite value.
@@ -187,7 +189,7 @@ pub struct TableDecl {
 #[derive(Debug, Clone, PartialEq, uniffi::Record)]
 pub struct Migration {
     /// The app schema version this step upgrades to.
-    pub version: u32,
+    pub version: i32,
     /// SQL statements to run.
     pub sql: String,
 }
@@ -196,7 +198,7 @@ pub struct Migration {
 #[derive(Debug, Clone, PartialEq, uniffi::Record)]
 pub struct Schema {
     /// App schema version (starts at 1, only grows).
-    pub version: u32,
+    pub version: i32,
     /// Synced tables.
     pub tables: Vec<TableDecl>,
     /// Migrations, run in version order.
@@ -204,10 +206,21 @@ pub struct Schema {
     pub migrations: Vec<Migration>,
 }
 
-impl From<Schema> for core::Schema {
-    fn from(s: Schema) -> Self {
-        core::Schema {
-            version: s.version,
+impl TryFrom<Schema> for core::Schema {
+    type Error = FerryError;
+    fn try_from(s: Schema) -> Result<Self> {
+        let migrations = s
+            .migrations
+            .into_iter()
+            .map(|m| {
+                Ok(core::Migration {
+                    version: num::unsigned32("migration version", m.version)?,
+                    sql: m.sql,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(core::Schema {
+            version: num::unsigned32("schema version", s.version)?,
             tables: s
                 .tables
                 .into_iter()
@@ -230,15 +243,8 @@ impl From<Schema> for core::Schema {
                     delete_rule: t.delete_rule.into(),
                 })
                 .collect(),
-            migrations: s
-                .migrations
-                .into_iter()
-                .map(|m| core::Migration {
-                    version: m.version,
-                    sql: m.sql,
-                })
-                .collect(),
-        }
+            migrations,
+        })
     }
 }
 
@@ -280,7 +286,7 @@ pub struct ConflictSide {
     /// The value (NULL for a delete).
     pub value: SqlValue,
     /// Its hybrid logical clock, as milliseconds since the epoch.
-    pub hlc_millis: u64,
+    pub hlc_millis: i64,
     /// The replica that wrote it.
     pub origin: String,
 }
@@ -293,7 +299,7 @@ pub struct QuarantinedChange {
     /// Handle for discard and retry.
     pub id: i64,
     /// The `origin_seq` it was refused under.
-    pub origin_seq: u64,
+    pub origin_seq: i64,
     /// Why the relay refused it.
     pub code: RelayCode,
     /// The relay's explanation.
@@ -301,25 +307,25 @@ pub struct QuarantinedChange {
     /// Tables it writes.
     pub tables: Vec<String>,
     /// Rows it writes.
-    pub rows: u64,
+    pub rows: i64,
     /// Whether discarding can take it back (its before-images were kept; guarded writes are
     /// rolled back rather than set aside, so only entries an earlier version set aside).
     pub discardable: bool,
     /// When it was set aside (ms since the Unix epoch).
-    pub at_ms: u64,
+    pub at_ms: i64,
 }
 
 impl From<core::Quarantined> for QuarantinedChange {
     fn from(q: core::Quarantined) -> Self {
         QuarantinedChange {
             id: q.id,
-            origin_seq: q.origin_seq,
+            origin_seq: q.origin_seq.signed(),
             code: q.code.into(),
             reason: q.reason,
             tables: q.tables,
-            rows: q.rows,
+            rows: q.rows.signed(),
             discardable: q.discardable,
-            at_ms: q.at_ms,
+            at_ms: q.at_ms.signed(),
         }
     }
 }
@@ -355,7 +361,7 @@ pub struct ConflictRecord {
 fn side(s: core::Side) -> ConflictSide {
     ConflictSide {
         value: s.value.into(),
-        hlc_millis: s.hlc.millis(),
+        hlc_millis: s.hlc.millis().signed(),
         origin: s.origin.to_string(),
     }
 }
@@ -498,21 +504,21 @@ pub struct Eviction {
     /// The scope.
     pub scope: String,
     /// Rows removed.
-    pub rows: u64,
+    pub rows: i64,
     /// Local change sets waiting to be pushed when the scope was lost (pushed before the rows
     /// went, unless the relay refused one: `SyncStatus.refused` reports it).
-    pub pending_writes: u64,
+    pub pending_writes: i64,
     /// When (ms since the Unix epoch).
-    pub at_ms: u64,
+    pub at_ms: i64,
 }
 
 impl From<core::Eviction> for Eviction {
     fn from(e: core::Eviction) -> Self {
         Eviction {
             scope: e.scope,
-            rows: e.rows,
-            pending_writes: e.pending_writes,
-            at_ms: e.at_ms,
+            rows: e.rows.signed(),
+            pending_writes: e.pending_writes.signed(),
+            at_ms: e.at_ms.signed(),
         }
     }
 }
@@ -521,7 +527,7 @@ impl From<core::Eviction> for Eviction {
 #[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
 pub struct RefusedPush {
     /// The refused change set's origin sequence number.
-    pub origin_seq: u64,
+    pub origin_seq: i64,
     /// Why.
     pub code: RelayCode,
     /// The relay's explanation.
@@ -534,44 +540,44 @@ pub struct SyncStatus {
     /// Connection state.
     pub state: ConnState,
     /// Change sets acknowledged this session…
-    pub uploaded: u64,
+    pub uploaded: i64,
     /// …of this many to upload.
-    pub upload_total: u64,
+    pub upload_total: i64,
     /// Bytes of the change sets acknowledged this session.
-    pub uploaded_bytes: u64,
+    pub uploaded_bytes: i64,
     /// Relay positions applied this session…
-    pub downloaded: u64,
+    pub downloaded: i64,
     /// …of this many known.
-    pub download_total: u64,
+    pub download_total: i64,
     /// Snapshot rows applied on this connection (a new device's first sync)…
-    pub snapshot_rows: u64,
+    pub snapshot_rows: i64,
     /// …of this many the relay announced (0: no snapshot).
-    pub snapshot_total_rows: u64,
+    pub snapshot_total_rows: i64,
     /// Snapshot bytes received (the relay's stored size)…
-    pub snapshot_bytes: u64,
+    pub snapshot_bytes: i64,
     /// …of this many announced.
-    pub snapshot_total_bytes: u64,
+    pub snapshot_total_bytes: i64,
     /// Relay position applied.
-    pub cursor: u64,
+    pub cursor: i64,
     /// Relay head as last heard.
-    pub head: u64,
+    pub head: i64,
     /// Local change sets not yet acknowledged.
-    pub pending: u64,
+    pub pending: i64,
     /// The replica has been completely synced at least once.
     pub has_synced: bool,
     /// When it was last caught up with the relay (ms since the Unix epoch).
-    pub last_synced_at_ms: Option<u64>,
+    pub last_synced_at_ms: Option<i64>,
     /// The last error (cleared when a connection comes up).
     pub last_error: Option<SyncError>,
     /// A refused push that stops uploads.
     pub refused: Option<RefusedPush>,
     /// Connections opened so far.
-    pub connects: u64,
+    pub connects: i64,
     /// Change sets the relay refused (compare-and-set, stale lease) that were rolled back.
-    pub rolled_back: u64,
+    pub rolled_back: i64,
     /// Change sets the relay refused for a permanent reason, waiting in quarantine for the
     /// app's decision (`Replica.quarantined`); the uploads behind them go on.
-    pub quarantined: u64,
+    pub quarantined: i64,
     /// Downloads are paused at a change this app version's schema cannot hold: open the
     /// replica with the newer schema (upgrade the app) to resume. Uploads go on.
     pub schema_outdated: Option<SchemaOutdated>,
@@ -592,60 +598,62 @@ pub struct LeaseGrant {
     /// Lease name.
     pub name: String,
     /// Fencing token of the grant.
-    pub token: u64,
+    pub token: i64,
     /// Time to live granted, in milliseconds (expiry is decided by the relay's clock).
-    pub ttl_ms: u64,
+    pub ttl_ms: i64,
 }
 
 impl From<core::Lease> for LeaseGrant {
     fn from(l: core::Lease) -> Self {
         LeaseGrant {
             name: l.name,
-            token: l.token,
-            ttl_ms: l.ttl.as_millis() as u64,
+            token: l.token.signed(),
+            ttl_ms: u64::try_from(l.ttl.as_millis())
+                .unwrap_or(u64::MAX)
+                .signed(),
         }
     }
 }
 
-pub(crate) fn core_lease(l: LeaseGrant) -> core::Lease {
-    core::Lease {
+pub(crate) fn core_lease(l: LeaseGrant) -> Result<core::Lease> {
+    Ok(core::Lease {
+        token: num::unsigned("lease token", l.token)?,
+        ttl: num::millis("ttl_ms", l.ttl_ms)?,
         name: l.name,
-        token: l.token,
-        ttl: std::time::Duration::from_millis(l.ttl_ms),
         granted_at: std::time::Instant::now(),
-    }
+    })
 }
 
 impl From<&core::SyncStatus> for SyncStatus {
     fn from(s: &core::SyncStatus) -> Self {
         SyncStatus {
             state: s.state.into(),
-            uploaded: s.uploading.done,
-            upload_total: s.uploading.total,
-            uploaded_bytes: s.uploaded_bytes,
-            downloaded: s.downloading.done,
-            download_total: s.downloading.total,
-            snapshot_rows: s.snapshot.rows,
-            snapshot_total_rows: s.snapshot.total_rows,
-            snapshot_bytes: s.snapshot.bytes,
-            snapshot_total_bytes: s.snapshot.total_bytes,
-            cursor: s.cursor,
-            head: s.head,
-            pending: s.pending,
+            uploaded: s.uploading.done.signed(),
+            upload_total: s.uploading.total.signed(),
+            uploaded_bytes: s.uploaded_bytes.signed(),
+            downloaded: s.downloading.done.signed(),
+            download_total: s.downloading.total.signed(),
+            snapshot_rows: s.snapshot.rows.signed(),
+            snapshot_total_rows: s.snapshot.total_rows.signed(),
+            snapshot_bytes: s.snapshot.bytes.signed(),
+            snapshot_total_bytes: s.snapshot.total_bytes.signed(),
+            cursor: s.cursor.signed(),
+            head: s.head.signed(),
+            pending: s.pending.signed(),
             has_synced: s.has_synced,
-            last_synced_at_ms: s.last_synced_at,
+            last_synced_at_ms: s.last_synced_at.map(Signed::signed),
             last_error: s.last_error.as_ref().map(|e| SyncError {
                 code: e.code.map(Into::into),
                 message: e.message.clone(),
             }),
             refused: s.refused.as_ref().map(|r| RefusedPush {
-                origin_seq: r.origin_seq,
+                origin_seq: r.origin_seq.signed(),
                 code: r.code.into(),
                 message: r.message.clone(),
             }),
-            connects: s.connects,
-            rolled_back: s.rolled_back,
-            quarantined: s.quarantined,
+            connects: s.connects.signed(),
+            rolled_back: s.rolled_back.signed(),
+            quarantined: s.quarantined.signed(),
             schema_outdated: s.schema_outdated.as_ref().map(|o| SchemaOutdated {
                 table: o.table.clone(),
                 column: o.column.clone(),

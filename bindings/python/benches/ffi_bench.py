@@ -68,7 +68,7 @@ def main() -> None:
         def ferry_bulk() -> None:
             with db.transaction() as tx:
                 for r in bulk_b:
-                    tx.exec(SQL, *r)
+                    tx.exec(SQL, r)
 
         many_a, many_b = rows(n), rows(n)
 
@@ -91,7 +91,7 @@ def main() -> None:
 
         def ferry_each() -> None:
             for r in one_b:
-                db.exec(SQL, *r)
+                db.exec(SQL, r)
 
         total = 2 * n + small
 

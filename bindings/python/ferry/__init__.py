@@ -5,9 +5,14 @@ package adds a thin Pythonic layer on top:
 
 * ``with Replica.open(...) as db:`` closes the database at the end;
 * ``with db.transaction() as tx:`` commits, or rolls back if the block raises;
-* ``db.exec(sql, *params)`` / ``db.select(sql, *params)`` take and return plain Python values;
+* ``db.exec(sql, params)`` / ``db.select(sql, params)`` take parameters as a sequence, as
+  ``sqlite3`` does, and return plain Python values; rows are ``Row`` objects (tuples that also
+  answer ``row["title"]`` and ``row.title``); ``db.select_as(Note, sql, params)`` builds a
+  dataclass (or any class taking the columns as keyword arguments) per row;
   ``tx.exec_many(sql, rows)`` writes many rows in one call;
-* ``db.watch_rows(sql, *params)`` and ``session.statuses()`` are async iterators;
+* ``await db.select_async(...)``, ``await db.exec_async(...)`` and ``await db.write_async(fn)``
+  run on a worker thread, so an event loop never waits on Ferry's lock;
+* ``db.watch_rows(sql, params)`` and ``session.statuses()`` are async iterators;
 * ``db.sync_with(url, token)`` and ``db.resolve_with(table, fn)`` accept plain callables.
 
 Everything Ferry raises is a ``FerryError`` subclass, one per action the app takes
@@ -44,7 +49,48 @@ from .ferry_ffi import (
 )
 
 Py = typing.Union[None, int, float, str, bytes, bool]
-Row = typing.Tuple[typing.Any, ...]
+Params = typing.Sequence[typing.Any]
+T = typing.TypeVar("T")
+
+
+class Row(tuple):  # type: ignore[type-arg]
+    """One result row: a tuple of Python values that also answers by column name, as
+    ``row["title"]`` or ``row.title``; ``keys()`` lists the columns."""
+
+    __slots__ = ()
+    _index: typing.Dict[str, int]
+    _names: typing.Tuple[str, ...]
+
+    def __getitem__(self, key: typing.Any) -> typing.Any:  # type: ignore[override]
+        if isinstance(key, str):
+            try:
+                return tuple.__getitem__(self, self._index[key])
+            except KeyError:
+                raise KeyError(f"no column {key!r}; columns: {', '.join(self._names)}") from None
+        return tuple.__getitem__(self, key)
+
+    def __getattr__(self, name: str) -> typing.Any:
+        try:
+            return tuple.__getitem__(self, self._index[name])
+        except KeyError:
+            raise AttributeError(f"no column {name!r}; columns: {', '.join(self._names)}") from None
+
+    def keys(self) -> typing.List[str]:
+        """The column names, in order."""
+        return list(self._names)
+
+    def as_dict(self) -> typing.Dict[str, typing.Any]:
+        """The row as a dict of column name to value."""
+        return dict(zip(self._names, self))
+
+    def __repr__(self) -> str:
+        return "Row(" + ", ".join(f"{k}={v!r}" for k, v in zip(self._names, self)) + ")"
+
+
+def _row_class(columns: typing.Sequence[str]) -> typing.Type[Row]:
+    """A Row subclass that knows these column names (one per result, shared by its rows)."""
+    names = tuple(columns)
+    return type("Row", (Row,), {"__slots__": (), "_index": {n: i for i, n in enumerate(names)}, "_names": names})
 
 
 def sql_value(v: typing.Union[Py, SqlValue]) -> SqlValue:
@@ -74,25 +120,39 @@ def py_value(v: SqlValue) -> Py:
 
 
 def rows(result: QueryResult) -> typing.List[Row]:
-    """Query results as tuples of Python values."""
-    return [tuple(py_value(v) for v in row) for row in result.rows]
+    """Query results as ``Row`` objects (tuples of Python values with column names)."""
+    cls = _row_class(result.columns)
+    return [cls(py_value(v) for v in row) for row in result.rows]
 
 
-def _params(params: typing.Sequence[typing.Any]) -> typing.List[SqlValue]:
+def _params(params: Params) -> typing.List[SqlValue]:
+    if isinstance(params, (str, bytes, bytearray)):
+        raise TypeError("parameters are a sequence of values, e.g. (note_id,), not a single string")
+    if isinstance(params, typing.Mapping):
+        raise TypeError("named parameters (a mapping) are not supported: pass a sequence for ? placeholders")
     return [sql_value(p) for p in params]
 
 
-def _exec(self: typing.Union[Replica, WriteTransaction], sql: str, *params: typing.Any) -> int:
-    """Runs one statement with Python values as parameters; returns rows changed."""
+def _exec(self: typing.Union[Replica, WriteTransaction], sql: str, params: Params = ()) -> int:
+    """Runs one statement with a sequence of Python values as parameters; returns rows
+    changed."""
     return self.execute(sql, _params(params))
 
 
-def _select(self: typing.Union[Replica, WriteTransaction], sql: str, *params: typing.Any) -> typing.List[Row]:
-    """Runs a query with Python values as parameters; returns tuples of Python values."""
+def _select(self: typing.Union[Replica, WriteTransaction], sql: str, params: Params = ()) -> typing.List[Row]:
+    """Runs a query with a sequence of Python values as parameters; returns ``Row`` objects."""
     return rows(self.query(sql, _params(params)))
 
 
-def _exec_many(self: WriteTransaction, sql: str, rows_: typing.Iterable[typing.Sequence[typing.Any]]) -> int:
+def _select_as(
+    self: typing.Union[Replica, WriteTransaction], cls: typing.Callable[..., T], sql: str, params: Params = ()
+) -> typing.List[T]:
+    """Runs a query and builds ``cls(**row)`` per row (a dataclass whose fields are the
+    result's columns, or any class taking them as keyword arguments)."""
+    return [cls(**r.as_dict()) for r in _select(self, sql, params)]
+
+
+def _exec_many(self: WriteTransaction, sql: str, rows_: typing.Iterable[Params]) -> int:
     """Runs ``sql`` once per parameter row, in one call across the FFI; returns rows changed."""
     return self.execute_many(sql, [_params(r) for r in rows_])
 
@@ -109,6 +169,28 @@ def _transaction(self: Replica) -> typing.Iterator[WriteTransaction]:
         raise
     else:
         tx.commit()
+
+
+async def _select_async(self: Replica, sql: str, params: Params = ()) -> typing.List[Row]:
+    """``select`` on a worker thread: the event loop goes on while the query runs."""
+    return await asyncio.to_thread(_select, self, sql, params)
+
+
+async def _exec_async(self: Replica, sql: str, params: Params = ()) -> int:
+    """``exec`` on a worker thread."""
+    return await asyncio.to_thread(_exec, self, sql, params)
+
+
+async def _write_async(self: Replica, body: typing.Callable[[WriteTransaction], T]) -> T:
+    """Runs ``body(tx)`` in one write transaction on a worker thread: committed if it
+    returns, rolled back if it raises. ``body`` is a plain function, so the transaction is
+    never held open across an ``await``."""
+
+    def run() -> T:
+        with _transaction(self) as tx:
+            return body(tx)
+
+    return await asyncio.to_thread(run)
 
 
 class _Queue:
@@ -143,7 +225,7 @@ async def _iterate(
         sub.cancel()
 
 
-def _watch_rows(self: Replica, sql: str, *params: typing.Any) -> typing.AsyncIterator[typing.List[Row]]:
+def _watch_rows(self: Replica, sql: str, params: Params = ()) -> typing.AsyncIterator[typing.List[Row]]:
     """The results of ``sql`` now and after every commit that changes them (latest only)."""
 
     class Listener(QueryListener):
@@ -221,7 +303,11 @@ def _exit(self: Replica, *exc: typing.Any) -> None:
 
 Replica.exec = _exec  # type: ignore[attr-defined]
 Replica.select = _select  # type: ignore[attr-defined]
+Replica.select_as = _select_as  # type: ignore[attr-defined]
 Replica.transaction = _transaction  # type: ignore[attr-defined]
+Replica.select_async = _select_async  # type: ignore[attr-defined]
+Replica.exec_async = _exec_async  # type: ignore[attr-defined]
+Replica.write_async = _write_async  # type: ignore[attr-defined]
 Replica.watch_rows = _watch_rows  # type: ignore[attr-defined]
 Replica.changes = _changes  # type: ignore[attr-defined]
 Replica.sync_with = _sync_with  # type: ignore[attr-defined]
@@ -231,5 +317,6 @@ Replica.__enter__ = _enter  # type: ignore[attr-defined]
 Replica.__exit__ = _exit  # type: ignore[attr-defined]
 WriteTransaction.exec = _exec  # type: ignore[attr-defined]
 WriteTransaction.select = _select  # type: ignore[attr-defined]
+WriteTransaction.select_as = _select_as  # type: ignore[attr-defined]
 WriteTransaction.exec_many = _exec_many  # type: ignore[attr-defined]
 SyncSession.statuses = _statuses  # type: ignore[attr-defined]

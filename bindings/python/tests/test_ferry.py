@@ -5,6 +5,7 @@ and reopening. Behaviour is tested in Rust; these tests cover what crosses the F
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import pathlib
 import typing
@@ -51,7 +52,7 @@ def test_a_write_in_one_replica_appears_in_the_others_watch(relay: Relay, open_r
         assert await until(watch, lambda r: True) == []
         note = ferry.new_id()
         with a.transaction() as tx:
-            tx.exec("INSERT INTO notes(id, folder, title) VALUES (?, 'home', ?)", note, "milk")
+            tx.exec("INSERT INTO notes(id, folder, title) VALUES (?, 'home', ?)", (note, "milk"))
             assert tx.select("SELECT count(*) FROM notes") == [(1,)]
         await sync(sa)
         assert await until(watch, lambda r: r != []) == [(note, "milk")]
@@ -84,12 +85,12 @@ def test_a_resolver_written_in_python_decides_a_real_conflict(relay: Relay, open
     async def main() -> None:
         sa, sb = session(relay, a, "alice"), session(relay, b, "bob")
         note = ferry.new_id()
-        a.exec("INSERT INTO notes(id, folder, title, body) VALUES (?, 'home', 't', 'draft')", note)
+        a.exec("INSERT INTO notes(id, folder, title, body) VALUES (?, 'home', 't', 'draft')", (note,))
         await sync(sa, sb)
         await pause(sa)
         await pause(sb)
-        a.exec("UPDATE notes SET body = 'from a' WHERE id = ?", note)
-        b.exec("UPDATE notes SET body = 'from b' WHERE id = ?", note)
+        a.exec("UPDATE notes SET body = 'from a' WHERE id = ?", (note,))
+        b.exec("UPDATE notes SET body = 'from b' WHERE id = ?", (note,))
         sa.resume()
         await sync(sa)
         sb.resume()  # b's edit is the later one at the relay: b's resolver decides
@@ -98,7 +99,7 @@ def test_a_resolver_written_in_python_decides_a_real_conflict(relay: Relay, open
         assert ferry.py_value(calls[0].local) == "from b"
         assert ferry.py_value(calls[0].remote) == "from a"
         for r in (a, b):
-            assert r.select("SELECT body FROM notes WHERE id = ?", note) == [("from b & from a",)]
+            assert r.select("SELECT body FROM notes WHERE id = ?", (note,)) == [("from b & from a",)]
         logged = b.conflicts()
         assert len(logged) == 1 and logged[0].policy == "custom"
         assert "from b & from a" in (logged[0].resolution or "")
@@ -112,19 +113,19 @@ def test_counters_from_two_replicas_add_up(relay: Relay, open_replica) -> None:
     async def main() -> None:
         sa, sb = session(relay, a, "alice"), session(relay, b, "bob")
         note = ferry.new_id()
-        a.exec("INSERT INTO notes(id, folder, likes) VALUES (?, 'home', 0)", note)
+        a.exec("INSERT INTO notes(id, folder, likes) VALUES (?, 'home', 0)", (note,))
         await sync(sa, sb)
         await pause(sa)
         await pause(sb)
         for _ in range(3):
-            a.exec("UPDATE notes SET likes = likes + 1 WHERE id = ?", note)
+            a.exec("UPDATE notes SET likes = likes + 1 WHERE id = ?", (note,))
         for _ in range(4):
-            b.exec("UPDATE notes SET likes = likes + 1 WHERE id = ?", note)
+            b.exec("UPDATE notes SET likes = likes + 1 WHERE id = ?", (note,))
         sa.resume()
         sb.resume()
         await sync(sa, sb, sa)
         for r in (a, b):
-            assert r.select("SELECT likes FROM notes WHERE id = ?", note) == [(7,)]
+            assert r.select("SELECT likes FROM notes WHERE id = ?", (note,)) == [(7,)]
 
     asyncio.run(main())
 
@@ -134,7 +135,7 @@ def test_errors_are_typed(relay: Relay, open_replica, tmp_path: pathlib.Path) ->
     with pytest.raises(FerryError.InvalidInput):
         a.exec("SELEC nonsense")
     with pytest.raises(FerryError.InvalidInput):
-        a.exec("INSERT INTO notes(id, folder) VALUES (?, ?)", "only one")
+        a.exec("INSERT INTO notes(id, folder) VALUES (?, ?)", ("only one",))
     with pytest.raises(FerryError.ReadOnlyTable) as ro:
         a.exec("INSERT INTO announcements(id, text) VALUES ('1', 'hi')")
     assert ro.value.table == "announcements"
@@ -149,7 +150,7 @@ def test_errors_are_typed(relay: Relay, open_replica, tmp_path: pathlib.Path) ->
         a.sync_with("ws://relay.example.com/sync", "t")
     a.sync_with("ws://relay.example.com/sync", "t", SyncOptions(allow_insecure=True)).disconnect()
     with pytest.raises(TypeError):
-        a.exec("SELECT ?", object())
+        a.exec("SELECT ?", (object(),))
     with pytest.raises(FerryError.InvalidInput):
         a.sync_with(relay.url, "t", SyncOptions(backoff_min_ms=500, backoff_max_ms=100))
     with pytest.raises(FerryError.InvalidInput):
@@ -164,9 +165,9 @@ def test_errors_are_typed(relay: Relay, open_replica, tmp_path: pathlib.Path) ->
         # A write outside the token's write scopes is refused by the relay and quarantined:
         # the uploads behind it go on, and the app decides.
         s = session(relay, a, "mallory", write="mine")
-        a.exec("INSERT INTO notes(id, folder, title) VALUES (?, 'someone-else', 'x')", ferry.new_id())
+        a.exec("INSERT INTO notes(id, folder, title) VALUES (?, 'someone-else', 'x')", (ferry.new_id(),))
         a.exec("INSERT INTO seats(id, taken_by) VALUES ('1A', 'mallory')")
-        a.exec("INSERT INTO notes(id, folder, title) VALUES (?, 'mine', 'behind')", ferry.new_id())
+        a.exec("INSERT INTO notes(id, folder, title) VALUES (?, 'mine', 'behind')", (ferry.new_id(),))
         await sync(s)
         assert s.status().refused is None
         # The checked write (a server-checked seat) is not set aside: refused for good, it is
@@ -202,7 +203,7 @@ def test_transaction_rolls_back_when_the_block_raises(open_replica) -> None:
         with a.transaction():
             a.select("SELECT 1")
     with a.transaction() as tx:
-        tx.exec("INSERT INTO notes(id, folder, title) VALUES ('2', 'home', ?)", b"\x00bytes")
+        tx.exec("INSERT INTO notes(id, folder, title) VALUES ('2', 'home', ?)", (b"\x00bytes",))
     assert a.select("SELECT title FROM notes") == [(b"\x00bytes",)]
     assert a.pending_count() == 1
     with a.transaction() as tx:
@@ -212,6 +213,54 @@ def test_transaction_rolls_back_when_the_block_raises(open_replica) -> None:
     assert a.pending_count() == 2
 
 
+@dataclasses.dataclass
+class Note:
+    id: str
+    title: typing.Optional[str]
+    likes: int
+
+
+def test_rows_have_names_and_map_into_dataclasses(open_replica) -> None:
+    a = open_replica("a.db")
+    a.exec("INSERT INTO notes(id, folder, title, likes) VALUES (?, 'home', ?, ?)", ["n1", "milk", 3])
+    a.exec("INSERT INTO notes(id, folder, title, likes) VALUES (?, 'home', NULL, ?)", ("n2", 0))
+    rows = a.select("SELECT id, title, likes FROM notes WHERE folder = ? ORDER BY id", ("home",))
+    first = rows[0]
+    assert first == ("n1", "milk", 3)  # still a tuple
+    assert first["title"] == "milk" and first.likes == 3 and first[0] == "n1"
+    assert first.keys() == ["id", "title", "likes"]
+    assert first.as_dict() == {"id": "n1", "title": "milk", "likes": 3}
+    assert repr(first) == "Row(id='n1', title='milk', likes=3)"
+    with pytest.raises(KeyError, match="no column 'nope'"):
+        first["nope"]
+    with pytest.raises(AttributeError, match="no column 'nope'"):
+        first.nope
+    assert a.select_as(Note, "SELECT id, title, likes FROM notes ORDER BY id") == [
+        Note("n1", "milk", 3),
+        Note("n2", None, 0),
+    ]
+    with a.transaction() as tx:
+        assert tx.select_as(Note, "SELECT id, title, likes FROM notes WHERE id = ?", ("n2",)) == [Note("n2", None, 0)]
+    # Parameters are a sequence, as in sqlite3; a bare string or a mapping is refused clearly.
+    with pytest.raises(TypeError, match="sequence"):
+        a.select("SELECT ?", "n1")
+    with pytest.raises(TypeError, match="named parameters"):
+        a.select("SELECT :id", {"id": "n1"})
+    # Counts and positions are plain ints (signed at the FFI).
+    assert isinstance(a.cursor(), int) and a.pending_count() == 2
+
+    async def off_the_loop() -> None:
+        assert await a.exec_async("UPDATE notes SET likes = likes + 1 WHERE id = ?", ("n1",)) == 1
+        made = await a.write_async(lambda tx: tx.exec("INSERT INTO notes(id, folder) VALUES ('n3', 'home')"))
+        assert made == 1
+        with pytest.raises(ZeroDivisionError):  # rolled back
+            await a.write_async(lambda tx: (tx.exec("DELETE FROM notes"), 1 / 0))
+        got = await a.select_async("SELECT id, likes FROM notes ORDER BY id")
+        assert [(r.id, r.likes) for r in got] == [("n1", 4), ("n2", 0), ("n3", 0)]
+
+    asyncio.run(off_the_loop())
+
+
 def test_closing_releases_the_database_and_reopen_works(relay: Relay, tmp_path: pathlib.Path) -> None:
     path = str(tmp_path / "c.db")
     note = ferry.new_id()
@@ -219,7 +268,7 @@ def test_closing_releases_the_database_and_reopen_works(relay: Relay, tmp_path: 
     async def first() -> None:
         with ferry.Replica.open(path, notes_schema()) as r:
             s = session(relay, r, "carol")
-            r.exec("INSERT INTO notes(id, folder, title) VALUES (?, 'home', 'kept')", note)
+            r.exec("INSERT INTO notes(id, folder, title) VALUES (?, 'home', 'kept')", (note,))
             await sync(s)
             st = await until(s.statuses(), lambda st: st.state == ConnState.ONLINE and st.pending == 0)
             assert st.cursor >= 1
@@ -227,8 +276,8 @@ def test_closing_releases_the_database_and_reopen_works(relay: Relay, tmp_path: 
     asyncio.run(first())
     assert not os.path.exists(path + "-wal"), "the connection is closed"
     with ferry.Replica.open(path, notes_schema()) as r:
-        assert r.select("SELECT title FROM notes WHERE id = ?", note) == [("kept",)]
-        r.exec("UPDATE notes SET title = 'again' WHERE id = ?", note)
+        assert r.select("SELECT title FROM notes WHERE id = ?", (note,)) == [("kept",)]
+        r.exec("UPDATE notes SET title = 'again' WHERE id = ?", (note,))
         r.close()
         r.close()  # twice is fine
     with ferry.Replica.open(path, notes_schema()) as r:
@@ -243,7 +292,7 @@ def test_migrations_upgrade_the_schema_and_changes_are_observed(tmp_path: pathli
             events = r.changes()
             pending = asyncio.ensure_future(events.__anext__())
             await asyncio.sleep(0)
-            r.exec("INSERT INTO notes(id, folder, title) VALUES (?, 'home', 'old')", ferry.new_id())
+            r.exec("INSERT INTO notes(id, folder, title) VALUES (?, 'home', 'old')", (ferry.new_id(),))
             event = await asyncio.wait_for(pending, T)
             await events.aclose()
             return event
@@ -337,7 +386,7 @@ def test_subscriptions_back_fill_and_evict_scopes(relay: Relay, open_replica) ->
         sa = session(relay, a, "alice")
         for folder in ("home", "work"):
             for i in range(20):
-                a.exec("INSERT INTO notes(id, folder, title) VALUES (?, ?, 't')", f"{folder}{i}", folder)
+                a.exec("INSERT INTO notes(id, folder, title) VALUES (?, ?, 't')", (f"{folder}{i}", folder))
         await sync(sa)
         b.set_subscriptions(["work"])
         assert b.subscriptions() == ["work"]

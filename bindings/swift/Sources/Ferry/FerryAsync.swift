@@ -23,7 +23,7 @@ extension Replica {
 
     /// `execute` with a variadic parameter list.
     @discardableResult
-    public func exec(_ sql: String, _ params: SqlValue...) throws -> UInt64 {
+    public func exec(_ sql: String, _ params: SqlValue...) throws -> Int64 {
         try execute(sql: sql, params: params)
     }
 
@@ -68,7 +68,7 @@ extension Replica {
 extension WriteTransaction {
     /// `execute` with a variadic parameter list.
     @discardableResult
-    public func exec(_ sql: String, _ params: SqlValue...) throws -> UInt64 {
+    public func exec(_ sql: String, _ params: SqlValue...) throws -> Int64 {
         try execute(sql: sql, params: params)
     }
 

@@ -205,6 +205,29 @@ final class FerryTests: XCTestCase {
         XCTAssertEqual(try a.pendingCount(), 0)
     }
 
+    struct Note: Decodable, Equatable, Sendable {
+        let id: String
+        let title: String?
+        let likes: Int64
+    }
+
+    func testRowsDecodeIntoSwiftTypesAndCallsRunOffTheActor() async throws {
+        let a = try open("t.db")
+        try await a.executeAsync("INSERT INTO notes(id, folder, title, likes) VALUES ('n1', 'home', 'milk', 3)")
+        _ = try await a.writeAsync { tx in try tx.exec("INSERT INTO notes(id, folder, likes) VALUES ('n2', 'home', 0)") }
+        let notes = try await a.fetchAsync(Note.self, "SELECT id, title, likes FROM notes ORDER BY id")
+        XCTAssertEqual(notes, [Note(id: "n1", title: "milk", likes: 3), Note(id: "n2", title: nil, likes: 0)])
+        let row = try await a.rowsAsync("SELECT id, likes FROM notes WHERE id = ?", ["n1"])[0]
+        XCTAssertEqual(row["id"], .text(value: "n1"))
+        XCTAssertEqual(row[1], .integer(value: 3))
+        XCTAssertNil(row["nope"])
+        // A missing column and a NULL in a non-optional property are errors naming the column.
+        XCTAssertThrowsError(try a.fetch(Note.self, "SELECT id, likes FROM notes"))
+        XCTAssertThrowsError(try a.fetch(Note.self, "SELECT id, title, NULL AS likes FROM notes"))
+        let pending: Int64 = try a.pendingCount()
+        XCTAssertEqual(pending, 2)
+    }
+
     func testClosingReleasesTheDatabaseAndReopenWorks() throws {
         let path = dir.appendingPathComponent("c.db").path
         let id = SqlValue.text(value: newId())

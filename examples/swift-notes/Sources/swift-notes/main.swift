@@ -32,14 +32,13 @@ func usage() -> Never {
     exit(2)
 }
 
-func describe(_ v: SqlValue) -> String {
-    switch v {
-    case .null: return ""
-    case let .integer(value): return String(value)
-    case let .real(value): return String(value)
-    case let .text(value): return value
-    case let .blob(value): return "<\(value.count) bytes>"
-    }
+/// A note as the app sees it (rows decoded with `db.fetch(Note.self, sql)`).
+struct Note: Decodable {
+    let id: String
+    let folder: String
+    let title: String?
+    let body: String?
+    let likes: Int64
 }
 
 let args = Array(CommandLine.arguments.dropFirst())
@@ -60,9 +59,8 @@ do {
         }
         print("added \(id)")
     case "list":
-        for row in try db.select("SELECT id, folder, title, coalesce(body, ''), likes FROM notes ORDER BY folder, title, id").rows {
-            let r = row.map(describe)
-            print("\(r[0])  [\(r[1])] \(r[2])  \(r[3])  (\(r[4]) likes)")
+        for n in try db.fetch(Note.self, "SELECT id, folder, title, body, likes FROM notes ORDER BY folder, title, id") {
+            print("\(n.id)  [\(n.folder)] \(n.title ?? "")  \(n.body ?? "")  (\(n.likes) likes)")
         }
     case "like":
         guard command.count >= 2 else { usage() }

@@ -16,9 +16,10 @@ import kotlinx.coroutines.flow.conflate
 
 /**
  * Runs [body] in one write transaction: committed if it returns (everything it wrote becomes
- * one change set), rolled back if it throws.
+ * one change set), rolled back if it throws. Not `inline`: [body] cannot suspend, so the
+ * replica's lock is never held across a suspension (use [writeAsync] from a coroutine).
  */
-inline fun <T> Replica.write(body: (WriteTransaction) -> T): T {
+fun <T> Replica.write(body: (WriteTransaction) -> T): T {
     val tx = beginWrite()
     try {
         val result = body(tx)
@@ -37,14 +38,14 @@ inline fun <T> Replica.write(body: (WriteTransaction) -> T): T {
 }
 
 /** [Replica.execute] with Kotlin values as parameters (see [sqlValue]). */
-fun Replica.exec(sql: String, vararg params: Any?): Long = execute(sql, params.map(::sqlValue)).toLong()
+fun Replica.exec(sql: String, vararg params: Any?): Long = execute(sql, params.map(::sqlValue))
 
 /** [Replica.query] with Kotlin values as parameters, rows as Kotlin values. */
 fun Replica.select(sql: String, vararg params: Any?): List<List<Any?>> =
     query(sql, params.map(::sqlValue)).values()
 
 /** [WriteTransaction.execute] with Kotlin values as parameters. */
-fun WriteTransaction.exec(sql: String, vararg params: Any?): Long = execute(sql, params.map(::sqlValue)).toLong()
+fun WriteTransaction.exec(sql: String, vararg params: Any?): Long = execute(sql, params.map(::sqlValue))
 
 /** [WriteTransaction.query] with Kotlin values as parameters, rows as Kotlin values. */
 fun WriteTransaction.select(sql: String, vararg params: Any?): List<List<Any?>> =

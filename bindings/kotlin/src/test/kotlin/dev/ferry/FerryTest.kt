@@ -41,7 +41,7 @@ class FerryTest {
 
     private fun Replica.sync(sub: String, write: String = "*"): SyncSession {
         val token = relay.token(sub, write = write)
-        return connect(relay.url, SyncOptions(backoffMinMs = 50u, backoffMaxMs = 500u)) { token }
+        return connect(relay.url, SyncOptions(backoffMinMs = 50, backoffMaxMs = 500)) { token }
     }
 
     /** Pauses and waits until the session has really stopped talking to the relay. */
@@ -104,19 +104,19 @@ class FerryTest {
                 withTimeout(20_000) { sa.syncNow() }
                 b.setSubscriptions(listOf("work"))
                 val sb = b.sync("bob")
-                withTimeout(20_000) { sb.waitForFirstSync("work", 20_000u) }
+                withTimeout(20_000) { sb.waitForFirstSync("work", 20_000) }
                 assertFalse(sb.hasSynced("home"))
                 assertEquals(listOf(listOf<Any?>(10L)), b.select("SELECT count(*) FROM notes"))
                 sb.subscribe("home")
-                withTimeout(20_000) { sb.waitForFirstSync("home", 20_000u) }
+                withTimeout(20_000) { sb.waitForFirstSync("home", 20_000) }
                 assertEquals(listOf(listOf<Any?>(20L)), b.select("SELECT count(*) FROM notes"))
                 sb.unsubscribe("work")
                 withTimeout(20_000) {
-                    while (b.evictions(10u).isEmpty()) delay(20)
+                    while (b.evictions(10).isEmpty()) delay(20)
                 }
-                val ev = b.evictions(10u).single()
+                val ev = b.evictions(10).single()
                 assertEquals("work", ev.scope)
-                assertEquals(10uL, ev.rows)
+                assertEquals(10L, ev.rows)
                 assertTrue(withTimeout(20_000) { sb.verify() }.matches)
                 sa.close(); sb.close()
             }
@@ -195,7 +195,7 @@ class FerryTest {
             }
             assertEquals("announcements", ro.table)
             assertThrows<FerryException.InvalidInput> {
-                Replica.open(File(dir, "bad.db").path, Schema(1u, listOf(table("t", "missing", column("id"))), emptyList()))
+                Replica.open(File(dir, "bad.db").path, Schema(1, listOf(table("t", "missing", column("id"))), emptyList()))
             }
             assertThrows<FerryException.InvalidInput> { a.connect("http://not-a-relay", null) { "t" } }
             // Writing outside the token's write scopes is refused by the relay and quarantined:
@@ -205,7 +205,7 @@ class FerryTest {
             a.exec("INSERT INTO notes(id, folder, title) VALUES (?, 'mine', 'behind')", newId())
             withTimeout(20_000) { s.syncNow() }
             assertNull(s.status().refused)
-            assertEquals(1uL, s.status().quarantined)
+            assertEquals(1L, s.status().quarantined)
             val note = a.quarantined().single()
             assertEquals(RelayCode.FORBIDDEN, note.code)
             assertEquals(listOf("notes"), note.tables)
@@ -228,15 +228,53 @@ class FerryTest {
                 }
             }
             assertEquals(listOf(listOf<Any?>(0L)), a.select("SELECT count(*) FROM notes"))
-            assertEquals(0uL, a.pendingCount())
+            assertEquals(0L, a.pendingCount())
             // Calling the replica from inside its own transaction is an error, not a deadlock.
             assertThrows<FerryException.InvalidInput> { a.write { a.select("SELECT 1") } }
             a.write { tx -> tx.exec("INSERT INTO notes(id, folder) VALUES ('2', 'home')") }
-            assertEquals(1uL, a.pendingCount())
+            assertEquals(1L, a.pendingCount())
             val bulk = (0 until 50).map { listOf(sqlValue("b$it"), sqlValue(it)) }
-            assertEquals(50uL, a.write { tx -> tx.executeMany("INSERT INTO notes(id, folder, likes) VALUES (?, 'bulk', ?)", bulk) })
+            assertEquals(50L, a.write { tx -> tx.executeMany("INSERT INTO notes(id, folder, likes) VALUES (?, 'bulk', ?)", bulk) })
             assertEquals(listOf(listOf<Any?>(50L, 1225L)), a.select("SELECT count(*), sum(likes) FROM notes WHERE folder = 'bulk'"))
-            assertEquals(2uL, a.pendingCount())
+            assertEquals(2L, a.pendingCount())
+        }
+    }
+
+    private data class Note(val id: String, val title: String?, val likes: Long)
+
+    @Test
+    fun rowsAreTypedAndCallsSuspendOffTheCallersThread() = runBlocking<Unit> {
+        val a = openReplica(File(dir, "t.db").path, notesSchema())
+        a.use {
+            assertEquals(1L, a.executeAsync("INSERT INTO notes(id, folder, title, likes) VALUES (?, 'home', ?, ?)", listOf("n1", "milk", 3)))
+            a.writeAsync { tx -> tx.exec("INSERT INTO notes(id, folder, likes) VALUES ('n2', 'home', 0)") }
+            val notes = a.getAll("SELECT id, title, likes FROM notes ORDER BY id") { row ->
+                Note(row.getString("id"), row.getStringOrNull("title"), row.getLong("likes"))
+            }
+            assertEquals(listOf(Note("n1", "milk", 3), Note("n2", null, 0)), notes)
+            val row = a.query("SELECT id, likes, 2.5 AS r FROM notes WHERE id = ?", listOf("n1")) { it }.single()
+            assertEquals(listOf("id", "likes", "r"), row.columns)
+            assertEquals("n1", row["id"])
+            assertEquals(3L, row[1])
+            assertEquals(3, row.getInt("likes"))
+            assertTrue(row.getBoolean("likes"))
+            assertEquals(2.5, row.getDouble("r"), 0.0)
+            assertEquals(3.0, row.getDouble("likes"), 0.0)
+            assertTrue(assertThrows<IllegalArgumentException> { row.getString("nope") }.message!!.contains("no column 'nope'"))
+            assertTrue(assertThrows<IllegalStateException> { row.getLong("id") }.message!!.contains("holds TEXT, not INTEGER"))
+            val n2 = a.getOptional("SELECT title FROM notes WHERE id = 'n2'") { it }!!
+            assertTrue(assertThrows<IllegalStateException> { n2.getString("title") }.message!!.contains("NULL"))
+            assertNull(a.getOptional("SELECT id FROM notes WHERE id = 'none'") { it.getString("id") })
+            // A typed watch: the first results, then the results after a commit.
+            val titles = a.watch("SELECT title FROM notes WHERE title IS NOT NULL ORDER BY title") { it.getString("title") }
+            assertEquals(listOf("milk"), withTimeout(20_000) { titles.first() })
+            val later = async { withTimeout(20_000) { titles.first { it.size == 2 } } }
+            delay(50)
+            a.executeAsync("UPDATE notes SET title = 'bread' WHERE id = 'n2'")
+            assertEquals(listOf("bread", "milk"), later.await())
+            // Counts and positions are Long, not ULong.
+            val pending: Long = a.pendingCount()
+            assertEquals(3L, pending)
         }
     }
 
@@ -248,8 +286,8 @@ class FerryTest {
             val s = r.sync("carol")
             r.exec("INSERT INTO notes(id, folder, title) VALUES (?, 'home', 'kept')", id)
             withTimeout(20_000) { s.syncNow() }
-            val status = withTimeout(20_000) { s.statusFlow().first { it.state == ConnState.ONLINE && it.pending == 0uL } }
-            assertTrue(status.cursor >= 1uL)
+            val status = withTimeout(20_000) { s.statusFlow().first { it.state == ConnState.ONLINE && it.pending == 0L } }
+            assertTrue(status.cursor >= 1L)
         } // close(): sessions end, the connection closes
         // The last connection to a WAL database removes the -wal file when it closes.
         assertFalse(File("$path-wal").exists())
@@ -289,12 +327,12 @@ class FerryTest {
         val v1 = notesSchema()
         val notes = v1.tables[0]
         val v2 = v1.copy(
-            version = 2u,
+            version = 2,
             tables = listOf(notes.copy(columns = notes.columns + column("pinned", ColumnType.INTEGER))) + v1.tables.drop(1),
-            migrations = listOf(Migration(2u, "CREATE TABLE drafts(id TEXT PRIMARY KEY, text TEXT); UPDATE notes SET pinned = 0;")),
+            migrations = listOf(Migration(2, "CREATE TABLE drafts(id TEXT PRIMARY KEY, text TEXT); UPDATE notes SET pinned = 0;")),
         )
         Replica.open(path, v2).use { r ->
-            assertEquals(2u, r.schemaVersion())
+            assertEquals(2, r.schemaVersion())
             assertEquals(listOf(listOf<Any?>("old", 0L)), r.select("SELECT title, pinned FROM notes"))
             r.exec("INSERT INTO drafts VALUES ('d', 'local only')")
         }
@@ -306,7 +344,7 @@ class FerryTest {
         Replica.openWith(File(dir, "primary.db").path, notesSchema(), ReplicaOptions(listOf("announcements"))).use { primary ->
             open("dash.db").use { dash ->
                 val token = relay.token("backend", primary = "announcements")
-                val sp = primary.connect(relay.url, SyncOptions(backoffMinMs = 50u, backoffMaxMs = 500u)) { token }
+                val sp = primary.connect(relay.url, SyncOptions(backoffMinMs = 50, backoffMaxMs = 500)) { token }
                 val sd = dash.sync("dash")
                 primary.exec("INSERT INTO announcements(id, text) VALUES ('1', 'maintenance at noon')")
                 withTimeout(20_000) { sp.syncNow() }

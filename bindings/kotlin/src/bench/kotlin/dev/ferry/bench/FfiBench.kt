@@ -42,7 +42,7 @@ fun main(args: Array<String>) {
 fun run(n: Int, print: Boolean) {
     val small = maxOf(n / 10, 1)
     val dir = Files.createTempDirectory("ferry-bench").toFile()
-    val schema = Schema(1u, listOf(table("notes", "id", column("id"), column("folder"), column("title"), column("body"),
+    val schema = Schema(1, listOf(table("notes", "id", column("id"), column("folder"), column("title"), column("body"),
         column("likes", ColumnType.INTEGER), scopeColumn = "folder")), emptyList())
     val jdbc = DriverManager.getConnection("jdbc:sqlite:" + File(dir, "plain.db").path)
     jdbc.createStatement().use {

@@ -16,7 +16,7 @@ import dev.ferry.TableMode
 import dev.ferry.column
 import dev.ferry.connect
 import dev.ferry.exec
-import dev.ferry.select
+import dev.ferry.query
 import dev.ferry.statusFlow
 import dev.ferry.table
 import dev.ferry.write
@@ -26,7 +26,7 @@ import kotlinx.coroutines.withTimeout
 import kotlin.system.exitProcess
 
 val schema = Schema(
-    version = 1u,
+    version = 1,
     tables = listOf(
         table(
             "notes", "id",
@@ -41,6 +41,9 @@ val schema = Schema(
     ),
     migrations = emptyList(),
 )
+
+/** A note as the app sees it (typed rows: `Replica.query(sql) { row -> Note(...) }`). */
+data class Note(val id: String, val folder: String, val title: String?, val body: String?, val likes: Long)
 
 fun usage(): Nothing {
     System.err.println("usage: notes --db PATH (add FOLDER TITLE [BODY] | list | like ID | sync)")
@@ -68,8 +71,11 @@ fun run(db: Replica, cmd: List<String>) {
             }
             println("added $id")
         }
-        "list" -> for (row in db.select("SELECT id, folder, title, coalesce(body, ''), likes FROM notes ORDER BY folder, title, id")) {
-            println("${row[0]}  [${row[1]}] ${row[2]}  ${row[3]}  (${row[4]} likes)")
+        "list" -> {
+            val notes = db.query("SELECT id, folder, title, body, likes FROM notes ORDER BY folder, title, id") { row ->
+                Note(row.getString("id"), row.getString("folder"), row.getStringOrNull("title"), row.getStringOrNull("body"), row.getLong("likes"))
+            }
+            for (n in notes) println("${n.id}  [${n.folder}] ${n.title}  ${n.body ?: ""}  (${n.likes} likes)")
         }
         "like" -> {
             if (cmd.size < 2) usage()
