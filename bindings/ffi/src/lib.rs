@@ -13,6 +13,7 @@
 
 mod error;
 mod listeners;
+mod logging;
 mod num;
 mod replica;
 mod subscription;
@@ -24,6 +25,7 @@ pub use error::FerryError;
 pub use listeners::{
     ChangeListener, ConflictResolver, QueryListener, SyncStatusListener, TokenProvider,
 };
+pub use logging::{LogLevel, LogRecord, LogSink, set_logger};
 pub use replica::{Replica, ReplicaOptions, ferry_version, new_id};
 pub use subscription::Subscription;
 pub use sync::{SyncOptions, SyncSession, Verification};

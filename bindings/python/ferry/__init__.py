@@ -13,7 +13,9 @@ package adds a thin Pythonic layer on top:
 * ``await db.select_async(...)``, ``await db.exec_async(...)`` and ``await db.write_async(fn)``
   run on a worker thread, so an event loop never waits on Ferry's lock;
 * ``db.watch_rows(sql, params)`` and ``session.statuses()`` are async iterators;
-* ``db.sync_with(url, token)`` and ``db.resolve_with(table, fn)`` accept plain callables.
+* ``db.sync_with(url, token)`` and ``db.resolve_with(table, fn)`` accept plain callables;
+* ``ferry.use_logging()`` sends Ferry's log records to ``logging``; ``ferry.log_with(fn, level)``
+  to any callable.
 
 Everything Ferry raises is a ``FerryError`` subclass, one per action the app takes
 (``FerryError.InvalidInput``, ``FerryError.Unauthorized``, ``FerryError.Offline``,
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import typing
 
 from .ferry_ffi import *  # noqa: F401,F403  (the generated API is the public API)
@@ -34,6 +37,9 @@ from .ferry_ffi import (
     ChangeEvent,
     ConflictResolver,
     FerryError,
+    LogLevel,
+    LogRecord,
+    LogSink,
     QueryListener,
     QueryResult,
     Replica,
@@ -191,6 +197,36 @@ async def _write_async(self: Replica, body: typing.Callable[[WriteTransaction], 
             return body(tx)
 
     return await asyncio.to_thread(run)
+
+
+def log_with(fn: typing.Optional[typing.Callable[[LogRecord], None]], level: LogLevel = LogLevel.INFO) -> None:
+    """Sends Ferry's log records at ``level`` and above to ``fn`` (called on Ferry's threads);
+    ``None`` stops them."""
+    if fn is None:
+        set_logger(None, level)  # noqa: F405  (generated)
+        return
+
+    class Forward(LogSink):
+        def log(self, record: LogRecord) -> None:
+            fn(record)
+
+    set_logger(Forward(), level)  # noqa: F405  (generated)
+
+
+_PY_LEVELS = {
+    LogLevel.ERROR: logging.ERROR,
+    LogLevel.WARN: logging.WARNING,
+    LogLevel.INFO: logging.INFO,
+    LogLevel.DEBUG: logging.DEBUG,
+    LogLevel.TRACE: logging.DEBUG,
+}
+
+
+def use_logging(logger: typing.Optional[logging.Logger] = None, level: LogLevel = LogLevel.INFO) -> None:
+    """Sends Ferry's log records to Python's ``logging`` (the ``ferry`` logger by default),
+    each under a child logger named after its Rust module (``ferry.ferry_core.sync``)."""
+    base = logger or logging.getLogger("ferry")
+    log_with(lambda r: base.getChild(r.target.replace("::", ".")).log(_PY_LEVELS[r.level], "%s", r.message), level)
 
 
 class _Queue:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import pathlib
 import typing
@@ -259,6 +260,42 @@ def test_rows_have_names_and_map_into_dataclasses(open_replica) -> None:
         assert [(r.id, r.likes) for r in got] == [("n1", 4), ("n2", 0), ("n3", 0)]
 
     asyncio.run(off_the_loop())
+
+
+def test_ferrys_log_records_reach_the_app(open_replica, caplog: pytest.LogCaptureFixture) -> None:
+    got: typing.List[ferry.LogRecord] = []
+    ferry.log_with(got.append, ferry.LogLevel.DEBUG)
+    try:
+        a = open_replica("logged.db")
+        assert any(r.level == ferry.LogLevel.DEBUG and "replica opened" in r.message for r in got), got
+
+        class Throws(ferry.ChangeListener):
+            def on_change(self, event: ferry.ChangeEvent) -> None:
+                raise ValueError("listener bug")
+
+            def on_conflict(self, conflict: ferry.ConflictRecord) -> None:
+                pass
+
+        sub = a.subscribe(Throws())
+        a.exec("INSERT INTO notes(id, folder) VALUES ('1', 'home')")
+        warned = [r for r in got if r.level == ferry.LogLevel.WARN and "change listener failed" in r.message]
+        assert warned and warned[0].target.startswith("ferry_ffi"), got
+        sub.cancel()
+        # Into Python's logging, at the level chosen.
+        ferry.use_logging(level=ferry.LogLevel.WARN)
+        with caplog.at_level(logging.DEBUG, logger="ferry"):
+            sub = a.subscribe(Throws())
+            a.exec("INSERT INTO notes(id, folder) VALUES ('2', 'home')")
+            open_replica("quiet.db")  # its debug record is below the level
+            sub.cancel()
+        names = [(r.name, r.levelname) for r in caplog.records]
+        assert ("ferry.ferry_ffi.listeners", "WARNING") in names, names
+        assert all(level != "DEBUG" for _, level in names), names
+    finally:
+        ferry.log_with(None)
+    count = len(got)
+    open_replica("after.db")
+    assert len(got) == count
 
 
 def test_closing_releases_the_database_and_reopen_works(relay: Relay, tmp_path: pathlib.Path) -> None:

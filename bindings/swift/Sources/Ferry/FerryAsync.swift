@@ -117,6 +117,18 @@ extension SqlValue: ExpressibleByStringLiteral, ExpressibleByIntegerLiteral,
     }
 }
 
+/// Sends Ferry's log records at `level` and above to `log` (called on Ferry's threads: hand
+/// them to `os_log` / `Logger`). `setLogger(logger: nil, level:)` stops them.
+public func setLogger(level: LogLevel = .info, _ log: @escaping @Sendable (LogRecord) -> Void) throws {
+    try setLogger(logger: LoggerClosure(log), level: level)
+}
+
+final class LoggerClosure: LogSink, @unchecked Sendable {
+    let f: @Sendable (LogRecord) -> Void
+    init(_ f: @escaping @Sendable (LogRecord) -> Void) { self.f = f }
+    func log(record: LogRecord) throws { f(record) }
+}
+
 final class QueryClosure: QueryListener, @unchecked Sendable {
     let f: (QueryResult) -> Void
     init(_ f: @escaping (QueryResult) -> Void) { self.f = f }

@@ -228,6 +228,24 @@ final class FerryTests: XCTestCase {
         XCTAssertEqual(pending, 2)
     }
 
+    func testFerrysLogRecordsReachTheApp() throws {
+        final class Records: @unchecked Sendable {
+            let lock = NSLock()
+            var all: [LogRecord] = []
+            func add(_ r: LogRecord) { lock.lock(); all.append(r); lock.unlock() }
+            var snapshot: [LogRecord] { lock.lock(); defer { lock.unlock() }; return all }
+        }
+        let got = Records()
+        try setLogger(level: .debug) { got.add($0) }
+        defer { try? setLogger(logger: nil, level: .info) }
+        _ = try open("logged.db")
+        XCTAssertTrue(got.snapshot.contains { $0.level == .debug && $0.message.contains("replica opened") })
+        try setLogger(logger: nil, level: .warn)
+        let count = got.snapshot.count
+        _ = try open("quiet.db")
+        XCTAssertEqual(got.snapshot.count, count)
+    }
+
     func testClosingReleasesTheDatabaseAndReopenWorks() throws {
         let path = dir.appendingPathComponent("c.db").path
         let id = SqlValue.text(value: newId())

@@ -147,3 +147,12 @@ fun table(
     deleteRule: DeleteRule = DeleteRule.DELETE_WINS,
     scopeColumn: String? = null,
 ): TableDecl = TableDecl(name, columns.toList(), primaryKey, mode, deleteRule, scopeColumn)
+
+/**
+ * Sends Ferry's log records at [level] and above to [log] (called on Ferry's threads: hand them
+ * to Logcat, SLF4J, ...). `setLogger(null, level)` stops them.
+ */
+fun setLogger(level: LogLevel = LogLevel.INFO, log: (LogRecord) -> Unit) =
+    setLogger(object : LogSink {
+        override fun log(record: LogRecord) = log(record)
+    }, level)

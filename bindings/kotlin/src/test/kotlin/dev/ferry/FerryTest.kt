@@ -279,6 +279,30 @@ class FerryTest {
     }
 
     @Test
+    fun ferrysLogRecordsReachTheApp() {
+        val got = Collections.synchronizedList(mutableListOf<LogRecord>())
+        setLogger(LogLevel.DEBUG) { got.add(it) }
+        try {
+            open("logged.db").use { a ->
+                assertTrue(got.toString(), got.any { it.level == LogLevel.DEBUG && it.message.contains("replica opened") })
+                val sub = a.subscribe(object : ChangeListener {
+                    override fun onChange(event: ChangeEvent) = throw IllegalStateException("listener bug")
+                    override fun onConflict(conflict: ConflictRecord) {}
+                })
+                a.exec("INSERT INTO notes(id, folder) VALUES ('1', 'home')")
+                assertTrue(got.toString(), got.any { it.level == LogLevel.WARN && it.message.contains("change listener failed") })
+                sub.cancel()
+                setLogger(null, LogLevel.WARN)
+                val count = got.size
+                open("quiet.db").close()
+                assertEquals(count, got.size)
+            }
+        } finally {
+            setLogger(null, LogLevel.INFO)
+        }
+    }
+
+    @Test
     fun closingReleasesTheDatabaseAndReopenWorks() = runBlocking<Unit> {
         val path = File(dir, "c.db").path
         val id = newId()
