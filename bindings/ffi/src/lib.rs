@@ -23,7 +23,8 @@ mod types;
 
 pub use error::FerryError;
 pub use listeners::{
-    ChangeListener, ConflictResolver, QueryListener, SyncStatusListener, TokenProvider,
+    ChangeListener, ConflictResolver, QueryListener, SyncStatusListener, TokenFetcher,
+    TokenProvider,
 };
 pub use logging::{LogLevel, LogRecord, LogSink, set_logger};
 pub use replica::{Replica, ReplicaOptions, ferry_version, new_id};

@@ -43,6 +43,17 @@ pub trait TokenProvider: Send + Sync {
     fn token(&self) -> Result<String, FerryError>;
 }
 
+/// Supplies the bearer token asynchronously before every connection attempt: a Kotlin
+/// `suspend fun`, a Swift `async` function, a Python coroutine, which may refresh the token
+/// over the network. An error is reported in the sync status and the connection is retried
+/// later.
+#[uniffi::export(with_foreign)]
+#[async_trait::async_trait]
+pub trait TokenFetcher: Send + Sync {
+    /// The token to present.
+    async fn fetch_token(&self) -> Result<String, FerryError>;
+}
+
 /// Receives sync status updates (on Ferry's sync thread: keep it short).
 #[uniffi::export(with_foreign)]
 pub trait SyncStatusListener: Send + Sync {
@@ -89,6 +100,27 @@ pub(crate) struct Tokens(pub Arc<dyn TokenProvider>);
 impl core::TokenProvider for Tokens {
     fn token(&self) -> Result<String, String> {
         self.0.token().map_err(|e| e.to_string())
+    }
+}
+
+/// How long a `TokenFetcher` may take before the attempt counts as failed (and is retried
+/// after the usual backoff).
+const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+pub(crate) struct Fetched(pub Arc<dyn TokenFetcher>);
+
+impl core::TokenProvider for Fetched {
+    /// Called on a blocking thread of the sync runtime: waits there for the app's coroutine.
+    fn token(&self) -> Result<String, String> {
+        let handle = tokio::runtime::Handle::try_current()
+            .map_err(|_| "the token fetcher needs Ferry's sync runtime".to_owned())?;
+        match handle.block_on(tokio::time::timeout(FETCH_TIMEOUT, self.0.fetch_token())) {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!(
+                "the app's token fetcher did not answer within {} s",
+                FETCH_TIMEOUT.as_secs()
+            )),
+        }
     }
 }
 

@@ -3,8 +3,8 @@
 
 use crate::error::Result;
 use crate::listeners::{
-    ChangeListener, Changes, ConflictResolver, QueryListener, Resolver, TokenProvider, Tokens,
-    query_callback,
+    ChangeListener, Changes, ConflictResolver, Fetched, QueryListener, Resolver, TokenFetcher,
+    TokenProvider, Tokens, query_callback,
 };
 use crate::num::{self, Signed};
 use crate::subscription::Subscription;
@@ -250,13 +250,34 @@ impl Replica {
         tokens: Arc<dyn TokenProvider>,
         options: Option<SyncOptions>,
     ) -> Result<Arc<SyncSession>> {
+        self.start(url, Arc::new(Tokens(tokens)), options)
+    }
+
+    /// `connect` with an asynchronous token source (a Kotlin `suspend fun`, a Swift `async`
+    /// function, a Python coroutine), awaited before every connection attempt; one that takes
+    /// longer than 60 s counts as a failed attempt.
+    pub fn connect_fetching(
+        &self,
+        url: String,
+        fetcher: Arc<dyn TokenFetcher>,
+        options: Option<SyncOptions>,
+    ) -> Result<Arc<SyncSession>> {
+        self.start(url, Arc::new(Fetched(fetcher)), options)
+    }
+}
+
+impl Replica {
+    fn start(
+        &self,
+        url: String,
+        tokens: Arc<dyn core::TokenProvider>,
+        options: Option<SyncOptions>,
+    ) -> Result<Arc<SyncSession>> {
         let opts = match options {
             Some(o) => o.try_into()?,
             None => core::SyncOptions::default(),
         };
-        let handle = self
-            .inner
-            .connect_with(&url, Arc::new(Tokens(tokens)), opts)?;
+        let handle = self.inner.connect_with(&url, tokens, opts)?;
         let session = SyncSession::new(handle, Arc::clone(&self.inner));
         let mut sessions = self.sessions.lock();
         sessions.retain(|s| s.strong_count() > 0);

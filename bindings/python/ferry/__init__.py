@@ -306,11 +306,24 @@ def _statuses(self: SyncSession) -> typing.AsyncIterator[SyncStatus]:
 def _sync_with(
     self: Replica,
     url: str,
-    token: typing.Union[str, typing.Callable[[], str]],
+    token: typing.Union[str, typing.Callable[[], str], typing.Callable[[], typing.Awaitable[str]]],
     options: typing.Optional[SyncOptions] = None,
 ) -> SyncSession:
-    """Starts syncing; ``token`` is a string or a callable asked before every connection."""
-    get = token if callable(token) else (lambda: token)
+    """Starts syncing; ``token`` is a string, a callable, or a coroutine function (``async
+    def``) asked before every connection attempt. A coroutine runs on the event loop running
+    when ``sync_with`` was called (call it from a coroutine then), for up to 60 s."""
+    get: typing.Callable[[], str]
+    if asyncio.iscoroutinefunction(token):
+        loop = asyncio.get_running_loop()
+        fetch = token
+
+        def get() -> str:
+            return asyncio.run_coroutine_threadsafe(fetch(), loop).result(timeout=60)  # type: ignore[arg-type]
+
+    elif callable(token):
+        get = token  # type: ignore[assignment]
+    else:
+        get = lambda: token  # type: ignore[assignment,return-value]  # noqa: E731
 
     class Tokens(TokenProvider):
         def token(self) -> str:

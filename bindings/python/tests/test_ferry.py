@@ -298,6 +298,30 @@ def test_ferrys_log_records_reach_the_app(open_replica, caplog: pytest.LogCaptur
     assert len(got) == count
 
 
+def test_a_coroutine_supplies_the_token_and_a_failing_one_is_retried(relay: Relay, open_replica) -> None:
+    a = open_replica("fetch.db")
+    token = relay.token("alice")
+    calls: typing.List[int] = []
+
+    async def fetch() -> str:
+        calls.append(1)
+        await asyncio.sleep(0.01)  # e.g. a refresh over the network
+        if len(calls) == 1:
+            raise RuntimeError("identity provider unreachable")
+        return token
+
+    async def main() -> None:
+        s = a.sync_with(relay.url, fetch, SyncOptions(backoff_min_ms=50, backoff_max_ms=200))
+        failed = await until(s.statuses(), lambda st: st.last_error is not None)
+        assert "token" in failed.last_error.message, failed.last_error
+        a.exec("INSERT INTO notes(id, folder, title) VALUES ('1', 'home', 'x')")
+        await sync(s)
+        assert len(calls) >= 2 and a.pending_count() == 0
+        s.disconnect()
+
+    asyncio.run(main())
+
+
 def test_closing_releases_the_database_and_reopen_works(relay: Relay, tmp_path: pathlib.Path) -> None:
     path = str(tmp_path / "c.db")
     note = ferry.new_id()

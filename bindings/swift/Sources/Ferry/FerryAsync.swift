@@ -58,6 +58,12 @@ extension Replica {
         try setResolver(table: table, resolver: ResolverClosure(resolve))
     }
 
+    /// Connects with an `async` token source, awaited before every connection attempt (e.g. to
+    /// refresh the token over the network; it may take up to 60 s).
+    public func connect(url: String, options: SyncOptions? = nil, fetchToken: @escaping @Sendable () async throws -> String) throws -> SyncSession {
+        try connectFetching(url: url, fetcher: FetcherClosure(fetchToken), options: options)
+    }
+
     /// Connects with a closure as the token provider (called before every connection attempt,
     /// on a background thread).
     public func connect(url: String, options: SyncOptions? = nil, token: @escaping @Sendable () throws -> String) throws -> SyncSession {
@@ -152,6 +158,12 @@ final class ResolverClosure: ConflictResolver, @unchecked Sendable {
     let f: @Sendable (ConflictInput) -> Resolution
     init(_ f: @escaping @Sendable (ConflictInput) -> Resolution) { self.f = f }
     func resolve(conflict: ConflictInput) throws -> Resolution { f(conflict) }
+}
+
+final class FetcherClosure: TokenFetcher, @unchecked Sendable {
+    let f: @Sendable () async throws -> String
+    init(_ f: @escaping @Sendable () async throws -> String) { self.f = f }
+    func fetchToken() async throws -> String { try await f() }
 }
 
 final class TokenClosure: TokenProvider, @unchecked Sendable {

@@ -246,6 +246,19 @@ final class FerryTests: XCTestCase {
         XCTAssertEqual(got.snapshot.count, count)
     }
 
+    func testAnAsyncFunctionSuppliesTheToken() async throws {
+        let a = try open("fetch.db")
+        let token = try relay.token("alice")
+        let s = try a.connect(url: relay.url, options: SyncOptions(backoffMinMs: 50, backoffMaxMs: 200)) {
+            try await Task.sleep(nanoseconds: 10_000_000) // e.g. a refresh over the network
+            return token
+        }
+        try a.exec("INSERT INTO notes(id, folder, title) VALUES ('1', 'home', 'x')")
+        try await s.syncNow()
+        XCTAssertEqual(try a.pendingCount(), 0)
+        s.disconnect()
+    }
+
     func testClosingReleasesTheDatabaseAndReopenWorks() throws {
         let path = dir.appendingPathComponent("c.db").path
         let id = SqlValue.text(value: newId())

@@ -101,6 +101,15 @@ fun Replica.connect(url: String, options: SyncOptions? = null, token: () -> Stri
         override fun token(): String = token()
     }, options)
 
+/**
+ * Connects with a suspending token source (awaited before every connection attempt, e.g. to
+ * refresh the token over the network; it may take up to 60 s).
+ */
+fun Replica.connectFetching(url: String, options: SyncOptions? = null, fetch: suspend () -> String): SyncSession =
+    connectFetching(url, object : TokenFetcher {
+        override suspend fun fetchToken(): String = fetch()
+    }, options)
+
 /** Converts a Kotlin value: null, String, Long/Int/Short/Byte, Double/Float, Boolean (0/1), ByteArray. */
 fun sqlValue(v: Any?): SqlValue = when (v) {
     null -> SqlValue.Null

@@ -303,6 +303,27 @@ class FerryTest {
     }
 
     @Test
+    fun aSuspendFunctionSuppliesTheTokenAndAFailingOneIsRetried() = runBlocking<Unit> {
+        open("fetch.db").use { a ->
+            val token = relay.token("alice")
+            val calls = java.util.concurrent.atomic.AtomicInteger()
+            val s = a.connectFetching(relay.url, SyncOptions(backoffMinMs = 50, backoffMaxMs = 200)) {
+                delay(10) // e.g. a refresh over the network
+                if (calls.incrementAndGet() == 1) throw IllegalStateException("identity provider unreachable")
+                token
+            }
+            s.use {
+                val failed = withTimeout(20_000) { s.statusFlow().first { it.lastError != null } }
+                assertTrue(failed.lastError.toString(), failed.lastError!!.message.contains("token"))
+                a.exec("INSERT INTO notes(id, folder, title) VALUES ('1', 'home', 'x')")
+                withTimeout(20_000) { s.syncNow() }
+                assertTrue(calls.get() >= 2)
+                assertEquals(0L, a.pendingCount())
+            }
+        }
+    }
+
+    @Test
     fun closingReleasesTheDatabaseAndReopenWorks() = runBlocking<Unit> {
         val path = File(dir, "c.db").path
         val id = newId()
