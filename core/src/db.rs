@@ -137,6 +137,17 @@ pub fn configure(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
+/// Sets the pragmas of a read-only connection to the replica (see `readers`): the file is
+/// already in WAL mode; reads wait for a busy file rather than fail.
+pub(crate) fn configure_reader(conn: &Connection) -> Result<()> {
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    conn.pragma_update(None, "query_only", "ON")?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.set_prepared_statement_cache_capacity(256);
+    Ok(())
+}
+
 /// Creates or upgrades Ferry's own tables. Refuses files from a newer Ferry.
 pub fn upgrade_format(conn: &mut Connection, new_id: Option<crate::ids::ReplicaId>) -> Result<()> {
     let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;

@@ -38,6 +38,7 @@ mod policy;
 pub mod port;
 pub mod protocol;
 mod quarantine;
+mod readers;
 mod refusal;
 mod replica;
 mod resolver;

@@ -23,6 +23,7 @@ use crate::observer::{
 use crate::port::SyncPort;
 use crate::protocol::{ErrorCode, Move};
 use crate::quarantine::Quarantined;
+use crate::readers::Readers;
 use crate::refusal::RefusalAction;
 use crate::resolver::{ConflictInput, Resolution, Resolver};
 use crate::schema::{Schema, quote};
@@ -79,6 +80,9 @@ impl std::fmt::Debug for OpenOptions {
 
 /// A local replica.
 pub struct Replica {
+    /// Read-only connections for the app's queries (they do not wait for the writer).
+    /// Declared first: dropped before the writer, which then removes the WAL file.
+    readers: Readers,
     engine: Arc<Mutex<Option<Engine>>>,
     registry: Arc<Mutex<Registry>>,
     resolvers: Mutex<HashMap<String, Arc<dyn Resolver>>>,
@@ -120,6 +124,7 @@ impl Replica {
         )?;
         tracing::debug!(path = %path.display(), replica = %engine.me, cursor = engine.cursor, "replica opened");
         Ok(Replica {
+            readers: Readers::new(&path, Arc::clone(&engine.cat)),
             engine: Arc::new(Mutex::new(Some(engine))),
             registry: Arc::new(Mutex::new(Registry::default())),
             resolvers: Mutex::new(HashMap::new()),
@@ -132,7 +137,10 @@ impl Replica {
 
     /// Closes the replica; later calls fail with [`Error::Closed`].
     pub fn close(&self) -> Result<()> {
-        match self.lock()?.take() {
+        let mut g = self.lock()?;
+        // Readers first: the writer, closing last, checkpoints and removes the WAL file.
+        self.readers.close();
+        match g.take() {
             Some(engine) => engine.close(),
             None => Ok(()),
         }
@@ -227,9 +235,12 @@ impl Replica {
         self.write(|tx| tx.execute(sql, params))
     }
 
-    /// Runs a read-only query.
+    /// Runs a read-only query on one of the replica's read connections: it sees every commit
+    /// made before it starts and does not wait for a write or a remote apply in progress.
+    /// Inside a write transaction, query through the transaction (it sees its own writes).
     pub fn query(&self, sql: &str, params: &[Value]) -> Result<Rows> {
-        self.with_engine(|e| e.query(sql, params))
+        self.not_writer()?;
+        self.readers.query(sql, params)
     }
 
     /// This replica's id.

@@ -129,6 +129,105 @@ fn ferry_reads(r: &Replica, n: usize) -> usize {
     found
 }
 
+/// Latencies of point reads, in microseconds: (p50, p99, max, reads).
+fn percentiles(mut v: Vec<Duration>) -> (f64, f64, f64, usize) {
+    v.sort();
+    let at = |q: f64| v[((v.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6;
+    (at(0.5), at(0.99), at(1.0), v.len())
+}
+
+/// Point reads of `keys` in a loop until `done`, each timed.
+fn timed_reads(done: &std::sync::atomic::AtomicBool, mut read: impl FnMut(usize)) -> Vec<Duration> {
+    let mut lat = Vec::new();
+    let mut i = 0usize;
+    while !done.load(std::sync::atomic::Ordering::Acquire) || lat.len() < 100 {
+        let t = Instant::now();
+        read(i);
+        lat.push(t.elapsed());
+        i = i.wrapping_add(7);
+    }
+    lat
+}
+
+/// R3: a UI thread's point reads while `n` remote rows are applied on another thread (Ferry),
+/// against point reads on one plain connection while another connection inserts `n` rows in
+/// transactions of `TX` (plain SQLite's own reader/writer concurrency in WAL mode). Both
+/// replicas hold `base` rows to read first.
+fn read_latency(
+    dir: &Path,
+    n: usize,
+    base: usize,
+) -> ((f64, f64, f64, usize), (f64, f64, f64, usize)) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // Plain.
+    let mut c = plain(&dir.join("lat-plain.db"));
+    plain_insert(&mut c, base);
+    let done = AtomicBool::new(false);
+    let plain_lat = std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut w = Connection::open(dir.join("lat-plain.db")).expect("open writer");
+            ferry_core::configure_sqlite(&w).expect("pragmas");
+            for chunk in (base..base + n).collect::<Vec<_>>().chunks(TX) {
+                let tx = w.transaction().expect("tx");
+                {
+                    let mut st = tx.prepare_cached(INSERT).expect("prep");
+                    for i in chunk {
+                        st.execute(rusqlite::params_from_iter(row(*i).iter()))
+                            .expect("insert");
+                    }
+                }
+                tx.commit().expect("commit");
+            }
+            done.store(true, Ordering::Release);
+        });
+        let mut st = c.prepare_cached(SELECT).expect("prep");
+        timed_reads(&done, |i| {
+            let found = st
+                .query_map([&row(i % base)[0]], |r| r.get::<_, Value>(0))
+                .expect("q")
+                .count();
+            assert_eq!(found, 1);
+        })
+    });
+    // Ferry: the change sets of two writers, the first applied before the reads start.
+    let a = Replica::open(dir.join("lat-a.db"), &schema()).expect("open");
+    let b = Replica::open(dir.join("lat-b.db"), &schema()).expect("open");
+    ferry_insert(&a, base);
+    for chunk in (base..base + n).collect::<Vec<_>>().chunks(TX) {
+        b.write(|tx| {
+            let mut st = tx.prepare(INSERT)?;
+            for i in chunk {
+                st.execute(&row(*i))?;
+            }
+            Ok(())
+        })
+        .expect("insert b");
+    }
+    let mut seq = Sequencer::new();
+    for cs in a.prepare_push(usize::MAX, usize::MAX).expect("pending") {
+        seq.push(cs).expect("push");
+    }
+    let (first, up_a) = seq.changes_after(0, usize::MAX);
+    for cs in b.prepare_push(usize::MAX, usize::MAX).expect("pending") {
+        seq.push(cs).expect("push");
+    }
+    let (second, up_b) = seq.changes_after(up_a, usize::MAX);
+    let dst = Replica::open(dir.join("lat-dst.db"), &schema()).expect("open");
+    dst.apply_remote(0, up_a, &first).expect("apply first");
+    let done = AtomicBool::new(false);
+    let ferry_lat = std::thread::scope(|s| {
+        s.spawn(|| {
+            dst.apply_remote(up_a, up_b, &second).expect("apply second");
+            done.store(true, Ordering::Release);
+        });
+        timed_reads(&done, |i| {
+            let rows = dst.query(SELECT, &[row(i % base)[0].clone()]).expect("q");
+            assert_eq!(rows.rows.len(), 1);
+        })
+    });
+    (percentiles(plain_lat), percentiles(ferry_lat))
+}
+
 fn time<T>(f: impl FnOnce() -> T) -> (Duration, T) {
     let t = Instant::now();
     let v = f();
@@ -159,7 +258,9 @@ fn main() {
             "--repeat" => repeat = it.next().and_then(|v| v.parse().ok()).unwrap_or(repeat),
             "--only" => only = it.next().cloned(),
             _ => {
-                eprintln!("usage: ferry-bench [--rows N] [--repeat K] [--only local|apply]");
+                eprintln!(
+                    "usage: ferry-bench [--rows N] [--repeat K] [--only local|apply|latency]"
+                );
                 std::process::exit(2);
             }
         }
@@ -259,6 +360,27 @@ fn main() {
             drop(c2);
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+    if only.is_none() || only.as_deref() == Some("latency") {
+        let dir = tempfile_dir(usize::MAX);
+        let (p, f) = read_latency(&dir, n, 10_000);
+        println!(
+            "R3 point-read latency while {n} remote rows apply (µs): plain p50 {:.0} p99 {:.0} \
+             max {:.0} ({} reads); ferry p50 {:.0} p99 {:.0} max {:.0} ({} reads); p99 ratio {:.2}x",
+            p.0,
+            p.1,
+            p.2,
+            p.3,
+            f.0,
+            f.1,
+            f.2,
+            f.3,
+            f.1 / p.1
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        if only.as_deref() == Some("latency") {
+            return;
+        }
     }
     println!("rows: {n}, transactions of {TX}, rounds: {repeat} (median shown)");
     println!(

@@ -83,18 +83,42 @@ fn same_thread_replica_call_errors_instead_of_deadlocking() {
 }
 
 #[test]
-fn other_threads_wait_for_the_transaction() {
+fn other_threads_read_the_last_commit_without_waiting_and_write_after_it() {
     let d = tempfile::tempdir().unwrap();
     let r = Arc::new(open(d.path(), "a.db"));
+    r.execute("INSERT INTO todo(id, title) VALUES ('0', 'bread')", &[])
+        .unwrap();
     let mut tx = r.begin().unwrap();
     tx.execute("INSERT INTO todo(id, title) VALUES ('a', 'milk')", &[])
         .unwrap();
+    // A read on another thread does not wait for the open transaction (its connection is
+    // one of the read-only ones) and sees the last commit, not the uncommitted row.
+    let (read_tx, read_rx) = std::sync::mpsc::channel();
     let r2 = Arc::clone(&r);
-    let reader = std::thread::spawn(move || titles(&r2));
+    std::thread::spawn(move || read_tx.send(titles(&r2)).unwrap());
+    let during = read_rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("a read waited for the write transaction");
+    assert_eq!(during, vec![t("bread")]);
+    // A write on another thread waits for the commit.
+    let (write_tx, write_rx) = std::sync::mpsc::channel();
+    let r3 = Arc::clone(&r);
+    std::thread::spawn(move || {
+        r3.execute("UPDATE todo SET title = 'oat milk' WHERE id = 'a'", &[])
+            .unwrap();
+        write_tx.send(()).unwrap();
+    });
     std::thread::sleep(std::time::Duration::from_millis(50));
+    assert!(
+        write_rx.try_recv().is_err(),
+        "a write did not wait for the transaction"
+    );
     tx.commit().unwrap();
-    // The reader was blocked until the commit, so it sees the row.
-    assert_eq!(reader.join().unwrap(), vec![t("milk")]);
+    write_rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .unwrap();
+    // Read after a commit on another thread: the commit is there.
+    assert_eq!(titles(&r), vec![t("bread"), t("oat milk")]);
 }
 
 #[test]
@@ -148,4 +172,45 @@ fn execute_many_is_one_change_set_and_stops_at_the_first_error() {
         r.query("SELECT count(*) FROM todo", &[]).unwrap().rows[0][0],
         Value::Integer(100)
     );
+}
+
+#[test]
+fn closing_after_concurrent_reads_releases_the_file() {
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("a.db");
+    let wal = d.path().join("a.db-wal");
+    {
+        let r = Arc::new(open(d.path(), "a.db"));
+        r.execute("INSERT INTO todo(id, title) VALUES ('a', 'milk')", &[])
+            .unwrap();
+        // Several threads at once: several read connections.
+        let readers: Vec<_> = (0..6)
+            .map(|_| {
+                let r = Arc::clone(&r);
+                std::thread::spawn(move || {
+                    for _ in 0..200 {
+                        assert_eq!(titles(&r), vec![t("milk")]);
+                    }
+                })
+            })
+            .collect();
+        for h in readers {
+            h.join().unwrap();
+        }
+        assert!(wal.exists());
+        r.close().unwrap();
+        assert!(matches!(titles_result(&r), Err(Error::Closed)));
+    }
+    // The writer closed last: SQLite checkpointed and removed the WAL file.
+    assert!(!wal.exists(), "the WAL file outlived the replica");
+    // Dropping without close does the same.
+    {
+        let r = ferry_core::Replica::open(&path, &schema()).unwrap();
+        assert_eq!(titles(&r), vec![t("milk")]);
+    }
+    assert!(!wal.exists(), "the WAL file outlived a dropped replica");
+}
+
+fn titles_result(r: &ferry_core::Replica) -> ferry_core::Result<ferry_core::Rows> {
+    r.query("SELECT title FROM todo", &[])
 }
