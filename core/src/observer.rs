@@ -21,6 +21,8 @@ pub enum ChangeSource {
     Remote,
     /// This replica's own change sets, refused by the relay, rolled back.
     Rollback,
+    /// Every row was deleted (`Replica::clear`, `Replica::resync`).
+    Cleared,
 }
 
 /// A committed change.

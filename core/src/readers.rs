@@ -33,14 +33,22 @@ const IDLE: usize = 4;
 struct Reader {
     conn: Connection,
     gate: SqlGate,
+    /// The file generation it was opened on (see [`Readers::reopen`]).
+    generation: u64,
+}
+
+struct Pool {
+    cat: Arc<Tables>,
+    idle: Vec<Reader>,
+    /// Bumped when the file is replaced (`Replica::clear`): older readers are not reused.
+    generation: u64,
+    open: bool,
 }
 
 /// The pool of read connections of one replica.
 pub(crate) struct Readers {
     path: PathBuf,
-    cat: Arc<Tables>,
-    /// Idle connections; `None` once the replica is closed.
-    idle: Mutex<Option<Vec<Reader>>>,
+    pool: Mutex<Pool>,
 }
 
 impl Readers {
@@ -48,48 +56,70 @@ impl Readers {
     pub(crate) fn new(path: &Path, cat: Arc<Tables>) -> Readers {
         Readers {
             path: path.to_path_buf(),
-            cat,
-            idle: Mutex::new(Some(Vec::new())),
+            pool: Mutex::new(Pool {
+                cat,
+                idle: Vec::new(),
+                generation: 0,
+                open: true,
+            }),
         }
     }
 
-    fn open(&self) -> Result<Reader> {
+    fn open(&self, cat: &Tables, generation: u64) -> Result<Reader> {
         let mut conn = Connection::open_with_flags(
             &self.path,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         db::configure_reader(&conn)?;
-        let gate = SqlGate::install(&mut conn, &self.cat)?;
-        Ok(Reader { conn, gate })
+        let gate = SqlGate::install(&mut conn, cat)?;
+        Ok(Reader {
+            conn,
+            gate,
+            generation,
+        })
     }
 
     /// Runs a read-only app query on an idle reader (or a new one).
     pub(crate) fn query(&self, sql: &str, params: &[Value]) -> Result<Rows> {
-        let reader = match self.idle.lock().as_mut() {
-            None => return Err(Error::Closed),
-            Some(idle) => idle.pop(),
+        let (reader, cat, generation) = {
+            let mut p = self.pool.lock();
+            if !p.open {
+                return Err(Error::Closed);
+            }
+            (p.idle.pop(), Arc::clone(&p.cat), p.generation)
         };
         let reader = match reader {
             Some(r) => r,
-            None => self.open()?,
+            None => self.open(&cat, generation)?,
         };
         let out = reader.gate.query(&reader.conn, sql, params);
-        if let Some(idle) = self.idle.lock().as_mut()
-            && idle.len() < IDLE
-        {
-            idle.push(reader);
+        let mut p = self.pool.lock();
+        if p.open && p.generation == reader.generation && p.idle.len() < IDLE {
+            p.idle.push(reader);
         }
         out
     }
 
-    /// Closes the idle readers; later queries fail with `Closed`. A read in flight closes its
-    /// connection when it ends.
+    /// Closes the idle readers; later queries fail with `Closed` until [`Readers::reopen`].
+    /// A read in flight closes its connection when it ends.
     pub(crate) fn close(&self) {
-        let idle = self.idle.lock().take();
-        for r in idle.into_iter().flatten() {
+        let idle = {
+            let mut p = self.pool.lock();
+            p.open = false;
+            std::mem::take(&mut p.idle)
+        };
+        for r in idle {
             if let Err((_, e)) = r.conn.close() {
                 tracing::warn!(error = %e, "closing a read connection failed");
             }
         }
+    }
+
+    /// Serves reads again, of a new file at the same path with the tables `cat`.
+    pub(crate) fn reopen(&self, cat: Arc<Tables>) {
+        let mut p = self.pool.lock();
+        p.cat = cat;
+        p.generation += 1;
+        p.open = true;
     }
 }

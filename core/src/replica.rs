@@ -18,7 +18,8 @@ use crate::hlc::{CorrectedClock, Hlc, SystemClock, WallClock};
 use crate::ids::{ChangeId, ReplicaId};
 use crate::log::{self, Verdict};
 use crate::observer::{
-    Notifications, Observer, Registry, Rows, Subscription, Watch, WatchCallback,
+    ChangeEvent, ChangeSource, Notifications, Observer, Registry, Rows, Subscription, Watch,
+    WatchCallback,
 };
 use crate::port::SyncPort;
 use crate::protocol::{ErrorCode, Move};
@@ -33,7 +34,7 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// Options for [`Replica::open_with`].
 #[derive(Clone)]
@@ -92,6 +93,11 @@ pub struct Replica {
     writer: Arc<AtomicU64>,
     apply_chunk_ops: usize,
     path: PathBuf,
+    /// What [`Replica::clear`] opens the new file with.
+    schema: Schema,
+    primary_tables: Vec<String>,
+    /// Sync sessions running on this replica (a [`Replica::clear`] waits for none).
+    pub(crate) live_sessions: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for Replica {
@@ -132,7 +138,78 @@ impl Replica {
             writer: Arc::new(AtomicU64::new(0)),
             apply_chunk_ops: opts.apply_chunk_ops.max(1),
             path,
+            schema: schema.clone(),
+            primary_tables: opts.primary_tables,
+            live_sessions: Arc::new(AtomicUsize::new(0)),
         })
+    }
+
+    /// Deletes the replica's data and starts it over as a new, empty replica at the same path
+    /// (a user logging out, or `resync`): every row of every table, the change log with local
+    /// writes not yet pushed, the conflict log, the quarantine, the subscriptions, the cursor;
+    /// the next connection gets a new replica id and a first sync. Watches re-run (on empty
+    /// tables) and observers get a [`ChangeSource::Cleared`] event; resolvers stay registered.
+    ///
+    /// Fails with `InvalidInput` while a sync session runs (disconnect it first). Close the
+    /// app's own connections to the file first: one left open keeps reading the deleted file.
+    pub fn clear(&self) -> Result<()> {
+        if self.live_sessions.load(Ordering::Acquire) > 0 {
+            return Err(Error::InvalidInput(
+                "a sync session is running on this replica: disconnect it before clearing".into(),
+            ));
+        }
+        let notes = {
+            let mut g = self.lock()?;
+            let old = g.take().ok_or(Error::Closed)?;
+            self.readers.close();
+            old.close()?;
+            for suffix in ["", "-wal", "-shm", "-journal"] {
+                let mut p = self.path.clone().into_os_string();
+                p.push(suffix);
+                match std::fs::remove_file(&p) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::CannotOpen(format!("removing {p:?}: {e}"))),
+                }
+            }
+            let engine = Engine::open(
+                &self.path,
+                &self.schema,
+                EngineOptions {
+                    primary_tables: &self.primary_tables,
+                    new_replica_id: None,
+                    crash_countdown: None,
+                },
+            )?;
+            self.readers.reopen(Arc::clone(&engine.cat));
+            let mut notes = Notifications::default();
+            notes.events.push(ChangeEvent {
+                tables: engine.cat.tables.keys().cloned().collect(),
+                source: ChangeSource::Cleared,
+            });
+            engine.rerun_watches(&self.registry, &mut notes);
+            tracing::info!(path = %self.path.display(), replica = %engine.me, "replica cleared");
+            *g = Some(engine);
+            notes
+        };
+        notes.deliver(&self.registry);
+        Ok(())
+    }
+
+    /// Wipes the replica's rows and downloads them again at the next connection (after a
+    /// checksum mismatch, say): [`Replica::clear`], keeping the subscriptions. Refuses with
+    /// `InvalidInput` while local writes are not yet pushed (sync them first; `clear` drops
+    /// them) and while a sync session runs.
+    pub fn resync(&self) -> Result<()> {
+        let pending = self.pending_count()?;
+        if pending > 0 {
+            return Err(Error::InvalidInput(format!(
+                "{pending} local change sets are not pushed yet: sync them first (clear() would drop them)"
+            )));
+        }
+        let subscriptions = self.subscriptions()?;
+        self.clear()?;
+        self.set_subscriptions(subscriptions)
     }
 
     /// Closes the replica; later calls fail with [`Error::Closed`].

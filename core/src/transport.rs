@@ -455,6 +455,7 @@ impl Replica {
         let requests = Arc::new(AtomicU64::new(0));
         let sub = self.subscribe(Arc::new(LocalWrites(Arc::clone(&wake))));
         let lp = SyncTask {
+            _live: LiveSession::new(&self.live_sessions),
             replica: Arc::clone(self),
             url: url.to_owned(),
             tls,
@@ -900,7 +901,24 @@ impl Drop for SyncHandle {
     }
 }
 
+/// Counts a running sync task on its replica while it lives (`Replica::clear` needs none).
+struct LiveSession(Arc<std::sync::atomic::AtomicUsize>);
+
+impl LiveSession {
+    fn new(count: &Arc<std::sync::atomic::AtomicUsize>) -> LiveSession {
+        count.fetch_add(1, Ordering::AcqRel);
+        LiveSession(Arc::clone(count))
+    }
+}
+
+impl Drop for LiveSession {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 struct SyncTask {
+    _live: LiveSession,
     replica: Arc<Replica>,
     url: String,
     tokens: Arc<dyn TokenProvider>,

@@ -70,12 +70,30 @@ impl Replica {
     /// `Closed`. Closing twice does nothing. (Named so as not to clash with the `close()`
     /// the generated Kotlin gives every object.)
     pub fn close_database(&self) -> Result<()> {
-        for s in self.sessions.lock().drain(..) {
-            if let Some(s) = s.upgrade() {
-                s.disconnect();
-            }
-        }
+        self.disconnect_all();
         Ok(self.inner.close()?)
+    }
+
+    /// Logs out: ends this replica's sync sessions, then deletes every row, the unpushed
+    /// writes, the conflict log, the quarantine, the subscriptions and the cursor, leaving a
+    /// new, empty replica at the same path, ready for another user (who connects again).
+    /// Watches re-run on the empty tables; change listeners get a `Cleared` event. Close the
+    /// app's own connections to the file first.
+    pub fn disconnect_and_clear(&self) -> Result<()> {
+        self.disconnect_all();
+        Ok(self.inner.clear()?)
+    }
+
+    /// Wipes the rows and downloads them again at the next connection (after a checksum
+    /// mismatch, `SyncSession.verify()`): ends the sync sessions, clears like
+    /// `disconnectAndClear` but keeps the subscriptions. `InvalidInput` while local writes are
+    /// not pushed yet (sync them first). Connect again afterwards.
+    pub fn resync(&self) -> Result<()> {
+        // Refused (below) before the sessions end: a replica with unpushed writes keeps syncing.
+        if self.inner.pending_count()? == 0 {
+            self.disconnect_all();
+        }
+        Ok(self.inner.resync()?)
     }
 
     /// The file this replica lives in.
@@ -267,6 +285,15 @@ impl Replica {
 }
 
 impl Replica {
+    /// Ends every sync session of this replica (each returns once its task has stopped).
+    fn disconnect_all(&self) {
+        for s in self.sessions.lock().drain(..) {
+            if let Some(s) = s.upgrade() {
+                s.disconnect();
+            }
+        }
+    }
+
     fn start(
         &self,
         url: String,

@@ -1,4 +1,8 @@
 //! A handle that keeps a listener registered until it is cancelled or dropped.
+//!
+//! A listener that stops because the app let go of its subscription (a garbage-collected
+//! Kotlin or Python object, a Swift value out of scope) is a common, silent bug: the drop of
+//! a subscription still active logs a warning, which reaches the app's `setLogger`.
 
 use parking_lot::Mutex;
 
@@ -15,6 +19,17 @@ impl Subscription {
         std::sync::Arc::new(Subscription {
             inner: Mutex::new(Some(Box::new(inner))),
         })
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if self.inner.get_mut().is_some() {
+            tracing::warn!(
+                "a live subscription was dropped without cancel(): its listener stops; keep a \
+                 reference to the Subscription for as long as callbacks are wanted"
+            );
+        }
     }
 }
 

@@ -259,6 +259,8 @@ mirror_enum!(
         Remote,
         /// This device's change sets, refused by the relay, rolled back.
         Rollback,
+        /// Every row was deleted (`disconnectAndClear`, `resync`).
+        Cleared,
     }
 );
 

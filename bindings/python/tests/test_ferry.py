@@ -281,6 +281,9 @@ def test_ferrys_log_records_reach_the_app(open_replica, caplog: pytest.LogCaptur
         warned = [r for r in got if r.level == ferry.LogLevel.WARN and "change listener failed" in r.message]
         assert warned and warned[0].target.startswith("ferry_ffi"), got
         sub.cancel()
+        # A live subscription the app lets go of stops its listener, and says so.
+        a.subscribe(Throws())
+        assert any("dropped without cancel()" in r.message for r in got), got
         # Into Python's logging, at the level chosen.
         ferry.use_logging(level=ferry.LogLevel.WARN)
         with caplog.at_level(logging.DEBUG, logger="ferry"):
@@ -318,6 +321,52 @@ def test_a_coroutine_supplies_the_token_and_a_failing_one_is_retried(relay: Rela
         await sync(s)
         assert len(calls) >= 2 and a.pending_count() == 0
         s.disconnect()
+
+    asyncio.run(main())
+
+
+def test_logout_clears_and_resync_downloads_again(relay: Relay, open_replica) -> None:
+    a, b = open_replica("a.db"), open_replica("b.db")
+
+    async def main() -> None:
+        sa, sb = session(relay, a, "alice"), session(relay, b, "bob")
+        a.exec("INSERT INTO notes(id, folder, title) VALUES ('1', 'home', 'milk')")
+        await sync(sa, sb)
+        assert b.select("SELECT title FROM notes") == [("milk",)]
+        # Resync refuses while a write is unpushed, and keeps everything.
+        sb.pause()
+        b.exec("INSERT INTO notes(id, folder, title) VALUES ('2', 'home', 'eggs')")
+        with pytest.raises(FerryError.InvalidInput):
+            b.resync()
+        sb.resume()
+        await sync(sb)
+        sources: typing.List[ferry.ChangeSource] = []
+
+        class Sources(ferry.ChangeListener):
+            def on_change(self, event: ferry.ChangeEvent) -> None:
+                sources.append(event.source)
+
+            def on_conflict(self, conflict: ferry.ConflictRecord) -> None:
+                pass
+
+        sub = b.subscribe(Sources())
+        b.resync()  # ends the session, wipes the rows
+        assert sources == [ferry.ChangeSource.CLEARED]
+        sub.cancel()
+        assert b.select("SELECT count(*) FROM notes") == [(0,)]
+        sb2 = session(relay, b, "bob")
+        await sync(sb2)
+        assert b.select("SELECT title FROM notes ORDER BY id") == [("milk",), ("eggs",)]
+        assert (await asyncio.wait_for(sb2.verify(), T)).matches
+        # Logging out: nothing left, a new replica id, ready for another user.
+        before = b.replica_id()
+        b.disconnect_and_clear()
+        assert b.select("SELECT count(*) FROM notes") == [(0,)]
+        assert b.replica_id() != before and b.cursor() == 0 and b.last_synced_at_ms() is None
+        sc = session(relay, b, "carol")
+        await sync(sc)
+        assert b.select("SELECT count(*) FROM notes") == [(2,)]
+        sa.disconnect()
 
     asyncio.run(main())
 

@@ -130,7 +130,9 @@ fn ferry_reads(r: &Replica, n: usize) -> usize {
 }
 
 /// Latencies of point reads, in microseconds: (p50, p99, max, reads).
-fn percentiles(mut v: Vec<Duration>) -> (f64, f64, f64, usize) {
+type Latency = (f64, f64, f64, usize);
+
+fn percentiles(mut v: Vec<Duration>) -> Latency {
     v.sort();
     let at = |q: f64| v[((v.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6;
     (at(0.5), at(0.99), at(1.0), v.len())
@@ -153,11 +155,7 @@ fn timed_reads(done: &std::sync::atomic::AtomicBool, mut read: impl FnMut(usize)
 /// against point reads on one plain connection while another connection inserts `n` rows in
 /// transactions of `TX` (plain SQLite's own reader/writer concurrency in WAL mode). Both
 /// replicas hold `base` rows to read first.
-fn read_latency(
-    dir: &Path,
-    n: usize,
-    base: usize,
-) -> ((f64, f64, f64, usize), (f64, f64, f64, usize)) {
+fn read_latency(dir: &Path, n: usize, base: usize) -> (Latency, Latency) {
     use std::sync::atomic::{AtomicBool, Ordering};
     // Plain.
     let mut c = plain(&dir.join("lat-plain.db"));

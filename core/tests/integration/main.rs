@@ -12,6 +12,7 @@ mod fuzz_replay;
 mod merge;
 mod primary;
 mod protocol;
+mod reset;
 mod skew;
 mod space;
 mod transaction;

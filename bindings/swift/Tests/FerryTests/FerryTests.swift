@@ -259,6 +259,16 @@ final class FerryTests: XCTestCase {
         s.disconnect()
     }
 
+    func testLogoutClearsTheReplica() throws {
+        let b = try open("b.db")
+        try b.exec("INSERT INTO notes(id, folder, title) VALUES ('1', 'home', 'milk')")
+        let before = try b.replicaId()
+        try b.disconnectAndClear()
+        XCTAssertEqual(try b.select("SELECT count(*) FROM notes").rows, [[0]])
+        XCTAssertNotEqual(try b.replicaId(), before)
+        XCTAssertEqual(try b.pendingCount(), 0)
+    }
+
     func testClosingReleasesTheDatabaseAndReopenWorks() throws {
         let path = dir.appendingPathComponent("c.db").path
         let id = SqlValue.text(value: newId())

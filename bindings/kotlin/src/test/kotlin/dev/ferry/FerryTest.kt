@@ -324,6 +324,37 @@ class FerryTest {
     }
 
     @Test
+    fun logoutClearsAndResyncDownloadsAgain() = runBlocking<Unit> {
+        open("a.db").use { a ->
+            open("b.db").use { b ->
+                val sa = a.sync("alice")
+                var sb = b.sync("bob")
+                a.exec("INSERT INTO notes(id, folder, title) VALUES ('1', 'home', 'milk')")
+                withTimeout(20_000) { sa.syncNow(); sb.syncNow() }
+                val sources = Collections.synchronizedList(mutableListOf<ChangeSource>())
+                val sub = b.subscribe(object : ChangeListener {
+                    override fun onChange(event: ChangeEvent) { sources.add(event.source) }
+                    override fun onConflict(conflict: ConflictRecord) {}
+                })
+                b.resync()
+                assertEquals(listOf(ChangeSource.CLEARED), sources.toList())
+                sub.cancel()
+                assertEquals(0L, b.query("SELECT count(*) AS n FROM notes") { it.getLong("n") }.single())
+                sb = b.sync("bob")
+                withTimeout(20_000) { sb.syncNow() }
+                assertEquals(listOf("milk"), b.query("SELECT title FROM notes") { it.getString("title") })
+                assertTrue(withTimeout(20_000) { sb.verify() }.matches)
+                val before = b.replicaId()
+                b.disconnectAndClear()
+                assertEquals(0L, b.query("SELECT count(*) AS n FROM notes") { it.getLong("n") }.single())
+                assertTrue(before != b.replicaId())
+                assertNull(b.lastSyncedAtMs())
+                sa.disconnect()
+            }
+        }
+    }
+
+    @Test
     fun closingReleasesTheDatabaseAndReopenWorks() = runBlocking<Unit> {
         val path = File(dir, "c.db").path
         val id = newId()
