@@ -116,6 +116,9 @@ pub struct SyncStatus {
     pub refused: Option<RefusedPush>,
     /// Connections opened so far.
     pub connects: u64,
+    /// Connection attempts and sessions that ended in failure so far (`last_error` says why
+    /// the last one did); [`SyncHandle::try_sync_now`] fails when it grows.
+    pub failures: u64,
     /// Keep-alive answers received so far (each carries a fresh relay head).
     pub pongs: u64,
     /// The highest [`SyncHandle::sync_now`] request a relay head has been learnt for: a pong
@@ -154,6 +157,7 @@ impl SyncStatus {
             last_error: None,
             refused: None,
             connects: 0,
+            failures: 0,
             pongs: 0,
             answered: 0,
             rolled_back: 0,
@@ -492,6 +496,39 @@ impl Replica {
     }
 }
 
+/// What [`SyncHandle::try_sync_now`] reports for a failed connection, in the category of its
+/// cause: a refused token as the relay's refusal, an unreachable or unavailable relay as a
+/// transport error, a protocol mismatch as one. `None` for failures the session recovers from
+/// by itself at once (a clock to re-stamp, an identity to rotate) and for push refusals,
+/// which are reported by `refused`, the quarantine and rollbacks instead.
+fn failed_fast(err: Option<&SyncError>) -> Option<Error> {
+    let Some(err) = err else {
+        return Some(Error::Transport("the connection failed".into()));
+    };
+    let message = err.message.clone();
+    match err.code {
+        None => Some(Error::Transport(message)),
+        Some(code @ (ErrorCode::Unauthorized | ErrorCode::Forbidden)) => {
+            Some(Error::Refused { code, message })
+        }
+        Some(code @ (ErrorCode::ShuttingDown | ErrorCode::RateLimited | ErrorCode::Internal)) => {
+            Some(Error::Transport(format!("{}: {message}", code.as_str())))
+        }
+        Some(code @ (ErrorCode::UnsupportedVersion | ErrorCode::BadFrame)) => {
+            Some(Error::Protocol(format!("{}: {message}", code.as_str())))
+        }
+        Some(
+            ErrorCode::ClockSkew
+            | ErrorCode::OriginReused
+            | ErrorCode::IdentityMismatch
+            | ErrorCode::Conflict
+            | ErrorCode::Fenced
+            | ErrorCode::TooLarge
+            | ErrorCode::InvalidChangeSet,
+        ) => None,
+    }
+}
+
 /// Frames decoded ahead of the session loop.
 const DECODED_AHEAD: usize = 2;
 
@@ -672,7 +709,21 @@ impl SyncHandle {
     /// this call (a ping's answer), or fails when a push was refused or the loop stopped.
     /// While offline it waits for the connection: wrap it in a timeout if that matters.
     pub async fn sync_now(&self) -> Result<()> {
+        self.sync_until(false).await
+    }
+
+    /// [`SyncHandle::sync_now`] that fails fast, for apps: at the first connection attempt (or
+    /// session) that fails after the call, with [`Error::Refused`] carrying the relay's code
+    /// when the relay refused (`unauthorized` for a bad or expired token, `forbidden`, ...) and
+    /// [`Error::Transport`] when the relay could not be reached. The session keeps retrying
+    /// in the background; call again to wait for the next attempt.
+    pub async fn try_sync_now(&self) -> Result<()> {
+        self.sync_until(true).await
+    }
+
+    async fn sync_until(&self, fail_fast: bool) -> Result<()> {
         let mut rx = self.status.clone();
+        let failures = rx.borrow().failures;
         // Every ping the loop sends is tagged with the requests made before it was sent; the
         // loop answers Wake with a ping (or sends one as soon as a connection is up), so a
         // pong answering request `me` carries a head learnt after this call. A welcome's
@@ -696,6 +747,12 @@ impl SyncHandle {
                         table: o.table.clone(),
                         column: o.column.clone(),
                     });
+                }
+                if fail_fast
+                    && s.failures > failures
+                    && let Some(e) = failed_fast(s.last_error.as_ref())
+                {
+                    return Err(e);
                 }
                 let fresh = s.answered >= me;
                 if fresh && s.state == ConnState::Online && s.pending == 0 && s.cursor >= s.head {
@@ -1025,6 +1082,7 @@ impl SyncTask {
                     self.publish(|s| {
                         s.state = ConnState::Offline;
                         s.last_error = Some(err);
+                        s.failures += 1;
                     });
                     let delay = backoff(&self.opts, failures);
                     let sleep = tokio::time::sleep(delay);
@@ -1393,6 +1451,71 @@ mod tests {
         fn token(&self) -> std::result::Result<String, String> {
             Ok("t".into())
         }
+    }
+
+    #[test]
+    fn a_failed_connection_is_reported_in_the_category_of_its_cause() {
+        let e = |code: Option<ErrorCode>| SyncError {
+            code,
+            message: "m".into(),
+        };
+        assert!(matches!(
+            failed_fast(Some(&e(None))),
+            Some(Error::Transport(_))
+        ));
+        assert!(matches!(failed_fast(None), Some(Error::Transport(_))));
+        assert!(matches!(
+            failed_fast(Some(&e(Some(ErrorCode::Unauthorized)))),
+            Some(Error::Refused {
+                code: ErrorCode::Unauthorized,
+                ..
+            })
+        ));
+        assert!(matches!(
+            failed_fast(Some(&e(Some(ErrorCode::ShuttingDown)))),
+            Some(Error::Transport(m)) if m.contains("shutting_down")
+        ));
+        assert!(matches!(
+            failed_fast(Some(&e(Some(ErrorCode::UnsupportedVersion)))),
+            Some(Error::Protocol(_))
+        ));
+        for code in [
+            ErrorCode::ClockSkew,
+            ErrorCode::IdentityMismatch,
+            ErrorCode::OriginReused,
+        ] {
+            assert!(failed_fast(Some(&e(Some(code)))).is_none(), "{code:?}");
+        }
+    }
+
+    /// A session that cannot reach its relay fails `try_sync_now` at once, while `sync_now`
+    /// keeps waiting.
+    #[test]
+    fn try_sync_now_fails_at_the_first_failed_attempt() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let schema = Schema::new(1).table(TableDecl::new("t").text_key("id"));
+        let r = Arc::new(Replica::open(dir.path().join("a.db"), &schema).expect("open"));
+        let h = r
+            .connect_with(
+                "ws://127.0.0.1:9/sync",
+                Arc::new(Tokens),
+                SyncOptions::default(),
+            )
+            .expect("connect");
+        let rt = runtime().expect("runtime");
+        let fast = rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(60), h.try_sync_now()).await
+        });
+        assert!(matches!(fast, Ok(Err(Error::Transport(_)))), "{fast:?}");
+        let waiting = rt.block_on(async {
+            tokio::time::timeout(Duration::from_millis(300), h.sync_now()).await
+        });
+        assert!(
+            waiting.is_err(),
+            "sync_now waits while offline: {waiting:?}"
+        );
+        assert!(h.status().failures >= 1);
+        h.disconnect();
     }
 
     /// An observer added while the loop pauses sees the pause, however the two interleave

@@ -158,11 +158,14 @@ impl SyncSession {
     }
 
     /// Completes when nothing is pending and the replica has caught up with the relay's head
-    /// as of this call. Waits while offline: cancel it (or use a timeout) if that matters.
-    /// Fails with `Unauthorized`/`ConflictRejected` when a push was refused, `Offline` when
-    /// the session ended.
+    /// as of this call. Fails fast, at the first connection attempt that fails after the
+    /// call: `Unauthorized` when the relay refused the token, `Offline` when it could not be
+    /// reached (or is restarting), `Protocol` for a relay of an incompatible version; also
+    /// `Unauthorized`/`ConflictRejected` when a push was refused, `SchemaOutdated`, and
+    /// `Offline` when the session ended. The session keeps retrying in the background: call
+    /// again to wait for the next attempt.
     pub async fn sync_now(&self) -> Result<()> {
-        Ok(self.handle.sync_now().await?)
+        Ok(self.handle.try_sync_now().await?)
     }
 
     /// Commits `tx` and waits for the relay's verdict: the relay position it was sequenced

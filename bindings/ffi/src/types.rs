@@ -575,6 +575,9 @@ pub struct SyncStatus {
     pub refused: Option<RefusedPush>,
     /// Connections opened so far.
     pub connects: i64,
+    /// Connection attempts and sessions that failed so far (`lastError` says why the last one
+    /// did).
+    pub failures: i64,
     /// Change sets the relay refused (compare-and-set, stale lease) that were rolled back.
     pub rolled_back: i64,
     /// Change sets the relay refused for a permanent reason, waiting in quarantine for the
@@ -654,6 +657,7 @@ impl From<&core::SyncStatus> for SyncStatus {
                 message: r.message.clone(),
             }),
             connects: s.connects.signed(),
+            failures: s.failures.signed(),
             rolled_back: s.rolled_back.signed(),
             quarantined: s.quarantined.signed(),
             schema_outdated: s.schema_outdated.as_ref().map(|o| SchemaOutdated {

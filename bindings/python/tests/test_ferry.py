@@ -371,6 +371,23 @@ def test_logout_clears_and_resync_downloads_again(relay: Relay, open_replica) ->
     asyncio.run(main())
 
 
+def test_sync_now_fails_fast_on_a_refused_token_and_an_unreachable_relay(relay: Relay, open_replica) -> None:
+    a = open_replica("fast.db")
+
+    async def main() -> None:
+        s = a.sync_with(relay.url, "not-a-token", SyncOptions(backoff_min_ms=50, backoff_max_ms=200))
+        with pytest.raises(FerryError.Unauthorized):
+            await asyncio.wait_for(s.sync_now(), T)
+        assert s.status().failures >= 1
+        s.disconnect()
+        s = a.sync_with("ws://127.0.0.1:9/sync", "t", SyncOptions(backoff_min_ms=50, backoff_max_ms=200))
+        with pytest.raises(FerryError.Offline):
+            await asyncio.wait_for(s.sync_now(), T)
+        s.disconnect()
+
+    asyncio.run(main())
+
+
 def test_closing_releases_the_database_and_reopen_works(relay: Relay, tmp_path: pathlib.Path) -> None:
     path = str(tmp_path / "c.db")
     note = ferry.new_id()

@@ -355,6 +355,20 @@ class FerryTest {
     }
 
     @Test
+    fun syncNowFailsFastOnARefusedTokenAndAnUnreachableRelay() = runBlocking<Unit> {
+        open("fast.db").use { a ->
+            val opts = SyncOptions(backoffMinMs = 50, backoffMaxMs = 200)
+            a.connect(relay.url, opts) { "not-a-token" }.use { s ->
+                assertThrows<FerryException.Unauthorized> { runBlocking { withTimeout(20_000) { s.syncNow() } } }
+                assertTrue(s.status().failures >= 1)
+            }
+            a.connect("ws://127.0.0.1:9/sync", opts) { "t" }.use { s ->
+                assertThrows<FerryException.Offline> { runBlocking { withTimeout(20_000) { s.syncNow() } } }
+            }
+        }
+    }
+
+    @Test
     fun closingReleasesTheDatabaseAndReopenWorks() = runBlocking<Unit> {
         val path = File(dir, "c.db").path
         val id = newId()
