@@ -121,8 +121,10 @@ pub enum FerryError {
         /// What is damaged.
         reason: String,
     },
-    /// The relay sent something no correct relay sends (nothing was applied); the sync loop
-    /// reconnects. Worth reporting.
+    /// The relay and this build disagree: it sent something no correct relay sends (nothing
+    /// was applied; the sync loop reconnects), or it refused a change set as invalid (a table
+    /// or column its schema does not declare: deploy the relay's schema), or speaks another
+    /// protocol version. Worth reporting.
     #[error("protocol: {reason}")]
     Protocol {
         /// What was wrong.
@@ -171,10 +173,25 @@ impl From<Core> for FerryError {
                     FerryError::Unauthorized { reason: message }
                 }
                 ErrorCode::TooLarge => FerryError::TransactionTooLarge { reason: message },
-                _ => FerryError::ConflictRejected {
+                ErrorCode::Conflict | ErrorCode::Fenced => FerryError::ConflictRejected {
                     code: code.as_str().to_owned(),
                     reason: message,
                 },
+                // The relay and this app disagree (a table or column the relay's schema does
+                // not declare, an incompatible version): not a conflict to retry.
+                ErrorCode::InvalidChangeSet
+                | ErrorCode::BadFrame
+                | ErrorCode::UnsupportedVersion
+                | ErrorCode::ClockSkew
+                | ErrorCode::OriginReused
+                | ErrorCode::IdentityMismatch => FerryError::Protocol {
+                    reason: format!("{}: {message}", code.as_str()),
+                },
+                ErrorCode::RateLimited | ErrorCode::ShuttingDown | ErrorCode::Internal => {
+                    FerryError::Offline {
+                        reason: format!("{}: {message}", code.as_str()),
+                    }
+                }
             },
             Core::Rejected(why) => FerryError::ConflictRejected {
                 code: "rejected".to_owned(),
@@ -318,10 +335,10 @@ mod tests {
             ),
             (
                 Core::Refused {
-                    code: ErrorCode::InvalidChangeSet,
+                    code: ErrorCode::Conflict,
                     message: "m".into(),
                 },
-                |e| matches!(e, FerryError::ConflictRejected { code, .. } if code == "invalid_change_set"),
+                |e| matches!(e, FerryError::ConflictRejected { code, .. } if code == "conflict"),
             ),
             (
                 Core::Closed,
@@ -462,6 +479,32 @@ mod tests {
             }
         }
         all
+    }
+
+    #[test]
+    fn relay_refusals_map_to_the_category_of_their_cause() {
+        let refused = |code| {
+            FerryError::from(Core::Refused {
+                code,
+                message: "m".into(),
+            })
+        };
+        assert!(matches!(
+            refused(ErrorCode::InvalidChangeSet),
+            FerryError::Protocol { reason } if reason.starts_with("invalid_change_set")
+        ));
+        assert!(matches!(
+            refused(ErrorCode::Fenced),
+            FerryError::ConflictRejected { code, .. } if code == "fenced"
+        ));
+        assert!(matches!(
+            refused(ErrorCode::ShuttingDown),
+            FerryError::Offline { .. }
+        ));
+        assert!(matches!(
+            refused(ErrorCode::Forbidden),
+            FerryError::Unauthorized { .. }
+        ));
     }
 
     #[test]
