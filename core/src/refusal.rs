@@ -128,6 +128,26 @@ impl Engine {
             let m = &mut stored.meta;
             m.swap_version(&old, &new);
             if let RowOp::Upsert(cells) = &mut rc.op {
+                // A plain (`lww`) cell the device no longer holds from this change set lost to a
+                // write it has applied since (or was overwritten by its own later one): the
+                // rebased set, whose clock is newer than both, must not carry it, or it would
+                // win on every other replica while this one keeps the winner.
+                let me = self.me_num;
+                let same_incarnation = m.cl == rc.cl;
+                let mut kept = Vec::with_capacity(cells.len());
+                for c in std::mem::take(cells) {
+                    if let Cell::Set(name, _) = &c {
+                        let i = t.col(name)?;
+                        let holds = m
+                            .cell(i as u32)
+                            .is_some_and(|cv| cv.origin == me && cv.origin_seq == origin_seq);
+                        if same_incarnation && !t.cols[i].policy.resolved_by_app() && !holds {
+                            continue;
+                        }
+                    }
+                    kept.push(c);
+                }
+                *cells = kept;
                 for c in cells.iter_mut() {
                     let Cell::Set(name, v) = c else {
                         continue;
@@ -149,6 +169,9 @@ impl Engine {
             }
             crate::rows::store(&self.conn, t, &rc.pk, &stored)?;
         }
+        // A row left with no cell to set lost all of them to writes the others hold already.
+        cs.rows
+            .retain(|rc| !matches!(&rc.op, RowOp::Upsert(cells) if cells.is_empty()));
         cs.hlc = hlc;
         cs.base = self.cursor;
         log::rewrite(&self.conn, seq, &cs)?;
