@@ -7,6 +7,7 @@ mod capture;
 mod checked;
 mod convergence;
 mod crash;
+mod custom;
 mod format;
 mod fuzz_replay;
 mod merge;

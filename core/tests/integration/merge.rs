@@ -616,12 +616,11 @@ fn an_lww_cell_edited_with_a_custom_cell_is_logged_on_both_devices() {
 
 fn lww_and_custom_in_one_transaction(ack_first: bool) {
     let d = tempfile::tempdir().unwrap();
-    let s = Schema::new(1).table(
-        TableDecl::new("doc")
-            .text_key("id")
-            .text("title")
-            .column("tags", ferry_core::ColumnType::Text, ferry_core::Policy::Custom),
-    );
+    let s = Schema::new(1).table(TableDecl::new("doc").text_key("id").text("title").column(
+        "tags",
+        ferry_core::ColumnType::Text,
+        ferry_core::Policy::Custom,
+    ));
     let (a, _) = open_at(d.path(), "a.db", &s, 1_000);
     let (b, _) = open_at(d.path(), "b.db", &s, 2_000);
     let mut seq = Sequencer::new();
@@ -665,9 +664,24 @@ fn lww_and_custom_in_one_transaction(ack_first: bool) {
             .map(|c| c.policy)
             .collect::<Vec<_>>()
     };
-    assert_eq!(logged(&a, "title"), vec!["lww"], "{ack_first}: {:?}", a.conflicts());
-    assert_eq!(logged(&b, "title"), vec!["lww"], "{ack_first}: {:?}", b.conflicts());
-    assert_eq!(logged(&a, "tags"), vec!["custom"], "{ack_first}: {:?}", a.conflicts());
+    assert_eq!(
+        logged(&a, "title"),
+        vec!["lww"],
+        "{ack_first}: {:?}",
+        a.conflicts()
+    );
+    assert_eq!(
+        logged(&b, "title"),
+        vec!["lww"],
+        "{ack_first}: {:?}",
+        b.conflicts()
+    );
+    assert_eq!(
+        logged(&a, "tags"),
+        vec!["custom"],
+        "{ack_first}: {:?}",
+        a.conflicts()
+    );
     assert_eq!(a.dump().unwrap(), b.dump().unwrap());
 }
 
@@ -697,12 +711,11 @@ fn sync_via_client(seq: &mut Sequencer, r: &Replica) {
 #[test]
 fn a_rebased_change_set_keeps_the_lww_outcome() {
     let d = tempfile::tempdir().unwrap();
-    let s = Schema::new(1).table(
-        TableDecl::new("doc")
-            .text_key("id")
-            .text("title")
-            .column("tags", ferry_core::ColumnType::Text, ferry_core::Policy::Custom),
-    );
+    let s = Schema::new(1).table(TableDecl::new("doc").text_key("id").text("title").column(
+        "tags",
+        ferry_core::ColumnType::Text,
+        ferry_core::Policy::Custom,
+    ));
     let (a, _) = open_at(d.path(), "a.db", &s, 1_000);
     let (b, _) = open_at(d.path(), "b.db", &s, 2_000);
     let mut seq = Sequencer::with_schema(&s);
@@ -733,7 +746,11 @@ fn a_rebased_change_set_keeps_the_lww_outcome() {
         sync_via_client(&mut seq, &a);
         sync_via_client(&mut seq, &b);
     }
-    assert_eq!(a.dump().unwrap(), b.dump().unwrap(), "the replicas diverged");
+    assert_eq!(
+        a.dump().unwrap(),
+        b.dump().unwrap(),
+        "the replicas diverged"
+    );
     assert_eq!(
         rows(&a, "SELECT title, tags FROM doc"),
         vec![vec![t("b"), t("a+b")]],
