@@ -290,6 +290,22 @@ def _changes(self: Replica) -> typing.AsyncIterator[ChangeEvent]:
     return _iterate(lambda put: self.subscribe(Listener(put)), latest_only=False)
 
 
+def _conflict_records(self: Replica) -> typing.AsyncIterator[ConflictRecord]:
+    """Every conflict detected while merging (conflict log entries as written), none dropped."""
+
+    class Listener(ChangeListener):
+        def __init__(self, put: typing.Callable[[typing.Any], None]) -> None:
+            self.put = put
+
+        def on_change(self, event: ChangeEvent) -> None:
+            pass
+
+        def on_conflict(self, conflict: ConflictRecord) -> None:
+            self.put(conflict)
+
+    return _iterate(lambda put: self.subscribe(Listener(put)), latest_only=False)
+
+
 def _statuses(self: SyncSession) -> typing.AsyncIterator[SyncStatus]:
     """The sync status now and on every change (latest only)."""
 
@@ -359,6 +375,7 @@ Replica.exec_async = _exec_async  # type: ignore[attr-defined]
 Replica.write_async = _write_async  # type: ignore[attr-defined]
 Replica.watch_rows = _watch_rows  # type: ignore[attr-defined]
 Replica.changes = _changes  # type: ignore[attr-defined]
+Replica.conflict_records = _conflict_records  # type: ignore[attr-defined]
 Replica.sync_with = _sync_with  # type: ignore[attr-defined]
 Replica.resolve_with = _resolve_with  # type: ignore[attr-defined]
 Replica.close = Replica.close_database  # type: ignore[attr-defined]

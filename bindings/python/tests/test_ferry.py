@@ -84,6 +84,7 @@ def test_a_resolver_written_in_python_decides_a_real_conflict(relay: Relay, open
         b.resolve_with("nope", resolve)
 
     async def main() -> None:
+        seen = asyncio.create_task(until(b.conflict_records(), lambda c: True))
         sa, sb = session(relay, a, "alice"), session(relay, b, "bob")
         note = ferry.new_id()
         a.exec("INSERT INTO notes(id, folder, title, body) VALUES (?, 'home', 't', 'draft')", (note,))
@@ -104,6 +105,7 @@ def test_a_resolver_written_in_python_decides_a_real_conflict(relay: Relay, open
         logged = b.conflicts()
         assert len(logged) == 1 and logged[0].policy == "custom"
         assert "from b & from a" in (logged[0].resolution or "")
+        assert (await seen).id == logged[0].id  # the conflict stream saw it as it was logged
 
     asyncio.run(main())
 

@@ -53,6 +53,14 @@ extension Replica {
         }
     }
 
+    /// Every conflict detected while merging (conflict log entries as written), none dropped.
+    public func conflictStream() -> AsyncStream<ConflictRecord> {
+        AsyncStream(bufferingPolicy: .unbounded) { continuation in
+            let sub = self.subscribe(listener: ConflictClosure { continuation.yield($0) })
+            continuation.onTermination = { _ in sub.cancel() }
+        }
+    }
+
     /// Registers `resolve` for the `custom` columns of `table`.
     public func setResolver(table: String, _ resolve: @escaping @Sendable (ConflictInput) -> Resolution) throws {
         try setResolver(table: table, resolver: ResolverClosure(resolve))
@@ -146,6 +154,13 @@ final class ChangeClosure: ChangeListener, @unchecked Sendable {
     init(_ f: @escaping (ChangeEvent) -> Void) { self.f = f }
     func onChange(event: ChangeEvent) throws { f(event) }
     func onConflict(conflict: ConflictRecord) throws {}
+}
+
+final class ConflictClosure: ChangeListener, @unchecked Sendable {
+    let f: (ConflictRecord) -> Void
+    init(_ f: @escaping (ConflictRecord) -> Void) { self.f = f }
+    func onChange(event: ChangeEvent) throws {}
+    func onConflict(conflict: ConflictRecord) throws { f(conflict) }
 }
 
 final class StatusClosure: SyncStatusListener, @unchecked Sendable {

@@ -78,6 +78,18 @@ fun Replica.changes(): Flow<ChangeEvent> = callbackFlow {
     awaitClose { sub.cancel(); sub.close() }
 }.buffer(Channel.UNLIMITED)
 
+/** Every conflict detected while merging (the conflict log's entries as they are written), none dropped. */
+fun Replica.conflictFlow(): Flow<ConflictRecord> = callbackFlow {
+    val listener = object : ChangeListener {
+        override fun onChange(event: ChangeEvent) {}
+        override fun onConflict(conflict: ConflictRecord) {
+            trySend(conflict)
+        }
+    }
+    val sub = subscribe(listener)
+    awaitClose { sub.cancel(); sub.close() }
+}.buffer(Channel.UNLIMITED)
+
 /** The sync status now and on every change; only the latest is kept for a slow collector. */
 fun SyncSession.statusFlow(): Flow<SyncStatus> = callbackFlow {
     val listener = object : SyncStatusListener {

@@ -132,6 +132,7 @@ class FerryTest {
                     calls.add(c)
                     Resolution.Value(sqlValue("${c.local.toKotlin()} & ${c.remote.toKotlin()}"))
                 }
+                val seen = async { withTimeout(20_000) { b.conflictFlow().first() } }
                 val sa = a.sync("alice")
                 val sb = b.sync("bob")
                 val id = newId()
@@ -154,6 +155,7 @@ class FerryTest {
                 assertEquals(expected, a.select("SELECT body FROM notes WHERE id = ?", id))
                 val logged = b.conflicts().single()
                 assertEquals("custom", logged.policy)
+                assertEquals(logged.id, seen.await().id)
                 assertTrue(logged.resolution!!.contains("from b & from a"))
                 sa.close(); sb.close()
             }
