@@ -17,12 +17,12 @@
 
 use ferry_core::SyncPort;
 use ferry_core::sequencer::Sequencer;
-use ferry_core::sync::SyncClient;
 use ferry_core::{
     Cell, ChangeId, ConflictKind, Replica, RowOp, Schema, TableDecl, TableMode, Value, Verdict,
 };
+use ferry_testkit::local::sync_via_client;
 use proptest::prelude::*;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 
 fn schema() -> Schema {
     Schema::new(1)
@@ -125,33 +125,7 @@ impl World {
     }
 
     fn sync(&mut self, r: usize, steps: u8) {
-        let rep = &self.replicas[r];
-        let mut client = SyncClient::new().with_batch(2, usize::MAX);
-        let mut session = self.seq.session();
-        let mut outbox = VecDeque::from([client.start(rep, "t").unwrap()]);
-        let mut n = 0u32;
-        while let Some(msg) = outbox.pop_front() {
-            for reply in self.seq.handle(&mut session, msg) {
-                n += 1;
-                if steps > 0 && n > u32::from(steps) {
-                    client.disconnected();
-                    return;
-                }
-                let step = client.handle(rep, reply).unwrap();
-                assert!(
-                    step.refused.is_none(),
-                    "unexpected refusal {:?}",
-                    step.refused
-                );
-                outbox.extend(step.send);
-            }
-            if outbox.is_empty()
-                && let Some(p) = client.poll_push(rep).unwrap()
-            {
-                outbox.push_back(p);
-            }
-        }
-        client.disconnected();
+        sync_via_client(&mut self.seq, &self.replicas[r], steps);
     }
 
     fn settle(&mut self) {
@@ -298,15 +272,8 @@ fn run(n: usize, actions: &[Action]) {
     }
 }
 
-fn cases() -> u32 {
-    std::env::var("FERRY_PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300)
-}
-
 proptest! {
-    #![proptest_config(ProptestConfig { cases: cases(), max_shrink_iters: 1000, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: ferry_testkit::local::proptest_cases(), max_shrink_iters: 1000, ..ProptestConfig::default() })]
     #[test]
     fn strict_writes_are_linearizable_atomic_and_converge((n, actions) in scenario()) {
         run(n, &actions);

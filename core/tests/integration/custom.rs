@@ -13,13 +13,12 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use ferry_core::sequencer::Sequencer;
-use ferry_core::sync::SyncClient;
 use ferry_core::{
     ColumnType, ConflictInput, OpenOptions, Policy, Replica, Resolution, Schema, TableDecl, Value,
     WallClock,
 };
+use ferry_testkit::local::sync_via_client;
 use proptest::prelude::*;
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 fn schema() -> Schema {
@@ -64,35 +63,6 @@ fn scenario() -> impl Strategy<Value = (usize, Vec<Action>)> {
     (2usize..4).prop_flat_map(|n| (Just(n), prop::collection::vec(action(n), 1..30)))
 }
 
-fn sync(seq: &mut Sequencer, r: &Replica, steps: u8) {
-    let mut client = SyncClient::new().with_batch(2, usize::MAX);
-    let mut session = seq.session();
-    let mut outbox = VecDeque::from([client.start(r, "t").unwrap()]);
-    let mut n = 0u32;
-    while let Some(msg) = outbox.pop_front() {
-        for reply in seq.handle(&mut session, msg) {
-            n += 1;
-            if steps > 0 && n > u32::from(steps) {
-                client.disconnected();
-                return;
-            }
-            let step = client.handle(r, reply).unwrap();
-            assert!(
-                step.refused.is_none(),
-                "refusal reached the app: {:?}",
-                step.refused
-            );
-            outbox.extend(step.send);
-        }
-        if outbox.is_empty()
-            && let Some(p) = client.poll_push(r).unwrap()
-        {
-            outbox.push_back(p);
-        }
-    }
-    client.disconnected();
-}
-
 fn run(n: usize, actions: &[Action]) {
     let dir = tempfile::tempdir().unwrap();
     let s = schema();
@@ -128,9 +98,9 @@ fn run(n: usize, actions: &[Action]) {
         )
         .unwrap();
     for r in &replicas {
-        sync(&mut seq, r, 0);
+        sync_via_client(&mut seq, r, 0);
     }
-    sync(&mut seq, &replicas[0], 0);
+    sync_via_client(&mut seq, &replicas[0], 0);
     let mut total = 0i64;
     for (k, a) in actions.iter().enumerate() {
         match *a {
@@ -153,12 +123,12 @@ fn run(n: usize, actions: &[Action]) {
                     )
                     .unwrap();
             }
-            Action::Sync(r, steps) => sync(&mut seq, &replicas[r], steps),
+            Action::Sync(r, steps) => sync_via_client(&mut seq, &replicas[r], steps),
         }
     }
     for _ in 0..6 {
         for r in &replicas {
-            sync(&mut seq, r, 0);
+            sync_via_client(&mut seq, r, 0);
         }
     }
     let first = replicas[0].dump().unwrap();
@@ -174,15 +144,8 @@ fn run(n: usize, actions: &[Action]) {
     assert_eq!(n, Value::Integer(total), "counter");
 }
 
-fn cases() -> u32 {
-    std::env::var("FERRY_PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300)
-}
-
 proptest! {
-    #![proptest_config(ProptestConfig { cases: cases(), max_shrink_iters: 1000, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: ferry_testkit::local::proptest_cases(), max_shrink_iters: 1000, ..ProptestConfig::default() })]
     #[test]
     fn custom_lww_and_counter_cells_converge_through_rebases((n, actions) in scenario()) {
         run(n, &actions);

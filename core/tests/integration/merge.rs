@@ -602,6 +602,41 @@ fn backup_behind_the_relay_is_caught_at_hello() {
     assert_eq!(rows(&a, "SELECT count(*) FROM todo"), vec![vec![i(3)]]);
 }
 
+/// A `doc` table with an `lww` title and `custom` tags.
+fn doc_with_title_and_tags() -> Schema {
+    Schema::new(1).table(TableDecl::new("doc").text_key("id").text("title").column(
+        "tags",
+        ferry_core::ColumnType::Text,
+        ferry_core::Policy::Custom,
+    ))
+}
+
+/// Registers on each replica a resolver answering `local+remote`.
+fn join_custom_values(rs: &[&Replica]) {
+    for r in rs {
+        r.set_resolver(
+            "doc",
+            Arc::new(|c: &ferry_core::ConflictInput| {
+                let (Value::Text(l), Value::Text(r)) = (&c.local, &c.remote) else {
+                    return Resolution::KeepLocal;
+                };
+                Resolution::Value(Value::Text(format!("{l}+{r}")))
+            }),
+        )
+        .unwrap();
+    }
+}
+
+/// The policies of the conflicts `r` logged for `column`.
+fn logged_policies(r: &Replica, column: &str) -> Vec<String> {
+    r.conflicts()
+        .unwrap()
+        .into_iter()
+        .filter(|c| c.column.as_deref() == Some(column))
+        .map(|c| c.policy)
+        .collect()
+}
+
 /// A concurrent `lww` edit made in the same transaction as an edit of a `custom` column is a
 /// conflict on both devices (each logs the `lww` cell, `docs/conflicts.md`), while only the
 /// device whose write came later runs the resolver and logs the `custom` cell.
@@ -616,29 +651,14 @@ fn an_lww_cell_edited_with_a_custom_cell_is_logged_on_both_devices() {
 
 fn lww_and_custom_in_one_transaction(ack_first: bool) {
     let d = tempfile::tempdir().unwrap();
-    let s = Schema::new(1).table(TableDecl::new("doc").text_key("id").text("title").column(
-        "tags",
-        ferry_core::ColumnType::Text,
-        ferry_core::Policy::Custom,
-    ));
+    let s = doc_with_title_and_tags();
     let (a, _) = open_at(d.path(), "a.db", &s, 1_000);
     let (b, _) = open_at(d.path(), "b.db", &s, 2_000);
     let mut seq = Sequencer::new();
     a.execute("INSERT INTO doc VALUES ('x', 'base', 'base')", &[])
         .unwrap();
     sync_all(&mut seq, &[&a, &b]);
-    for r in [&a, &b] {
-        r.set_resolver(
-            "doc",
-            Arc::new(|c: &ferry_core::ConflictInput| {
-                let (Value::Text(l), Value::Text(r)) = (&c.local, &c.remote) else {
-                    return Resolution::KeepLocal;
-                };
-                Resolution::Value(Value::Text(format!("{l}+{r}")))
-            }),
-        )
-        .unwrap();
-    }
+    join_custom_values(&[&a, &b]);
     b.execute("UPDATE doc SET title = 'b', tags = 'b' WHERE id = 'x'", &[])
         .unwrap();
     if ack_first {
@@ -656,52 +676,25 @@ fn lww_and_custom_in_one_transaction(ack_first: bool) {
     }
     sync_all(&mut seq, &[&a, &b]);
     sync_all(&mut seq, &[&a, &b]);
-    let logged = |r: &Replica, column: &str| {
-        r.conflicts()
-            .unwrap()
-            .into_iter()
-            .filter(|c| c.column.as_deref() == Some(column))
-            .map(|c| c.policy)
-            .collect::<Vec<_>>()
-    };
     assert_eq!(
-        logged(&a, "title"),
+        logged_policies(&a, "title"),
         vec!["lww"],
         "{ack_first}: {:?}",
         a.conflicts()
     );
     assert_eq!(
-        logged(&b, "title"),
+        logged_policies(&b, "title"),
         vec!["lww"],
         "{ack_first}: {:?}",
         b.conflicts()
     );
     assert_eq!(
-        logged(&a, "tags"),
+        logged_policies(&a, "tags"),
         vec!["custom"],
         "{ack_first}: {:?}",
         a.conflicts()
     );
     assert_eq!(a.dump().unwrap(), b.dump().unwrap());
-}
-
-/// Syncs `r` with `seq` through the device's protocol state machine until quiet: refusals
-/// (a `custom` cell checked by the relay) are handled as on a real connection.
-fn sync_via_client(seq: &mut Sequencer, r: &Replica) {
-    let mut client = ferry_core::sync::SyncClient::new();
-    let mut session = seq.session();
-    let mut outbox = std::collections::VecDeque::from([client.start(r, "t").unwrap()]);
-    while let Some(msg) = outbox.pop_front() {
-        for reply in seq.handle(&mut session, msg) {
-            outbox.extend(client.handle(r, reply).unwrap().send);
-        }
-        if outbox.is_empty()
-            && let Some(p) = client.poll_push(r).unwrap()
-        {
-            outbox.push_back(p);
-        }
-    }
-    client.disconnected();
 }
 
 /// The same through a relay that checks `custom` cells: the later device's change set is
@@ -711,40 +704,25 @@ fn sync_via_client(seq: &mut Sequencer, r: &Replica) {
 #[test]
 fn a_rebased_change_set_keeps_the_lww_outcome() {
     let d = tempfile::tempdir().unwrap();
-    let s = Schema::new(1).table(TableDecl::new("doc").text_key("id").text("title").column(
-        "tags",
-        ferry_core::ColumnType::Text,
-        ferry_core::Policy::Custom,
-    ));
+    let s = doc_with_title_and_tags();
     let (a, _) = open_at(d.path(), "a.db", &s, 1_000);
     let (b, _) = open_at(d.path(), "b.db", &s, 2_000);
     let mut seq = Sequencer::with_schema(&s);
     a.execute("INSERT INTO doc VALUES ('x', 'base', 'base')", &[])
         .unwrap();
     for r in [&a, &b, &a] {
-        sync_via_client(&mut seq, r);
+        sync_via_client(&mut seq, r, 0);
     }
-    for r in [&a, &b] {
-        r.set_resolver(
-            "doc",
-            Arc::new(|c: &ferry_core::ConflictInput| {
-                let (Value::Text(l), Value::Text(r)) = (&c.local, &c.remote) else {
-                    return Resolution::KeepLocal;
-                };
-                Resolution::Value(Value::Text(format!("{l}+{r}")))
-            }),
-        )
-        .unwrap();
-    }
+    join_custom_values(&[&a, &b]);
     // b (its clock 1 s ahead) writes and pushes first; a, offline, writes both columns.
     b.execute("UPDATE doc SET title = 'b', tags = 'b' WHERE id = 'x'", &[])
         .unwrap();
-    sync_via_client(&mut seq, &b);
+    sync_via_client(&mut seq, &b, 0);
     a.execute("UPDATE doc SET title = 'a', tags = 'a' WHERE id = 'x'", &[])
         .unwrap();
     for _ in 0..3 {
-        sync_via_client(&mut seq, &a);
-        sync_via_client(&mut seq, &b);
+        sync_via_client(&mut seq, &a, 0);
+        sync_via_client(&mut seq, &b, 0);
     }
     assert_eq!(
         a.dump().unwrap(),
@@ -756,18 +734,20 @@ fn a_rebased_change_set_keeps_the_lww_outcome() {
         vec![vec![t("b"), t("a+b")]],
         "b's title has the later clock and wins; a's resolver answers for tags"
     );
-    let logged = |r: &Replica, column: &str| {
-        r.conflicts()
-            .unwrap()
-            .into_iter()
-            .filter(|c| c.column.as_deref() == Some(column))
-            .map(|c| c.policy)
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(logged(&a, "title"), vec!["lww"], "{:?}", a.conflicts());
-    assert_eq!(logged(&a, "tags"), vec!["custom"], "{:?}", a.conflicts());
+    assert_eq!(
+        logged_policies(&a, "title"),
+        vec!["lww"],
+        "{:?}",
+        a.conflicts()
+    );
+    assert_eq!(
+        logged_policies(&a, "tags"),
+        vec!["custom"],
+        "{:?}",
+        a.conflicts()
+    );
     assert!(
-        logged(&b, "title").is_empty(),
+        logged_policies(&b, "title").is_empty(),
         "the rebased set no longer carries a's title: {:?}",
         b.conflicts()
     );

@@ -38,6 +38,40 @@ pub fn pull(seq: &Sequencer, r: &Replica) {
     r.apply_remote(cursor, up_to, &sets).unwrap();
 }
 
+/// Syncs `r` with `seq` through the device's protocol state machine (`SyncClient`, batches of
+/// two change sets), as a real connection does: refusals (compare-and-set, `custom` cells on a
+/// sequencer made [`Sequencer::with_schema`]) are handled by the device. The connection drops
+/// after `steps` frames from the sequencer (0: it runs until quiet). Panics if a refusal stops
+/// uploads.
+pub fn sync_via_client(seq: &mut Sequencer, r: &Replica, steps: u8) {
+    let mut client = ferry_core::sync::SyncClient::new().with_batch(2, usize::MAX);
+    let mut session = seq.session();
+    let mut outbox = std::collections::VecDeque::from([client.start(r, "t").unwrap()]);
+    let mut n = 0u32;
+    while let Some(msg) = outbox.pop_front() {
+        for reply in seq.handle(&mut session, msg) {
+            n += 1;
+            if steps > 0 && n > u32::from(steps) {
+                client.disconnected();
+                return;
+            }
+            let step = client.handle(r, reply).unwrap();
+            assert!(
+                step.refused.is_none(),
+                "unexpected refusal {:?}",
+                step.refused
+            );
+            outbox.extend(step.send);
+        }
+        if outbox.is_empty()
+            && let Some(p) = client.poll_push(r).unwrap()
+        {
+            outbox.push_back(p);
+        }
+    }
+    client.disconnected();
+}
+
 /// Two rounds of push and pull for every replica: afterwards all have seen all.
 pub fn sync_all(seq: &mut Sequencer, rs: &[&Replica]) {
     for _ in 0..2 {
@@ -51,4 +85,12 @@ pub fn sync_all(seq: &mut Sequencer, rs: &[&Replica]) {
 /// The rows `sql` returns.
 pub fn rows(r: &Replica, sql: &str) -> Vec<Vec<Value>> {
     r.query(sql, &[]).unwrap().rows
+}
+
+/// Cases per seeded property test: `FERRY_PROPTEST_CASES`, or 300.
+pub fn proptest_cases() -> u32 {
+    std::env::var("FERRY_PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300)
 }
