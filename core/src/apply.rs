@@ -16,6 +16,7 @@ use crate::conflict::{self, Conflict, ConflictKind, Side, Winner};
 use crate::db;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::error_code::ErrorCode;
 use crate::hlc::WallClock;
 use crate::ids::ReplicaId;
 use crate::log;
@@ -68,12 +69,23 @@ pub struct Outcome {
     pub conflicts: Vec<Conflict>,
     /// Custom-policy conflicts on this device's pending writes.
     pub followups: Vec<Followup>,
+    /// Tables whose rows went back to what they were before a withdrawn change set.
+    pub rolled_back: BTreeSet<String>,
+    /// This replica's pending change sets withdrawn because a remote change doomed them (by
+    /// `origin_seq`; see `rollback`).
+    pub withdrawn: Vec<u64>,
 }
 
 impl Outcome {
     /// Hands the tables touched and the conflicts logged to `notes`, for delivery once the
     /// transaction committed.
     pub(crate) fn notify(&mut self, notes: &mut Notifications) {
+        if !self.rolled_back.is_empty() {
+            notes.events.push(ChangeEvent {
+                tables: std::mem::take(&mut self.rolled_back),
+                source: ChangeSource::Rollback,
+            });
+        }
         if !self.tables.is_empty() {
             notes.events.push(ChangeEvent {
                 tables: std::mem::take(&mut self.tables),
@@ -198,8 +210,18 @@ impl Merge<'_> {
                 rc.pk.describe(),
                 rc.table,
             );
-            let w = crate::rollback::withdraw(self.conn, self.cat, me, doomed, policy, &reason)?;
-            self.out.tables.extend(w.tables);
+            // The relay would refuse it with `conflict`: the device is told so now, with the
+            // same event, counter and verdict as a refusal it hears from the relay.
+            let w = crate::rollback::withdraw(
+                self.conn,
+                self.cat,
+                me,
+                doomed,
+                policy,
+                (ErrorCode::Conflict, &reason),
+            )?;
+            self.out.rolled_back.extend(w.tables);
+            self.out.withdrawn.extend(w.withdrawn);
             self.out.conflicts.extend(w.conflicts);
         }
         Ok(())
@@ -551,6 +573,9 @@ pub struct ApplyReport {
     pub conflicts: usize,
     /// Cursor after the batch.
     pub cursor: u64,
+    /// This replica's pending change sets withdrawn because a change in the batch doomed
+    /// them (by `origin_seq`).
+    pub withdrawn: Vec<u64>,
 }
 
 /// Checks that relay positions are strictly increasing within `(after, up_to]`.
@@ -780,6 +805,7 @@ impl Engine {
             self.clock = clock_before;
             return Err((failed_at, e));
         }
+        local_report.withdrawn.append(&mut out.withdrawn);
         *report = local_report;
         out.notify(notes);
         Ok(out.followups)

@@ -12,7 +12,7 @@ use crate::tables::Tables;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 /// The on-disk format this build writes.
-pub const FORMAT_VERSION: i64 = 5;
+pub const FORMAT_VERSION: i64 = 6;
 
 const FORMAT_V1: &str = "
 CREATE TABLE ferry_meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -119,6 +119,13 @@ CREATE TABLE ferry_quarantine(
 );
 ";
 
+/// The relay's code for a withdrawn change set (`conflict`, `fenced`, or the permanent code it
+/// was quarantined with), beside its reason: apps branch on the code, never on the text.
+/// Files withdrawn before this format have none (read as `conflict`).
+const FORMAT_V6: &str = "
+ALTER TABLE ferry_log ADD COLUMN rejected_code TEXT;
+";
+
 /// Sets the connection-level pragmas Ferry relies on.
 pub fn configure(conn: &Connection) -> Result<()> {
     let pages: i64 = conn.pragma_query_value(None, "page_count", |r| r.get(0))?;
@@ -200,6 +207,9 @@ pub fn upgrade_format(conn: &mut Connection, new_id: Option<crate::ids::ReplicaI
     }
     if found < 5 {
         tx.execute_batch(FORMAT_V5)?;
+    }
+    if found < 6 {
+        tx.execute_batch(FORMAT_V6)?;
     }
     // Future format steps go here, each guarded by `found < N`.
     tx.pragma_update(None, "user_version", FORMAT_VERSION)?;

@@ -91,10 +91,17 @@ pub enum Error {
         /// The relay's explanation.
         message: String,
     },
-    /// The relay refused one of this replica's changes (compare-and-set conflict or stale
-    /// lease) and it was rolled back; the conflict log holds what was written.
-    #[error("change rejected by the relay and rolled back: {0}")]
-    Rejected(String),
+    /// The relay refused one of this replica's changes and it was rolled back; the conflict
+    /// log holds what was written. `code` is the relay's: `conflict` (compare-and-set),
+    /// `fenced` (stale lease), or the permanent code a quarantined change set was refused
+    /// with.
+    #[error("change rejected by the relay ({}) and rolled back: {message}", code.as_str())]
+    Rejected {
+        /// The relay's code.
+        code: crate::error_code::ErrorCode,
+        /// The relay's explanation.
+        message: String,
+    },
     /// Another replica holds the lease.
     #[error("lease `{name}` is held by another replica for {retry_after_ms} ms more")]
     LeaseBusy {

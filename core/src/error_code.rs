@@ -81,10 +81,44 @@ impl ErrorCode {
         ErrorCode::IdentityMismatch,
     ];
 
+    /// What the code means for the client: the one place that sorts relay codes into the
+    /// categories the SDK and the bindings act on.
+    pub fn kind(self) -> CodeKind {
+        match self {
+            ErrorCode::Unauthorized | ErrorCode::Forbidden => CodeKind::Auth,
+            ErrorCode::RateLimited | ErrorCode::ShuttingDown | ErrorCode::Internal => {
+                CodeKind::Unavailable
+            }
+            ErrorCode::BadFrame | ErrorCode::UnsupportedVersion => CodeKind::Incompatible,
+            ErrorCode::ClockSkew | ErrorCode::OriginReused | ErrorCode::IdentityMismatch => {
+                CodeKind::SelfHealing
+            }
+            ErrorCode::Conflict | ErrorCode::Fenced => CodeKind::Lost,
+            ErrorCode::TooLarge | ErrorCode::InvalidChangeSet => CodeKind::Invalid,
+        }
+    }
+
     /// The code with wire name `name` ([`ErrorCode::as_str`]).
     pub fn parse(name: &str) -> Option<ErrorCode> {
         ErrorCode::ALL.into_iter().find(|c| c.as_str() == name)
     }
+}
+
+/// The categories of [`ErrorCode`] ([`ErrorCode::kind`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CodeKind {
+    /// The token was refused or does not grant the request: a new token is needed.
+    Auth,
+    /// The relay cannot serve now (busy, restarting, failing): try again later.
+    Unavailable,
+    /// The relay and this build do not speak the same protocol.
+    Incompatible,
+    /// The session answers by itself (re-stamps its clock, takes a new replica id).
+    SelfHealing,
+    /// A change set lost to another writer (compare-and-set, fencing): rolled back.
+    Lost,
+    /// A change set the relay will never accept as it is (too large, invalid for its schema).
+    Invalid,
 }
 
 #[cfg(test)]

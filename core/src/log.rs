@@ -19,6 +19,7 @@
 
 use crate::changeset::ChangeSet;
 use crate::error::{Error, Result};
+use crate::error_code::ErrorCode;
 use crate::hlc::Hlc;
 use crate::ids::ReplicaId;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -420,13 +421,13 @@ pub(crate) fn rewrite(conn: &Connection, seq: i64, cs: &ChangeSet) -> Result<()>
 pub(crate) fn withdraw(
     conn: &Connection,
     seq: i64,
-    why: &str,
+    (code, why): (ErrorCode, &str),
     placeholder: &ChangeSet,
 ) -> Result<()> {
     conn.prepare_cached(
-        "UPDATE ferry_log SET rejected = ?1, wire = ?2, guarded = 0 WHERE seq = ?3",
+        "UPDATE ferry_log SET rejected = ?1, rejected_code = ?2, wire = ?3, guarded = 0 WHERE seq = ?4",
     )?
-    .execute(params![why, encode(placeholder)?, seq])?;
+    .execute(params![why, code.as_str(), encode(placeholder)?, seq])?;
     Ok(())
 }
 
@@ -444,25 +445,43 @@ pub enum Verdict {
     Pending,
     /// Sequenced at this relay position.
     Accepted(u64),
-    /// Refused and rolled back, with the reason.
-    Rejected(String),
+    /// Refused and rolled back: the relay's code (`conflict`, `fenced`, or the permanent
+    /// code a quarantined change set was refused with) and its reason.
+    Rejected {
+        /// The relay's code.
+        code: ErrorCode,
+        /// The relay's explanation.
+        reason: String,
+    },
 }
 
 /// Reads the verdict of the change set with ULID `id` (following re-issues).
 pub(crate) fn verdict(conn: &Connection, id: &[u8; 16]) -> Result<Verdict> {
     let mut id = *id;
     loop {
-        let row: Option<(Option<i64>, Option<String>, Option<i64>)> = conn
-            .prepare_cached("SELECT server_seq, rejected, reissued FROM ferry_log WHERE id = ?1")?
-            .query_row([id.to_vec()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        type Row = (Option<i64>, Option<String>, Option<i64>, Option<String>);
+        let row: Option<Row> = conn
+            .prepare_cached(
+                "SELECT server_seq, rejected, reissued, rejected_code FROM ferry_log WHERE id = ?1",
+            )?
+            .query_row([id.to_vec()], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
             .optional()?;
         return match row {
             None => Err(Error::InvalidInput(
                 "no change set with that id on this replica".into(),
             )),
-            Some((_, Some(why), _)) => Ok(Verdict::Rejected(why)),
-            Some((Some(s), None, _)) => Ok(Verdict::Accepted(s as u64)),
-            Some((None, None, Some(re))) => {
+            Some((_, Some(reason), _, code)) => Ok(Verdict::Rejected {
+                // Withdrawn by a build older than format 6, which kept no code.
+                code: code
+                    .as_deref()
+                    .and_then(ErrorCode::parse)
+                    .unwrap_or(ErrorCode::Conflict),
+                reason,
+            }),
+            Some((Some(s), None, _, _)) => Ok(Verdict::Accepted(s as u64)),
+            Some((None, None, Some(re), _)) => {
                 let next: Vec<u8> =
                     conn.query_row("SELECT id FROM ferry_log WHERE seq = ?1", [re], |r| {
                         r.get(0)
@@ -470,7 +489,7 @@ pub(crate) fn verdict(conn: &Connection, id: &[u8; 16]) -> Result<Verdict> {
                 id = change_id(&next)?;
                 continue;
             }
-            Some((None, None, None)) => Ok(Verdict::Pending),
+            Some((None, None, None, _)) => Ok(Verdict::Pending),
         };
     }
 }
@@ -486,11 +505,11 @@ pub(crate) fn reissue_unacked(conn: &Connection, new: ReplicaId, num: u32) -> Re
         Option<Vec<u8>>,
         Option<Vec<u8>>,
         bool,
-        Option<String>,
+        (Option<String>, Option<String>),
     );
     let old: Vec<Unacked> = conn
         .prepare(
-            "SELECT seq, hlc, base, raw, wire, guarded, rejected FROM ferry_log
+            "SELECT seq, hlc, base, raw, wire, guarded, rejected, rejected_code FROM ferry_log
              WHERE server_seq IS NULL AND reissued IS NULL ORDER BY seq",
         )?
         .query_map([], |r| {
@@ -501,12 +520,12 @@ pub(crate) fn reissue_unacked(conn: &Connection, new: ReplicaId, num: u32) -> Re
                 r.get(3)?,
                 r.get(4)?,
                 r.get(5)?,
-                r.get(6)?,
+                (r.get(6)?, r.get(7)?),
             ))
         })?
         .collect::<rusqlite::Result<_>>()?;
     let mut oseq = 1u64;
-    for (seq, hlc, base, raw, wire, guarded, rejected) in old {
+    for (seq, hlc, base, raw, wire, guarded, (rejected, rejected_code)) in old {
         let id = ulid::Ulid::generate().to_bytes();
         let wire = match wire {
             Some(w) => {
@@ -519,8 +538,9 @@ pub(crate) fn reissue_unacked(conn: &Connection, new: ReplicaId, num: u32) -> Re
             None => None,
         };
         conn.execute(
-            "INSERT INTO ferry_log(origin, origin_seq, id, hlc, base, raw, wire, guarded, rejected) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![num, oseq as i64, id.to_vec(), hlc, base, raw, wire, guarded, rejected],
+            "INSERT INTO ferry_log(origin, origin_seq, id, hlc, base, raw, wire, guarded, rejected, rejected_code)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![num, oseq as i64, id.to_vec(), hlc, base, raw, wire, guarded, rejected, rejected_code],
         )?;
         let new_seq = conn.last_insert_rowid();
         conn.execute(

@@ -170,7 +170,7 @@ pub struct Ack {
     pub server_seq: u64,
 }
 
-pub use crate::error_code::ErrorCode;
+pub use crate::error_code::{CodeKind, ErrorCode};
 
 /// Limits the relay enforces, announced at welcome so the client batches within them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -229,7 +229,7 @@ impl Engine {
         log::withdraw(
             &self.conn,
             seq,
-            &format!("quarantined ({}): {reason}", code.as_str()),
+            (code, &format!("quarantined ({}): {reason}", code.as_str())),
             &placeholder,
         )?;
         self.guard_pending = log::guard_pending(&self.conn)?;

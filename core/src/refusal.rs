@@ -82,8 +82,14 @@ impl Engine {
             num: self.me_num,
             cursor: self.cursor,
         };
-        let w =
-            crate::rollback::withdraw(&self.conn, &self.cat, &own, origin_seq, policy, message)?;
+        let w = crate::rollback::withdraw(
+            &self.conn,
+            &self.cat,
+            &own,
+            origin_seq,
+            policy,
+            (code, message),
+        )?;
         self.guard_pending = log::guard_pending(&self.conn)?;
         if !w.tables.is_empty() {
             notes.events.push(ChangeEvent {

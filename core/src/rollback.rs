@@ -32,6 +32,7 @@ use crate::capture::Before;
 use crate::changeset::{Cell, ChangeSet, RowChange, RowOp};
 use crate::conflict::{self, Conflict, ConflictKind, Side, Winner};
 use crate::error::Result;
+use crate::error_code::ErrorCode;
 use crate::hlc::Hlc;
 use crate::ids::ReplicaId;
 use crate::log::{self, Pending};
@@ -175,8 +176,8 @@ pub(crate) struct Own {
 }
 
 /// Withdraws the pending change set `origin_seq` and those written on top of it (see the
-/// module docs). `policy` names the mechanism (`server_checked`, `lease`), `reason` the
-/// relay's explanation. Runs inside the caller's write transaction, after materialize.
+/// module docs). `policy` names the mechanism (`server_checked`, `lease`), `code` and
+/// `reason` the relay's verdict (those written on top carry the same code). Runs inside the caller's write transaction, after materialize.
 /// Returns an empty withdrawal when the change set is not pending (already withdrawn or
 /// acknowledged).
 pub(crate) fn withdraw(
@@ -185,7 +186,7 @@ pub(crate) fn withdraw(
     me: &Own,
     origin_seq: u64,
     policy: &str,
-    reason: &str,
+    (code, reason): (ErrorCode, &str),
 ) -> Result<Withdrawal> {
     let all = log::pending_live(conn)?;
     let Some(first) = all.iter().position(|p| p.cs.origin_seq == origin_seq) else {
@@ -222,7 +223,7 @@ pub(crate) fn withdraw(
             guarded: false,
             ..p.cs.clone()
         };
-        log::withdraw(conn, p.seq, &why, &placeholder)?;
+        log::withdraw(conn, p.seq, (code, &why), &placeholder)?;
         conn.prepare_cached("DELETE FROM ferry_undo WHERE seq = ?1")?
             .execute([p.seq])?;
     }

@@ -528,7 +528,12 @@ impl SyncClient {
                 // Paused at a change this app's schema cannot hold: nothing after it.
                 if self.outdated.is_none() {
                     match replica.apply_changes(after, up_to, &change_sets, &moves) {
-                        Ok(report) => step.applied = report.applied,
+                        Ok(report) => {
+                            step.applied = report.applied;
+                            // Pending strict writes a remote change doomed: reported like a
+                            // refusal heard from the relay (`rolled_back`).
+                            step.withdrawn.extend(report.withdrawn);
+                        }
                         Err(e) => self.pause_if_outdated(e)?,
                     }
                 }

@@ -29,7 +29,7 @@ use crate::lease;
 use crate::log::Verdict;
 use crate::observer::{ChangeEvent, ChangeSource, Observer};
 use crate::protocol::{
-    ClientMsg, ErrorCode, LeaseOutcome, LeaseRequest, MAX_FRAME_BYTES, ServerMsg,
+    ClientMsg, CodeKind, ErrorCode, LeaseOutcome, LeaseRequest, MAX_FRAME_BYTES, ServerMsg,
 };
 use crate::replica::Replica;
 use crate::socket::{self, Outbox, Ws};
@@ -506,26 +506,14 @@ fn failed_fast(err: Option<&SyncError>) -> Option<Error> {
         return Some(Error::Transport("the connection failed".into()));
     };
     let message = err.message.clone();
-    match err.code {
-        None => Some(Error::Transport(message)),
-        Some(code @ (ErrorCode::Unauthorized | ErrorCode::Forbidden)) => {
-            Some(Error::Refused { code, message })
-        }
-        Some(code @ (ErrorCode::ShuttingDown | ErrorCode::RateLimited | ErrorCode::Internal)) => {
-            Some(Error::Transport(format!("{}: {message}", code.as_str())))
-        }
-        Some(code @ (ErrorCode::UnsupportedVersion | ErrorCode::BadFrame)) => {
-            Some(Error::Protocol(format!("{}: {message}", code.as_str())))
-        }
-        Some(
-            ErrorCode::ClockSkew
-            | ErrorCode::OriginReused
-            | ErrorCode::IdentityMismatch
-            | ErrorCode::Conflict
-            | ErrorCode::Fenced
-            | ErrorCode::TooLarge
-            | ErrorCode::InvalidChangeSet,
-        ) => None,
+    let Some(code) = err.code else {
+        return Some(Error::Transport(message));
+    };
+    match code.kind() {
+        CodeKind::Auth => Some(Error::Refused { code, message }),
+        CodeKind::Unavailable => Some(Error::Transport(format!("{}: {message}", code.as_str()))),
+        CodeKind::Incompatible => Some(Error::Protocol(format!("{}: {message}", code.as_str()))),
+        CodeKind::SelfHealing | CodeKind::Lost | CodeKind::Invalid => None,
     }
 }
 
@@ -825,7 +813,12 @@ impl SyncHandle {
         loop {
             match self.replica.verdict(&id)? {
                 Verdict::Accepted(seq) => return Ok(seq),
-                Verdict::Rejected(why) => return Err(Error::Rejected(why)),
+                Verdict::Rejected { code, reason } => {
+                    return Err(Error::Rejected {
+                        code,
+                        message: reason,
+                    });
+                }
                 Verdict::Pending => {}
             }
             if rx.borrow_and_update().state == ConnState::Stopped {

@@ -7,7 +7,7 @@
 
 use crate::num::Signed;
 use ferry_core::Error as Core;
-use ferry_core::protocol::ErrorCode;
+use ferry_core::protocol::{CodeKind, ErrorCode};
 
 /// Everything a Ferry call can fail with, as the host language sees it.
 #[derive(Debug, thiserror::Error, uniffi::Error)]
@@ -168,34 +168,29 @@ impl From<Core> for FerryError {
             Core::AppSchemaOutdated { .. } => FerryError::SchemaOutdated { reason },
             Core::ReadOnlyTable(table) => FerryError::ReadOnlyTable { table },
             Core::Transport(_) => FerryError::Offline { reason },
-            Core::Refused { code, message } => match code {
-                ErrorCode::Unauthorized | ErrorCode::Forbidden => {
-                    FerryError::Unauthorized { reason: message }
-                }
-                ErrorCode::TooLarge => FerryError::TransactionTooLarge { reason: message },
-                ErrorCode::Conflict | ErrorCode::Fenced => FerryError::ConflictRejected {
+            Core::Refused { code, message } => match code.kind() {
+                CodeKind::Auth => FerryError::Unauthorized { reason: message },
+                CodeKind::Lost => FerryError::ConflictRejected {
                     code: code.as_str().to_owned(),
                     reason: message,
                 },
+                CodeKind::Invalid if code == ErrorCode::TooLarge => {
+                    FerryError::TransactionTooLarge { reason: message }
+                }
                 // The relay and this app disagree (a table or column the relay's schema does
                 // not declare, an incompatible version): not a conflict to retry.
-                ErrorCode::InvalidChangeSet
-                | ErrorCode::BadFrame
-                | ErrorCode::UnsupportedVersion
-                | ErrorCode::ClockSkew
-                | ErrorCode::OriginReused
-                | ErrorCode::IdentityMismatch => FerryError::Protocol {
-                    reason: format!("{}: {message}", code.as_str()),
-                },
-                ErrorCode::RateLimited | ErrorCode::ShuttingDown | ErrorCode::Internal => {
-                    FerryError::Offline {
+                CodeKind::Invalid | CodeKind::Incompatible | CodeKind::SelfHealing => {
+                    FerryError::Protocol {
                         reason: format!("{}: {message}", code.as_str()),
                     }
                 }
+                CodeKind::Unavailable => FerryError::Offline {
+                    reason: format!("{}: {message}", code.as_str()),
+                },
             },
-            Core::Rejected(why) => FerryError::ConflictRejected {
-                code: "rejected".to_owned(),
-                reason: why,
+            Core::Rejected { code, message } => FerryError::ConflictRejected {
+                code: code.as_str().to_owned(),
+                reason: message,
             },
             Core::LeaseBusy {
                 name,
@@ -416,7 +411,10 @@ mod tests {
                 code: ErrorCode::Forbidden,
                 message: "m".into(),
             },
-            Core::Rejected("r".into()),
+            Core::Rejected {
+                code: ErrorCode::Fenced,
+                message: "r".into(),
+            },
             Core::LeaseBusy {
                 name: "l".into(),
                 retry_after_ms: 5,
@@ -462,7 +460,7 @@ mod tests {
                 | Core::Protocol(_)
                 | Core::Transport(_)
                 | Core::Refused { .. }
-                | Core::Rejected(_)
+                | Core::Rejected { .. }
                 | Core::LeaseBusy { .. }
                 | Core::LeaseLost { .. }
                 | Core::NotQuarantined(_)
@@ -505,6 +503,17 @@ mod tests {
             refused(ErrorCode::Forbidden),
             FerryError::Unauthorized { .. }
         ));
+        // A verdict carries the relay's code, as `docs/protocol.md` lists it.
+        for code in [ErrorCode::Conflict, ErrorCode::Fenced] {
+            let lost = FerryError::from(Core::Rejected {
+                code,
+                message: "m".into(),
+            });
+            assert!(
+                matches!(&lost, FerryError::ConflictRejected { code: c, .. } if c == code.as_str()),
+                "{lost:?}"
+            );
+        }
     }
 
     #[test]

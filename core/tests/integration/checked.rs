@@ -10,19 +10,26 @@
 //!   increment wrote exactly the previous balance plus one (no lost update, no stale read);
 //! * atomicity: a log row exists (everywhere) iff its increment was accepted; a rejected
 //!   increment left nothing anywhere, on its own device included;
-//! * every change has a verdict, and every rejection is in its device's conflict log.
+//! * every change has a verdict with the relay's code (`conflict`), every rejection is in its
+//!   device's conflict log, counted once as rolled back and announced by a `Rollback` event,
+//!   whether the relay refused it or the device withdrew it on meeting the winning change
+//!   first (an offline race).
 //!
 //! Cases: 300 by default (`FERRY_PROPTEST_CASES` for more).
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use ferry_core::SyncPort;
+use ferry_core::protocol::ErrorCode;
 use ferry_core::sequencer::Sequencer;
 use ferry_core::{
-    Cell, ChangeId, ConflictKind, Replica, RowOp, Schema, TableDecl, TableMode, Value, Verdict,
+    Cell, ChangeEvent, ChangeId, ChangeSource, ConflictKind, Observer, Replica, RowOp, Schema,
+    Subscription, TableDecl, TableMode, Value, Verdict,
 };
 use ferry_testkit::local::sync_via_client;
 use proptest::prelude::*;
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 fn schema() -> Schema {
     Schema::new(1)
@@ -68,6 +75,11 @@ struct World {
     incs: Vec<(usize, ChangeId, String)>,
     /// Every change made.
     changes: Vec<(usize, ChangeId)>,
+    /// Change sets each replica's sessions reported withdrawn.
+    withdrawn: Vec<usize>,
+    /// `Rollback` events each replica's observer received.
+    rollbacks: Vec<Arc<AtomicUsize>>,
+    _subs: Vec<Subscription>,
 }
 
 impl World {
@@ -125,7 +137,7 @@ impl World {
     }
 
     fn sync(&mut self, r: usize, steps: u8) {
-        sync_via_client(&mut self.seq, &self.replicas[r], steps);
+        self.withdrawn[r] += sync_via_client(&mut self.seq, &self.replicas[r], steps);
     }
 
     fn settle(&mut self) {
@@ -137,11 +149,30 @@ impl World {
     }
 }
 
+/// Counts `Rollback` events.
+struct Rollbacks(Arc<AtomicUsize>);
+
+impl Observer for Rollbacks {
+    fn on_change(&self, e: &ChangeEvent) {
+        if e.source == ChangeSource::Rollback {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 fn run(n: usize, actions: &[Action]) {
     let dir = tempfile::tempdir().unwrap();
     let s = schema();
-    let replicas = (0..n)
+    let replicas: Vec<Replica> = (0..n)
         .map(|i| Replica::open(dir.path().join(format!("r{i}.db")), &s).unwrap())
+        .collect();
+    let rollbacks: Vec<Arc<AtomicUsize>> = (0..n).map(|_| Arc::default()).collect();
+    let subs = (0..n)
+        .map(|i| {
+            let count = Arc::clone(&rollbacks[i]);
+            let replica = &replicas[i];
+            replica.subscribe(Arc::new(Rollbacks(count)))
+        })
         .collect();
     let mut w = World {
         _dir: dir,
@@ -149,6 +180,9 @@ fn run(n: usize, actions: &[Action]) {
         seq: Sequencer::with_schema(&s),
         incs: Vec::new(),
         changes: Vec::new(),
+        withdrawn: vec![0; n],
+        rollbacks,
+        _subs: subs,
     };
     for a in actions {
         match *a {
@@ -233,7 +267,14 @@ fn run(n: usize, actions: &[Action]) {
     for (r, id) in &w.changes {
         match w.replicas[*r].verdict(id).unwrap() {
             Verdict::Accepted(_) => {}
-            Verdict::Rejected(_) => rejected_on[*r] += 1,
+            Verdict::Rejected { code, reason } => {
+                assert_eq!(
+                    code,
+                    ErrorCode::Conflict,
+                    "change {id} of replica {r}: {reason}"
+                );
+                rejected_on[*r] += 1;
+            }
             Verdict::Pending => panic!("change {id} of replica {r} has no verdict"),
         }
     }
@@ -267,6 +308,16 @@ fn run(n: usize, actions: &[Action]) {
             rejections > 0,
             rejected_on[i] > 0,
             "replica {i}: {} rejected changes but {rejections} conflict-log entries",
+            rejected_on[i]
+        );
+        assert_eq!(
+            w.withdrawn[i], rejected_on[i],
+            "replica {i}: every rejected change is counted as rolled back, once"
+        );
+        assert_eq!(
+            w.rollbacks[i].load(Ordering::Relaxed) > 0,
+            rejected_on[i] > 0,
+            "replica {i}: {} rejected changes, a Rollback event iff any",
             rejected_on[i]
         );
     }

@@ -123,7 +123,9 @@ fn run(n: usize, actions: &[Action]) {
                     )
                     .unwrap();
             }
-            Action::Sync(r, steps) => sync_via_client(&mut seq, &replicas[r], steps),
+            Action::Sync(r, steps) => {
+                sync_via_client(&mut seq, &replicas[r], steps);
+            }
         }
     }
     for _ in 0..6 {

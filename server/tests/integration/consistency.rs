@@ -211,7 +211,10 @@ fn ten_clients_cas(d: &tempfile::TempDir, cluster: &Cluster) {
                     let took = t0.elapsed();
                     let ok = match verdict {
                         Ok(_) => true,
-                        Err(Error::Rejected(why)) => {
+                        Err(Error::Rejected {
+                            code: ferry_core::protocol::ErrorCode::Conflict,
+                            message: why,
+                        }) => {
                             assert!(why.contains("`acct`"), "{why}");
                             false
                         }
@@ -395,10 +398,10 @@ fn lease_pause(d: &tempfile::TempDir, cluster: &Cluster) {
     // learns of first; the other write is refused for its token alone.
     ha.resume();
     let why = rt.block_on(ha.verdict(stale)).unwrap_err();
-    assert!(matches!(&why, Error::Rejected(_)), "{why}");
+    assert!(matches!(&why, Error::Rejected { .. }), "{why}");
     let why = rt.block_on(ha.verdict(fenced)).unwrap_err();
     assert!(
-        matches!(&why, Error::Rejected(m) if m.contains("stale")),
+        matches!(&why, Error::Rejected { code: ferry_core::protocol::ErrorCode::Fenced, message } if message.contains("stale")),
         "{why}"
     );
     let renew = rt.block_on(ha.renew_lease(&la, ttl)).unwrap_err();

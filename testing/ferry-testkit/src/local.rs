@@ -42,18 +42,20 @@ pub fn pull(seq: &Sequencer, r: &Replica) {
 /// two change sets), as a real connection does: refusals (compare-and-set, `custom` cells on a
 /// sequencer made [`Sequencer::with_schema`]) are handled by the device. The connection drops
 /// after `steps` frames from the sequencer (0: it runs until quiet). Panics if a refusal stops
-/// uploads.
-pub fn sync_via_client(seq: &mut Sequencer, r: &Replica, steps: u8) {
+/// uploads. Returns how many of the device's change sets were withdrawn (what the session's
+/// `rolled_back` counter adds up).
+pub fn sync_via_client(seq: &mut Sequencer, r: &Replica, steps: u8) -> usize {
     let mut client = ferry_core::sync::SyncClient::new().with_batch(2, usize::MAX);
     let mut session = seq.session();
     let mut outbox = std::collections::VecDeque::from([client.start(r, "t").unwrap()]);
     let mut n = 0u32;
+    let mut withdrawn = 0;
     while let Some(msg) = outbox.pop_front() {
         for reply in seq.handle(&mut session, msg) {
             n += 1;
             if steps > 0 && n > u32::from(steps) {
                 client.disconnected();
-                return;
+                return withdrawn;
             }
             let step = client.handle(r, reply).unwrap();
             assert!(
@@ -61,6 +63,7 @@ pub fn sync_via_client(seq: &mut Sequencer, r: &Replica, steps: u8) {
                 "unexpected refusal {:?}",
                 step.refused
             );
+            withdrawn += step.withdrawn.len();
             outbox.extend(step.send);
         }
         if outbox.is_empty()
@@ -70,6 +73,7 @@ pub fn sync_via_client(seq: &mut Sequencer, r: &Replica, steps: u8) {
         }
     }
     client.disconnected();
+    withdrawn
 }
 
 /// Two rounds of push and pull for every replica: afterwards all have seen all.

@@ -115,7 +115,7 @@ impl Sim {
             for c in &node.committed {
                 if let Some(old) = &c.retry_of {
                     assert!(
-                        matches!(r.verdict(old).unwrap(), Verdict::Rejected(why) if why.starts_with("quarantined")),
+                        matches!(r.verdict(old).unwrap(), Verdict::Rejected { reason, .. } if reason.starts_with("quarantined")),
                         "seed {seed}: node {i} retried {} from quarantine, yet the original stands\n{}",
                         c.marker,
                         self.trace
@@ -140,10 +140,11 @@ impl Sim {
                             markers.insert(c.marker.clone());
                         }
                     }
-                    Verdict::Rejected(why) => {
+                    Verdict::Rejected { code, reason: why } => {
                         assert!(
                             c.checked
                                 || why.starts_with("quarantined")
+                                || code == ferry_core::protocol::ErrorCode::Fenced
                                 || why.contains("fence")
                                 || why.contains("lease")
                                 || why.contains("written on top of"),
