@@ -52,6 +52,8 @@ pub mod snapshot;
 #[cfg(feature = "client")]
 mod socket;
 mod sqlgate;
+#[cfg(feature = "client")]
+mod status_board;
 pub mod sync;
 mod tables;
 #[cfg(feature = "client")]

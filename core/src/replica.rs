@@ -98,6 +98,9 @@ pub struct Replica {
     primary_tables: Vec<String>,
     /// Sync sessions running on this replica (a [`Replica::clear`] waits for none).
     pub(crate) live_sessions: Arc<AtomicUsize>,
+    /// The sync status across sessions.
+    #[cfg(feature = "client")]
+    pub(crate) board: crate::status_board::StatusBoard,
 }
 
 impl std::fmt::Debug for Replica {
@@ -141,6 +144,8 @@ impl Replica {
             schema: schema.clone(),
             primary_tables: opts.primary_tables,
             live_sessions: Arc::new(AtomicUsize::new(0)),
+            #[cfg(feature = "client")]
+            board: crate::status_board::StatusBoard::default(),
         })
     }
 
@@ -193,6 +198,8 @@ impl Replica {
             notes
         };
         notes.deliver(&self.registry);
+        #[cfg(feature = "client")]
+        self.restart_status()?;
         Ok(())
     }
 
@@ -201,15 +208,21 @@ impl Replica {
     /// `InvalidInput` while local writes are not yet pushed (sync them first; `clear` drops
     /// them) and while a sync session runs.
     pub fn resync(&self) -> Result<()> {
-        let pending = self.pending_count()?;
-        if pending > 0 {
-            return Err(Error::InvalidInput(format!(
-                "{pending} local change sets are not pushed yet: sync them first (clear() would drop them)"
-            )));
-        }
+        self.ensure_pushed()?;
         let subscriptions = self.subscriptions()?;
         self.clear()?;
         self.set_subscriptions(subscriptions)
+    }
+
+    /// `InvalidInput` while local change sets are not pushed yet (what [`Replica::resync`]
+    /// refuses on; a caller that must stop its sessions first asks this before).
+    pub fn ensure_pushed(&self) -> Result<()> {
+        match self.pending_count()? {
+            0 => Ok(()),
+            pending => Err(Error::InvalidInput(format!(
+                "{pending} local change sets are not pushed yet: sync them first (clearing would drop them)"
+            ))),
+        }
     }
 
     /// Closes the replica; later calls fail with [`Error::Closed`].

@@ -143,6 +143,37 @@ pub struct SyncStatus {
     pub has_synced: bool,
     /// When the replica was last caught up with the relay (ms since the Unix epoch).
     pub last_synced_at: Option<u64>,
+    /// Why uploads are failing, while they are: a push the relay refused that stops them
+    /// (see `refused`), or a change set this device could not prepare or send. Cleared when
+    /// the relay acknowledges a push again.
+    pub upload_error: Option<SyncError>,
+    /// Why downloads are failing, while they are: changes or a snapshot page this device
+    /// could not apply (a full disk, say), or downloads paused at a change a newer app wrote
+    /// (see `schema_outdated`). Cleared when a download applies again.
+    pub download_error: Option<SyncError>,
+}
+
+impl SyncStatus {
+    /// How far the upload of this session has come, from 0.0 to 1.0; `None` when nothing was
+    /// to be uploaded.
+    pub fn upload_fraction(&self) -> Option<f64> {
+        fraction(self.uploading.done, self.uploading.total)
+    }
+
+    /// How far the download has come, from 0.0 to 1.0: through the snapshot's rows while a
+    /// new device receives one, else through the relay positions known this session. `None`
+    /// when nothing was to be downloaded.
+    pub fn download_fraction(&self) -> Option<f64> {
+        let snap = &self.snapshot;
+        if snap.total_rows > 0 && snap.rows < snap.total_rows {
+            return fraction(snap.rows, snap.total_rows);
+        }
+        fraction(self.downloading.done, self.downloading.total)
+    }
+}
+
+fn fraction(done: u64, total: u64) -> Option<f64> {
+    (total > 0).then(|| (done.min(total) as f64) / (total as f64))
 }
 
 impl SyncStatus {
@@ -167,6 +198,8 @@ impl SyncStatus {
             uploaded_bytes: 0,
             has_synced: false,
             last_synced_at: None,
+            upload_error: None,
+            download_error: None,
         }
     }
 }
@@ -410,6 +443,12 @@ pub struct StatusSubscription {
     id: u64,
 }
 
+impl StatusSubscription {
+    pub(crate) fn new(observers: std::sync::Weak<Mutex<ObserverList>>, id: u64) -> Self {
+        StatusSubscription { observers, id }
+    }
+}
+
 impl Drop for StatusSubscription {
     fn drop(&mut self) {
         if let Some(o) = self.observers.upgrade() {
@@ -427,6 +466,43 @@ impl std::fmt::Debug for SyncHandle {
 }
 
 impl Replica {
+    /// The replica's sync status, whichever session produces it: the last status any of its
+    /// sessions published (a session that ended says `Stopped`), or, before any, one read
+    /// from the file (`Stopped`, cursor, pending writes, `has_synced`, `last_synced_at`).
+    /// With sessions running side by side, the latest published wins.
+    pub fn sync_status(&self) -> Result<SyncStatus> {
+        match self.board.last() {
+            Some(s) => Ok(s),
+            None => self.resting_status(ConnState::Stopped),
+        }
+    }
+
+    /// Observes [`Replica::sync_status`] across sessions (see `status_board`): the observer
+    /// gets the current status at once and every change of any session of this replica
+    /// after, until the subscription is dropped.
+    pub fn observe_status(&self, observer: Arc<dyn StatusObserver>) -> Result<StatusSubscription> {
+        let now = self.sync_status()?;
+        Ok(self.board.observe(observer, || now))
+    }
+
+    /// A status as the file tells it, in `state`.
+    fn resting_status(&self, state: ConnState) -> Result<SyncStatus> {
+        let mut s = SyncStatus::initial();
+        s.state = state;
+        s.cursor = self.cursor()?;
+        s.pending = self.pending_count()?;
+        s.last_synced_at = self.last_synced_at()?;
+        s.has_synced = s.last_synced_at.is_some();
+        Ok(s)
+    }
+
+    /// After [`Replica::clear`]: the board starts over from the new, empty file.
+    pub(crate) fn restart_status(&self) -> Result<()> {
+        let now = self.resting_status(ConnState::Stopped)?;
+        self.board.restart(&now);
+        Ok(())
+    }
+
     /// Starts syncing with the relay at `url` (`ws://` or `wss://`) with default options.
     pub fn connect(
         self: &Arc<Self>,
@@ -447,11 +523,8 @@ impl Replica {
         let tls = opts.trust.client_config()?;
         let rt = runtime()?;
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
-        let mut initial = SyncStatus::initial();
-        initial.cursor = self.cursor()?;
-        initial.pending = self.pending_count()?;
-        initial.last_synced_at = self.last_synced_at()?;
-        initial.has_synced = initial.last_synced_at.is_some();
+        let initial = self.resting_status(ConnState::Connecting)?;
+        self.board.publish(&initial);
         let (status_tx, status_rx) = watch::channel(initial);
         let observers: Observers = Arc::new(Mutex::new(Vec::new()));
         let delivery = Arc::new(ReentrantMutex::new(()));
@@ -1039,6 +1112,7 @@ impl SyncTask {
             for o in obs {
                 o.on_status(&s);
             }
+            self.replica.board.publish(&s);
         }
     }
 
@@ -1188,13 +1262,26 @@ impl SyncTask {
                         ServerMsg::Pong { nonce, .. } => Some(*nonce),
                         _ => None,
                     };
+                    let download = matches!(msg, ServerMsg::Changes { .. } | ServerMsg::Snapshot { .. });
+                    let upload = matches!(msg, ServerMsg::Acks { .. } | ServerMsg::Refused { .. });
                     let step = match blocking(|| client.handle(&*replica, msg)) {
                         Ok(s) => s,
                         Err(e) => {
                             out.close().await;
-                            return SessionEnd::Failed(local_err(&e));
+                            let err = local_err(&e);
+                            self.publish(|s| {
+                                if download {
+                                    s.download_error = Some(err.clone());
+                                } else if upload {
+                                    s.upload_error = Some(err.clone());
+                                }
+                            });
+                            return SessionEnd::Failed(err);
                         }
                     };
+                    if download && step.applied > 0 {
+                        self.publish(|s| s.download_error = None);
+                    }
                     acked_this_session += acks;
                     if step.reconnect {
                         out.close().await;
@@ -1335,7 +1422,11 @@ impl SyncTask {
             match next {
                 Ok(Some(m)) => send(out, &m).map_err(SessionEnd::Failed)?,
                 Ok(None) => return Ok(()),
-                Err(e) => return Err(SessionEnd::Failed(local_err(&e))),
+                Err(e) => {
+                    let err = local_err(&e);
+                    self.publish(|s| s.upload_error = Some(err.clone()));
+                    return Err(SessionEnd::Failed(err));
+                }
             }
         }
     }
@@ -1372,6 +1463,7 @@ impl SyncTask {
         let snapshot = client.snapshot_progress();
         let uploaded_bytes = client.acked_bytes();
         self.publish(|s| {
+            let acked_more = acked > s.uploading.done;
             if let Some(at) = synced_at {
                 s.last_synced_at = Some(at);
                 s.has_synced = true;
@@ -1393,10 +1485,26 @@ impl SyncTask {
                 total: head.max(cursor).saturating_sub(start_cursor),
             };
             if let Some(r) = &refused {
-                s.last_error = Some(SyncError {
+                let err = SyncError {
                     code: Some(r.code),
                     message: format!("push of change set {} refused: {}", r.origin_seq, r.message),
+                };
+                s.last_error = Some(err.clone());
+                s.upload_error = Some(err);
+            } else if s.refused.is_some() || acked_more {
+                // The refusal was withdrawn, or pushes are acknowledged again.
+                s.upload_error = None;
+            }
+            if let Some(o) = &outdated {
+                s.download_error = Some(SyncError {
+                    code: None,
+                    message: format!(
+                        "downloads paused: a newer app version wrote `{}`.`{}`, which this app's schema does not declare",
+                        o.table, o.column
+                    ),
                 });
+            } else if s.schema_outdated.is_some() {
+                s.download_error = None;
             }
             s.refused = refused;
             s.schema_outdated = outdated;

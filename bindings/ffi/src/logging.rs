@@ -12,6 +12,7 @@ use crate::error::{FerryError, Result};
 use parking_lot::RwLock;
 use std::cell::Cell;
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use tracing::field::{Field, Visit};
 use tracing::level_filters::LevelFilter;
@@ -35,13 +36,14 @@ pub enum LogLevel {
 }
 
 impl LogLevel {
-    fn filter(self) -> LevelFilter {
+    /// Its verbosity: error 1 … trace 5 (0 is "none", in [`LEVEL`]).
+    fn rank(self) -> u8 {
         match self {
-            LogLevel::Error => LevelFilter::ERROR,
-            LogLevel::Warn => LevelFilter::WARN,
-            LogLevel::Info => LevelFilter::INFO,
-            LogLevel::Debug => LevelFilter::DEBUG,
-            LogLevel::Trace => LevelFilter::TRACE,
+            LogLevel::Error => 1,
+            LogLevel::Warn => 2,
+            LogLevel::Info => 3,
+            LogLevel::Debug => 4,
+            LogLevel::Trace => 5,
         }
     }
 
@@ -75,12 +77,15 @@ pub trait LogSink: Send + Sync {
     fn log(&self, record: LogRecord) -> std::result::Result<(), FerryError>;
 }
 
-struct Sink {
-    logger: Arc<dyn LogSink>,
-    level: LevelFilter,
-}
+/// The app's logger; read only for records that pass [`LEVEL`].
+static SINK: RwLock<Option<Arc<dyn LogSink>>> = RwLock::new(None);
+/// The most verbose level forwarded ([`rank`]; 0: none): one atomic load decides a record,
+/// and callsites below it are switched off in `tracing`'s interest cache.
+static LEVEL: AtomicU8 = AtomicU8::new(0);
 
-static SINK: RwLock<Option<Sink>> = RwLock::new(None);
+fn passes(level: &tracing::Level) -> bool {
+    LogLevel::of(level).rank() <= LEVEL.load(Ordering::Relaxed)
+}
 static INSTALLED: OnceLock<bool> = OnceLock::new();
 
 thread_local! {
@@ -103,10 +108,11 @@ pub fn set_logger(logger: Option<Arc<dyn LogSink>>, level: LogLevel) -> Result<(
                 .into(),
         });
     }
-    *SINK.write() = logger.map(|logger| Sink {
-        logger,
-        level: level.filter(),
-    });
+    let most = if logger.is_some() { level.rank() } else { 0 };
+    *SINK.write() = logger;
+    LEVEL.store(most, Ordering::Relaxed);
+    // Callsites cached as off (or on) are asked again under the new level.
+    tracing::callsite::rebuild_interest_cache();
     Ok(())
 }
 
@@ -114,22 +120,35 @@ pub fn set_logger(logger: Option<Arc<dyn LogSink>>, level: LogLevel) -> Result<(
 struct Forward;
 
 impl<S: Subscriber> Layer<S> for Forward {
-    fn register_callsite(&self, _: &'static Metadata<'static>) -> Interest {
-        // The level changes at run time: ask on every event (one read of a lock).
-        Interest::sometimes()
+    fn register_callsite(&self, metadata: &'static Metadata<'static>) -> Interest {
+        // Asked again whenever the level changes (`set_logger` rebuilds the cache).
+        if passes(metadata.level()) {
+            Interest::always()
+        } else {
+            Interest::never()
+        }
     }
 
     fn enabled(&self, metadata: &Metadata<'_>, _: Context<'_, S>) -> bool {
-        SINK.read()
-            .as_ref()
-            .is_some_and(|s| *metadata.level() <= s.level)
+        passes(metadata.level())
+    }
+
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        Some(match LEVEL.load(Ordering::Relaxed) {
+            0 => LevelFilter::OFF,
+            1 => LevelFilter::ERROR,
+            2 => LevelFilter::WARN,
+            3 => LevelFilter::INFO,
+            4 => LevelFilter::DEBUG,
+            _ => LevelFilter::TRACE,
+        })
     }
 
     fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
         if LOGGING.with(Cell::get) {
             return;
         }
-        let Some(logger) = SINK.read().as_ref().map(|s| Arc::clone(&s.logger)) else {
+        let Some(logger) = SINK.read().as_ref().map(Arc::clone) else {
             return;
         };
         let mut text = Text::default();

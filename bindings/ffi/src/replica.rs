@@ -3,14 +3,16 @@
 
 use crate::error::Result;
 use crate::listeners::{
-    ChangeListener, Changes, ConflictResolver, Fetched, QueryListener, Resolver, TokenFetcher,
-    TokenProvider, Tokens, query_callback,
+    ChangeListener, Changes, ConflictResolver, Fetched, QueryListener, Resolver, Status,
+    SyncStatusListener, TokenFetcher, TokenProvider, Tokens, query_callback,
 };
 use crate::num::{self, Signed};
 use crate::subscription::Subscription;
 use crate::sync::{SyncOptions, SyncSession};
 use crate::transaction::WriteTransaction;
-use crate::types::{ConflictRecord, Eviction, QuarantinedChange, QueryResult, Schema, SqlValue};
+use crate::types::{
+    ConflictRecord, Eviction, QuarantinedChange, QueryResult, Schema, SqlValue, SyncStatus,
+};
 use ferry_core as core;
 use parking_lot::Mutex;
 use std::sync::{Arc, Weak};
@@ -89,11 +91,29 @@ impl Replica {
     /// `disconnectAndClear` but keeps the subscriptions. `InvalidInput` while local writes are
     /// not pushed yet (sync them first). Connect again afterwards.
     pub fn resync(&self) -> Result<()> {
-        // Refused (below) before the sessions end: a replica with unpushed writes keeps syncing.
-        if self.inner.pending_count()? == 0 {
-            self.disconnect_all();
-        }
+        // Refused before the sessions end: a replica with unpushed writes keeps syncing.
+        self.inner.ensure_pushed()?;
+        self.disconnect_all();
         Ok(self.inner.resync()?)
+    }
+
+    /// The replica's sync status, whichever session produces it: the last status any of its
+    /// sessions published (`Stopped` once it ended), or, before any, one read from the file
+    /// (`hasSynced`, `lastSyncedAtMs`, pending writes).
+    pub fn sync_status(&self) -> Result<SyncStatus> {
+        Ok((&self.inner.sync_status()?).into())
+    }
+
+    /// Calls `listener` with the replica's sync status now and on every change of any of its
+    /// sessions — across disconnects, reconnects and `disconnectAndClear` — until the
+    /// returned subscription is cancelled or dropped. What a status bar observes.
+    pub fn observe_sync_status(
+        &self,
+        listener: Arc<dyn SyncStatusListener>,
+    ) -> Result<Arc<Subscription>> {
+        Ok(Subscription::new(
+            self.inner.observe_status(Arc::new(Status(listener)))?,
+        ))
     }
 
     /// The file this replica lives in.

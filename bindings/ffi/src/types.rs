@@ -499,6 +499,15 @@ pub struct SyncError {
     pub message: String,
 }
 
+impl From<&core::SyncError> for SyncError {
+    fn from(e: &core::SyncError) -> Self {
+        SyncError {
+            code: e.code.map(Into::into),
+            message: e.message.clone(),
+        }
+    }
+}
+
 /// Rows of a scope evicted because the replica no longer holds it (the token lost it, or the
 /// app unsubscribed).
 #[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
@@ -537,7 +546,7 @@ pub struct RefusedPush {
 }
 
 /// What the sync loop is doing.
-#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+#[derive(Debug, Clone, PartialEq, uniffi::Record)]
 pub struct SyncStatus {
     /// Connection state.
     pub state: ConnState,
@@ -551,6 +560,12 @@ pub struct SyncStatus {
     pub downloaded: i64,
     /// …of this many known.
     pub download_total: i64,
+    /// How far this session's upload has come, 0.0 to 1.0 (`None`: nothing to upload).
+    pub upload_progress: Option<f64>,
+    /// How far the download has come, 0.0 to 1.0: through a snapshot's rows while a new
+    /// device receives one, else through the relay positions known (`None`: nothing to
+    /// download).
+    pub download_progress: Option<f64>,
     /// Snapshot rows applied on this connection (a new device's first sync)…
     pub snapshot_rows: i64,
     /// …of this many the relay announced (0: no snapshot).
@@ -571,6 +586,12 @@ pub struct SyncStatus {
     pub last_synced_at_ms: Option<i64>,
     /// The last error (cleared when a connection comes up).
     pub last_error: Option<SyncError>,
+    /// Why uploads are failing, while they are (a refused push that stops them, a change set
+    /// this device could not send); cleared when a push is acknowledged again.
+    pub upload_error: Option<SyncError>,
+    /// Why downloads are failing, while they are (changes this device could not apply, or
+    /// downloads paused for a newer app's change); cleared when a download applies again.
+    pub download_error: Option<SyncError>,
     /// A refused push that stops uploads.
     pub refused: Option<RefusedPush>,
     /// Connections opened so far.
@@ -647,10 +668,11 @@ impl From<&core::SyncStatus> for SyncStatus {
             pending: s.pending.signed(),
             has_synced: s.has_synced,
             last_synced_at_ms: s.last_synced_at.map(Signed::signed),
-            last_error: s.last_error.as_ref().map(|e| SyncError {
-                code: e.code.map(Into::into),
-                message: e.message.clone(),
-            }),
+            upload_progress: s.upload_fraction(),
+            download_progress: s.download_fraction(),
+            last_error: s.last_error.as_ref().map(SyncError::from),
+            upload_error: s.upload_error.as_ref().map(SyncError::from),
+            download_error: s.download_error.as_ref().map(SyncError::from),
             refused: s.refused.as_ref().map(|r| RefusedPush {
                 origin_seq: r.origin_seq.signed(),
                 code: r.code.into(),

@@ -306,17 +306,31 @@ def _conflict_records(self: Replica) -> typing.AsyncIterator[ConflictRecord]:
     return _iterate(lambda put: self.subscribe(Listener(put)), latest_only=False)
 
 
+class _StatusListener(SyncStatusListener):
+    def __init__(self, put: typing.Callable[[typing.Any], None]) -> None:
+        self.put = put
+
+    def on_status(self, status: SyncStatus) -> None:
+        self.put(status)
+
+
 def _statuses(self: SyncSession) -> typing.AsyncIterator[SyncStatus]:
     """The sync status now and on every change (latest only)."""
+    return _iterate(lambda put: self.observe(_StatusListener(put)), latest_only=True)
 
-    class Listener(SyncStatusListener):
-        def __init__(self, put: typing.Callable[[typing.Any], None]) -> None:
-            self.put = put
 
-        def on_status(self, status: SyncStatus) -> None:
-            self.put(status)
+def _replica_statuses(self: Replica) -> typing.AsyncIterator[SyncStatus]:
+    """The replica's sync status now and on every change of any of its sessions (across
+    disconnects and reconnects; latest only): what a status bar follows."""
+    return _iterate(lambda put: self.observe_sync_status(_StatusListener(put)), latest_only=True)
 
-    return _iterate(lambda put: self.observe(Listener(put)), latest_only=True)
+
+async def _wait_for_first_sync(self: Replica) -> SyncStatus:
+    """Waits until the replica has synced completely once (``has_synced``), in any session."""
+    async for status in _replica_statuses(self):
+        if status.has_synced:
+            return status
+    raise FerryError.Closed("the status stream ended")
 
 
 def _sync_with(
@@ -327,7 +341,13 @@ def _sync_with(
 ) -> SyncSession:
     """Starts syncing; ``token`` is a string, a callable, or a coroutine function (``async
     def``) asked before every connection attempt. A coroutine runs on the event loop running
-    when ``sync_with`` was called (call it from a coroutine then), for up to 60 s."""
+    when ``sync_with`` was called (call it from a coroutine then), for up to 60 s.
+
+    Kotlin and Swift hand their async fetchers to ``connect_fetching``; Python does not:
+    UniFFI runs a Python coroutine for a Rust thread only on a process-wide loop
+    (``uniffi_set_event_loop``), which every later async call of the bindings would then be
+    scheduled on, whatever loop awaits it. So the coroutine is run here, on the caller's
+    loop, from the token provider Ferry's thread calls."""
     get: typing.Callable[[], str]
     if asyncio.iscoroutinefunction(token):
         loop = asyncio.get_running_loop()
@@ -386,3 +406,5 @@ WriteTransaction.select = _select  # type: ignore[attr-defined]
 WriteTransaction.select_as = _select_as  # type: ignore[attr-defined]
 WriteTransaction.exec_many = _exec_many  # type: ignore[attr-defined]
 SyncSession.statuses = _statuses  # type: ignore[attr-defined]
+Replica.statuses = _replica_statuses  # type: ignore[attr-defined]
+Replica.wait_for_first_sync = _wait_for_first_sync  # type: ignore[attr-defined]

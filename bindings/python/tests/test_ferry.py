@@ -373,6 +373,45 @@ def test_logout_clears_and_resync_downloads_again(relay: Relay, open_replica) ->
     asyncio.run(main())
 
 
+def test_the_database_status_spans_sessions_with_progress(relay: Relay, open_replica) -> None:
+    a, b = open_replica("a.db"), open_replica("b.db")
+
+    async def main() -> None:
+        sa = session(relay, a, "alice")
+        with a.transaction() as tx:
+            tx.exec_many("INSERT INTO notes(id, folder, title) VALUES (?, 'home', 't')", [(f"n{i}",) for i in range(300)])
+        await sync(sa)
+        seen: typing.List[ferry.SyncStatus] = []
+        it = b.statuses()
+        first = await until(it, lambda st: True)
+        assert first.state == ConnState.STOPPED and not first.has_synced
+        assert first.download_progress is None and first.upload_error is None
+        sb = session(relay, b, "bob")
+        synced = asyncio.ensure_future(asyncio.wait_for(b.wait_for_first_sync(), T))
+
+        def done(st: ferry.SyncStatus) -> bool:
+            seen.append(st)
+            return st.has_synced
+
+        await until(it, done)
+        await synced
+        assert all(0.0 <= s.download_progress <= 1.0 for s in seen if s.download_progress is not None)
+        sb.disconnect()
+        stopped = await until(it, lambda st: st.state == ConnState.STOPPED)
+        assert stopped.has_synced and stopped.last_synced_at_ms is not None
+        assert b.sync_status().has_synced
+        # A new session reaches the same stream; logging out starts it over.
+        sb2 = session(relay, b, "bob")
+        await until(it, lambda st: st.state == ConnState.ONLINE)
+        sb2.disconnect()
+        b.disconnect_and_clear()
+        cleared = await until(it, lambda st: not st.has_synced)
+        assert cleared.state == ConnState.STOPPED and cleared.cursor == 0
+        sa.disconnect()
+
+    asyncio.run(main())
+
+
 def test_sync_now_fails_fast_on_a_refused_token_and_an_unreachable_relay(relay: Relay, open_replica) -> None:
     a = open_replica("fast.db")
 
@@ -479,9 +518,11 @@ def test_checked_writes_and_leases_cross_the_ffi(relay: Relay, open_replica) -> 
         tx.exec("UPDATE seats SET taken_by = 'a' WHERE id = '12A'")
         assert await asyncio.wait_for(sa.commit_checked(tx), T) > 0
         sb.resume()
-        with pytest.raises(FerryError.ConflictRejected):
+        with pytest.raises(FerryError.ConflictRejected) as lost:
             await asyncio.wait_for(sb.verdict(late), T)
+        assert lost.value.code == "conflict"
         await sync(sb)
+        assert sb.status().rolled_back == 1  # counted once, whether refused or met offline
         assert b.select("SELECT taken_by FROM seats") == [("a",)]
         assert any(c.rejected and c.table == "seats" for c in b.conflicts())
 
@@ -499,8 +540,9 @@ def test_checked_writes_and_leases_cross_the_ffi(relay: Relay, open_replica) -> 
         tx = a.begin_write()
         tx.guard(grant)  # released: the token is stale
         tx.exec("UPDATE seats SET taken_by = 'a again' WHERE id = '12B'")
-        with pytest.raises(FerryError.ConflictRejected):
+        with pytest.raises(FerryError.ConflictRejected) as fenced:
             await asyncio.wait_for(sa.commit_checked(tx), T)
+        assert fenced.value.code == "fenced"
         assert a.select("SELECT taken_by FROM seats WHERE id = '12B'") == [("a",)]
         sa.disconnect()
         sb.disconnect()

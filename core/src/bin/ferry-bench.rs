@@ -52,7 +52,12 @@ const UPDATE: &str = "UPDATE t SET b = ?1 WHERE id = ?2";
 const SELECT: &str = "SELECT id, a, b, c, d, e FROM t WHERE id = ?1";
 
 fn plain_insert(c: &mut Connection, n: usize) {
-    for chunk in (0..n).collect::<Vec<_>>().chunks(TX) {
+    plain_insert_range(c, 0..n);
+}
+
+/// Inserts rows `ids` in transactions of `TX` rows.
+fn plain_insert_range(c: &mut Connection, ids: std::ops::Range<usize>) {
+    for chunk in ids.collect::<Vec<_>>().chunks(TX) {
         let tx = c.transaction().expect("tx");
         {
             let mut st = tx.prepare_cached(INSERT).expect("prep");
@@ -66,7 +71,12 @@ fn plain_insert(c: &mut Connection, n: usize) {
 }
 
 fn ferry_insert(r: &Replica, n: usize) {
-    for chunk in (0..n).collect::<Vec<_>>().chunks(TX) {
+    ferry_insert_range(r, 0..n);
+}
+
+/// Writes rows `ids` through Ferry in transactions of `TX` rows.
+fn ferry_insert_range(r: &Replica, ids: std::ops::Range<usize>) {
+    for chunk in ids.collect::<Vec<_>>().chunks(TX) {
         r.write(|tx| {
             let mut st = tx.prepare(INSERT)?;
             for i in chunk {
@@ -165,17 +175,7 @@ fn read_latency(dir: &Path, n: usize, base: usize) -> (Latency, Latency) {
         s.spawn(|| {
             let mut w = Connection::open(dir.join("lat-plain.db")).expect("open writer");
             ferry_core::configure_sqlite(&w).expect("pragmas");
-            for chunk in (base..base + n).collect::<Vec<_>>().chunks(TX) {
-                let tx = w.transaction().expect("tx");
-                {
-                    let mut st = tx.prepare_cached(INSERT).expect("prep");
-                    for i in chunk {
-                        st.execute(rusqlite::params_from_iter(row(*i).iter()))
-                            .expect("insert");
-                    }
-                }
-                tx.commit().expect("commit");
-            }
+            plain_insert_range(&mut w, base..base + n);
             done.store(true, Ordering::Release);
         });
         let mut st = c.prepare_cached(SELECT).expect("prep");
@@ -191,16 +191,7 @@ fn read_latency(dir: &Path, n: usize, base: usize) -> (Latency, Latency) {
     let a = Replica::open(dir.join("lat-a.db"), &schema()).expect("open");
     let b = Replica::open(dir.join("lat-b.db"), &schema()).expect("open");
     ferry_insert(&a, base);
-    for chunk in (base..base + n).collect::<Vec<_>>().chunks(TX) {
-        b.write(|tx| {
-            let mut st = tx.prepare(INSERT)?;
-            for i in chunk {
-                st.execute(&row(*i))?;
-            }
-            Ok(())
-        })
-        .expect("insert b");
-    }
+    ferry_insert_range(&b, base..base + n);
     let mut seq = Sequencer::new();
     for cs in a.prepare_push(usize::MAX, usize::MAX).expect("pending") {
         seq.push(cs).expect("push");

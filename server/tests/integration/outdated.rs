@@ -49,6 +49,10 @@ fn an_outdated_app_pauses_downloads_without_reconnecting() {
     let s = h.status();
     let o = s.schema_outdated.clone().unwrap();
     assert_eq!((o.table.as_str(), o.column.as_str()), ("note", "prio"));
+    // Reported as a download error; uploads are fine.
+    let down = s.download_error.clone().expect("a download error");
+    assert!(down.message.contains("`note`.`prio`"), "{down:?}");
+    assert!(s.upload_error.is_none(), "{s:?}");
     // sync_now answers at once with the typed error.
     let t = Instant::now();
     match h.sync_now_blocking(Duration::from_secs(10)) {
@@ -89,6 +93,7 @@ fn an_outdated_app_pauses_downloads_without_reconnecting() {
     let h = connect(&upgraded, &url, admin_token("old"));
     wait_synced(&h);
     assert!(h.status().schema_outdated.is_none());
+    assert!(h.status().download_error.is_none());
     assert_eq!(
         upgraded
             .query("SELECT prio FROM note WHERE id = 'n1'", &[])

@@ -173,6 +173,86 @@ mod live {
         assert!(matches!(n, Value::Integer(k) if k > 300));
     }
 
+    /// The database-level status (`Replica::observe_status`): observed once, before any
+    /// session, it reports the file at rest, a first sync's download as a fraction that only
+    /// grows through the snapshot's pages, the session's end, and a later session too —
+    /// with `has_synced` and `last_synced_at` kept across them.
+    #[test]
+    fn the_database_status_follows_every_session_with_progress() {
+        use ferry_core::{ConnState, SyncStatus};
+        use std::sync::{Arc, Mutex};
+        let d = tempfile::tempdir().unwrap();
+        let (relay, w, _) = loaded(d.path(), 10_000);
+        let b = reader(d.path(), "b.db");
+        let seen: Arc<Mutex<Vec<SyncStatus>>> = Arc::default();
+        let log = Arc::clone(&seen);
+        let _sub = b
+            .observe_status(Arc::new(move |s: &SyncStatus| {
+                log.lock().unwrap().push(s.clone())
+            }))
+            .unwrap();
+        let first = seen.lock().unwrap()[0].clone();
+        assert_eq!(first.state, ConnState::Stopped);
+        assert!(
+            !first.has_synced && first.download_fraction().is_none(),
+            "{first:?}"
+        );
+
+        let hb = connect(&b, &relay.url(), admin_token("b"));
+        wait_synced(&hb);
+        drop(hb);
+        eventually(
+            "the session's end reported",
+            Duration::from_secs(10),
+            || b.sync_status().unwrap().state == ConnState::Stopped,
+        );
+        let statuses = seen.lock().unwrap().clone();
+        let fractions: Vec<f64> = statuses
+            .iter()
+            .filter_map(|s| s.download_fraction())
+            .collect();
+        assert!(
+            fractions.windows(2).all(|p| p[0] <= p[1]),
+            "the download fraction only grows: {fractions:?}"
+        );
+        assert!(
+            fractions.iter().any(|f| *f > 0.0 && *f < 1.0),
+            "a fraction between the snapshot's pages: {fractions:?}"
+        );
+        assert_eq!(fractions.last(), Some(&1.0), "{fractions:?}");
+        let rest = b.sync_status().unwrap();
+        assert!(rest.has_synced && rest.last_synced_at.is_some(), "{rest:?}");
+        assert!(
+            rest.upload_error.is_none() && rest.download_error.is_none(),
+            "{rest:?}"
+        );
+
+        // A second session reaches the same observer; its upload is reported too.
+        let n = seen.lock().unwrap().len();
+        b.write(|tx| {
+            tx.execute(
+                "INSERT INTO todo(id, list, title, votes) VALUES ('new', 'list:0', 'n', 1)",
+                &[],
+            )
+            .map(|_| ())
+        })
+        .unwrap();
+        let hb = connect(&b, &relay.url(), admin_token("b"));
+        wait_synced(&hb);
+        let later = seen.lock().unwrap()[n..].to_vec();
+        assert!(
+            later.iter().any(|s| s.state == ConnState::Online),
+            "{later:?}"
+        );
+        assert!(
+            later.iter().any(|s| s.upload_fraction() == Some(1.0)),
+            "the upload reported as done: {later:?}"
+        );
+        assert!(later.iter().all(|s| s.has_synced), "has_synced is kept");
+        drop(hb);
+        drop(w);
+    }
+
     fn hello(replica: ReplicaId, token: &str, resume: Option<Vec<u8>>) -> ClientMsg {
         ClientMsg::Hello {
             protocol: PROTOCOL_VERSION,

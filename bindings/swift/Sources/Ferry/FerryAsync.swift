@@ -92,6 +92,34 @@ extension WriteTransaction {
     }
 }
 
+extension Replica {
+    /// The replica's sync status now and on every change of any of its sessions (across
+    /// disconnects and reconnects); only the newest is buffered. What a status bar observes.
+    public func syncStatusStream() throws -> AsyncStream<SyncStatus> {
+        // The build closure runs at once, inside `init`: a failure to observe (a closed
+        // replica) is thrown from here.
+        var failure: Error?
+        let stream = AsyncStream<SyncStatus>(bufferingPolicy: .bufferingNewest(1)) { continuation in
+            do {
+                let sub = try self.observeSyncStatus(listener: StatusClosure { continuation.yield($0) })
+                continuation.onTermination = { _ in sub.cancel() }
+            } catch {
+                failure = error
+                continuation.finish()
+            }
+        }
+        if let failure { throw failure }
+        return stream
+    }
+
+    /// Waits until the replica has synced completely once (`hasSynced`), in any session.
+    public func waitForFirstSync() async throws {
+        for await status in try syncStatusStream() where status.hasSynced {
+            return
+        }
+    }
+}
+
 extension SyncSession {
     /// The sync status now and on every change; only the newest is buffered.
     public func statusStream() -> AsyncStream<SyncStatus> {

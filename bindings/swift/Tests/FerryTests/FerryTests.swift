@@ -259,6 +259,26 @@ final class FerryTests: XCTestCase {
         s.disconnect()
     }
 
+    func testTheDatabaseStatusSpansSessions() async throws {
+        let a = try open("a.db"), b = try open("b.db")
+        let sa = try session(a, "alice")
+        try a.exec("INSERT INTO notes(id, folder, title) VALUES ('1', 'home', 'milk')")
+        try await sa.syncNow()
+        XCTAssertEqual(try b.syncStatus().state, .stopped)
+        XCTAssertFalse(try b.syncStatus().hasSynced)
+        let sb = try session(b, "bob")
+        try await b.waitForFirstSync()
+        sb.disconnect()
+        for await status in try b.syncStatusStream() where status.state == .stopped {
+            XCTAssertTrue(status.hasSynced)
+            XCTAssertNil(status.downloadError)
+            break
+        }
+        try b.disconnectAndClear()
+        XCTAssertFalse(try b.syncStatus().hasSynced)
+        sa.disconnect()
+    }
+
     func testLogoutClearsTheReplica() throws {
         let b = try open("b.db")
         try b.exec("INSERT INTO notes(id, folder, title) VALUES ('1', 'home', 'milk')")

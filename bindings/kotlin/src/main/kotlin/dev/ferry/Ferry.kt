@@ -13,6 +13,7 @@ import kotlinx.coroutines.flow.Flow
 import kotlinx.coroutines.flow.buffer
 import kotlinx.coroutines.flow.callbackFlow
 import kotlinx.coroutines.flow.conflate
+import kotlinx.coroutines.flow.first
 
 /**
  * Runs [body] in one write transaction: committed if it returns (everything it wrote becomes
@@ -100,6 +101,26 @@ fun SyncSession.statusFlow(): Flow<SyncStatus> = callbackFlow {
     val sub = observe(listener)
     awaitClose { sub.cancel(); sub.close() }
 }.conflate()
+
+/**
+ * The replica's sync status now and on every change of any of its sessions — across
+ * disconnects, reconnects and [Replica.disconnectAndClear] (conflated: the newest wins). What a
+ * status bar collects.
+ */
+fun Replica.syncStatusFlow(): Flow<SyncStatus> = callbackFlow {
+    val listener = object : SyncStatusListener {
+        override fun onStatus(status: SyncStatus) {
+            trySend(status)
+        }
+    }
+    val sub = observeSyncStatus(listener)
+    awaitClose { sub.cancel(); sub.close() }
+}.conflate()
+
+/** Suspends until the replica has synced completely once ([SyncStatus.hasSynced]), in any session. */
+suspend fun Replica.waitForFirstSync() {
+    syncStatusFlow().first { it.hasSynced }
+}
 
 /** Registers [resolve] for the `custom` columns of [table]. */
 fun Replica.setResolver(table: String, resolve: (ConflictInput) -> Resolution) =

@@ -357,6 +357,92 @@ class FerryTest {
     }
 
     @Test
+    fun checkedWritesAndLeasesCrossTheFfi() = runBlocking<Unit> {
+        open("a.db").use { a ->
+            open("b.db").use { b ->
+                val sa = a.sync("a")
+                val sb = b.sync("b")
+                a.exec("INSERT INTO seats(id, taken_by) VALUES ('12A', NULL)")
+                withTimeout(20_000) { sa.syncNow(); sb.syncNow() }
+                // Both book the same seat; b is offline, a's booking reaches the relay first.
+                sb.pauseNow()
+                var tx = b.beginWrite()
+                tx.exec("UPDATE seats SET taken_by = 'b' WHERE id = '12A'")
+                val late = requireNotNull(tx.commitChange())
+                tx = a.beginWrite()
+                tx.exec("UPDATE seats SET taken_by = 'a' WHERE id = '12A'")
+                assertTrue(withTimeout(20_000) { sa.commitChecked(tx) } > 0)
+                sb.resume()
+                val lost = assertThrows<FerryException.ConflictRejected> {
+                    runBlocking { withTimeout(20_000) { sb.verdict(late) } }
+                }
+                assertEquals("conflict", lost.code)
+                withTimeout(20_000) { sb.syncNow() }
+                assertEquals(listOf("a"), b.query("SELECT taken_by FROM seats") { it.getString("taken_by") })
+                assertTrue(b.conflicts().any { it.rejected && it.table == "seats" })
+                // Offline or online, the loss is counted once.
+                assertEquals(1L, sb.status().rolledBack)
+
+                // Leases: one holder at a time; a guarded write carries the fencing token.
+                val grant = withTimeout(20_000) { sa.acquireLease("check-in", 10_000) }
+                val busy = assertThrows<FerryException.LeaseUnavailable> {
+                    runBlocking { withTimeout(20_000) { sb.acquireLease("check-in", 10_000) } }
+                }
+                assertTrue(requireNotNull(busy.retryAfterMs) > 0)
+                tx = a.beginWrite()
+                tx.guard(grant)
+                tx.exec("INSERT INTO seats(id, taken_by) VALUES ('12B', 'a')")
+                assertTrue(withTimeout(20_000) { sa.commitChecked(tx) } > 0)
+                withTimeout(20_000) { sa.releaseLease(grant) }
+                val newer = withTimeout(20_000) { sb.acquireLease("check-in", 10_000) }
+                assertTrue(newer.token > grant.token)
+                tx = a.beginWrite()
+                tx.guard(grant) // released: the token is stale
+                tx.exec("UPDATE seats SET taken_by = 'a again' WHERE id = '12B'")
+                val fenced = assertThrows<FerryException.ConflictRejected> {
+                    runBlocking { withTimeout(20_000) { sa.commitChecked(tx) } }
+                }
+                assertEquals("fenced", fenced.code)
+                assertEquals(listOf("a"), a.query("SELECT taken_by FROM seats WHERE id = '12B'") { it.getString("taken_by") })
+                sa.disconnect()
+                sb.disconnect()
+            }
+        }
+    }
+
+    @Test
+    fun theDatabaseStatusSpansSessions() = runBlocking<Unit> {
+        open("a.db").use { a ->
+            open("b.db").use { b ->
+                val sa = a.sync("alice")
+                a.write { tx -> for (i in 0 until 300) tx.exec("INSERT INTO notes(id, folder, title) VALUES (?, 'home', 't')", "n$i") }
+                withTimeout(20_000) { sa.syncNow() }
+                val first = b.syncStatusFlow().first()
+                assertEquals(ConnState.STOPPED, first.state)
+                assertFalse(first.hasSynced)
+                assertNull(first.downloadProgress)
+                val progress = Collections.synchronizedList(mutableListOf<Double>())
+                val watcher = async {
+                    b.syncStatusFlow().first { st -> st.downloadProgress?.let { progress.add(it) }; st.hasSynced }
+                }
+                val sb = b.sync("bob")
+                withTimeout(20_000) { b.waitForFirstSync() }
+                withTimeout(20_000) { watcher.await() }
+                assertTrue(progress.all { it in 0.0..1.0 })
+                sb.disconnect()
+                val stopped = withTimeout(20_000) { b.syncStatusFlow().first { it.state == ConnState.STOPPED } }
+                assertTrue(stopped.hasSynced)
+                assertNotNull(stopped.lastSyncedAtMs)
+                assertNull(stopped.uploadError)
+                assertNull(stopped.downloadError)
+                b.disconnectAndClear()
+                assertFalse(b.syncStatus().hasSynced)
+                sa.disconnect()
+            }
+        }
+    }
+
+    @Test
     fun syncNowFailsFastOnARefusedTokenAndAnUnreachableRelay() = runBlocking<Unit> {
         open("fast.db").use { a ->
             val opts = SyncOptions(backoffMinMs = 50, backoffMaxMs = 200)

@@ -53,5 +53,10 @@ class TestRelay : AutoCloseable {
     }
 }
 
-/** The notes schema, declared as records by examples/kotlin-notes (the same as bindings/tests/notes-schema.json). */
-fun notesSchema(): Schema = dev.ferry.notes.schema
+/**
+ * The notes schema, declared as records by examples/kotlin-notes, plus the `server_checked`
+ * `seats` table the tests of checked writes use (together: bindings/tests/notes-schema.json).
+ */
+fun notesSchema(): Schema = dev.ferry.notes.schema.let {
+    it.copy(tables = it.tables + table("seats", "id", column("id"), column("taken_by"), mode = TableMode.SERVER_CHECKED))
+}
