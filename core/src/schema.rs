@@ -102,7 +102,8 @@ impl ColumnType {
 pub struct ColumnDecl {
     /// Column name.
     pub name: String,
-    /// SQLite type.
+    /// SQLite type. JSON key `column_type`, as in the bindings' records (`ty` is read too).
+    #[serde(rename = "column_type", alias = "ty")]
     pub ty: ColumnType,
     /// Merge policy (default `lww`).
     #[serde(default)]
@@ -110,9 +111,52 @@ pub struct ColumnDecl {
     /// `NOT NULL` constraint.
     #[serde(default)]
     pub not_null: bool,
-    /// Default value for rows that do not set the column (counters default to 0).
-    #[serde(default)]
+    /// Default value for rows that do not set the column (counters default to 0). JSON key
+    /// `default_value`, as in the bindings (`default` is read too), written as a plain JSON
+    /// value (`0`, `1.5`, `"x"`; a blob as `{"Blob": [bytes]}`).
+    #[serde(
+        default,
+        rename = "default_value",
+        alias = "default",
+        with = "default_json"
+    )]
     pub default: Option<Value>,
+}
+
+/// A column default in JSON as the app writes it: `0`, `1.5`, `"x"`, `null`; earlier files'
+/// tagged form (`{"Integer": 0}`) is read too.
+mod default_json {
+    use crate::value::Value;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        Integer(i64),
+        Real(f64),
+        Text(String),
+        Tagged(Value),
+    }
+
+    pub(super) fn serialize<S: Serializer>(v: &Option<Value>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            None | Some(Value::Null) => s.serialize_none(),
+            Some(Value::Integer(i)) => s.serialize_i64(*i),
+            Some(Value::Real(r)) => s.serialize_f64(*r),
+            Some(Value::Text(t)) => s.serialize_str(t),
+            Some(b @ Value::Blob(_)) => b.serialize(s),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+        Ok(Option::<Form>::deserialize(d)?.and_then(|f| match f {
+            Form::Integer(i) => Some(Value::Integer(i)),
+            Form::Real(r) => Some(Value::Real(r)),
+            Form::Text(t) => Some(Value::Text(t)),
+            Form::Tagged(Value::Null) => None,
+            Form::Tagged(v) => Some(v),
+        }))
+    }
 }
 
 /// One synced table.
@@ -327,6 +371,18 @@ pub struct Schema {
 }
 
 impl Schema {
+    /// The schema as the relay's `schema.json` holds it (pretty-printed): what
+    /// `Schema.toJson()` in the bindings exports from the app's records, so the relay and
+    /// the app are configured from one declaration.
+    pub fn to_json(&self) -> Result<String> {
+        Ok(serde_json::to_string_pretty(self)?)
+    }
+
+    /// Reads a schema from the relay's JSON form; unknown keys are refused, naming the key.
+    pub fn from_json(json: &str) -> Result<Schema> {
+        serde_json::from_str(json).map_err(|e| Error::InvalidSchema(format!("schema JSON: {e}")))
+    }
+
     /// Each table with its mode, key, scope column, delete rule and each column's type and
     /// policy, one line per table and one per column (what `ferry-relay check-config` prints).
     pub fn describe(&self) -> String {
@@ -485,16 +541,16 @@ mod tests {
     #[test]
     fn unknown_keys_are_refused_not_ignored() {
         // A typo in a mode key used to pass silently and leave the table multi-writer.
-        let json = r#"{"name":"t","columns":[{"name":"id","ty":"text"}],"primary_key":"id","write_mode":"server_checked"}"#;
+        let json = r#"{"name":"t","columns":[{"name":"id","column_type":"text"}],"primary_key":"id","write_mode":"server_checked"}"#;
         let err = serde_json::from_str::<TableDecl>(json)
             .map(|_| ())
             .map_err(|e| e.to_string());
         assert!(err.is_err_and(|e| e.contains("write_mode")));
-        let json = r#"{"name":"id","ty":"text","polciy":"lww"}"#;
+        let json = r#"{"name":"id","column_type":"text","polciy":"lww"}"#;
         assert!(serde_json::from_str::<ColumnDecl>(json).is_err());
         let json = r#"{"version":1,"tables":[],"migration":[]}"#;
         assert!(serde_json::from_str::<Schema>(json).is_err());
-        let ok = r#"{"name":"t","columns":[{"name":"id","ty":"text"},{"name":"n","ty":"integer","policy":"counter"}],"primary_key":"id","mode":"server_checked"}"#;
+        let ok = r#"{"name":"t","columns":[{"name":"id","column_type":"text"},{"name":"n","column_type":"integer","policy":"counter"}],"primary_key":"id","mode":"server_checked"}"#;
         let t: TableDecl = serde_json::from_str(ok).unwrap_or_else(|e| panic!("{e}"));
         let shown = Schema {
             version: 1,
@@ -507,6 +563,49 @@ mod tests {
                 && shown.contains("  n integer counter"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn the_json_form_round_trips_and_reads_earlier_names() {
+        let mut t = TableDecl::new("t");
+        for (name, ty, default) in [
+            ("id", ColumnType::Text, None),
+            ("n", ColumnType::Integer, Some(Value::Integer(3))),
+            ("r", ColumnType::Real, Some(Value::Real(1.5))),
+            ("s", ColumnType::Text, Some(Value::Text("x".into()))),
+            ("b", ColumnType::Blob, Some(Value::Blob(vec![1, 2]))),
+        ] {
+            t.columns.push(ColumnDecl {
+                name: name.into(),
+                ty,
+                policy: Policy::Lww,
+                not_null: false,
+                default,
+            });
+        }
+        t.primary_key = Some("id".into());
+        let s = Schema {
+            version: 2,
+            tables: vec![t],
+            migrations: vec![Migration {
+                version: 2,
+                sql: "CREATE TABLE l(x)".into(),
+            }],
+        };
+        let json = s.to_json().unwrap_or_else(|e| panic!("{e}"));
+        // The bindings' names, plain JSON defaults.
+        assert!(json.contains(r#""column_type": "integer""#), "{json}");
+        assert!(json.contains(r#""default_value": 3"#), "{json}");
+        assert!(json.contains(r#""default_value": "x""#), "{json}");
+        assert_eq!(Schema::from_json(&json).ok(), Some(s));
+        // Files written with the earlier names still read.
+        let old = r#"{"version":1,"tables":[{"name":"t","primary_key":"id","columns":[{"name":"id","ty":"text"},{"name":"n","ty":"integer","default":{"Integer":0}}]}]}"#;
+        let read = Schema::from_json(old).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(read.tables[0].columns[1].default, Some(Value::Integer(0)));
+        assert!(matches!(
+            Schema::from_json(r#"{"version":1,"tables":[],"extra":1}"#),
+            Err(Error::InvalidSchema(m)) if m.contains("extra")
+        ));
     }
 
     #[test]
@@ -523,7 +622,7 @@ mod tests {
             "x".parse::<DeleteRule>(),
             Err(Error::UnknownName { .. })
         ));
-        let json = r#"{"name":"t","columns":[{"name":"id","ty":"text","policy":"sum"}],"primary_key":"id"}"#;
+        let json = r#"{"name":"t","columns":[{"name":"id","column_type":"text","policy":"sum"}],"primary_key":"id"}"#;
         let err = serde_json::from_str::<TableDecl>(json)
             .map(|_| ())
             .map_err(|e| e.to_string());

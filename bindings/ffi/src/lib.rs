@@ -16,6 +16,7 @@ mod listeners;
 mod logging;
 mod num;
 mod replica;
+mod schema_json;
 mod subscription;
 mod sync;
 mod transaction;
@@ -28,6 +29,7 @@ pub use listeners::{
 };
 pub use logging::{LogLevel, LogRecord, LogSink, set_logger};
 pub use replica::{Replica, ReplicaOptions, ferry_version, new_id};
+pub use schema_json::{schema_from_json, schema_to_json};
 pub use subscription::Subscription;
 pub use sync::{SyncOptions, SyncSession, Verification};
 pub use transaction::WriteTransaction;

@@ -44,6 +44,7 @@ from .ferry_ffi import (
     QueryResult,
     Replica,
     Resolution,
+    Schema,
     SqlValue,
     SyncOptions,
     SyncSession,
@@ -52,6 +53,8 @@ from .ferry_ffi import (
     SyncStatusListener,
     TokenProvider,
     WriteTransaction,
+    schema_from_json,
+    schema_to_json,
 )
 
 Py = typing.Union[None, int, float, str, bytes, bool]
@@ -407,4 +410,6 @@ WriteTransaction.select_as = _select_as  # type: ignore[attr-defined]
 WriteTransaction.exec_many = _exec_many  # type: ignore[attr-defined]
 SyncSession.statuses = _statuses  # type: ignore[attr-defined]
 Replica.statuses = _replica_statuses  # type: ignore[attr-defined]
+Schema.to_json = lambda self: schema_to_json(self)  # type: ignore[attr-defined]
+Schema.from_json = staticmethod(schema_from_json)  # type: ignore[attr-defined]
 Replica.wait_for_first_sync = _wait_for_first_sync  # type: ignore[attr-defined]

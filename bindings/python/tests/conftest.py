@@ -24,9 +24,12 @@ class Relay:
         self.bin = os.environ["FERRY_RELAY_BIN"]
         tmp.mkdir(parents=True, exist_ok=True)
         self.config = tmp / "relay.toml"
+        # The relay is configured with the schema the app declares as records, exported.
+        schema = tmp / "schema.json"
+        schema.write_text(notes_schema().to_json())
         self.config.write_text(
             f'listen = "127.0.0.1:0"\ndata = "{tmp / "data"}"\n'
-            f'schema = "{os.environ["FERRY_NOTES_SCHEMA"]}"\n[log]\nlevel = "warn"\n'
+            f'schema = "{schema}"\n[log]\nlevel = "warn"\n'
             f'[auth]\nhs256_secret = "{SECRET}"\n'
         )
         self.proc = subprocess.Popen(

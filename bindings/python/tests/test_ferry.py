@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import pathlib
@@ -192,6 +193,17 @@ def test_errors_are_typed(relay: Relay, open_replica, tmp_path: pathlib.Path) ->
     # A file that cannot be opened says so (not a generic error).
     with pytest.raises(FerryError.CannotOpen):
         ferry.Replica.open("/nonexistent-ferry-dir/x.db", notes_schema())
+
+
+def test_the_schema_records_export_the_relays_json() -> None:
+    exported = notes_schema().to_json()
+    shipped = pathlib.Path(os.environ["FERRY_NOTES_SCHEMA"]).read_text()
+    assert json.loads(exported) == json.loads(shipped), (
+        "bindings/tests/notes-schema.json is the export of conftest.notes_schema(): regenerate it"
+    )
+    assert ferry.Schema.from_json(exported) == notes_schema()
+    with pytest.raises(FerryError.InvalidInput, match="write_mode"):
+        ferry.Schema.from_json('{"version":1,"tables":[{"name":"t","columns":[],"primary_key":"id","write_mode":"x"}]}')
 
 
 def test_transaction_rolls_back_when_the_block_raises(open_replica) -> None:

@@ -26,11 +26,12 @@ fn a_version_1_file_upgrades_to_the_fresh_layout() {
     old.close().unwrap();
     {
         // What a version 1 file looked like: no unacked-log index, no strict-write columns
-        // or undo table, no eviction record, no quarantine.
+        // or undo table, no eviction record, no quarantine, no refusal codes.
         let c = rusqlite::Connection::open(d.path().join("old.db")).unwrap();
         c.execute_batch(
             "DROP INDEX ferry_log_unacked; DROP TABLE ferry_undo; DROP TABLE ferry_evictions;
              DROP TABLE ferry_quarantine;
+             ALTER TABLE ferry_log DROP COLUMN rejected_code;
              ALTER TABLE ferry_log DROP COLUMN rejected; ALTER TABLE ferry_log DROP COLUMN guarded;
              PRAGMA user_version = 1;",
         )

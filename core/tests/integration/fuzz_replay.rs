@@ -113,6 +113,6 @@ fn write_seed_corpus() {
         serde_json::to_vec_pretty(&schema).unwrap(),
     )
     .unwrap();
-    let bad = r#"{"version":1,"tables":[{"name":"t","columns":[{"name":"id","ty":"integer","policy":"lww"}]}]}"#;
+    let bad = r#"{"version":1,"tables":[{"name":"t","columns":[{"name":"id","column_type":"integer","policy":"lww"}]}]}"#;
     std::fs::write(root.join("schema").join("integer-key"), bad).unwrap();
 }

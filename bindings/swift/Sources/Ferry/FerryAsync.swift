@@ -120,6 +120,14 @@ extension Replica {
     }
 }
 
+extension Schema {
+    /// The schema as the relay's `schema.json` (the same names as these records).
+    public func toJson() throws -> String { try schemaToJson(schema: self) }
+
+    /// A schema read from the relay's JSON form.
+    public static func fromJson(_ json: String) throws -> Schema { try schemaFromJson(json: json) }
+}
+
 extension SyncSession {
     /// The sync status now and on every change; only the newest is buffered.
     public func statusStream() -> AsyncStream<SyncStatus> {

@@ -122,6 +122,9 @@ suspend fun Replica.waitForFirstSync() {
     syncStatusFlow().first { it.hasSynced }
 }
 
+/** The schema as the relay's `schema.json` (the same names as these records): one declaration for both sides. */
+fun Schema.toJson(): String = schemaToJson(this)
+
 /** Registers [resolve] for the `custom` columns of [table]. */
 fun Replica.setResolver(table: String, resolve: (ConflictInput) -> Resolution) =
     setResolver(table, object : ConflictResolver {

@@ -15,7 +15,8 @@ class TestRelay : AutoCloseable {
     val url: String
 
     init {
-        val schema = System.getenv("FERRY_NOTES_SCHEMA") ?: error("FERRY_NOTES_SCHEMA is not set")
+        // The relay is configured with the schema the app declares as records, exported.
+        val schema = File(dir, "schema.json").apply { writeText(notesSchema().toJson()) }.path
         config.writeText(
             """
             listen = "127.0.0.1:0"
