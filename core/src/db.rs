@@ -126,6 +126,16 @@ const FORMAT_V6: &str = "
 ALTER TABLE ferry_log ADD COLUMN rejected_code TEXT;
 ";
 
+/// The name of each parameter of `sql` in binding order (`:id`, `@id`, `$id` with their
+/// prefix; `None` for `?`), as SQLite parses it: what a host language needs to bind named
+/// parameters from a mapping by position. Prepares without running.
+pub(crate) fn parameter_names(conn: &Connection, sql: &str) -> Result<Vec<Option<String>>> {
+    let st = conn.prepare_cached(sql)?;
+    Ok((1..=st.parameter_count())
+        .map(|i| st.parameter_name(i).map(str::to_owned))
+        .collect())
+}
+
 /// Sets the connection-level pragmas Ferry relies on.
 pub fn configure(conn: &Connection) -> Result<()> {
     let pages: i64 = conn.pragma_query_value(None, "page_count", |r| r.get(0))?;
@@ -316,4 +326,26 @@ pub fn stored_replica_id(conn: &Connection) -> Result<crate::ids::ReplicaId> {
     let b: Vec<u8> = meta_get(conn, "replica_id")?;
     crate::ids::ReplicaId::from_slice(&b)
         .ok_or_else(|| Error::Corrupt("replica id is not 16 bytes".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parameter_names;
+
+    #[test]
+    fn parameter_names_come_in_binding_order_with_their_prefix() {
+        let c = rusqlite::Connection::open_in_memory().unwrap_or_else(|e| panic!("{e}"));
+        let names =
+            parameter_names(&c, "SELECT :a, ?, @b, $c, :a").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            names,
+            vec![
+                Some(":a".to_owned()),
+                None,
+                Some("@b".to_owned()),
+                Some("$c".to_owned())
+            ]
+        );
+        assert!(parameter_names(&c, "SELECT FROM").is_err());
+    }
 }

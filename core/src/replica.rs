@@ -333,6 +333,13 @@ impl Replica {
         self.readers.query(sql, params)
     }
 
+    /// The name of each parameter of `sql` in binding order (`:id`, `@id`, `$id` with their
+    /// prefix; `None` for `?`), as SQLite parses it, so a host language can bind a mapping by
+    /// position. Prepares the statement without running it.
+    pub fn parameter_names(&self, sql: &str) -> Result<Vec<Option<String>>> {
+        self.with_engine(|e| crate::db::parameter_names(&e.conn, sql))
+    }
+
     /// This replica's id.
     pub fn replica_id(&self) -> Result<ReplicaId> {
         self.with_engine(|e| Ok(e.me))

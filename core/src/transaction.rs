@@ -100,6 +100,11 @@ impl Transaction {
         self.engine()?.prepare(sql)
     }
 
+    /// The names of `sql`'s parameters in binding order (see [`crate::Replica::parameter_names`]).
+    pub fn parameter_names(&self, sql: &str) -> Result<Vec<Option<String>>> {
+        crate::db::parameter_names(&self.engine()?.conn, sql)
+    }
+
     /// Runs a query that sees the transaction's own writes.
     pub fn query(&self, sql: &str, params: &[Value]) -> Result<Rows> {
         self.engine()?.query(sql, params)

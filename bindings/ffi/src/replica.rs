@@ -181,6 +181,13 @@ impl Replica {
         self.inner.new_id()
     }
 
+    /// The name of each parameter of `sql` in binding order (`:id`, `@id`, `$id` with their
+    /// prefix; `None` for `?`), as SQLite parses it: how a host language binds a mapping of
+    /// named parameters by position. Prepares without running.
+    pub fn parameter_names(&self, sql: String) -> Result<Vec<Option<String>>> {
+        Ok(self.inner.parameter_names(&sql)?)
+    }
+
     /// Runs one statement as its own write transaction; returns rows changed.
     pub fn execute(&self, sql: String, params: Vec<SqlValue>) -> Result<i64> {
         Ok(self

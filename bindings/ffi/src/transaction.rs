@@ -30,6 +30,12 @@ impl WriteTransaction {
         Ok(self.inner.lock().execute_many(&sql, &rows)?.signed())
     }
 
+    /// The name of each parameter of `sql` in binding order (`:id` with its prefix; `None`
+    /// for `?`): how a host language binds a mapping of named parameters by position.
+    pub fn parameter_names(&self, sql: String) -> Result<Vec<Option<String>>> {
+        Ok(self.inner.lock().parameter_names(&sql)?)
+    }
+
     /// Runs a query that sees this transaction's writes.
     pub fn query(&self, sql: String, params: Vec<SqlValue>) -> Result<QueryResult> {
         Ok(self

@@ -25,6 +25,7 @@ Everything Ferry raises is a ``FerryError`` subclass, one per action the app tak
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import typing
@@ -59,6 +60,7 @@ from .ferry_ffi import (
 
 Py = typing.Union[None, int, float, str, bytes, bool]
 Params = typing.Sequence[typing.Any]
+AnyParams = typing.Union[Params, typing.Mapping[str, typing.Any]]
 T = typing.TypeVar("T")
 
 
@@ -134,27 +136,56 @@ def rows(result: QueryResult) -> typing.List[Row]:
     return [cls(py_value(v) for v in row) for row in result.rows]
 
 
-def _params(params: Params) -> typing.List[SqlValue]:
+_NAMES: "collections.OrderedDict[str, typing.List[typing.Optional[str]]]" = collections.OrderedDict()
+_NAMES_KEPT = 256
+
+
+def _names(db: typing.Union[Replica, WriteTransaction], sql: str) -> typing.List[typing.Optional[str]]:
+    """The statement's parameter names as SQLite parses them (a few hundred statements kept)."""
+    names = _NAMES.get(sql)
+    if names is None:
+        names = db.parameter_names(sql)
+        _NAMES[sql] = names
+        if len(_NAMES) > _NAMES_KEPT:
+            _NAMES.popitem(last=False)
+    return names
+
+
+def _params(
+    params: AnyParams, db: typing.Optional[typing.Union[Replica, WriteTransaction]] = None, sql: str = ""
+) -> typing.List[SqlValue]:
+    """Parameters as ``sqlite3`` takes them: a sequence for ``?`` placeholders, or a mapping for
+    named ones (``:id``, ``@id``, ``$id``; keys without the prefix)."""
     if isinstance(params, (str, bytes, bytearray)):
         raise TypeError("parameters are a sequence of values, e.g. (note_id,), not a single string")
     if isinstance(params, typing.Mapping):
-        raise TypeError("named parameters (a mapping) are not supported: pass a sequence for ? placeholders")
+        if db is None:
+            raise TypeError("named parameters (a mapping) are not taken here: pass a sequence")
+        values = []
+        for i, name in enumerate(_names(db, sql), 1):
+            if name is None:
+                raise TypeError(f"parameter {i} is a `?` placeholder: pass a sequence, not a mapping")
+            if name[1:] not in params:
+                raise TypeError(f"no value for the named parameter {name}")
+            values.append(sql_value(params[name[1:]]))
+        return values
     return [sql_value(p) for p in params]
 
 
-def _exec(self: typing.Union[Replica, WriteTransaction], sql: str, params: Params = ()) -> int:
-    """Runs one statement with a sequence of Python values as parameters; returns rows
-    changed."""
-    return self.execute(sql, _params(params))
+def _exec(self: typing.Union[Replica, WriteTransaction], sql: str, params: AnyParams = ()) -> int:
+    """Runs one statement with Python values as parameters (a sequence, or a mapping for named
+    parameters); returns rows changed."""
+    return self.execute(sql, _params(params, self, sql))
 
 
-def _select(self: typing.Union[Replica, WriteTransaction], sql: str, params: Params = ()) -> typing.List[Row]:
-    """Runs a query with a sequence of Python values as parameters; returns ``Row`` objects."""
-    return rows(self.query(sql, _params(params)))
+def _select(self: typing.Union[Replica, WriteTransaction], sql: str, params: AnyParams = ()) -> typing.List[Row]:
+    """Runs a query with Python values as parameters (a sequence, or a mapping for named
+    parameters); returns ``Row`` objects."""
+    return rows(self.query(sql, _params(params, self, sql)))
 
 
 def _select_as(
-    self: typing.Union[Replica, WriteTransaction], cls: typing.Callable[..., T], sql: str, params: Params = ()
+    self: typing.Union[Replica, WriteTransaction], cls: typing.Callable[..., T], sql: str, params: AnyParams = ()
 ) -> typing.List[T]:
     """Runs a query and builds ``cls(**row)`` per row (a dataclass whose fields are the
     result's columns, or any class taking them as keyword arguments)."""
@@ -163,7 +194,7 @@ def _select_as(
 
 def _exec_many(self: WriteTransaction, sql: str, rows_: typing.Iterable[Params]) -> int:
     """Runs ``sql`` once per parameter row, in one call across the FFI; returns rows changed."""
-    return self.execute_many(sql, [_params(r) for r in rows_])
+    return self.execute_many(sql, [_params(r, self, sql) for r in rows_])
 
 
 @contextlib.contextmanager
@@ -180,12 +211,12 @@ def _transaction(self: Replica) -> typing.Iterator[WriteTransaction]:
         tx.commit()
 
 
-async def _select_async(self: Replica, sql: str, params: Params = ()) -> typing.List[Row]:
+async def _select_async(self: Replica, sql: str, params: AnyParams = ()) -> typing.List[Row]:
     """``select`` on a worker thread: the event loop goes on while the query runs."""
     return await asyncio.to_thread(_select, self, sql, params)
 
 
-async def _exec_async(self: Replica, sql: str, params: Params = ()) -> int:
+async def _exec_async(self: Replica, sql: str, params: AnyParams = ()) -> int:
     """``exec`` on a worker thread."""
     return await asyncio.to_thread(_exec, self, sql, params)
 
@@ -264,7 +295,7 @@ async def _iterate(
         sub.cancel()
 
 
-def _watch_rows(self: Replica, sql: str, params: Params = ()) -> typing.AsyncIterator[typing.List[Row]]:
+def _watch_rows(self: Replica, sql: str, params: AnyParams = ()) -> typing.AsyncIterator[typing.List[Row]]:
     """The results of ``sql`` now and after every commit that changes them (latest only)."""
 
     class Listener(QueryListener):
@@ -274,7 +305,7 @@ def _watch_rows(self: Replica, sql: str, params: Params = ()) -> typing.AsyncIte
         def on_rows(self, rows_: QueryResult) -> None:
             self.put(rows(rows_))
 
-    return _iterate(lambda put: self.watch(sql, _params(params), Listener(put)), latest_only=True)
+    return _iterate(lambda put: self.watch(sql, _params(params, self, sql), Listener(put)), latest_only=True)
 
 
 def _changes(self: Replica) -> typing.AsyncIterator[ChangeEvent]:

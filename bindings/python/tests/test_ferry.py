@@ -256,13 +256,20 @@ def test_rows_have_names_and_map_into_dataclasses(open_replica) -> None:
     ]
     with a.transaction() as tx:
         assert tx.select_as(Note, "SELECT id, title, likes FROM notes WHERE id = ?", ("n2",)) == [Note("n2", None, 0)]
-    # Parameters are a sequence, as in sqlite3; a bare string or a mapping is refused clearly.
+    # Parameters as sqlite3 takes them: a sequence for `?`, a mapping for named ones.
     with pytest.raises(TypeError, match="sequence"):
         a.select("SELECT ?", "n1")
-    with pytest.raises(TypeError, match="named parameters"):
-        a.select("SELECT :id", {"id": "n1"})
+    assert a.select("SELECT title FROM notes WHERE id = :id AND likes >= @min", {"id": "n1", "min": 3}) == [("milk",)]
+    with a.transaction() as tx:
+        tx.exec("UPDATE notes SET title = :t WHERE id = $id", {"t": "oat milk", "id": "n1"})
+        tx.exec_many("UPDATE notes SET likes = likes + :d WHERE id = :id", [{"d": 0, "id": "n1"}, {"d": 0, "id": "n2"}])
+        assert tx.select("SELECT title FROM notes WHERE id = :id", {"id": "n1"}) == [("oat milk",)]
+    with pytest.raises(TypeError, match="no value for the named parameter :id"):
+        a.select("SELECT :id", {"other": 1})
+    with pytest.raises(TypeError, match="placeholder"):
+        a.select("SELECT ?", {"id": "n1"})
     # Counts and positions are plain ints (signed at the FFI).
-    assert isinstance(a.cursor(), int) and a.pending_count() == 2
+    assert isinstance(a.cursor(), int) and a.pending_count() == 3
 
     async def off_the_loop() -> None:
         assert await a.exec_async("UPDATE notes SET likes = likes + 1 WHERE id = ?", ("n1",)) == 1
