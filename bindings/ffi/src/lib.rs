@@ -15,6 +15,7 @@ mod error;
 mod listeners;
 mod logging;
 mod num;
+mod packed;
 mod replica;
 mod schema_json;
 mod subscription;

@@ -204,6 +204,20 @@ impl Replica {
             .into())
     }
 
+    /// `execute` with the parameters as one JSON array (the packed form, for hosts whose
+    /// marshalling of value lists is slow: Python's layer uses it).
+    pub fn execute_packed(&self, sql: String, params: String) -> Result<i64> {
+        Ok(self
+            .inner
+            .execute(&sql, &crate::packed::params(&params)?)?
+            .signed())
+    }
+
+    /// `query` with parameters and results in the packed JSON form.
+    pub fn query_packed(&self, sql: String, params: String) -> Result<String> {
+        crate::packed::rows(&self.inner.query(&sql, &crate::packed::params(&params)?)?)
+    }
+
     /// Opens a write transaction: everything written before `commit()` becomes one change set
     /// (all-or-nothing everywhere). The replica is locked until `commit()` or `rollback()`;
     /// the host layers' `write { }` helpers guarantee one of them.

@@ -36,6 +36,24 @@ impl WriteTransaction {
         Ok(self.inner.lock().parameter_names(&sql)?)
     }
 
+    /// `execute` with the parameters as one JSON array (the packed form).
+    pub fn execute_packed(&self, sql: String, params: String) -> Result<i64> {
+        let params = crate::packed::params(&params)?;
+        Ok(self.inner.lock().execute(&sql, &params)?.signed())
+    }
+
+    /// `execute_many` with the parameter rows as one JSON array of arrays (the packed form).
+    pub fn execute_many_packed(&self, sql: String, rows: String) -> Result<i64> {
+        let rows = crate::packed::param_rows(&rows)?;
+        Ok(self.inner.lock().execute_many(&sql, &rows)?.signed())
+    }
+
+    /// `query` with parameters and results in the packed JSON form.
+    pub fn query_packed(&self, sql: String, params: String) -> Result<String> {
+        let params = crate::packed::params(&params)?;
+        crate::packed::rows(&self.inner.lock().query(&sql, &params)?)
+    }
+
     /// Runs a query that sees this transaction's writes.
     pub fn query(&self, sql: String, params: Vec<SqlValue>) -> Result<QueryResult> {
         Ok(self

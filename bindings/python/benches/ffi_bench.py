@@ -2,13 +2,14 @@
 """What crossing the FFI costs: the same inserts and reads from Python through Ferry and
 through Python's own sqlite3 module, in the same run, as ratios.
 
-    scripts/bindings-build && scripts/test-python   # assembles target/bindings/python
-    PYTHONPATH=target/bindings/python python3 bindings/python/benches/ffi_bench.py [ROWS]
+    scripts/bindings-build && scripts/test-python   # installs the wheel into target/wheel-venv
+    target/wheel-venv/bin/python bindings/python/benches/ffi_bench.py [ROWS]
 
 Both sides use a file in a temporary folder, WAL mode, synchronous=NORMAL (Ferry's own
 settings), and insert ROWS rows of (ULID text key, folder, title, body, likes) in one
 transaction (one call per row, then one call for all rows: executemany / exec_many), then in
-transactions of 1 row for ROWS/10 rows, then read everything back.
+transactions of 1 row for ROWS/10 rows, then read everything back, then ROWS/10 point reads
+by key (one call each).
 Ferry's side also captures every write into its change log; that is part of what is measured.
 """
 
@@ -101,11 +102,24 @@ def main() -> None:
         def ferry_read() -> None:
             assert len(db.select("SELECT id, folder, title, body, likes FROM notes")) == total
 
+        keys_a = [r[0] for r in bulk_a[:small]]
+        keys_b = [r[0] for r in bulk_b[:small]]
+        point = "SELECT id, folder, title, body, likes FROM notes WHERE id = ?"
+
+        def plain_point() -> None:
+            for k in keys_a:
+                assert plain.execute(point, (k,)).fetchone() is not None
+
+        def ferry_point() -> None:
+            for k in keys_b:
+                assert db.select(point, (k,))
+
         results = [
             (f"{n} inserts, one transaction", plain_bulk, ferry_bulk, n),
             (f"{n} inserts, executemany / exec_many", plain_many, ferry_many, n),
             (f"{small} inserts, one transaction each", plain_each, ferry_each, small),
             (f"read {total} rows", plain_read, ferry_read, total),
+            (f"{small} point reads by key", plain_point, ferry_point, small),
         ]
         print(f"{'workload':40} {'sqlite3 (rows/s)':>18} {'ferry (rows/s)':>16} {'ratio':>7}")
         for name, p, f, count in results:

@@ -27,6 +27,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
+import math
 import logging
 import typing
 
@@ -151,11 +153,11 @@ def _names(db: typing.Union[Replica, WriteTransaction], sql: str) -> typing.List
     return names
 
 
-def _params(
-    params: AnyParams, db: typing.Optional[typing.Union[Replica, WriteTransaction]] = None, sql: str = ""
-) -> typing.List[SqlValue]:
-    """Parameters as ``sqlite3`` takes them: a sequence for ``?`` placeholders, or a mapping for
-    named ones (``:id``, ``@id``, ``$id``; keys without the prefix)."""
+def _positional(
+    params: AnyParams, db: typing.Optional[typing.Union[Replica, WriteTransaction]], sql: str
+) -> typing.Sequence[typing.Any]:
+    """Parameters as ``sqlite3`` takes them — a sequence for ``?`` placeholders, or a mapping
+    for named ones (``:id``, ``@id``, ``$id``; keys without the prefix) — in binding order."""
     if isinstance(params, (str, bytes, bytearray)):
         raise TypeError("parameters are a sequence of values, e.g. (note_id,), not a single string")
     if isinstance(params, typing.Mapping):
@@ -167,21 +169,73 @@ def _params(
                 raise TypeError(f"parameter {i} is a `?` placeholder: pass a sequence, not a mapping")
             if name[1:] not in params:
                 raise TypeError(f"no value for the named parameter {name}")
-            values.append(sql_value(params[name[1:]]))
+            values.append(params[name[1:]])
         return values
-    return [sql_value(p) for p in params]
+    return params
+
+
+def _params(
+    params: AnyParams, db: typing.Optional[typing.Union[Replica, WriteTransaction]] = None, sql: str = ""
+) -> typing.List[SqlValue]:
+    """The parameters as generated ``SqlValue`` records (see ``_positional``)."""
+    return [sql_value(p) for p in _positional(params, db, sql)]
+
+
+# The packed form (bindings/ffi/src/packed.rs): values cross the FFI as one JSON string each
+# way, written and read by the C-accelerated json module, instead of UniFFI's per-value
+# marshalling, which is pure Python.
+def _packed_default(v: typing.Any) -> typing.Any:
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return {"b": bytes(v).hex()}
+    if isinstance(v, (SqlValue.NULL, SqlValue.INTEGER, SqlValue.REAL, SqlValue.TEXT, SqlValue.BLOB)):
+        return py_value(v)
+    raise TypeError(f"no SQLite value for {type(v).__name__}")
+
+
+_packed_encode = json.JSONEncoder(default=_packed_default, allow_nan=False, separators=(",", ":")).encode
+
+
+def _special_float(v: typing.Any) -> typing.Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return {"f": "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")}
+    return v
+
+
+def _pack(values: typing.Any) -> str:
+    try:
+        return _packed_encode(values)
+    except ValueError:  # a non-finite float: JSON has none, so it is spelled out
+        if values and isinstance(values[0], (list, tuple)):
+            return _packed_encode([[_special_float(v) for v in r] for r in values])
+        return _packed_encode([_special_float(v) for v in values])
+
+
+def _unpack_value(v: typing.Any) -> typing.Any:
+    if isinstance(v, dict):
+        if "b" in v:
+            return bytes.fromhex(v["b"])
+        return float(v["f"])
+    return v
+
+
+def _unpack(packed: str) -> typing.List[Row]:
+    d = json.loads(packed)
+    cls = _row_class(d["c"])
+    if d["x"]:
+        return [cls(_unpack_value(v) for v in r) for r in d["r"]]
+    return [cls(r) for r in d["r"]]
 
 
 def _exec(self: typing.Union[Replica, WriteTransaction], sql: str, params: AnyParams = ()) -> int:
     """Runs one statement with Python values as parameters (a sequence, or a mapping for named
     parameters); returns rows changed."""
-    return self.execute(sql, _params(params, self, sql))
+    return self.execute_packed(sql, _pack(list(_positional(params, self, sql))))
 
 
 def _select(self: typing.Union[Replica, WriteTransaction], sql: str, params: AnyParams = ()) -> typing.List[Row]:
     """Runs a query with Python values as parameters (a sequence, or a mapping for named
     parameters); returns ``Row`` objects."""
-    return rows(self.query(sql, _params(params, self, sql)))
+    return _unpack(self.query_packed(sql, _pack(list(_positional(params, self, sql)))))
 
 
 def _select_as(
@@ -194,7 +248,7 @@ def _select_as(
 
 def _exec_many(self: WriteTransaction, sql: str, rows_: typing.Iterable[Params]) -> int:
     """Runs ``sql`` once per parameter row, in one call across the FFI; returns rows changed."""
-    return self.execute_many(sql, [_params(r, self, sql) for r in rows_])
+    return self.execute_many_packed(sql, _pack([list(_positional(r, self, sql)) for r in rows_]))
 
 
 @contextlib.contextmanager

@@ -268,6 +268,13 @@ def test_rows_have_names_and_map_into_dataclasses(open_replica) -> None:
         a.select("SELECT :id", {"other": 1})
     with pytest.raises(TypeError, match="placeholder"):
         a.select("SELECT ?", {"id": "n1"})
+    # Every value type crosses the packed form intact; an int beyond 64 bits is refused.
+    values = (None, -(2**63), 2**63 - 1, 0.1, float("inf"), float("-inf"), "ü \"q\"\n", b"\x00\xff", True)
+    got = a.select("SELECT " + ", ".join("?" * len(values)), values)[0]
+    assert tuple(got) == (None, -(2**63), 2**63 - 1, 0.1, float("inf"), float("-inf"), "ü \"q\"\n", b"\x00\xff", 1)
+    assert a.select("SELECT 2.0 AS f")[0].f == 2.0 and isinstance(a.select("SELECT 2.0 AS f")[0].f, float)
+    with pytest.raises(FerryError.InvalidInput, match="64-bit"):
+        a.select("SELECT ?", (2**64,))
     # Counts and positions are plain ints (signed at the FFI).
     assert isinstance(a.cursor(), int) and a.pending_count() == 3
 
