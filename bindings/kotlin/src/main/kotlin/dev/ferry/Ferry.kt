@@ -91,31 +91,25 @@ fun Replica.conflictFlow(): Flow<ConflictRecord> = callbackFlow {
     awaitClose { sub.cancel(); sub.close() }
 }.buffer(Channel.UNLIMITED)
 
-/** The sync status now and on every change; only the latest is kept for a slow collector. */
-fun SyncSession.statusFlow(): Flow<SyncStatus> = callbackFlow {
-    val listener = object : SyncStatusListener {
+/** Statuses from a registration ([observe] returns its subscription), conflated: the newest wins. */
+private fun statuses(observe: (SyncStatusListener) -> Subscription): Flow<SyncStatus> = callbackFlow {
+    val sub = observe(object : SyncStatusListener {
         override fun onStatus(status: SyncStatus) {
             trySend(status)
         }
-    }
-    val sub = observe(listener)
+    })
     awaitClose { sub.cancel(); sub.close() }
 }.conflate()
+
+/** The sync status now and on every change; only the latest is kept for a slow collector. */
+fun SyncSession.statusFlow(): Flow<SyncStatus> = statuses(::observe)
 
 /**
  * The replica's sync status now and on every change of any of its sessions — across
  * disconnects, reconnects and [Replica.disconnectAndClear] (conflated: the newest wins). What a
  * status bar collects.
  */
-fun Replica.syncStatusFlow(): Flow<SyncStatus> = callbackFlow {
-    val listener = object : SyncStatusListener {
-        override fun onStatus(status: SyncStatus) {
-            trySend(status)
-        }
-    }
-    val sub = observeSyncStatus(listener)
-    awaitClose { sub.cancel(); sub.close() }
-}.conflate()
+fun Replica.syncStatusFlow(): Flow<SyncStatus> = statuses(::observeSyncStatus)
 
 /** Suspends until the replica has synced completely once ([SyncStatus.hasSynced]), in any session. */
 suspend fun Replica.waitForFirstSync() {
