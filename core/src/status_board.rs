@@ -1,19 +1,24 @@
-//! The replica's sync status as one stream, whichever session produces it.
+//! Status observers: one board per session and one per replica.
 //!
 //! A session's status ([`crate::SyncHandle::observe`]) ends with the session: an app that
 //! disconnects on logout and connects again, or a screen that outlives a session, would have
-//! to find the new handle and observe it again. The board keeps the last status any session of
-//! this replica published and forwards each new one to the replica's own observers
+//! to find the new handle and observe it again. So each session publishes to its own board and
+//! to the replica's: the replica's board keeps the last status any session of this replica
+//! published and forwards each new one to the replica's observers
 //! ([`crate::Replica::observe_status`]), so a status bar observes the database once. With no
 //! session yet it answers from the file (cursor, pending writes, when it last synced).
+//!
+//! Both kinds of observer need the same guarantee — registering and being handed the current
+//! status is one step against publishing, so no observer misses a change or sees one twice —
+//! which is why this is one type.
 
 use crate::transport::{StatusObserver, StatusSubscription, SyncStatus};
 use parking_lot::{Mutex, ReentrantMutex};
 use std::sync::Arc;
 
-type ObserverList = Vec<(u64, Arc<dyn StatusObserver>)>;
+pub(crate) type ObserverList = Vec<(u64, Arc<dyn StatusObserver>)>;
 
-/// The last published status and the replica's status observers.
+/// The last published status and the observers it is delivered to.
 #[derive(Default)]
 pub(crate) struct StatusBoard {
     last: Mutex<Option<SyncStatus>>,
@@ -40,33 +45,39 @@ impl StatusBoard {
         }
     }
 
-    /// The last status a session published, if any did since the replica was opened or
-    /// cleared.
+    /// The last status published since the board was made or restarted, if any.
     pub(crate) fn last(&self) -> Option<SyncStatus> {
         self.last.lock().clone()
     }
 
-    /// Forgets the last status (the replica was cleared) and publishes `now`.
+    /// Publishes `now` (the replica was cleared) and forgets it: until a session publishes
+    /// again, the current status is read from the file.
     pub(crate) fn restart(&self, now: &SyncStatus) {
+        let _delivering = self.delivery.lock();
         self.publish(now);
         *self.last.lock() = None;
     }
 
-    /// Registers `observer` and gives it `now()` (the current status) as one step against
-    /// [`StatusBoard::publish`].
-    pub(crate) fn observe(
+    /// Registers `observer` and gives it the current status — the last published, or else
+    /// `resting()` — as one step against [`StatusBoard::publish`]. Nothing is registered
+    /// when `resting` fails.
+    pub(crate) fn observe<E>(
         &self,
         observer: Arc<dyn StatusObserver>,
-        now: impl FnOnce() -> SyncStatus,
-    ) -> StatusSubscription {
+        resting: impl FnOnce() -> Result<SyncStatus, E>,
+    ) -> Result<StatusSubscription, E> {
         let _delivering = self.delivery.lock();
+        let now = match self.last() {
+            Some(s) => s,
+            None => resting()?,
+        };
         let id = {
             let mut n = self.next.lock();
             *n += 1;
             *n
         };
         self.observers.lock().push((id, Arc::clone(&observer)));
-        observer.on_status(&now());
-        StatusSubscription::new(Arc::downgrade(&self.observers), id)
+        observer.on_status(&now);
+        Ok(StatusSubscription::new(Arc::downgrade(&self.observers), id))
     }
 }

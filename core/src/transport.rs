@@ -33,10 +33,11 @@ use crate::protocol::{
 };
 use crate::replica::Replica;
 use crate::socket::{self, Outbox, Ws};
+use crate::status_board::{ObserverList, StatusBoard};
 use crate::sync::{Phase, RefusedPush, RemoteChecksum, SnapshotProgress, SyncClient};
 use crate::transaction::Transaction;
 use futures_util::StreamExt;
-use parking_lot::{Condvar, Mutex, ReentrantMutex};
+use parking_lot::{Condvar, Mutex};
 use rand::RngExt;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -382,22 +383,17 @@ pub fn runtime() -> Result<&'static tokio::runtime::Runtime> {
     .map_err(|e| Error::Transport(format!("cannot start Ferry's runtime: {e}")))
 }
 
-type ObserverList = Vec<(u64, Arc<dyn StatusObserver>)>;
-type Observers = Arc<Mutex<ObserverList>>;
-
 /// A running sync loop. Dropping it disconnects.
 pub struct SyncHandle {
     replica: Arc<Replica>,
     cmd: mpsc::UnboundedSender<Command>,
     /// `sync_now` requests made so far (see [`SyncStatus::answered`]).
     requests: Arc<AtomicU64>,
+    /// The session's status for waiting on it ([`SyncHandle::sync_now`] and friends).
     status: watch::Receiver<SyncStatus>,
-    observers: Observers,
-    next_observer: Mutex<u64>,
+    /// The session's status observers ([`SyncHandle::observe`]).
+    board: Arc<StatusBoard>,
     finished: Arc<Finished>,
-    /// Held while a status is published and while a new observer is given the current one,
-    /// so an observer added during a change sees it (reentrant: an observer may observe).
-    delivery: Arc<ReentrantMutex<()>>,
 }
 
 /// How long [`SyncHandle::disconnect`] waits for the sync task to end.
@@ -481,8 +477,8 @@ impl Replica {
     /// gets the current status at once and every change of any session of this replica
     /// after, until the subscription is dropped.
     pub fn observe_status(&self, observer: Arc<dyn StatusObserver>) -> Result<StatusSubscription> {
-        let now = self.sync_status()?;
-        Ok(self.board.observe(observer, || now))
+        self.board
+            .observe(observer, || self.resting_status(ConnState::Stopped))
     }
 
     /// A status as the file tells it, in `state`.
@@ -525,9 +521,9 @@ impl Replica {
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let initial = self.resting_status(ConnState::Connecting)?;
         self.board.publish(&initial);
+        let board = Arc::new(StatusBoard::default());
+        board.publish(&initial);
         let (status_tx, status_rx) = watch::channel(initial);
-        let observers: Observers = Arc::new(Mutex::new(Vec::new()));
-        let delivery = Arc::new(ReentrantMutex::new(()));
         let wake = Arc::new(tokio::sync::Notify::new());
         let requests = Arc::new(AtomicU64::new(0));
         let sub = self.subscribe(Arc::new(LocalWrites(Arc::clone(&wake))));
@@ -540,8 +536,7 @@ impl Replica {
             opts,
             cmd: cmd_rx,
             status: status_tx,
-            observers: Arc::clone(&observers),
-            delivery: Arc::clone(&delivery),
+            board: Arc::clone(&board),
             wake,
             requests: Arc::clone(&requests),
             paused: false,
@@ -561,9 +556,7 @@ impl Replica {
             cmd: cmd_tx,
             requests,
             status: status_rx,
-            observers,
-            next_observer: Mutex::new(0),
-            delivery,
+            board,
             finished,
         })
     }
@@ -666,21 +659,14 @@ impl SyncHandle {
     /// Calls `observer` with the current status now and on every change until the returned
     /// handle is dropped.
     pub fn observe(&self, observer: Arc<dyn StatusObserver>) -> StatusSubscription {
-        // Registered and given the current status as one step against `publish`: otherwise
-        // a change published between the two is never seen (the observer would wait for the
-        // next one, forever when the loop is paused).
-        let _delivering = self.delivery.lock();
-        let id = {
-            let mut n = self.next_observer.lock();
-            *n += 1;
-            *n
-        };
-        self.observers.lock().push((id, Arc::clone(&observer)));
-        let now = self.status.borrow().clone();
-        observer.on_status(&now);
-        StatusSubscription {
-            observers: Arc::downgrade(&self.observers),
-            id,
+        // Registered and given the current status as one step against publishing (see
+        // `status_board`): otherwise a change published between the two is never seen (the
+        // observer would wait for the next one, forever when the loop is paused). The board
+        // holds the session's status from the start, so the fallback is never used.
+        let now = || Ok::<_, std::convert::Infallible>(self.status.borrow().clone());
+        match self.board.observe(observer, now) {
+            Ok(sub) => sub,
+            Err(never) => match never {},
         }
     }
 
@@ -1050,9 +1036,8 @@ struct SyncTask {
     tls: Arc<rustls::ClientConfig>,
     cmd: mpsc::UnboundedReceiver<Command>,
     status: watch::Sender<SyncStatus>,
-    observers: Observers,
-    /// See [`SyncHandle`]'s field of the same name.
-    delivery: Arc<ReentrantMutex<()>>,
+    /// The session's status observers (shared with the handle).
+    board: Arc<StatusBoard>,
     wake: Arc<tokio::sync::Notify>,
     /// `sync_now` requests made so far, shared with the handle.
     requests: Arc<AtomicU64>,
@@ -1092,26 +1077,20 @@ impl SyncTask {
         send(out, &ClientMsg::Ping { nonce: *nonce })
     }
 
+    /// Changes the status with `f` and, if that changed it, tells the session's waiters and
+    /// observers, then the replica's.
     fn publish(&self, f: impl FnOnce(&mut SyncStatus)) {
-        let _delivering = self.delivery.lock();
-        let mut changed = false;
+        let mut changed = None;
         self.status.send_if_modified(|s| {
             let before = s.clone();
             f(s);
-            changed = *s != before;
-            changed
-        });
-        if changed {
-            let s = self.status.borrow().clone();
-            let obs: Vec<Arc<dyn StatusObserver>> = self
-                .observers
-                .lock()
-                .iter()
-                .map(|(_, o)| Arc::clone(o))
-                .collect();
-            for o in obs {
-                o.on_status(&s);
+            if *s != before {
+                changed = Some(s.clone());
             }
+            changed.is_some()
+        });
+        if let Some(s) = changed {
+            self.board.publish(&s);
             self.replica.board.publish(&s);
         }
     }
@@ -1254,7 +1233,14 @@ impl SyncTask {
                         && !matches!(code, ErrorCode::OriginReused | ErrorCode::IdentityMismatch)
                     {
                         out.close().await;
-                        return SessionEnd::Failed(SyncError { code: Some(*code), message: message.clone() });
+                        let err = SyncError { code: Some(*code), message: message.clone() };
+                        if client.in_flight_bytes() > 0 {
+                            // The relay gave up while pushes waited for its answer (a store
+                            // that is full or read-only refuses them so): uploads are what
+                            // failed. Cleared when pushes are acknowledged again.
+                            self.publish(|s| s.upload_error = Some(err.clone()));
+                        }
+                        return SessionEnd::Failed(err);
                     }
                     let was_handshake = client.phase() == Phase::Handshake;
                     let acks = match &msg { ServerMsg::Acks { acks } => acks.len() as u64, _ => 0 };

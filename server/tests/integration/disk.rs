@@ -83,11 +83,15 @@ fn relay_disk_full_refuses_cleanly_and_recovers() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let err = loop {
         let st = hw.status();
+        // Reported as an upload error (what a status bar shows), not only as the last error;
+        // downloads are not failing.
         if let Some(e) = st
-            .last_error
+            .upload_error
             .as_ref()
             .filter(|e| e.message.contains("storage"))
         {
+            assert_eq!(st.last_error.as_ref(), Some(e), "{st:?}");
+            assert!(st.download_error.is_none(), "{st:?}");
             break e.message.clone();
         }
         assert!(
@@ -110,6 +114,11 @@ fn relay_disk_full_refuses_cleanly_and_recovers() {
     data.remount("size=64m");
     wait_synced(&hw);
     wait_synced(&hr);
+    let st = hw.status();
+    assert!(
+        st.upload_error.is_none(),
+        "cleared once pushes are taken again: {st:?}"
+    );
     assert_eq!(count(&reader, "SELECT count(*) FROM note"), 60);
     assert_eq!(reader.dump().unwrap(), writer.dump().unwrap());
     check_log(&relay);
