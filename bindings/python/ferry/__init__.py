@@ -27,12 +27,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import json
 import math
 import logging
 import typing
 
 from .ferry_ffi import *  # noqa: F401,F403  (the generated API is the public API)
+from . import _direct
 from .ferry_ffi import (
     ChangeListener,
     ConflictInput,
@@ -100,10 +102,12 @@ class Row(tuple):  # type: ignore[type-arg]
         return "Row(" + ", ".join(f"{k}={v!r}" for k, v in zip(self._names, self)) + ")"
 
 
-def _row_class(columns: typing.Sequence[str]) -> typing.Type[Row]:
-    """A Row subclass that knows these column names (one per result, shared by its rows)."""
-    names = tuple(columns)
-    return type("Row", (Row,), {"__slots__": (), "_index": {n: i for i, n in enumerate(names)}, "_names": names})
+@functools.lru_cache(maxsize=256)
+def _row_class(names: typing.Tuple[str, ...]) -> typing.Type[Row]:
+    """A Row subclass that knows these column names, shared by every result with the same
+    columns (a few hundred kept: making a class costs more than a point read)."""
+    index = {n: i for i, n in enumerate(names)}
+    return type("Row", (Row,), {"__slots__": (), "_index": index, "_names": names})
 
 
 def sql_value(v: typing.Union[Py, SqlValue]) -> SqlValue:
@@ -134,7 +138,7 @@ def py_value(v: SqlValue) -> Py:
 
 def rows(result: QueryResult) -> typing.List[Row]:
     """Query results as ``Row`` objects (tuples of Python values with column names)."""
-    cls = _row_class(result.columns)
+    cls = _row_class(tuple(result.columns))
     return [cls(py_value(v) for v in row) for row in result.rows]
 
 
@@ -220,7 +224,7 @@ def _unpack_value(v: typing.Any) -> typing.Any:
 
 def _unpack(packed: str) -> typing.List[Row]:
     d = json.loads(packed)
-    cls = _row_class(d["c"])
+    cls = _row_class(tuple(d["c"]))
     if d["x"]:
         return [cls(_unpack_value(v) for v in r) for r in d["r"]]
     return [cls(r) for r in d["r"]]
@@ -229,13 +233,13 @@ def _unpack(packed: str) -> typing.List[Row]:
 def _exec(self: typing.Union[Replica, WriteTransaction], sql: str, params: AnyParams = ()) -> int:
     """Runs one statement with Python values as parameters (a sequence, or a mapping for named
     parameters); returns rows changed."""
-    return self.execute_packed(sql, _pack(list(_positional(params, self, sql))))
+    return _direct.execute_packed(self, sql, _pack(list(_positional(params, self, sql))))
 
 
 def _select(self: typing.Union[Replica, WriteTransaction], sql: str, params: AnyParams = ()) -> typing.List[Row]:
     """Runs a query with Python values as parameters (a sequence, or a mapping for named
     parameters); returns ``Row`` objects."""
-    return _unpack(self.query_packed(sql, _pack(list(_positional(params, self, sql)))))
+    return _unpack(_direct.query_packed(self, sql, _pack(list(_positional(params, self, sql)))))
 
 
 def _select_as(

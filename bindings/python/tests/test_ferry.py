@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import pathlib
+import random
 import typing
 
 import pytest
@@ -288,6 +289,37 @@ def test_rows_have_names_and_map_into_dataclasses(open_replica) -> None:
         assert [(r.id, r.likes) for r in got] == [("n1", 4), ("n2", 0), ("n3", 0)]
 
     asyncio.run(off_the_loop())
+
+
+def test_the_direct_call_path_answers_as_the_generated_methods(open_replica) -> None:
+    # select/exec call the library's scaffolding directly (ferry/_direct.py): same answers,
+    # same typed errors, on a replica and in a transaction, for many calls and large texts.
+    from ferry import _direct
+
+    a = open_replica("a.db")
+    rng = random.Random(7)
+    big = "€" * 200_000
+    with a.transaction() as tx:
+        for i in range(500):
+            title = "".join(rng.choice("aü€\"\n\\ ") for _ in range(rng.randrange(0, 40)))
+            params = ferry._pack([f"d{i}", title, i])
+            sql = "INSERT INTO notes(id, folder, title, likes) VALUES (?, 'home', ?, ?)"
+            assert _direct.execute_packed(tx, sql, params) == 1
+            query = "SELECT id, title, likes FROM notes WHERE id = ?"
+            assert _direct.query_packed(tx, query, ferry._pack([f"d{i}"])) == tx.query_packed(query, ferry._pack([f"d{i}"]))
+        with pytest.raises(FerryError.InvalidInput):
+            _direct.query_packed(tx, "SELEC nonsense", "[]")
+        with pytest.raises(FerryError.InvalidInput):
+            _direct.execute_packed(tx, "INSERT INTO notes(id) VALUES (?)", "[1, 2")
+        assert tx.exec("UPDATE notes SET body = ? WHERE id = 'd1'", (big,)) == 1
+    for _ in range(2_000):
+        k = f"d{rng.randrange(500)}"
+        query = "SELECT id, title, likes, body FROM notes WHERE id = ?"
+        assert _direct.query_packed(a, query, ferry._pack([k])) == a.query_packed(query, ferry._pack([k]))
+    assert a.select("SELECT body FROM notes WHERE id = 'd1'") == [(big,)]
+    with pytest.raises(FerryError.ReadOnlyTable):
+        _direct.execute_packed(a, "INSERT INTO announcements(id, text) VALUES ('1', 'hi')", "[]")
+    assert a.select("SELECT count(*) FROM notes") == [(500,)]
 
 
 def test_ferrys_log_records_reach_the_app(open_replica, caplog: pytest.LogCaptureFixture) -> None:

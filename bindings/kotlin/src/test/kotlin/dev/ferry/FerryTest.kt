@@ -39,6 +39,11 @@ class FerryTest {
 
     private fun open(name: String) = Replica.open(File(dir, name).path, notesSchema())
 
+    /** Two replicas of the notes schema (`a.db`, `b.db`), closed after [block]. */
+    private inline fun twoReplicas(block: (Replica, Replica) -> Unit) {
+        open("a.db").use { a -> open("b.db").use { b -> block(a, b) } }
+    }
+
     private fun Replica.sync(sub: String, write: String = "*"): SyncSession {
         val token = relay.token(sub, write = write)
         return connect(relay.url, SyncOptions(backoffMinMs = 50, backoffMaxMs = 500)) { token }
@@ -48,6 +53,20 @@ class FerryTest {
     private suspend fun SyncSession.pauseNow() {
         pause()
         withTimeout(20_000) { statusFlow().first { it.state == ConnState.PAUSED } }
+    }
+
+    /**
+     * Connects [a] as alice and [b] as bob, writes one row through [a] with [insert] (bound to
+     * [id]), waits until both hold it, then pauses both: the start of an offline race.
+     */
+    private suspend fun sharedThenOffline(a: Replica, b: Replica, insert: String, id: String): Pair<SyncSession, SyncSession> {
+        val sa = a.sync("alice")
+        val sb = b.sync("bob")
+        a.exec(insert, id)
+        withTimeout(20_000) { sa.syncNow() }
+        withTimeout(20_000) { sb.syncNow() }
+        sa.pauseNow(); sb.pauseNow()
+        return sa to sb
     }
 
     private inline fun <reified E : Throwable> assertThrows(block: () -> Unit): E {
@@ -63,127 +82,109 @@ class FerryTest {
 
     @Test
     fun aWriteInOneReplicaAppearsInTheOthersWatch() = runBlocking<Unit> {
-        open("a.db").use { a ->
-            open("b.db").use { b ->
-                val sa = a.sync("alice")
-                val sb = b.sync("bob")
-                val id = newId()
-                a.write { tx ->
-                    tx.exec("INSERT INTO notes(id, folder, title) VALUES (?, 'home', ?)", id, "milk")
-                    assertEquals(listOf(listOf<Any?>(1L)), tx.select("SELECT count(*) FROM notes"))
-                }
-                withTimeout(20_000) { sa.syncNow() }
-                val seen = withTimeout(20_000) {
-                    b.watchFlow("SELECT id, title FROM notes").first { it.rows.isNotEmpty() }
-                }
-                assertEquals(listOf(listOf<Any?>(id, "milk")), seen.values())
-                withTimeout(20_000) { sb.syncNow() }
-                assertTrue(withTimeout(20_000) { sb.verify() }.matches)
-                assertEquals(a.checksum(), b.checksum())
-                // A complete sync is recorded, in the status and in the file.
-                val st = sb.status()
-                assertTrue(st.hasSynced)
-                assertNotNull(st.lastSyncedAtMs)
-                assertNotNull(b.lastSyncedAtMs())
-                assertEquals(st.snapshotTotalRows, st.snapshotRows)
-                sa.close(); sb.close()
+        twoReplicas { a, b ->
+            val sa = a.sync("alice")
+            val sb = b.sync("bob")
+            val id = newId()
+            a.write { tx ->
+                tx.exec("INSERT INTO notes(id, folder, title) VALUES (?, 'home', ?)", id, "milk")
+                assertEquals(listOf(listOf<Any?>(1L)), tx.select("SELECT count(*) FROM notes"))
             }
+            withTimeout(20_000) { sa.syncNow() }
+            val seen = withTimeout(20_000) {
+                b.watchFlow("SELECT id, title FROM notes").first { it.rows.isNotEmpty() }
+            }
+            assertEquals(listOf(listOf<Any?>(id, "milk")), seen.values())
+            withTimeout(20_000) { sb.syncNow() }
+            assertTrue(withTimeout(20_000) { sb.verify() }.matches)
+            assertEquals(a.checksum(), b.checksum())
+            // A complete sync is recorded, in the status and in the file.
+            val st = sb.status()
+            assertTrue(st.hasSynced)
+            assertNotNull(st.lastSyncedAtMs)
+            assertNotNull(b.lastSyncedAtMs())
+            assertEquals(st.snapshotTotalRows, st.snapshotRows)
+            sa.close(); sb.close()
         }
     }
 
     @Test
     fun subscriptionsBackFillAndEvictScopes() = runBlocking<Unit> {
-        open("a.db").use { a ->
-            open("b.db").use { b ->
-                val sa = a.sync("alice")
-                for (folder in listOf("home", "work")) {
-                    for (i in 0 until 10) {
-                        a.exec("INSERT INTO notes(id, folder, title) VALUES (?, ?, 't')", "$folder$i", folder)
-                    }
+        twoReplicas { a, b ->
+            val sa = a.sync("alice")
+            for (folder in listOf("home", "work")) {
+                for (i in 0 until 10) {
+                    a.exec("INSERT INTO notes(id, folder, title) VALUES (?, ?, 't')", "$folder$i", folder)
                 }
-                withTimeout(20_000) { sa.syncNow() }
-                b.setSubscriptions(listOf("work"))
-                val sb = b.sync("bob")
-                withTimeout(20_000) { sb.waitForFirstSync("work", 20_000) }
-                assertFalse(sb.hasSynced("home"))
-                assertEquals(listOf(listOf<Any?>(10L)), b.select("SELECT count(*) FROM notes"))
-                sb.subscribe("home")
-                withTimeout(20_000) { sb.waitForFirstSync("home", 20_000) }
-                assertEquals(listOf(listOf<Any?>(20L)), b.select("SELECT count(*) FROM notes"))
-                sb.unsubscribe("work")
-                withTimeout(20_000) {
-                    while (b.evictions(10).isEmpty()) delay(20)
-                }
-                val ev = b.evictions(10).single()
-                assertEquals("work", ev.scope)
-                assertEquals(10L, ev.rows)
-                assertTrue(withTimeout(20_000) { sb.verify() }.matches)
-                sa.close(); sb.close()
             }
+            withTimeout(20_000) { sa.syncNow() }
+            b.setSubscriptions(listOf("work"))
+            val sb = b.sync("bob")
+            withTimeout(20_000) { sb.waitForFirstSync("work", 20_000) }
+            assertFalse(sb.hasSynced("home"))
+            assertEquals(listOf(listOf<Any?>(10L)), b.select("SELECT count(*) FROM notes"))
+            sb.subscribe("home")
+            withTimeout(20_000) { sb.waitForFirstSync("home", 20_000) }
+            assertEquals(listOf(listOf<Any?>(20L)), b.select("SELECT count(*) FROM notes"))
+            sb.unsubscribe("work")
+            withTimeout(20_000) {
+                while (b.evictions(10).isEmpty()) delay(20)
+            }
+            val ev = b.evictions(10).single()
+            assertEquals("work", ev.scope)
+            assertEquals(10L, ev.rows)
+            assertTrue(withTimeout(20_000) { sb.verify() }.matches)
+            sa.close(); sb.close()
         }
     }
 
     @Test
     fun aResolverWrittenInKotlinDecidesARealConflict() = runBlocking<Unit> {
-        open("a.db").use { a ->
-            open("b.db").use { b ->
-                val calls = Collections.synchronizedList(mutableListOf<ConflictInput>())
-                b.setResolver("notes") { c ->
-                    calls.add(c)
-                    Resolution.Value(sqlValue("${c.local.toKotlin()} & ${c.remote.toKotlin()}"))
-                }
-                val seen = async { withTimeout(20_000) { b.conflictFlow().first() } }
-                val sa = a.sync("alice")
-                val sb = b.sync("bob")
-                val id = newId()
-                a.exec("INSERT INTO notes(id, folder, title, body) VALUES (?, 'home', 't', 'draft')", id)
-                withTimeout(20_000) { sa.syncNow() }
-                withTimeout(20_000) { sb.syncNow() }
-                sa.pauseNow(); sb.pauseNow()
-                a.exec("UPDATE notes SET body = 'from a' WHERE id = ?", id)
-                b.exec("UPDATE notes SET body = 'from b' WHERE id = ?", id)
-                sa.resume(); withTimeout(20_000) { sa.syncNow() }
-                // b's edit is still pending when a's arrives: b's resolver decides.
-                sb.resume(); withTimeout(20_000) { sb.syncNow() }
-                withTimeout(20_000) { sb.syncNow() }
-                withTimeout(20_000) { sa.syncNow() }
-                assertEquals(1, calls.size)
-                assertEquals(sqlValue("from b"), calls[0].local)
-                assertEquals(sqlValue("from a"), calls[0].remote)
-                val expected = listOf(listOf<Any?>("from b & from a"))
-                assertEquals(expected, b.select("SELECT body FROM notes WHERE id = ?", id))
-                assertEquals(expected, a.select("SELECT body FROM notes WHERE id = ?", id))
-                val logged = b.conflicts().single()
-                assertEquals("custom", logged.policy)
-                assertEquals(logged.id, seen.await().id)
-                assertTrue(logged.resolution!!.contains("from b & from a"))
-                sa.close(); sb.close()
+        twoReplicas { a, b ->
+            val calls = Collections.synchronizedList(mutableListOf<ConflictInput>())
+            b.setResolver("notes") { c ->
+                calls.add(c)
+                Resolution.Value(sqlValue("${c.local.toKotlin()} & ${c.remote.toKotlin()}"))
             }
+            val seen = async { withTimeout(20_000) { b.conflictFlow().first() } }
+            val id = newId()
+            val (sa, sb) = sharedThenOffline(a, b, "INSERT INTO notes(id, folder, title, body) VALUES (?, 'home', 't', 'draft')", id)
+            a.exec("UPDATE notes SET body = 'from a' WHERE id = ?", id)
+            b.exec("UPDATE notes SET body = 'from b' WHERE id = ?", id)
+            sa.resume(); withTimeout(20_000) { sa.syncNow() }
+            // b's edit is still pending when a's arrives: b's resolver decides.
+            sb.resume(); withTimeout(20_000) { sb.syncNow() }
+            withTimeout(20_000) { sb.syncNow() }
+            withTimeout(20_000) { sa.syncNow() }
+            assertEquals(1, calls.size)
+            assertEquals(sqlValue("from b"), calls[0].local)
+            assertEquals(sqlValue("from a"), calls[0].remote)
+            val expected = listOf(listOf<Any?>("from b & from a"))
+            assertEquals(expected, b.select("SELECT body FROM notes WHERE id = ?", id))
+            assertEquals(expected, a.select("SELECT body FROM notes WHERE id = ?", id))
+            val logged = b.conflicts().single()
+            assertEquals("custom", logged.policy)
+            assertEquals(logged.id, seen.await().id)
+            assertTrue(logged.resolution!!.contains("from b & from a"))
+            sa.close(); sb.close()
         }
     }
 
     @Test
     fun countersFromTwoReplicasAddUp() = runBlocking<Unit> {
-        open("a.db").use { a ->
-            open("b.db").use { b ->
-                val sa = a.sync("alice")
-                val sb = b.sync("bob")
-                val id = newId()
-                a.exec("INSERT INTO notes(id, folder, likes) VALUES (?, 'home', 0)", id)
-                withTimeout(20_000) { sa.syncNow() }
-                withTimeout(20_000) { sb.syncNow() }
-                sa.pauseNow(); sb.pauseNow()
-                repeat(3) { a.exec("UPDATE notes SET likes = likes + 1 WHERE id = ?", id) }
-                repeat(4) { b.exec("UPDATE notes SET likes = likes + 1 WHERE id = ?", id) }
-                sa.resume(); sb.resume()
-                withTimeout(20_000) { sa.syncNow() }
-                withTimeout(20_000) { sb.syncNow() }
-                withTimeout(20_000) { sa.syncNow() }
-                for (r in listOf(a, b)) {
-                    assertEquals(listOf(listOf<Any?>(7L)), r.select("SELECT likes FROM notes WHERE id = ?", id))
-                }
-                sa.close(); sb.close()
+        twoReplicas { a, b ->
+            val id = newId()
+            val (sa, sb) = sharedThenOffline(a, b, "INSERT INTO notes(id, folder, likes) VALUES (?, 'home', 0)", id)
+            repeat(3) { a.exec("UPDATE notes SET likes = likes + 1 WHERE id = ?", id) }
+            repeat(4) { b.exec("UPDATE notes SET likes = likes + 1 WHERE id = ?", id) }
+            sa.resume(); sb.resume()
+            withTimeout(20_000) { sa.syncNow() }
+            withTimeout(20_000) { sb.syncNow() }
+            withTimeout(20_000) { sa.syncNow() }
+            for (r in listOf(a, b)) {
+                assertEquals(listOf(listOf<Any?>(7L)), r.select("SELECT likes FROM notes WHERE id = ?", id))
             }
+            sa.close(); sb.close()
         }
     }
 
@@ -327,118 +328,112 @@ class FerryTest {
 
     @Test
     fun logoutClearsAndResyncDownloadsAgain() = runBlocking<Unit> {
-        open("a.db").use { a ->
-            open("b.db").use { b ->
-                val sa = a.sync("alice")
-                var sb = b.sync("bob")
-                a.exec("INSERT INTO notes(id, folder, title) VALUES ('1', 'home', 'milk')")
-                withTimeout(20_000) { sa.syncNow(); sb.syncNow() }
-                val sources = Collections.synchronizedList(mutableListOf<ChangeSource>())
-                val sub = b.subscribe(object : ChangeListener {
-                    override fun onChange(event: ChangeEvent) { sources.add(event.source) }
-                    override fun onConflict(conflict: ConflictRecord) {}
-                })
-                b.resync()
-                assertEquals(listOf(ChangeSource.CLEARED), sources.toList())
-                sub.cancel()
-                assertEquals(0L, b.query("SELECT count(*) AS n FROM notes") { it.getLong("n") }.single())
-                sb = b.sync("bob")
-                withTimeout(20_000) { sb.syncNow() }
-                assertEquals(listOf("milk"), b.query("SELECT title FROM notes") { it.getString("title") })
-                assertTrue(withTimeout(20_000) { sb.verify() }.matches)
-                val before = b.replicaId()
-                b.disconnectAndClear()
-                assertEquals(0L, b.query("SELECT count(*) AS n FROM notes") { it.getLong("n") }.single())
-                assertTrue(before != b.replicaId())
-                assertNull(b.lastSyncedAtMs())
-                sa.disconnect()
-            }
+        twoReplicas { a, b ->
+            val sa = a.sync("alice")
+            var sb = b.sync("bob")
+            a.exec("INSERT INTO notes(id, folder, title) VALUES ('1', 'home', 'milk')")
+            withTimeout(20_000) { sa.syncNow(); sb.syncNow() }
+            val sources = Collections.synchronizedList(mutableListOf<ChangeSource>())
+            val sub = b.subscribe(object : ChangeListener {
+                override fun onChange(event: ChangeEvent) { sources.add(event.source) }
+                override fun onConflict(conflict: ConflictRecord) {}
+            })
+            b.resync()
+            assertEquals(listOf(ChangeSource.CLEARED), sources.toList())
+            sub.cancel()
+            assertEquals(0L, b.query("SELECT count(*) AS n FROM notes") { it.getLong("n") }.single())
+            sb = b.sync("bob")
+            withTimeout(20_000) { sb.syncNow() }
+            assertEquals(listOf("milk"), b.query("SELECT title FROM notes") { it.getString("title") })
+            assertTrue(withTimeout(20_000) { sb.verify() }.matches)
+            val before = b.replicaId()
+            b.disconnectAndClear()
+            assertEquals(0L, b.query("SELECT count(*) AS n FROM notes") { it.getLong("n") }.single())
+            assertTrue(before != b.replicaId())
+            assertNull(b.lastSyncedAtMs())
+            sa.disconnect()
         }
     }
 
     @Test
     fun checkedWritesAndLeasesCrossTheFfi() = runBlocking<Unit> {
-        open("a.db").use { a ->
-            open("b.db").use { b ->
-                val sa = a.sync("a")
-                val sb = b.sync("b")
-                a.exec("INSERT INTO seats(id, taken_by) VALUES ('12A', NULL)")
-                withTimeout(20_000) { sa.syncNow(); sb.syncNow() }
-                // Both book the same seat; b is offline, a's booking reaches the relay first.
-                sb.pauseNow()
-                var tx = b.beginWrite()
-                tx.exec("UPDATE seats SET taken_by = 'b' WHERE id = '12A'")
-                val late = requireNotNull(tx.commitChange())
-                tx = a.beginWrite()
-                tx.exec("UPDATE seats SET taken_by = 'a' WHERE id = '12A'")
-                assertTrue(withTimeout(20_000) { sa.commitChecked(tx) } > 0)
-                sb.resume()
-                val lost = assertThrows<FerryException.ConflictRejected> {
-                    runBlocking { withTimeout(20_000) { sb.verdict(late) } }
-                }
-                assertEquals("conflict", lost.code)
-                withTimeout(20_000) { sb.syncNow() }
-                assertEquals(listOf("a"), b.query("SELECT taken_by FROM seats") { it.getString("taken_by") })
-                assertTrue(b.conflicts().any { it.rejected && it.table == "seats" })
-                // Offline or online, the loss is counted once.
-                assertEquals(1L, sb.status().rolledBack)
-
-                // Leases: one holder at a time; a guarded write carries the fencing token.
-                val grant = withTimeout(20_000) { sa.acquireLease("check-in", 10_000) }
-                val busy = assertThrows<FerryException.LeaseUnavailable> {
-                    runBlocking { withTimeout(20_000) { sb.acquireLease("check-in", 10_000) } }
-                }
-                assertTrue(requireNotNull(busy.retryAfterMs) > 0)
-                tx = a.beginWrite()
-                tx.guard(grant)
-                tx.exec("INSERT INTO seats(id, taken_by) VALUES ('12B', 'a')")
-                assertTrue(withTimeout(20_000) { sa.commitChecked(tx) } > 0)
-                withTimeout(20_000) { sa.releaseLease(grant) }
-                val newer = withTimeout(20_000) { sb.acquireLease("check-in", 10_000) }
-                assertTrue(newer.token > grant.token)
-                tx = a.beginWrite()
-                tx.guard(grant) // released: the token is stale
-                tx.exec("UPDATE seats SET taken_by = 'a again' WHERE id = '12B'")
-                val fenced = assertThrows<FerryException.ConflictRejected> {
-                    runBlocking { withTimeout(20_000) { sa.commitChecked(tx) } }
-                }
-                assertEquals("fenced", fenced.code)
-                assertEquals(listOf("a"), a.query("SELECT taken_by FROM seats WHERE id = '12B'") { it.getString("taken_by") })
-                sa.disconnect()
-                sb.disconnect()
+        twoReplicas { a, b ->
+            val sa = a.sync("a")
+            val sb = b.sync("b")
+            a.exec("INSERT INTO seats(id, taken_by) VALUES ('12A', NULL)")
+            withTimeout(20_000) { sa.syncNow(); sb.syncNow() }
+            // Both book the same seat; b is offline, a's booking reaches the relay first.
+            sb.pauseNow()
+            var tx = b.beginWrite()
+            tx.exec("UPDATE seats SET taken_by = 'b' WHERE id = '12A'")
+            val late = requireNotNull(tx.commitChange())
+            tx = a.beginWrite()
+            tx.exec("UPDATE seats SET taken_by = 'a' WHERE id = '12A'")
+            assertTrue(withTimeout(20_000) { sa.commitChecked(tx) } > 0)
+            sb.resume()
+            val lost = assertThrows<FerryException.ConflictRejected> {
+                runBlocking { withTimeout(20_000) { sb.verdict(late) } }
             }
+            assertEquals("conflict", lost.code)
+            withTimeout(20_000) { sb.syncNow() }
+            assertEquals(listOf("a"), b.query("SELECT taken_by FROM seats") { it.getString("taken_by") })
+            assertTrue(b.conflicts().any { it.rejected && it.table == "seats" })
+            // Offline or online, the loss is counted once.
+            assertEquals(1L, sb.status().rolledBack)
+
+            // Leases: one holder at a time; a guarded write carries the fencing token.
+            val grant = withTimeout(20_000) { sa.acquireLease("check-in", 10_000) }
+            val busy = assertThrows<FerryException.LeaseUnavailable> {
+                runBlocking { withTimeout(20_000) { sb.acquireLease("check-in", 10_000) } }
+            }
+            assertTrue(requireNotNull(busy.retryAfterMs) > 0)
+            tx = a.beginWrite()
+            tx.guard(grant)
+            tx.exec("INSERT INTO seats(id, taken_by) VALUES ('12B', 'a')")
+            assertTrue(withTimeout(20_000) { sa.commitChecked(tx) } > 0)
+            withTimeout(20_000) { sa.releaseLease(grant) }
+            val newer = withTimeout(20_000) { sb.acquireLease("check-in", 10_000) }
+            assertTrue(newer.token > grant.token)
+            tx = a.beginWrite()
+            tx.guard(grant) // released: the token is stale
+            tx.exec("UPDATE seats SET taken_by = 'a again' WHERE id = '12B'")
+            val fenced = assertThrows<FerryException.ConflictRejected> {
+                runBlocking { withTimeout(20_000) { sa.commitChecked(tx) } }
+            }
+            assertEquals("fenced", fenced.code)
+            assertEquals(listOf("a"), a.query("SELECT taken_by FROM seats WHERE id = '12B'") { it.getString("taken_by") })
+            sa.disconnect()
+            sb.disconnect()
         }
     }
 
     @Test
     fun theDatabaseStatusSpansSessions() = runBlocking<Unit> {
-        open("a.db").use { a ->
-            open("b.db").use { b ->
-                val sa = a.sync("alice")
-                a.write { tx -> for (i in 0 until 300) tx.exec("INSERT INTO notes(id, folder, title) VALUES (?, 'home', 't')", "n$i") }
-                withTimeout(20_000) { sa.syncNow() }
-                val first = b.syncStatusFlow().first()
-                assertEquals(ConnState.STOPPED, first.state)
-                assertFalse(first.hasSynced)
-                assertNull(first.downloadProgress)
-                val progress = Collections.synchronizedList(mutableListOf<Double>())
-                val watcher = async {
-                    b.syncStatusFlow().first { st -> st.downloadProgress?.let { progress.add(it) }; st.hasSynced }
-                }
-                val sb = b.sync("bob")
-                withTimeout(20_000) { b.waitForFirstSync() }
-                withTimeout(20_000) { watcher.await() }
-                assertTrue(progress.all { it in 0.0..1.0 })
-                sb.disconnect()
-                val stopped = withTimeout(20_000) { b.syncStatusFlow().first { it.state == ConnState.STOPPED } }
-                assertTrue(stopped.hasSynced)
-                assertNotNull(stopped.lastSyncedAtMs)
-                assertNull(stopped.uploadError)
-                assertNull(stopped.downloadError)
-                b.disconnectAndClear()
-                assertFalse(b.syncStatus().hasSynced)
-                sa.disconnect()
+        twoReplicas { a, b ->
+            val sa = a.sync("alice")
+            a.write { tx -> for (i in 0 until 300) tx.exec("INSERT INTO notes(id, folder, title) VALUES (?, 'home', 't')", "n$i") }
+            withTimeout(20_000) { sa.syncNow() }
+            val first = b.syncStatusFlow().first()
+            assertEquals(ConnState.STOPPED, first.state)
+            assertFalse(first.hasSynced)
+            assertNull(first.downloadProgress)
+            val progress = Collections.synchronizedList(mutableListOf<Double>())
+            val watcher = async {
+                b.syncStatusFlow().first { st -> st.downloadProgress?.let { progress.add(it) }; st.hasSynced }
             }
+            val sb = b.sync("bob")
+            withTimeout(20_000) { b.waitForFirstSync() }
+            withTimeout(20_000) { watcher.await() }
+            assertTrue(progress.all { it in 0.0..1.0 })
+            sb.disconnect()
+            val stopped = withTimeout(20_000) { b.syncStatusFlow().first { it.state == ConnState.STOPPED } }
+            assertTrue(stopped.hasSynced)
+            assertNotNull(stopped.lastSyncedAtMs)
+            assertNull(stopped.uploadError)
+            assertNull(stopped.downloadError)
+            b.disconnectAndClear()
+            assertFalse(b.syncStatus().hasSynced)
+            sa.disconnect()
         }
     }
 
