@@ -71,13 +71,30 @@ impl StatusBoard {
             Some(s) => s,
             None => resting()?,
         };
+        Ok(self.register(observer, &now))
+    }
+
+    /// [`StatusBoard::observe`] for a board that cannot fail to say where it stands: the last
+    /// published status, or else `fallback()` (a session's board, published from its start).
+    pub(crate) fn observe_published(
+        &self,
+        observer: Arc<dyn StatusObserver>,
+        fallback: impl FnOnce() -> SyncStatus,
+    ) -> StatusSubscription {
+        let _delivering = self.delivery.lock();
+        let now = self.last().unwrap_or_else(fallback);
+        self.register(observer, &now)
+    }
+
+    /// Adds `observer` and hands it `now`; the caller holds the delivery lock.
+    fn register(&self, observer: Arc<dyn StatusObserver>, now: &SyncStatus) -> StatusSubscription {
         let id = {
             let mut n = self.next.lock();
             *n += 1;
             *n
         };
         self.observers.lock().push((id, Arc::clone(&observer)));
-        observer.on_status(&now);
-        Ok(StatusSubscription::new(Arc::downgrade(&self.observers), id))
+        observer.on_status(now);
+        StatusSubscription::new(Arc::downgrade(&self.observers), id)
     }
 }

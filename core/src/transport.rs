@@ -662,12 +662,9 @@ impl SyncHandle {
         // Registered and given the current status as one step against publishing (see
         // `status_board`): otherwise a change published between the two is never seen (the
         // observer would wait for the next one, forever when the loop is paused). The board
-        // holds the session's status from the start, so the fallback is never used.
-        let now = || Ok::<_, std::convert::Infallible>(self.status.borrow().clone());
-        match self.board.observe(observer, now) {
-            Ok(sub) => sub,
-            Err(never) => match never {},
-        }
+        // holds the session's status from the start; the watch channel's is the same.
+        self.board
+            .observe_published(observer, || self.status.borrow().clone())
     }
 
     /// Stops syncing until [`SyncHandle::resume`] (closes the connection).

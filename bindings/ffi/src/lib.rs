@@ -11,7 +11,9 @@
 //! Python package) live next to this crate in `bindings/`; `docs/bindings.md` explains how
 //! they are built and tested.
 
+mod compact;
 mod error;
+mod fast;
 mod listeners;
 mod logging;
 mod num;
@@ -24,6 +26,7 @@ mod transaction;
 mod types;
 
 pub use error::FerryError;
+pub use fast::fast_call_error;
 pub use listeners::{
     ChangeListener, ConflictResolver, QueryListener, SyncStatusListener, TokenFetcher,
     TokenProvider,

@@ -365,3 +365,10 @@ pub fn new_id() -> String {
 pub fn ferry_version() -> String {
     env!("CARGO_PKG_VERSION").to_owned()
 }
+
+impl Replica {
+    /// The core replica (the fast call path's way in).
+    pub(crate) fn core(&self) -> &core::Replica {
+        &self.inner
+    }
+}

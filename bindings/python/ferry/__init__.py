@@ -162,6 +162,8 @@ def _positional(
 ) -> typing.Sequence[typing.Any]:
     """Parameters as ``sqlite3`` takes them — a sequence for ``?`` placeholders, or a mapping
     for named ones (``:id``, ``@id``, ``$id``; keys without the prefix) — in binding order."""
+    if type(params) is tuple or type(params) is list:  # the common case, without ABC checks
+        return params
     if isinstance(params, (str, bytes, bytearray)):
         raise TypeError("parameters are a sequence of values, e.g. (note_id,), not a single string")
     if isinstance(params, typing.Mapping):
@@ -196,7 +198,20 @@ def _packed_default(v: typing.Any) -> typing.Any:
     raise TypeError(f"no SQLite value for {type(v).__name__}")
 
 
-_packed_encode = json.JSONEncoder(default=_packed_default, allow_nan=False, separators=(",", ":")).encode
+# json's C encoder and scanner, made once: `json.dumps`/`json.loads` build an encoder per call
+# and run regular expressions around the scanner, which costs more than a point read.
+_c_encoder = json.encoder.c_make_encoder  # type: ignore[attr-defined]
+if _c_encoder is not None:
+    _iterencode = _c_encoder(
+        None, _packed_default, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, False
+    )
+
+    def _packed_encode(values: typing.Any) -> str:
+        return "".join(_iterencode(values, 0))
+
+else:  # a Python without the C accelerator
+    _packed_encode = json.JSONEncoder(default=_packed_default, allow_nan=False, separators=(",", ":")).encode
+_scan = json.decoder.JSONDecoder().scan_once
 
 
 def _special_float(v: typing.Any) -> typing.Any:
@@ -222,8 +237,8 @@ def _unpack_value(v: typing.Any) -> typing.Any:
     return v
 
 
-def _unpack(packed: str) -> typing.List[Row]:
-    d = json.loads(packed)
+def _unpack(packed: typing.Union[str, bytes]) -> typing.List[Row]:
+    d = _scan(packed.decode("utf-8") if isinstance(packed, bytes) else packed, 0)[0]
     cls = _row_class(tuple(d["c"]))
     if d["x"]:
         return [cls(_unpack_value(v) for v in r) for r in d["r"]]

@@ -5,6 +5,7 @@ and reopening. Behaviour is tested in Rust; these tests cover what crosses the F
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -292,8 +293,9 @@ def test_rows_have_names_and_map_into_dataclasses(open_replica) -> None:
 
 
 def test_the_direct_call_path_answers_as_the_generated_methods(open_replica) -> None:
-    # select/exec call the library's scaffolding directly (ferry/_direct.py): same answers,
-    # same typed errors, on a replica and in a transaction, for many calls and large texts.
+    # select/exec call the library's C entry points (ferry/_direct.py): same answers, same
+    # typed errors, on a replica and in a transaction, for many calls, results longer than the
+    # per-thread buffer, and threads calling at once.
     from ferry import _direct
 
     a = open_replica("a.db")
@@ -306,7 +308,7 @@ def test_the_direct_call_path_answers_as_the_generated_methods(open_replica) -> 
             sql = "INSERT INTO notes(id, folder, title, likes) VALUES (?, 'home', ?, ?)"
             assert _direct.execute_packed(tx, sql, params) == 1
             query = "SELECT id, title, likes FROM notes WHERE id = ?"
-            assert _direct.query_packed(tx, query, ferry._pack([f"d{i}"])) == tx.query_packed(query, ferry._pack([f"d{i}"]))
+            assert _direct.query_packed(tx, query, ferry._pack([f"d{i}"])).decode() == tx.query_packed(query, ferry._pack([f"d{i}"]))
         with pytest.raises(FerryError.InvalidInput):
             _direct.query_packed(tx, "SELEC nonsense", "[]")
         with pytest.raises(FerryError.InvalidInput):
@@ -315,11 +317,29 @@ def test_the_direct_call_path_answers_as_the_generated_methods(open_replica) -> 
     for _ in range(2_000):
         k = f"d{rng.randrange(500)}"
         query = "SELECT id, title, likes, body FROM notes WHERE id = ?"
-        assert _direct.query_packed(a, query, ferry._pack([k])) == a.query_packed(query, ferry._pack([k]))
+        assert _direct.query_packed(a, query, ferry._pack([k])).decode() == a.query_packed(query, ferry._pack([k]))
     assert a.select("SELECT body FROM notes WHERE id = 'd1'") == [(big,)]
     with pytest.raises(FerryError.ReadOnlyTable):
         _direct.execute_packed(a, "INSERT INTO announcements(id, text) VALUES ('1', 'hi')", "[]")
     assert a.select("SELECT count(*) FROM notes") == [(500,)]
+
+    def reader(seed: int) -> None:
+        r = random.Random(seed)
+        for _ in range(300):
+            i = r.randrange(500)
+            rows = a.select("SELECT id, likes, length(body) FROM notes WHERE id = ?", (f"d{i}",))
+            assert rows == [(f"d{i}", i, 200_000 if i == 1 else None)], rows
+            if i == 1:
+                assert a.select("SELECT body FROM notes WHERE id = 'd1'")[0].body == big
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        for f in [pool.submit(reader, seed) for seed in range(8)]:
+            f.result()
+    a.close_database()
+    with pytest.raises(FerryError.Closed):
+        a.select("SELECT 1")
+    with pytest.raises(FerryError.Closed):
+        a.exec("DELETE FROM notes")
 
 
 def test_ferrys_log_records_reach_the_app(open_replica, caplog: pytest.LogCaptureFixture) -> None:

@@ -39,18 +39,18 @@ fun <T> Replica.write(body: (WriteTransaction) -> T): T {
 }
 
 /** [Replica.execute] with Kotlin values as parameters (see [sqlValue]). */
-fun Replica.exec(sql: String, vararg params: Any?): Long = execute(sql, params.map(::sqlValue))
+fun Replica.exec(sql: String, vararg params: Any?): Long = executeValues(sql, params.asList())
 
 /** [Replica.query] with Kotlin values as parameters, rows as Kotlin values. */
 fun Replica.select(sql: String, vararg params: Any?): List<List<Any?>> =
-    query(sql, params.map(::sqlValue)).values()
+    queryRows(sql, params.asList()).map { it.toList() }
 
 /** [WriteTransaction.execute] with Kotlin values as parameters. */
-fun WriteTransaction.exec(sql: String, vararg params: Any?): Long = execute(sql, params.map(::sqlValue))
+fun WriteTransaction.exec(sql: String, vararg params: Any?): Long = executeValues(sql, params.asList())
 
 /** [WriteTransaction.query] with Kotlin values as parameters, rows as Kotlin values. */
 fun WriteTransaction.select(sql: String, vararg params: Any?): List<List<Any?>> =
-    query(sql, params.map(::sqlValue)).values()
+    queryRows(sql, params.asList()).map { it.toList() }
 
 /**
  * The results of [sql] now and after every commit that changes them. Collecting starts the

@@ -25,6 +25,9 @@ class Row internal constructor(private val index: Map<String, Int>, private val 
     /** The value at [i] (0-based) as a Kotlin value. */
     operator fun get(i: Int): Any? = values[i].toKotlin()
 
+    /** The values as Kotlin values, in column order. */
+    fun toList(): List<Any?> = values.map { it.toKotlin() }
+
     fun getString(column: String): String = getStringOrNull(column) ?: nullIn(column)
     fun getStringOrNull(column: String): String? = when (val v = value(column)) {
         is SqlValue.Null -> null
@@ -98,11 +101,11 @@ fun QueryResult.toRows(): List<Row> {
 
 /** Runs [sql] with Kotlin values as [args] and maps each row (blocking; see [getAll]). */
 fun <T> Replica.query(sql: String, args: List<Any?> = emptyList(), map: (Row) -> T): List<T> =
-    query(sql, args.map(::sqlValue)).toRows().map(map)
+    queryRows(sql, args).map(map)
 
 /** [Replica.query] with a mapper, inside a write transaction (sees its writes). */
 fun <T> WriteTransaction.query(sql: String, args: List<Any?> = emptyList(), map: (Row) -> T): List<T> =
-    query(sql, args.map(::sqlValue)).toRows().map(map)
+    queryRows(sql, args).map(map)
 
 /**
  * The mapped results of [sql] now and after every commit that changes them, run off the
@@ -121,7 +124,7 @@ suspend fun <T> Replica.getOptional(sql: String, args: List<Any?> = emptyList(),
 
 /** Runs one statement as its own write transaction on Dispatchers.IO; returns rows changed. */
 suspend fun Replica.executeAsync(sql: String, args: List<Any?> = emptyList()): Long =
-    withContext(Dispatchers.IO) { execute(sql, args.map(::sqlValue)) }
+    withContext(Dispatchers.IO) { executeValues(sql, args) }
 
 /**
  * [write] on Dispatchers.IO: [body] runs in one write transaction, committed if it returns and

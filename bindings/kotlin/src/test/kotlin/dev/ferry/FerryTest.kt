@@ -222,6 +222,46 @@ class FerryTest {
     }
 
     @Test
+    fun theOneCallPathCarriesEveryValueLongResultsAndThreads() {
+        // exec/select/query go through the library's C entry points (FastCalls.kt): every
+        // value type both ways, a result longer than the per-thread buffer, a transaction that
+        // reads its own writes, and threads calling at once.
+        open("a.db").use { a ->
+            val blob = byteArrayOf(0, -1, 7)
+            val row = a.select("SELECT ?, ?, ?, ?, ?, ?, ?", null, 7L, 2.5, "ü€\u0000x", blob, true, 3)[0]
+            assertEquals(listOf(null, 7L, 2.5, "ü€\u0000x"), row.take(4))
+            assertTrue((row[4] as ByteArray).contentEquals(blob))
+            assertEquals(listOf(1L, 3L), row.drop(5))
+            val big = "€".repeat(100_000)
+            a.write { tx ->
+                for (i in 0 until 300) {
+                    assertEquals(1L, tx.exec("INSERT INTO notes(id, folder, title) VALUES (?, 'home', ?)", "k$i", "t$i"))
+                }
+                assertEquals(1L, tx.exec("UPDATE notes SET title = ? WHERE id = 'k1'", big))
+                assertEquals(listOf(listOf<Any?>(300L)), tx.select("SELECT count(*) FROM notes"))
+            }
+            assertEquals(big, a.query("SELECT title FROM notes WHERE id = ?", listOf("k1")) { it.getString("title") }.single())
+            val failures = Collections.synchronizedList(mutableListOf<Throwable>())
+            val threads = (0 until 4).map { t ->
+                Thread {
+                    val rnd = java.util.Random(t.toLong())
+                    repeat(300) {
+                        val i = rnd.nextInt(300)
+                        val got = a.query("SELECT id, length(title) AS n FROM notes WHERE id = ?", listOf("k$i")) {
+                            it.getString("id") to it.getLong("n")
+                        }
+                        assertEquals(listOf("k$i" to if (i == 1) 100_000L else "t$i".length.toLong()), got)
+                    }
+                }.also { it.setUncaughtExceptionHandler { _, e -> failures.add(e) }; it.start() }
+            }
+            threads.forEach { it.join(60_000) }
+            assertTrue(threads.none { it.isAlive })
+            assertEquals(emptyList<Throwable>(), failures)
+            assertThrows<IllegalArgumentException> { a.select("SELECT ?", Any()) }
+        }
+    }
+
+    @Test
     fun writeBlockRollsBackWhenItThrows() {
         open("a.db").use { a ->
             assertThrows<IllegalStateException> {

@@ -11,6 +11,7 @@ import dev.ferry.Schema
 import dev.ferry.SqlValue
 import dev.ferry.column
 import dev.ferry.newId
+import dev.ferry.exec
 import dev.ferry.query
 import dev.ferry.table
 import dev.ferry.write
@@ -75,20 +76,25 @@ fun run(n: Int, print: Boolean) {
     fun jdbcInsert(rs: List<Row>, batch: Boolean) = insert(jdbc, rs, batch)
     val workloads = listOf<Triple<String, Pair<() -> Unit, () -> Unit>, Int>>(
         rows(n).let { a -> rows(n).let { b ->
-            Triple("$n inserts, one transaction", Pair({ jdbcInsert(a, false) }, { db.write { tx -> for (r in b) tx.execute(SQL, r.values()) } }), n)
+            Triple("$n inserts, one transaction", Pair({ jdbcInsert(a, false) }, { db.write { tx -> for (r in b) tx.exec(SQL, r.id, r.folder, r.title, r.body, r.likes) } }), n)
         } },
         rows(n).let { a -> rows(n).let { b ->
             Triple("$n inserts, batch / executeMany", Pair({ jdbcInsert(a, true) }, { db.write { tx -> tx.executeMany(SQL, b.map { it.values() }) } }), n)
         } },
         rows(small).let { a -> rows(small).let { b ->
-            Triple("$small inserts, one transaction each", Pair({ for (r in a) jdbcInsert(listOf(r), false) }, { for (r in b) db.execute(SQL, r.values()) }), small)
+            Triple("$small inserts, one transaction each", Pair({ for (r in a) jdbcInsert(listOf(r), false) }, { for (r in b) db.exec(SQL, r.id, r.folder, r.title, r.body, r.likes) }), small)
         } },
         Triple("read ${2 * n + small} rows", Pair({
             jdbc.createStatement().use { st -> st.executeQuery("SELECT id, folder, title, body, likes FROM notes").use { rs ->
                 var c = 0; while (rs.next()) { rs.getString(1); rs.getString(2); rs.getString(3); rs.getString(4); rs.getLong(5); c++ }
                 check(c == 2 * n + small)
             } }
-        }, { check(db.query("SELECT id, folder, title, body, likes FROM notes", emptyList()).rows.size == 2 * n + small) }), 2 * n + small),
+        }, {
+            val all = db.query("SELECT id, folder, title, body, likes FROM notes") { r ->
+                Row(r.getString("id"), r.getString("folder"), r.getString("title"), r.getString("body"), r.getLong("likes"))
+            }
+            check(all.size == 2 * n + small)
+        }), 2 * n + small),
         pointReads(dir, schema, small),
     )
     if (print) println(String.format("%-42s %16s %16s %7s", "workload", "jdbc (rows/s)", "ferry (rows/s)", "ratio"))
