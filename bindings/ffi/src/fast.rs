@@ -219,7 +219,12 @@ impl Raw {
                 ),
             )
         };
-        guarded(|| body(&object, &Call::read(bytes, self.sql_len, self.format)?))
+        // The handle is released inside the guard: were it the last reference, a panic while
+        // dropping the object would otherwise unwind through `extern "C"`.
+        guarded(move || {
+            let object = object;
+            body(&object, &Call::read(bytes, self.sql_len, self.format)?)
+        })
     }
 }
 
