@@ -4,8 +4,9 @@
 // a structure by value: most of a point read's cost (docs/benchmarks.md). The library also
 // exports these calls as plain C functions (bindings/ffi/src/fast.rs): the generated
 // `callWithHandle` clones the object's handle for the call, which consumes it as a generated
-// method does (and the object cannot be destroyed meanwhile), the statement and its parameters go as one direct buffer in the compact binary form
-// (bindings/ffi/src/compact.rs), and the rows come back in a direct buffer kept per thread.
+// method does (and the object cannot be destroyed meanwhile), the statement and its
+// parameters go as one direct buffer in the compact binary form (bindings/ffi/src/compact.rs),
+// and the rows come back in a direct buffer kept per thread.
 // A failure is raised by the generated `fastCallError()`, so it is the same typed
 // FerryException as from the generated methods.
 package dev.ferry
@@ -65,23 +66,14 @@ private const val REAL: Byte = 2
 private const val TEXT: Byte = 3
 private const val BLOB: Byte = 4
 
+/** One value in the compact form; Kotlin values are converted by [sqlValue], the one rule. */
 private fun ByteBuffer.putValue(v: Any?) {
-    when (v) {
-        null, is SqlValue.Null -> put(NULL)
-        is String -> putBytes(TEXT, v.toByteArray(Charsets.UTF_8))
-        is Long -> put(INTEGER).putLong(v)
-        is Int -> put(INTEGER).putLong(v.toLong())
-        is Short -> put(INTEGER).putLong(v.toLong())
-        is Byte -> put(INTEGER).putLong(v.toLong())
-        is Boolean -> put(INTEGER).putLong(if (v) 1 else 0)
-        is Double -> put(REAL).putDouble(v)
-        is Float -> put(REAL).putDouble(v.toDouble())
-        is ByteArray -> putBytes(BLOB, v)
-        is SqlValue.Text -> putBytes(TEXT, v.value.toByteArray(Charsets.UTF_8))
-        is SqlValue.Integer -> put(INTEGER).putLong(v.value)
-        is SqlValue.Real -> put(REAL).putDouble(v.value)
-        is SqlValue.Blob -> putBytes(BLOB, v.value)
-        else -> throw IllegalArgumentException("no SQLite value for ${v::class.qualifiedName}")
+    when (val s = sqlValue(v)) {
+        is SqlValue.Null -> put(NULL)
+        is SqlValue.Integer -> put(INTEGER).putLong(s.value)
+        is SqlValue.Real -> put(REAL).putDouble(s.value)
+        is SqlValue.Text -> putBytes(TEXT, s.value.toByteArray(Charsets.UTF_8))
+        is SqlValue.Blob -> putBytes(BLOB, s.value)
     }
 }
 
