@@ -10,10 +10,12 @@
 //! - `handle` is a UniFFI handle of a [`Replica`] or [`WriteTransaction`] cloned for this
 //!   call, which the call consumes, exactly as a generated method does (a pointer to the object
 //!   inside its `Arc`, as uniffi 0.32 makes it; the version is pinned) — Kotlin clones it in
-//!   the generated `callWithHandle`, Python with the generated `clone` function;
+//!   the generated `callWithHandle`; or the object's own handle lent for the call
+//!   ([`BORROWED`]), as Python passes it;
 //! - the statement and its parameters come as one byte range (`sql_len` bytes of UTF-8, then
-//!   `params_len` bytes of parameters in `format`: packed JSON (`packed.rs`) or the compact
-//!   binary form (`compact.rs`); none at all means no parameters);
+//!   `params_len` bytes of parameters in `format`: packed JSON (`packed.rs`), the compact
+//!   binary form (`compact.rs`), or packed JSON answered in Python's `marshal` form
+//!   (`marshal.rs`); none at all means no parameters);
 //! - the result is written into the caller's buffer; one that does not fit is kept for this
 //!   thread and [`MORE`] says how long it is: the caller fetches it with
 //!   [`ferry_fast_take`];
@@ -47,11 +49,18 @@ pub const FAILED: i32 = 2;
 const REPLICA: u8 = 0;
 /// The handle is a [`WriteTransaction`]'s.
 const TRANSACTION: u8 = 1;
+/// Added to a target: the handle is the object's own, borrowed for the call rather than
+/// cloned for it (the call takes its own reference and releases it). Saves a host the clone
+/// call; the host must keep the object, so its handle, alive until the call returns — Python
+/// does, as the object is an argument of the calling frame.
+const BORROWED: u8 = 0x80;
 
 /// Parameters and results as packed JSON (`packed.rs`).
 const PACKED: u8 = 0;
 /// Parameters and results in the compact binary form (`compact.rs`).
 const COMPACT: u8 = 1;
+/// Parameters as packed JSON, results in Python's `marshal` form (`marshal.rs`).
+const MARSHAL: u8 = 2;
 
 enum Failure {
     Error(FerryError),
@@ -95,12 +104,14 @@ impl<'a> Call<'a> {
         })?;
         let params = match format {
             // No bytes: no parameters, in either form.
-            PACKED | COMPACT if params.is_empty() => Vec::new(),
-            PACKED => crate::packed::params(std::str::from_utf8(params).map_err(|_| {
-                FerryError::InvalidInput {
-                    reason: "packed parameters are not UTF-8".into(),
-                }
-            })?)?,
+            PACKED | COMPACT | MARSHAL if params.is_empty() => Vec::new(),
+            PACKED | MARSHAL => {
+                crate::packed::params(std::str::from_utf8(params).map_err(|_| {
+                    FerryError::InvalidInput {
+                        reason: "packed parameters are not UTF-8".into(),
+                    }
+                })?)?
+            }
             COMPACT => crate::compact::params(params)?,
             other => {
                 return Err(FerryError::InvalidInput {
@@ -118,6 +129,7 @@ impl<'a> Call<'a> {
     fn encode(&self, rows: &core::Rows) -> Result<Vec<u8>> {
         match self.format {
             COMPACT => crate::compact::rows(rows),
+            MARSHAL => crate::marshal::rows(rows),
             _ => crate::packed::rows(rows).map(String::into_bytes),
         }
     }
@@ -141,13 +153,21 @@ fn guarded<T>(body: impl FnOnce() -> Result<T>) -> Option<T> {
     None
 }
 
-/// The object behind a handle cloned for this call (dropped, so released, when the call ends).
+/// The object behind a handle, as a reference of this call's own (dropped, so released, when
+/// the call ends).
 ///
 /// # Safety
-/// `handle` was made by UniFFI's `clone_<object>` for an object of type `T`, and is used once.
-unsafe fn owned<T>(handle: u64) -> Arc<T> {
+/// `handle` is a UniFFI handle of an object of type `T`: made by `clone_<object>` for this
+/// call and used once, or, when `borrowed`, one that stays alive until the call returns.
+unsafe fn owned<T>(handle: u64, borrowed: bool) -> Arc<T> {
+    let ptr = handle as *const T;
     // SAFETY: the caller's contract; UniFFI's handles of Rust objects are `Arc::into_raw`.
-    unsafe { Arc::from_raw(handle as *const T) }
+    unsafe {
+        if borrowed {
+            Arc::increment_strong_count(ptr);
+        }
+        Arc::from_raw(ptr)
+    }
 }
 
 /// The caller's input bytes.
@@ -195,6 +215,7 @@ unsafe fn deliver(answer: Option<Vec<u8>>, out: *mut u8, out_cap: u32, out_len: 
 /// What every entry point takes first: the object's handle and the call's bytes.
 struct Raw {
     handle: u64,
+    borrowed: bool,
     input: *const u8,
     sql_len: u32,
     params_len: u32,
@@ -206,13 +227,13 @@ impl Raw {
     /// `fast_call_error()`; the handle is released when it returns.
     ///
     /// # Safety
-    /// `handle` is a handle of a `T` cloned for this call; `input` points to
+    /// `handle` is a handle of a `T` cloned for this call (or borrowed: see [`owned`]); `input` points to
     /// `sql_len + params_len` readable bytes.
     unsafe fn run<T, R>(self, body: impl FnOnce(&T, &Call<'_>) -> Result<R>) -> Option<R> {
         // SAFETY: the caller's contract.
         let (object, bytes) = unsafe {
             (
-                owned::<T>(self.handle),
+                owned::<T>(self.handle, self.borrowed),
                 input(
                     self.input,
                     u64::from(self.sql_len) + u64::from(self.params_len),
@@ -232,7 +253,8 @@ impl Raw {
 /// `handle` is: [`REPLICA`], or [`TRANSACTION`] (the query sees the transaction's writes).
 ///
 /// # Safety
-/// `handle` is a handle of the object `target` names, cloned for this call (consumed);
+/// `handle` is a handle of the object `target` names, cloned for this call (consumed) or,
+/// with [`BORROWED`], alive until the call returns;
 /// `input` points to `sql_len + params_len` readable bytes; `out` to `out_cap` writable bytes;
 /// `out_len` is writable.
 #[unsafe(no_mangle)]
@@ -249,6 +271,7 @@ pub unsafe extern "C" fn ferry_fast_query(
 ) -> i32 {
     let raw = Raw {
         handle,
+        borrowed: target & BORROWED != 0,
         input,
         sql_len,
         params_len,
@@ -256,7 +279,7 @@ pub unsafe extern "C" fn ferry_fast_query(
     };
     // SAFETY: the caller's contract.
     unsafe {
-        let answer = match target {
+        let answer = match target & !BORROWED {
             REPLICA => {
                 raw.run(|r: &Replica, call| call.encode(&r.core().query(call.sql, &call.params)?))
             }
@@ -273,7 +296,8 @@ pub unsafe extern "C" fn ferry_fast_query(
 /// [`TRANSACTION`] — and stores the rows it changed in `changed`.
 ///
 /// # Safety
-/// `handle` is a handle of the object `target` names, cloned for this call (consumed);
+/// `handle` is a handle of the object `target` names, cloned for this call (consumed) or,
+/// with [`BORROWED`], alive until the call returns;
 /// `input` points to `sql_len + params_len` readable bytes; `changed` is writable.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn ferry_fast_execute(
@@ -287,6 +311,7 @@ pub unsafe extern "C" fn ferry_fast_execute(
 ) -> i32 {
     let raw = Raw {
         handle,
+        borrowed: target & BORROWED != 0,
         input,
         sql_len,
         params_len,
@@ -294,7 +319,7 @@ pub unsafe extern "C" fn ferry_fast_execute(
     };
     // SAFETY: the caller's contract.
     unsafe {
-        let answer = match target {
+        let answer = match target & !BORROWED {
             REPLICA => {
                 raw.run(|r: &Replica, call| Ok(r.core().execute(call.sql, &call.params)?.signed()))
             }
@@ -526,5 +551,75 @@ mod tests {
             1,
             "failed calls released their handles too"
         );
+    }
+
+    #[test]
+    fn a_borrowed_handle_is_left_as_it_was_and_marshal_answers_python() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let r = replica(dir.path());
+        let own = Arc::as_ptr(&r) as u64;
+        let sql = "INSERT INTO t(id, n) VALUES ('a', 5000000000)";
+        let mut changed = 0;
+        // SAFETY: `r` keeps the borrowed handle alive across the call.
+        let rc = unsafe {
+            ferry_fast_execute(
+                own,
+                REPLICA | BORROWED,
+                sql.as_ptr(),
+                sql.len() as u32,
+                0,
+                MARSHAL,
+                &mut changed,
+            )
+        };
+        assert_eq!((rc, changed), (OK, 1));
+        let sql = "SELECT id, n FROM t WHERE n > ?";
+        let input = call(sql, b"[1]");
+        let mut out = [0u8; 128];
+        let mut len = 0u32;
+        // SAFETY: as above; the buffers are as long as said.
+        let rc = unsafe {
+            ferry_fast_query(
+                own,
+                REPLICA | BORROWED,
+                input.as_ptr(),
+                sql.len() as u32,
+                3,
+                MARSHAL,
+                out.as_mut_ptr(),
+                128,
+                &mut len,
+            )
+        };
+        assert_eq!(rc, OK);
+        let expected = crate::marshal::rows(&core::Rows {
+            columns: vec!["id".into(), "n".into()],
+            rows: vec![vec![
+                core::Value::Text("a".into()),
+                core::Value::Integer(5_000_000_000),
+            ]],
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(&out[..len as usize], &expected[..]);
+        assert_eq!(
+            Arc::strong_count(&r),
+            1,
+            "the borrowed handle is not released"
+        );
+        // SAFETY: as above.
+        let rc = unsafe {
+            ferry_fast_execute(
+                own,
+                REPLICA | BORROWED,
+                b"nope".as_ptr(),
+                4,
+                0,
+                MARSHAL,
+                &mut changed,
+            )
+        };
+        assert_eq!(rc, FAILED);
+        assert!(fast_call_error().is_err());
+        assert_eq!(Arc::strong_count(&r), 1, "nor after a failure");
     }
 }

@@ -16,6 +16,7 @@ mod error;
 mod fast;
 mod listeners;
 mod logging;
+mod marshal;
 mod num;
 mod packed;
 mod replica;

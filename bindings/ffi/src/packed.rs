@@ -201,4 +201,24 @@ mod tests {
             ])
         );
     }
+
+    proptest::proptest! {
+        /// Every finite double reads back exactly as the shortest form Python and Kotlin write
+        /// (serde_json's `float_roundtrip`; without it some land one ULP off).
+        #[test]
+        fn every_finite_double_reads_back_exactly(bits in proptest::prelude::any::<u64>()) {
+            let f = f64::from_bits(bits);
+            proptest::prop_assume!(f.is_finite());
+            let written = format!("[{f:?}]");
+            proptest::prop_assert_eq!(params(&written)?, vec![core::Value::Real(f)]);
+        }
+    }
+
+    #[test]
+    fn the_double_python_wrote_and_serde_json_misread() {
+        assert_eq!(
+            params("[974828409.0177441]").ok(),
+            Some(vec![core::Value::Real(974_828_409.017_744_1)])
+        );
+    }
 }

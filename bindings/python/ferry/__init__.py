@@ -177,7 +177,7 @@ def _positional(
                 raise TypeError(f"no value for the named parameter {name}")
             values.append(params[name[1:]])
         return values
-    return params
+    return list(params)  # any other sequence, as a list the encoder takes
 
 
 def _params(
@@ -210,6 +210,7 @@ if _c_encoder is not None:
         return "".join(_iterencode(values, 0))
 
 else:  # a Python without the C accelerator
+    _iterencode = json.JSONEncoder(default=_packed_default, allow_nan=False, separators=(",", ":")).iterencode
     _packed_encode = json.JSONEncoder(default=_packed_default, allow_nan=False, separators=(",", ":")).encode
 _scan = json.decoder.JSONDecoder().scan_once
 
@@ -248,13 +249,23 @@ def _unpack(packed: typing.Union[str, bytes]) -> typing.List[Row]:
 def _exec(self: typing.Union[Replica, WriteTransaction], sql: str, params: AnyParams = ()) -> int:
     """Runs one statement with Python values as parameters (a sequence, or a mapping for named
     parameters); returns rows changed."""
-    return _direct.execute_packed(self, sql, _pack(list(_positional(params, self, sql))))
+    return _direct.execute_packed(self, sql, _pack(_positional(params, self, sql)))
 
 
 def _select(self: typing.Union[Replica, WriteTransaction], sql: str, params: AnyParams = ()) -> typing.List[Row]:
     """Runs a query with Python values as parameters (a sequence, or a mapping for named
     parameters); returns ``Row`` objects."""
-    return _unpack(_direct.query_packed(self, sql, _pack(list(_positional(params, self, sql)))))
+    # _pack written out (this is the hottest path; see _direct).
+    values = params if type(params) is tuple or type(params) is list else _positional(params, self, sql)
+    try:
+        packed = "".join(_iterencode(values, 0))
+    except ValueError:
+        packed = _pack(values)
+    answer = _direct.query(self, sql, packed)
+    if type(answer) is tuple:  # marshalled: (column names, row tuples)
+        cls = _row_class(answer[0])
+        return list(map(cls, answer[1]))
+    return _unpack(typing.cast(bytes, answer))
 
 
 def _select_as(

@@ -9,6 +9,7 @@ import concurrent.futures
 import dataclasses
 import json
 import logging
+import math
 import os
 import pathlib
 import random
@@ -298,6 +299,12 @@ def test_the_direct_call_path_answers_as_the_generated_methods(open_replica) -> 
     # per-thread buffer, and threads calling at once.
     from ferry import _direct
 
+    assert _direct.MARSHALLED, "this Python reads the library's marshal form (else JSON is used)"
+
+    def generated(obj, sql: str, packed: str):  # the same query through the generated method
+        res = obj.query(sql, [ferry.sql_value(v) for v in json.loads(packed)])
+        return (tuple(res.columns), [tuple(ferry.py_value(v) for v in row) for row in res.rows])
+
     a = open_replica("a.db")
     rng = random.Random(7)
     big = "€" * 200_000
@@ -308,16 +315,16 @@ def test_the_direct_call_path_answers_as_the_generated_methods(open_replica) -> 
             sql = "INSERT INTO notes(id, folder, title, likes) VALUES (?, 'home', ?, ?)"
             assert _direct.execute_packed(tx, sql, params) == 1
             query = "SELECT id, title, likes FROM notes WHERE id = ?"
-            assert _direct.query_packed(tx, query, ferry._pack([f"d{i}"])).decode() == tx.query_packed(query, ferry._pack([f"d{i}"]))
+            assert _direct.query(tx, query, ferry._pack([f"d{i}"])) == generated(tx, query, ferry._pack([f"d{i}"]))
         with pytest.raises(FerryError.InvalidInput):
-            _direct.query_packed(tx, "SELEC nonsense", "[]")
+            _direct.query(tx, "SELEC nonsense", "[]")
         with pytest.raises(FerryError.InvalidInput):
             _direct.execute_packed(tx, "INSERT INTO notes(id) VALUES (?)", "[1, 2")
         assert tx.exec("UPDATE notes SET body = ? WHERE id = 'd1'", (big,)) == 1
     for _ in range(2_000):
         k = f"d{rng.randrange(500)}"
         query = "SELECT id, title, likes, body FROM notes WHERE id = ?"
-        assert _direct.query_packed(a, query, ferry._pack([k])).decode() == a.query_packed(query, ferry._pack([k]))
+        assert _direct.query(a, query, ferry._pack([k])) == generated(a, query, ferry._pack([k]))
     assert a.select("SELECT body FROM notes WHERE id = 'd1'") == [(big,)]
     with pytest.raises(FerryError.ReadOnlyTable):
         _direct.execute_packed(a, "INSERT INTO announcements(id, text) VALUES ('1', 'hi')", "[]")
@@ -340,6 +347,33 @@ def test_the_direct_call_path_answers_as_the_generated_methods(open_replica) -> 
         a.select("SELECT 1")
     with pytest.raises(FerryError.Closed):
         a.exec("DELETE FROM notes")
+
+
+@pytest.mark.parametrize("marshalled", [True, False])
+def test_every_value_kind_reads_back_through_either_result_form(
+    open_replica, monkeypatch: pytest.MonkeyPatch, marshalled: bool
+) -> None:
+    # Results come as marshal (ferry/_direct.py), or as packed JSON where a Python reads marshal
+    # differently: both give the same rows, for every value SQLite can hold.
+    from ferry import _direct
+
+    monkeypatch.setattr(_direct, "MARSHALLED", marshalled)
+    a = open_replica("a.db")
+    rng = random.Random(11)
+    edge = [0, 1, -1, 2**31 - 1, 2**31, -(2**31), -(2**31) - 1, 2**32, 2**45 + 3, -(2**60), 2**63 - 1, -(2**63)]
+    ints = edge + [rng.randrange(-(2**63), 2**63) for _ in range(300)]
+    reals = [0.0, -0.0, 0.5, -1e300, 5e-324, math.inf, -math.inf] + [rng.uniform(-1e9, 1e9) for _ in range(50)]
+    texts = ["", "é", "€" * 3, "a\x00b", "\U0001f600", "x" * 70_000]
+    blobs = [b"", b"\x00\xff", bytes(range(256)), b"z" * 70_000]
+    values = [None] + ints + reals + texts + blobs
+    for i, v in enumerate(values):
+        assert a.select("SELECT ? AS v, ? AS i", (v, i)) == [(v, i)], v
+    # SQLite stores a NaN as NULL (so does sqlite3).
+    assert a.select("SELECT ? AS nan", (math.nan,)) == [(None,)]
+    empty = a.select("SELECT 1 AS x WHERE 0")
+    assert empty == []
+    row = a.select("SELECT 1 AS one, 'two' AS two")[0]
+    assert (row.one, row["two"], row._names) == (1, "two", ("one", "two"))
 
 
 def test_ferrys_log_records_reach_the_app(open_replica, caplog: pytest.LogCaptureFixture) -> None:
