@@ -566,11 +566,8 @@ impl Engine {
             }
             match self.query(&w.sql, &w.params) {
                 Ok(rows) => {
-                    let mut last = w.last.lock();
-                    if last.as_ref() != Some(&rows) {
-                        *last = Some(rows.clone());
-                        drop(last);
-                        results.push((Arc::clone(&w), rows));
+                    if let Some(version) = w.record(&rows) {
+                        results.push((Arc::clone(&w), rows, version));
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, sql = %w.sql, "watched query failed"),

@@ -3,11 +3,19 @@
 //! Notifications are delivered after each commit (local, foreign fold, or remote apply) and
 //! outside the database lock, so an observer may call back into the replica. Subscriptions
 //! and watches are handles that cancel when dropped.
+//!
+//! A watch's results are made under the database lock, each with a version, and delivered
+//! after it is released: two commits' deliveries (or a commit's and the watch's first run)
+//! can race there, so a result older than one already delivered is dropped. The app never
+//! sees a stale result after a newer one, and a watch is registered under the same lock its
+//! first run reads under, so no commit falls between the two.
 
 use crate::conflict::Conflict;
 use crate::value::Value;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, ReentrantMutex};
+use std::cell::Cell;
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 /// Where a committed change came from.
@@ -58,8 +66,56 @@ pub(crate) struct Watch {
     pub sql: String,
     pub params: Vec<Value>,
     pub tables: BTreeSet<String>,
-    pub last: Mutex<Option<Rows>>,
-    pub callback: WatchCallback,
+    /// The latest result made (under the database lock).
+    last: Mutex<Option<Rows>>,
+    /// How many results have been made: the version of the latest.
+    made: AtomicU64,
+    /// The version last handed to the callback. Held while the callback runs, so one watch's
+    /// callbacks never overlap; reentrant, as a callback may commit and so deliver again.
+    shown: ReentrantMutex<Cell<u64>>,
+    callback: WatchCallback,
+}
+
+impl Watch {
+    /// A watch whose first result, `rows`, is version 1 (see [`Watch::deliver`]).
+    pub fn new(
+        sql: &str,
+        params: &[Value],
+        tables: BTreeSet<String>,
+        rows: Rows,
+        callback: WatchCallback,
+    ) -> Self {
+        Watch {
+            sql: sql.to_owned(),
+            params: params.to_vec(),
+            tables,
+            last: Mutex::new(Some(rows)),
+            made: AtomicU64::new(1),
+            shown: ReentrantMutex::new(Cell::new(0)),
+            callback,
+        }
+    }
+
+    /// Records a re-run's `rows` (under the database lock): the version to deliver them with,
+    /// or `None` when they equal the latest result.
+    pub fn record(&self, rows: &Rows) -> Option<u64> {
+        let mut last = self.last.lock();
+        if last.as_ref() == Some(rows) {
+            return None;
+        }
+        *last = Some(rows.clone());
+        Some(self.made.fetch_add(1, Ordering::SeqCst) + 1)
+    }
+
+    /// Hands `rows` to the callback unless a newer version was handed already.
+    pub fn deliver(&self, version: u64, rows: &Rows) {
+        let shown = self.shown.lock();
+        if version <= shown.get() {
+            return;
+        }
+        shown.set(version);
+        (self.callback)(rows);
+    }
 }
 
 #[derive(Default)]
@@ -88,7 +144,8 @@ impl Registry {
 pub(crate) struct Notifications {
     pub events: Vec<ChangeEvent>,
     pub conflicts: Vec<Conflict>,
-    pub watch_results: Vec<(Arc<Watch>, Rows)>,
+    /// Re-run results: the watch, its rows and their version.
+    pub watch_results: Vec<(Arc<Watch>, Rows, u64)>,
 }
 
 impl Notifications {
@@ -118,10 +175,10 @@ impl Notifications {
                 o.on_conflict(c);
             }
         }
-        for (w, rows) in self.watch_results {
+        for (w, rows, version) in self.watch_results {
             // A watch cancelled meanwhile is no longer in the registry: skip it.
             if registry.lock().watches.values().any(|x| Arc::ptr_eq(x, &w)) {
-                (w.callback)(&rows);
+                w.deliver(version, &rows);
             }
         }
     }

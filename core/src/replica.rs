@@ -534,19 +534,16 @@ impl Replica {
         params: &[Value],
         callback: WatchCallback,
     ) -> Result<Subscription> {
-        let (rows, tables) = self.with_engine(|e| {
+        // Registered under the lock the first run reads under: a commit is either in the
+        // first result or re-runs the watch (see `observer`).
+        let (w, rows, id) = self.with_engine(|e| {
             let tables = e.tables_read(sql)?;
-            Ok((e.query(sql, params)?, tables))
+            let rows = e.query(sql, params)?;
+            let w = Arc::new(Watch::new(sql, params, tables, rows.clone(), callback));
+            let id = self.registry.lock().add_watch(Arc::clone(&w));
+            Ok((w, rows, id))
         })?;
-        callback(&rows);
-        let w = Arc::new(Watch {
-            sql: sql.to_owned(),
-            params: params.to_vec(),
-            tables,
-            last: Mutex::new(Some(rows)),
-            callback,
-        });
-        let id = self.registry.lock().add_watch(w);
+        w.deliver(1, &rows);
         Ok(Subscription::new(&self.registry, id))
     }
 

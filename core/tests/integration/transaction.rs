@@ -214,3 +214,47 @@ fn closing_after_concurrent_reads_releases_the_file() {
 fn titles_result(r: &ferry_core::Replica) -> ferry_core::Result<ferry_core::Rows> {
     r.query("SELECT title FROM todo", &[])
 }
+
+/// A watch started while other threads commit ends on the latest result: no commit falls
+/// between its first run and its registration, and no older result is delivered after a
+/// newer one (many rounds, each racing a watch against two committing threads).
+#[test]
+fn a_watch_started_during_commits_ends_on_the_latest_result() {
+    let d = tempfile::tempdir().unwrap();
+    let r = open(d.path(), "a.db");
+    let mut made = 0;
+    for round in 0..300 {
+        let latest = Arc::new(Mutex::new(None));
+        let l2 = Arc::clone(&latest);
+        let w = std::thread::scope(|s| {
+            for k in 0..2 {
+                let r = &r;
+                s.spawn(move || {
+                    r.execute(
+                        "INSERT INTO todo(id, title) VALUES (?, 't')",
+                        &[Value::Text(format!("{round}-{k}"))],
+                    )
+                    .unwrap();
+                });
+            }
+            r.watch(
+                "SELECT count(*) FROM todo",
+                &[],
+                Box::new(move |rows| {
+                    // A slow callback widens the window a commit could fall into.
+                    let v = rows.rows[0][0].clone();
+                    std::thread::sleep(std::time::Duration::from_micros(300));
+                    *l2.lock().unwrap() = Some(v);
+                }),
+            )
+            .unwrap()
+        });
+        made += 2;
+        assert_eq!(
+            *latest.lock().unwrap(),
+            Some(Value::Integer(made)),
+            "round {round}"
+        );
+        drop(w);
+    }
+}
