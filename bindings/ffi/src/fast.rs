@@ -394,15 +394,26 @@ mod tests {
         Arc::into_raw(Arc::clone(o)) as u64
     }
 
-    fn query(r: &Arc<Replica>, sql: &str, params: &[u8], format: u8, cap: u32) -> (i32, Vec<u8>) {
+    /// A query on `h` (a handle of the object `target` names); its code and whole answer.
+    ///
+    /// # Safety
+    /// `h` is cloned for the call, or lent (`BORROWED`) by an owner alive across it.
+    unsafe fn query_at(
+        h: u64,
+        target: u8,
+        sql: &str,
+        params: &[u8],
+        format: u8,
+        cap: u32,
+    ) -> (i32, Vec<u8>) {
         let input = call(sql, params);
         let mut out = vec![0u8; cap as usize];
         let mut len = 0u32;
-        // SAFETY: a handle cloned for the call; the buffers are as long as said.
+        // SAFETY: the handle as the caller promises; the buffers are as long as said.
         let rc = unsafe {
             ferry_fast_query(
-                handle(r),
-                REPLICA,
+                h,
+                target,
                 input.as_ptr(),
                 sql.len() as u32,
                 params.len() as u32,
@@ -421,27 +432,48 @@ mod tests {
         (rc, out)
     }
 
+    /// A statement on `h`; its code and the rows it changed.
+    ///
+    /// # Safety
+    /// As [`query_at`].
+    unsafe fn execute_at(h: u64, target: u8, sql: &str, params: &[u8], format: u8) -> (i32, i64) {
+        let input = call(sql, params);
+        let mut changed = 0;
+        // SAFETY: the handle as the caller promises; the input is as long as said.
+        let rc = unsafe {
+            ferry_fast_execute(
+                h,
+                target,
+                input.as_ptr(),
+                sql.len() as u32,
+                params.len() as u32,
+                format,
+                &mut changed,
+            )
+        };
+        (rc, changed)
+    }
+
+    fn query(r: &Arc<Replica>, sql: &str, params: &[u8], format: u8, cap: u32) -> (i32, Vec<u8>) {
+        // SAFETY: a handle cloned for the call.
+        unsafe { query_at(handle(r), REPLICA, sql, params, format, cap) }
+    }
+
     #[test]
     fn writes_and_reads_in_both_forms_with_results_longer_than_the_buffer() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let r = replica(dir.path());
-        let sql = "INSERT INTO t(id, n) VALUES (?, ?)";
-        let params = br#"["a",7]"#;
-        let input = call(sql, params);
-        let mut changed = 0;
-        // SAFETY: as above.
-        let rc = unsafe {
-            ferry_fast_execute(
+        // SAFETY: a handle cloned for the call.
+        let done = unsafe {
+            execute_at(
                 handle(&r),
                 REPLICA,
-                input.as_ptr(),
-                sql.len() as u32,
-                params.len() as u32,
+                "INSERT INTO t(id, n) VALUES (?, ?)",
+                br#"["a",7]"#,
                 PACKED,
-                &mut changed,
             )
         };
-        assert_eq!((rc, changed), (OK, 1));
+        assert_eq!(done, (OK, 1));
         let (rc, out) = query(&r, "SELECT id, n FROM t", b"[]", PACKED, 4096);
         assert_eq!(rc, OK);
         assert_eq!(
@@ -464,41 +496,24 @@ mod tests {
         assert_eq!(out, rows);
 
         let tx = r.begin_write().unwrap_or_else(|e| panic!("{e}"));
-        let sql = "UPDATE t SET n = n + 1";
-        // SAFETY: a handle cloned for the call; the buffers are as long as said.
-        let rc = unsafe {
-            ferry_fast_execute(
+        // SAFETY: handles cloned for the calls.
+        let done = unsafe {
+            execute_at(
                 handle(&tx),
                 TRANSACTION,
-                sql.as_ptr(),
-                sql.len() as u32,
-                0,
+                "UPDATE t SET n = n + 1",
+                b"",
                 COMPACT,
-                &mut changed,
             )
         };
-        assert_eq!((rc, changed), (OK, 1));
+        assert_eq!(done, (OK, 1));
         // The transaction's own query sees its write.
-        let sql = "SELECT n FROM t";
-        let mut out = [0u8; 64];
-        let mut len = 0u32;
-        // SAFETY: a handle cloned for the call; the buffers are as long as said.
-        let rc = unsafe {
-            ferry_fast_query(
-                handle(&tx),
-                TRANSACTION,
-                sql.as_ptr(),
-                sql.len() as u32,
-                0,
-                PACKED,
-                out.as_mut_ptr(),
-                64,
-                &mut len,
-            )
-        };
+        // SAFETY: as above.
+        let (rc, out) =
+            unsafe { query_at(handle(&tx), TRANSACTION, "SELECT n FROM t", b"", PACKED, 64) };
         assert_eq!(rc, OK);
         assert_eq!(
-            String::from_utf8_lossy(&out[..len as usize]),
+            String::from_utf8_lossy(&out),
             r#"{"c":["n"],"r":[[8]],"x":false}"#
         );
         tx.commit().unwrap_or_else(|e| panic!("{e}"));
@@ -558,37 +573,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let r = replica(dir.path());
         let own = Arc::as_ptr(&r) as u64;
+        let lent = REPLICA | BORROWED;
         let sql = "INSERT INTO t(id, n) VALUES ('a', 5000000000)";
-        let mut changed = 0;
-        // SAFETY: `r` keeps the borrowed handle alive across the call.
-        let rc = unsafe {
-            ferry_fast_execute(
+        // SAFETY: `r` keeps the lent handle alive across the calls.
+        let done = unsafe { execute_at(own, lent, sql, b"", MARSHAL) };
+        assert_eq!(done, (OK, 1));
+        // SAFETY: as above.
+        let (rc, out) = unsafe {
+            query_at(
                 own,
-                REPLICA | BORROWED,
-                sql.as_ptr(),
-                sql.len() as u32,
-                0,
+                lent,
+                "SELECT id, n FROM t WHERE n > ?",
+                b"[1]",
                 MARSHAL,
-                &mut changed,
-            )
-        };
-        assert_eq!((rc, changed), (OK, 1));
-        let sql = "SELECT id, n FROM t WHERE n > ?";
-        let input = call(sql, b"[1]");
-        let mut out = [0u8; 128];
-        let mut len = 0u32;
-        // SAFETY: as above; the buffers are as long as said.
-        let rc = unsafe {
-            ferry_fast_query(
-                own,
-                REPLICA | BORROWED,
-                input.as_ptr(),
-                sql.len() as u32,
-                3,
-                MARSHAL,
-                out.as_mut_ptr(),
                 128,
-                &mut len,
             )
         };
         assert_eq!(rc, OK);
@@ -600,24 +598,14 @@ mod tests {
             ]],
         })
         .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(&out[..len as usize], &expected[..]);
+        assert_eq!(out, expected);
         assert_eq!(
             Arc::strong_count(&r),
             1,
             "the borrowed handle is not released"
         );
         // SAFETY: as above.
-        let rc = unsafe {
-            ferry_fast_execute(
-                own,
-                REPLICA | BORROWED,
-                b"nope".as_ptr(),
-                4,
-                0,
-                MARSHAL,
-                &mut changed,
-            )
-        };
+        let (rc, _) = unsafe { execute_at(own, lent, "nope", b"", MARSHAL) };
         assert_eq!(rc, FAILED);
         assert!(fast_call_error().is_err());
         assert_eq!(Arc::strong_count(&r), 1, "nor after a failure");

@@ -210,7 +210,6 @@ if _c_encoder is not None:
         return "".join(_iterencode(values, 0))
 
 else:  # a Python without the C accelerator
-    _iterencode = json.JSONEncoder(default=_packed_default, allow_nan=False, separators=(",", ":")).iterencode
     _packed_encode = json.JSONEncoder(default=_packed_default, allow_nan=False, separators=(",", ":")).encode
 _scan = json.decoder.JSONDecoder().scan_once
 
@@ -255,13 +254,7 @@ def _exec(self: typing.Union[Replica, WriteTransaction], sql: str, params: AnyPa
 def _select(self: typing.Union[Replica, WriteTransaction], sql: str, params: AnyParams = ()) -> typing.List[Row]:
     """Runs a query with Python values as parameters (a sequence, or a mapping for named
     parameters); returns ``Row`` objects."""
-    # _pack written out (this is the hottest path; see _direct).
-    values = params if type(params) is tuple or type(params) is list else _positional(params, self, sql)
-    try:
-        packed = "".join(_iterencode(values, 0))
-    except ValueError:
-        packed = _pack(values)
-    answer = _direct.query(self, sql, packed)
+    answer = _direct.query(self, sql, _pack(_positional(params, self, sql)))
     if type(answer) is tuple:  # marshalled: (column names, row tuples)
         cls = _row_class(answer[0])
         return list(map(cls, answer[1]))
